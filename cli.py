@@ -1,0 +1,163 @@
+"""Command line: parse options, make one call into the packages, print the result.
+
+Unset options stay None and are dropped, so library defaults live in one place
+(``ExtractOptions``). A ``KdcacheError`` becomes one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from kdcache.store import KdcacheError
+
+
+def _opts(cls, **kwargs):
+    return cls(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
+def cli(verbose):
+    """kdcache: run teachers once, cache their features, distil students from the cache.
+
+    \b
+    kdcache demo                                  # the whole pipeline on embedded real images
+    kdcache extract DATA --out STORE --teacher vit=vit_small_patch16_224
+    kdcache info STORE
+    kdcache verify STORE --data DATA
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.argument("data")
+@click.option("--out", "-o", required=True, help="Store to write: a path or fsspec URL (s3://, memory://).")
+@click.option("--teacher", "-t", "teachers", multiple=True, required=True,
+              help="NAME=MODEL[,key=value...]: a timm model; keys img_size, pretrained (default true), checkpoint "
+                   "(.safetensors or weights-only .pt), mean/std (a:b:c), interpolation, crop_pct; others go to "
+                   "timm.create_model. Repeat for several teachers in one pass.")
+@click.option("--views", type=int, help="K views stored per image (view 0 = eval view). Default 1.")
+@click.option("--seed", type=int, help="Seed of the view generator. Default 0.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Storage dtype. Default float16.")
+@click.option("--codec", type=click.Choice(["none", "lz4", "zstd"]), help="Lossless codec. Default lz4 (see README).")
+@click.option("--device", help="auto | cpu | cuda[:N]. Default auto.")
+@click.option("--batch-size", type=int, help="Images per forward batch (times K views). Default 32.")
+@click.option("--workers", type=int, help="DataLoader decode workers. Default 1.")
+@click.option("--on-error", type=click.Choice(["skip", "fail"]), help="Bad image: skip and record (default) or stop.")
+@click.option("--rank", type=int, help="This job's rank (SLURM arrays). Default: $RANK or 0.")
+@click.option("--world-size", type=int, help="Number of jobs. Default: $WORLD_SIZE or 1.")
+@click.option("--folder-shard-size", type=int, help="Images per shard for image folders. Default 1000.")
+@click.option("--max-pixels", type=int, help="Larger images are rejected as decompression bombs. Default 64e6.")
+@click.option("--min-size", type=int, help="Images with a smaller side are rejected. Default 2.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def extract(data, out, teachers, no_progress, **kw):
+    """Run every --teacher once over DATA and cache its CLS and patch features in STORE.
+
+    DATA is a directory of webdataset .tar shards, a tar, a brace pattern or glob
+    ('train-{000000..000099}.tar'), an fsspec URL of those, or an image folder (class
+    sub-folders give labels). Re-running resumes: complete shards are skipped. Naming a new
+    teacher for an existing store adds it on the stored views.
+
+    \b
+    kdcache extract /data/shards --out feats.zarr -t dino=vit_small_patch14_dinov2.lvd142m --views 4
+    kdcache extract 'train-{000000..000099}.tar' -o s3://b/feats -t a=resnet50 -t b=vit_base_patch16_clip_224.openai
+    kdcache extract imgs/ -o feats.zarr -t vit=vit_tiny_patch16_224,pretrained=false,img_size=64 --dtype bfloat16
+    torchrun --nproc_per_node=8 -m kdcache extract /data/shards -o feats.zarr -t dino=vit_large_patch14_dinov2
+    """
+    from kdcache.extract import ExtractOptions, extract as run
+    summary = run(data, out, list(teachers), _opts(ExtractOptions, progress=not no_progress, **kw))
+    click.echo(summary.line())
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(store, as_json):
+    """Describe STORE: teachers, views, shards, samples, failures, bytes.
+
+    \b
+    kdcache info feats.zarr
+    kdcache info s3://bucket/feats --json | jq .teachers
+    """
+    from kdcache.store import Store
+    from kdcache.store.inspect import format_info, info as describe
+    d = describe(Store.open(store))
+    click.echo(json.dumps(d, indent=2) if as_json else format_info(d))
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--data", help="Also check that the store's keys match this corpus.")
+def verify(store, data):
+    """Check every complete shard of STORE against its digest and counts; exit 1 on a mismatch.
+
+    \b
+    kdcache verify feats.zarr
+    kdcache verify feats.zarr --data /data/shards
+    """
+    from kdcache.extract.check import verify as run
+    problems, counts = run(store, data)
+    for p in problems:
+        click.echo(f"MISMATCH {p}")
+    click.echo(f"checked {counts['shards_checked']} complete shard(s), {counts['samples']} samples; "
+               f"{counts['shards_incomplete']} incomplete; {len(problems)} problem(s)")
+    sys.exit(1 if problems else 0)
+
+
+@cli.command()
+@click.option("--out", "-o", default="kdcache-demo", show_default=True, help="Directory for corpus and store.")
+@click.option("--teacher", "-t", default="vit=vit_tiny_patch16_224,pretrained=false,img_size=64", show_default=True,
+              help="Teacher spec (see extract --help).")
+@click.option("--views", type=int, default=2, show_default=True)
+def demo(out, teacher, views):
+    """The main job end to end on embedded real images (scikit-learn digits and photos).
+
+    \b
+    kdcache demo
+    kdcache demo --out /tmp/demo --teacher cnn=resnet18,pretrained=false,img_size=64
+    """
+    from kdcache.demo import run_demo
+    click.echo(run_demo(out, teacher=teacher, views=views))
+
+
+@cli.group()
+def bench():
+    """Benchmarks that print ratios measured in one run."""
+
+
+@bench.command("extract")
+@click.option("--teacher", "-t", default="vit=vit_small_patch16_224,pretrained=false", show_default=True)
+@click.option("--images", type=int, default=96, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True)
+@click.option("--codec", default="lz4", show_default=True)
+def bench_extract(teacher, images, batch_size, workers, codec):
+    """Bare teacher forward img/s vs end-to-end extraction img/s on the same images.
+
+    \b
+    kdcache bench extract
+    kdcache bench extract -t cnn=resnet50,pretrained=false --images 64
+    """
+    from kdcache.eval.bench_extract import bench_extract as run
+    click.echo(run(teacher=teacher, images=images, batch_size=batch_size, workers=workers, codec=codec))
+
+
+def main():
+    try:
+        cli.main(standalone_mode=False)
+    except KdcacheError as e:
+        click.echo(f"kdcache: error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Reports on a store: ``info`` (what is in it, how big) and ``verify`` (is it intact).
+
+Both read only metadata and arrays; ``verify`` re-hashes every array of every complete shard
+against the digest written at extraction. ``write_summary`` refreshes the root summary, the
+one piece of the root written after shards (by rank 0, a later run, or verify).
+"""
+from __future__ import annotations
+
+import time
+
+from .layout import digest_array
+from .meta import TeacherMeta
+from .store import Store
+
+
+def shard_nbytes(store: Store, shard: str, prefix: str = "") -> int:
+    """Bytes stored for a shard's arrays (optionally only those under ``prefix``)."""
+    try:
+        group = store.root[f"shards/{shard}"]
+    except KeyError:
+        return 0
+    return sum(a.nbytes_stored() for path, a in group.members(max_depth=None)
+               if hasattr(a, "nbytes_stored") and path.startswith(prefix))
+
+
+def scan(store: Store) -> dict:
+    """Counts over all shards: complete / incomplete, samples, failures."""
+    complete, incomplete, samples, failed = [], [], 0, 0
+    for name in store.shard_names():
+        a = store.shard_attrs(name) or {}
+        if a.get("complete") is True:
+            complete.append(name)
+            samples += int(a.get("count", 0))
+            failed += len(a.get("failed", []))
+        else:
+            incomplete.append(name)
+    return {"complete": complete, "incomplete": incomplete, "samples": samples, "failed": failed}
+
+
+def write_summary(store: Store) -> dict:
+    s = scan(store)
+    summary = {"shards_complete": len(s["complete"]), "shards_incomplete": len(s["incomplete"]),
+               "samples": s["samples"], "failed": s["failed"], "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    store.write_meta(store.meta.replace(summary=summary))
+    return summary
+
+
+def info(store: Store) -> dict:
+    """Everything ``kdcache info`` prints, as a JSON-able dict."""
+    s = scan(store)
+    meta = store.meta
+    teachers = {}
+    total = 0
+    for name, t in meta.teachers.items():
+        nbytes = sum(shard_nbytes(store, sh, f"{name}/") for sh in s["complete"])
+        total += nbytes
+        teachers[name] = {
+            "model": t.model, "dim": t.dim, "grid": list(t.grid), "tokens": t.tokens, "prefix_tokens": t.prefix_tokens,
+            "input_size": list(t.input_size), "dtype": t.dtype, "codec": t.codec, "quantizer": t.quantizer,
+            "bytes": nbytes, "bytes_per_sample": nbytes / s["samples"] if s["samples"] else 0.0,
+            "raw_bytes_per_sample": meta.views * (t.tokens + 1) * t.dim * (4 if t.dtype == "float32" else 2),
+            "shards_with_teacher": sum(store.is_complete(sh, [name]) for sh in s["complete"]),
+        }
+    index_bytes = sum(shard_nbytes(store, sh, p) for sh in s["complete"] for p in ("keys", "views"))
+    return {
+        "store": store.url, "format": meta.format, "created_by": meta.created_by,
+        "views": meta.views, "seed": meta.seed, "view_policy": meta.view_policy.to_dict(), "corpus": meta.corpus,
+        "shards_complete": len(s["complete"]), "shards_incomplete": len(s["incomplete"]),
+        "incomplete": s["incomplete"], "samples": s["samples"], "failed": s["failed"],
+        "bytes": total + index_bytes, "teachers": teachers,
+    }
+
+
+def format_info(d: dict) -> str:
+    lines = [
+        f"store      {d['store']}  (format {d['format']}, {d['created_by']})",
+        f"corpus     {d['corpus'].get('spec')}  ({d['corpus'].get('kind')}, {d['corpus'].get('shards')} shards, fingerprint {d['corpus'].get('fingerprint')})",
+        f"views      K={d['views']} seed={d['seed']} ({d['view_policy']['kind']}, view 0 crop_pct={d['view_policy']['crop_pct']})",
+        f"shards     {d['shards_complete']} complete, {d['shards_incomplete']} incomplete",
+        f"samples    {d['samples']} ({d['failed']} failed at extraction)",
+        f"on disk    {_mib(d['bytes'])}",
+        "teachers",
+    ]
+    for n, t in d["teachers"].items():
+        q = t["quantizer"]
+        codec = f"{q['method']} M={q['m']}" if q else t["codec"]
+        lines.append(f"  {n:<10} {t['model']}  dim={t['dim']} grid={t['grid'][0]}x{t['grid'][1]} (+{t['prefix_tokens']} prefix) "
+                     f"{t['dtype']}/{codec}  {_mib(t['bytes'])}  {t['bytes_per_sample'] / 1024:.1f} KiB/sample "
+                     f"(raw {t['raw_bytes_per_sample'] / 1024:.1f} KiB)  in {t['shards_with_teacher']}/{d['shards_complete']} shards")
+    return "\n".join(lines)
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.2f} MiB"
+
+
+def verify_shard(store: Store, name: str) -> list[str]:
+    """Problems found in one complete shard (empty when intact)."""
+    where = f"shard {name}"
+    attrs = store.shard_attrs(name) or {}
+    digest, count, k = attrs.get("digest", {}), attrs.get("count"), store.meta.views
+    problems = []
+    expected = {"keys": (count,), "views": (count, k, 5)}
+    for t, m in store.meta.teachers.items():
+        if f"{t}/patch" not in digest:
+            problems.append(f"{where}: teacher {t} missing (no digest entry)")
+            continue
+        expected.update(_teacher_shapes(t, m, count, k))
+    for path, shape in expected.items():
+        try:
+            arr = store.array(name, path)
+        except Exception as e:  # noqa: BLE001 - any read failure is a finding
+            problems.append(f"{where}: {path}: unreadable ({e})")
+            continue
+        if tuple(arr.shape) != shape:
+            problems.append(f"{where}: {path}: shape {tuple(arr.shape)}, expected {shape}")
+            continue
+        try:
+            got = digest_array(arr)
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{where}: {path}: cannot read data ({type(e).__name__}: {e})")
+            continue
+        if got != digest.get(path):
+            problems.append(f"{where}: {path}: digest mismatch (stored {str(digest.get(path))[:12]}, data {got[:12]})")
+    return problems
+
+
+def _teacher_shapes(t: str, m: TeacherMeta, n: int, k: int) -> dict:
+    return {f"{t}/cls": (n, k, m.dim), f"{t}/patch": (n, k, m.tokens, m.dim)}

@@ -1,0 +1,96 @@
+"""How cached arrays are laid out in Zarr: dtypes, codecs, chunk and shard shapes.
+
+One Zarr v3 shard (one file or object) holds ``block`` samples of an array; inner chunks hold
+a few samples, so a sequential read is a few large requests and a random read decodes one
+small chunk. Writers append whole blocks, so every Zarr shard is written exactly once.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from .errors import StoreError
+
+BLOCK_BYTES = 64 << 20  # one Zarr shard of the largest array: few requests, bounded memory
+CHUNK_BYTES = 1 << 20  # inner chunk: a random read decodes about this much
+MAX_BLOCK = 1024
+
+# Zarr has no bfloat16: its bits are stored as uint16 and the logical dtype kept in attrs.
+_ZARR_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+
+
+def zarr_dtype(dtype: str) -> str:
+    try:
+        return _ZARR_DTYPE[dtype]
+    except KeyError:
+        raise StoreError(f"dtype {dtype!r} is not one of {sorted(_ZARR_DTYPE)}") from None
+
+
+def compressors(codec: str):
+    """Codec name -> zarr v3 compressors. Byte-shuffle first: it groups fp16 exponent bytes."""
+    if codec == "none":
+        return None
+    if codec in ("lz4", "zstd"):
+        return zarr.codecs.BloscCodec(cname=codec, clevel=5 if codec == "lz4" else 3, shuffle="shuffle")
+    raise StoreError(f"codec {codec!r} is not one of none, lz4, zstd")
+
+
+def block_rows(sample_bytes: int) -> int:
+    """Samples per Zarr shard so that the largest array's shard is about BLOCK_BYTES."""
+    return int(max(1, min(MAX_BLOCK, BLOCK_BYTES // max(1, sample_bytes))))
+
+
+def chunk_rows(sample_bytes: int, block: int) -> int:
+    """Samples per inner chunk (a divisor of ``block``), about CHUNK_BYTES each."""
+    want = max(1, min(block, CHUNK_BYTES // max(1, sample_bytes)))
+    while block % want:
+        want -= 1
+    return want
+
+
+def create_rows_array(group, name: str, row_shape: tuple, dtype: str, *, block: int, codec: str,
+                      attrs: dict | None = None):
+    """An array of shape (0, *row_shape) that grows along axis 0 by whole blocks."""
+    sample_bytes = math.prod(row_shape) * np.dtype(dtype).itemsize if dtype != str else 64
+    chunk = chunk_rows(sample_bytes, block)
+    kwargs = dict(shape=(0, *row_shape), dtype=dtype, chunks=(chunk, *row_shape), attributes=attrs or {})
+    if dtype is str:
+        kwargs["chunks"] = (block,)
+    else:
+        kwargs["shards"] = (block, *row_shape)
+        kwargs["compressors"] = compressors(codec)
+    return group.create_array(name, **kwargs)
+
+
+def append_rows(arr, rows: np.ndarray) -> None:
+    n = arr.shape[0]
+    arr.resize((n + rows.shape[0], *arr.shape[1:]))
+    arr[n:] = rows
+
+
+class ArrayDigest:
+    """sha256 of an array's rows in C order (strings: utf-8 joined by NUL), fed block by block."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+
+    def update(self, rows: np.ndarray) -> None:
+        if rows.dtype.kind in "UOT":
+            self._h.update(b"".join(str(k).encode("utf-8") + b"\0" for k in rows.tolist()))
+        else:
+            self._h.update(np.ascontiguousarray(rows).tobytes())
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def digest_array(arr, block: int = 256) -> str:
+    """Recompute an array's digest from what is stored (reads it block by block)."""
+    d = ArrayDigest()
+    for start in range(0, arr.shape[0], block):
+        d.update(np.asarray(arr[start:start + block]))
+    return d.hexdigest()

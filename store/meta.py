@@ -1,0 +1,152 @@
+"""Store metadata: frozen dataclasses that round-trip through the JSON in ``zarr.json``.
+
+Everything a reader needs to use a store without kdcache (or without the teachers) lives in
+the root attribute ``kdcache``: the teachers' preprocessing and feature shapes, the view
+policy, the corpus it came from. Nothing here is executable: plain JSON values only.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import StoreError
+
+FORMAT_VERSION = 1
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+CODECS = ("none", "lz4", "zstd")
+
+
+@dataclass(frozen=True)
+class TeacherMeta:
+    """What a teacher is and what its cached arrays hold.
+
+    ``tokens`` is the number of patch tokens stored per view (``grid[0] * grid[1]``);
+    ``prefix_tokens`` counts the class/register tokens the model emits that are *not* stored
+    as patches (the summary vector is stored separately as ``cls``).
+    """
+
+    model: str
+    weights_sha256: str
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    crop_pct: float
+    patch_size: tuple[int, int]
+    grid: tuple[int, int]
+    dim: int
+    tokens: int
+    prefix_tokens: int
+    summary: str
+    dtype: str
+    codec: str
+    quantizer: dict | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    pretrained: bool = False
+    checkpoint: str | None = None
+
+    def to_dict(self) -> dict:
+        return _jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TeacherMeta":
+        d = dict(d)
+        for k in ("input_size", "mean", "std", "patch_size", "grid"):
+            d[k] = tuple(d[k])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def same_features(self, other: "TeacherMeta") -> bool:
+        """True when two descriptions would produce the same cached arrays."""
+        a, b = self.to_dict(), other.to_dict()
+        for k in ("quantizer", "checkpoint", "pretrained"):
+            a.pop(k), b.pop(k)
+        return a == b
+
+
+@dataclass(frozen=True)
+class ViewPolicy:
+    """How the K stored views of every image are drawn.
+
+    View 0 is the teacher's eval view: a centred crop covering ``crop_pct`` of the short side
+    (with the teacher's aspect ratio ``aspect = height / width``). Views 1..K-1 are
+    RandomResizedCrop(scale, ratio) plus a horizontal flip with probability ``flip``, drawn
+    from a generator seeded by ``(seed, key, view)``.
+    """
+
+    views: int = 1
+    seed: int = 0
+    crop_pct: float = 0.875
+    aspect: float = 1.0
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: float = 0.5
+    kind: str = "eval+rrc-flip/v1"
+
+    def to_dict(self) -> dict:
+        return _jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViewPolicy":
+        d = dict(d)
+        d["scale"], d["ratio"] = tuple(d["scale"]), tuple(d["ratio"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """The root description of a store (``attrs["kdcache"]`` of the root group)."""
+
+    view_policy: ViewPolicy
+    teachers: dict[str, TeacherMeta]
+    corpus: dict[str, Any]
+    created_by: str
+    format: int = FORMAT_VERSION
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def views(self) -> int:
+        return self.view_policy.views
+
+    @property
+    def seed(self) -> int:
+        return self.view_policy.seed
+
+    def to_dict(self) -> dict:
+        return {
+            "format": self.format,
+            "created_by": self.created_by,
+            "views": self.views,
+            "seed": self.seed,
+            "view_policy": self.view_policy.to_dict(),
+            "teachers": {n: t.to_dict() for n, t in self.teachers.items()},
+            "corpus": _jsonable(self.corpus),
+            "summary": _jsonable(self.summary),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, *, where: str = "store") -> "StoreMeta":
+        fmt = d.get("format")
+        if fmt != FORMAT_VERSION:
+            raise StoreError(f"{where}: store format {fmt!r} is not supported (this kdcache reads format {FORMAT_VERSION})")
+        return cls(
+            view_policy=ViewPolicy.from_dict(d["view_policy"]),
+            teachers={n: TeacherMeta.from_dict(t) for n, t in d["teachers"].items()},
+            corpus=d.get("corpus", {}),
+            created_by=d.get("created_by", "?"),
+            format=fmt,
+            summary=d.get("summary", {}),
+        )
+
+    def replace(self, **changes) -> "StoreMeta":
+        return dataclasses.replace(self, **changes)
+
+
+def _jsonable(x):
+    """Tuples to lists, recursively, so a dict compares equal after a JSON round trip."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x

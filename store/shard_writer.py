@@ -1,0 +1,108 @@
+"""Writes one store shard: rows appended in corpus order, ``complete`` written last.
+
+A shard is written by exactly one process. Rows are buffered and written one Zarr shard
+(``block`` samples) at a time, each array's sha256 is computed from the very bytes written,
+and the shard's attributes (count, failed, digest, complete) are written in a single final
+metadata update, so a reader either sees a finished shard or an incomplete one.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import StoreError
+from .layout import ArrayDigest, append_rows, block_rows, create_rows_array, zarr_dtype
+from .meta import TeacherMeta
+
+
+class ShardWriter:
+    """Append rows to a store shard, then ``finish()`` it.
+
+    Args:
+        group: the shard's zarr group (new, or a complete shard when ``write_index=False``).
+        teachers: the teachers whose ``cls``/``patch`` arrays this writer creates.
+        views: K, the number of stored views per sample.
+        write_index: create ``keys``/``views`` too (a new shard) or only teacher arrays (adding
+            teachers to a complete shard, whose keys and views are already there).
+        expected_count: when adding teachers, the shard's existing row count to match.
+    """
+
+    def __init__(self, group, *, teachers: dict[str, TeacherMeta], views: int, write_index: bool = True,
+                 expected_count: int | None = None):
+        self.group = group
+        self.write_index = write_index
+        self.expected_count = expected_count
+        self.count = 0
+        self.failed: list[dict] = []
+        sample_bytes = max([1] + [t.tokens * t.dim * views * _itemsize(t.dtype) for t in teachers.values()])
+        self.block = block_rows(sample_bytes)
+        self._arrays: dict[str, object] = {}
+        self._buffers: dict[str, list[np.ndarray]] = {}
+        self._digests: dict[str, ArrayDigest] = {}
+        if write_index:
+            self._add("keys", (), str, codec="none")
+            self._add("views", (views, 5), "float32", codec="none")
+        for name, t in teachers.items():
+            attrs = {"logical_dtype": t.dtype}
+            self._add(f"{name}/cls", (views, t.dim), zarr_dtype(t.dtype), codec=t.codec, attrs=attrs)
+            self._add(f"{name}/patch", (views, t.tokens, t.dim), zarr_dtype(t.dtype), codec=t.codec, attrs=attrs)
+
+    def _add(self, path, row_shape, dtype, *, codec, attrs=None):
+        self._arrays[path] = create_rows_array(self.group, path, row_shape, dtype, block=self.block, codec=codec, attrs=attrs)
+        self._buffers[path] = []
+        self._digests[path] = ArrayDigest()
+
+    def append(self, rows: dict[str, np.ndarray]) -> None:
+        """Append the same number of rows to every array (``rows[path]``, path as in the store)."""
+        if set(rows) != set(self._arrays):
+            raise StoreError(f"shard {self.group.path}: rows for {sorted(rows)} but arrays are {sorted(self._arrays)}")
+        n = {len(v) for v in rows.values()}
+        if len(n) != 1:
+            raise StoreError(f"shard {self.group.path}: ragged append {({k: len(v) for k, v in rows.items()})}")
+        for path, v in rows.items():
+            want = self._arrays[path].shape[1:]
+            if path != "keys" and tuple(v.shape[1:]) != tuple(want):
+                raise StoreError(f"shard {self.group.path}: {path} rows have shape {tuple(v.shape[1:])}, store expects {tuple(want)}")
+            self._buffers[path].append(v)
+        self.count += n.pop()
+        if self._buffered() >= self.block:
+            self._flush(final=False)
+
+    def add_failed(self, key: str, error: str) -> None:
+        self.failed.append({"key": key, "error": error})
+
+    def _buffered(self) -> int:
+        first = next(iter(self._buffers.values()), [])
+        return sum(len(b) for b in first)
+
+    def _flush(self, *, final: bool) -> None:
+        for path, bufs in self._buffers.items():
+            if not bufs:
+                continue
+            rows = np.concatenate(bufs) if len(bufs) > 1 else bufs[0]
+            cut = len(rows) if final else (len(rows) // self.block) * self.block
+            head, tail = rows[:cut], rows[cut:]
+            if len(head):
+                if path == "keys":
+                    head = np.asarray(head, dtype=str)
+                self._digests[path].update(head)
+                append_rows(self._arrays[path], head)
+            self._buffers[path] = [tail] if len(tail) else []
+
+    def finish(self) -> dict:
+        """Write the remaining rows, then the shard attributes, ``complete`` included, last."""
+        self._flush(final=True)
+        if self.expected_count is not None and self.count != self.expected_count:
+            raise StoreError(f"shard {self.group.path}: wrote {self.count} rows for a shard of {self.expected_count}")
+        digests = {p: d.hexdigest() for p, d in self._digests.items()}
+        attrs = dict(self.group.attrs)
+        if self.write_index:
+            attrs.update(count=self.count, failed=self.failed, digest=digests, complete=True)
+        else:
+            attrs["digest"] = {**attrs.get("digest", {}), **digests}
+        # One metadata write: zarr's local store replaces zarr.json atomically.
+        self.group.attrs.put(attrs)
+        return attrs
+
+
+def _itemsize(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
