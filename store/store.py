@@ -168,7 +168,7 @@ class Store:
             raise StoreError(f"{self.url}: shard {shard} has no array {path!r}") from None
 
     def keys(self, shard: str) -> np.ndarray:
-        return np.asarray(self.array(shard, "keys")[:], dtype=str)
+        return np.asarray(self.array(shard, "keys")[:].tolist(), dtype=str)  # StringDType -> plain str
 
     def views(self, shard: str) -> np.ndarray:
         return np.asarray(self.array(shard, "views")[:])

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny real-image corpora and tiny teachers with fixed weights.
+
+Teachers are built with pretrained=False and their weights saved to safetensors once, so
+every process (SIGKILL, torchrun subprocesses) loads the same weights via ``checkpoint=``.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from kdcache.extract.demo_corpus import build_demo_corpus
+
+VIT = dict(model="vit_tiny_patch16_224", kwargs="img_size=32,depth=2")
+CNN = dict(model="resnet18", kwargs="img_size=32")
+
+
+def _save(model_name, path, **kw):
+    torch.manual_seed(0)
+    m = timm.create_model(model_name, pretrained=False, **kw)
+    safetensors.torch.save_file(m.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory):
+    d = tmp_path_factory.mktemp("weights")
+    return {
+        "vit": _save(VIT["model"], str(d / "vit.safetensors"), img_size=32, depth=2),
+        "cnn": _save(CNN["model"], str(d / "cnn.safetensors")),
+    }
+
+
+@pytest.fixture(scope="session")
+def vit_spec(weights):
+    return f"vit={VIT['model']},pretrained=false,{VIT['kwargs']},checkpoint={weights['vit']}"
+
+
+@pytest.fixture(scope="session")
+def cnn_spec(weights):
+    return f"cnn={CNN['model']},pretrained=false,{CNN['kwargs']},checkpoint={weights['cnn']}"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """3 webdataset shards of 8 real images each (digits + photo crops)."""
+    d = tmp_path_factory.mktemp("corpus")
+    build_demo_corpus(str(d), digits=16, photos=8, shard_size=8, digit_size=40)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def many_shards(tmp_path_factory):
+    """6 shards of 6 images: for SIGKILL and torchrun."""
+    d = tmp_path_factory.mktemp("many")
+    build_demo_corpus(str(d), digits=24, photos=12, shard_size=6, digit_size=32)
+    return str(d)
+
+
+def run_cli(*args, env=None, check=True, timeout=300):
+    """Run ``python -m kdcache`` in a fresh process with 1 BLAS thread (bitwise repeatable)."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **(env or {}))
+    p = subprocess.run([sys.executable, "-m", "kdcache", *args], capture_output=True, text=True, env=e, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"kdcache {' '.join(args)} exited {p.returncode}:\n{p.stderr[-3000:]}")
+    return p

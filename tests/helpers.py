@@ -1,0 +1,65 @@
+"""Independent re-computations used as references by the tests."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import timm
+import torch
+import torchvision.transforms.v2.functional as TF
+import zarr
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+
+def tar_images(path) -> dict[str, np.ndarray]:
+    """key -> RGB array, read with tarfile + PIL (not through kdcache's corpus reader)."""
+    out = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.rsplit(".", 1)
+            if ext in ("jpg", "png"):
+                out[key] = np.array(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"))
+    return out
+
+
+def reference_features(model_name, model_kwargs, weights_path, image, view, meta):
+    """The teacher run directly with timm on the crop a stored view describes."""
+    import safetensors.torch
+    m = timm.create_model(model_name, pretrained=False, **model_kwargs)
+    m.load_state_dict(safetensors.torch.load_file(weights_path))
+    m.eval()
+    h, w = image.shape[:2]
+    t, l, ch, cw, flip = view
+    x = torch.from_numpy(image).permute(2, 0, 1)
+    x = TF.resized_crop(x, round(t * h), round(l * w), round(ch * h), round(cw * w), list(meta["input_size"][1:]),
+                        interpolation=InterpolationMode(meta["interpolation"]), antialias=True)
+    if flip >= 0.5:
+        x = x.flip(-1)
+    x = (x.float()[None] / 255 - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        f = m.forward_features(x)
+        summary = m.forward_head(f, pre_logits=True)[0]
+    patches = f[0, m.num_prefix_tokens:] if f.ndim == 3 else f[0].flatten(1).T
+    return summary.numpy(), patches.numpy()
+
+
+def store_arrays(path) -> dict[str, np.ndarray]:
+    """Every array of every complete shard, read with plain zarr."""
+    root = zarr.open_group(path, mode="r")
+    out = {}
+    for name, g in root["shards"].groups():
+        if g.attrs.get("complete") is not True:
+            continue
+        for p, a in g.members(max_depth=None):
+            if isinstance(a, zarr.Array):
+                out[f"{name}/{p}"] = np.asarray(a[:])
+    return out
+
+
+def assert_same_store(a, b):
+    xa, xb = store_arrays(a), store_arrays(b)
+    assert sorted(xa) == sorted(xb)
+    for k in xa:
+        np.testing.assert_array_equal(xa[k], xb[k], err_msg=k)

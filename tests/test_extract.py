@@ -1,0 +1,156 @@
+"""Extraction against independent computations: timm run directly, views recomputed, plain zarr."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import zarr
+
+from kdcache.extract import ExtractError, ExtractOptions, extract
+from kdcache.extract import batches as batches_mod
+from kdcache.extract.views import sample_views
+from kdcache.store import Store, bf16_bits_to_float32
+
+from conftest import CNN, VIT
+from helpers import assert_same_store, reference_features, store_arrays, tar_images
+
+OPTS = dict(progress=False, workers=0, batch_size=5)
+
+
+def _kwargs(spec):
+    return {k: int(v) for k, v in (kv.split("=") for kv in spec["kwargs"].split(",")) if k != "img_size" or spec is VIT}
+
+
+@pytest.mark.parametrize("which", ["vit", "cnn"])
+def test_features_equal_timm_on_the_stored_views(tmp_path, corpus, weights, vit_spec, cnn_spec, which):
+    spec, model = (vit_spec, VIT) if which == "vit" else (cnn_spec, CNN)
+    out = str(tmp_path / "s.zarr")
+    s = extract(corpus, out, [spec], ExtractOptions(views=3, seed=7, **OPTS))
+    assert s.images == 24 and s.failed == 0 and s.shards_written == 3
+    root = zarr.open_group(out, mode="r")
+    meta = root.attrs["kdcache"]["teachers"][which]
+    if which == "vit":
+        assert (meta["grid"], meta["prefix_tokens"], meta["dim"], meta["patch_size"]) == ([2, 2], 1, 192, [16, 16])
+    else:
+        assert (meta["grid"], meta["prefix_tokens"], meta["dim"], meta["patch_size"]) == ([1, 1], 0, 512, [32, 32])
+    checked = 0
+    for tar in sorted(glob.glob(os.path.join(corpus, "*.tar"))):
+        images = tar_images(tar)
+        g = root[f"shards/{os.path.basename(tar)[:-4]}"]
+        keys = list(g["keys"][:])
+        assert keys == list(images)  # corpus order, nothing lost
+        for i in (0, len(keys) - 1):
+            for v in range(3):
+                ref_cls, ref_patch = reference_features(model["model"], _kwargs(model), weights[which], images[keys[i]],
+                                                        g["views"][i, v], meta)
+                np.testing.assert_allclose(g[f"{which}/cls"][i, v].astype(np.float32), ref_cls, rtol=2e-3, atol=2e-3)
+                np.testing.assert_allclose(g[f"{which}/patch"][i, v].astype(np.float32), ref_patch, rtol=2e-3, atol=2e-3)
+                checked += 1
+    assert checked == 18
+
+
+def test_views_replay_from_key_and_size_alone(tmp_path, corpus, vit_spec):
+    out = str(tmp_path / "s.zarr")
+    extract(corpus, out, [vit_spec], ExtractOptions(views=4, seed=3, **OPTS))
+    store = Store.open(out)
+    policy = store.meta.view_policy
+    images = {}
+    for tar in glob.glob(os.path.join(corpus, "*.tar")):
+        images.update(tar_images(tar))
+    for shard in store.complete_shards():
+        for key, stored in zip(store.keys(shard), store.views(shard)):
+            h, w = images[key].shape[:2]
+            np.testing.assert_array_equal(sample_views(policy, key, h, w), stored)
+            # view 0 = centred eval crop of crop_pct of the short side, never flipped
+            side = round(policy.crop_pct * min(h, w))
+            np.testing.assert_allclose(stored[0], [round((h - side) / 2) / h, round((w - side) / 2) / w, side / h, side / w, 0],
+                                       atol=1e-6)
+            assert np.all(stored[1:, 2:4] <= 1) and set(np.unique(stored[:, 4])) <= {0.0, 1.0}
+    # a different seed draws different views
+    other = sample_views(policy.__class__(**{**policy.to_dict(), "scale": tuple(policy.scale), "ratio": tuple(policy.ratio), "seed": 4}), "k", 50, 60)
+    assert not np.array_equal(other[1:], sample_views(policy, "k", 50, 60)[1:])
+
+
+def test_multi_teacher_single_pass_decodes_each_image_once(tmp_path, corpus, vit_spec, cnn_spec, monkeypatch):
+    calls = []
+    real = batches_mod.decode_image
+    monkeypatch.setattr(batches_mod, "decode_image", lambda data, opts: calls.append(1) or real(data, opts))
+    both = str(tmp_path / "both.zarr")
+    extract(corpus, both, [vit_spec, cnn_spec], ExtractOptions(views=2, **OPTS))
+    assert len(calls) == 24
+    vit_only, cnn_only = str(tmp_path / "v.zarr"), str(tmp_path / "c.zarr")
+    extract(corpus, vit_only, [vit_spec], ExtractOptions(views=2, **OPTS))
+    # view 0 takes crop_pct from the first teacher (the ViT's 0.9): give the CNN-only run the same
+    extract(corpus, cnn_only, [cnn_spec + ",crop_pct=0.9"], ExtractOptions(views=2, **OPTS))
+    a, v, c = store_arrays(both), store_arrays(vit_only), store_arrays(cnn_only)
+    for k, x in a.items():
+        np.testing.assert_array_equal(x, (v if "/cnn/" not in k else c)[k], err_msg=k)
+
+
+def test_adding_a_teacher_reuses_stored_views(tmp_path, corpus, vit_spec, cnn_spec):
+    together, later = str(tmp_path / "t.zarr"), str(tmp_path / "l.zarr")
+    extract(corpus, together, [vit_spec, cnn_spec], ExtractOptions(views=3, seed=5, **OPTS))
+    extract(corpus, later, [vit_spec], ExtractOptions(views=3, seed=5, **OPTS))
+    s = extract(corpus, later, [cnn_spec], ExtractOptions(views=3, seed=5, **OPTS))
+    assert s.shards_written == 3 and s.images == 24
+    assert_same_store(together, later)
+    assert set(Store.open(later).meta.teachers) == {"vit", "cnn"}
+    again = extract(corpus, later, [vit_spec, cnn_spec], ExtractOptions(views=3, seed=5, **OPTS))
+    assert again.shards_written == 0 and again.shards_skipped == 3
+    with pytest.raises(ExtractError, match="--views 3 --seed 5"):
+        extract(corpus, later, [cnn_spec], ExtractOptions(views=3, seed=6, **OPTS))
+    with pytest.raises(ExtractError, match="--views 3 --seed 5"):
+        extract(corpus, later, [cnn_spec], ExtractOptions(views=2, seed=5, **OPTS))
+
+
+def test_store_is_plain_zarr_with_provenance(tmp_path, corpus, vit_spec):
+    out = str(tmp_path / "s.zarr")
+    extract(corpus, out, [vit_spec], ExtractOptions(views=2, codec="zstd", **OPTS))
+    with open(os.path.join(out, "zarr.json")) as f:
+        doc = json.load(f)["attributes"]["kdcache"]
+    assert doc["format"] == 1 and doc["views"] == 2 and doc["seed"] == 0
+    t = doc["teachers"]["vit"]
+    for k in ("model", "weights_sha256", "input_size", "mean", "std", "interpolation", "patch_size", "grid", "dim",
+              "tokens", "dtype", "codec"):
+        assert k in t, k
+    assert t["input_size"] == [3, 32, 32] and t["dtype"] == "float16" and t["codec"] == "zstd" and len(t["weights_sha256"]) == 64
+    assert doc["corpus"]["spec"] == corpus and doc["summary"]["samples"] == 24
+    g = zarr.open_group(out, mode="r")["shards/demo-000000"]
+    assert g.attrs["complete"] is True and g.attrs["count"] == 8 and g.attrs["failed"] == []
+    assert set(g.attrs["digest"]) == {"keys", "views", "vit/cls", "vit/patch"}
+    assert g["vit/patch"].shape == (8, 2, 4, 192) and g["vit/patch"].dtype == np.float16
+    assert g["views"].shape == (8, 2, 5) and g["keys"].shape == (8,)
+
+
+def test_bfloat16_and_float32_storage(tmp_path, corpus, vit_spec):
+    f32, bf16 = str(tmp_path / "f.zarr"), str(tmp_path / "b.zarr")
+    extract(corpus, f32, [vit_spec], ExtractOptions(dtype="float32", **OPTS))
+    extract(corpus, bf16, [vit_spec], ExtractOptions(dtype="bfloat16", **OPTS))
+    g = zarr.open_group(bf16, mode="r")["shards/demo-000001/vit/patch"]
+    assert g.dtype == np.uint16 and g.attrs["logical_dtype"] == "bfloat16"
+    ref = zarr.open_group(f32, mode="r")["shards/demo-000001/vit/patch"][:]
+    np.testing.assert_allclose(bf16_bits_to_float32(g[:]), ref, rtol=1e-2, atol=1e-2)
+    _, p = Store.open(bf16).read_features("demo-000001", "vit")
+    assert p.dtype == np.float32 and np.allclose(p, ref, rtol=1e-2, atol=1e-2)
+
+
+def test_image_folder_corpus_and_memory_store(tmp_path, corpus, vit_spec):
+    from PIL import Image
+    from helpers import tar_images
+    folder = tmp_path / "imgs"
+    imgs = tar_images(os.path.join(corpus, "demo-000000.tar"))
+    for i, (k, a) in enumerate(sorted(imgs.items())):
+        cls = "even" if i % 2 == 0 else "odd"
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(folder / cls / f"img{i}.png")
+    (folder / "README.txt").write_text("not an image, ignored")
+    url = "memory://kdcache-test/folder.zarr"
+    s = extract(str(folder), url, [vit_spec], ExtractOptions(folder_shard_size=3, **OPTS))
+    assert s.images == 8 and s.shards_written == 3
+    store = Store.open(url)
+    assert store.complete_shards() == ["part-000000", "part-000001", "part-000002"]
+    assert store.keys("part-000000").tolist() == ["even/img0", "even/img2", "even/img4"]
+    assert store.meta.corpus["classes"] == ["even", "odd"]
