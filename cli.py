@@ -53,6 +53,10 @@ def cli(verbose):
 @click.option("--folder-shard-size", type=int, help="Images per shard for image folders. Default 1000.")
 @click.option("--max-pixels", type=int, help="Larger images are rejected as decompression bombs. Default 64e6.")
 @click.option("--min-size", type=int, help="Images with a smaller side are rejected. Default 2.")
+@click.option("--quantize", help="METHOD[:M=..,beam=..]: train a quantizer on the first shards, store patch codes "
+                                  "(pq, opq, pca, rq, sq8, sq4; see kdcache quantize).")
+@click.option("--quantize-sample", type=int, help="Tokens to train the quantizer on. Default 65536.")
+@click.option("--keep-float", is_flag=True, default=None, help="With --quantize: keep the float patches too.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def extract(data, out, teachers, no_progress, **kw):
     """Run every --teacher once over DATA and cache its CLS and patch features in STORE.
@@ -106,6 +110,36 @@ def verify(store, data):
     click.echo(f"checked {counts['shards_checked']} complete shard(s), {counts['samples']} samples; "
                f"{counts['shards_incomplete']} incomplete; {len(problems)} problem(s)")
     sys.exit(1 if problems else 0)
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--teacher", "-t", required=True, help="Teacher name in the store.")
+@click.option("--method", "-m", required=True, type=click.Choice(["pq", "opq", "pca", "rq", "sq8", "sq4"]))
+@click.option("--m", "m", type=int, help="Codebooks = bytes per token. Default dim/16 (1/32 of fp16).")
+@click.option("--beam", type=int, help="rq: beam width for training and encoding. Default 8.")
+@click.option("--tokens", type=click.Choice(["patch", "cls"]), default="patch", show_default=True)
+@click.option("--keep-float", is_flag=True, help="Keep the float arrays beside the codes (to compare fidelity).")
+@click.option("--sample-tokens", type=int, help="Training tokens. Default 65536 (+8192 held out).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training sample and k-means.")
+@click.option("--no-progress", is_flag=True)
+def quantize(store, teacher, method, m, beam, tokens, keep_float, sample_tokens, seed, no_progress):
+    """Convert a teacher's float features in STORE to multi-codebook codes, without the teacher.
+
+    \b
+    kdcache quantize feats.zarr -t dino --method opq --m 48
+    kdcache quantize feats.zarr -t dino --method rq --m 48 --beam 8 --keep-float
+    kdcache quantize feats.zarr -t dino --method sq8 --tokens cls
+    """
+    from kdcache.quantize import QuantizerSpec, SampleSpec, quantize_store
+    spec = QuantizerSpec(method=method, m=m, **({"beam": beam} if beam else {}))
+    sample = SampleSpec(**_drop_none(train_tokens=sample_tokens, seed=seed))
+    click.echo(json.dumps(quantize_store(store, teacher, spec, kind=tokens, keep_float=keep_float, sample=sample,
+                                         progress=not no_progress), indent=2))
+
+
+def _drop_none(**kw):
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 @cli.command()

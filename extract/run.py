@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from kdcache.store import KdcacheError, Store, StoreMeta, ViewPolicy
+from kdcache.store.store import has_teacher
 from kdcache.store.inspect import write_summary
 
 from .batches import ON_ERROR, InputGroup, ShardBatches, ShardJob
@@ -51,6 +52,10 @@ class ExtractOptions:
     max_pixels: int = MAX_PIXELS
     min_size: int = MIN_SIZE
     progress: bool = True
+    quantize: str | None = None  # e.g. "opq:M=48": train on the first shards, store codes
+    quantize_sample: int = 65536  # training tokens (plus held-out tokens for the fidelity figures)
+    keep_float: bool = False  # keep the float patch arrays beside the codes
+    quantize_pool: int = 4  # sample from the first shards holding >= pool x the training tokens
 
 
 @dataclass
@@ -103,9 +108,17 @@ def extract(data: str, out: str, teacher_specs: list[str], opts: ExtractOptions 
     corpus = resolve_corpus(data, folder_shard_size=opts.folder_shard_size)
     teachers = _create_teachers(teacher_specs, device, opts)
     store = _open_or_create(out, corpus, teachers, opts)
-    jobs, skipped = _plan(store, corpus, teachers, rank, world)
+    mine = list(corpus.shards[rank::world])
+    from .quantized import convert_complete, ensure_quantizers, stored_quantizers
+    if opts.quantize:
+        ensure_quantizers(store, corpus, teachers, opts, rank=rank,
+                          extract_shards=lambda shards: _run(store, corpus, teachers, _plan(store, teachers, shards)[0],
+                                                             device, opts, rank))
+    encoders = stored_quantizers(store)  # a quantized teacher stays quantized in later runs
+    convert_complete(store, [s.name for s in mine], encoders)
+    jobs, skipped = _plan(store, teachers, mine)
     log.info("rank %d/%d: %d shard(s) to write, %d already complete", rank, world, len(jobs), skipped)
-    summary = _run(store, corpus, teachers, jobs, device, opts, rank)
+    summary = _run(store, corpus, teachers, jobs, device, opts, rank, encoders)
     summary.shards_skipped = skipped
     if rank == 0:
         write_summary(store)
@@ -159,14 +172,14 @@ def _refuse_foreign_dir(out: str) -> None:
         raise ExtractError(f"--out {out}: directory exists, is not empty and is not a kdcache store")
 
 
-def _plan(store: Store, corpus: Corpus, teachers: dict[str, Teacher], rank: int, world: int):
-    """This rank's shards (``shards[rank::world]``: no communication needed) and what each needs."""
+def _plan(store: Store, teachers: dict[str, Teacher], shards):
+    """What each of ``shards`` (this rank's: ``shards[rank::world]``, no communication) needs."""
     jobs, skipped = [], 0
     all_teachers = tuple(store.meta.teachers)
-    for shard in corpus.shards[rank::world]:
+    for shard in shards:
         attrs = store.shard_attrs(shard.name) or {}
         if attrs.get("complete") is True:
-            have = {t for t in all_teachers if f"{t}/patch" in attrs.get("digest", {})}
+            have = {t for t in all_teachers if has_teacher(attrs.get("digest", {}), t)}
             need = tuple(t for t in teachers if t not in have)
             if not need:
                 skipped += 1
@@ -185,7 +198,7 @@ def _to_storage(x: torch.Tensor, dtype: str) -> torch.Tensor:
     return x.to({"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype])
 
 
-def _run(store, corpus, teachers, jobs, device, opts, rank) -> ExtractSummary:
+def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> ExtractSummary:
     summary = ExtractSummary()
     if not jobs:
         return summary
@@ -206,7 +219,11 @@ def _run(store, corpus, teachers, jobs, device, opts, rank) -> ExtractSummary:
     known = sum(len(j.shard.members) for j in jobs) if corpus.kind == "folder" else None
     bar = tqdm(total=known, unit="img", desc=f"extract rank {rank}", position=rank, disable=not opts.progress,
                dynamic_ncols=True, mininterval=1.0)
-    writer = BackgroundWriter(open_writer)
+    transform = None
+    if encoders:
+        from .quantized import rows_encoder
+        transform = rows_encoder(store, encoders)
+    writer = BackgroundWriter(open_writer, transform=transform)
     t0, shards_done, seen = time.perf_counter(), 0, 0
     try:
         for item in loader:

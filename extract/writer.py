@@ -13,9 +13,11 @@ import torch
 
 
 class BackgroundWriter:
-    def __init__(self, open_writer, *, depth: int = 8):
-        """``open_writer(shard_name)`` returns the ShardWriter for a shard's first rows."""
+    def __init__(self, open_writer, *, transform=None, depth: int = 8):
+        """``open_writer(shard_name)`` returns the ShardWriter for a shard's first rows;
+        ``transform(rows)`` (numpy) runs here too, e.g. encoding features to codes."""
         self._open_writer = open_writer
+        self._transform = transform
         self._writers = {}
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
@@ -56,7 +58,8 @@ class BackgroundWriter:
             ready.synchronize()  # the device->host copies of these rows are done
         w = self._writers.get(shard) or self._writers.setdefault(shard, self._open_writer(shard))
         if rows:
-            w.append({k: _as_numpy(v) for k, v in rows.items()})
+            rows = {k: _as_numpy(v) for k, v in rows.items()}
+            w.append(self._transform(rows) if self._transform else rows)
         for f in failed:
             w.add_failed(f["key"], f["error"])
         if last:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 
 from .layout import digest_array
-from .meta import TeacherMeta
-from .store import Store
+from .meta import teacher_arrays
+from .store import Store, has_teacher
 
 
 def shard_nbytes(store: Store, shard: str, prefix: str = "") -> int:
@@ -102,17 +102,18 @@ def verify_shard(store: Store, name: str) -> list[str]:
     problems = []
     expected = {"keys": (count,), "views": (count, k, 5)}
     for t, m in store.meta.teachers.items():
-        if f"{t}/patch" not in digest:
+        if not has_teacher(digest, t):
             problems.append(f"{where}: teacher {t} missing (no digest entry)")
             continue
-        expected.update(_teacher_shapes(t, m, count, k))
+        expected.update({p: (count, *shape) for p, (shape, _, _) in teacher_arrays(t, m, k).items() if p in digest})
+    expected.update({p: None for p in digest if p not in expected})
     for path, shape in expected.items():
         try:
             arr = store.array(name, path)
         except Exception as e:  # noqa: BLE001 - any read failure is a finding
             problems.append(f"{where}: {path}: unreadable ({e})")
             continue
-        if tuple(arr.shape) != shape:
+        if shape is not None and tuple(arr.shape) != shape:
             problems.append(f"{where}: {path}: shape {tuple(arr.shape)}, expected {shape}")
             continue
         try:
@@ -124,6 +125,3 @@ def verify_shard(store: Store, name: str) -> list[str]:
             problems.append(f"{where}: {path}: digest mismatch (stored {str(digest.get(path))[:12]}, data {got[:12]})")
     return problems
 
-
-def _teacher_shapes(t: str, m: TeacherMeta, n: int, k: int) -> dict:
-    return {f"{t}/cls": (n, k, m.dim), f"{t}/patch": (n, k, m.tokens, m.dim)}

@@ -143,6 +143,24 @@ class StoreMeta:
         return dataclasses.replace(self, **changes)
 
 
+def teacher_arrays(name: str, t: TeacherMeta, views: int) -> dict[str, tuple[tuple, str, dict]]:
+    """The arrays a shard holds for teacher ``name``: path -> (row shape, zarr dtype, attrs).
+
+    Float features are ``cls``/``patch``; a quantized token kind ``X`` is stored as ``X_codes``
+    (uint8, one byte per codebook) instead, or beside the floats when ``keep_float``.
+    """
+    from .layout import zarr_dtype
+    shapes = {"cls": (views, t.dim), "patch": (views, t.tokens, t.dim)}
+    out = {}
+    for kind, shape in shapes.items():
+        q = (t.quantizer or {}).get(kind)
+        if q is None or q.get("keep_float"):
+            out[f"{name}/{kind}"] = (shape, zarr_dtype(t.dtype), {"logical_dtype": t.dtype})
+        if q is not None:
+            out[f"{name}/{kind}_codes"] = ((*shape[:-1], q["m"]), "uint8", {"quantizer": f"quantizers/{name}/{kind}"})
+    return out
+
+
 def _jsonable(x):
     """Tuples to lists, recursively, so a dict compares equal after a JSON round trip."""
     if isinstance(x, dict):

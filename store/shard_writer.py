@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import StoreError
-from .layout import ArrayDigest, append_rows, block_rows, create_rows_array, zarr_dtype
-from .meta import TeacherMeta
+from .layout import ArrayDigest, append_rows, block_rows, create_rows_array
+from .meta import TeacherMeta, teacher_arrays
 
 
 class ShardWriter:
@@ -34,6 +34,7 @@ class ShardWriter:
         self.count = 0
         self.failed: list[dict] = []
         sample_bytes = max([1] + [t.tokens * t.dim * views * _itemsize(t.dtype) for t in teachers.values()])
+        # (float bytes even for codes: blocks then line up with those of an fp16 store)
         self.block = block_rows(sample_bytes)
         self._arrays: dict[str, object] = {}
         self._buffers: dict[str, list[np.ndarray]] = {}
@@ -42,9 +43,8 @@ class ShardWriter:
             self._add("keys", (), str, codec="none")
             self._add("views", (views, 5), "float32", codec="none")
         for name, t in teachers.items():
-            attrs = {"logical_dtype": t.dtype}
-            self._add(f"{name}/cls", (views, t.dim), zarr_dtype(t.dtype), codec=t.codec, attrs=attrs)
-            self._add(f"{name}/patch", (views, t.tokens, t.dim), zarr_dtype(t.dtype), codec=t.codec, attrs=attrs)
+            for path, (row_shape, dtype, attrs) in teacher_arrays(name, t, views).items():
+                self._add(path, row_shape, dtype, codec=t.codec, attrs=attrs)
 
     def _add(self, path, row_shape, dtype, *, codec, attrs=None):
         self._arrays[path] = create_rows_array(self.group, path, row_shape, dtype, block=self.block, codec=codec, attrs=attrs)

@@ -128,7 +128,8 @@ class Store:
         a = self.shard_attrs(name)
         if not a or a.get("complete") is not True:
             return False
-        return all(f"{t}/patch" in a.get("digest", {}) for t in (teachers or ()))
+        digest = a.get("digest", {})
+        return all(has_teacher(digest, t) for t in (teachers or ()))
 
     def complete_shards(self, teachers=None) -> list[str]:
         return [n for n in self.shard_names() if self.is_complete(n, teachers)]
@@ -187,6 +188,11 @@ class Store:
         if as_float and dtype == "bfloat16":
             c, p = bf16_bits_to_float32(c), bf16_bits_to_float32(p)
         return c, p
+
+
+def has_teacher(digest: dict, teacher: str) -> bool:
+    """A shard holds a teacher once its patch array (float or codes) is in the digest."""
+    return f"{teacher}/patch" in digest or f"{teacher}/patch_codes" in digest
 
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:

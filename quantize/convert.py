@@ -1,0 +1,119 @@
+"""Quantize a store's float features into codes: train once, then convert shard by shard.
+
+Used by ``kdcache quantize`` on a finished fp16 store and by ``kdcache extract --quantize``
+for the shards it wrote in float before the quantizer existed. Crash-safe per shard: the codes
+array is written, then one atomic attribute update adds it to the digest (and drops the float
+array from it unless ``keep_float``), then the float array is deleted. A rerun skips shards
+whose digest has codes and cleans up arrays the digest does not list.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+from tqdm import tqdm
+
+from kdcache.store import Store
+from kdcache.store.codes import Codebooks, read_codebooks, write_codebooks
+from kdcache.store.layout import ArrayDigest, append_rows, create_rows_array
+
+from .fidelity import measure
+from .methods import QuantizeError, QuantizerSpec, encode, fit
+from .sample import SampleSpec, draw, training_prefix
+
+log = logging.getLogger("kdcache.quantize")
+
+
+def train_quantizer(store: Store, teacher: str, kind: str, qspec: QuantizerSpec, sspec: SampleSpec,
+                    shards: list[str] | None = None, *, keep_float: bool = False) -> Codebooks:
+    """Sample, fit, measure on held-out tokens, write the codebooks and the teacher's metadata."""
+    if shards is None:
+        shards, _ = training_prefix(store, teacher, kind, sspec)
+    if not shards:
+        raise QuantizeError(f"{store.url}: no complete shard with float {kind} features of teacher {teacher}")
+    train, held, desc = draw(store, teacher, kind, shards, sspec)
+    log.info("training %s on %d %s tokens of %s from %d shard(s)", qspec.describe(), len(train), kind, teacher, len(shards))
+    cb = fit(qspec, train, seed=sspec.seed)
+    fid = measure(cb, held) if len(held) else {}
+    dim = cb.dim
+    cb = dataclasses.replace(cb, attrs={**cb.attrs, "trained_on": desc, **fid, "bytes_per_token": cb.m,
+                                        "compression_vs_fp16": dim * 2 / cb.m, "compression_vs_fp32": dim * 4 / cb.m})
+    write_codebooks(store.root, teacher, kind, cb)
+    set_teacher_quantizer(store, teacher, kind, cb, keep_float=keep_float)
+    return cb
+
+
+def set_teacher_quantizer(store: Store, teacher: str, kind: str, cb: Codebooks, *, keep_float: bool) -> None:
+    t = store.meta.teachers[teacher]
+    summary = {k: cb.attrs.get(k) for k in ("spec", "relmse", "mean_cos", "p5_cos", "bytes_per_token",
+                                             "compression_vs_fp16", "compression_vs_fp32", "train_seconds")}
+    q = dict(t.quantizer or {})
+    q[kind] = {"method": cb.method, "m": cb.m, "kind": cb.kind, "keep_float": keep_float, **summary}
+    teachers = dict(store.meta.teachers)
+    teachers[teacher] = dataclasses.replace(t, quantizer=q)
+    store.write_meta(store.meta.replace(teachers=teachers))
+
+
+def convert_shard(store: Store, shard: str, teacher: str, kind: str, cb: Codebooks, *, keep_float: bool) -> bool:
+    """Add ``<teacher>/<kind>_codes`` to a complete shard. Returns False if it already had them."""
+    group = store.root[f"shards/{shard}"]
+    attrs = dict(group.attrs)
+    digest = dict(attrs.get("digest", {}))
+    fpath, cpath = f"{teacher}/{kind}", f"{teacher}/{kind}_codes"
+    if cpath in digest:
+        _drop_unlisted(group, digest, fpath)
+        return False
+    if fpath not in digest:
+        raise QuantizeError(f"{store.url}: shard {shard} has neither {fpath} nor {cpath}")
+    if cpath in group:
+        del group[cpath]  # left by an interrupted conversion
+    src = group[fpath]
+    block = src.shards[0] if src.shards else src.chunks[0]
+    dst = create_rows_array(group, cpath, (*src.shape[1:-1], cb.m), "uint8", block=block, codec=store.meta.teachers[teacher].codec,
+                            attrs={"quantizer": f"quantizers/{teacher}/{kind}"})
+    h = ArrayDigest()
+    dtype = store.meta.teachers[teacher].dtype
+    for s in range(0, src.shape[0], block):
+        rows = encode_rows(cb, src[s:s + block], dtype)
+        h.update(rows)
+        append_rows(dst, rows)
+    digest[cpath] = h.hexdigest()
+    if not keep_float:
+        digest.pop(fpath)
+    group.attrs.put({**attrs, "digest": digest})  # the switch: atomic
+    _drop_unlisted(group, digest, fpath)
+    return True
+
+
+def encode_rows(cb: Codebooks, rows: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored float rows (..., D) in storage dtype -> (..., M) uint8 codes."""
+    from kdcache.store import bf16_bits_to_float32
+    x = bf16_bits_to_float32(rows) if dtype == "bfloat16" else np.asarray(rows, dtype=np.float32)
+    return encode(cb, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], cb.m)
+
+
+def _drop_unlisted(group, digest, fpath):
+    if fpath not in digest and fpath in group:
+        del group[fpath]
+
+
+def quantize_store(url: str, teacher: str, qspec: QuantizerSpec, *, kind: str = "patch", keep_float: bool = False,
+                   sample: SampleSpec = SampleSpec(), progress: bool = True) -> dict:
+    """``kdcache quantize``: train (or reuse) the quantizer, then convert every complete shard."""
+    store = Store.open(url, writable=True)
+    if teacher not in store.meta.teachers:
+        raise QuantizeError(f"{url}: no teacher {teacher!r} (teachers: {', '.join(store.meta.teachers)})")
+    cb = read_codebooks(store.root, teacher, kind)
+    if cb is not None and cb.attrs.get("spec") != qspec.describe():
+        raise QuantizeError(f"{url}: teacher {teacher} {kind} is already quantized with {cb.attrs.get('spec')}; "
+                            f"this asks for {qspec.describe()}")
+    if cb is None:
+        cb = train_quantizer(store, teacher, kind, qspec, sample, keep_float=keep_float)
+    shards = store.complete_shards([teacher])
+    converted = 0
+    for name in tqdm(shards, desc=f"quantize {teacher}/{kind}", unit="shard", disable=not progress):
+        converted += convert_shard(store, name, teacher, kind, cb, keep_float=keep_float)
+    return {"teacher": teacher, "kind": kind, "shards_converted": converted, "shards_skipped": len(shards) - converted,
+            **{k: cb.attrs.get(k) for k in ("spec", "bytes_per_token", "compression_vs_fp16", "relmse", "mean_cos",
+                                             "p5_cos", "train_seconds")}}

@@ -1,0 +1,202 @@
+"""Quantizer methods, by name: train on a sample with faiss, encode, all decodable by store.codes.
+
+Every method ends as the same stored form (``Codebooks``: mean, rotation, codebooks of 256
+entries) so that one gather decodes any of them:
+
+| method | codebooks | rotation | faiss |
+|---|---|---|---|
+| pq   | product (M, 256, D/M)  | identity              | ProductQuantizer |
+| opq  | product                | learned (OPQMatrix)   | OPQMatrix + ProductQuantizer |
+| pca  | product                | PCA, eigenvalue-balanced subspaces (cheap OPQ) | ProductQuantizer |
+| rq   | additive (M, 256, D)   | identity              | ResidualQuantizer (beam search, refined codebooks) |
+| sq8  | product, D x (256, 1)  | identity              | ScalarQuantizer QT_8bit ranges |
+| sq4  | product, D/2 x (16x16 grid, 2) | identity      | ScalarQuantizer QT_4bit ranges |
+
+Encoding always runs on a faiss object rebuilt from the stored codebooks, so a quantizer
+trained in this process and one read back from a store encode identically.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from kdcache.store import KdcacheError
+from kdcache.store.codes import ADDITIVE, PRODUCT, Codebooks
+
+METHODS = ("pq", "opq", "pca", "rq", "sq8", "sq4")
+
+
+class QuantizeError(KdcacheError):
+    pass
+
+
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """``METHOD[:M=48,beam=8,...]`` as the CLI takes it. M is bytes per token (codebooks)."""
+
+    method: str
+    m: int | None = None
+    beam: int = 8  # rq: beam width for training and encoding
+    niter: int = 25  # k-means iterations
+    opq_iter: int = 50  # opq: alternations of rotation and PQ
+
+    @classmethod
+    def parse(cls, text: str) -> "QuantizerSpec":
+        method, _, rest = text.partition(":")
+        method = method.strip().lower()
+        if method not in METHODS:
+            raise QuantizeError(f"quantizer {text!r}: method must be one of {', '.join(METHODS)}")
+        kw = {}
+        for item in filter(None, (p.strip() for p in rest.split(","))):
+            k, eq, v = item.partition("=")
+            if not eq or not v.strip().isdigit():
+                raise QuantizeError(f"quantizer {text!r}: {item!r} is not key=integer")
+            kw[k.strip().lower()] = int(v)
+        unknown = set(kw) - {"m", "beam", "niter", "opq_iter"}
+        if unknown:
+            raise QuantizeError(f"quantizer {text!r}: unknown key(s) {', '.join(sorted(unknown))} (m, beam, niter, opq_iter)")
+        return cls(method=method, **kw)
+
+    def resolve_m(self, dim: int) -> int:
+        if self.method == "sq8":
+            return dim
+        if self.method == "sq4":
+            if dim % 2:
+                raise QuantizeError(f"sq4 needs an even dim, got {dim}")
+            return dim // 2
+        m = self.m or max(1, dim // 16)  # default: 1/32 of fp16 bytes
+        if self.method in ("pq", "opq", "pca") and dim % m:
+            raise QuantizeError(f"{self.method}: M={m} must divide the feature dim {dim}")
+        return m
+
+    def describe(self) -> str:
+        return f"{self.method}:M={self.m}" + (f",beam={self.beam}" if self.method == "rq" else "")
+
+
+def fit(spec: QuantizerSpec, x: np.ndarray, *, seed: int = 0) -> Codebooks:
+    """Train on (N, D) float32 features; returns the stored form (attrs: train_seconds)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    m = spec.resolve_m(d)
+    mean = x.mean(0).astype(np.float32)
+    xc = np.ascontiguousarray(x - mean)
+    t0 = time.perf_counter()
+    rotation = np.eye(d, dtype=np.float32)
+    if spec.method in ("sq8", "sq4"):
+        codebooks = _scalar_codebooks(xc, 8 if spec.method == "sq8" else 4)
+        kind = PRODUCT
+    elif spec.method == "rq":
+        codebooks, kind = _train_rq(xc, m, spec, seed), ADDITIVE
+    else:
+        if spec.method == "opq":
+            opq = faiss.OPQMatrix(d, m)
+            opq.niter = spec.opq_iter
+            opq.pq = _new_pq(d, m, seed, spec.niter)
+            _gpu(opq.pq)
+            opq.train(xc)
+            rotation = faiss.vector_to_array(opq.A).reshape(d, d).astype(np.float32)
+        elif spec.method == "pca":
+            rotation = _pca_balanced(xc, m)
+        pq = _new_pq(d, m, seed, spec.niter)
+        _gpu(pq)
+        pq.train(np.ascontiguousarray(xc @ rotation.T))
+        codebooks, kind = faiss.vector_to_array(pq.centroids).reshape(m, 256, d // m), PRODUCT
+    secs = time.perf_counter() - t0
+    return Codebooks(method=spec.method, kind=kind, mean=mean, rotation=rotation,
+                     codebooks=np.ascontiguousarray(codebooks, dtype=np.float32),
+                     attrs={"beam": spec.beam, "train_seconds": round(secs, 3), "spec": spec.describe(), "seed": seed})
+
+
+def encode(cb: Codebooks, x: np.ndarray, *, batch: int = 65536) -> np.ndarray:
+    """(N, D) float -> (N, M) uint8 codes."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[-1] != cb.dim:
+        raise QuantizeError(f"features have dim {x.shape[-1]}, quantizer {cb.method} expects {cb.dim}")
+    q = _faiss_encoder(cb)
+    out = np.empty((len(x), cb.m), dtype=np.uint8)
+    for s in range(0, len(x), batch):
+        y = np.ascontiguousarray((x[s:s + batch] - cb.mean) @ cb.rotation.T, dtype=np.float32)
+        out[s:s + batch] = q.compute_codes(y).reshape(len(y), -1)[:, :cb.m]
+    return out
+
+
+def faiss_decode(cb: Codebooks, codes: np.ndarray) -> np.ndarray:
+    """faiss's own decode of our codes (the reference the torch decoder is tested against)."""
+    y = _faiss_encoder(cb).decode(np.ascontiguousarray(codes, dtype=np.uint8))
+    return y @ cb.rotation + cb.mean
+
+
+def _faiss_encoder(cb: Codebooks):
+    d, m = cb.dim, cb.m
+    if cb.kind == ADDITIVE:
+        rq = faiss.ResidualQuantizer(d, m, 8)
+        faiss.copy_array_to_vector(cb.codebooks.ravel(), rq.codebooks)
+        rq.is_trained = True
+        rq.max_beam_size = int(cb.attrs.get("beam", 8))
+        return rq
+    pq = faiss.ProductQuantizer(d, m, 8)
+    faiss.copy_array_to_vector(cb.codebooks.ravel(), pq.centroids)
+    return pq
+
+
+def _new_pq(d, m, seed, niter):
+    pq = faiss.ProductQuantizer(d, m, 8)
+    pq.cp.seed, pq.cp.niter = seed, niter
+    return pq
+
+
+def _train_rq(xc, m, spec, seed):
+    d = xc.shape[1]
+    rq = faiss.ResidualQuantizer(d, m, 8)
+    rq.max_beam_size = spec.beam
+    rq.cp.seed, rq.cp.niter = seed, spec.niter
+    # progressive-dim k-means per stage, then least-squares refinement of all codebooks jointly
+    # (the refinement solves for M*256 entries: it needs at least that many training points)
+    rq.train_type = faiss.ResidualQuantizer.Train_progressive_dim
+    if len(xc) >= m * 256:
+        rq.train_type |= faiss.ResidualQuantizer.Train_refine_codebook
+    if faiss.get_num_gpus() > 0:
+        rq.assign_index_factory = faiss.GpuProgressiveDimIndexFactory(faiss.get_num_gpus())
+    rq.train(xc)
+    return faiss.vector_to_array(rq.codebooks).reshape(m, 256, d)
+
+
+def _scalar_codebooks(xc, bits):
+    """Uniform per-dimension levels over faiss ScalarQuantizer's trained [vmin, vmin+vdiff]."""
+    d = xc.shape[1]
+    sq = faiss.ScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit if bits == 8 else faiss.ScalarQuantizer.QT_4bit)
+    sq.train(xc)
+    trained = faiss.vector_to_array(sq.trained).reshape(2, d)
+    vmin, vdiff = trained[0], trained[1]
+    levels = 1 << bits
+    grid = vmin[:, None] + (np.arange(levels)[None, :] + 0.5) / levels * vdiff[:, None]  # (D, levels)
+    if bits == 8:
+        return grid[:, :, None]
+    a, b = grid[0::2], grid[1::2]  # pairs of dims: code = 16 * level_a + level_b
+    return np.stack([np.repeat(a, 16, axis=1), np.tile(b, (1, 16))], axis=-1)
+
+
+def _pca_balanced(xc, m):
+    """PCA, then eigen-directions dealt to the M subspaces so each gets a similar product of
+    eigenvalues (Ge et al., OPQ's non-parametric init): most of OPQ's gain at PCA's cost."""
+    d = xc.shape[1]
+    lam, vec = np.linalg.eigh(np.cov(xc.T.astype(np.float64)))
+    order = np.argsort(lam)[::-1]
+    lam, vec = np.maximum(lam[order], 1e-12), vec[:, order]
+    per = d // m
+    buckets = [[] for _ in range(m)]
+    logprod = np.zeros(m)
+    for i in range(d):
+        open_ = [j for j in range(m) if len(buckets[j]) < per]
+        j = min(open_, key=lambda j: logprod[j])
+        buckets[j].append(i)
+        logprod[j] += np.log(lam[i])
+    return vec[:, [i for b in buckets for i in b]].T.astype(np.float32)
+
+
+def _gpu(pq):
+    if faiss.get_num_gpus() > 0:
+        pq.assign_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(pq.dsub))

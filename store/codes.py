@@ -1,0 +1,79 @@
+"""Multi-codebook codes in a store: the numpy definition of decoding, and quantizer I/O.
+
+A quantizer lives at ``quantizers/<teacher>/<tokens>/`` (tokens: ``patch`` or ``cls``) as
+plain arrays: ``mean (D,)``, ``rotation (D, D)``, ``codebooks`` ``(M, 256, D/M)`` for
+product methods (pq, opq, pca, sq8, sq4) or ``(M, 256, D)`` for additive ones (rq, lsq).
+Codes are ``<teacher>/<tokens>_codes`` ``(n, K, T, M)`` uint8. Any team decodes without kdcache:
+
+    y = concat_m codebooks[m, codes[..., m]]     (product)
+    y = sum_m    codebooks[m, codes[..., m]]     (additive)
+    x = y @ rotation + mean                      (the encoder quantized (x - mean) @ rotation.T)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import StoreError
+
+PRODUCT, ADDITIVE = "product", "additive"
+
+
+@dataclass(frozen=True)
+class Codebooks:
+    """Everything needed to decode codes, as stored."""
+
+    method: str
+    kind: str  # PRODUCT | ADDITIVE
+    mean: np.ndarray  # (D,) float32
+    rotation: np.ndarray  # (D, D) float32
+    codebooks: np.ndarray  # (M, 256, D/M) or (M, 256, D) float32
+    attrs: dict
+
+    @property
+    def m(self) -> int:
+        return self.codebooks.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """(..., M) uint8 codes -> (..., D) float32, exactly the formula above."""
+        codes = np.asarray(codes)
+        if codes.shape[-1] != self.m:
+            raise StoreError(f"codes have {codes.shape[-1]} codebooks, quantizer {self.method} has {self.m}")
+        parts = self.codebooks[np.arange(self.m), codes]  # (..., M, sub)
+        y = parts.sum(-2) if self.kind == ADDITIVE else parts.reshape(*codes.shape[:-1], -1)
+        return (y @ self.rotation + self.mean).astype(np.float32)
+
+
+def quantizer_path(teacher: str, tokens: str) -> str:
+    return f"quantizers/{teacher}/{tokens}"
+
+
+def write_codebooks(root, teacher: str, tokens: str, cb: Codebooks) -> None:
+    """Write the arrays first, the attributes (which make the quantizer visible) last."""
+    path = quantizer_path(teacher, tokens)
+    if path in root:
+        del root[path]
+    g = root.require_group(path)
+    for name in ("mean", "rotation", "codebooks"):
+        a = np.ascontiguousarray(getattr(cb, name), dtype=np.float32)
+        g.create_array(name, shape=a.shape, dtype="float32", chunks=a.shape)[...] = a
+    g.attrs.put({**cb.attrs, "method": cb.method, "kind": cb.kind, "m": cb.m, "nbits": 8, "ready": True})
+
+
+def read_codebooks(root, teacher: str, tokens: str) -> Codebooks | None:
+    """The stored quantizer, or None when there is none (or it was never finished)."""
+    path = quantizer_path(teacher, tokens)
+    try:
+        g = root[path]
+    except KeyError:
+        return None
+    attrs = dict(g.attrs)
+    if not attrs.get("ready"):
+        return None
+    return Codebooks(method=attrs["method"], kind=attrs["kind"], mean=g["mean"][:], rotation=g["rotation"][:],
+                     codebooks=g["codebooks"][:], attrs=attrs)

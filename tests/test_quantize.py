@@ -1,0 +1,121 @@
+"""Quantizers: torch decode == faiss decode == numpy formula; low-rank data near exact; the two
+ways in (during / after extraction) agree; quantized stores stay plain zarr."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from kdcache.extract import ExtractOptions, extract
+from kdcache.quantize import QuantizerSpec, SampleSpec, encode, faiss_decode, fit, quantize_store
+from kdcache.quantize.decoder import CodeDecoder, code_logits_loss
+from kdcache.quantize.fidelity import fidelity
+from kdcache.store import Store
+from kdcache.store.codes import read_codebooks
+from kdcache.store.inspect import info
+
+SPECS = ["pq:m=8", "opq:m=8,opq_iter=8", "pca:m=8", "rq:m=4,beam=2,niter=8", "sq8", "sq4"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    basis = rng.standard_normal((12, 32)).astype(np.float32)
+    x = rng.standard_normal((3000, 12)).astype(np.float32) @ basis + 3.0  # rank 12 + offset
+    return x[:2500], x[2500:]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_torch_decoder_equals_faiss_and_numpy(data, spec):
+    train, test = data
+    cb = fit(QuantizerSpec.parse(spec), train, seed=0)
+    codes = encode(cb, test)
+    assert codes.dtype == np.uint8 and codes.shape == (len(test), cb.m)
+    ref = faiss_decode(cb, codes)
+    np.testing.assert_allclose(cb.decode(codes), ref, rtol=1e-4, atol=1e-4)
+    dec = CodeDecoder(cb)
+    got = dec(torch.from_numpy(codes).view(10, 50, cb.m))  # any leading shape
+    assert got.shape == (10, 50, 32) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.reshape(-1, 32).numpy(), ref, rtol=1e-4, atol=1e-4)
+    f = fidelity(test, ref, cb.mean)
+    assert f["relmse"] < {"sq4": 0.02, "sq8": 1e-3}.get(spec, 0.6) and f["mean_cos"] > 0.9
+
+
+@pytest.mark.parametrize("spec", ["pq:m=8", "opq:m=8,opq_iter=8", "rq:m=4,beam=2,niter=8"])
+def test_low_rank_data_is_reconstructed_near_exactly(spec):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((3000, 1)) @ rng.standard_normal((1, 32)) + 2.0).astype(np.float32)  # rank 1 + offset
+    cb = fit(QuantizerSpec.parse(spec), x[:2500], seed=0)
+    f = fidelity(x[2500:], cb.decode(encode(cb, x[2500:])), cb.mean)
+    assert f["relmse"] < 1e-3 and f["mean_cos"] > 0.999, f
+
+
+def test_code_logits_loss_prefers_the_true_codes():
+    codes = torch.randint(0, 256, (4, 10, 6), dtype=torch.uint8)
+    good = torch.nn.functional.one_hot(codes.long(), 256).float() * 20
+    assert code_logits_loss(good, codes) < 1e-3 < code_logits_loss(torch.zeros_like(good), codes)
+
+
+def test_spec_parsing_errors():
+    from kdcache.quantize import QuantizeError
+    for bad, msg in [("kmeans:m=4", "method must be one of"), ("pq:m=x", "not key=integer"), ("pq:q=4", "unknown key")]:
+        with pytest.raises(QuantizeError, match=msg):
+            QuantizerSpec.parse(bad)
+    with pytest.raises(QuantizeError, match="must divide the feature dim"):
+        QuantizerSpec.parse("pq:m=7").resolve_m(192)
+
+
+Q = dict(views=4, progress=False, workers=0, batch_size=4)
+
+
+def test_quantize_during_and_after_extraction_give_the_same_codes(tmp_path, many_shards, vit_spec):
+    sample = SampleSpec(train_tokens=256, held_out=32, seed=0, pool=1)
+    during, after = str(tmp_path / "during.zarr"), str(tmp_path / "after.zarr")
+    extract(many_shards, during, [vit_spec], ExtractOptions(quantize="pq:m=12", quantize_sample=256, quantize_pool=1, seed=0, **Q))
+    s = Store.open(during)
+    cb = read_codebooks(s.root, "vit", "patch")
+    used = cb.attrs["trained_on"]["shards"]
+    assert 1 <= len(used) < 6  # trained on a prefix; the other shards were encoded as extracted
+    extract(many_shards, after, [vit_spec], ExtractOptions(seed=0, **Q))
+    fp16 = {n: Store.open(after).read_features(n, "vit")[1] for n in Store.open(after).complete_shards()}
+    out = quantize_store(after, "vit", QuantizerSpec.parse("pq:m=12"), sample=sample, progress=False)
+    assert out["shards_converted"] == 6
+    a = Store.open(after)
+    np.testing.assert_array_equal(read_codebooks(a.root, "vit", "patch").codebooks, cb.codebooks)
+    for name in s.complete_shards():
+        np.testing.assert_array_equal(s.array(name, "vit/patch_codes")[:], a.array(name, "vit/patch_codes")[:], err_msg=name)
+        assert "vit/patch" not in s.root[f"shards/{name}"] and "vit/patch" not in a.root[f"shards/{name}"]
+        # the codes decode to the fp16 features they came from, within the quantizer's error
+        dec = cb.decode(a.array(name, "vit/patch_codes")[:])
+        assert fidelity(fp16[name].reshape(-1, 192), dec.reshape(-1, 192), cb.mean)["mean_cos"] > 0.8
+    # quantizing again with another spec is refused; the same spec is a no-op
+    from kdcache.quantize import QuantizeError
+    with pytest.raises(QuantizeError, match="already quantized with pq:M=12"):
+        quantize_store(after, "vit", QuantizerSpec.parse("opq:m=12"), sample=sample, progress=False)
+    assert quantize_store(after, "vit", QuantizerSpec.parse("pq:m=12"), sample=sample, progress=False)["shards_converted"] == 0
+
+
+def test_quantized_store_decodes_with_plain_zarr_and_numpy(tmp_path, many_shards, vit_spec):
+    out = str(tmp_path / "q.zarr")
+    extract(many_shards, out, [vit_spec], ExtractOptions(seed=0, **Q))
+    quantize_store(out, "vit", QuantizerSpec.parse("rq:m=8,beam=2,niter=8"), keep_float=True,
+                   sample=SampleSpec(train_tokens=512, held_out=64, pool=1), progress=False)
+    root = zarr.open_group(out, mode="r")
+    q = root["quantizers/vit/patch"]
+    mean, rot, books = q["mean"][:], q["rotation"][:], q["codebooks"][:]
+    assert q.attrs["method"] == "rq" and books.shape == (8, 256, 192)
+    g = root["shards/demo-000003"]
+    codes = g["vit/patch_codes"][:]
+    assert codes.shape == (6, 4, 4, 8) and codes.dtype == np.uint8
+    y = books[np.arange(8), codes].sum(-2)  # additive: sum of the selected entries
+    x = y @ rot + mean
+    cb = read_codebooks(Store.open(out).root, "vit", "patch")
+    np.testing.assert_allclose(x, faiss_decode(cb, codes.reshape(-1, 8)).reshape(x.shape), rtol=1e-4, atol=1e-4)
+    floats = g["vit/patch"][:].astype(np.float32)  # kept: --keep-float
+    assert fidelity(floats.reshape(-1, 192), x.reshape(-1, 192), mean)["relmse"] < 0.5
+    d = info(Store.open(out))["teachers"]["vit"]["quantizer"]["patch"]
+    assert d["method"] == "rq" and d["m"] == 8 and d["bytes_per_token"] == 8 and d["compression_vs_fp16"] == 48.0
+    assert 0 < d["relmse"] < 1 and 0 < d["p5_cos"] <= d["mean_cos"] <= 1
+    from kdcache.extract.check import verify
+    assert verify(out, many_shards)[0] == []
