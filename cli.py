@@ -31,6 +31,8 @@ def cli(verbose):
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("faiss", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @cli.command()
@@ -179,6 +181,71 @@ def bench_extract(teacher, images, batch_size, workers, codec):
     """
     from kdcache.eval.bench_extract import bench_extract as run
     click.echo(run(teacher=teacher, images=images, batch_size=batch_size, workers=workers, codec=codec))
+
+
+@cli.command()
+@click.option("--config", "config_file", help="YAML or TOML file of options (CLI options override it).")
+@click.option("--store", help="Store written by kdcache extract.")
+@click.option("--data", help="The corpus the store was extracted from.")
+@click.option("--student", help="MODEL[,key=value...]: any timm model (pretrained=false unless given).")
+@click.option("--out", help="Run directory.")
+@click.option("--teacher", "teachers", multiple=True, help="Teachers to distil (default: all in the store).")
+@click.option("--teacher-weight", "teacher_weights", multiple=True, help="NAME=LAMBDA loss weight of a teacher.")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--workers", type=int)
+@click.option("--lr", type=float)
+@click.option("--weight-decay", type=float)
+@click.option("--warmup-steps", type=int)
+@click.option("--clip-grad", type=float)
+@click.option("--amp", type=click.Choice(["bf16", "none"]))
+@click.option("--ema", type=float, help="EMA decay of the student (0 = off).")
+@click.option("--seed", type=int)
+@click.option("--device")
+@click.option("--view-choice", type=click.Choice(["epoch", "random", "first"]))
+@click.option("--shuffle-buffer", type=int)
+@click.option("--color-jitter", type=float, help="Student-only photometric augmentation strength.")
+@click.option("--normalize", type=click.Choice(["standardize", "phi-s", "none"]))
+@click.option("--head-hidden", type=int)
+@click.option("--head-depth", type=int, help="Hidden layers of each head MLP (0 = linear).")
+@click.option("--alpha", type=float, help="Patch loss: weight of 1-cos (rest: SmoothL1).")
+@click.option("--beta", type=float, help="SmoothL1 beta.")
+@click.option("--summary-weight", type=float)
+@click.option("--patch-weight", type=float)
+@click.option("--predict-codes", is_flag=True, default=None, help="Quantized teachers: predict codes (256-way CE per codebook).")
+@click.option("--log-every", type=int)
+@click.option("--checkpoint-every", type=int)
+@click.option("--stop-at-step", type=int, help="Stop with a checkpoint after this step (continue with --resume).")
+@click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its last checkpoint.")
+def train(config_file, teacher_weights, teachers, **kw):
+    """Train a student against the cached targets of STORE.
+
+    \b
+    kdcache train --store feats.zarr --data /data/shards --student resnet18 --out runs/r18
+    kdcache train --config run.yaml --epochs 30
+    torchrun --nproc_per_node=8 -m kdcache train --config run.yaml
+    """
+    from kdcache.train.config import build_config
+    from kdcache.train.loop import train as run
+    weights = {k: float(v) for k, v in (w.split("=", 1) for w in teacher_weights)} if teacher_weights else None
+    cfg = build_config(config_file, teachers=tuple(teachers) or None, teacher_weights=weights, **kw)
+    click.echo(json.dumps(run(cfg, config_file=config_file), indent=2))
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--out", help="Output .safetensors (default RUN/student.safetensors).")
+@click.option("--ema", is_flag=True, help="Export the EMA weights.")
+@click.option("--heads", is_flag=True, help="Also write the distillation heads.")
+def export(run, out, ema, heads):
+    """Write the trained student of RUN as safetensors loadable by timm.create_model.
+
+    \b
+    kdcache export runs/r18
+    kdcache export runs/r18 --ema --out r18-distilled.safetensors
+    """
+    from kdcache.train.export import export as run_export
+    click.echo(json.dumps(run_export(run, out, ema=ema, heads=heads), indent=2))
 
 
 @bench.command("quantize")

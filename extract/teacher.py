@@ -8,15 +8,16 @@ before any image is read, so a mismatch fails before the first batch.
 from __future__ import annotations
 
 import hashlib
-import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import timm
 import timm.data
 import torch
 
 from kdcache.store import KdcacheError, TeacherMeta
+
+from .taps import FeatureTap, probe
 
 # Keys of a --teacher spec that kdcache consumes; everything else goes to timm.create_model.
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "crop_pct")
@@ -80,8 +81,8 @@ def _parse_value(v: str):
 class Teacher:
     """A frozen model on a device plus what it needs to turn uint8 crops into features."""
 
-    def __init__(self, spec: TeacherSpec, model: torch.nn.Module, meta: TeacherMeta, layout: str, device: torch.device):
-        self.spec, self.model, self.meta, self.layout, self.device = spec, model, meta, layout, device
+    def __init__(self, spec: TeacherSpec, model: torch.nn.Module, meta: TeacherMeta, tap: FeatureTap, device: torch.device):
+        self.spec, self.model, self.meta, self.tap, self.device = spec, model, meta, tap, device
         self.name = spec.name
         self._mean = torch.tensor(meta.mean, device=device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(meta.std, device=device).view(1, 3, 1, 1) * 255
@@ -96,16 +97,8 @@ class Teacher:
         x = (images.float() - self._mean) / self._std
         # bf16 autocast on CUDA (the fast path); fp32 on CPU, where it is the exact reference.
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            feats = self.model.forward_features(x)
-            summary = self.model.forward_head(feats, pre_logits=True)
-        return summary.float(), self._patches(feats).float()
-
-    def _patches(self, feats: torch.Tensor) -> torch.Tensor:
-        if self.layout == "tokens":
-            return feats[:, self.meta.prefix_tokens:]
-        if self.layout == "nchw":
-            return feats.flatten(2).transpose(1, 2)
-        return feats.flatten(1, 2)  # nhwc
+            summary, patches = self.tap(self.model, x)
+        return summary.float(), patches.float()
 
 
 def create_teacher(spec: TeacherSpec | str, *, device: str | torch.device = "cpu", dtype: str = "float16",
@@ -120,20 +113,22 @@ def create_teacher(spec: TeacherSpec | str, *, device: str | torch.device = "cpu
     cfg = timm.data.resolve_data_config(model=model)
     size = _input_size(model, spec, cfg)
     pre = {**{k: cfg[k] for k in PREPROCESS_KEYS}, **spec.preprocess}
-    layout, prefix, grid, dim, cls_dim = _probe(model, size, device)
+    tap = probe(model, size, device)
+    grid, dim, cls_dim = tap.grid, tap.dim, tap.summary_dim
     meta = TeacherMeta(
         model=spec.model, weights_sha256=weights_sha256(model), input_size=(3, *size),
         mean=tuple(float(x) for x in pre["mean"]), std=tuple(float(x) for x in pre["std"]),
         interpolation=str(pre["interpolation"]), crop_pct=float(pre["crop_pct"]),
         patch_size=(size[0] // grid[0], size[1] // grid[1]), grid=grid, dim=dim, tokens=grid[0] * grid[1],
-        prefix_tokens=prefix, summary="cls" if layout == "tokens" and prefix else "pool", dtype=dtype, codec=codec,
+        prefix_tokens=tap.prefix_tokens, summary="cls" if tap.layout == "tokens" and tap.prefix_tokens else "pool",
+        dtype=dtype, codec=codec,
         model_kwargs=dict(spec.model_kwargs, **({"img_size": spec.img_size} if spec.img_size else {})),
         pretrained=spec.pretrained, checkpoint=spec.checkpoint,
     )
     if cls_dim != dim:
         raise TeacherError(f"teacher {spec.name}: summary dim {cls_dim} differs from patch dim {dim}; "
                            f"pass a model whose pre-logits equal its feature width")
-    return Teacher(spec, model, meta, layout, device)
+    return Teacher(spec, model, meta, tap, device)
 
 
 def _build_model(spec: TeacherSpec) -> torch.nn.Module:
@@ -189,27 +184,6 @@ def _input_size(model, spec: TeacherSpec, cfg: dict) -> tuple[int, int]:
     return tuple(cfg["input_size"][1:])
 
 
-@torch.inference_mode()
-def _probe(model, size, device):
-    """Run one blank image to learn the output layout, prefix tokens, grid and widths."""
-    feats = model.forward_features(torch.zeros(1, 3, *size, device=device))
-    cls_dim = model.forward_head(feats, pre_logits=True).shape[-1]
-    if feats.ndim == 3:
-        prefix = int(getattr(model, "num_prefix_tokens", 0))
-        n = feats.shape[1] - prefix
-        pe = getattr(model, "patch_embed", None)
-        grid = tuple(pe.grid_size) if pe is not None and getattr(pe, "grid_size", None) else (math.isqrt(n), n // max(1, math.isqrt(n)))
-        if grid[0] * grid[1] != n:
-            raise TeacherError(f"cannot map {n} tokens of {type(model).__name__} to a grid {grid}")
-        return "tokens", prefix, grid, feats.shape[-1], cls_dim
-    if feats.ndim == 4:
-        nf = getattr(model, "num_features", None)
-        if feats.shape[1] == nf or feats.shape[-1] != nf:
-            return "nchw", 0, tuple(feats.shape[2:]), feats.shape[1], cls_dim
-        return "nhwc", 0, tuple(feats.shape[1:3]), feats.shape[-1], cls_dim
-    raise TeacherError(f"{type(model).__name__}.forward_features gives a {feats.ndim}-d output; expected tokens or a feature map")
-
-
 def weights_sha256(model: torch.nn.Module) -> str:
     """sha256 over the state dict (names and raw bytes, sorted by name): identifies the weights."""
     h = hashlib.sha256()
@@ -217,7 +191,3 @@ def weights_sha256(model: torch.nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def with_storage(meta: TeacherMeta, **changes) -> TeacherMeta:
-    return replace(meta, **changes)

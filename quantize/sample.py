@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdcache.store import Store, bf16_bits_to_float32
+from kdcache.store.codes import read_codebooks
 
 POOL = 4  # draw from >= 4x the tokens used, so the sample spreads over many images
 
@@ -79,6 +80,12 @@ def draw(store: Store, teacher: str, kind: str, shards: list[str], spec: SampleS
 
 
 def _float_tokens(store: Store, shard: str, teacher: str, kind: str) -> np.ndarray:
+    """A shard's features as (N, D) float32: the float array, or the codes decoded."""
+    digest = (store.shard_attrs(shard) or {}).get("digest", {})
+    if f"{teacher}/{kind}" not in digest and f"{teacher}/{kind}_codes" in digest:
+        cb = read_codebooks(store.root, teacher, kind)
+        codes = store.array(shard, f"{teacher}/{kind}_codes")[:]
+        return cb.decode(codes.reshape(-1, codes.shape[-1]))
     arr = store.array(shard, f"{teacher}/{kind}")[:]
     if store.meta.teachers[teacher].dtype == "bfloat16":
         arr = bf16_bits_to_float32(arr)

@@ -1,0 +1,61 @@
+"""Run-directory checkpoints: safetensors for weights, tensors-only torch files for the rest.
+
+``checkpoints/last/``: student.safetensors, heads.safetensors, ema.safetensors (if EMA),
+optimizer.pt and trainer.pt (saved with torch.save, loaded with ``weights_only=True``: no
+pickle of code), state.json (epoch, step). Written to a temporary directory, then renamed,
+so a crash never leaves a half-written ``last``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import safetensors.torch
+import torch
+
+
+def save(run: str, *, model, optimizer, scheduler, ema, state: dict) -> str:
+    final = os.path.join(run, "checkpoints", "last")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    safetensors.torch.save_file(_contiguous(model.student.state_dict()), os.path.join(tmp, "student.safetensors"))
+    heads = {f"summary.{k}": v for k, v in model.summary_heads.state_dict().items()}
+    heads.update({f"patch.{k}": v for k, v in model.patch_heads.state_dict().items()})
+    safetensors.torch.save_file(_contiguous(heads), os.path.join(tmp, "heads.safetensors"))
+    if ema is not None:
+        safetensors.torch.save_file(_contiguous(ema.module.state_dict()), os.path.join(tmp, "ema.safetensors"))
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save({"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "trainer.pt"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump(state, f)
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(run: str, *, model, optimizer, scheduler, ema) -> dict | None:
+    path = os.path.join(run, "checkpoints", "last")
+    if not os.path.exists(os.path.join(path, "state.json")):
+        return None
+    model.student.load_state_dict(safetensors.torch.load_file(os.path.join(path, "student.safetensors")))
+    heads = safetensors.torch.load_file(os.path.join(path, "heads.safetensors"))
+    model.summary_heads.load_state_dict({k[8:]: v for k, v in heads.items() if k.startswith("summary.")})
+    model.patch_heads.load_state_dict({k[6:]: v for k, v in heads.items() if k.startswith("patch.")})
+    if ema is not None and os.path.exists(os.path.join(path, "ema.safetensors")):
+        ema.module.load_state_dict(safetensors.torch.load_file(os.path.join(path, "ema.safetensors")))
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)
+    scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["torch_rng"])
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f)
+
+
+def _contiguous(sd: dict) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}

@@ -1,0 +1,62 @@
+"""Metrics of a run: metrics.csv, TensorBoard events in tb/, and loss.png (losses per teacher)."""
+from __future__ import annotations
+
+import csv
+import os
+
+
+class MetricsLog:
+    def __init__(self, run: str, columns: list[str], *, keep_until: int | None = None):
+        """``keep_until``: resuming from this step; earlier rows stay, later ones (written
+        after that checkpoint by the interrupted run) are dropped."""
+        self.path = os.path.join(run, "metrics.csv")
+        self.columns = ["step", "epoch", "lr", "loss", *columns, "samples_per_s"]
+        kept = []
+        if keep_until is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until]
+        self._file = open(self.path, "w", newline="")
+        self._csv = csv.DictWriter(self._file, fieldnames=self.columns)
+        self._csv.writeheader()
+        self._csv.writerows(kept)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(run, "tb"))
+        except ImportError:  # tensorboard is optional
+            self._tb = None
+
+    def log(self, row: dict) -> None:
+        self._csv.writerow({k: row.get(k, "") for k in self.columns})
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def plot_losses(run: str, teachers: list[str]) -> str:
+    """loss.png: total loss and each teacher's summary/patch loss against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(os.path.join(run, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    steps = [int(r["step"]) for r in rows]
+    fig, axes = plt.subplots(1, 1 + len(teachers), figsize=(4.5 * (1 + len(teachers)), 3.6), squeeze=False)
+    axes[0][0].plot(steps, [float(r["loss"]) for r in rows], color="k")
+    axes[0][0].set(title="total loss", xlabel="step")
+    for ax, t in zip(axes[0][1:], teachers):
+        for part in ("summary", "patch"):
+            ax.plot(steps, [float(r[f"{t}/{part}"]) for r in rows], label=part)
+        ax.set(title=f"teacher {t}", xlabel="step")
+        ax.legend()
+    fig.tight_layout()
+    path = os.path.join(run, "loss.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,44 @@
+"""Target statistics (count, mean, covariance), computed once per store and cached in it.
+
+Stored at ``stats/<teacher>/<tokens>/`` as float64 arrays, so every student trained from the
+store normalises its targets the same way. Taken over a seeded token sample (the quantizer's
+sampler: first shards, uniform positions; codes are decoded first). A read-only store gets
+them computed in memory.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from kdcache.quantize.sample import SampleSpec, draw, training_prefix
+from kdcache.store import Store
+
+log = logging.getLogger("kdcache.train")
+STATS_TOKENS = 131072
+
+
+def target_stats(store: Store, teacher: str, kind: str, *, tokens: int = STATS_TOKENS, seed: int = 0) -> dict:
+    path = f"stats/{teacher}/{kind}"
+    try:
+        g = store.root[path]
+        if g.attrs.get("ready"):
+            return {"count": int(g.attrs["count"]), "mean": g["mean"][:], "covariance": g["covariance"][:]}
+    except KeyError:
+        pass
+    spec = SampleSpec(train_tokens=tokens, held_out=0, seed=seed, pool=1)
+    shards, _ = training_prefix(store, teacher, kind, spec)
+    x, _, desc = draw(store, teacher, kind, shards, spec)
+    x = x.astype(np.float64)
+    st = {"count": len(x), "mean": x.mean(0), "covariance": np.cov(x.T) if len(x) > 1 else np.eye(x.shape[1])}
+    try:
+        writable = Store.open(store.url, writable=True)
+        if path in writable.root:
+            del writable.root[path]
+        g = writable.root.require_group(path)
+        for k in ("mean", "covariance"):
+            g.create_array(k, shape=st[k].shape, dtype="float64", chunks=st[k].shape)[...] = st[k]
+        g.attrs.put({"count": st["count"], "sampled_from": desc, "ready": True})
+    except Exception as e:  # noqa: BLE001 - a shared read-only store is fine: keep them in memory
+        log.warning("cannot cache target statistics in %s (%s); computed in memory", store.url, e)
+    return st
