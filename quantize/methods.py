@@ -81,6 +81,9 @@ def fit(spec: QuantizerSpec, x: np.ndarray, *, seed: int = 0) -> Codebooks:
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     m = spec.resolve_m(d)
+    if spec.method not in ("sq8", "sq4") and n < 256:
+        raise QuantizeError(f"{spec.method}: {n} training tokens for codebooks of 256 entries; need at least 256 "
+                            f"(a larger store, or --sample-tokens)")
     mean = x.mean(0).astype(np.float32)
     xc = np.ascontiguousarray(x - mean)
     t0 = time.perf_counter()

@@ -91,3 +91,19 @@ def test_sigkill_during_quantized_extraction_then_resume_equals_uninterrupted(tm
     a, b = zarr.open_group(ref)["quantizers/vit/patch"], zarr.open_group(out)["quantizers/vit/patch"]
     np.testing.assert_array_equal(a["codebooks"][:], b["codebooks"][:])
     assert len(a.attrs["trained_on"]["shards"]) == 3  # 3 shards trained in float, 3 encoded as extracted
+
+
+def test_torchrun_two_rank_training(tmp_path, many_shards, reference):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdcache", "train",
+           "--store", reference, "--data", many_shards, "--student", "vit_tiny_patch16_224,img_size=32,depth=1",
+           "--out", str(run), "--epochs", "2", "--batch-size", "4", "--workers", "1", "--head-hidden", "32",
+           "--log-every", "1", "--amp", "none"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    import csv
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    # each rank: 3 shards x 6 samples = 18 -> 4 full batches of 4 per epoch; 2 epochs
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    assert (run / "checkpoints" / "last" / "student.safetensors").exists() and (run / "loss.png").exists()

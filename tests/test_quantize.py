@@ -64,6 +64,8 @@ def test_spec_parsing_errors():
             QuantizerSpec.parse(bad)
     with pytest.raises(QuantizeError, match="must divide the feature dim"):
         QuantizerSpec.parse("pq:m=7").resolve_m(192)
+    with pytest.raises(QuantizeError, match="100 training tokens for codebooks of 256 entries"):
+        fit(QuantizerSpec.parse("pq:m=4"), np.zeros((100, 8), np.float32))
 
 
 Q = dict(views=4, progress=False, workers=0, batch_size=4)

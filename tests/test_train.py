@@ -1,0 +1,187 @@
+"""kdcache train: the loader delivers exactly the stored targets and the teacher's pixels, the
+loss falls, resume is exact, errors are clear, the export loads in timm."""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+import zarr
+from conftest import VIT
+from helpers import tar_images
+
+from kdcache.extract import ExtractOptions, extract
+from kdcache.extract.corpus import resolve_corpus
+from kdcache.quantize import QuantizerSpec, SampleSpec, faiss_decode, quantize_store
+from kdcache.store import Store
+from kdcache.store.codes import read_codebooks
+from kdcache.train.config import TrainConfig, build_config
+from kdcache.train.loader import DistillStream, LoaderSpec, collate
+from kdcache.train.loop import TrainError, train
+from kdcache.train.targets import TeacherTargets
+
+STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, corpus, vit_spec):
+    out = str(tmp_path_factory.mktemp("train") / "s.zarr")
+    extract(corpus, out, [vit_spec], ExtractOptions(views=2, progress=False, workers=0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pq_store(tmp_path_factory, corpus, vit_spec):
+    out = str(tmp_path_factory.mktemp("trainpq") / "s.zarr")
+    extract(corpus, out, [vit_spec], ExtractOptions(views=4, progress=False, workers=0))
+    quantize_store(out, "vit", QuantizerSpec.parse("pq:m=8"), sample=SampleSpec(train_tokens=256, held_out=32, pool=1),
+                   progress=False)
+    return out
+
+
+def _cfg(store, corpus, out, **kw):
+    base = dict(store=store, data=corpus, student=STUDENT, out=str(out), epochs=2, batch_size=4, workers=1, lr=2e-3,
+                warmup_steps=2, head_hidden=64, log_every=1, amp="none")
+    return TrainConfig(**{**base, **kw})
+
+
+def _stream(store, corpus, paths, *, epoch=0, rank=0, world=1, **kw):
+    s = Store.open(store)
+    spec = LoaderSpec(store_url=store, shards=tuple(s.complete_shards()), target_paths=paths, input_size=(32, 32),
+                      interpolation="bicubic", shuffle_buffer=kw.pop("shuffle_buffer", 4), seed=0, **kw)
+    return DistillStream(resolve_corpus(corpus), spec, epoch=epoch, rank=rank, world=world)
+
+
+def test_loader_targets_equal_the_store_and_pixels_equal_the_teachers_crop(store, corpus, weights):
+    s = Store.open(store)
+    images = {}
+    for tar in glob.glob(os.path.join(corpus, "*.tar")):
+        images.update(tar_images(tar))
+    teacher = timm.create_model(VIT["model"], pretrained=False, img_size=32, depth=2)
+    teacher.load_state_dict(safetensors.torch.load_file(weights["vit"]))
+    teacher.eval()
+    seen = 0
+    for sample in _stream(store, corpus, ("vit/cls", "vit/patch"), epoch=1):
+        shard = next(n for n in s.complete_shards() if sample["key"] in s.keys(n).tolist())
+        row = s.keys(shard).tolist().index(sample["key"])
+        v = sample["view"]
+        np.testing.assert_array_equal(sample["vit/patch"].numpy(), s.array(shard, "vit/patch")[row, v])
+        np.testing.assert_array_equal(sample["vit/cls"].numpy(), s.array(shard, "vit/cls")[row, v])
+        # the pixels: the teacher itself, run on the loader's image, gives the stored features
+        x = (sample["image"].float()[None] / 255 - 0.5) / 0.5
+        with torch.no_grad():
+            f = teacher.forward_features(x)
+        np.testing.assert_allclose(f[0, 1:].numpy(), s.array(shard, "vit/patch")[row, v].astype(np.float32), atol=3e-3, rtol=3e-3)
+        seen += 1
+    assert seen == 24
+
+
+def test_every_key_once_per_epoch_across_ranks_and_views_rotate(store, corpus):
+    keys = {rank: [b["key"] for b in _stream(store, corpus, ("vit/cls",), epoch=0, rank=rank, world=2)] for rank in (0, 1)}
+    assert not set(keys[0]) & set(keys[1]) and len(keys[0]) + len(keys[1]) == 24
+    v0 = {b["key"]: b["view"] for b in _stream(store, corpus, ("vit/cls",), epoch=0)}
+    v1 = {b["key"]: b["view"] for b in _stream(store, corpus, ("vit/cls",), epoch=1)}
+    assert all(v0[k] != v1[k] for k in v0)  # K=2, 'epoch' choice: the other view next epoch
+    o0 = [b["key"] for b in _stream(store, corpus, ("vit/cls",), epoch=0)]
+    o1 = [b["key"] for b in _stream(store, corpus, ("vit/cls",), epoch=1)]
+    assert o0 != o1 and sorted(o0) == sorted(o1)  # reshuffled per epoch
+
+
+def test_quantized_targets_decode_on_device_to_faiss_decode(pq_store, corpus):
+    s = Store.open(pq_store)
+    tt = TeacherTargets(s, "vit", normalize="none", predict_codes=False)
+    assert tt.paths["patch"] == "vit/patch_codes"
+    batch = collate(list(_stream(pq_store, corpus, ("vit/cls", "vit/patch_codes")))[:5])
+    assert batch["vit/patch_codes"].dtype == torch.uint8 and batch["vit/cls"].dtype == torch.float16
+    got = tt(batch)["patch"]
+    cb = read_codebooks(s.root, "vit", "patch")
+    ref = faiss_decode(cb, batch["vit/patch_codes"].numpy().reshape(-1, 8)).reshape(got.shape)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("normalize", ["standardize", "phi-s"])
+def test_loss_decreases_and_run_dir_is_complete(tmp_path, store, corpus, normalize):
+    out = train(_cfg(store, corpus, tmp_path / "run", epochs=4, normalize=normalize, ema=0.9))
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert len(rows) == out["steps"] == 4 * 6
+    first, last = np.mean([float(r["loss"]) for r in rows[:3]]), np.mean([float(r["loss"]) for r in rows[-3:]])
+    assert last < 0.8 * first, (first, last)
+    for f in ("config.json", "provenance.json", "loss.png", "checkpoints/last/student.safetensors",
+              "checkpoints/last/heads.safetensors", "checkpoints/last/ema.safetensors", "checkpoints/last/optimizer.pt"):
+        assert os.path.exists(tmp_path / "run" / f), f
+    assert glob.glob(str(tmp_path / "run" / "tb" / "events.*"))
+    st = zarr.open_group(store)[f"stats/vit/patch"]
+    assert st.attrs["ready"] and st["covariance"].shape == (192, 192)
+
+
+def test_codes_prediction_trains_on_a_quantized_store(tmp_path, pq_store, corpus):
+    out = train(_cfg(pq_store, corpus, tmp_path / "run", epochs=1, predict_codes=True))
+    assert out["steps"] == 6
+
+
+def test_resume_equals_uninterrupted(tmp_path, store, corpus):
+    train(_cfg(store, corpus, tmp_path / "full"))
+    train(_cfg(store, corpus, tmp_path / "split", stop_at_step=4))  # stops mid-epoch 1 (6 steps/epoch)
+    out = train(_cfg(store, corpus, tmp_path / "split", resume=True))
+    assert out["steps"] == 12
+    for f in ("student.safetensors", "heads.safetensors"):
+        a = safetensors.torch.load_file(str(tmp_path / "full" / "checkpoints" / "last" / f))
+        b = safetensors.torch.load_file(str(tmp_path / "split" / "checkpoints" / "last" / f))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    rows = open(tmp_path / "split" / "metrics.csv").read().splitlines()
+    assert len(rows) == 1 + 12  # rows up to the checkpoint kept, none doubled
+
+
+def test_export_loads_in_timm(tmp_path, store, corpus):
+    from kdcache.train.export import export
+    train(_cfg(store, corpus, tmp_path / "run", epochs=1))
+    res = export(str(tmp_path / "run"))
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, img_size=32, depth=1,
+                          pretrained_cfg_overlay=dict(file=res["student"]))
+    sd = safetensors.torch.load_file(str(tmp_path / "run" / "checkpoints" / "last" / "student.safetensors"))
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, sd[k], rtol=0, atol=0)
+    assert "pretrained_cfg_overlay=dict(file=" in res["load_with"] and "depth=1" in res["load_with"]
+
+
+def test_store_from_another_corpus_or_missing_shards_fails_clearly(tmp_path, store, corpus, many_shards):
+    with pytest.raises(TrainError, match="is another corpus"):
+        train(_cfg(store, many_shards, tmp_path / "a"))
+    partial = str(tmp_path / "partial.zarr")
+    shutil.copytree(store, partial)
+    g = zarr.open_group(partial, mode="r+")["shards/demo-000001"]
+    g.attrs.put({**g.attrs.asdict(), "complete": False})
+    with pytest.raises(TrainError, match=r"1 of 3 corpus shard\(s\) are not complete in the store \(first: demo-000001\)"):
+        train(_cfg(partial, corpus, tmp_path / "b"))
+
+
+def test_key_mismatch_names_shard_and_key(tmp_path, store, corpus):
+    other = tmp_path / "other"
+    shutil.copytree(corpus, other)
+    with tarfile.open(os.path.join(corpus, "demo-000000.tar")) as tin, tarfile.open(other / "demo-000000.tar", "w") as tout:
+        members = tin.getmembers()
+        for m in members[2:]:  # drop the first sample
+            tout.addfile(m, tin.extractfile(m))
+    from kdcache.train.loader import LoaderError
+    with pytest.raises(LoaderError, match=r"shard demo-000000: corpus key '.+' where the store has '.+' at row 0"):
+        list(_stream(store, str(other), ("vit/cls",)))
+
+
+def test_config_file_and_cli_override(tmp_path, store, corpus):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(f"store: {store}\ndata: {corpus}\nstudent: {STUDENT}\nout: {tmp_path / 'run'}\nepochs: 3\nbatch-size: 8\n")
+    cfg = build_config(str(cfg_file), epochs=1, lr=None)
+    assert (cfg.epochs, cfg.batch_size, cfg.lr) == (1, 8, TrainConfig.lr)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("store: x\nlearning_rate: 3\n")
+    from kdcache.store import KdcacheError
+    with pytest.raises(KdcacheError, match="unknown option.*learning_rate"):
+        build_config(str(bad))
