@@ -120,13 +120,14 @@ def verify(store, data):
 @click.option("--teacher", "-t", required=True, help="Teacher name in the store.")
 @click.option("--method", "-m", required=True, type=click.Choice(["pq", "opq", "pca", "rq", "sq8", "sq4"]))
 @click.option("--m", "m", type=int, help="Codebooks = bytes per token. Default dim/16 (1/32 of fp16).")
-@click.option("--beam", type=int, help="rq: beam width for training and encoding. Default 8.")
+@click.option("--beam", type=int, help="rq: beam width when encoding. Default 8.")
+@click.option("--train-beam", type=int, help="rq: beam width while training. Default 1 (greedy + codebook refinement).")
 @click.option("--tokens", type=click.Choice(["patch", "cls"]), default="patch", show_default=True)
 @click.option("--keep-float", is_flag=True, help="Keep the float arrays beside the codes (to compare fidelity).")
 @click.option("--sample-tokens", type=int, help="Training tokens. Default 65536 (+8192 held out).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training sample and k-means.")
 @click.option("--no-progress", is_flag=True)
-def quantize(store, teacher, method, m, beam, tokens, keep_float, sample_tokens, seed, no_progress):
+def quantize(store, teacher, method, m, beam, train_beam, tokens, keep_float, sample_tokens, seed, no_progress):
     """Convert a teacher's float features in STORE to multi-codebook codes, without the teacher.
 
     \b
@@ -135,7 +136,7 @@ def quantize(store, teacher, method, m, beam, tokens, keep_float, sample_tokens,
     kdcache quantize feats.zarr -t dino --method sq8 --tokens cls
     """
     from kdcache.quantize import QuantizerSpec, SampleSpec, quantize_store
-    spec = QuantizerSpec(method=method, m=m, **({"beam": beam} if beam else {}))
+    spec = QuantizerSpec(method=method, m=m, **_drop_none(beam=beam, train_beam=train_beam))
     sample = SampleSpec(**_drop_none(train_tokens=sample_tokens, seed=seed))
     click.echo(json.dumps(quantize_store(store, teacher, spec, kind=tokens, keep_float=keep_float, sample=sample,
                                          progress=not no_progress), indent=2))
@@ -149,16 +150,18 @@ def _drop_none(**kw):
 @click.option("--out", "-o", default="kdcache-demo", show_default=True, help="Directory for corpus and store.")
 @click.option("--teacher", "-t", default="vit=vit_tiny_patch16_224,pretrained=false,img_size=64", show_default=True,
               help="Teacher spec (see extract --help).")
+@click.option("--student", "-s", default="resnet18,img_size=64", show_default=True, help="Student spec (see train --help).")
 @click.option("--views", type=int, default=2, show_default=True)
-def demo(out, teacher, views):
-    """The main job end to end on embedded real images (scikit-learn digits and photos).
+@click.option("--epochs", type=int, default=3, show_default=True)
+def demo(out, teacher, student, views, epochs):
+    """The main job end to end on embedded real images: corpus, extract, train, report.
 
     \b
     kdcache demo
-    kdcache demo --out /tmp/demo --teacher cnn=resnet18,pretrained=false,img_size=64
+    kdcache demo --out /tmp/demo --teacher cnn=resnet18,pretrained=false,img_size=64 --student vit_tiny_patch16_224,img_size=64
     """
     from kdcache.demo import run_demo
-    click.echo(run_demo(out, teacher=teacher, views=views))
+    click.echo(run_demo(out, teacher=teacher, student=student, views=views, epochs=epochs))
 
 
 @cli.group()
@@ -272,6 +275,26 @@ def bench_quantize(store, teacher, npy, minilm, methods, fractions, beam, train_
     table = run(train, held, what=what, methods=methods.split(","), fractions=[int(f) for f in fractions.split(",")],
                 beam=beam, log=lambda r: click.echo(r, err=True))
     click.echo(table + "\n\n" + decode_throughput(d=train.shape[1], m=max(1, train.shape[1] // 8)))
+
+
+@bench.command("train")
+@click.option("--teacher", "-t", default="vit=vit_small_patch16_224,pretrained=false", show_default=True)
+@click.option("--student", "-s", default="resnet18,img_size=224", show_default=True)
+@click.option("--images", type=int, default=96, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--steps", type=int, default=6, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True)
+@click.option("--quantize", help="Store the teacher's patches as codes (e.g. pq:M=24) for the cached run.")
+def bench_train(teacher, student, images, batch_size, steps, workers, quantize):
+    """Online distillation vs cached targets vs student alone: step times and ratios.
+
+    \b
+    kdcache bench train
+    kdcache bench train --quantize pq:M=24 --student vit_tiny_patch16_224
+    """
+    from kdcache.eval.bench_train import bench_train as run
+    click.echo(run(teacher=teacher, student=student, images=images, batch_size=batch_size, steps=steps, workers=workers,
+                   quantize=quantize))
 
 
 def main():

@@ -40,7 +40,7 @@ def ensure_quantizers(store: Store, corpus, teachers, opts, *, rank: int, extrac
     sspec = SampleSpec(train_tokens=opts.quantize_sample, seed=opts.seed, pool=opts.quantize_pool)
     found = {t: read_codebooks(store.root, t, KIND) for t in teachers}
     for t, cb in found.items():
-        if cb is not None and cb.attrs.get("spec") != qspec.describe():
+        if cb is not None and cb.attrs.get("spec") != qspec.key(store.meta.teachers[t].dim):
             raise KdcacheError(f"--quantize {opts.quantize}: teacher {t} in {store.url} is already quantized with {cb.attrs.get('spec')}")
     need = [t for t, cb in found.items() if cb is None]
     if need and rank != 0:
@@ -57,7 +57,7 @@ def ensure_quantizers(store: Store, corpus, teachers, opts, *, rank: int, extrac
             extract_shards([corpus.shard(n) for n in nxt])
         for t in need:
             found[t] = train_quantizer(store, t, KIND, qspec, sspec, shards=enough[t][0], keep_float=opts.keep_float)
-            log.info("teacher %s: %s, held-out mean cos %.4f, relMSE %.4f", t, qspec.describe(),
+            log.info("teacher %s: %s, held-out mean cos %.4f, relMSE %.4f", t, found[t].attrs["spec"],
                      found[t].attrs.get("mean_cos", float("nan")), found[t].attrs.get("relmse", float("nan")))
     return found
 

@@ -105,9 +105,10 @@ def quantize_store(url: str, teacher: str, qspec: QuantizerSpec, *, kind: str = 
     if teacher not in store.meta.teachers:
         raise QuantizeError(f"{url}: no teacher {teacher!r} (teachers: {', '.join(store.meta.teachers)})")
     cb = read_codebooks(store.root, teacher, kind)
-    if cb is not None and cb.attrs.get("spec") != qspec.describe():
+    want = qspec.key(store.meta.teachers[teacher].dim)
+    if cb is not None and cb.attrs.get("spec") != want:
         raise QuantizeError(f"{url}: teacher {teacher} {kind} is already quantized with {cb.attrs.get('spec')}; "
-                            f"this asks for {qspec.describe()}")
+                            f"this asks for {want}")
     if cb is None:
         cb = train_quantizer(store, teacher, kind, qspec, sample, keep_float=keep_float)
     shards = store.complete_shards([teacher])

@@ -8,7 +8,7 @@ entries) so that one gather decodes any of them:
 | pq   | product (M, 256, D/M)  | identity              | ProductQuantizer |
 | opq  | product                | learned (OPQMatrix)   | OPQMatrix + ProductQuantizer |
 | pca  | product                | PCA, eigenvalue-balanced subspaces (cheap OPQ) | ProductQuantizer |
-| rq   | additive (M, 256, D)   | identity              | ResidualQuantizer (beam search, refined codebooks) |
+| rq   | additive (M, 256, D)   | identity              | ResidualQuantizer (greedy training + codebook refinement, beam-search encoding) |
 | sq8  | product, D x (256, 1)  | identity              | ScalarQuantizer QT_8bit ranges |
 | sq4  | product, D/2 x (16x16 grid, 2) | identity      | ScalarQuantizer QT_4bit ranges |
 
@@ -17,6 +17,7 @@ trained in this process and one read back from a store encode identically.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -39,7 +40,8 @@ class QuantizerSpec:
 
     method: str
     m: int | None = None
-    beam: int = 8  # rq: beam width for training and encoding
+    beam: int = 8  # rq: beam width when encoding
+    train_beam: int = 1  # rq: beam width while training (cost grows with it; greedy + refinement is cheap)
     niter: int = 25  # k-means iterations
     opq_iter: int = 50  # opq: alternations of rotation and PQ
 
@@ -55,9 +57,10 @@ class QuantizerSpec:
             if not eq or not v.strip().isdigit():
                 raise QuantizeError(f"quantizer {text!r}: {item!r} is not key=integer")
             kw[k.strip().lower()] = int(v)
-        unknown = set(kw) - {"m", "beam", "niter", "opq_iter"}
+        unknown = set(kw) - {"m", "beam", "train_beam", "niter", "opq_iter"}
         if unknown:
-            raise QuantizeError(f"quantizer {text!r}: unknown key(s) {', '.join(sorted(unknown))} (m, beam, niter, opq_iter)")
+            raise QuantizeError(f"quantizer {text!r}: unknown key(s) {', '.join(sorted(unknown))} "
+                                f"(m, beam, train_beam, niter, opq_iter)")
         return cls(method=method, **kw)
 
     def resolve_m(self, dim: int) -> int:
@@ -72,8 +75,12 @@ class QuantizerSpec:
             raise QuantizeError(f"{self.method}: M={m} must divide the feature dim {dim}")
         return m
 
+    def key(self, dim: int) -> str:
+        """The spec with M resolved for features of ``dim``: what a store records and compares."""
+        return dataclasses.replace(self, m=self.resolve_m(dim)).describe()
+
     def describe(self) -> str:
-        return f"{self.method}:M={self.m}" + (f",beam={self.beam}" if self.method == "rq" else "")
+        return f"{self.method}:M={self.m}" + (f",beam={self.beam},train_beam={self.train_beam}" if self.method == "rq" else "")
 
 
 def fit(spec: QuantizerSpec, x: np.ndarray, *, seed: int = 0) -> Codebooks:
@@ -110,7 +117,7 @@ def fit(spec: QuantizerSpec, x: np.ndarray, *, seed: int = 0) -> Codebooks:
     secs = time.perf_counter() - t0
     return Codebooks(method=spec.method, kind=kind, mean=mean, rotation=rotation,
                      codebooks=np.ascontiguousarray(codebooks, dtype=np.float32),
-                     attrs={"beam": spec.beam, "train_seconds": round(secs, 3), "spec": spec.describe(), "seed": seed})
+                     attrs={"beam": spec.beam, "train_seconds": round(secs, 3), "spec": spec.key(d), "seed": seed})
 
 
 def encode(cb: Codebooks, x: np.ndarray, *, batch: int = 65536) -> np.ndarray:
@@ -154,7 +161,7 @@ def _new_pq(d, m, seed, niter):
 def _train_rq(xc, m, spec, seed):
     d = xc.shape[1]
     rq = faiss.ResidualQuantizer(d, m, 8)
-    rq.max_beam_size = spec.beam
+    rq.max_beam_size = spec.train_beam
     rq.cp.seed, rq.cp.niter = seed, spec.niter
     # progressive-dim k-means per stage, then least-squares refinement of all codebooks jointly
     # (the refinement solves for M*256 entries: it needs at least that many training points)

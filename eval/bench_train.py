@@ -1,0 +1,119 @@
+"""``kdcache bench train``: what caching buys, measured in one run on the same batches.
+
+(a) online distillation: teacher forward + student step, per batch;
+(b) cached targets: the kdcache loader (decode, crop replay, stored targets) + device-side
+    target decoding + student step;
+(c) student step alone on in-memory tensors (the floor).
+Reports a/b (the speedup), b/c (loader overhead, target <= 1.10), a/c (the ideal speedup),
+loader samples/s with the student removed, and target bytes read per sample.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from kdcache.extract import ExtractOptions, create_teacher, extract
+from kdcache.extract.corpus import resolve_corpus
+from kdcache.extract.demo_corpus import build_demo_corpus
+from kdcache.store import Store
+from kdcache.train.loader import DistillStream, LoaderSpec, collate, to_device
+from kdcache.train.losses import LossSpec, teacher_loss
+from kdcache.train.model import DistillModel, HeadSpec, TeacherTarget, create_student
+from kdcache.train.targets import TeacherTargets
+
+
+def _timed(fn, steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_train(*, teacher: str, student: str, images: int = 96, batch_size: int = 16, steps: int = 6, workers: int = 1,
+                quantize: str | None = None) -> str:
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus_dir, store_url = f"{tmp}/corpus", f"{tmp}/store.zarr"
+        build_demo_corpus(corpus_dir, digits=0, photos=images, shard_size=max(batch_size, images // 4))
+        extract(corpus_dir, store_url, [teacher], ExtractOptions(progress=False, quantize=quantize, batch_size=batch_size,
+                                                                  quantize_sample=4096, quantize_pool=1))
+        store = Store.open(store_url)
+        t_name = next(iter(store.meta.teachers))
+        tmeta = store.meta.teachers[t_name]
+        net, data, _ = create_student(student)
+        targets = TeacherTargets(store, t_name, normalize="standardize", predict_codes=False)
+        model = DistillModel(net, data, [TeacherTarget(t_name, tmeta.dim, tuple(tmeta.grid))], HeadSpec(hidden=512, depth=1))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        spec = LoaderSpec(store_url=store_url, shards=tuple(store.complete_shards()), target_paths=tuple(targets.paths.values()),
+                          input_size=tuple(data["input_size"][1:]), interpolation=data["interpolation"], shuffle_buffer=64)
+        corpus = resolve_corpus(corpus_dir)
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(dev), targets.to(dev)
+        loss_spec = LossSpec()
+
+        def step(images_u8, tgt):
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                pred = model(images_u8)[t_name]
+            parts = teacher_loss(pred, tgt, loss_spec)
+            loss = parts["summary"] + parts["patch"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        def batches(epoch=0):
+            while True:
+                ds = DistillStream(corpus, spec, epoch=epoch)
+                yield from DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate, drop_last=True,
+                                      pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None)
+                epoch += 1
+
+        # (c) in-memory: one real batch, decoded targets held on the device
+        fixed = to_device(next(batches()), dev)
+        fixed_t = {k: v.detach() for k, v in targets(fixed).items()}
+        t_c = _timed(lambda: step(fixed["image"], fixed_t), steps)
+        # (a) online: the teacher runs on every batch (on its own view of the same images)
+        tch = create_teacher(teacher, device=dev)
+        t_in = tuple(tch.meta.input_size[1:])
+        teacher_imgs = torch.nn.functional.interpolate(fixed["image"].float(), size=t_in, mode="bilinear").round().clamp(0, 255).to(torch.uint8)
+
+        def online():
+            summary, patches = tch.features(teacher_imgs)
+            with torch.no_grad():
+                tgt = {"summary": targets.norm["cls"](summary), "patch": targets.norm["patch"](patches)}
+            step(fixed["image"], tgt)
+        t_a = _timed(online, steps)
+        # (b) cached: the real loader, targets decoded on the device
+        it = batches()
+
+        def cached():
+            b = to_device(next(it), dev)
+            step(b["image"], targets(b))
+        t_b = _timed(cached, steps)
+        # loader alone
+        it2 = batches(epoch=5)
+        n = 0
+        t0 = time.perf_counter()
+        for _ in range(steps * 2):
+            n += len(next(it2)["key"])
+        loader_sps = n / (time.perf_counter() - t0)
+        row_bytes = sum(v.element_size() * v[0].numel() for k, v in fixed.items() if k in targets.paths.values())
+    return "\n".join([
+        f"# bench train: teacher {tmeta.model} {tmeta.input_size[1]}px ({t_name}, {'codes ' + quantize if quantize else tmeta.dtype}), "
+        f"student {student}, batch {batch_size}, {workers} loader worker(s), {torch.get_num_threads()} torch threads, {dev}",
+        "",
+        "| step | s/step | samples/s |",
+        "|---|---|---|",
+        f"| (a) online: teacher forward + student step | {t_a:.3f} | {batch_size / t_a:.1f} |",
+        f"| (b) cached: kdcache loader + student step | {t_b:.3f} | {batch_size / t_b:.1f} |",
+        f"| (c) student step on in-memory tensors | {t_c:.3f} | {batch_size / t_c:.1f} |",
+        "",
+        f"speedup a/b = {t_a / t_b:.2f} (ideal a/c = {t_a / t_c:.2f}; a/b is {t_a / t_b / (t_a / t_c):.2f} of ideal, target >= 0.9)",
+        f"loader overhead b/c = {t_b / t_c:.2f} (target <= 1.10)",
+        f"loader alone: {loader_sps:.1f} samples/s; target bytes read per sample: {row_bytes} "
+        f"(fp32 floats would be {4 * (tmeta.tokens + 1) * tmeta.dim})",
+    ])
