@@ -24,7 +24,7 @@ STDLIB_MODULES = (
     "contextlib", "csv", "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fractions", "functools",
     "gettext", "glob", "gzip", "hashlib", "heapq", "html", "http.client", "imaplib", "inspect", "io", "ipaddress",
     "itertools", "json", "locale", "logging", "mailbox", "multiprocessing", "operator", "optparse", "os", "pathlib",
-    "pickletools", "pprint", "queue", "random", "re", "shlex", "shutil", "smtplib", "socket", "sqlite3", "ssl",
+    "plistlib", "pprint", "queue", "random", "re", "shlex", "shutil", "smtplib", "socket", "sqlite3", "ssl",
     "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "tokenize", "traceback",
     "typing", "unittest", "urllib.parse", "urllib.request", "uuid", "warnings", "xml.dom.minidom", "zipfile",
 )

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from kdcache.store import KdcacheError, Store, StoreMeta, ViewPolicy
 from kdcache.store.store import has_teacher
-from kdcache.store.inspect import write_summary
+from kdcache.store.inspect import shard_nbytes, write_summary
 
 from .batches import ON_ERROR, InputGroup, ShardBatches, ShardJob
 from .corpus import FOLDER_SHARD_SIZE, Corpus, resolve_corpus
@@ -256,7 +256,7 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
         bar.close()
     summary.seconds = time.perf_counter() - t0
     summary.shards_written = len(finished)
-    summary.bytes_written = sum(_shard_bytes(store, name) for name, _ in finished)
+    summary.bytes_written = sum(shard_nbytes(store, name) for name, _ in finished)
     return summary
 
 
@@ -282,8 +282,3 @@ def _forward(item, job: ShardJob, teachers, group_of, device, dtype):
         ready = torch.cuda.Event()
         ready.record()
     return rows, ready, n
-
-
-def _shard_bytes(store: Store, name: str) -> int:
-    from kdcache.store.inspect import shard_nbytes
-    return shard_nbytes(store, name)

@@ -20,7 +20,3 @@ def fidelity(x: np.ndarray, x_hat: np.ndarray, mean: np.ndarray) -> dict:
 def measure(cb: Codebooks, held_out: np.ndarray) -> dict:
     from .methods import encode
     return fidelity(held_out, cb.decode(encode(cb, held_out)), cb.mean)
-
-
-def bytes_per_token(cb: Codebooks) -> int:
-    return cb.m  # one uint8 per codebook

@@ -13,14 +13,17 @@ from .meta import teacher_arrays
 from .store import Store, has_teacher
 
 
-def shard_nbytes(store: Store, shard: str, prefix: str = "") -> int:
-    """Bytes stored for a shard's arrays (optionally only those under ``prefix``)."""
+def array_nbytes(store: Store, shard: str) -> dict[str, int]:
+    """Bytes stored per array of a shard (chunks and array metadata), one listing."""
     try:
         group = store.root[f"shards/{shard}"]
     except KeyError:
-        return 0
-    return sum(a.nbytes_stored() for path, a in group.members(max_depth=None)
-               if hasattr(a, "nbytes_stored") and path.startswith(prefix))
+        return {}
+    return {path: a.nbytes_stored() for path, a in group.members(max_depth=None) if hasattr(a, "nbytes_stored")}
+
+
+def shard_nbytes(store: Store, shard: str) -> int:
+    return sum(array_nbytes(store, shard).values())
 
 
 def scan(store: Store) -> dict:
@@ -49,10 +52,12 @@ def info(store: Store) -> dict:
     """Everything ``kdcache info`` prints, as a JSON-able dict."""
     s = scan(store)
     meta = store.meta
+    sizes = [array_nbytes(store, sh) for sh in s["complete"]]
+    by_prefix = lambda p: sum(v for d in sizes for k, v in d.items() if k.startswith(p))  # noqa: E731
     teachers = {}
     total = 0
     for name, t in meta.teachers.items():
-        nbytes = sum(shard_nbytes(store, sh, f"{name}/") for sh in s["complete"])
+        nbytes = by_prefix(f"{name}/")
         total += nbytes
         teachers[name] = {
             "model": t.model, "dim": t.dim, "grid": list(t.grid), "tokens": t.tokens, "prefix_tokens": t.prefix_tokens,
@@ -61,7 +66,7 @@ def info(store: Store) -> dict:
             "raw_bytes_per_sample": meta.views * (t.tokens + 1) * t.dim * (4 if t.dtype == "float32" else 2),
             "shards_with_teacher": sum(store.is_complete(sh, [name]) for sh in s["complete"]),
         }
-    index_bytes = sum(shard_nbytes(store, sh, p) for sh in s["complete"] for p in ("keys", "views"))
+    index_bytes = by_prefix("keys") + by_prefix("views")
     return {
         "store": store.url, "format": meta.format, "created_by": meta.created_by,
         "views": meta.views, "seed": meta.seed, "view_policy": meta.view_policy.to_dict(), "corpus": meta.corpus,

@@ -49,10 +49,9 @@ def check_store_fits_corpus(store: Store, corpus, teachers) -> list[str]:
     return names
 
 
-def steps_per_epoch(store: Store, shards, cfg: TrainConfig, epoch: int, world: int) -> int:
+def steps_per_epoch(counts: dict[str, int], shards, cfg: TrainConfig, epoch: int, world: int) -> int:
     """Full batches every rank can deliver: each DataLoader worker batches its own shards and
     drops its own last partial batch, so count per (rank, worker); the minimum over ranks."""
-    counts = {n: int(store.shard_attrs(n)["count"]) for n in shards}
     streams = max(1, cfg.workers)
     per_rank = []
     for r in range(world):
@@ -102,7 +101,8 @@ def train(cfg: TrainConfig, *, config_file: str | None = None) -> dict:
                          HeadSpec(hidden=cfg.head_hidden, depth=cfg.head_depth)).to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    epoch_steps = [steps_per_epoch(store, shards, cfg, e, world) for e in range(cfg.epochs)]
+    counts = {n: int(store.shard_attrs(n)["count"]) for n in shards}
+    epoch_steps = [steps_per_epoch(counts, shards, cfg, e, world) for e in range(cfg.epochs)]
     if min(epoch_steps) == 0:
         raise TrainError(f"--batch-size {cfg.batch_size} is larger than one rank's share of the store; lower it")
     total = sum(epoch_steps)
