@@ -154,3 +154,17 @@ def test_image_folder_corpus_and_memory_store(tmp_path, corpus, vit_spec):
     assert store.complete_shards() == ["part-000000", "part-000001", "part-000002"]
     assert store.keys("part-000000").tolist() == ["even/img0", "even/img2", "even/img4"]
     assert store.meta.corpus["classes"] == ["even", "odd"]
+
+
+def test_corpus_behind_an_fsspec_url(tmp_path, corpus, vit_spec):
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    for tar in sorted(glob.glob(os.path.join(corpus, "*.tar"))):
+        with open(tar, "rb") as f:
+            fs.pipe(f"/kdcache-corpus/{os.path.basename(tar)}", f.read())
+    local, remote = str(tmp_path / "l.zarr"), str(tmp_path / "r.zarr")
+    extract(corpus, local, [vit_spec], ExtractOptions(**OPTS))
+    s = extract("memory://kdcache-corpus/demo-{000000..000002}.tar", remote, [vit_spec], ExtractOptions(**OPTS))
+    assert s.images == 24
+    a, b = store_arrays(local), store_arrays(remote)
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)

@@ -121,3 +121,20 @@ def test_quantized_store_decodes_with_plain_zarr_and_numpy(tmp_path, many_shards
     assert 0 < d["relmse"] < 1 and 0 < d["p5_cos"] <= d["mean_cos"] <= 1
     from kdcache.extract.check import verify
     assert verify(out, many_shards)[0] == []
+
+
+def test_cls_tokens_quantized_separately_and_decoded_by_the_trainer(tmp_path, many_shards, vit_spec):
+    from kdcache.train.targets import TeacherTargets
+    out = str(tmp_path / "c.zarr")
+    extract(many_shards, out, [vit_spec], ExtractOptions(seed=0, **Q))
+    r = quantize_store(out, "vit", QuantizerSpec.parse("sq8"), kind="cls", progress=False,
+                       sample=SampleSpec(train_tokens=100, held_out=20, pool=1))
+    assert r["shards_converted"] == 6 and r["bytes_per_token"] == 192
+    s = Store.open(out)
+    g = s.root["shards/demo-000000"]
+    assert "vit/cls_codes" in g and "vit/cls" not in g and "vit/patch" in g
+    tt = TeacherTargets(s, "vit", normalize="none", predict_codes=False)
+    assert tt.paths == {"cls": "vit/cls_codes", "patch": "vit/patch"}
+    codes = torch.from_numpy(g["vit/cls_codes"][:2, 0])
+    got = tt({"vit/cls_codes": codes, "vit/patch": torch.zeros(2, 4, 192, dtype=torch.float16)})["summary"]
+    np.testing.assert_allclose(got.numpy(), read_codebooks(s.root, "vit", "cls").decode(codes.numpy()), rtol=1e-5, atol=1e-5)
