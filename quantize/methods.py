@@ -8,7 +8,7 @@ entries) so that one gather decodes any of them:
 | pq   | product (M, 256, D/M)  | identity              | ProductQuantizer |
 | opq  | product                | learned (OPQMatrix)   | OPQMatrix + ProductQuantizer |
 | pca  | product                | PCA, eigenvalue-balanced subspaces (cheap OPQ) | ProductQuantizer |
-| rq   | additive (M, 256, D)   | identity              | ResidualQuantizer (greedy training + codebook refinement, beam-search encoding) |
+| rq   | additive (M, 256, D)   | identity              | ResidualQuantizer (greedy training (refinement opt-in), beam-search encoding) |
 | sq8  | product, D x (256, 1)  | identity              | ScalarQuantizer QT_8bit ranges |
 | sq4  | product, D/2 x (16x16 grid, 2) | identity      | ScalarQuantizer QT_4bit ranges |
 
@@ -44,6 +44,7 @@ class QuantizerSpec:
     train_beam: int = 1  # rq: beam width while training (cost grows with it; greedy + refinement is cheap)
     niter: int = 25  # k-means iterations
     opq_iter: int = 50  # opq: alternations of rotation and PQ
+    refine: int = 0  # rq: 1 = least-squares refinement of all codebooks after training (costly: M*256 unknowns)
 
     @classmethod
     def parse(cls, text: str) -> "QuantizerSpec":
@@ -57,10 +58,10 @@ class QuantizerSpec:
             if not eq or not v.strip().isdigit():
                 raise QuantizeError(f"quantizer {text!r}: {item!r} is not key=integer")
             kw[k.strip().lower()] = int(v)
-        unknown = set(kw) - {"m", "beam", "train_beam", "niter", "opq_iter"}
+        unknown = set(kw) - {"m", "beam", "train_beam", "niter", "opq_iter", "refine"}
         if unknown:
             raise QuantizeError(f"quantizer {text!r}: unknown key(s) {', '.join(sorted(unknown))} "
-                                f"(m, beam, train_beam, niter, opq_iter)")
+                                f"(m, beam, train_beam, niter, opq_iter, refine)")
         return cls(method=method, **kw)
 
     def resolve_m(self, dim: int) -> int:
@@ -80,7 +81,8 @@ class QuantizerSpec:
         return dataclasses.replace(self, m=self.resolve_m(dim)).describe()
 
     def describe(self) -> str:
-        return f"{self.method}:M={self.m}" + (f",beam={self.beam},train_beam={self.train_beam}" if self.method == "rq" else "")
+        extra = f",beam={self.beam},train_beam={self.train_beam}" + (",refine=1" if self.refine else "")
+        return f"{self.method}:M={self.m}" + (extra if self.method == "rq" else "")
 
 
 def fit(spec: QuantizerSpec, x: np.ndarray, *, seed: int = 0) -> Codebooks:
@@ -163,10 +165,10 @@ def _train_rq(xc, m, spec, seed):
     rq = faiss.ResidualQuantizer(d, m, 8)
     rq.max_beam_size = spec.train_beam
     rq.cp.seed, rq.cp.niter = seed, spec.niter
-    # progressive-dim k-means per stage, then least-squares refinement of all codebooks jointly
-    # (the refinement solves for M*256 entries: it needs at least that many training points)
+    # progressive-dim k-means per stage; optionally a least-squares refinement of all codebooks
+    # jointly (M*256 unknowns per dimension: minutes at M=48 on a GPU box, far more on 2 cores)
     rq.train_type = faiss.ResidualQuantizer.Train_progressive_dim
-    if len(xc) >= m * 256:
+    if spec.refine and len(xc) >= m * 256:
         rq.train_type |= faiss.ResidualQuantizer.Train_refine_codebook
     if faiss.get_num_gpus() > 0:
         rq.assign_index_factory = faiss.GpuProgressiveDimIndexFactory(faiss.get_num_gpus())
