@@ -120,7 +120,7 @@ def verify(store, data):
 @click.option("--teacher", "-t", required=True, help="Teacher name in the store.")
 @click.option("--method", "-m", required=True, type=click.Choice(["pq", "opq", "pca", "rq", "sq8", "sq4"]))
 @click.option("--m", "m", type=int, help="Codebooks = bytes per token. Default dim/16 (1/32 of fp16).")
-@click.option("--beam", type=int, help="rq: beam width when encoding. Default 8.")
+@click.option("--beam", type=int, help="rq: beam width when encoding. Default 4.")
 @click.option("--train-beam", type=int, help="rq: beam width while training. Default 1 (greedy + codebook refinement).")
 @click.option("--tokens", type=click.Choice(["patch", "cls"]), default="patch", show_default=True)
 @click.option("--keep-float", is_flag=True, help="Keep the float arrays beside the codes (to compare fidelity).")

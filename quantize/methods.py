@@ -40,7 +40,7 @@ class QuantizerSpec:
 
     method: str
     m: int | None = None
-    beam: int = 8  # rq: beam width when encoding
+    beam: int = 4  # rq: beam width when encoding (8 gains ~0.002 cosine at half the speed)
     train_beam: int = 1  # rq: beam width while training (cost grows with it; greedy + refinement is cheap)
     niter: int = 25  # k-means iterations
     opq_iter: int = 50  # opq: alternations of rotation and PQ
