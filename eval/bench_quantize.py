@@ -39,7 +39,7 @@ def load_features(*, store: str | None = None, teacher: str | None = None, npy: 
 
 
 def bench_quantize(train: np.ndarray, held: np.ndarray, *, what: str, methods=DEFAULT_METHODS, fractions=(64, 32, 16),
-                   beam: int = 8, seed: int = 0, log=print) -> str:
+                   beam: int = 4, seed: int = 0, log=print) -> str:
     """One row per (method, M): M = fp16 bytes / fraction; sq8/sq4 have a fixed M."""
     d = train.shape[1]
     rows = []

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import zarr
 import zarr.storage
+from zarr.errors import ContainsGroupError
 
 from .errors import StoreError
 from .meta import StoreMeta, TeacherMeta
@@ -83,12 +84,19 @@ class Store:
 
     @classmethod
     def create(cls, url: str, meta: StoreMeta) -> "Store":
-        """Create a store (or re-create its root metadata if the group exists but has none)."""
+        """Create a store (or re-create its root metadata if the group exists but has none).
+
+        Several ranks may do this at once with the same metadata: every step tolerates a
+        concurrent creator (metadata files are replaced atomically).
+        """
         zs = zarr_store(url, read_only=False)
         try:
-            root = zarr.open_group(zs, mode="a")
+            try:
+                root = zarr.open_group(zs, mode="a")
+            except ContainsGroupError:
+                root = zarr.open_group(zs, mode="r+")
             root.attrs.put({"kdcache": meta.to_dict()})
-            root.require_group(SHARDS)
+            ensure_group(root, SHARDS)
         except PermissionError as e:
             raise StoreError(f"{url}: not writable: {e}") from None
         return cls(url, root, meta, writable=True)
@@ -144,7 +152,7 @@ class Store:
         """Start writing shard ``name`` from scratch (an earlier partial write is removed)."""
         self._need_writable()
         self.delete_shard(name)
-        group = self.root.require_group(SHARDS).create_group(name, attributes={"complete": False})
+        group = ensure_group(self.root, SHARDS).create_group(name, attributes={"complete": False})
         return ShardWriter(group, teachers=teachers, views=self.meta.views)
 
     def extend_shard(self, name: str, teachers: dict[str, TeacherMeta]) -> ShardWriter:
@@ -188,6 +196,14 @@ class Store:
         if as_float and dtype == "bfloat16":
             c, p = bf16_bits_to_float32(c), bf16_bits_to_float32(p)
         return c, p
+
+
+def ensure_group(root, path: str):
+    """``require_group`` that tolerates another process creating the group at the same time."""
+    try:
+        return root.require_group(path)
+    except ContainsGroupError:
+        return root[path]
 
 
 def has_teacher(digest: dict, teacher: str) -> bool:

@@ -94,8 +94,8 @@ def train(cfg: TrainConfig, *, config_file: str | None = None) -> dict:
 
     torch.manual_seed(cfg.seed)
     student, data, _ = create_student(cfg.student)
-    tt = {t: TeacherTargets(store, t, normalize=cfg.normalize, predict_codes=cfg.predict_codes, seed=cfg.seed).to(device)
-          for t in teachers}
+    tt = {t: TeacherTargets(store, t, normalize=cfg.normalize, predict_codes=cfg.predict_codes, seed=cfg.seed,
+                            cache_stats=rank == 0).to(device) for t in teachers}
     model = DistillModel(student, data, [TeacherTarget(t, store.meta.teachers[t].dim, tuple(store.meta.teachers[t].grid),
                                                        tt[t].codes_m) for t in teachers],
                          HeadSpec(hidden=cfg.head_hidden, depth=cfg.head_depth)).to(device)

@@ -18,7 +18,10 @@ log = logging.getLogger("kdcache.train")
 STATS_TOKENS = 131072
 
 
-def target_stats(store: Store, teacher: str, kind: str, *, tokens: int = STATS_TOKENS, seed: int = 0) -> dict:
+def target_stats(store: Store, teacher: str, kind: str, *, tokens: int = STATS_TOKENS, seed: int = 0,
+                 cache: bool = True) -> dict:
+    """``cache``: write them into the store (rank 0 only; other ranks compute the same numbers
+    from the same seeded sample, so nothing is written concurrently)."""
     path = f"stats/{teacher}/{kind}"
     try:
         g = store.root[path]
@@ -31,6 +34,8 @@ def target_stats(store: Store, teacher: str, kind: str, *, tokens: int = STATS_T
     x, _, desc = draw(store, teacher, kind, shards, spec)
     x = x.astype(np.float64)
     st = {"count": len(x), "mean": x.mean(0), "covariance": np.cov(x.T) if len(x) > 1 else np.eye(x.shape[1])}
+    if not cache:
+        return st
     try:
         writable = Store.open(store.url, writable=True)
         if path in writable.root:

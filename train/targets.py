@@ -20,7 +20,8 @@ from .stats import target_stats
 class TeacherTargets(nn.Module):
     """Turns one teacher's batch entries into {'summary': ..., 'patch' | 'codes': ...}."""
 
-    def __init__(self, store: Store, teacher: str, *, normalize: str, predict_codes: bool, seed: int = 0):
+    def __init__(self, store: Store, teacher: str, *, normalize: str, predict_codes: bool, seed: int = 0,
+                 cache_stats: bool = True):
         super().__init__()
         self.name = teacher
         meta = store.meta.teachers[teacher]
@@ -37,7 +38,8 @@ class TeacherTargets(nn.Module):
         self.codes_m = q["patch"]["m"] if self.predict_codes else None
         self.bf16 = meta.dtype == "bfloat16"
         self.norm = nn.ModuleDict({
-            kind: create_normalizer(normalize, None if normalize == "none" else target_stats(store, teacher, kind, seed=seed), meta.dim)
+            kind: create_normalizer(normalize, None if normalize == "none" else
+                                    target_stats(store, teacher, kind, seed=seed, cache=cache_stats), meta.dim)
             for kind in ("cls", "patch")})
 
     def _float(self, kind: str, raw: torch.Tensor) -> torch.Tensor:
