@@ -23,6 +23,7 @@ from .taps import FeatureTap, probe
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "crop_pct")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 RESERVED = {"keys", "views", "shards", "quantizers", "stats"}
+INIT_SEED = 0  # weights of pretrained=false teachers
 
 
 class TeacherError(KdcacheError):
@@ -139,11 +140,18 @@ def _build_model(spec: TeacherSpec) -> torch.nn.Module:
         kwargs["img_size"] = spec.img_size
     pretrained = spec.pretrained and not spec.checkpoint
     try:
-        return timm.create_model(spec.model, pretrained=pretrained, **kwargs)
+        # A random-init teacher must be the same in every process (re-runs, resumes, ranks):
+        # initialise it from a fixed seed, without touching the caller's RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(INIT_SEED)
+            try:
+                return timm.create_model(spec.model, pretrained=pretrained, **kwargs)
+            except TypeError as e:
+                if "img_size" not in str(e) or not spec.img_size:
+                    raise
+                kwargs.pop("img_size")  # CNNs take any size; it only sets the input
+                return timm.create_model(spec.model, pretrained=pretrained, **kwargs)
     except TypeError as e:
-        if "img_size" in str(e) and spec.img_size:  # CNNs take any size; it only sets the input
-            kwargs.pop("img_size")
-            return timm.create_model(spec.model, pretrained=pretrained, **kwargs)
         raise TeacherError(f"teacher {spec.name}: timm.create_model({spec.model!r}) rejected {kwargs}: {e}") from None
     except (OSError, RuntimeError, ValueError) as e:
         if pretrained:

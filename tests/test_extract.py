@@ -168,3 +168,21 @@ def test_corpus_behind_an_fsspec_url(tmp_path, corpus, vit_spec):
     assert s.images == 24
     a, b = store_arrays(local), store_arrays(remote)
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_random_init_teacher_is_the_same_in_every_process_so_reruns_resume(tmp_path, corpus):
+    import subprocess
+    import sys
+    import torch
+    from kdcache.extract import create_teacher
+    spec = "r=vit_tiny_patch16_224,pretrained=false,img_size=32,depth=1"
+    state = torch.get_rng_state()
+    a = create_teacher(spec).meta.weights_sha256
+    assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is untouched
+    other = subprocess.run([sys.executable, "-c", f"from kdcache.extract import create_teacher; "
+                            f"print(create_teacher({spec!r}).meta.weights_sha256)"], capture_output=True, text=True)
+    assert other.stdout.strip() == a
+    out = str(tmp_path / "s.zarr")
+    extract(corpus, out, [spec], ExtractOptions(**OPTS))
+    again = extract(corpus, out, [spec], ExtractOptions(**OPTS))
+    assert (again.shards_written, again.shards_skipped) == (0, 3)
