@@ -10,7 +10,6 @@ from __future__ import annotations
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from kdcache.extract import ExtractOptions, create_teacher, extract

@@ -20,7 +20,9 @@ from kdcache.extract.corpus import resolve_corpus
 from kdcache.extract.demo_corpus import build_demo_corpus
 from kdcache.store import Store
 from kdcache.train.loader import DistillStream, LoaderSpec, collate, to_device
-from kdcache.train.losses import LossSpec, teacher_loss
+from kdcache.train.config import TrainConfig
+from kdcache.train.losses import LossSpec
+from kdcache.train.step import distill_step
 from kdcache.train.model import DistillModel, HeadSpec, TeacherTarget, create_student
 from kdcache.train.targets import TeacherTargets
 
@@ -61,16 +63,11 @@ def bench_train(*, teacher: str, student: str, images: int = 96, batch_size: int
         corpus = resolve_corpus(corpus_dir)
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(dev), targets.to(dev)
-        loss_spec = LossSpec()
+        loss_spec, weights, defaults = LossSpec(), {t_name: 1.0}, TrainConfig("", "", "", "")
 
         def step(images_u8, tgt):
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
-                pred = model(images_u8)[t_name]
-            parts = teacher_loss(pred, tgt, loss_spec)
-            loss = parts["summary"] + parts["patch"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            distill_step(model, images_u8, {t_name: tgt}, loss_spec=loss_spec, weights=weights, optimizer=opt,
+                         amp=defaults.amp, clip_grad=defaults.clip_grad)
 
         def batches(epoch=0):
             # epochs back to back in the same workers: this corpus is a few batches long, and a

@@ -17,7 +17,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from kdcache.store import ViewPolicy
 
 from .corpus import Corpus, CorpusShard, ShardReadError
-from .decode import BadImage, DecodeOptions, decode_image
+from .decode import BadImage, DecodeOptions, decode_sample
 from .views import replay_view, sample_views
 
 ON_ERROR = ("skip", "fail")
@@ -74,11 +74,7 @@ class ShardBatches(IterableDataset):
                 self._bad(job, s.key, "duplicate key in shard", failed)
                 continue
             try:
-                if s.error:
-                    raise BadImage(s.error)
-                if s.data is None:
-                    raise BadImage(f"no image field (fields: {', '.join(s.fields) or 'none'})")
-                rgb = decode_image(s.data, self.decode)
+                rgb = decode_sample(s, self.decode)
             except BadImage as e:
                 if replay is not None:
                     raise _Fatal(f"{job.shard.url}: sample {s.key!r} was extracted before but now fails: {e}")

@@ -23,8 +23,26 @@ class BadImage(Exception):
 
 @dataclass(frozen=True)
 class DecodeOptions:
+    """Recorded in the store (``corpus.decode``) so the trainer decodes exactly as extraction did."""
+
     max_pixels: int = MAX_PIXELS
     min_size: int = MIN_SIZE
+
+    def to_dict(self) -> dict:
+        return {"max_pixels": self.max_pixels, "min_size": self.min_size}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "DecodeOptions":
+        return cls(**(d or {}))
+
+
+def decode_sample(sample, opts: DecodeOptions = DecodeOptions()) -> np.ndarray:
+    """A corpus ``RawSample`` -> (H, W, 3) uint8, or BadImage (unreadable, no image field, bad bytes)."""
+    if sample.error:
+        raise BadImage(sample.error)
+    if sample.data is None:
+        raise BadImage(f"no image field (fields: {', '.join(sample.fields) or 'none'})")
+    return decode_image(sample.data, opts)
 
 
 def decode_image(data: bytes | None, opts: DecodeOptions = DecodeOptions()) -> np.ndarray:

@@ -61,7 +61,6 @@ class ExtractOptions:
 
 @dataclass
 class ExtractSummary:
-    shards_written: int = 0
     shards_skipped: int = 0
     images: int = 0
     failed: int = 0
@@ -70,8 +69,12 @@ class ExtractSummary:
     failures: list = field(default_factory=list)
     shards: list = field(default_factory=list)  # names of the shards written
 
+    @property
+    def shards_written(self) -> int:
+        return len(self.shards)
+
     def merge(self, other: "ExtractSummary") -> None:
-        for f in ("shards_written", "images", "failed", "bytes_written", "seconds"):
+        for f in ("images", "failed", "bytes_written", "seconds"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         self.failures += other.failures
         self.shards += other.shards
@@ -149,7 +152,7 @@ def _open_or_create(out: str, corpus: Corpus, teachers: dict[str, Teacher], opts
     first = next(iter(teachers.values())).meta
     h, w = first.input_size[1:]
     policy = ViewPolicy(views=opts.views, seed=opts.seed, crop_pct=first.crop_pct, aspect=h / w)
-    corpus_desc = corpus.describe()
+    corpus_desc = {**corpus.describe(), "decode": DecodeOptions(opts.max_pixels, opts.min_size).to_dict()}
     if not Store.exists(out):
         _refuse_foreign_dir(out)
         from kdcache import __version__
@@ -257,7 +260,6 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
     finally:
         bar.close()
     summary.seconds = time.perf_counter() - t0
-    summary.shards_written = len(finished)
     summary.shards = [name for name, _ in finished]
     summary.bytes_written = sum(shard_nbytes(store, name) for name, _ in finished)
     return summary

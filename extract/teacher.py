@@ -43,14 +43,15 @@ class TeacherSpec:
     preprocess: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, text: str) -> "TeacherSpec":
+    def parse(cls, text: str, *, pretrained: bool = True) -> "TeacherSpec":
+        """``pretrained`` is the default when the spec does not say (students default to false)."""
         head, *rest = [p.strip() for p in text.split(",") if p.strip()] or [""]
         name, _, model = head.partition("=")
         if not model:
             name, model = re.sub(r"[^A-Za-z0-9_.-]", "_", head), head
         if not model or not NAME_RE.match(name) or name in RESERVED:
             raise TeacherError(f"--teacher {text!r}: expected NAME=MODEL[,key=value...] with NAME of letters, digits, _ . - (not {sorted(RESERVED)})")
-        kw, pre, spec = {}, {}, dict(pretrained=True, checkpoint=None, img_size=None)
+        kw, pre, spec = {}, {}, dict(pretrained=pretrained, checkpoint=None, img_size=None)
         for item in rest:
             k, eq, v = item.partition("=")
             if not eq:
@@ -107,7 +108,7 @@ def create_teacher(spec: TeacherSpec | str, *, device: str | torch.device = "cpu
     """Build a teacher from a spec; every failure is a one-line TeacherError."""
     spec = TeacherSpec.parse(spec) if isinstance(spec, str) else spec
     device = torch.device(device)
-    model = _build_model(spec)
+    model = build_model(spec)
     if spec.checkpoint:
         _load_checkpoint(model, spec)
     model.eval().requires_grad_(False).to(device)
@@ -132,18 +133,25 @@ def create_teacher(spec: TeacherSpec | str, *, device: str | torch.device = "cpu
     return Teacher(spec, model, meta, tap, device)
 
 
-def _build_model(spec: TeacherSpec) -> torch.nn.Module:
+def build_model(spec: TeacherSpec, *, init_seed: int | None = INIT_SEED, role: str = "teacher", **extra) -> torch.nn.Module:
+    """``timm.create_model`` from a spec; ``extra`` kwargs (e.g. num_classes=0) go to timm.
+
+    ``init_seed``: random-init weights from this seed (teachers: the same in every process);
+    None keeps the caller's RNG (students: ``--seed`` decides).
+    """
+    who = f"{role} {spec.name}" if role == "teacher" else role
     if not timm.is_model(spec.model):
-        raise TeacherError(f"teacher {spec.name}: unknown timm model {spec.model!r}")
-    kwargs = dict(spec.model_kwargs)
+        raise TeacherError(f"{who}: unknown timm model {spec.model!r}")
+    kwargs = {**spec.model_kwargs, **extra}
     if spec.img_size:
         kwargs["img_size"] = spec.img_size
     pretrained = spec.pretrained and not spec.checkpoint
     try:
         # A random-init teacher must be the same in every process (re-runs, resumes, ranks):
         # initialise it from a fixed seed, without touching the caller's RNG.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(INIT_SEED)
+        with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
             try:
                 return timm.create_model(spec.model, pretrained=pretrained, **kwargs)
             except TypeError as e:
@@ -152,12 +160,12 @@ def _build_model(spec: TeacherSpec) -> torch.nn.Module:
                 kwargs.pop("img_size")  # CNNs take any size; it only sets the input
                 return timm.create_model(spec.model, pretrained=pretrained, **kwargs)
     except TypeError as e:
-        raise TeacherError(f"teacher {spec.name}: timm.create_model({spec.model!r}) rejected {kwargs}: {e}") from None
+        raise TeacherError(f"{who}: timm.create_model({spec.model!r}) rejected {kwargs}: {e}") from None
     except (OSError, RuntimeError, ValueError) as e:
         if pretrained:
-            raise TeacherError(f"teacher {spec.name}: cannot load pretrained weights for {spec.model!r} "
+            raise TeacherError(f"{who}: cannot load pretrained weights for {spec.model!r} "
                                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); pass checkpoint=PATH or pretrained=false") from None
-        raise TeacherError(f"teacher {spec.name}: cannot build {spec.model!r}: {e}") from None
+        raise TeacherError(f"{who}: cannot build {spec.model!r}: {e}") from None
 
 
 def _load_checkpoint(model: torch.nn.Module, spec: TeacherSpec) -> None:

@@ -14,7 +14,7 @@ import logging
 import numpy as np
 from tqdm import tqdm
 
-from kdcache.store import Store
+from kdcache.store import Store, as_float32
 from kdcache.store.codes import Codebooks, read_codebooks, write_codebooks
 from kdcache.store.layout import ArrayDigest, append_rows, create_rows_array
 
@@ -88,8 +88,7 @@ def convert_shard(store: Store, shard: str, teacher: str, kind: str, cb: Codeboo
 
 def encode_rows(cb: Codebooks, rows: np.ndarray, dtype: str) -> np.ndarray:
     """Stored float rows (..., D) in storage dtype -> (..., M) uint8 codes."""
-    from kdcache.store import bf16_bits_to_float32
-    x = bf16_bits_to_float32(rows) if dtype == "bfloat16" else np.asarray(rows, dtype=np.float32)
+    x = as_float32(rows, dtype)
     return encode(cb, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], cb.m)
 
 

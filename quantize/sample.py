@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kdcache.store import Store, bf16_bits_to_float32
+from kdcache.store import Store, as_float32
 from kdcache.store.codes import read_codebooks
 
 POOL = 4  # draw from >= 4x the tokens used, so the sample spreads over many images
@@ -86,7 +86,5 @@ def _float_tokens(store: Store, shard: str, teacher: str, kind: str) -> np.ndarr
         cb = read_codebooks(store.root, teacher, kind)
         codes = store.array(shard, f"{teacher}/{kind}_codes")[:]
         return cb.decode(codes.reshape(-1, codes.shape[-1]))
-    arr = store.array(shard, f"{teacher}/{kind}")[:]
-    if store.meta.teachers[teacher].dtype == "bfloat16":
-        arr = bf16_bits_to_float32(arr)
-    return arr.reshape(-1, arr.shape[-1]).astype(np.float32)
+    arr = as_float32(store.array(shard, f"{teacher}/{kind}")[:], store.meta.teachers[teacher].dtype)
+    return arr.reshape(-1, arr.shape[-1])

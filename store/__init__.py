@@ -7,9 +7,9 @@ written with ``Store.new_shard`` / ``Store.extend_shard`` (a ``ShardWriter``) an
 from .errors import KdcacheError, StoreError
 from .meta import CODECS, FORMAT_VERSION, STORAGE_DTYPES, StoreMeta, TeacherMeta, ViewPolicy
 from .shard_writer import ShardWriter
-from .store import Store, bf16_bits_to_float32
+from .store import Store, as_float32, bf16_bits_to_float32
 
 __all__ = [
     "CODECS", "FORMAT_VERSION", "STORAGE_DTYPES", "KdcacheError", "ShardWriter", "Store", "StoreError",
-    "StoreMeta", "TeacherMeta", "ViewPolicy", "bf16_bits_to_float32",
+    "StoreMeta", "TeacherMeta", "ViewPolicy", "as_float32", "bf16_bits_to_float32",
 ]

@@ -211,6 +211,11 @@ def has_teacher(digest: dict, teacher: str) -> bool:
     return f"{teacher}/patch" in digest or f"{teacher}/patch_codes" in digest
 
 
+def as_float32(rows: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored feature rows of logical ``dtype`` (float16, float32, or bfloat16 bits) -> float32."""
+    return bf16_bits_to_float32(rows) if dtype == "bfloat16" else np.asarray(rows, dtype=np.float32)
+
+
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 stored as uint16 bits -> float32 (exact: bf16 is the top half of fp32)."""
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from kdcache.extract.corpus import Corpus, ShardReadError
-from kdcache.extract.decode import decode_image
+from kdcache.extract.decode import BadImage, DecodeOptions, decode_sample
 from kdcache.extract.views import replay_view
 from kdcache.store import KdcacheError, Store
 
@@ -45,6 +45,7 @@ class LoaderSpec:
     shuffle_buffer: int = 256
     color_jitter: float = 0.0
     seed: int = 0
+    decode: DecodeOptions = DecodeOptions()  # as at extraction (the store's corpus.decode)
 
 
 def epoch_shards(shards, *, seed: int, epoch: int, rank: int, world: int) -> list[str]:
@@ -124,7 +125,10 @@ class DistillStream(IterableDataset):
                 block_start = (i // block_rows) * block_rows
                 blocks = {p: np.asarray(a[block_start:block_start + block_rows]) for p, a in arrays.items()}
             v = pick_view(spec.view_choice, k, key=s.key, epoch=self.epoch, seed=spec.seed)
-            rgb = decode_image(s.data)
+            try:
+                rgb = decode_sample(s, spec.decode)
+            except BadImage as e:
+                raise LoaderError(f"shard {name}: sample {s.key!r} was extracted but now fails to decode: {e}") from None
             image = replay_view(torch.from_numpy(rgb).permute(2, 0, 1), views[i, v], spec.input_size, spec.interpolation)
             out = {"key": s.key, "image": image, "view": v}
             for p, b in blocks.items():

@@ -17,15 +17,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdcache.extract.corpus import resolve_corpus
+from kdcache.extract.decode import DecodeOptions
 from kdcache.extract.run import resolve_device
 from kdcache.store import KdcacheError, Store
 
 from . import checkpoint
 from .config import TrainConfig, save_config
 from .loader import DistillStream, LoaderSpec, collate, epoch_shards, to_device
-from .losses import LossSpec, teacher_loss
+from .losses import LossSpec
 from .metrics import MetricsLog, plot_losses
 from .model import DistillModel, HeadSpec, TeacherTarget, create_student
+from .step import distill_step
 from .targets import TeacherTargets
 
 log = logging.getLogger("kdcache.train")
@@ -123,7 +125,8 @@ def train(cfg: TrainConfig, *, config_file: str | None = None) -> dict:
 
     spec = LoaderSpec(store_url=cfg.store, shards=tuple(shards), target_paths=tuple(p for t in teachers for p in tt[t].paths.values()),
                       input_size=tuple(data["input_size"][1:]), interpolation=data["interpolation"], view_choice=cfg.view_choice,
-                      shuffle_buffer=cfg.shuffle_buffer, color_jitter=cfg.color_jitter, seed=cfg.seed)
+                      shuffle_buffer=cfg.shuffle_buffer, color_jitter=cfg.color_jitter, seed=cfg.seed,
+                      decode=DecodeOptions.from_dict(store.meta.corpus.get("decode")))
     dataset = DistillStream(corpus, spec, rank=rank, world=world)
     loss_spec = LossSpec(alpha=cfg.alpha, beta=cfg.beta, summary_weight=cfg.summary_weight, patch_weight=cfg.patch_weight)
     weights = {t: float(cfg.teacher_weights.get(t, 1.0)) for t in teachers}
@@ -144,19 +147,8 @@ def train(cfg: TrainConfig, *, config_file: str | None = None) -> dict:
             model.train()
             for i in range(first, epoch_steps[epoch]):
                 batch = to_device(next(batches), device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-                    preds = ddp(batch["image"])
-                parts, loss = {}, 0.0
-                for t in teachers:
-                    with torch.autocast(device.type, enabled=False):  # losses in fp32
-                        l = teacher_loss(preds[t], tt[t](batch), loss_spec)
-                    parts[f"{t}/summary"], parts[f"{t}/patch"] = l["summary"].item(), l["patch"].item()
-                    loss = loss + weights[t] * (loss_spec.summary_weight * l["summary"] + loss_spec.patch_weight * l["patch"])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                opt.step()
+                loss, parts = distill_step(ddp, batch["image"], {t: tt[t](batch) for t in teachers}, loss_spec=loss_spec,
+                                           weights=weights, optimizer=opt, amp=cfg.amp, clip_grad=cfg.clip_grad)
                 sched.step()
                 if ema is not None:
                     ema.update(model.student, step=step)

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.extract.taps import probe
-from kdcache.extract.teacher import TeacherSpec, _input_size
-from kdcache.store import KdcacheError
+from kdcache.extract.teacher import TeacherSpec, _input_size, build_model
 
 
 @dataclass(frozen=True)
@@ -46,23 +45,15 @@ def mlp(d_in: int, d_out: int, spec: HeadSpec) -> nn.Module:
 
 
 def create_student(spec: str) -> tuple[nn.Module, dict, TeacherSpec]:
-    """``MODEL[,key=value...]`` (same syntax as --teacher, no NAME=; pretrained defaults to false)."""
-    s = TeacherSpec.parse(f"student={spec}" if "=" not in spec.split(",")[0] else spec)
-    if "pretrained" not in spec:
-        s = TeacherSpec(**{**s.__dict__, "pretrained": False})
-    if not timm.is_model(s.model):
-        raise KdcacheError(f"--student: unknown timm model {s.model!r}")
-    kw = dict(s.model_kwargs, **({"img_size": s.img_size} if s.img_size else {}))
-    try:
-        model = timm.create_model(s.model, pretrained=s.pretrained, num_classes=0, **kw)
-    except TypeError:
-        kw.pop("img_size", None)
-        model = timm.create_model(s.model, pretrained=s.pretrained, num_classes=0, **kw)
+    """``MODEL[,key=value...]`` (same syntax as --teacher, no NAME=; pretrained defaults to false).
+    Random-init weights come from the caller's RNG (``--seed``)."""
+    s = TeacherSpec.parse(spec if "=" in spec.split(",")[0] else f"student={spec}", pretrained=False)
+    model = build_model(s, init_seed=None, role="student", num_classes=0)
     cfg = timm.data.resolve_data_config(model=model)
     size = _input_size(model, s, cfg)
     data = {"input_size": (3, *size), "mean": tuple(s.preprocess.get("mean", cfg["mean"])),
             "std": tuple(s.preprocess.get("std", cfg["std"])), "interpolation": s.preprocess.get("interpolation", cfg["interpolation"]),
-            "model_kwargs": kw, "model": s.model}
+            "model_kwargs": dict(s.model_kwargs), "model": s.model}
     return model, data, s
 
 

@@ -51,7 +51,6 @@ def hadamard(n: int) -> np.ndarray:
     for base, q in ((1, None), (12, 11), (20, 19)):
         if n % base == 0 and (n // base) & (n // base - 1) == 0:
             h = np.ones((1, 1)) if q is None else _paley(q)
-            k = n // base
             while h.shape[0] < n:
                 h = np.block([[h, h], [h, -h]])
             return h
