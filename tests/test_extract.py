@@ -76,8 +76,8 @@ def test_views_replay_from_key_and_size_alone(tmp_path, corpus, vit_spec):
 
 def test_multi_teacher_single_pass_decodes_each_image_once(tmp_path, corpus, vit_spec, cnn_spec, monkeypatch):
     calls = []
-    real = batches_mod.decode_image
-    monkeypatch.setattr(batches_mod, "decode_image", lambda data, opts: calls.append(1) or real(data, opts))
+    real = batches_mod.decode_sample
+    monkeypatch.setattr(batches_mod, "decode_sample", lambda sample, opts: calls.append(1) or real(sample, opts))
     both = str(tmp_path / "both.zarr")
     extract(corpus, both, [vit_spec, cnn_spec], ExtractOptions(views=2, **OPTS))
     assert len(calls) == 24
