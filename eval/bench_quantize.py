@@ -13,7 +13,7 @@ import numpy as np
 from kdcache.quantize import QuantizerSpec, SampleSpec, encode, fit
 from kdcache.quantize.fidelity import fidelity
 
-DEFAULT_METHODS = ("pq", "pca", "opq", "rq", "sq8", "sq4")
+DEFAULT_METHODS = ("pq", "pca", "opq", "opq+norm", "rq", "rq+norm", "sq8", "sq4")
 
 
 def load_features(*, store: str | None = None, teacher: str | None = None, npy: str | None = None,
@@ -40,25 +40,32 @@ def load_features(*, store: str | None = None, teacher: str | None = None, npy: 
 
 def bench_quantize(train: np.ndarray, held: np.ndarray, *, what: str, methods=DEFAULT_METHODS, fractions=(64, 32, 16),
                    beam: int = 4, seed: int = 0, log=print) -> str:
-    """One row per (method, M): M = fp16 bytes / fraction; sq8/sq4 have a fixed M."""
+    """One row per (method, M): M = fp16 bytes / fraction; sq8/sq4 have a fixed M. ``METHOD+norm``
+    is the gain-shape variant (the norm byte counts in M; product methods take the largest M
+    within the budget whose M-1 codebooks divide D)."""
     d = train.shape[1]
     rows = []
-    for method in methods:
-        ms = [None] if method in ("sq8", "sq4") else sorted({max(1, 2 * d // f) for f in fractions})
+    for name in methods:
+        method, _, variant = name.partition("+")
+        norm = int(variant == "norm")
+        if variant not in ("", "norm"):
+            rows.append(f"| {name} | - | - | - | - | - | - | - | - | unknown variant {variant!r} (METHOD or METHOD+norm) |")
+            continue
+        ms = [None] if method in ("sq8", "sq4") else sorted({_budget_m(method, max(1, 2 * d // f), d, norm) for f in fractions})
         for m in ms:
-            spec = QuantizerSpec(method=method, m=m, beam=beam)
+            spec = QuantizerSpec(method=method, m=m, beam=beam, norm=norm)
             try:
                 m_eff = spec.resolve_m(d)
             except Exception as e:  # noqa: BLE001 - e.g. M does not divide D: say so in the table
-                rows.append(f"| {method} | {m} | - | - | - | - | - | - | - | {e} |")
+                rows.append(f"| {name} | {m} | - | - | - | - | - | - | - | {e} |")
                 continue
             t0 = time.perf_counter()
             cb = fit(spec, train, seed=seed)
             t1 = time.perf_counter()
             codes = encode(cb, held)
             t2 = time.perf_counter()
-            f = fidelity(held, cb.decode(codes), cb.mean)
-            row = (f"| {method} | {m_eff} | {m_eff} | 1/{2 * d / m_eff:.0f} | {t1 - t0:.1f} | {len(held) / (t2 - t1):,.0f} | "
+            f = fidelity(held, cb.decode(codes))
+            row = (f"| {name} | {m_eff} | {m_eff} | 1/{2 * d / m_eff:.0f} | {t1 - t0:.1f} | {len(held) / (t2 - t1):,.0f} | "
                    f"{f['relmse']:.4f} | {f['mean_cos']:.4f} | {f['p5_cos']:.4f} | |")
             log(row)
             rows.append(row)
@@ -67,6 +74,13 @@ def bench_quantize(train: np.ndarray, held: np.ndarray, *, what: str, methods=DE
             "| method | M | bytes/token | of fp16 | train s | encode tok/s | relMSE (centred) | mean cos | p5 cos | note |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     return "\n".join(head + rows)
+
+
+def _budget_m(method: str, budget: int, d: int, norm: int) -> int:
+    """The largest valid M <= budget (product methods need D % (M - norm) == 0)."""
+    if method not in ("pq", "opq", "pca"):
+        return budget
+    return max((m for m in range(1 + norm, budget + 1) if d % (m - norm) == 0), default=budget)
 
 
 def decode_throughput(m: int = 48, d: int = 384, tokens: int = 1 << 18, additive: bool = True) -> str:

@@ -1,13 +1,16 @@
 """Multi-codebook codes in a store: the numpy definition of decoding, and quantizer I/O.
 
 A quantizer lives at ``quantizers/<teacher>/<tokens>/`` (tokens: ``patch`` or ``cls``) as
-plain arrays: ``mean (D,)``, ``rotation (D, D)``, ``codebooks`` ``(M, 256, D/M)`` for
-product methods (pq, opq, pca, sq8, sq4) or ``(M, 256, D)`` for additive ones (rq, lsq).
-Codes are ``<teacher>/<tokens>_codes`` ``(n, K, T, M)`` uint8. Any team decodes without kdcache:
+plain arrays: ``mean (D,)``, ``rotation (D, D)``, ``codebooks`` ``(C, 256, D/C)`` for
+product methods (pq, opq, pca, sq8, sq4) or ``(C, 256, D)`` for additive ones (rq), and, for
+gain-shape quantizers (``norm=1``), ``norms (256,)``: the levels of each token's L2 norm.
+Codes are ``<teacher>/<tokens>_codes`` ``(n, K, T, M)`` uint8, M = C (+1 norm code, last).
+Any team decodes without kdcache:
 
-    y = concat_m codebooks[m, codes[..., m]]     (product)
-    y = sum_m    codebooks[m, codes[..., m]]     (additive)
+    y = concat_c codebooks[c, codes[..., c]]     (product)
+    y = sum_c    codebooks[c, codes[..., c]]     (additive)
     x = y @ rotation + mean                      (the encoder quantized (x - mean) @ rotation.T)
+    x = norms[codes[..., C]][..., None] * x      (gain-shape only: the codebooks hold x / |x|)
 """
 from __future__ import annotations
 
@@ -28,11 +31,17 @@ class Codebooks:
     kind: str  # PRODUCT | ADDITIVE
     mean: np.ndarray  # (D,) float32
     rotation: np.ndarray  # (D, D) float32
-    codebooks: np.ndarray  # (M, 256, D/M) or (M, 256, D) float32
+    codebooks: np.ndarray  # (C, 256, D/C) or (C, 256, D) float32
     attrs: dict
+    norms: np.ndarray | None = None  # (256,) float32 norm levels: gain-shape (the codebooks code x / |x|)
 
     @property
     def m(self) -> int:
+        """One-byte codes per token: the codebooks, plus the norm code of gain-shape quantizers."""
+        return self.codebooks.shape[0] + (self.norms is not None)
+
+    @property
+    def n_codebooks(self) -> int:
         return self.codebooks.shape[0]
 
     @property
@@ -44,9 +53,13 @@ class Codebooks:
         codes = np.asarray(codes)
         if codes.shape[-1] != self.m:
             raise StoreError(f"codes have {codes.shape[-1]} codebooks, quantizer {self.method} has {self.m}")
-        parts = self.codebooks[np.arange(self.m), codes]  # (..., M, sub)
+        c = self.n_codebooks
+        parts = self.codebooks[np.arange(c), codes[..., :c]]  # (..., C, sub)
         y = parts.sum(-2) if self.kind == ADDITIVE else parts.reshape(*codes.shape[:-1], -1)
-        return (y @ self.rotation + self.mean).astype(np.float32)
+        x = y @ self.rotation + self.mean
+        if self.norms is not None:
+            x = self.norms[codes[..., c]][..., None] * x
+        return x.astype(np.float32)
 
 
 def quantizer_path(teacher: str, tokens: str) -> str:
@@ -59,7 +72,7 @@ def write_codebooks(root, teacher: str, tokens: str, cb: Codebooks) -> None:
     if path in root:
         del root[path]
     g = root.require_group(path)
-    for name in ("mean", "rotation", "codebooks"):
+    for name in ("mean", "rotation", "codebooks") + (("norms",) if cb.norms is not None else ()):
         a = np.ascontiguousarray(getattr(cb, name), dtype=np.float32)
         g.create_array(name, shape=a.shape, dtype="float32", chunks=a.shape)[...] = a
     g.attrs.put({**cb.attrs, "method": cb.method, "kind": cb.kind, "m": cb.m, "nbits": 8, "ready": True})
@@ -76,4 +89,4 @@ def read_codebooks(root, teacher: str, tokens: str) -> Codebooks | None:
     if not attrs.get("ready"):
         return None
     return Codebooks(method=attrs["method"], kind=attrs["kind"], mean=g["mean"][:], rotation=g["rotation"][:],
-                     codebooks=g["codebooks"][:], attrs=attrs)
+                     codebooks=g["codebooks"][:], attrs=attrs, norms=g["norms"][:] if "norms" in g else None)

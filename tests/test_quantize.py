@@ -15,7 +15,8 @@ from kdcache.store import Store
 from kdcache.store.codes import read_codebooks
 from kdcache.store.inspect import info
 
-SPECS = ["pq:m=8", "opq:m=8,opq_iter=8", "pca:m=8", "rq:m=4,beam=2,niter=8", "sq8", "sq4"]
+SPECS = ["pq:m=8", "opq:m=8,opq_iter=8", "pca:m=8", "rq:m=4,beam=2,niter=8", "sq8", "sq4",
+         "pq:m=9,norm=1", "rq:m=5,beam=2,niter=8,norm=1"]
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +39,36 @@ def test_torch_decoder_equals_faiss_and_numpy(data, spec):
     got = dec(torch.from_numpy(codes).view(10, 50, cb.m))  # any leading shape
     assert got.shape == (10, 50, 32) and got.dtype == torch.float32
     np.testing.assert_allclose(got.reshape(-1, 32).numpy(), ref, rtol=1e-4, atol=1e-4)
-    f = fidelity(test, ref, cb.mean)
+    f = fidelity(test, ref)
     assert f["relmse"] < {"sq4": 0.02, "sq8": 1e-3}.get(spec, 0.6) and f["mean_cos"] > 0.9
 
 
-@pytest.mark.parametrize("spec", ["pq:m=8", "opq:m=8,opq_iter=8", "rq:m=4,beam=2,niter=8"])
+@pytest.mark.parametrize("spec", ["pq:m=8", "opq:m=8,opq_iter=8", "rq:m=4,beam=2,niter=8", "rq:m=5,beam=2,niter=8,norm=1"])
 def test_low_rank_data_is_reconstructed_near_exactly(spec):
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((3000, 1)) @ rng.standard_normal((1, 32)) + 2.0).astype(np.float32)  # rank 1 + offset
     cb = fit(QuantizerSpec.parse(spec), x[:2500], seed=0)
-    f = fidelity(x[2500:], cb.decode(encode(cb, x[2500:])), cb.mean)
+    f = fidelity(x[2500:], cb.decode(encode(cb, x[2500:])))
     assert f["relmse"] < 1e-3 and f["mean_cos"] > 0.999, f
+
+
+def test_gain_shape_beats_plain_codes_of_the_same_size_when_norms_spread():
+    """Tokens = directions (rank 12 in 32-d, offset) x norms spread over two decades, like the
+    MiniLM / ViT outlier tokens: plain RQ spends its bits on the long tokens, gain-shape doesn't."""
+    rng = np.random.default_rng(2)
+    u = rng.standard_normal((3000, 12)) @ rng.standard_normal((12, 32)) + 1.5
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    g = np.exp(rng.uniform(np.log(0.1), np.log(10.0), (3000, 1)))
+    x = (u * g).astype(np.float32)
+    train, test = x[:2500], x[2500:]
+    plain = fit(QuantizerSpec.parse("rq:m=4,beam=2,niter=8"), train, seed=0)
+    gs = fit(QuantizerSpec.parse("rq:m=4,beam=2,niter=8,norm=1"), train, seed=0)
+    assert gs.m == plain.m == 4 and gs.n_codebooks == 3 and gs.norms.shape == (256,)
+    codes = encode(gs, test)
+    # the norm code (last) decodes to the token's norm within the log-spaced level step
+    np.testing.assert_allclose(gs.norms[codes[:, 3]], np.linalg.norm(test, axis=1), rtol=0.02)
+    f_gs, f_plain = fidelity(test, gs.decode(codes)), fidelity(test, plain.decode(encode(plain, test)))
+    assert f_gs["mean_cos"] > f_plain["mean_cos"] + 0.02 and f_gs["p5_cos"] > f_plain["p5_cos"], (f_gs, f_plain)
 
 
 def test_code_logits_loss_prefers_the_true_codes():
@@ -64,6 +84,13 @@ def test_spec_parsing_errors():
             QuantizerSpec.parse(bad)
     with pytest.raises(QuantizeError, match="must divide the feature dim"):
         QuantizerSpec.parse("pq:m=7").resolve_m(192)
+    with pytest.raises(QuantizeError, match="M=48 gives 47 codebooks, which must divide the feature dim 384"):
+        QuantizerSpec.parse("opq:m=48,norm=1").resolve_m(384)
+    with pytest.raises(QuantizeError, match="norm must be 0 or 1"):
+        QuantizerSpec.parse("rq:m=8,norm=2")
+    with pytest.raises(QuantizeError, match="sq8: norm=1 applies to pq, opq, pca and rq"):
+        QuantizerSpec.parse("sq8:norm=1").resolve_m(384)
+    assert QuantizerSpec.parse("rq:m=48,norm=1").key(384) == "rq:M=48,beam=4,train_beam=1,norm=1"
     with pytest.raises(QuantizeError, match="100 training tokens for codebooks of 256 entries"):
         fit(QuantizerSpec.parse("pq:m=4"), np.zeros((100, 8), np.float32))
 
@@ -90,7 +117,7 @@ def test_quantize_during_and_after_extraction_give_the_same_codes(tmp_path, many
         assert "vit/patch" not in s.root[f"shards/{name}"] and "vit/patch" not in a.root[f"shards/{name}"]
         # the codes decode to the fp16 features they came from, within the quantizer's error
         dec = cb.decode(a.array(name, "vit/patch_codes")[:])
-        assert fidelity(fp16[name].reshape(-1, 192), dec.reshape(-1, 192), cb.mean)["mean_cos"] > 0.8
+        assert fidelity(fp16[name].reshape(-1, 192), dec.reshape(-1, 192))["mean_cos"] > 0.8
     # quantizing again with another spec is refused; the same spec is a no-op
     from kdcache.quantize import QuantizeError
     with pytest.raises(QuantizeError, match="already quantized with pq:M=12"):
@@ -98,26 +125,30 @@ def test_quantize_during_and_after_extraction_give_the_same_codes(tmp_path, many
     assert quantize_store(after, "vit", QuantizerSpec.parse("pq:m=12"), sample=sample, progress=False)["shards_converted"] == 0
 
 
-def test_quantized_store_decodes_with_plain_zarr_and_numpy(tmp_path, many_shards, vit_spec):
+@pytest.mark.parametrize("spec,c,norm", [("rq:m=8,beam=2,niter=8", 8, False), ("rq:m=9,beam=2,niter=8,norm=1", 8, True)])
+def test_quantized_store_decodes_with_plain_zarr_and_numpy(tmp_path, many_shards, vit_spec, spec, c, norm):
     out = str(tmp_path / "q.zarr")
     extract(many_shards, out, [vit_spec], ExtractOptions(seed=0, **Q))
-    quantize_store(out, "vit", QuantizerSpec.parse("rq:m=8,beam=2,niter=8"), keep_float=True,
+    quantize_store(out, "vit", QuantizerSpec.parse(spec), keep_float=True,
                    sample=SampleSpec(train_tokens=512, held_out=64, pool=1), progress=False)
     root = zarr.open_group(out, mode="r")
     q = root["quantizers/vit/patch"]
     mean, rot, books = q["mean"][:], q["rotation"][:], q["codebooks"][:]
-    assert q.attrs["method"] == "rq" and books.shape == (8, 256, 192)
+    assert q.attrs["method"] == "rq" and books.shape == (c, 256, 192) and ("norms" in q) == norm
     g = root["shards/demo-000003"]
     codes = g["vit/patch_codes"][:]
-    assert codes.shape == (6, 4, 4, 8) and codes.dtype == np.uint8
-    y = books[np.arange(8), codes].sum(-2)  # additive: sum of the selected entries
+    m = c + norm
+    assert codes.shape == (6, 4, 4, m) and codes.dtype == np.uint8
+    y = books[np.arange(c), codes[..., :c]].sum(-2)  # additive: sum of the selected entries
     x = y @ rot + mean
+    if norm:  # gain-shape: the codebooks coded the direction, the last code the norm
+        x = q["norms"][:][codes[..., c]][..., None] * x
     cb = read_codebooks(Store.open(out).root, "vit", "patch")
-    np.testing.assert_allclose(x, faiss_decode(cb, codes.reshape(-1, 8)).reshape(x.shape), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(x, faiss_decode(cb, codes.reshape(-1, m)).reshape(x.shape), rtol=1e-4, atol=1e-4)
     floats = g["vit/patch"][:].astype(np.float32)  # kept: --keep-float
-    assert fidelity(floats.reshape(-1, 192), x.reshape(-1, 192), mean)["relmse"] < 0.5
+    assert fidelity(floats.reshape(-1, 192), x.reshape(-1, 192))["relmse"] < 0.5
     d = info(Store.open(out))["teachers"]["vit"]["quantizer"]["patch"]
-    assert d["method"] == "rq" and d["m"] == 8 and d["bytes_per_token"] == 8 and d["compression_vs_fp16"] == 48.0
+    assert d["method"] == "rq" and d["m"] == m and d["bytes_per_token"] == m and d["compression_vs_fp16"] == 384 / m
     assert 0 < d["relmse"] < 1 and 0 < d["p5_cos"] <= d["mean_cos"] <= 1
     from kdcache.extract.check import verify
     assert verify(out, many_shards)[0] == []
