@@ -117,7 +117,7 @@ def test_loss_decreases_and_run_dir_is_complete(tmp_path, store, corpus, normali
               "checkpoints/last/heads.safetensors", "checkpoints/last/ema.safetensors", "checkpoints/last/optimizer.pt"):
         assert os.path.exists(tmp_path / "run" / f), f
     assert glob.glob(str(tmp_path / "run" / "tb" / "events.*"))
-    st = zarr.open_group(store)[f"stats/vit/patch"]
+    st = zarr.open_group(store)["stats/vit/patch"]
     assert st.attrs["ready"] and st["covariance"].shape == (192, 192)
 
 
