@@ -124,21 +124,22 @@ def verify(store, data):
               "(better cosine on features whose norms spread; pq/opq/pca/rq).")
 @click.option("--beam", type=int, help="rq: beam width when encoding. Default 4.")
 @click.option("--train-beam", type=int, help="rq: beam width while training. Default 1 (greedy; cost grows with it).")
+@click.option("--refine", type=int, help="rq: rounds of joint least-squares codebook refinement after training. Default 0.")
 @click.option("--tokens", type=click.Choice(["patch", "cls"]), default="patch", show_default=True)
 @click.option("--keep-float", is_flag=True, help="Keep the float arrays beside the codes (to compare fidelity).")
 @click.option("--sample-tokens", type=int, help="Training tokens. Default 65536 (+8192 held out).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training sample and k-means.")
 @click.option("--no-progress", is_flag=True)
-def quantize(store, teacher, method, m, norm, beam, train_beam, tokens, keep_float, sample_tokens, seed, no_progress):
+def quantize(store, teacher, method, m, norm, beam, train_beam, refine, tokens, keep_float, sample_tokens, seed, no_progress):
     """Convert a teacher's float features in STORE to multi-codebook codes, without the teacher.
 
     \b
     kdcache quantize feats.zarr -t dino --method opq --m 48
-    kdcache quantize feats.zarr -t dino --method rq --m 48 --norm --keep-float
+    kdcache quantize feats.zarr -t dino --method rq --m 48 --norm --refine 2 --beam 8 --keep-float
     kdcache quantize feats.zarr -t dino --method sq8 --tokens cls
     """
     from kdcache.quantize import QuantizerSpec, SampleSpec, quantize_store
-    spec = QuantizerSpec(method=method, m=m, norm=int(norm), **_drop_none(beam=beam, train_beam=train_beam))
+    spec = QuantizerSpec(method=method, m=m, norm=int(norm), **_drop_none(beam=beam, train_beam=train_beam, refine=refine))
     sample = SampleSpec(**_drop_none(train_tokens=sample_tokens, seed=seed))
     click.echo(json.dumps(quantize_store(store, teacher, spec, kind=tokens, keep_float=keep_float, sample=sample,
                                          progress=not no_progress), indent=2))
@@ -262,13 +263,15 @@ def export(run, out, ema, heads):
               help="METHOD or METHOD+norm (gain-shape), comma-separated.")
 @click.option("--fractions", default="64,32,16", show_default=True, help="M = fp16 bytes / fraction.")
 @click.option("--beam", type=int, default=4, show_default=True, help="rq encode beam width.")
+@click.option("--refine", type=int, default=0, show_default=True, help="rq: rounds of joint least-squares codebook refinement.")
 @click.option("--train-tokens", type=int, default=65536, show_default=True)
-def bench_quantize(store, teacher, npy, minilm, methods, fractions, beam, train_tokens):
+def bench_quantize(store, teacher, npy, minilm, methods, fractions, beam, refine, train_tokens):
     """Bytes per token vs relMSE and cosine for every method and M, plus decode throughput.
 
     \b
     kdcache bench quantize --store feats.zarr -t dino
     kdcache bench quantize --minilm 1600 --methods opq,rq,rq+norm --fractions 32,16
+    kdcache bench quantize --minilm 1600 --methods rq+norm --fractions 16 --beam 8 --refine 2
     kdcache bench quantize --npy tokens.npy --methods pq,opq
     """
     from kdcache.eval.bench_quantize import bench_quantize as run, decode_throughput, load_features
@@ -276,7 +279,7 @@ def bench_quantize(store, teacher, npy, minilm, methods, fractions, beam, train_
         raise click.UsageError("give exactly one of --store, --npy, --minilm")
     train, held, what = load_features(store=store, teacher=teacher, npy=npy, minilm=minilm, train_tokens=train_tokens)
     table = run(train, held, what=what, methods=methods.split(","), fractions=[int(f) for f in fractions.split(",")],
-                beam=beam, log=lambda r: click.echo(r, err=True))
+                beam=beam, refine=refine, log=lambda r: click.echo(r, err=True))
     click.echo(table + "\n\n" + decode_throughput(d=train.shape[1], m=max(1, train.shape[1] // 8)))
 
 

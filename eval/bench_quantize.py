@@ -39,7 +39,7 @@ def load_features(*, store: str | None = None, teacher: str | None = None, npy: 
 
 
 def bench_quantize(train: np.ndarray, held: np.ndarray, *, what: str, methods=DEFAULT_METHODS, fractions=(64, 32, 16),
-                   beam: int = 4, seed: int = 0, log=print) -> str:
+                   beam: int = 4, refine: int = 0, seed: int = 0, log=print) -> str:
     """One row per (method, M): M = fp16 bytes / fraction; sq8/sq4 have a fixed M. ``METHOD+norm``
     is the gain-shape variant (the norm byte counts in M; product methods take the largest M
     within the budget whose M-1 codebooks divide D)."""
@@ -53,7 +53,7 @@ def bench_quantize(train: np.ndarray, held: np.ndarray, *, what: str, methods=DE
             continue
         ms = [None] if method in ("sq8", "sq4") else sorted({_budget_m(method, max(1, 2 * d // f), d, norm) for f in fractions})
         for m in ms:
-            spec = QuantizerSpec(method=method, m=m, beam=beam, norm=norm)
+            spec = QuantizerSpec(method=method, m=m, beam=beam, norm=norm, refine=refine if method == "rq" else 0)
             try:
                 m_eff = spec.resolve_m(d)
             except Exception as e:  # noqa: BLE001 - e.g. M does not divide D: say so in the table
@@ -70,7 +70,7 @@ def bench_quantize(train: np.ndarray, held: np.ndarray, *, what: str, methods=DE
             log(row)
             rows.append(row)
     head = [f"# bench quantize: {what}", f"D={d}, fp16 = {2 * d} bytes/token; {len(train)} training tokens, "
-            f"{len(held)} held-out tokens; rq beam {beam}", "",
+            f"{len(held)} held-out tokens; rq beam {beam}, refine {refine}", "",
             "| method | M | bytes/token | of fp16 | train s | encode tok/s | relMSE (centred) | mean cos | p5 cos | note |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     return "\n".join(head + rows)

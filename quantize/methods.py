@@ -8,7 +8,7 @@ entries) so that one gather decodes any of them:
 | pq   | product (M, 256, D/M)  | identity              | ProductQuantizer |
 | opq  | product                | learned (OPQMatrix)   | OPQMatrix + ProductQuantizer |
 | pca  | product                | PCA, eigenvalue-balanced subspaces (cheap OPQ) | ProductQuantizer |
-| rq   | additive (M, 256, D)   | identity              | ResidualQuantizer (greedy training (refinement opt-in), beam-search encoding) |
+| rq   | additive (M, 256, D)   | identity              | ResidualQuantizer (greedy training, beam-search encoding; ``refine=N``: N rounds of joint least-squares codebook updates, quantize/refine.py) |
 | sq8  | product, D x (256, 1)  | identity              | ScalarQuantizer QT_8bit ranges |
 | sq4  | product, D/2 x (16x16 grid, 2) | identity      | ScalarQuantizer QT_4bit ranges |
 
@@ -50,7 +50,7 @@ class QuantizerSpec:
     train_beam: int = 1  # rq: beam width while training (cost grows with it; greedy + refinement is cheap)
     niter: int = 25  # k-means iterations
     opq_iter: int = 50  # opq: alternations of rotation and PQ
-    refine: int = 0  # rq: 1 = least-squares refinement of all codebooks after training (costly: M*256 unknowns)
+    refine: int = 0  # rq: rounds of (beam encode, joint least-squares codebook update) after greedy training
     norm: int = 0  # 1 = gain-shape: one of the M bytes codes |x|, the M-1 codebooks code x / |x|
 
     @classmethod
@@ -97,7 +97,7 @@ class QuantizerSpec:
         return dataclasses.replace(self, m=self.resolve_m(dim)).describe()
 
     def describe(self) -> str:
-        extra = f",beam={self.beam},train_beam={self.train_beam}" + (",refine=1" if self.refine else "")
+        extra = f",beam={self.beam},train_beam={self.train_beam}" + (f",refine={self.refine}" if self.refine else "")
         return f"{self.method}:M={self.m}" + (extra if self.method == "rq" else "") + (",norm=1" if self.norm else "")
 
 
@@ -191,11 +191,7 @@ def faiss_decode(cb: Codebooks, codes: np.ndarray) -> np.ndarray:
 def _faiss_encoder(cb: Codebooks):
     d, m = cb.dim, cb.n_codebooks
     if cb.kind == ADDITIVE:
-        rq = faiss.ResidualQuantizer(d, m, 8)
-        faiss.copy_array_to_vector(cb.codebooks.ravel(), rq.codebooks)
-        rq.is_trained = True
-        rq.max_beam_size = int(cb.attrs.get("beam", 8))
-        return rq
+        return _rq_from(cb.codebooks, int(cb.attrs.get("beam", 8)))
     pq = faiss.ProductQuantizer(d, m, 8)
     faiss.copy_array_to_vector(cb.codebooks.ravel(), pq.centroids)
     return pq
@@ -212,15 +208,26 @@ def _train_rq(xc, m, spec, seed):
     rq = faiss.ResidualQuantizer(d, m, 8)
     rq.max_beam_size = spec.train_beam
     rq.cp.seed, rq.cp.niter = seed, spec.niter
-    # progressive-dim k-means per stage; optionally a least-squares refinement of all codebooks
-    # jointly (M*256 unknowns per dimension: minutes at M=48 on a GPU box, far more on 2 cores)
-    rq.train_type = faiss.ResidualQuantizer.Train_progressive_dim
-    if spec.refine and len(xc) >= m * 256:
-        rq.train_type |= faiss.ResidualQuantizer.Train_refine_codebook
+    rq.train_type = faiss.ResidualQuantizer.Train_progressive_dim  # progressive-dim k-means per stage
     if faiss.get_num_gpus() > 0:
         rq.assign_index_factory = faiss.GpuProgressiveDimIndexFactory(faiss.get_num_gpus())
     rq.train(xc)
-    return faiss.vector_to_array(rq.codebooks).reshape(m, 256, d)
+    books = faiss.vector_to_array(rq.codebooks).reshape(m, 256, d)
+    if spec.refine:
+        from .refine import refine_additive
+        books = refine_additive(xc, books, lambda b: _rq_from(b, spec.beam).compute_codes(xc).reshape(len(xc), -1)[:, :m],
+                                rounds=spec.refine)
+    return books
+
+
+def _rq_from(books: np.ndarray, beam: int):
+    """A faiss ResidualQuantizer that encodes with the given (C, 256, D) codebooks."""
+    c, _, d = books.shape
+    rq = faiss.ResidualQuantizer(d, c, 8)
+    faiss.copy_array_to_vector(np.ascontiguousarray(books, dtype=np.float32).ravel(), rq.codebooks)
+    rq.is_trained = True
+    rq.max_beam_size = beam
+    return rq
 
 
 def _scalar_codebooks(xc, bits):

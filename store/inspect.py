@@ -91,7 +91,7 @@ def format_info(d: dict) -> str:
                      f"{t['dtype']}/{t['codec']}  {_mib(t['bytes'])}  {t['bytes_per_sample'] / 1024:.1f} KiB/sample "
                      f"(raw {t['raw_bytes_per_sample'] / 1024:.1f} KiB)  in {t['shards_with_teacher']}/{d['shards_complete']} shards")
         for kind, q in (t["quantizer"] or {}).items():
-            lines.append(f"  {'':<10} {kind} codes: {q['method']} M={q['m']}, {q['bytes_per_token']} B/token = "
+            lines.append(f"  {'':<10} {kind} codes: {q.get('spec') or q['method'] + ':M=' + str(q['m'])}, {q['bytes_per_token']} B/token = "
                          f"1/{q['compression_vs_fp16']:.0f} of fp16, 1/{q['compression_vs_fp32']:.0f} of fp32; held-out "
                          f"relMSE {q['relmse']:.4f}, mean cos {q['mean_cos']:.4f}, p5 cos {q['p5_cos']:.4f}"
                          + ("; floats kept" if q.get("keep_float") else ""))

@@ -2,10 +2,13 @@
 ways in (during / after extraction) agree; quantized stores stay plain zarr."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import run_cli
 
 from kdcache.extract import ExtractOptions, extract
 from kdcache.quantize import QuantizerSpec, SampleSpec, encode, faiss_decode, fit, quantize_store
@@ -16,7 +19,7 @@ from kdcache.store.codes import read_codebooks
 from kdcache.store.inspect import info
 
 SPECS = ["pq:m=8", "opq:m=8,opq_iter=8", "pca:m=8", "rq:m=4,beam=2,niter=8", "sq8", "sq4",
-         "pq:m=9,norm=1", "rq:m=5,beam=2,niter=8,norm=1"]
+         "pq:m=9,norm=1", "rq:m=5,beam=2,niter=8,norm=1", "rq:m=5,beam=2,niter=8,norm=1,refine=2"]
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +72,29 @@ def test_gain_shape_beats_plain_codes_of_the_same_size_when_norms_spread():
     np.testing.assert_allclose(gs.norms[codes[:, 3]], np.linalg.norm(test, axis=1), rtol=0.02)
     f_gs, f_plain = fidelity(test, gs.decode(codes)), fidelity(test, plain.decode(encode(plain, test)))
     assert f_gs["mean_cos"] > f_plain["mean_cos"] + 0.02 and f_gs["p5_cos"] > f_plain["p5_cos"], (f_gs, f_plain)
+
+
+def test_rq_refinement_solves_the_joint_least_squares_problem():
+    """The CG solve equals dense least squares (what faiss's retrain_AQ_codebook computes with
+    LAPACK) on the fitted values, and refined codebooks code the training sample better."""
+    from kdcache.quantize.refine import _cg_solve
+    rng = np.random.default_rng(3)
+    n, c, k, d = 600, 3, 8, 5
+    idx = rng.integers(0, k, (n, c)) + np.arange(c) * k
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    design = np.zeros((n, c * k))
+    design[np.arange(n)[:, None], idx] = 1
+    dense = np.linalg.lstsq(design, x, rcond=None)[0]
+    got = _cg_solve(torch.from_numpy(idx), torch.from_numpy(x), torch.zeros(c * k, d), c * k, 200).numpy()
+    np.testing.assert_allclose(design @ got, design @ dense, atol=1e-3)  # fitted values (B itself is not unique)
+
+    rng = np.random.default_rng(4)
+    train = (rng.standard_normal((3000, 12)) @ rng.standard_normal((12, 32))).astype(np.float32)
+    err = {}
+    for spec in ("rq:m=4,beam=2,niter=8", "rq:m=4,beam=2,niter=8,refine=2"):
+        cb = fit(QuantizerSpec.parse(spec), train, seed=0)
+        err[spec] = fidelity(train, cb.decode(encode(cb, train)))["relmse"]
+    assert err["rq:m=4,beam=2,niter=8,refine=2"] < 0.98 * err["rq:m=4,beam=2,niter=8"], err
 
 
 def test_code_logits_loss_prefers_the_true_codes():
@@ -169,3 +195,25 @@ def test_cls_tokens_quantized_separately_and_decoded_by_the_trainer(tmp_path, ma
     codes = torch.from_numpy(g["vit/cls_codes"][:2, 0])
     got = tt({"vit/cls_codes": codes, "vit/patch": torch.zeros(2, 4, 192, dtype=torch.float16)})["summary"]
     np.testing.assert_allclose(got.numpy(), read_codebooks(s.root, "vit", "cls").decode(codes.numpy()), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_quantize_gain_shape_refined_and_bench_rows(tmp_path, many_shards, vit_spec):
+    out = str(tmp_path / "g.zarr")
+    extract(many_shards, out, [vit_spec], ExtractOptions(seed=0, **Q))
+    p = run_cli("quantize", out, "-t", "vit", "--method", "rq", "--m", "9", "--norm", "--refine", "1", "--beam", "2",
+                "--sample-tokens", "512", "--no-progress")
+    r = json.loads(p.stdout)
+    assert r["shards_converted"] == 6 and r["bytes_per_token"] == 9
+    s = Store.open(out)
+    cb = read_codebooks(s.root, "vit", "patch")
+    assert cb.attrs["spec"] == "rq:M=9,beam=2,train_beam=1,refine=1,norm=1" and cb.n_codebooks == 8 and cb.norms is not None
+    assert s.array(s.complete_shards()[0], "vit/patch_codes").shape[-1] == 9
+    assert "rq:M=9,beam=2,train_beam=1,refine=1,norm=1" in run_cli("info", out).stdout
+    # bench: the norm byte counts in M; product methods take the largest M whose M-1 codebooks divide D
+    x = np.random.default_rng(0).standard_normal((3000, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    table = run_cli("bench", "quantize", "--npy", str(tmp_path / "x.npy"), "--methods", "pq,pq+norm,rq+norm,sq4+norm",
+                    "--fractions", "16", "--train-tokens", "2000").stdout
+    rows = {line.split("|")[1].strip(): line.split("|") for line in table.splitlines() if line.startswith("| ")}
+    assert rows["pq"][3].strip() == "4" and rows["pq+norm"][3].strip() == "3" and rows["rq+norm"][3].strip() == "4"
+    assert 0 < float(rows["rq+norm"][8]) <= 1 and "norm=1 applies to pq, opq, pca and rq" in rows["sq4+norm"][10]
