@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-RIDGE = 1e-3  # keeps entries no training token uses where they are (they would be undetermined)
+RIDGE = 1e-3  # makes the system definite: an entry no training token selects goes to zero (a harmless no-op code)
 
 
 def refine_additive(x: np.ndarray, codebooks: np.ndarray, encode: Callable[[np.ndarray], np.ndarray], *,
