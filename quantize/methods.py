@@ -77,6 +77,8 @@ class QuantizerSpec:
         """M: one-byte codes per token (with ``norm=1``, M-1 codebooks and the norm code)."""
         if self.norm and self.method in ("sq8", "sq4"):
             raise QuantizeError(f"{self.method}: norm=1 applies to pq, opq, pca and rq")
+        if self.refine and self.method != "rq":
+            raise QuantizeError(f"{self.method}: refine applies to rq (k-means codebooks are already least-squares optimal)")
         if self.method == "sq8":
             return dim
         if self.method == "sq4":

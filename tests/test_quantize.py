@@ -116,6 +116,8 @@ def test_spec_parsing_errors():
         QuantizerSpec.parse("rq:m=8,norm=2")
     with pytest.raises(QuantizeError, match="sq8: norm=1 applies to pq, opq, pca and rq"):
         QuantizerSpec.parse("sq8:norm=1").resolve_m(384)
+    with pytest.raises(QuantizeError, match="opq: refine applies to rq"):
+        QuantizerSpec.parse("opq:m=48,refine=2").resolve_m(384)
     assert QuantizerSpec.parse("rq:m=48,norm=1").key(384) == "rq:M=48,beam=4,train_beam=1,norm=1"
     with pytest.raises(QuantizeError, match="100 training tokens for codebooks of 256 entries"):
         fit(QuantizerSpec.parse("pq:m=4"), np.zeros((100, 8), np.float32))
