@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from kdcache.quantize import QuantizerSpec, SampleSpec, encode, fit
+from kdcache.quantize import QuantizeError, QuantizerSpec, SampleSpec, encode, fit
 from kdcache.quantize.fidelity import fidelity
 
 DEFAULT_METHODS = ("pq", "pca", "opq", "opq+norm", "rq", "rq+norm", "sq8", "sq4")
@@ -77,10 +77,13 @@ def bench_quantize(train: np.ndarray, held: np.ndarray, *, what: str, methods=DE
 
 
 def _budget_m(method: str, budget: int, d: int, norm: int) -> int:
-    """The largest valid M <= budget (product methods need D % (M - norm) == 0)."""
-    if method not in ("pq", "opq", "pca"):
-        return budget
-    return max((m for m in range(1 + norm, budget + 1) if d % (m - norm) == 0), default=budget)
+    """The largest M <= budget that the spec accepts for dim ``d`` (resolve_m holds the rule)."""
+    for m in range(budget, 0, -1):
+        try:
+            return QuantizerSpec(method=method, m=m, norm=norm).resolve_m(d)
+        except QuantizeError:
+            continue
+    return budget  # nothing fits: the row reports resolve_m's reason
 
 
 def decode_throughput(m: int = 48, d: int = 384, tokens: int = 1 << 18, additive: bool = True) -> str:

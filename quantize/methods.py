@@ -113,8 +113,9 @@ def fit(spec: QuantizerSpec, x: np.ndarray, *, seed: int = 0) -> Codebooks:
                             f"(a larger store, or --sample-tokens)")
     norms = None
     if spec.norm:
-        norms = norm_levels(np.linalg.norm(x, axis=1))
-        x = _directions(x)
+        lengths = np.linalg.norm(x, axis=1)
+        norms = norm_levels(lengths)
+        x = _directions(x, lengths)
     mean = x.mean(0).astype(np.float32)
     xc = np.ascontiguousarray(x - mean)
     t0 = time.perf_counter()
@@ -159,8 +160,8 @@ def _norm_codes(norms: np.ndarray, levels: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(t), 0, 255).astype(np.uint8)
 
 
-def _directions(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+def _directions(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x / np.maximum(lengths, 1e-12)[:, None], dtype=np.float32)
 
 
 def encode(cb: Codebooks, x: np.ndarray, *, batch: int = 65536) -> np.ndarray:
@@ -174,8 +175,9 @@ def encode(cb: Codebooks, x: np.ndarray, *, batch: int = 65536) -> np.ndarray:
     for s in range(0, len(x), batch):
         xb = x[s:s + batch]
         if cb.norms is not None:
-            out[s:s + batch, c] = _norm_codes(np.linalg.norm(xb, axis=1), cb.norms)
-            xb = _directions(xb)
+            lengths = np.linalg.norm(xb, axis=1)
+            out[s:s + batch, c] = _norm_codes(lengths, cb.norms)
+            xb = _directions(xb, lengths)
         y = np.ascontiguousarray((xb - cb.mean) @ cb.rotation.T, dtype=np.float32)
         out[s:s + batch, :c] = q.compute_codes(y).reshape(len(y), -1)[:, :c]
     return out
