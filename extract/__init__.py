@@ -1,10 +1,8 @@
 """Extraction: corpus -> decoded views -> teachers -> store shards.
 
-Public face: ``extract`` (the run), ``create_teacher``, ``resolve_corpus``, ``verify``.
+Public face: ``extract`` (the run) and its ``ExtractOptions``. Corpora, decoding and views
+live in ``kdcache.data``; teachers in ``kdcache.models``.
 """
-from .corpus import Corpus, CorpusError, resolve_corpus
 from .run import ExtractError, ExtractOptions, ExtractSummary, extract
-from .teacher import Teacher, TeacherError, TeacherSpec, create_teacher
 
-__all__ = ["Corpus", "CorpusError", "ExtractError", "ExtractOptions", "ExtractSummary", "Teacher", "TeacherError",
-           "TeacherSpec", "create_teacher", "extract", "resolve_corpus"]
+__all__ = ["ExtractError", "ExtractOptions", "ExtractSummary", "extract"]

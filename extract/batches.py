@@ -1,26 +1,31 @@
-"""DataLoader side of extraction: corpus shards -> batches of uint8 view crops.
+"""DataLoader side of extraction: corpus shards -> ``ViewBatch``es of uint8 view crops.
 
-Runs in DataLoader workers, so decoding and cropping overlap the teachers' forward pass.
-Each worker takes whole shards; a batch never spans two shards, and every shard ends with a
-batch marked ``last`` (possibly empty) that carries its failures, so the writer can finish
-it. Bad samples follow the error policy: ``skip`` records ``(key, reason)``, ``fail`` ends
-the run with a one-line message naming the shard and key.
+Runs in DataLoader workers, so decoding and cropping overlap the teachers' forward pass. Each
+worker takes whole shards (``data.partition``); a shard's work is a chain of small stages:
+
+    samples (data.walk: screen, or align with the stored keys when adding a teacher)
+    -> decode (bad-input policy) -> views (drawn, or the stored ones) -> crops -> batches
+
+The skip/fail policy is one function passed in (``data.walk.skip_handler``): ``skip`` records
+``(key, reason)``, ``fail`` raises naming the shard and key. A batch never spans two shards;
+the last batch of a shard (possibly empty) carries the shard's failures so the writer can
+finish it. Errors are raised, never sent through the stream.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
+from kdcache.data.corpus import Corpus, CorpusShard, RawSample
+from kdcache.data.decode import BadImage, DecodeOptions, decode_sample
+from kdcache.data.partition import current_worker, worker_share
+from kdcache.data.views import replay_view, sample_views
+from kdcache.data.walk import AlignError, Skip, align, screen, skip_handler
 from kdcache.store import ViewPolicy
-
-from .corpus import Corpus, CorpusShard, ShardReadError
-from .decode import BadImage, DecodeOptions, decode_sample
-from .views import replay_view, sample_views
-
-ON_ERROR = ("skip", "fail")
 
 
 @dataclass(frozen=True)
@@ -32,13 +37,41 @@ class InputGroup:
 
 
 @dataclass(frozen=True)
+class Replay:
+    """A complete store shard's index: teachers are added on exactly these samples and views."""
+
+    keys: list[str]
+    views: np.ndarray  # (n, K, 5)
+    failed: list[dict]
+
+
+@dataclass(frozen=True)
 class ShardJob:
-    """What to do with one corpus shard. ``replay`` holds the stored (keys, views) when adding
-    teachers to a complete store shard; otherwise views are drawn from the policy."""
+    """What to do with one corpus shard: draw views (new shard) or replay stored ones."""
 
     shard: CorpusShard
     teachers: tuple[str, ...]
-    replay: tuple[np.ndarray, np.ndarray] | None = None
+    replay: Replay | None = None
+
+
+@dataclass
+class ViewBatch:
+    """Up to ``batch_size`` samples of one shard: keys, their (K, 5) views, and per input group
+    the crops (n, K, 3, h, w) uint8. ``last`` closes the shard; it then carries ``failed``."""
+
+    shard: str
+    keys: list[str]
+    views: np.ndarray  # (n, K, 5) float32
+    crops: list[torch.Tensor]
+    last: bool = False
+    failed: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def pin_memory(self) -> "ViewBatch":  # called by DataLoader(pin_memory=True)
+        self.crops = [c.pin_memory() for c in self.crops]
+        return self
 
 
 class ShardBatches(IterableDataset):
@@ -47,77 +80,73 @@ class ShardBatches(IterableDataset):
         self.corpus, self.jobs, self.policy, self.groups = corpus, jobs, policy, groups
         self.batch_size, self.on_error, self.decode = batch_size, on_error, decode
 
-    def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        for job in self.jobs[wid::nw]:
-            try:
-                yield from self._shard(job)
-            except _Fatal as e:
-                yield {"shard": job.shard.name, "error": str(e)}
-                return
+    def __iter__(self) -> Iterator[ViewBatch]:
+        worker, workers = current_worker()
+        for job in worker_share(self.jobs, worker, workers):
+            yield from self.shard_batches(job)
 
-    def _shard(self, job: ShardJob):
-        batch = _Batch()
+    def shard_batches(self, job: ShardJob) -> Iterator[ViewBatch]:
         failed: list[dict] = []
-        seen: set[str] = set()
-        replay = None
-        if job.replay is not None:
-            replay = {k: i for i, k in enumerate(job.replay[0].tolist())}
-        for s in self.corpus.samples(job.shard):
-            if isinstance(s, ShardReadError):
-                self._bad(job, "(tar)", s.error, failed)
-                break
-            if replay is not None and s.key not in replay:
-                continue  # failed at extraction: not in the store
-            if s.key in seen:
-                self._bad(job, s.key, "duplicate key in shard", failed)
-                continue
-            try:
-                rgb = decode_sample(s, self.decode)
-            except BadImage as e:
-                if replay is not None:
-                    raise _Fatal(f"{job.shard.url}: sample {s.key!r} was extracted before but now fails: {e}")
-                self._bad(job, s.key, str(e), failed)
-                continue
-            seen.add(s.key)
-            h, w = rgb.shape[:2]
-            views = job.replay[1][replay[s.key]] if replay is not None else sample_views(self.policy, s.key, h, w)
-            image = torch.from_numpy(rgb).permute(2, 0, 1)
-            crops = [torch.stack([replay_view(image, v, g.size, g.interpolation) for v in views]) for g in self.groups]
-            batch.add(s.key, views, crops)
-            if len(batch.keys) == self.batch_size:
-                yield batch.emit(job.shard.name, last=False)
-                batch = _Batch()
-        if replay is not None and len(seen) != len(replay):
-            missing = next(k for k in replay if k not in seen)
-            raise _Fatal(f"{job.shard.url}: key {missing!r} is in store shard {job.shard.name} but not in the corpus")
-        out = batch.emit(job.shard.name, last=True)
-        out["failed"] = failed
-        yield out
-
-    def _bad(self, job: ShardJob, key: str, reason: str, failed: list[dict]) -> None:
-        if self.on_error == "fail":
-            raise _Fatal(f"{job.shard.url}: sample {key!r}: {reason} (--on-error fail)")
-        failed.append({"key": key, "error": reason})
+        handle = skip_handler(self.on_error, job.shard, lambda skip: failed.append(skip.record()))
+        if job.replay is None:
+            samples = drawn_views(new_samples(self.corpus, job.shard, handle), self.policy, self.decode, handle)
+        else:
+            samples = stored_views(self.corpus, job.shard, job.replay, self.decode)
+        yield from batched(cropped(samples, self.groups), job.shard.name, self.batch_size, failed)
 
 
-class _Fatal(Exception):
-    pass
+def new_samples(corpus: Corpus, shard: CorpusShard, handle) -> Iterator[RawSample]:
+    """Screened samples of a shard; Skips go to the error policy."""
+    for s in screen(corpus.samples(shard)):
+        if isinstance(s, Skip):
+            handle(s)
+        else:
+            yield s
 
 
-class _Batch:
-    def __init__(self):
-        self.keys, self.views, self.crops = [], [], []
+def drawn_views(samples: Iterable[RawSample], policy: ViewPolicy, decode: DecodeOptions, handle):
+    """Decode each sample and draw its K views from the policy; bad images go to the policy."""
+    for s in samples:
+        try:
+            rgb = decode_sample(s, decode)
+        except BadImage as e:
+            handle(Skip(s.key, str(e)))
+            continue
+        yield s.key, rgb, sample_views(policy, s.key, *rgb.shape[:2])
 
-    def add(self, key, views, crops):
-        self.keys.append(key)
-        self.views.append(views)
-        self.crops.append(crops)
 
-    def emit(self, shard: str, *, last: bool) -> dict:
-        n = len(self.keys)
-        crops = [torch.stack([c[g] for c in self.crops]) if n else None for g in range(len(self.crops[0]) if n else 0)]
-        return {"shard": shard, "keys": list(self.keys), "last": last,
-                "views": np.stack(self.views).astype(np.float32) if n else None,
-                "crops": crops}  # crops[g]: (n, K, 3, h, w) uint8
+def stored_views(corpus: Corpus, shard: CorpusShard, replay: Replay, decode: DecodeOptions):
+    """The samples a complete store shard holds, with its stored views (adding a teacher)."""
+    for row, s in align(corpus, shard, replay.keys, replay.failed):
+        try:
+            rgb = decode_sample(s, decode)
+        except BadImage as e:
+            raise AlignError(f"{shard.url}: sample {s.key!r} was extracted before but now fails: {e}") from None
+        yield s.key, rgb, replay.views[row]
+
+
+def cropped(samples, groups: list[InputGroup]):
+    """(key, rgb, views) -> (key, views, [crops (K, 3, h, w) uint8 per input group])."""
+    for key, rgb, views in samples:
+        image = torch.from_numpy(rgb).permute(2, 0, 1)
+        yield key, views, [torch.stack([replay_view(image, v, g.size, g.interpolation) for v in views]) for g in groups]
+
+
+def batched(samples, shard: str, batch_size: int, failed: list[dict]) -> Iterator[ViewBatch]:
+    """Group into ViewBatches; the last one (possibly empty) closes the shard with its failures."""
+    keys, views, crops = [], [], []
+
+    def emit(last: bool) -> ViewBatch:
+        groups = len(crops[0]) if crops else 0
+        return ViewBatch(shard, list(keys), np.stack(views).astype(np.float32) if views else np.zeros((0, 0, 5), np.float32),
+                         [torch.stack([c[g] for c in crops]) for g in range(groups)], last=last,
+                         failed=list(failed) if last else [])
+
+    for key, v, c in samples:
+        keys.append(key)
+        views.append(v)
+        crops.append(c)
+        if len(keys) == batch_size:
+            yield emit(last=False)
+            keys, views, crops = [], [], []
+    yield emit(last=True)

@@ -1,84 +1,83 @@
-"""``kdcache extract --quantize``: the quantizer is trained on the first shards, then codes.
+"""The pieces of ``kdcache extract --quantize``; the sequence itself is written out in ``run.extract``.
 
-Phase 1 (rank 0) writes the corpus-order prefix of shards in float, as plain extraction does,
-until it holds enough tokens (the same prefix rule ``kdcache quantize`` applies to a finished
-store, so both paths train on the same sample and give the same codes). The quantizer is
-trained and stored; those shards are converted; every later shard is encoded in the writer
-thread from the storage-dtype values (exactly what conversion would read back). Other ranks
-wait for the quantizer to appear. Resumable at every step: the quantizer is written once,
-atomically, and shards keep their own completion.
+The quantizer trains on the corpus-order prefix of shards written in float (the same prefix
+rule ``kdcache quantize`` applies to a finished store, so both paths train on the same sample
+and give the same codes); those shards are converted; every later shard is encoded in the
+writer thread from the storage-dtype values (exactly what conversion would read back). Other
+ranks wait for the quantizer to appear. Resumable at every step: the quantizer is written
+once, atomically, and shards keep their own completion.
 """
 from __future__ import annotations
 
 import logging
 import time
 
+from kdcache.data.corpus import Corpus
 from kdcache.quantize import QuantizerSpec, SampleSpec, convert_shard, train_quantizer
 from kdcache.quantize.convert import encode_rows
 from kdcache.quantize.sample import training_prefix
-from kdcache.store import KdcacheError, Store
-from kdcache.store.codes import Codebooks, read_codebooks
+from kdcache.store import Codebooks, KdcacheError, Store, feature_path
 
 log = logging.getLogger("kdcache.extract")
 WAIT_SECONDS = 24 * 3600
 KIND = "patch"  # CLS stays float during extraction (small); `kdcache quantize --tokens cls` converts it
 
 
+def sample_spec(opts) -> SampleSpec:
+    return SampleSpec(train_tokens=opts.quantize_sample, seed=opts.seed, pool=opts.quantize_pool)
+
+
 def stored_quantizers(store: Store) -> dict[str, Codebooks]:
     """Codebooks of every teacher whose patch features the store keeps as codes."""
     return {t: cb for t, m in store.meta.teachers.items() if (m.quantizer or {}).get(KIND)
-            for cb in [read_codebooks(store.root, t, KIND)] if cb is not None}
+            for cb in [store.read_codebooks(t, KIND)] if cb is not None}
 
 
-def _keep_float(store: Store, teacher: str) -> bool:
-    return bool(store.meta.teachers[teacher].quantizer[KIND].get("keep_float"))
+def quantizers_to_train(store: Store, teachers, spec: QuantizerSpec, found: dict[str, Codebooks]) -> list[str]:
+    """The command's teachers without codebooks; a teacher quantized with another spec is refused."""
+    need = []
+    for t in teachers:
+        cb = found.get(t) or store.read_codebooks(t, KIND)
+        if cb is None:
+            need.append(t)
+        elif cb.attrs.get("spec") != spec.key(store.meta.teachers[t].dim):
+            raise KdcacheError(f"--quantize {spec.method}: teacher {t} in {store.url} is already quantized with {cb.attrs.get('spec')}")
+    return need
 
 
-def ensure_quantizers(store: Store, corpus, teachers, opts, *, rank: int, extract_shards) -> dict[str, Codebooks]:
-    """Codebooks per command teacher, training them first when the store has none."""
-    qspec = QuantizerSpec.parse(opts.quantize)
-    sspec = SampleSpec(train_tokens=opts.quantize_sample, seed=opts.seed, pool=opts.quantize_pool)
-    found = {t: read_codebooks(store.root, t, KIND) for t in teachers}
-    for t, cb in found.items():
-        if cb is not None and cb.attrs.get("spec") != qspec.key(store.meta.teachers[t].dim):
-            raise KdcacheError(f"--quantize {opts.quantize}: teacher {t} in {store.url} is already quantized with {cb.attrs.get('spec')}")
-    need = [t for t, cb in found.items() if cb is None]
-    if need and rank != 0:
-        return _wait_for(store, list(teachers))
-    if need:
-        names = [s.name for s in corpus.shards]
-        while True:
-            prefix = _complete_prefix(store, names, list(store.meta.teachers))
-            enough = {t: training_prefix(store, t, KIND, sspec, shards=prefix) for t in need}
-            if all(ok for _, ok in enough.values()) or len(prefix) == len(names):
-                break
-            nxt = names[len(prefix):len(prefix) + max(1, opts.workers)]
-            log.info("quantizer training sample: extracting %s in float first", ", ".join(nxt))
-            extract_shards([corpus.shard(n) for n in nxt])
-        for t in need:
-            found[t] = train_quantizer(store, t, KIND, qspec, sspec, shards=enough[t][0], keep_float=opts.keep_float)
-            log.info("teacher %s: %s, held-out mean cos %.4f, relMSE %.4f", t, found[t].attrs["spec"],
-                     found[t].attrs.get("mean_cos", float("nan")), found[t].attrs.get("relmse", float("nan")))
-    return found
-
-
-def _complete_prefix(store: Store, names: list[str], teachers: list[str]) -> list[str]:
-    out = []
-    for n in names:
-        if not store.is_complete(n, teachers):
+def complete_prefix(store: Store, corpus: Corpus) -> list[str]:
+    """The corpus-order run of shards, from the first, that are complete with every teacher."""
+    teachers, out = list(store.meta.teachers), []
+    for shard in corpus.shards:
+        if not store.is_complete(shard.name, teachers):
             break
-        out.append(n)
+        out.append(shard.name)
     return out
 
 
-def _wait_for(store: Store, teachers: list[str]) -> dict[str, Codebooks]:
+def prefix_holds_sample(store: Store, teachers: list[str], sample: SampleSpec, prefix: list[str]) -> bool:
+    return all(training_prefix(store, t, KIND, sample, shards=prefix)[1] for t in teachers)
+
+
+def train_quantizers(store: Store, teachers: list[str], spec: QuantizerSpec, sample: SampleSpec, prefix: list[str], *,
+                     keep_float: bool) -> dict[str, Codebooks]:
+    out = {}
+    for t in teachers:
+        shards, _ = training_prefix(store, t, KIND, sample, shards=prefix)
+        out[t] = cb = train_quantizer(store, t, KIND, spec, sample, shards=shards, keep_float=keep_float)
+        log.info("teacher %s: %s, held-out mean cos %.4f, relMSE %.4f", t, cb.attrs["spec"],
+                 cb.attrs.get("mean_cos", float("nan")), cb.attrs.get("relmse", float("nan")))
+    return out
+
+
+def wait_for_quantizers(store: Store, teachers: list[str]) -> dict[str, Codebooks]:
+    """Other ranks: wait until rank 0 has written every quantizer, then take the new metadata."""
     log.info("waiting for rank 0 to train the quantizer(s) of %s", ", ".join(teachers))
     deadline = time.time() + WAIT_SECONDS
     while time.time() < deadline:
-        found = {t: read_codebooks(store.root, t, KIND) for t in teachers}
+        found = {t: store.read_codebooks(t, KIND) for t in teachers}
         if all(cb is not None for cb in found.values()):
-            reopened = Store.open(store.url, writable=True)
-            store.meta = reopened.meta
+            store.meta = Store.open(store.url, writable=True).meta
             return found
         time.sleep(5)
     raise KdcacheError(f"{store.url}: no quantizer after {WAIT_SECONDS} s; is rank 0 running?")
@@ -94,15 +93,20 @@ def convert_complete(store: Store, shards: list[str], encoders: dict[str, Codebo
     return n
 
 
+def _keep_float(store: Store, teacher: str) -> bool:
+    return bool(store.meta.teachers[teacher].quantizer[KIND].get("keep_float"))
+
+
 def rows_encoder(store: Store, encoders: dict[str, Codebooks]):
+    """The writer thread's transform: float patch rows -> codes (floats kept if asked)."""
     dtypes = {t: store.meta.teachers[t].dtype for t in encoders}
     keep = {t: _keep_float(store, t) for t in encoders}
 
     def transform(rows: dict) -> dict:
         for t, cb in encoders.items():
-            path = f"{t}/{KIND}"
+            path = feature_path(t, KIND)
             if path in rows:
-                rows[f"{path}_codes"] = encode_rows(cb, rows[path], dtypes[t])
+                rows[feature_path(t, KIND, codes=True)] = encode_rows(cb, rows[path], dtypes[t])
                 if not keep[t]:
                     del rows[path]
         return rows

@@ -17,15 +17,19 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from kdcache.store import KdcacheError, Store, StoreMeta, ViewPolicy
-from kdcache.store.store import has_teacher
+from kdcache.data.corpus import FOLDER_SHARD_SIZE, Corpus, ReadOptions, resolve_corpus
+from kdcache.data.decode import MAX_PIXELS, MIN_SIZE, DecodeOptions
+from kdcache.data.partition import rank_and_world, rank_share
+from kdcache.data.walk import ON_ERROR
+from kdcache.models import Teacher, create_teacher, resolve_device
+from kdcache.quantize import QuantizerSpec
+from kdcache.store import CODECS, STORAGE_DTYPES, KdcacheError, Store, StoreMeta, ViewPolicy, feature_path, has_teacher
+from kdcache.store.dtypes import torch_dtype
 from kdcache.store.inspect import shard_nbytes, write_summary
 
-from .batches import ON_ERROR, InputGroup, ShardBatches, ShardJob
-from .corpus import FOLDER_SHARD_SIZE, Corpus, resolve_corpus
-from .decode import MAX_PIXELS, MIN_SIZE, DecodeOptions
-from .quantized import convert_complete, ensure_quantizers, stored_quantizers
-from .teacher import Teacher, create_teacher
+from .batches import InputGroup, Replay, ShardBatches, ShardJob, ViewBatch
+from .quantized import (complete_prefix, convert_complete, prefix_holds_sample, quantizers_to_train, rows_encoder,
+                        sample_spec, stored_quantizers, train_quantizers, wait_for_quantizers)
 from .writer import BackgroundWriter
 
 log = logging.getLogger("kdcache.extract")
@@ -37,7 +41,8 @@ class ExtractError(KdcacheError):
 
 @dataclass(frozen=True)
 class ExtractOptions:
-    """Settings of one extraction run (CLI options map 1:1; None means 'library default')."""
+    """Settings of one extraction run (CLI options map 1:1; None means 'library default').
+    Validated on construction: a bad value is one line naming the option."""
 
     views: int = 1
     seed: int = 0
@@ -57,6 +62,23 @@ class ExtractOptions:
     quantize_sample: int = 65536  # training tokens (plus held-out tokens for the fidelity figures)
     keep_float: bool = False  # keep the float patch arrays beside the codes
     quantize_pool: int = 4  # sample from the first shards holding >= pool x the training tokens
+
+    def __post_init__(self):
+        at_least = {"views": 1, "batch_size": 1, "workers": 0, "folder_shard_size": 1, "max_pixels": 1, "min_size": 1,
+                    "quantize_sample": 256, "quantize_pool": 1}
+        for name, low in at_least.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ExtractError(f"--{name.replace('_', '-')} {v!r}: need an integer >= {low}")
+        for name, allowed in (("on_error", ON_ERROR), ("dtype", STORAGE_DTYPES), ("codec", CODECS)):
+            if getattr(self, name) not in allowed:
+                raise ExtractError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if self.quantize is not None:
+            QuantizerSpec.parse(self.quantize)  # a bad spec fails before any model is built
+
+    @property
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(folder_shard_size=self.folder_shard_size, decode=DecodeOptions(self.max_pixels, self.min_size))
 
 
 @dataclass
@@ -89,50 +111,44 @@ class ExtractSummary:
                 f"{self.images_per_second:.1f} img/s")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ExtractError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def rank_and_world(opts: ExtractOptions) -> tuple[int, int]:
-    """--rank/--world-size (SLURM arrays), else torchrun's RANK/WORLD_SIZE, else 0/1."""
-    rank = opts.rank if opts.rank is not None else int(os.environ.get("RANK", 0))
-    world = opts.world_size if opts.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
-    if world < 1 or not 0 <= rank < world:
-        raise ExtractError(f"--rank {rank} / --world-size {world}: need 0 <= rank < world-size")
-    return rank, world
-
-
 def extract(data: str, out: str, teacher_specs: list[str], opts: ExtractOptions = ExtractOptions()) -> ExtractSummary:
     """Extract ``teacher_specs`` features of corpus ``data`` into store ``out``."""
-    if opts.on_error not in ON_ERROR:
-        raise ExtractError(f"--on-error {opts.on_error!r}: expected one of {', '.join(ON_ERROR)}")
-    if opts.views < 1:
-        raise ExtractError(f"--views {opts.views}: need at least 1")
     if not teacher_specs:
         raise ExtractError("no --teacher given")
-    rank, world = rank_and_world(opts)
+    rank, world = rank_and_world(opts.rank, opts.world_size)
     device = resolve_device(opts.device)
-    corpus = resolve_corpus(data, folder_shard_size=opts.folder_shard_size)
+    corpus = resolve_corpus(data, opts.read_options)
     teachers = _create_teachers(teacher_specs, device, opts)
     store = _open_or_create(out, corpus, teachers, opts)
-    mine = list(corpus.shards[rank::world])
-    phase1: list[ExtractSummary] = []  # shards written in float to train the quantizer on
-    if opts.quantize:
-        ensure_quantizers(store, corpus, teachers, opts, rank=rank,
-                          extract_shards=lambda shards: phase1.append(
-                              _run(store, corpus, teachers, _plan(store, teachers, shards)[0], device, opts, rank)))
+    mine = rank_share(corpus.shards, rank, world)
+    summary = ExtractSummary()
+    prefix_written: set[str] = set()
     encoders = stored_quantizers(store)  # a quantized teacher stays quantized in later runs
+    if opts.quantize:
+        # Quantized extraction, in order: (1) rank 0 writes the corpus-order prefix of shards in
+        # float until it holds the training sample, (2) trains the quantizers on it (other ranks
+        # wait for them), (3) every rank converts its complete float shards, (4) the rest are
+        # encoded as they are written. Each step is resumable on its own.
+        spec, sample = QuantizerSpec.parse(opts.quantize), sample_spec(opts)
+        need = quantizers_to_train(store, teachers, spec, encoders)
+        if need and rank == 0:
+            while True:
+                prefix = complete_prefix(store, corpus)
+                if len(prefix) == len(corpus.shards) or prefix_holds_sample(store, need, sample, prefix):
+                    break
+                nxt = corpus.shards[len(prefix):len(prefix) + max(1, opts.workers)]
+                log.info("quantizer training sample: extracting %s in float first", ", ".join(s.name for s in nxt))
+                part = _run(store, corpus, teachers, _plan(store, teachers, nxt)[0], device, opts, rank)
+                prefix_written.update(part.shards)
+                summary.merge(part)
+            encoders.update(train_quantizers(store, need, spec, sample, prefix, keep_float=opts.keep_float))
+        elif need:
+            encoders.update(wait_for_quantizers(store, need))
     convert_complete(store, [s.name for s in mine], encoders)
     jobs, skipped = _plan(store, teachers, mine)
     log.info("rank %d/%d: %d shard(s) to write, %d already complete", rank, world, len(jobs), skipped)
-    summary = _run(store, corpus, teachers, jobs, device, opts, rank, encoders)
-    for p in phase1:
-        summary.merge(p)
-    summary.shards_skipped = skipped - len({n for p in phase1 for n in p.shards} & {s.name for s in mine})
+    summary.merge(_run(store, corpus, teachers, jobs, device, opts, rank, encoders))
+    summary.shards_skipped = skipped - len(prefix_written & {s.name for s in mine})
     if rank == 0:
         write_summary(store)
     return summary
@@ -152,7 +168,7 @@ def _open_or_create(out: str, corpus: Corpus, teachers: dict[str, Teacher], opts
     first = next(iter(teachers.values())).meta
     h, w = first.input_size[1:]
     policy = ViewPolicy(views=opts.views, seed=opts.seed, crop_pct=first.crop_pct, aspect=h / w)
-    corpus_desc = {**corpus.describe(), "decode": DecodeOptions(opts.max_pixels, opts.min_size).to_dict()}
+    corpus_desc = corpus.describe()
     if not Store.exists(out):
         _refuse_foreign_dir(out)
         from kdcache import __version__
@@ -168,6 +184,9 @@ def _open_or_create(out: str, corpus: Corpus, teachers: dict[str, Teacher], opts
         raise ExtractError(f"{out}: store was made from corpus {old.corpus.get('spec')!r} "
                            f"(fingerprint {old.corpus.get('fingerprint')}); {corpus.spec!r} is a different corpus "
                            f"(fingerprint {corpus_desc['fingerprint']})")
+    if ReadOptions.from_dict(old.corpus) != corpus.options:
+        raise ExtractError(f"{out}: store was read with {ReadOptions.from_dict(old.corpus).to_dict()}; this run asks for "
+                           f"{corpus.options.to_dict()} (pass the store's --folder-shard-size/--max-pixels/--min-size)")
     merged = dict(old.teachers)
     for n, t in teachers.items():
         if n in merged and not merged[n].same_features(t.meta):
@@ -175,8 +194,8 @@ def _open_or_create(out: str, corpus: Corpus, teachers: dict[str, Teacher], opts
             raise ExtractError(f"--teacher {n}: the store's teacher {n!r} differs in {', '.join(diff)}; "
                                f"give the new teacher another name")
         merged.setdefault(n, t.meta)
-    if merged != old.teachers:
-        store.write_meta(old.replace(teachers=merged))
+    if merged != old.teachers or old.corpus != {**old.corpus, **corpus_desc}:
+        store.write_meta(old.replace(teachers=merged, corpus={**old.corpus, **corpus_desc}))
     return store
 
 
@@ -185,8 +204,8 @@ def _refuse_foreign_dir(out: str) -> None:
         raise ExtractError(f"--out {out}: directory exists, is not empty and is not a kdcache store")
 
 
-def _plan(store: Store, teachers: dict[str, Teacher], shards):
-    """What each of ``shards`` (this rank's: ``shards[rank::world]``, no communication) needs."""
+def _plan(store: Store, teachers: dict[str, Teacher], shards) -> tuple[list[ShardJob], int]:
+    """What each of ``shards`` (this rank's share, no communication) needs; and how many are done."""
     jobs, skipped = [], 0
     all_teachers = tuple(store.meta.teachers)
     for shard in shards:
@@ -197,7 +216,8 @@ def _plan(store: Store, teachers: dict[str, Teacher], shards):
             if not need:
                 skipped += 1
                 continue
-            jobs.append(ShardJob(shard, need, replay=(store.keys(shard.name), store.views(shard.name))))
+            replay = Replay(store.keys(shard.name).tolist(), store.views(shard.name), list(attrs.get("failed", [])))
+            jobs.append(ShardJob(shard, need, replay=replay))
         else:
             missing = [t for t in all_teachers if t not in teachers]
             if missing:
@@ -205,10 +225,6 @@ def _plan(store: Store, teachers: dict[str, Teacher], shards):
                                    f"but this run has no --teacher for {', '.join(missing)}")
             jobs.append(ShardJob(shard, all_teachers))
     return jobs, skipped
-
-
-def _to_storage(x: torch.Tensor, dtype: str) -> torch.Tensor:
-    return x.to({"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype])
 
 
 def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> ExtractSummary:
@@ -219,7 +235,7 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
     group_of = {n: groups.index(InputGroup(t.input_hw, t.meta.interpolation)) for n, t in teachers.items()}
     by_name = {j.shard.name: j for j in jobs}
     dataset = ShardBatches(corpus, jobs, policy=store.meta.view_policy, groups=groups, batch_size=opts.batch_size,
-                           on_error=opts.on_error, decode=DecodeOptions(opts.max_pixels, opts.min_size))
+                           on_error=opts.on_error, decode=corpus.options.decode)
     cuda = device.type == "cuda"
     loader = DataLoader(dataset, batch_size=None, num_workers=opts.workers, pin_memory=cuda,
                         persistent_workers=False, prefetch_factor=4 if opts.workers else None)
@@ -232,26 +248,19 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
     known = sum(len(j.shard.members) for j in jobs) if corpus.kind == "folder" else None
     bar = tqdm(total=known, unit="img", desc=f"extract rank {rank}", position=rank, disable=not opts.progress,
                dynamic_ncols=True, mininterval=1.0)
-    transform = None
-    if encoders:
-        from .quantized import rows_encoder
-        transform = rows_encoder(store, encoders)
-    writer = BackgroundWriter(open_writer, transform=transform)
+    writer = BackgroundWriter(open_writer, transform=rows_encoder(store, encoders) if encoders else None)
     t0, shards_done, seen = time.perf_counter(), 0, 0
     try:
-        for item in loader:
-            if "error" in item:
-                raise ExtractError(item["error"])
-            job = by_name[item["shard"]]
-            rows, ready, n = _forward(item, job, teachers, group_of, device, opts.dtype)
-            failed = item.get("failed", [])
-            writer.put(item["shard"], rows, failed=failed, last=item["last"], ready=ready)
-            summary.images += n
-            summary.failed += len(failed)
-            summary.failures += [dict(f, shard=item["shard"]) for f in failed]
-            seen += n + len(failed)
-            bar.update(n + len(failed))
-            if item["last"]:
+        for batch in loader:
+            job = by_name[batch.shard]
+            rows, ready = _forward(batch, job, teachers, group_of, device, opts.dtype)
+            writer.put(batch.shard, rows, failed=batch.failed, last=batch.last, ready=ready)
+            summary.images += len(batch)
+            summary.failed += len(batch.failed)
+            summary.failures += [dict(f, shard=batch.shard) for f in batch.failed]
+            seen += len(batch) + len(batch.failed)
+            bar.update(len(batch) + len(batch.failed))
+            if batch.last:
                 shards_done += 1
                 if known is None:  # tar shards: estimate the total from the shards seen so far
                     bar.total = int(seen + (len(jobs) - shards_done) * seen / shards_done)
@@ -265,25 +274,25 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
     return summary
 
 
-def _forward(item, job: ShardJob, teachers, group_of, device, dtype):
-    keys = item["keys"]
-    if not keys:
-        return None, None, 0
-    n = len(keys)
+def _forward(batch: ViewBatch, job: ShardJob, teachers, group_of, device, dtype):
+    """Teacher features of a batch as stored rows (path -> CPU tensor in the storage dtype)."""
+    if not len(batch):
+        return None, None
+    n = len(batch)
     rows = {}
     if job.replay is None:
-        rows["keys"] = np.asarray(keys, dtype=str)
-        rows["views"] = item["views"]
+        rows["keys"] = np.asarray(batch.keys, dtype=str)
+        rows["views"] = batch.views
     for name in job.teachers:
-        crops = item["crops"][group_of[name]]  # (n, K, 3, h, w) uint8
+        crops = batch.crops[group_of[name]]  # (n, K, 3, h, w) uint8
         k = crops.shape[1]
         x = crops.flatten(0, 1).to(device, non_blocking=True)
         summary, patches = teachers[name].features(x)
         # Cast on the device, copy the storage dtype (not fp32) back; non_blocking when CUDA.
-        rows[f"{name}/cls"] = _to_storage(summary, dtype).unflatten(0, (n, k)).to("cpu", non_blocking=True)
-        rows[f"{name}/patch"] = _to_storage(patches, dtype).unflatten(0, (n, k)).to("cpu", non_blocking=True)
+        for kind, feats in (("cls", summary), ("patch", patches)):
+            rows[feature_path(name, kind)] = feats.to(torch_dtype(dtype)).unflatten(0, (n, k)).to("cpu", non_blocking=True)
     ready = None
     if device.type == "cuda":
         ready = torch.cuda.Event()
         ready.record()
-    return rows, ready, n
+    return rows, ready

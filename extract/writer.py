@@ -8,8 +8,9 @@ from __future__ import annotations
 import queue
 import threading
 
-import numpy as np
 import torch
+
+from kdcache.store.dtypes import tensor_to_stored
 
 
 class BackgroundWriter:
@@ -58,18 +59,10 @@ class BackgroundWriter:
             ready.synchronize()  # the device->host copies of these rows are done
         w = self._writers.get(shard) or self._writers.setdefault(shard, self._open_writer(shard))
         if rows:
-            rows = {k: _as_numpy(v) for k, v in rows.items()}
+            rows = {k: tensor_to_stored(v) for k, v in rows.items()}
             w.append(self._transform(rows) if self._transform else rows)
         for f in failed:
             w.add_failed(f["key"], f["error"])
         if last:
             self.finished.append((shard, w.finish()))
             del self._writers[shard]
-
-
-def _as_numpy(v):
-    if not isinstance(v, torch.Tensor):
-        return v
-    if v.dtype == torch.bfloat16:  # numpy has no bfloat16: hand over the bits
-        return v.view(torch.int16).numpy().view(np.uint16)
-    return v.numpy()

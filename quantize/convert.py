@@ -14,9 +14,8 @@ import logging
 import numpy as np
 from tqdm import tqdm
 
-from kdcache.store import Store, as_float32
-from kdcache.store.codes import Codebooks, read_codebooks, write_codebooks
-from kdcache.store.layout import ArrayDigest, append_rows, create_rows_array
+from kdcache.store import Codebooks, Store, feature_path, to_float32
+from kdcache.store.meta import quantizer_path
 
 from .fidelity import measure
 from .methods import QuantizeError, QuantizerSpec, encode, fit
@@ -39,7 +38,7 @@ def train_quantizer(store: Store, teacher: str, kind: str, qspec: QuantizerSpec,
     dim = cb.dim
     cb = dataclasses.replace(cb, attrs={**cb.attrs, "trained_on": desc, **fid, "bytes_per_token": cb.m,
                                         "compression_vs_fp16": dim * 2 / cb.m, "compression_vs_fp32": dim * 4 / cb.m})
-    write_codebooks(store.root, teacher, kind, cb)
+    store.write_codebooks(teacher, kind, cb)
     set_teacher_quantizer(store, teacher, kind, cb, keep_float=keep_float)
     return cb
 
@@ -56,45 +55,20 @@ def set_teacher_quantizer(store: Store, teacher: str, kind: str, cb: Codebooks, 
 
 
 def convert_shard(store: Store, shard: str, teacher: str, kind: str, cb: Codebooks, *, keep_float: bool) -> bool:
-    """Add ``<teacher>/<kind>_codes`` to a complete shard. Returns False if it already had them."""
-    group = store.root[f"shards/{shard}"]
-    attrs = dict(group.attrs)
-    digest = dict(attrs.get("digest", {}))
-    fpath, cpath = f"{teacher}/{kind}", f"{teacher}/{kind}_codes"
-    if cpath in digest:
-        _drop_unlisted(group, digest, fpath)
-        return False
-    if fpath not in digest:
-        raise QuantizeError(f"{store.url}: shard {shard} has neither {fpath} nor {cpath}")
-    if cpath in group:
-        del group[cpath]  # left by an interrupted conversion
-    src = group[fpath]
-    block = src.shards[0] if src.shards else src.chunks[0]
-    dst = create_rows_array(group, cpath, (*src.shape[1:-1], cb.m), "uint8", block=block, codec=store.meta.teachers[teacher].codec,
-                            attrs={"quantizer": f"quantizers/{teacher}/{kind}"})
-    h = ArrayDigest()
-    dtype = store.meta.teachers[teacher].dtype
-    for s in range(0, src.shape[0], block):
-        rows = encode_rows(cb, src[s:s + block], dtype)
-        h.update(rows)
-        append_rows(dst, rows)
-    digest[cpath] = h.hexdigest()
-    if not keep_float:
-        digest.pop(fpath)
-    group.attrs.put({**attrs, "digest": digest})  # the switch: atomic
-    _drop_unlisted(group, digest, fpath)
-    return True
+    """Add the teacher's ``kind`` codes to a complete shard (crash-safe: ``Store.derive_array``).
+    Returns False if it already had them."""
+    src = feature_path(teacher, kind)
+    t = store.meta.teachers[teacher]
+    row_shape = (store.meta.views, t.tokens, cb.m) if kind == "patch" else (store.meta.views, cb.m)
+    return store.derive_array(shard, src, feature_path(teacher, kind, codes=True), row_shape=row_shape, dtype="uint8",
+                              codec=t.codec, attrs={"quantizer": quantizer_path(teacher, kind)}, keep_source=keep_float,
+                              transform=lambda rows: encode_rows(cb, rows, t.dtype))
 
 
 def encode_rows(cb: Codebooks, rows: np.ndarray, dtype: str) -> np.ndarray:
     """Stored float rows (..., D) in storage dtype -> (..., M) uint8 codes."""
-    x = as_float32(rows, dtype)
+    x = to_float32(rows, dtype)
     return encode(cb, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], cb.m)
-
-
-def _drop_unlisted(group, digest, fpath):
-    if fpath not in digest and fpath in group:
-        del group[fpath]
 
 
 def quantize_store(url: str, teacher: str, qspec: QuantizerSpec, *, kind: str = "patch", keep_float: bool = False,
@@ -103,7 +77,7 @@ def quantize_store(url: str, teacher: str, qspec: QuantizerSpec, *, kind: str = 
     store = Store.open(url, writable=True)
     if teacher not in store.meta.teachers:
         raise QuantizeError(f"{url}: no teacher {teacher!r} (teachers: {', '.join(store.meta.teachers)})")
-    cb = read_codebooks(store.root, teacher, kind)
+    cb = store.read_codebooks(teacher, kind)
     want = qspec.key(store.meta.teachers[teacher].dim)
     if cb is not None and cb.attrs.get("spec") != want:
         raise QuantizeError(f"{url}: teacher {teacher} {kind} is already quantized with {cb.attrs.get('spec')}; "

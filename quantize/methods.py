@@ -24,6 +24,7 @@ trained in this process and one read back from a store encode identically.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 
@@ -33,7 +34,21 @@ import numpy as np
 from kdcache.store import KdcacheError
 from kdcache.store.codes import ADDITIVE, PRODUCT, Codebooks
 
-METHODS = ("pq", "opq", "pca", "rq", "sq8", "sq4")
+METHODS = ("pq", "opq", "pca", "rq", "sq8", "sq4")  # the keys of METHOD_TRAINERS, in help order
+FAISS_MIN_POINTS = 39  # faiss warns, once per k-means run (hundreds of lines for pq), below this per centroid
+_verbose = False
+log = logging.getLogger("kdcache.quantize")
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show faiss's own per-clustering warnings (``kdcache -v``); otherwise kdcache logs one line."""
+    global _verbose
+    _verbose = verbose
+
+
+def _quiet(cp) -> None:
+    if not _verbose:
+        cp.min_points_per_centroid = 1  # only faiss's warning threshold: the clustering is the same
 
 
 class QuantizeError(KdcacheError):
@@ -111,6 +126,9 @@ def fit(spec: QuantizerSpec, x: np.ndarray, *, seed: int = 0) -> Codebooks:
     if spec.method not in ("sq8", "sq4") and n < 256:
         raise QuantizeError(f"{spec.method}: {n} training tokens for codebooks of 256 entries; need at least 256 "
                             f"(a larger store, or --sample-tokens)")
+    if spec.method not in ("sq8", "sq4") and n < FAISS_MIN_POINTS * 256:
+        log.warning("%s: %d training tokens; faiss suggests >= %d for 256-entry codebooks (-v shows its warnings)",
+                    spec.method, n, FAISS_MIN_POINTS * 256)
     norms = None
     if spec.norm:
         lengths = np.linalg.norm(x, axis=1)
@@ -119,30 +137,47 @@ def fit(spec: QuantizerSpec, x: np.ndarray, *, seed: int = 0) -> Codebooks:
     mean = x.mean(0).astype(np.float32)
     xc = np.ascontiguousarray(x - mean)
     t0 = time.perf_counter()
-    rotation = np.eye(d, dtype=np.float32)
-    if spec.method in ("sq8", "sq4"):
-        codebooks = _scalar_codebooks(xc, 8 if spec.method == "sq8" else 4)
-        kind = PRODUCT
-    elif spec.method == "rq":
-        codebooks, kind = _train_rq(xc, m, spec, seed), ADDITIVE
-    else:
-        if spec.method == "opq":
-            opq = faiss.OPQMatrix(d, m)
-            opq.niter = spec.opq_iter
-            opq.pq = _new_pq(d, m, seed, spec.niter)
-            _gpu(opq.pq)
-            opq.train(xc)
-            rotation = faiss.vector_to_array(opq.A).reshape(d, d).astype(np.float32)
-        elif spec.method == "pca":
-            rotation = _pca_balanced(xc, m)
-        pq = _new_pq(d, m, seed, spec.niter)
-        _gpu(pq)
-        pq.train(np.ascontiguousarray(xc @ rotation.T))
-        codebooks, kind = faiss.vector_to_array(pq.centroids).reshape(m, 256, d // m), PRODUCT
+    codebooks, kind, rotation = METHOD_TRAINERS[spec.method](xc, m, spec, seed)
     secs = time.perf_counter() - t0
     return Codebooks(method=spec.method, kind=kind, mean=mean, rotation=rotation,
                      codebooks=np.ascontiguousarray(codebooks, dtype=np.float32), norms=norms,
                      attrs={"beam": spec.beam, "train_seconds": round(secs, 3), "spec": spec.key(d), "seed": seed})
+
+
+def _train_scalar(xc, m, spec, seed):
+    return _scalar_codebooks(xc, 8 if spec.method == "sq8" else 4), PRODUCT, np.eye(xc.shape[1], dtype=np.float32)
+
+
+def _train_additive(xc, m, spec, seed):
+    return _train_rq(xc, m, spec, seed), ADDITIVE, np.eye(xc.shape[1], dtype=np.float32)
+
+
+def _train_product(xc, m, spec, seed, rotation=None):
+    d = xc.shape[1]
+    rotation = np.eye(d, dtype=np.float32) if rotation is None else rotation
+    pq = _new_pq(d, m, seed, spec.niter)
+    _gpu(pq)
+    pq.train(np.ascontiguousarray(xc @ rotation.T))
+    return faiss.vector_to_array(pq.centroids).reshape(m, 256, d // m), PRODUCT, rotation
+
+
+def _train_opq(xc, m, spec, seed):
+    d = xc.shape[1]
+    opq = faiss.OPQMatrix(d, m)
+    opq.niter = spec.opq_iter
+    opq.pq = _new_pq(d, m, seed, spec.niter)
+    _gpu(opq.pq)
+    opq.train(xc)
+    return _train_product(xc, m, spec, seed, faiss.vector_to_array(opq.A).reshape(d, d).astype(np.float32))
+
+
+def _train_pca(xc, m, spec, seed):
+    return _train_product(xc, m, spec, seed, _pca_balanced(xc, m))
+
+
+# method name -> trainer(centred x, codebooks, spec, seed) -> (codebooks, kind, rotation)
+METHOD_TRAINERS = {"pq": _train_product, "opq": _train_opq, "pca": _train_pca, "rq": _train_additive,
+                   "sq8": _train_scalar, "sq4": _train_scalar}
 
 
 def norm_levels(norms: np.ndarray) -> np.ndarray:
@@ -204,6 +239,7 @@ def _faiss_encoder(cb: Codebooks):
 def _new_pq(d, m, seed, niter):
     pq = faiss.ProductQuantizer(d, m, 8)
     pq.cp.seed, pq.cp.niter = seed, niter
+    _quiet(pq.cp)
     return pq
 
 
@@ -212,6 +248,7 @@ def _train_rq(xc, m, spec, seed):
     rq = faiss.ResidualQuantizer(d, m, 8)
     rq.max_beam_size = spec.train_beam
     rq.cp.seed, rq.cp.niter = seed, spec.niter
+    _quiet(rq.cp)
     rq.train_type = faiss.ResidualQuantizer.Train_progressive_dim  # progressive-dim k-means per stage
     if faiss.get_num_gpus() > 0:
         rq.assign_index_factory = faiss.GpuProgressiveDimIndexFactory(faiss.get_num_gpus())

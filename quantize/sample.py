@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kdcache.store import Store, as_float32
-from kdcache.store.codes import read_codebooks
+from kdcache.store import Store, feature_path
 
 POOL = 4  # draw from >= 4x the tokens used, so the sample spreads over many images
 
@@ -82,9 +81,9 @@ def draw(store: Store, teacher: str, kind: str, shards: list[str], spec: SampleS
 def _float_tokens(store: Store, shard: str, teacher: str, kind: str) -> np.ndarray:
     """A shard's features as (N, D) float32: the float array, or the codes decoded."""
     digest = (store.shard_attrs(shard) or {}).get("digest", {})
-    if f"{teacher}/{kind}" not in digest and f"{teacher}/{kind}_codes" in digest:
-        cb = read_codebooks(store.root, teacher, kind)
-        codes = store.array(shard, f"{teacher}/{kind}_codes")[:]
-        return cb.decode(codes.reshape(-1, codes.shape[-1]))
-    arr = as_float32(store.array(shard, f"{teacher}/{kind}")[:], store.meta.teachers[teacher].dtype)
+    codes_path = feature_path(teacher, kind, codes=True)
+    if feature_path(teacher, kind) not in digest and codes_path in digest:
+        codes = store.array(shard, codes_path)[:]
+        return store.read_codebooks(teacher, kind).decode(codes.reshape(-1, codes.shape[-1]))
+    arr = store.read_features(shard, teacher, kind)
     return arr.reshape(-1, arr.shape[-1])

@@ -1,6 +1,6 @@
 """Multi-codebook codes in a store: the numpy definition of decoding, and quantizer I/O.
 
-A quantizer lives at ``quantizers/<teacher>/<tokens>/`` (tokens: ``patch`` or ``cls``) as
+A quantizer lives at ``quantizers/<teacher>/<tokens>/`` (``Store.read_codebooks``) (tokens: ``patch`` or ``cls``) as
 plain arrays: ``mean (D,)``, ``rotation (D, D)``, ``codebooks`` ``(C, 256, D/C)`` for
 product methods (pq, opq, pca, sq8, sq4) or ``(C, 256, D)`` for additive ones (rq), and, for
 gain-shape quantizers (``norm=1``), ``norms (256,)``: the levels of each token's L2 norm.
@@ -62,31 +62,18 @@ class Codebooks:
         return x.astype(np.float32)
 
 
-def quantizer_path(teacher: str, tokens: str) -> str:
-    return f"quantizers/{teacher}/{tokens}"
-
-
-def write_codebooks(root, teacher: str, tokens: str, cb: Codebooks) -> None:
-    """Write the arrays first, the attributes (which make the quantizer visible) last."""
-    path = quantizer_path(teacher, tokens)
-    if path in root:
-        del root[path]
-    g = root.require_group(path)
+def write_codebooks(group, cb: Codebooks) -> None:
+    """Into an empty zarr group: the arrays first, the attributes (which make it visible) last."""
     for name in ("mean", "rotation", "codebooks") + (("norms",) if cb.norms is not None else ()):
         a = np.ascontiguousarray(getattr(cb, name), dtype=np.float32)
-        g.create_array(name, shape=a.shape, dtype="float32", chunks=a.shape)[...] = a
-    g.attrs.put({**cb.attrs, "method": cb.method, "kind": cb.kind, "m": cb.m, "nbits": 8, "ready": True})
+        group.create_array(name, shape=a.shape, dtype="float32", chunks=a.shape)[...] = a
+    group.attrs.put({**cb.attrs, "method": cb.method, "kind": cb.kind, "m": cb.m, "nbits": 8, "ready": True})
 
 
-def read_codebooks(root, teacher: str, tokens: str) -> Codebooks | None:
-    """The stored quantizer, or None when there is none (or it was never finished)."""
-    path = quantizer_path(teacher, tokens)
-    try:
-        g = root[path]
-    except KeyError:
-        return None
-    attrs = dict(g.attrs)
+def read_codebooks(group) -> Codebooks | None:
+    """The quantizer in a zarr group, or None when it was never finished."""
+    attrs = dict(group.attrs)
     if not attrs.get("ready"):
         return None
-    return Codebooks(method=attrs["method"], kind=attrs["kind"], mean=g["mean"][:], rotation=g["rotation"][:],
-                     codebooks=g["codebooks"][:], attrs=attrs, norms=g["norms"][:] if "norms" in g else None)
+    return Codebooks(method=attrs["method"], kind=attrs["kind"], mean=group["mean"][:], rotation=group["rotation"][:],
+                     codebooks=group["codebooks"][:], attrs=attrs, norms=group["norms"][:] if "norms" in group else None)

@@ -12,3 +12,14 @@ class KdcacheError(Exception):
 
 class StoreError(KdcacheError):
     """The store is missing, unwritable, corrupt, or incompatible with the request."""
+
+
+def one_line(e: BaseException) -> str:
+    """The user-facing line of an error. An error raised in a DataLoader worker comes back
+    re-raised with the worker's whole traceback as its message; its last line is the original."""
+    msg = str(e).strip()
+    if msg.startswith("Caught ") and "Traceback" in msg:
+        last = msg.splitlines()[-1]
+        name, sep, rest = last.partition(": ")
+        msg = rest if sep and "." in name or sep and name.endswith("Error") else last
+    return " ".join(msg.split("\n"))

@@ -1,29 +1,17 @@
-"""Reports on a store: ``info`` (what is in it, how big) and ``verify`` (is it intact).
+"""Reports on a store: ``info`` (what is in it, how big); ``verify`` lives in ``verify.py``.
 
-Both read only metadata and arrays; ``verify`` re-hashes every array of every complete shard
-against the digest written at extraction. ``write_summary`` refreshes the root summary, the
-one piece of the root written after shards (by rank 0, a later run, or verify).
+``write_summary`` refreshes the root summary, the one piece of the root written after shards
+(by rank 0, a later run, or verify).
 """
 from __future__ import annotations
 
 import time
 
-from .layout import digest_array
-from .meta import teacher_arrays
-from .store import Store, has_teacher
-
-
-def array_nbytes(store: Store, shard: str) -> dict[str, int]:
-    """Bytes stored per array of a shard (chunks and array metadata), one listing."""
-    try:
-        group = store.root[f"shards/{shard}"]
-    except KeyError:
-        return {}
-    return {path: a.nbytes_stored() for path, a in group.members(max_depth=None) if hasattr(a, "nbytes_stored")}
+from .store import Store
 
 
 def shard_nbytes(store: Store, shard: str) -> int:
-    return sum(array_nbytes(store, shard).values())
+    return sum(store.array_nbytes(shard).values())
 
 
 def scan(store: Store) -> dict:
@@ -52,7 +40,7 @@ def info(store: Store) -> dict:
     """Everything ``kdcache info`` prints, as a JSON-able dict."""
     s = scan(store)
     meta = store.meta
-    sizes = [array_nbytes(store, sh) for sh in s["complete"]]
+    sizes = [store.array_nbytes(sh) for sh in s["complete"]]
     by_prefix = lambda p: sum(v for d in sizes for k, v in d.items() if k.startswith(p))  # noqa: E731
     teachers = {}
     total = 0
@@ -102,34 +90,7 @@ def _mib(b: float) -> str:
     return f"{b / 2**20:.2f} MiB"
 
 
-def verify_shard(store: Store, name: str) -> list[str]:
-    """Problems found in one complete shard (empty when intact)."""
-    where = f"shard {name}"
-    attrs = store.shard_attrs(name) or {}
-    digest, count, k = attrs.get("digest", {}), attrs.get("count"), store.meta.views
-    problems = []
-    expected = {"keys": (count,), "views": (count, k, 5)}
-    for t, m in store.meta.teachers.items():
-        if not has_teacher(digest, t):
-            problems.append(f"{where}: teacher {t} missing (no digest entry)")
-            continue
-        expected.update({p: (count, *shape) for p, (shape, _, _) in teacher_arrays(t, m, k).items() if p in digest})
-    expected.update({p: None for p in digest if p not in expected})
-    for path, shape in expected.items():
-        try:
-            arr = store.array(name, path)
-        except Exception as e:  # noqa: BLE001 - any read failure is a finding
-            problems.append(f"{where}: {path}: unreadable ({e})")
-            continue
-        if shape is not None and tuple(arr.shape) != shape:
-            problems.append(f"{where}: {path}: shape {tuple(arr.shape)}, expected {shape}")
-            continue
-        try:
-            got = digest_array(arr)
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"{where}: {path}: cannot read data ({type(e).__name__}: {e})")
-            continue
-        if got != digest.get(path):
-            problems.append(f"{where}: {path}: digest mismatch (stored {str(digest.get(path))[:12]}, data {got[:12]})")
-    return problems
-
+def describe_store(url: str) -> dict:
+    """``kdcache info``: ``info`` of the store at ``url`` plus its text rendering under ``text``."""
+    d = info(Store.open(url))
+    return {**d, "text": format_info(d)}

@@ -19,17 +19,6 @@ BLOCK_BYTES = 64 << 20  # one Zarr shard of the largest array: few requests, bou
 CHUNK_BYTES = 1 << 20  # inner chunk: a random read decodes about this much
 MAX_BLOCK = 1024
 
-# Zarr has no bfloat16: its bits are stored as uint16 and the logical dtype kept in attrs.
-_ZARR_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
-
-
-def zarr_dtype(dtype: str) -> str:
-    try:
-        return _ZARR_DTYPE[dtype]
-    except KeyError:
-        raise StoreError(f"dtype {dtype!r} is not one of {sorted(_ZARR_DTYPE)}") from None
-
-
 def compressors(codec: str):
     """Codec name -> zarr v3 compressors. Byte-shuffle first: it groups fp16 exponent bytes."""
     if codec == "none":

@@ -10,10 +10,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .dtypes import STORAGE_DTYPES, zarr_dtype  # noqa: F401 - STORAGE_DTYPES re-exported
 from .errors import StoreError
 
 FORMAT_VERSION = 1
-STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 CODECS = ("none", "lz4", "zstd")
 
 
@@ -149,16 +149,37 @@ def teacher_arrays(name: str, t: TeacherMeta, views: int) -> dict[str, tuple[tup
     Float features are ``cls``/``patch``; a quantized token kind ``X`` is stored as ``X_codes``
     (uint8, one byte per codebook) instead, or beside the floats when ``keep_float``.
     """
-    from .layout import zarr_dtype
     shapes = {"cls": (views, t.dim), "patch": (views, t.tokens, t.dim)}
     out = {}
     for kind, shape in shapes.items():
         q = (t.quantizer or {}).get(kind)
         if q is None or q.get("keep_float"):
-            out[f"{name}/{kind}"] = (shape, zarr_dtype(t.dtype), {"logical_dtype": t.dtype})
+            out[feature_path(name, kind)] = (shape, zarr_dtype(t.dtype), {"logical_dtype": t.dtype})
         if q is not None:
-            out[f"{name}/{kind}_codes"] = ((*shape[:-1], q["m"]), "uint8", {"quantizer": f"quantizers/{name}/{kind}"})
+            out[feature_path(name, kind, codes=True)] = ((*shape[:-1], q["m"]), "uint8", {"quantizer": quantizer_path(name, kind)})
     return out
+
+
+# Paths inside a store. Only store/ builds them; other packages name arrays with feature_path.
+SHARDS = "shards"
+
+
+def feature_path(teacher: str, kind: str, *, codes: bool = False) -> str:
+    """The array of a teacher's ``cls`` or ``patch`` features inside a shard (or its codes)."""
+    return f"{teacher}/{kind}_codes" if codes else f"{teacher}/{kind}"
+
+
+def quantizer_path(teacher: str, kind: str) -> str:
+    return f"quantizers/{teacher}/{kind}"
+
+
+def stats_path(teacher: str, kind: str) -> str:
+    return f"stats/{teacher}/{kind}"
+
+
+def has_teacher(digest: dict, teacher: str) -> bool:
+    """A shard holds a teacher once its patch array (float or codes) is in the digest."""
+    return feature_path(teacher, "patch") in digest or feature_path(teacher, "patch", codes=True) in digest
 
 
 def _jsonable(x):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .dtypes import itemsize
 from .errors import StoreError
 from .layout import ArrayDigest, append_rows, block_rows, create_rows_array
 from .meta import TeacherMeta, teacher_arrays
@@ -33,7 +34,7 @@ class ShardWriter:
         self.expected_count = expected_count
         self.count = 0
         self.failed: list[dict] = []
-        sample_bytes = max([1] + [t.tokens * t.dim * views * _itemsize(t.dtype) for t in teachers.values()])
+        sample_bytes = max([1] + [t.tokens * t.dim * views * itemsize(t.dtype) for t in teachers.values()])
         # (float bytes even for codes: blocks then line up with those of an fp16 store)
         self.block = block_rows(sample_bytes)
         self._arrays: dict[str, object] = {}
@@ -102,7 +103,3 @@ class ShardWriter:
         # One metadata write: zarr's local store replaces zarr.json atomically.
         self.group.attrs.put(attrs)
         return attrs
-
-
-def _itemsize(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2

@@ -13,11 +13,12 @@ import zarr
 import zarr.storage
 from zarr.errors import ContainsGroupError
 
+from .codes import Codebooks, read_codebooks, write_codebooks
+from .dtypes import to_float32
 from .errors import StoreError
-from .meta import StoreMeta, TeacherMeta
+from .layout import ArrayDigest, append_rows, create_rows_array
+from .meta import SHARDS, StoreMeta, TeacherMeta, feature_path, has_teacher, quantizer_path, stats_path
 from .shard_writer import ShardWriter
-
-SHARDS = "shards"
 
 
 def zarr_store(url: str, *, read_only: bool):
@@ -182,20 +183,99 @@ class Store:
     def views(self, shard: str) -> np.ndarray:
         return np.asarray(self.array(shard, "views")[:])
 
-    def teacher_arrays(self, shard: str, teacher: str):
-        """(cls, patch) zarr arrays of one teacher in one shard."""
+    def block_rows(self, shard: str, path: str) -> int:
+        """Rows per Zarr shard of an array: read it a block at a time (one request per block)."""
+        a = self.array(shard, path)
+        return int(a.shards[0] if getattr(a, "shards", None) else a.chunks[0])
+
+    def array_nbytes(self, shard: str) -> dict[str, int]:
+        """Bytes stored per array of a shard (chunks and array metadata), one listing."""
+        try:
+            group = self.root[f"{SHARDS}/{shard}"]
+        except KeyError:
+            return {}
+        return {path: a.nbytes_stored() for path, a in group.members(max_depth=None) if hasattr(a, "nbytes_stored")}
+
+    def read_features(self, shard: str, teacher: str, kind: str) -> np.ndarray:
+        """A whole shard's float ``cls``/``patch`` features as float32 (bf16 bits widened)."""
         if teacher not in self.meta.teachers:
             raise StoreError(f"{self.url}: no teacher {teacher!r} (teachers: {', '.join(self.meta.teachers)})")
-        return self.array(shard, f"{teacher}/cls"), self.array(shard, f"{teacher}/patch")
+        return to_float32(self.array(shard, feature_path(teacher, kind))[:], self.meta.teachers[teacher].dtype)
 
-    def read_features(self, shard: str, teacher: str, *, as_float: bool = True):
-        """(cls, patch) numpy arrays of a whole shard; bfloat16 bits widened when ``as_float``."""
-        cls_arr, patch_arr = self.teacher_arrays(shard, teacher)
-        dtype = self.meta.teachers[teacher].dtype
-        c, p = cls_arr[:], patch_arr[:]
-        if as_float and dtype == "bfloat16":
-            c, p = bf16_bits_to_float32(c), bf16_bits_to_float32(p)
-        return c, p
+    # -- arrays derived from a complete shard (quantization) -----------------------------
+    def derive_array(self, shard: str, src: str, dst: str, *, transform, row_shape: tuple, dtype: str, codec: str,
+                     attrs: dict | None = None, keep_source: bool = False) -> bool:
+        """Add array ``dst`` = ``transform(rows of src)`` to complete shard ``shard``, block by block.
+
+        Crash-safe: ``dst`` is written in full, then one atomic attribute update adds it to the
+        digest (and drops ``src`` from it unless ``keep_source``), then ``src`` is deleted. A
+        rerun finds ``dst`` in the digest and only cleans up. Returns False if it was there."""
+        self._need_writable()
+        group = self.root[f"{SHARDS}/{shard}"]
+        attrs_now = dict(group.attrs)
+        digest = dict(attrs_now.get("digest", {}))
+        if dst in digest:
+            self._drop_unlisted(group, digest, src)
+            return False
+        if src not in digest:
+            raise StoreError(f"{self.url}: shard {shard} has neither {src} nor {dst}")
+        if dst in group:
+            del group[dst]  # left by an interrupted run
+        source = group[src]
+        block = self.block_rows(shard, src)
+        out = create_rows_array(group, dst, row_shape, dtype, block=block, codec=codec, attrs=attrs)
+        h = ArrayDigest()
+        for start in range(0, source.shape[0], block):
+            rows = transform(source[start:start + block])
+            h.update(rows)
+            append_rows(out, rows)
+        digest[dst] = h.hexdigest()
+        if not keep_source:
+            digest.pop(src)
+        group.attrs.put({**attrs_now, "digest": digest})  # the switch: one atomic metadata write
+        self._drop_unlisted(group, digest, src)
+        return True
+
+    @staticmethod
+    def _drop_unlisted(group, digest, path):
+        if path not in digest and path in group:
+            del group[path]
+
+    # -- quantizers and statistics -------------------------------------------------------
+    def read_codebooks(self, teacher: str, kind: str) -> Codebooks | None:
+        """The stored quantizer of a teacher's ``kind`` tokens, or None (none, or unfinished)."""
+        try:
+            return read_codebooks(self.root[quantizer_path(teacher, kind)])
+        except KeyError:
+            return None
+
+    def write_codebooks(self, teacher: str, kind: str, cb: Codebooks) -> None:
+        self._need_writable()
+        write_codebooks(self._fresh_group(quantizer_path(teacher, kind)), cb)
+
+    def read_stats(self, teacher: str, kind: str) -> dict | None:
+        """{count, mean, covariance, attrs} of a teacher's targets, or None when not written."""
+        try:
+            g = self.root[stats_path(teacher, kind)]
+        except KeyError:
+            return None
+        attrs = dict(g.attrs)
+        if not attrs.get("ready"):
+            return None
+        return {"count": int(attrs["count"]), "mean": g["mean"][:], "covariance": g["covariance"][:], "attrs": attrs}
+
+    def write_stats(self, teacher: str, kind: str, *, mean: np.ndarray, covariance: np.ndarray, count: int,
+                    attrs: dict) -> None:
+        self._need_writable()
+        g = self._fresh_group(stats_path(teacher, kind))
+        for name, a in (("mean", mean), ("covariance", covariance)):
+            g.create_array(name, shape=a.shape, dtype="float64", chunks=a.shape)[...] = a
+        g.attrs.put({**attrs, "count": int(count), "ready": True})
+
+    def _fresh_group(self, path: str):
+        if path in self.root:
+            del self.root[path]
+        return ensure_group(self.root, path)
 
 
 def ensure_group(root, path: str):
@@ -204,18 +284,3 @@ def ensure_group(root, path: str):
         return root.require_group(path)
     except ContainsGroupError:
         return root[path]
-
-
-def has_teacher(digest: dict, teacher: str) -> bool:
-    """A shard holds a teacher once its patch array (float or codes) is in the digest."""
-    return f"{teacher}/patch" in digest or f"{teacher}/patch_codes" in digest
-
-
-def as_float32(rows: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored feature rows of logical ``dtype`` (float16, float32, or bfloat16 bits) -> float32."""
-    return bf16_bits_to_float32(rows) if dtype == "bfloat16" else np.asarray(rows, dtype=np.float32)
-
-
-def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 stored as uint16 bits -> float32 (exact: bf16 is the top half of fp32)."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)

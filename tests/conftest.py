@@ -14,7 +14,7 @@ import safetensors.torch
 import timm
 import torch
 
-from kdcache.extract.demo_corpus import build_demo_corpus
+from kdcache.data.demo_corpus import build_demo_corpus
 
 VIT = dict(model="vit_tiny_patch16_224", kwargs="img_size=32,depth=2")
 CNN = dict(model="resnet18", kwargs="img_size=32")

@@ -1,9 +1,8 @@
 """Run-directory checkpoints: safetensors for weights, tensors-only torch files for the rest.
 
-``checkpoints/last/``: student.safetensors, heads.safetensors, ema.safetensors (if EMA),
-optimizer.pt and trainer.pt (saved with torch.save, loaded with ``weights_only=True``: no
-pickle of code), state.json (epoch, step). Written to a temporary directory, then renamed,
-so a crash never leaves a half-written ``last``.
+The layout is ``RunDir``'s; optimizer and trainer state are saved with torch.save and loaded
+with ``weights_only=True`` (no pickle of code). Written to a temporary directory, then
+renamed, so a crash never leaves a half-written ``last``.
 """
 from __future__ import annotations
 
@@ -14,16 +13,16 @@ import shutil
 import safetensors.torch
 import torch
 
+from .rundir import RunDir
 
-def save(run: str, *, model, optimizer, scheduler, ema, state: dict) -> str:
-    final = os.path.join(run, "checkpoints", "last")
+
+def save(run: RunDir, *, model, optimizer, scheduler, ema, state: dict) -> str:
+    final = run.checkpoint
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     safetensors.torch.save_file(_contiguous(model.student.state_dict()), os.path.join(tmp, "student.safetensors"))
-    heads = {f"summary.{k}": v for k, v in model.summary_heads.state_dict().items()}
-    heads.update({f"patch.{k}": v for k, v in model.patch_heads.state_dict().items()})
-    safetensors.torch.save_file(_contiguous(heads), os.path.join(tmp, "heads.safetensors"))
+    safetensors.torch.save_file(_contiguous(model.heads_state_dict()), os.path.join(tmp, "heads.safetensors"))
     if ema is not None:
         safetensors.torch.save_file(_contiguous(ema.module.state_dict()), os.path.join(tmp, "ema.safetensors"))
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
@@ -39,14 +38,12 @@ def save(run: str, *, model, optimizer, scheduler, ema, state: dict) -> str:
     return final
 
 
-def load(run: str, *, model, optimizer, scheduler, ema) -> dict | None:
-    path = os.path.join(run, "checkpoints", "last")
-    if not os.path.exists(os.path.join(path, "state.json")):
+def load(run: RunDir, *, model, optimizer, scheduler, ema) -> dict | None:
+    path = run.checkpoint
+    if not run.has_checkpoint():
         return None
     model.student.load_state_dict(safetensors.torch.load_file(os.path.join(path, "student.safetensors")))
-    heads = safetensors.torch.load_file(os.path.join(path, "heads.safetensors"))
-    model.summary_heads.load_state_dict({k[8:]: v for k, v in heads.items() if k.startswith("summary.")})
-    model.patch_heads.load_state_dict({k[6:]: v for k, v in heads.items() if k.startswith("patch.")})
+    model.load_heads_state_dict(safetensors.torch.load_file(os.path.join(path, "heads.safetensors")))
     if ema is not None and os.path.exists(os.path.join(path, "ema.safetensors")):
         ema.module.load_state_dict(safetensors.torch.load_file(os.path.join(path, "ema.safetensors")))
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))

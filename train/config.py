@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
 from kdcache.store import KdcacheError
+
+from .loader import VIEW_CHOICES
+from .normalize import NORMALIZERS
+
+AMP = ("bf16", "none")
 
 
 @dataclass(frozen=True)
@@ -47,12 +53,57 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = at the end of every epoch only
     stop_at_step: int = 0  # stop (with a checkpoint) after this global step; --resume continues
     resume: bool = False
+    overwrite: bool = False  # train into a directory that holds a run, replacing it
+
+    def __post_init__(self):
+        for name in ("store", "data", "student", "out"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"--{name} is required (on the command line or in --config)")
+        _check(self, "teachers", lambda v: isinstance(v, tuple) and all(isinstance(t, str) and t for t in v), "a list of teacher names")
+        _check(self, "teacher_weights", lambda v: isinstance(v, dict) and all(isinstance(k, str) and _number(w) and w >= 0 for k, w in v.items()),
+               "NAME=LAMBDA with finite LAMBDA >= 0")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 0), ("warmup_steps", 0), ("shuffle_buffer", 1),
+                          ("head_hidden", 1), ("head_depth", 0), ("log_every", 1), ("checkpoint_every", 0),
+                          ("stop_at_step", 0), ("seed", 0)):
+            _check(self, name, lambda v, low=low: _integer(v) and v >= low, f"an integer >= {low}")
+        _check(self, "lr", lambda v: _number(v) and v > 0, "a finite number > 0")
+        for name in ("weight_decay", "clip_grad", "color_jitter", "summary_weight", "patch_weight"):
+            _check(self, name, lambda v: _number(v) and v >= 0, "a finite number >= 0")
+        _check(self, "ema", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
+        _check(self, "alpha", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
+        _check(self, "beta", lambda v: _number(v) and v > 0, "a finite number > 0")
+        for name, allowed in (("amp", AMP), ("view_choice", VIEW_CHOICES), ("normalize", tuple(NORMALIZERS))):
+            _check(self, name, lambda v, allowed=allowed: v in allowed, f"one of {', '.join(allowed)}")
+        for name in ("predict_codes", "resume", "overwrite"):
+            _check(self, name, lambda v: isinstance(v, bool), "true or false")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other")
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ConfigError(f"--out {self.out}: exists and is not a directory")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+class ConfigError(KdcacheError):
+    pass
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(cfg, name: str, ok, want: str) -> None:
+    v = getattr(cfg, name)
+    if not ok(v):
+        raise ConfigError(f"--{name.replace('_', '-')} {v!r}: expected {want}")
 
 
 def read_config_file(path: str) -> dict:
@@ -80,20 +131,28 @@ def read_config_file(path: str) -> dict:
 
 
 def build_config(config_file: str | None, **cli) -> TrainConfig:
+    """The file's options, overridden by the CLI's (None = not given); validated on construction."""
     d = read_config_file(config_file) if config_file else {}
     d.update({k: v for k, v in cli.items() if v is not None})
     for k in ("store", "data", "student", "out"):
         if not d.get(k):
-            raise KdcacheError(f"--{k} is required (on the command line or in --config)")
-    if "teachers" in d:
+            raise ConfigError(f"--{k} is required (on the command line or in --config)")
+    if isinstance(d.get("teachers"), list):
         d["teachers"] = tuple(d["teachers"])
     return TrainConfig(**d)
 
 
-def save_config(cfg: TrainConfig, config_file: str | None) -> None:
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        f.write(cfg.to_json())
-    if config_file:
-        with open(config_file, "rb") as src, open(os.path.join(cfg.out, "config" + os.path.splitext(config_file)[1]), "wb") as dst:
-            dst.write(src.read())
+def parse_teacher_weights(items) -> dict | None:
+    """``--teacher-weight NAME=LAMBDA`` options -> {name: lambda} (None when none given)."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--teacher-weight {item!r}: expected NAME=LAMBDA with a number") from None
+        if not eq or not name:
+            raise ConfigError(f"--teacher-weight {item!r}: expected NAME=LAMBDA")
+    return out

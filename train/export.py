@@ -1,9 +1,10 @@
 """``kdcache export RUN``: the bare student as safetensors, loadable by timm directly.
 
-    timm.create_model(MODEL, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=PATH), **kwargs)
+    timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=PATH), num_classes=0, **kwargs)
 
-(``num_classes=0``: the student was trained without a classifier.) ``--ema`` exports the EMA
-weights; ``--heads`` also writes the distillation heads next to it.
+The kwargs are the ones timm accepted when the run built its student (recorded in
+``provenance.json``), printed as Python literals, so the line rebuilds exactly that model.
+``--ema`` exports the EMA weights; ``--heads`` also writes the distillation heads next to it.
 """
 from __future__ import annotations
 
@@ -13,22 +14,31 @@ import shutil
 
 from kdcache.store import KdcacheError
 
+from .rundir import RunDir
+
 
 def export(run: str, out: str | None = None, *, ema: bool = False, heads: bool = False) -> dict:
-    ckpt = os.path.join(run, "checkpoints", "last")
-    src = os.path.join(ckpt, "ema.safetensors" if ema else "student.safetensors")
+    rundir = RunDir(run)
+    src = rundir.checkpoint_file("ema.safetensors" if ema else "student.safetensors")
     if not os.path.exists(src):
         raise KdcacheError(f"{run}: no {'EMA ' if ema else ''}checkpoint ({src} missing)")
-    with open(os.path.join(run, "config.json")) as f:
-        cfg = json.load(f)
-    out = out or os.path.join(run, "student.safetensors")
+    student = _student(rundir)
+    out = out or rundir.file("student.safetensors")
     shutil.copyfile(src, out)
-    result = {"student": out, "model": cfg["student"]}
+    result = {"student": out, "model": student["model"]}
     if heads:
         result["heads"] = out.replace(".safetensors", "") + ".heads.safetensors"
-        shutil.copyfile(os.path.join(ckpt, "heads.safetensors"), result["heads"])
-    model, *kw = cfg["student"].split(",")
-    kwargs = ", ".join(f"{k}={v}" for k, v in (x.split("=", 1) for x in kw) if k != "pretrained")
-    result["load_with"] = (f"timm.create_model({model!r}, pretrained=True, num_classes=0, "
-                           f"pretrained_cfg_overlay=dict(file={out!r}){', ' + kwargs if kwargs else ''})")
+        shutil.copyfile(rundir.checkpoint_file("heads.safetensors"), result["heads"])
+    kwargs = "".join(f", {k}={v!r}" for k, v in student["timm_kwargs"].items())
+    result["load_with"] = (f"timm.create_model({student['model']!r}, pretrained=True, "
+                           f"pretrained_cfg_overlay=dict(file={out!r}){kwargs})")
     return result
+
+
+def _student(rundir: RunDir) -> dict:
+    try:
+        with open(rundir.file("provenance.json")) as f:
+            return json.load(f)["student"]
+    except (OSError, ValueError, KeyError) as e:
+        raise KdcacheError(f"{rundir.path}: provenance.json does not name the student ({type(e).__name__}); "
+                           f"was the run made by this kdcache?") from None

@@ -13,17 +13,21 @@ turns them into floats on the device.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
-from kdcache.extract.corpus import Corpus, ShardReadError
-from kdcache.extract.decode import BadImage, DecodeOptions, decode_sample
-from kdcache.extract.views import replay_view
+from kdcache.data.corpus import Corpus
+from kdcache.data.decode import BadImage, DecodeOptions, decode_sample
+from kdcache.data.partition import current_worker, epoch_streams
+from kdcache.data.views import replay_view
+from kdcache.data.walk import align
 from kdcache.store import KdcacheError, Store
+from kdcache.store.dtypes import stored_to_tensor
 
 VIEW_CHOICES = ("epoch", "random", "first")
 
@@ -45,13 +49,12 @@ class LoaderSpec:
     shuffle_buffer: int = 256
     color_jitter: float = 0.0
     seed: int = 0
+    workers: int = 1  # DataLoader workers: part of the shard split (data.partition)
     decode: DecodeOptions = DecodeOptions()  # as at extraction (the store's corpus.decode)
 
-
-def epoch_shards(shards, *, seed: int, epoch: int, rank: int, world: int) -> list[str]:
-    order = list(shards)
-    random.Random(f"{seed}/{epoch}").shuffle(order)
-    return order[rank::world]
+    def __post_init__(self):
+        if self.view_choice not in VIEW_CHOICES:
+            raise LoaderError(f"view_choice {self.view_choice!r}: expected one of {', '.join(VIEW_CHOICES)}")
 
 
 def pick_view(choice: str, k: int, *, key: str, epoch: int, seed: int) -> int:
@@ -64,30 +67,49 @@ def pick_view(choice: str, k: int, *, key: str, epoch: int, seed: int) -> int:
 
 
 class DistillStream(IterableDataset):
-    """Yields dicts: key, image (3, H, W) uint8, view (int), and the stored target rows."""
+    """Yields dicts: key, image (3, H, W) uint8, view (int), and the stored target rows.
+
+    The epoch lives in shared memory, so a DataLoader with ``persistent_workers=True`` keeps
+    its workers for the whole run: ``set_epoch`` then a new ``iter(loader)`` starts the next
+    epoch in the same worker processes.
+    """
 
     def __init__(self, corpus: Corpus, spec: LoaderSpec, *, epoch: int = 0, rank: int = 0, world: int = 1):
-        self.corpus, self.spec, self.epoch, self.rank, self.world = corpus, spec, epoch, rank, world
+        self.corpus, self.spec, self.rank, self.world = corpus, spec, rank, world
+        self._epoch = multiprocessing.Value("i", epoch)  # inherited by the workers
         self._store = None
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.value = value
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
         if self._store is None:
             self._store = Store.open(self.spec.store_url)
-        mine = epoch_shards(self.spec.shards, seed=self.spec.seed, epoch=self.epoch, rank=self.rank, world=self.world)[wid::nw]
-        rng = random.Random(f"{self.spec.seed}/{self.epoch}/{self.rank}/{wid}")
-        jitter = _color_jitter(self.spec.color_jitter)
+        yield from self._epoch_samples(self.epoch)
+
+    def _epoch_samples(self, epoch: int):
+        worker, workers = current_worker()
+        spec = self.spec
+        if workers != max(1, spec.workers):
+            raise LoaderError(f"the loader spec says {spec.workers} workers, the DataLoader runs {workers}")
+        mine = epoch_streams(spec.shards, seed=spec.seed, epoch=epoch, world=self.world, workers=workers)[self.rank][worker]
+        rng = random.Random(f"{spec.seed}/{epoch}/{self.rank}/{worker}")
+        jitter = _color_jitter(spec.color_jitter)
         buffer = []
         for shard in mine:
-            for sample in self._shard(shard):
+            for sample in self._shard(shard, epoch):
                 if jitter is not None:
                     torch.manual_seed(rng.getrandbits(63))
                     sample["image"] = jitter(sample["image"])
-                if len(buffer) < self.spec.shuffle_buffer:
+                if len(buffer) < spec.shuffle_buffer:
                     buffer.append(sample)
                     continue
                 i = rng.randrange(len(buffer))
@@ -96,35 +118,23 @@ class DistillStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _shard(self, name: str):
+    def _shard(self, name: str, epoch: int):
         store, spec = self._store, self.spec
         attrs = store.shard_attrs(name) or {}
         if attrs.get("complete") is not True:
             raise LoaderError(f"{spec.store_url}: shard {name} is not complete")
         keys = store.keys(name).tolist()
-        failed = {f["key"] for f in attrs.get("failed", [])}
         views = store.views(name)
         arrays = {p: store.array(name, p) for p in spec.target_paths}
-        block_rows = _block_rows(arrays)
+        block_rows = store.block_rows(name, spec.target_paths[0])
         blocks: dict[str, np.ndarray] = {}
         block_start = -1
-        i = 0
         k = views.shape[1]
-        for s in self.corpus.samples(self.corpus.shard(name)):
-            if isinstance(s, ShardReadError):
-                if "(tar)" in failed:
-                    break
-                raise LoaderError(f"shard {name}: {s.error}")
-            if s.key in failed:
-                continue
-            if i >= len(keys) or s.key != keys[i]:
-                want = keys[i] if i < len(keys) else "(end of store shard)"
-                raise LoaderError(f"shard {name}: corpus key {s.key!r} where the store has {want!r} at row {i}: "
-                                  f"the store was not extracted from this corpus")
-            if i >= block_start + block_rows or block_start < 0:
+        for i, s in align(self.corpus, self.corpus.shard(name), keys, attrs.get("failed", [])):
+            if block_start < 0 or i >= block_start + block_rows:  # one Zarr block per array: a few large reads
                 block_start = (i // block_rows) * block_rows
                 blocks = {p: np.asarray(a[block_start:block_start + block_rows]) for p, a in arrays.items()}
-            v = pick_view(spec.view_choice, k, key=s.key, epoch=self.epoch, seed=spec.seed)
+            v = pick_view(spec.view_choice, k, key=s.key, epoch=epoch, seed=spec.seed)
             try:
                 rgb = decode_sample(s, spec.decode)
             except BadImage as e:
@@ -132,22 +142,8 @@ class DistillStream(IterableDataset):
             image = replay_view(torch.from_numpy(rgb).permute(2, 0, 1), views[i, v], spec.input_size, spec.interpolation)
             out = {"key": s.key, "image": image, "view": v}
             for p, b in blocks.items():
-                out[p] = _as_tensor(b[i - block_start, v])
+                out[p] = stored_to_tensor(b[i - block_start, v])
             yield out
-            i += 1
-        if i != len(keys):
-            raise LoaderError(f"shard {name}: the corpus ended after {i} samples, the store has {len(keys)}")
-
-
-def _block_rows(arrays) -> int:
-    a = next(iter(arrays.values()))
-    return int(a.shards[0] if a.shards else a.chunks[0])
-
-
-def _as_tensor(row: np.ndarray) -> torch.Tensor:
-    if row.dtype == np.uint16:  # bfloat16 bits: int16 keeps them, the device views them as bf16
-        return torch.from_numpy(np.ascontiguousarray(row).view(np.int16))
-    return torch.from_numpy(np.ascontiguousarray(row))
 
 
 def _color_jitter(strength: float):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.quantize.decoder import code_logits_loss
+from kdcache.store import KdcacheError
 
 
 @dataclass(frozen=True)
@@ -26,12 +27,30 @@ def cos_smoothl1_loss(pred: torch.Tensor, target: torch.Tensor, spec: LossSpec) 
     return spec.alpha * cosine_loss(pred, target) + (1 - spec.alpha) * F.smooth_l1_loss(pred, target, beta=spec.beta)
 
 
+def codes_loss(pred: torch.Tensor, codes: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """MVQ-KD: 256-way cross-entropy per codebook on (..., M * 256) logits."""
+    m = codes.shape[-1]
+    return code_logits_loss(pred.reshape(*pred.shape[:-1], m, 256), codes)
+
+
+# name -> loss(pred, target, spec); which one a target uses is decided by its kind
+LOSSES = {
+    "cosine": lambda pred, target, spec: cosine_loss(pred, target),
+    "cos-smoothl1": cos_smoothl1_loss,
+    "codes-ce": codes_loss,
+}
+TARGET_LOSS = {"summary": "cosine", "patch": "cos-smoothl1", "codes": "codes-ce"}
+
+
+def create_loss(name: str):
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise KdcacheError(f"loss {name!r}: expected one of {', '.join(LOSSES)}") from None
+
+
 def teacher_loss(pred: tuple, target: dict, spec: LossSpec) -> dict[str, torch.Tensor]:
     """{summary, patch} losses of one teacher; ``target`` holds 'summary' and 'patch' or 'codes'."""
-    summary = cosine_loss(pred[0], target["summary"])
-    if "codes" in target:
-        m = target["codes"].shape[-1]
-        patch = code_logits_loss(pred[1].reshape(*pred[1].shape[:-1], m, 256), target["codes"])
-    else:
-        patch = cos_smoothl1_loss(pred[1], target["patch"], spec)
-    return {"summary": summary, "patch": patch}
+    patch_kind = "codes" if "codes" in target else "patch"
+    return {"summary": create_loss(TARGET_LOSS["summary"])(pred[0], target["summary"], spec),
+            "patch": create_loss(TARGET_LOSS[patch_kind])(pred[1], target[patch_kind], spec)}

@@ -4,12 +4,14 @@ from __future__ import annotations
 import csv
 import os
 
+from .rundir import RunDir
+
 
 class MetricsLog:
-    def __init__(self, run: str, columns: list[str], *, keep_until: int | None = None):
+    def __init__(self, run: RunDir, columns: list[str], *, keep_until: int | None = None):
         """``keep_until``: resuming from this step; earlier rows stay, later ones (written
         after that checkpoint by the interrupted run) are dropped."""
-        self.path = os.path.join(run, "metrics.csv")
+        self.path = run.metrics
         self.columns = ["step", "epoch", "lr", "loss", *columns, "samples_per_s"]
         kept = []
         if keep_until is not None and os.path.exists(self.path):
@@ -21,7 +23,7 @@ class MetricsLog:
         self._csv.writerows(kept)
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(run, "tb"))
+            self._tb = SummaryWriter(run.tensorboard)
         except ImportError:  # tensorboard is optional
             self._tb = None
 
@@ -39,12 +41,12 @@ class MetricsLog:
             self._tb.close()
 
 
-def plot_losses(run: str, teachers: list[str]) -> str:
+def plot_losses(run: RunDir, teachers: list[str]) -> str:
     """loss.png: total loss and each teacher's summary/patch loss against the step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    with open(os.path.join(run, "metrics.csv")) as f:
+    with open(run.metrics) as f:
         rows = list(csv.DictReader(f))
     steps = [int(r["step"]) for r in rows]
     fig, axes = plt.subplots(1, 1 + len(teachers), figsize=(4.5 * (1 + len(teachers)), 3.6), squeeze=False)
@@ -56,7 +58,7 @@ def plot_losses(run: str, teachers: list[str]) -> str:
         ax.set(title=f"teacher {t}", xlabel="step")
         ax.legend()
     fig.tight_layout()
-    path = os.path.join(run, "loss.png")
+    path = run.loss_plot
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcache.extract.taps import probe
-from kdcache.extract.teacher import TeacherSpec, _input_size, build_model
+from kdcache.models import DataConfig, probe
 
 
 @dataclass(frozen=True)
@@ -44,31 +42,29 @@ def mlp(d_in: int, d_out: int, spec: HeadSpec) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(d, d_out))
 
 
-def create_student(spec: str) -> tuple[nn.Module, dict, TeacherSpec]:
-    """``MODEL[,key=value...]`` (same syntax as --teacher, no NAME=; pretrained defaults to false).
-    Random-init weights come from the caller's RNG (``--seed``)."""
-    s = TeacherSpec.parse(spec if "=" in spec.split(",")[0] else f"student={spec}", pretrained=False)
-    model = build_model(s, init_seed=None, role="student", num_classes=0)
-    cfg = timm.data.resolve_data_config(model=model)
-    size = _input_size(model, s, cfg)
-    data = {"input_size": (3, *size), "mean": tuple(s.preprocess.get("mean", cfg["mean"])),
-            "std": tuple(s.preprocess.get("std", cfg["std"])), "interpolation": s.preprocess.get("interpolation", cfg["interpolation"]),
-            "model_kwargs": dict(s.model_kwargs), "model": s.model}
-    return model, data, s
-
-
 class DistillModel(nn.Module):
-    def __init__(self, student: nn.Module, data: dict, targets: list[TeacherTarget], head: HeadSpec):
+    def __init__(self, student: nn.Module, data: DataConfig, targets: list[TeacherTarget], head: HeadSpec):
         super().__init__()
         self.student = student
         self.data = data
-        self.tap = probe(student, tuple(data["input_size"][1:]))
+        self.tap = probe(student, data.hw)
         self.targets = {t.name: t for t in targets}
         self.summary_heads = nn.ModuleDict({t.name: mlp(self.tap.summary_dim, t.dim, head) for t in targets})
         self.patch_heads = nn.ModuleDict({t.name: mlp(self.tap.dim, t.codes_m * 256 if t.codes_m else t.dim, head)
                                           for t in targets})
-        self.register_buffer("mean", torch.tensor(data["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(data["std"]).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("mean", torch.tensor(data.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(data.std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def heads_state_dict(self) -> dict[str, torch.Tensor]:
+        """The distillation heads (``summary.<teacher>...``, ``patch.<teacher>...``): what export
+        leaves out unless ``--heads``."""
+        out = {f"summary.{k}": v for k, v in self.summary_heads.state_dict().items()}
+        out.update({f"patch.{k}": v for k, v in self.patch_heads.state_dict().items()})
+        return out
+
+    def load_heads_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.summary_heads.load_state_dict({k[len("summary."):]: v for k, v in state.items() if k.startswith("summary.")})
+        self.patch_heads.load_state_dict({k[len("patch."):]: v for k, v in state.items() if k.startswith("patch.")})
 
     def forward(self, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """uint8 (B, 3, H, W) -> {teacher: (summary (B, D_t), patches (B, T_t, D_t or M*256))}."""

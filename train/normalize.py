@@ -14,7 +14,6 @@ from torch import nn
 
 from kdcache.store import KdcacheError
 
-NORMALIZERS = ("standardize", "phi-s", "none")
 
 
 class Normalizer(nn.Module):
@@ -32,18 +31,39 @@ class Normalizer(nn.Module):
         return x * self.matrix if self.diagonal else x @ self.matrix
 
 
+def _identity(stats, dim: int) -> Normalizer:
+    return Normalizer(np.zeros(dim), np.ones(dim), "standardize")
+
+
+def _standardize(stats, dim: int) -> Normalizer:
+    std = np.sqrt(np.maximum(np.diag(stats["covariance"]), 1e-12))
+    return Normalizer(stats["mean"], 1.0 / std, "standardize")
+
+
+def _phi_s(stats, dim: int) -> Normalizer:
+    lam, u = np.linalg.eigh(stats["covariance"])
+    h = hadamard(dim) / np.sqrt(dim)
+    alpha = np.sqrt(max(np.maximum(lam, 0).mean(), 1e-12))
+    return Normalizer(stats["mean"], (u @ h.T) / alpha, "phi-s")
+
+
+# name -> (needs statistics, builder)
+NORMALIZERS = {"standardize": (True, _standardize), "phi-s": (True, _phi_s), "none": (False, _identity)}
+
+
+def needs_stats(name: str) -> bool:
+    return _lookup(name)[0]
+
+
 def create_normalizer(name: str, stats: dict | None, dim: int) -> Normalizer:
-    if name == "none":
-        return Normalizer(np.zeros(dim), np.ones(dim), "standardize")
-    if name == "standardize":
-        std = np.sqrt(np.maximum(np.diag(stats["covariance"]), 1e-12))
-        return Normalizer(stats["mean"], 1.0 / std, name)
-    if name == "phi-s":
-        lam, u = np.linalg.eigh(stats["covariance"])
-        h = hadamard(dim) / np.sqrt(dim)
-        alpha = np.sqrt(max(np.maximum(lam, 0).mean(), 1e-12))
-        return Normalizer(stats["mean"], (u @ h.T) / alpha, name)
-    raise KdcacheError(f"normalisation {name!r}: expected one of {', '.join(NORMALIZERS)}")
+    return _lookup(name)[1](stats, dim)
+
+
+def _lookup(name: str):
+    try:
+        return NORMALIZERS[name]
+    except KeyError:
+        raise KdcacheError(f"--normalize {name!r}: expected one of {', '.join(NORMALIZERS)}") from None
 
 
 def hadamard(n: int) -> np.ndarray:

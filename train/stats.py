@@ -1,6 +1,6 @@
 """Target statistics (count, mean, covariance), computed once per store and cached in it.
 
-Stored at ``stats/<teacher>/<tokens>/`` as float64 arrays, so every student trained from the
+Stored in the store (``Store.write_stats``) as float64 arrays, so every student trained from the
 store normalises its targets the same way. Taken over a seeded token sample (the quantizer's
 sampler: first shards, uniform positions; codes are decoded first). A read-only store gets
 them computed in memory.
@@ -22,13 +22,9 @@ def target_stats(store: Store, teacher: str, kind: str, *, tokens: int = STATS_T
                  cache: bool = True) -> dict:
     """``cache``: write them into the store (rank 0 only; other ranks compute the same numbers
     from the same seeded sample, so nothing is written concurrently)."""
-    path = f"stats/{teacher}/{kind}"
-    try:
-        g = store.root[path]
-        if g.attrs.get("ready"):
-            return {"count": int(g.attrs["count"]), "mean": g["mean"][:], "covariance": g["covariance"][:]}
-    except KeyError:
-        pass
+    stored = store.read_stats(teacher, kind)
+    if stored is not None:
+        return stored
     spec = SampleSpec(train_tokens=tokens, held_out=0, seed=seed, pool=1)
     shards, _ = training_prefix(store, teacher, kind, spec)
     x, _, desc = draw(store, teacher, kind, shards, spec)
@@ -37,13 +33,8 @@ def target_stats(store: Store, teacher: str, kind: str, *, tokens: int = STATS_T
     if not cache:
         return st
     try:
-        writable = Store.open(store.url, writable=True)
-        if path in writable.root:
-            del writable.root[path]
-        g = writable.root.require_group(path)
-        for k in ("mean", "covariance"):
-            g.create_array(k, shape=st[k].shape, dtype="float64", chunks=st[k].shape)[...] = st[k]
-        g.attrs.put({"count": st["count"], "sampled_from": desc, "ready": True})
+        Store.open(store.url, writable=True).write_stats(teacher, kind, mean=st["mean"], covariance=st["covariance"],
+                                                         count=st["count"], attrs={"sampled_from": desc})
     except Exception as e:  # noqa: BLE001 - a shared read-only store is fine: keep them in memory
         log.warning("cannot cache target statistics in %s (%s); computed in memory", store.url, e)
     return st

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from kdcache.quantize.decoder import CodeDecoder
-from kdcache.store import Store
-from kdcache.store.codes import read_codebooks
+from kdcache.store import Store, feature_path
+from kdcache.store.dtypes import tensor_to_float
 
-from .normalize import create_normalizer
+from .normalize import create_normalizer, needs_stats
 from .stats import target_stats
 
 
@@ -30,24 +30,22 @@ class TeacherTargets(nn.Module):
         self.decoders = nn.ModuleDict()
         for kind in ("cls", "patch"):
             if kind in q and not q[kind].get("keep_float"):
-                self.paths[kind] = f"{teacher}/{kind}_codes"
-                self.decoders[kind] = CodeDecoder(read_codebooks(store.root, teacher, kind))
+                self.paths[kind] = feature_path(teacher, kind, codes=True)
+                self.decoders[kind] = CodeDecoder(store.read_codebooks(teacher, kind))
             else:
-                self.paths[kind] = f"{teacher}/{kind}"
+                self.paths[kind] = feature_path(teacher, kind)
         self.predict_codes = predict_codes and "patch" in self.decoders
         self.codes_m = q["patch"]["m"] if self.predict_codes else None
-        self.bf16 = meta.dtype == "bfloat16"
+        self.dtype = meta.dtype
         self.norm = nn.ModuleDict({
-            kind: create_normalizer(normalize, None if normalize == "none" else
-                                    target_stats(store, teacher, kind, seed=seed, cache=cache_stats), meta.dim)
+            kind: create_normalizer(normalize, target_stats(store, teacher, kind, seed=seed, cache=cache_stats)
+                                    if needs_stats(normalize) else None, meta.dim)
             for kind in ("cls", "patch")})
 
     def _float(self, kind: str, raw: torch.Tensor) -> torch.Tensor:
         if kind in self.decoders:
             return self.decoders[kind](raw)
-        if self.bf16:
-            return raw.view(torch.bfloat16).float()
-        return raw.float()
+        return tensor_to_float(raw, self.dtype)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         out = {"summary": self.norm["cls"](self._float("cls", batch[self.paths["cls"]]))}

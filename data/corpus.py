@@ -2,7 +2,13 @@
 
 A corpus is a sorted list of shards; a shard's name (its file name without extension, or
 ``part-NNNNNN`` for image folders) is the name of its store shard, so shard ids are stable
-across runs, ranks and teams. Tar shards are read with webdataset's tar iterators.
+across runs, ranks and teams. Tar members are read with webdataset's tar iterator and grouped
+into samples by key here (webdataset's ``group_by_keys`` drops members whose name has no key,
+such as ``...jpg``, without a word; kdcache must record every sample it does not store).
+
+``ReadOptions`` is everything a reader needs to rebuild exactly the shards and samples that
+extraction saw; extraction records it in the store (``corpus``), and ``verify --data`` and
+``train --data`` read the corpus back with it.
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import braceexpand
@@ -20,12 +26,41 @@ import webdataset.tariterators as wds_tar
 
 from kdcache.store import KdcacheError
 
+from .decode import DecodeOptions
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pbm")
 FOLDER_SHARD_SIZE = 1000
+KEY_RULES = "unique-safe/v1"  # see data.walk: keys non-empty, no '.'/'..' segment, no control chars; first of a duplicate kept
 
 
 class CorpusError(KdcacheError):
     """The corpus is missing, empty or unreadable."""
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a corpus is turned into shards and samples; recorded in the store's ``corpus``."""
+
+    folder_shard_size: int = FOLDER_SHARD_SIZE
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
+    key_rules: str = KEY_RULES
+
+    def __post_init__(self):
+        if not isinstance(self.folder_shard_size, int) or self.folder_shard_size < 1:
+            raise CorpusError(f"--folder-shard-size {self.folder_shard_size!r}: need a positive integer")
+        if self.key_rules != KEY_RULES:
+            raise CorpusError(f"corpus key rules {self.key_rules!r} are not known to this kdcache (it applies {KEY_RULES})")
+
+    def to_dict(self) -> dict:
+        return {"folder_shard_size": self.folder_shard_size, "decode": self.decode.to_dict(), "key_rules": self.key_rules}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ReadOptions":
+        """From a store's ``corpus`` description (stores written before these were recorded
+        fall back to the defaults they were extracted with)."""
+        d = d if isinstance(d, dict) else {}
+        return cls(folder_shard_size=d.get("folder_shard_size", FOLDER_SHARD_SIZE),
+                   decode=DecodeOptions.from_dict(d.get("decode")), key_rules=d.get("key_rules", KEY_RULES))
 
 
 @dataclass(frozen=True)
@@ -43,7 +78,7 @@ class RawSample:
     data: bytes | None  # None when the sample has no image field
     label: int | None
     fields: tuple[str, ...] = ()
-    error: str | None = None  # why the bytes could not be read at all
+    error: str | None = None  # why the sample cannot be used at all (unreadable file, member without a key)
 
 
 @dataclass(frozen=True)
@@ -59,6 +94,7 @@ class Corpus:
     kind: str  # "tar" | "folder"
     shards: tuple[CorpusShard, ...]
     classes: tuple[str, ...] = ()
+    options: ReadOptions = field(default_factory=ReadOptions)
 
     def fingerprint(self) -> str:
         """Identifies the corpus by its shard names and members (not by where it is mounted)."""
@@ -66,8 +102,9 @@ class Corpus:
         return hashlib.sha256(json.dumps([self.kind, desc]).encode()).hexdigest()[:16]
 
     def describe(self) -> dict:
-        return {"spec": self.spec, "kind": self.kind, "shards": len(self.shards),
-                "fingerprint": self.fingerprint(), "classes": list(self.classes)}
+        """The store's ``corpus`` attribute: what it is, and how to read it back."""
+        return {"spec": self.spec, "kind": self.kind, "shards": len(self.shards), "fingerprint": self.fingerprint(),
+                "classes": list(self.classes), **self.options.to_dict()}
 
     def shard(self, name: str) -> CorpusShard:
         for s in self.shards:
@@ -76,7 +113,7 @@ class Corpus:
         raise CorpusError(f"{self.spec}: no corpus shard named {name!r}")
 
     def samples(self, shard: CorpusShard) -> Iterator[RawSample | ShardReadError]:
-        """The shard's samples in corpus order."""
+        """The shard's raw samples in corpus order (no key rules applied: see data.walk)."""
         if self.kind == "folder":
             yield from self._folder_samples(shard)
         else:
@@ -99,11 +136,36 @@ class Corpus:
 def _tar_samples(url: str):
     try:
         with fsspec.open(url, "rb") as stream:
-            files = wds_tar.tar_file_expander([{"stream": stream, "url": url}], eof_value=None)
-            for s in wds_tar.group_by_keys(files):
-                yield _raw_sample(s)
+            yield from _group_members(wds_tar.tar_file_iterator(stream))
     except Exception as e:  # tarfile.ReadError, EOFError, zlib errors...: the rest is lost
         yield ShardReadError(f"{url}: tar read error: {type(e).__name__}: {e.args[0] if e.args else e}")
+
+
+def _group_members(members) -> Iterator[RawSample]:
+    """Consecutive members with the same key form a sample (webdataset's convention: the key is
+    the name up to the first dot of its last path component). A member whose name has no key,
+    or that repeats a field of its sample, becomes a recorded bad sample instead of vanishing."""
+    current: dict | None = None
+    for m in members:
+        name, data = m["fname"], m["data"]
+        key, ext = wds_tar.base_plus_ext(name)
+        if key is None:
+            if current is not None:
+                yield _raw_sample(current)
+                current = None
+            yield RawSample(os.path.splitext(name)[0] or name, None, None, error=f"tar member {name!r} has no sample key")
+            continue
+        ext = ext.lower()
+        if current is not None and key == current["__key__"] and ext in current:
+            current["__error__"] = f"tar member {name!r} repeats field {ext!r} of its sample"
+            continue
+        if current is None or key != current["__key__"]:
+            if current is not None:
+                yield _raw_sample(current)
+            current = {"__key__": key}
+        current[ext] = data
+    if current is not None:
+        yield _raw_sample(current)
 
 
 def _raw_sample(s: dict) -> RawSample:
@@ -117,34 +179,34 @@ def _raw_sample(s: dict) -> RawSample:
             except (ValueError, UnicodeDecodeError):
                 pass
             break
-    return RawSample(s["__key__"], data, label, fields)
+    return RawSample(s["__key__"], data, label, fields, error=s.get("__error__"))
 
 
-def resolve_corpus(spec: str, *, folder_shard_size: int = FOLDER_SHARD_SIZE) -> Corpus:
+def resolve_corpus(spec: str, options: ReadOptions | None = None) -> Corpus:
     """DATA as the CLI takes it -> Corpus.
 
     Accepts a directory of ``.tar`` shards, a single tar, a brace pattern
     (``train-{000000..000099}.tar``), a glob, an fsspec URL of any of these, or an image
-    folder (class sub-folders give labels).
+    folder (class sub-folders give labels, ``options.folder_shard_size`` files per shard).
     """
-    spec = str(spec)
+    spec, options = str(spec), options or ReadOptions()
     if "://" in spec and not spec.startswith("file://"):
-        return _tar_corpus(spec, _remote_tars(spec))
+        return _tar_corpus(spec, _remote_tars(spec), options)
     path = spec[len("file://"):] if spec.startswith("file://") else spec
     if "{" in path or any(c in path for c in "*?["):
         urls = sorted({p for pat in braceexpand.braceexpand(path) for p in (glob.glob(pat) if any(c in pat for c in "*?[") else [pat])})
         missing = [u for u in urls if not os.path.exists(u)]
         if missing:
             raise CorpusError(f"{spec}: {len(missing)} shard(s) missing, first {missing[0]}")
-        return _tar_corpus(spec, urls)
+        return _tar_corpus(spec, urls, options)
     if not os.path.exists(path):
         raise CorpusError(f"{spec}: no such file or directory")
     if os.path.isfile(path):
-        return _tar_corpus(spec, [path])
+        return _tar_corpus(spec, [path], options)
     tars = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".tar"))
     if tars:
-        return _tar_corpus(spec, tars)
-    return _folder_corpus(spec, path, folder_shard_size)
+        return _tar_corpus(spec, tars, options)
+    return _folder_corpus(spec, path, options)
 
 
 def _remote_tars(spec: str) -> list[str]:
@@ -159,17 +221,17 @@ def _remote_tars(spec: str) -> list[str]:
     return sorted(f if "://" in f else f"{proto}://{f.lstrip('/')}" if proto != "memory" else f"memory://{f}" for f in out)
 
 
-def _tar_corpus(spec: str, urls: list[str]) -> Corpus:
+def _tar_corpus(spec: str, urls: list[str], options: ReadOptions) -> Corpus:
     if not urls:
         raise CorpusError(f"{spec}: no .tar shards found")
     names = [re.sub(r"\.tar$", "", u.rstrip("/").rsplit("/", 1)[-1]) for u in urls]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise CorpusError(f"{spec}: shard names must be unique, {sorted(dup)[0]!r} appears twice")
-    return Corpus(spec, "tar", tuple(CorpusShard(n, u) for n, u in zip(names, urls)))
+    return Corpus(spec, "tar", tuple(CorpusShard(n, u) for n, u in zip(names, urls)), options=options)
 
 
-def _folder_corpus(spec: str, root: str, shard_size: int) -> Corpus:
+def _folder_corpus(spec: str, root: str, options: ReadOptions) -> Corpus:
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -179,7 +241,7 @@ def _folder_corpus(spec: str, root: str, shard_size: int) -> Corpus:
     if not files:
         raise CorpusError(f"{spec}: empty corpus: no .tar shards and no image files")
     files.sort()
+    size = options.folder_shard_size
     classes = tuple(sorted({f.split("/", 1)[0] for f in files if "/" in f}))
-    shards = tuple(CorpusShard(f"part-{i // shard_size:06d}", root, tuple(files[i:i + shard_size]))
-                   for i in range(0, len(files), shard_size))
-    return Corpus(spec, "folder", shards, classes)
+    shards = tuple(CorpusShard(f"part-{i // size:06d}", root, tuple(files[i:i + size])) for i in range(0, len(files), size))
+    return Corpus(spec, "folder", shards, classes, options=options)

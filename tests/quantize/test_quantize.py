@@ -15,7 +15,6 @@ from kdcache.quantize import QuantizerSpec, SampleSpec, encode, faiss_decode, fi
 from kdcache.quantize.decoder import CodeDecoder, code_logits_loss
 from kdcache.quantize.fidelity import fidelity
 from kdcache.store import Store
-from kdcache.store.codes import read_codebooks
 from kdcache.store.inspect import info
 
 SPECS = ["pq:m=8", "opq:m=8,opq_iter=8", "pca:m=8", "rq:m=4,beam=2,niter=8", "sq8", "sq4",
@@ -131,15 +130,15 @@ def test_quantize_during_and_after_extraction_give_the_same_codes(tmp_path, many
     during, after = str(tmp_path / "during.zarr"), str(tmp_path / "after.zarr")
     extract(many_shards, during, [vit_spec], ExtractOptions(quantize="pq:m=12", quantize_sample=256, quantize_pool=1, seed=0, **Q))
     s = Store.open(during)
-    cb = read_codebooks(s.root, "vit", "patch")
+    cb = s.read_codebooks("vit", "patch")
     used = cb.attrs["trained_on"]["shards"]
     assert 1 <= len(used) < 6  # trained on a prefix; the other shards were encoded as extracted
     extract(many_shards, after, [vit_spec], ExtractOptions(seed=0, **Q))
-    fp16 = {n: Store.open(after).read_features(n, "vit")[1] for n in Store.open(after).complete_shards()}
+    fp16 = {n: Store.open(after).read_features(n, "vit", "patch") for n in Store.open(after).complete_shards()}
     out = quantize_store(after, "vit", QuantizerSpec.parse("pq:m=12"), sample=sample, progress=False)
     assert out["shards_converted"] == 6
     a = Store.open(after)
-    np.testing.assert_array_equal(read_codebooks(a.root, "vit", "patch").codebooks, cb.codebooks)
+    np.testing.assert_array_equal(a.read_codebooks("vit", "patch").codebooks, cb.codebooks)
     for name in s.complete_shards():
         np.testing.assert_array_equal(s.array(name, "vit/patch_codes")[:], a.array(name, "vit/patch_codes")[:], err_msg=name)
         assert "vit/patch" not in s.root[f"shards/{name}"] and "vit/patch" not in a.root[f"shards/{name}"]
@@ -171,15 +170,15 @@ def test_quantized_store_decodes_with_plain_zarr_and_numpy(tmp_path, many_shards
     x = y @ rot + mean
     if norm:  # gain-shape: the codebooks coded the direction, the last code the norm
         x = q["norms"][:][codes[..., c]][..., None] * x
-    cb = read_codebooks(Store.open(out).root, "vit", "patch")
+    cb = Store.open(out).read_codebooks("vit", "patch")
     np.testing.assert_allclose(x, faiss_decode(cb, codes.reshape(-1, m)).reshape(x.shape), rtol=1e-4, atol=1e-4)
     floats = g["vit/patch"][:].astype(np.float32)  # kept: --keep-float
     assert fidelity(floats.reshape(-1, 192), x.reshape(-1, 192))["relmse"] < 0.5
     d = info(Store.open(out))["teachers"]["vit"]["quantizer"]["patch"]
     assert d["method"] == "rq" and d["m"] == m and d["bytes_per_token"] == m and d["compression_vs_fp16"] == 384 / m
     assert 0 < d["relmse"] < 1 and 0 < d["p5_cos"] <= d["mean_cos"] <= 1
-    from kdcache.extract.check import verify
-    assert verify(out, many_shards)[0] == []
+    from kdcache.data.check import verify_store
+    assert verify_store(out, many_shards).problems == []
 
 
 def test_cls_tokens_quantized_separately_and_decoded_by_the_trainer(tmp_path, many_shards, vit_spec):
@@ -196,7 +195,7 @@ def test_cls_tokens_quantized_separately_and_decoded_by_the_trainer(tmp_path, ma
     assert tt.paths == {"cls": "vit/cls_codes", "patch": "vit/patch"}
     codes = torch.from_numpy(g["vit/cls_codes"][:2, 0])
     got = tt({"vit/cls_codes": codes, "vit/patch": torch.zeros(2, 4, 192, dtype=torch.float16)})["summary"]
-    np.testing.assert_allclose(got.numpy(), read_codebooks(s.root, "vit", "cls").decode(codes.numpy()), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.numpy(), s.read_codebooks("vit", "cls").decode(codes.numpy()), rtol=1e-5, atol=1e-5)
 
 
 def test_cli_quantize_gain_shape_refined_and_bench_rows(tmp_path, many_shards, vit_spec):
@@ -207,7 +206,7 @@ def test_cli_quantize_gain_shape_refined_and_bench_rows(tmp_path, many_shards, v
     r = json.loads(p.stdout)
     assert r["shards_converted"] == 6 and r["bytes_per_token"] == 9
     s = Store.open(out)
-    cb = read_codebooks(s.root, "vit", "patch")
+    cb = s.read_codebooks("vit", "patch")
     assert cb.attrs["spec"] == "rq:M=9,beam=2,train_beam=1,refine=1,norm=1" and cb.n_codebooks == 8 and cb.norms is not None
     assert s.array(s.complete_shards()[0], "vit/patch_codes").shape[-1] == 9
     assert "rq:M=9,beam=2,train_beam=1,refine=1,norm=1" in run_cli("info", out).stdout

@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli
 from helpers import assert_same_store, store_arrays
 
-from kdcache.extract.check import verify
+from kdcache.data.check import verify_store
 
 pytestmark = pytest.mark.slow
 ARGS = ["--views", "2", "--batch-size", "2", "--workers", "1", "--no-progress"]
@@ -52,7 +52,7 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path, man
     arrays = store_arrays(out)
     keys = [k for name in sorted(arrays) if name.endswith("/keys") for k in arrays[name].tolist()]
     assert len(keys) == 36 and len(set(keys)) == 36  # nothing lost, nothing duplicated
-    assert verify(out, many_shards)[0] == []
+    assert verify_store(out, many_shards).problems == []
 
 
 def test_torchrun_two_ranks_equals_one_process(tmp_path, many_shards, vit_spec, cnn_spec, reference):

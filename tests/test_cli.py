@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from kdcache.cli import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/ is one level below the root
 
 
 def _readme_commands():

@@ -11,7 +11,7 @@ import zarr
 from conftest import run_cli
 
 from kdcache.extract import ExtractOptions, extract
-from kdcache.extract.check import verify
+from kdcache.data.check import verify_store
 from kdcache.store import Store
 from kdcache.store.inspect import info
 
@@ -39,11 +39,11 @@ def test_info_reports_counts_and_bytes(tmp_path, corpus, vit_spec):
 
 def test_verify_passes_then_finds_silent_corruption(tmp_path, corpus, vit_spec):
     out = _store(tmp_path, corpus, vit_spec)
-    problems, counts = verify(out, corpus)
-    assert problems == [] and counts == {"shards_checked": 3, "shards_incomplete": 0, "samples": 24}
+    report = verify_store(out, corpus)
+    assert report.problems == [] and (report.shards_checked, report.shards_incomplete, report.samples) == (3, 0, 24)
     a = zarr.open_array(os.path.join(out, "shards/demo-000001/vit/patch"), mode="r+")
     a[3, 1, 0, 0] = a[3, 1, 0, 0] + 1
-    problems, _ = verify(out)
+    problems = verify_store(out).problems
     assert problems == [f"shard demo-000001: vit/patch: digest mismatch (stored {problems[0].split('stored ')[1][:12]}, "
                         f"data {problems[0].split('data ')[1][:12]})"]
     p = run_cli("verify", out, check=False)
@@ -62,7 +62,7 @@ def test_verify_with_data_finds_key_mismatch(tmp_path, corpus, vit_spec):
         for m in members:
             if not m.name.startswith(dropped + "."):
                 tout.addfile(m, tin.extractfile(m))
-    problems, _ = verify(out, str(other))
+    problems = verify_store(out, str(other)).problems
     assert len(problems) == 1 and problems[0].startswith("shard demo-000002: key 2 is ")
 
 

@@ -17,13 +17,13 @@ from conftest import VIT
 from helpers import tar_images
 
 from kdcache.extract import ExtractOptions, extract
-from kdcache.extract.corpus import resolve_corpus
+from kdcache.data.corpus import resolve_corpus
 from kdcache.quantize import QuantizerSpec, SampleSpec, faiss_decode, quantize_store
 from kdcache.store import Store
-from kdcache.store.codes import read_codebooks
 from kdcache.train.config import TrainConfig, build_config
 from kdcache.train.loader import DistillStream, LoaderSpec, collate
-from kdcache.train.loop import TrainError, train
+from kdcache.train.build import TrainError
+from kdcache.train.loop import train
 from kdcache.train.targets import TeacherTargets
 
 STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
@@ -100,7 +100,7 @@ def test_quantized_targets_decode_on_device_to_faiss_decode(pq_store, corpus):
     batch = collate(list(_stream(pq_store, corpus, ("vit/cls", "vit/patch_codes")))[:5])
     assert batch["vit/patch_codes"].dtype == torch.uint8 and batch["vit/cls"].dtype == torch.float16
     got = tt(batch)["patch"]
-    cb = read_codebooks(s.root, "vit", "patch")
+    cb = s.read_codebooks("vit", "patch")
     ref = faiss_decode(cb, batch["vit/patch_codes"].numpy().reshape(-1, 8)).reshape(got.shape)
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-4, atol=1e-4)
 
@@ -170,8 +170,8 @@ def test_key_mismatch_names_shard_and_key(tmp_path, store, corpus):
         members = tin.getmembers()
         for m in members[2:]:  # drop the first sample
             tout.addfile(m, tin.extractfile(m))
-    from kdcache.train.loader import LoaderError
-    with pytest.raises(LoaderError, match=r"shard demo-000000: corpus key '.+' where the store has '.+' at row 0"):
+    from kdcache.data.walk import AlignError  # the one walk every reader shares
+    with pytest.raises(AlignError, match=r"shard demo-000000: corpus key '.+' where the store has '.+' at row 0"):
         list(_stream(store, str(other), ("vit/cls",)))
 
 

@@ -11,8 +11,9 @@ import zarr
 
 from kdcache.extract import ExtractError, ExtractOptions, extract
 from kdcache.extract import batches as batches_mod
-from kdcache.extract.views import sample_views
-from kdcache.store import Store, bf16_bits_to_float32
+from kdcache.data.views import sample_views
+from kdcache.store import Store
+from kdcache.store.dtypes import bf16_bits_to_float32
 
 from conftest import CNN, VIT
 from helpers import assert_same_store, reference_features, store_arrays, tar_images
@@ -133,7 +134,7 @@ def test_bfloat16_and_float32_storage(tmp_path, corpus, vit_spec):
     assert g.dtype == np.uint16 and g.attrs["logical_dtype"] == "bfloat16"
     ref = zarr.open_group(f32, mode="r")["shards/demo-000001/vit/patch"][:]
     np.testing.assert_allclose(bf16_bits_to_float32(g[:]), ref, rtol=1e-2, atol=1e-2)
-    _, p = Store.open(bf16).read_features("demo-000001", "vit")
+    p = Store.open(bf16).read_features("demo-000001", "vit", "patch")
     assert p.dtype == np.float32 and np.allclose(p, ref, rtol=1e-2, atol=1e-2)
 
 
@@ -174,12 +175,12 @@ def test_random_init_teacher_is_the_same_in_every_process_so_reruns_resume(tmp_p
     import subprocess
     import sys
     import torch
-    from kdcache.extract import create_teacher
+    from kdcache.models import create_teacher
     spec = "r=vit_tiny_patch16_224,pretrained=false,img_size=32,depth=1"
     state = torch.get_rng_state()
     a = create_teacher(spec).meta.weights_sha256
     assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is untouched
-    other = subprocess.run([sys.executable, "-c", f"from kdcache.extract import create_teacher; "
+    other = subprocess.run([sys.executable, "-c", f"from kdcache.models import create_teacher; "
                             f"print(create_teacher({spec!r}).meta.weights_sha256)"], capture_output=True, text=True)
     assert other.stdout.strip() == a
     out = str(tmp_path / "s.zarr")

@@ -12,8 +12,8 @@ from PIL import Image
 
 from kdcache import cli
 from kdcache.extract import ExtractOptions, extract
-from kdcache.extract.decode import BadImage, decode_image
-from kdcache.extract.demo_corpus import write_tar
+from kdcache.data.decode import BadImage, decode_image
+from kdcache.data.demo_corpus import write_tar
 from kdcache.store import Store
 
 
@@ -94,7 +94,7 @@ def test_decode_conversions():
     rgba = decode_image(_png(Image.new("RGBA", (4, 4), (10, 20, 30, 0))))
     assert rgba.shape == (4, 4, 3) and tuple(rgba[0, 0]) == (10, 20, 30)
     with pytest.raises(BadImage, match="decompression bomb"):
-        from kdcache.extract.decode import DecodeOptions
+        from kdcache.data.decode import DecodeOptions
         decode_image(_png(Image.new("RGB", (200, 200))), DecodeOptions(max_pixels=10_000))
 
 
@@ -128,7 +128,7 @@ def test_bad_invocations_fail_in_one_line(tmp_path, corpus, weights, vit_spec, m
     expect = {
         "missing": "no such file or directory", "empty": "empty corpus", "unknown_model": "unknown timm model 'no_such_net'",
         "bad_checkpoint": "does not fit resnet18", "unwritable": "cannot create the store directory",
-        "bad_spec": "expected NAME=MODEL",
+        "bad_spec": "NAME must be letters",
     }[case]
     if case == "missing":
         data = str(tmp_path / "nowhere")

@@ -1,0 +1,98 @@
+"""``kdcache verify``: every complete shard against its digests and shapes, optionally the corpus.
+
+The one place a store is verified. The corpus side comes in as plain iterables of keys (what
+each corpus shard should hold, computed by ``kdcache.data.walk``), so ``store/`` stays free of
+corpus code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from .layout import digest_array
+from .meta import has_teacher, teacher_arrays
+from .store import Store
+
+
+@dataclass
+class VerifyReport:
+    problems: list[str] = field(default_factory=list)
+    shards_checked: int = 0
+    shards_incomplete: int = 0
+    samples: int = 0
+
+    def line(self) -> str:
+        return (f"checked {self.shards_checked} complete shard(s), {self.samples} samples; "
+                f"{self.shards_incomplete} incomplete; {len(self.problems)} problem(s)")
+
+    def to_dict(self) -> dict:
+        return {"problems": self.problems, "shards_checked": self.shards_checked,
+                "shards_incomplete": self.shards_incomplete, "samples": self.samples}
+
+
+def verify(store: Store, corpus_keys: Mapping[str, Iterable[str]] | None = None) -> VerifyReport:
+    """Digests, shapes and counts of every complete shard; with ``corpus_keys`` (corpus shard
+    name -> the keys it should hold, lazily), that the stored keys equal them in order and that
+    the store and the corpus hold the same shards."""
+    complete = store.complete_shards()
+    report = VerifyReport(shards_checked=len(complete), shards_incomplete=len(store.shard_names()) - len(complete))
+    for name in complete:
+        report.samples += int((store.shard_attrs(name) or {}).get("count", 0))
+        report.problems += verify_shard(store, name)
+    if corpus_keys is not None:
+        report.problems += [f"shard {n}: in the store but not in the corpus" for n in complete if n not in corpus_keys]
+        for name, keys in corpus_keys.items():
+            if name not in complete:
+                report.problems.append(f"shard {name}: in the corpus but not complete in the store")
+            else:
+                report.problems += _keys_problems(store, name, keys)
+    return report
+
+
+def _keys_problems(store: Store, name: str, corpus_keys: Iterable[str]) -> list[str]:
+    stored = store.keys(name).tolist()
+    i = 0
+    try:
+        for key in corpus_keys:
+            if i >= len(stored):
+                return [f"shard {name}: {len(stored)} keys in the store, the corpus has more (next {key!r})"]
+            if key != stored[i]:
+                return [f"shard {name}: key {i} is {stored[i]!r} in the store but {key!r} in the corpus"]
+            i += 1
+    except Exception as e:  # noqa: BLE001 - an unreadable corpus shard is a finding, not a crash
+        return [f"shard {name}: corpus unreadable after {i} keys: {e}"]
+    if i != len(stored):
+        return [f"shard {name}: {len(stored)} keys in the store, {i} in the corpus"]
+    return []
+
+
+def verify_shard(store: Store, name: str) -> list[str]:
+    """Problems found in one complete shard (empty when intact)."""
+    where = f"shard {name}"
+    attrs = store.shard_attrs(name) or {}
+    digest, count, k = attrs.get("digest", {}), attrs.get("count"), store.meta.views
+    problems = []
+    expected = {"keys": (count,), "views": (count, k, 5)}
+    for t, m in store.meta.teachers.items():
+        if not has_teacher(digest, t):
+            problems.append(f"{where}: teacher {t} missing (no digest entry)")
+            continue
+        expected.update({p: (count, *shape) for p, (shape, _, _) in teacher_arrays(t, m, k).items() if p in digest})
+    expected.update({p: None for p in digest if p not in expected})
+    for path, shape in expected.items():
+        try:
+            arr = store.array(name, path)
+        except Exception as e:  # noqa: BLE001 - any read failure is a finding
+            problems.append(f"{where}: {path}: unreadable ({e})")
+            continue
+        if shape is not None and tuple(arr.shape) != shape:
+            problems.append(f"{where}: {path}: shape {tuple(arr.shape)}, expected {shape}")
+            continue
+        try:
+            got = digest_array(arr)
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{where}: {path}: cannot read data ({type(e).__name__}: {e})")
+            continue
+        if got != digest.get(path):
+            problems.append(f"{where}: {path}: digest mismatch (stored {str(digest.get(path))[:12]}, data {got[:12]})")
+    return problems

@@ -1,0 +1,160 @@
+"""Building a training run: everything ``fit`` needs, from a ``TrainConfig``.
+
+``build_run`` opens the store and the corpus (read back with the options the store records),
+checks they belong together, builds the student (``models``), the per-teacher targets and
+heads, the optimizer and schedule, the loader, and restores the resume state. ``kdcache
+train``, ``kdcache bench train`` and the demo all start from it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from kdcache.data.corpus import Corpus, ReadOptions, resolve_corpus
+from kdcache.data.partition import epoch_streams
+from kdcache.models import Student, create_student, resolve_device
+from kdcache.store import KdcacheError, Store
+
+from . import checkpoint
+from .config import TrainConfig
+from .loader import DistillStream, LoaderSpec, collate
+from .losses import LossSpec
+from .model import DistillModel, HeadSpec, TeacherTarget
+from .rundir import RunDir
+from .targets import TeacherTargets
+
+log = logging.getLogger("kdcache.train")
+
+
+class TrainError(KdcacheError):
+    pass
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    store: Store
+    corpus: Corpus
+    teachers: list[str]
+    shards: list[str]
+    student: Student
+    targets: dict[str, TeacherTargets]
+    model: DistillModel
+    ddp: torch.nn.Module  # the model as stepped: DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: object | None
+    epoch_steps: list[int]
+    dataset: DistillStream
+    loss_spec: LossSpec
+    weights: dict[str, float]
+    state: dict  # {epoch, step_in_epoch, global_step}: where fitting starts
+    rundir: RunDir
+
+    def loader(self) -> DataLoader:
+        """The run's DataLoader; its workers persist across epochs (``DistillStream`` epochs)."""
+        cfg, cuda = self.cfg, self.device.type == "cuda"
+        return DataLoader(self.dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate,
+                          pin_memory=cuda, drop_last=True, prefetch_factor=4 if cfg.workers else None,
+                          persistent_workers=cfg.workers > 0)
+
+
+def check_store_fits_corpus(store: Store, corpus: Corpus, teachers) -> list[str]:
+    """The shards to train on; a clear error when store and corpus do not belong together."""
+    fp = store.meta.corpus.get("fingerprint")
+    if fp != corpus.fingerprint():
+        raise TrainError(f"{store.url} was extracted from corpus {store.meta.corpus.get('spec')!r} (fingerprint {fp}); "
+                         f"--data {corpus.spec!r} is another corpus (fingerprint {corpus.fingerprint()})")
+    names = [s.name for s in corpus.shards]
+    missing = [n for n in names if not store.is_complete(n, teachers)]
+    if missing:
+        raise TrainError(f"{store.url}: {len(missing)} of {len(names)} corpus shard(s) are not complete in the store "
+                         f"(first: {missing[0]}); finish `kdcache extract` first")
+    return names
+
+
+def steps_per_epoch(counts: dict[str, int], shards, cfg: TrainConfig, epoch: int, world: int) -> int:
+    """Full batches every rank can deliver: each DataLoader worker batches its own shards (the
+    loader's very split, ``data.partition.epoch_streams``) and drops its own last partial
+    batch, so count per (rank, worker); the minimum over ranks."""
+    streams = epoch_streams(shards, seed=cfg.seed, epoch=epoch, world=world, workers=cfg.workers)
+    return min(sum(sum(counts[n] for n in worker) // cfg.batch_size for worker in rank) for rank in streams)
+
+
+def cosine_with_warmup(total: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def build_run(cfg: TrainConfig, *, config_file: str | None = None) -> Run:
+    rank, world = _distributed()
+    device = resolve_device(cfg.device)
+    store = Store.open(cfg.store)
+    teachers = list(cfg.teachers) or list(store.meta.teachers)
+    unknown = [t for t in teachers if t not in store.meta.teachers]
+    if unknown:
+        raise TrainError(f"--teacher {unknown[0]}: not in {cfg.store} (teachers: {', '.join(store.meta.teachers)})")
+    corpus = resolve_corpus(cfg.data, ReadOptions.from_dict(store.meta.corpus))
+    shards = check_store_fits_corpus(store, corpus, teachers)
+    rundir = RunDir(cfg.out)
+    if rank == 0:
+        rundir.prepare(resume=cfg.resume, overwrite=cfg.overwrite)
+        rundir.write_config(cfg.to_json(), config_file)
+
+    torch.manual_seed(cfg.seed)
+    student = create_student(cfg.student)
+    if rank == 0:  # what export needs to print a load line that rebuilds exactly this student
+        rundir.write_json("provenance.json", {"store": cfg.store, "data": cfg.data, "store_meta": store.meta.to_dict(),
+                                              "student": {"model": student.spec.model, "timm_kwargs": student.kwargs}})
+    targets = {t: TeacherTargets(store, t, normalize=cfg.normalize, predict_codes=cfg.predict_codes, seed=cfg.seed,
+                                 cache_stats=rank == 0).to(device) for t in teachers}
+    metas = store.meta.teachers
+    model = DistillModel(student.model, student.data,
+                         [TeacherTarget(t, metas[t].dim, tuple(metas[t].grid), targets[t].codes_m) for t in teachers],
+                         HeadSpec(hidden=cfg.head_hidden, depth=cfg.head_depth)).to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    counts = {n: int(store.shard_attrs(n)["count"]) for n in shards}
+    epoch_steps = [steps_per_epoch(counts, shards, cfg, e, world) for e in range(cfg.epochs)]
+    if min(epoch_steps) == 0:
+        raise TrainError(f"--batch-size {cfg.batch_size} is larger than one rank's share of the store "
+                         f"({min(counts.values())} samples in the smallest shard); lower it")
+    total = sum(epoch_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, min(cfg.warmup_steps, total // 2)))
+    ema = None
+    if cfg.ema:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(model.student, decay=cfg.ema)
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    if cfg.resume:
+        state = checkpoint.load(rundir, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema)
+        if state is None:
+            raise TrainError(f"--resume: no checkpoint in {rundir.checkpoint}")
+        log.info("resuming at epoch %d, step %d", state["epoch"], state["global_step"])
+    spec = LoaderSpec(store_url=cfg.store, shards=tuple(shards), target_paths=tuple(p for t in teachers for p in targets[t].paths.values()),
+                      input_size=student.data.hw, interpolation=student.data.interpolation, view_choice=cfg.view_choice,
+                      shuffle_buffer=cfg.shuffle_buffer, color_jitter=cfg.color_jitter, seed=cfg.seed, workers=cfg.workers,
+                      decode=corpus.options.decode)
+    return Run(cfg=cfg, rank=rank, world=world, device=device, store=store, corpus=corpus, teachers=teachers, shards=shards,
+               student=student, targets=targets, model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler, ema=ema,
+               epoch_steps=epoch_steps, dataset=DistillStream(corpus, spec, rank=rank, world=world),
+               loss_spec=LossSpec(alpha=cfg.alpha, beta=cfg.beta, summary_weight=cfg.summary_weight, patch_weight=cfg.patch_weight),
+               weights={t: float(cfg.teacher_weights.get(t, 1.0)) for t in teachers}, state=state, rundir=rundir)

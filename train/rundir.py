@@ -1,0 +1,85 @@
+"""A run directory: the one place that knows its layout.
+
+```
+RUN/config.json            the resolved TrainConfig      RUN/config.yaml|toml  a copy of --config
+RUN/provenance.json        the store's metadata          RUN/metrics.csv, RUN/tb/, RUN/loss.png
+RUN/checkpoints/last/      student.safetensors, heads.safetensors, ema.safetensors (with EMA),
+                           optimizer.pt, trainer.pt (tensors only), state.json
+```
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from kdcache.store import KdcacheError
+
+
+class RunDir:
+    def __init__(self, path: str):
+        self.path = path
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def config(self) -> str:
+        return self.file("config.json")
+
+    @property
+    def metrics(self) -> str:
+        return self.file("metrics.csv")
+
+    @property
+    def loss_plot(self) -> str:
+        return self.file("loss.png")
+
+    @property
+    def tensorboard(self) -> str:
+        return self.file("tb")
+
+    @property
+    def checkpoint(self) -> str:
+        return os.path.join(self.path, "checkpoints", "last")
+
+    def checkpoint_file(self, name: str) -> str:
+        return os.path.join(self.checkpoint, name)
+
+    def has_checkpoint(self) -> bool:
+        return os.path.exists(self.checkpoint_file("state.json"))
+
+    def holds_run(self) -> bool:
+        return os.path.exists(self.config) or self.has_checkpoint()
+
+    def prepare(self, *, resume: bool, overwrite: bool) -> None:
+        """Create the directory; refuse to train over a finished or started run unless asked."""
+        if resume and not self.has_checkpoint():
+            raise KdcacheError(f"--resume: no checkpoint in {self.checkpoint}")
+        if self.holds_run() and not (resume or overwrite):
+            raise KdcacheError(f"--out {self.path} holds a run already; pass --resume to continue it or --overwrite to replace it")
+        if overwrite and self.holds_run():
+            for name in ("checkpoints", "tb", "metrics.csv", "loss.png", "config.json", "provenance.json"):
+                p = self.file(name)
+                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise KdcacheError(f"--out {self.path}: cannot create the run directory: {e.strerror}") from None
+
+    def write_config(self, config_json: str, config_file: str | None) -> None:
+        with open(self.config, "w") as f:
+            f.write(config_json)
+        if config_file:
+            shutil.copyfile(config_file, self.file("config" + os.path.splitext(config_file)[1]))
+
+    def write_json(self, name: str, obj) -> None:
+        with open(self.file(name), "w") as f:
+            json.dump(obj, f, indent=2)
+
+    def read_config(self) -> dict:
+        try:
+            with open(self.config) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise KdcacheError(f"{self.path}: not a kdcache run directory ({self.config}: {e})") from None
