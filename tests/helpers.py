@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import io
+import sys
 import tarfile
 
 import numpy as np
+import pytest
 import timm
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -63,3 +65,20 @@ def assert_same_store(a, b):
     assert sorted(xa) == sorted(xb)
     for k in xa:
         np.testing.assert_array_equal(xa[k], xb[k], err_msg=k)
+
+
+def cli_call(monkeypatch, capsys, *args):
+    """``kdcache ARGS`` in this process, as the console script runs it: (exit code, stdout, stderr)."""
+    from kdcache import cli
+    monkeypatch.setattr(sys, "argv", ["kdcache", *args])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def one_error_line(err: str) -> str:
+    """The one ``kdcache: error:`` line of stderr (and no traceback)."""
+    lines = [line for line in err.splitlines() if line.startswith("kdcache: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

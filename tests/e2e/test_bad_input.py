@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 
 import numpy as np
 import pytest
 import zarr
 from PIL import Image
 
-from kdcache import cli
+from helpers import cli_call, one_error_line
+
 from kdcache.extract import ExtractOptions, extract
 from kdcache.data.decode import BadImage, decode_image
 from kdcache.data.demo_corpus import write_tar
@@ -98,26 +98,12 @@ def test_decode_conversions():
         decode_image(_png(Image.new("RGB", (200, 200))), DecodeOptions(max_pixels=10_000))
 
 
-def _cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["kdcache", *args])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
-
-
-def _one_error_line(err: str) -> str:
-    lines = [l for l in err.splitlines() if l.startswith("kdcache: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 def test_on_error_fail_stops_with_one_line_naming_the_key(tmp_path, bad_corpus, vit_spec, monkeypatch, capsys):
     out = str(tmp_path / "s.zarr")
-    code, _, err = _cli(monkeypatch, capsys, "extract", bad_corpus, "--out", out, "-t", vit_spec, "--on-error", "fail",
+    code, _, err = cli_call(monkeypatch, capsys, "extract", bad_corpus, "--out", out, "-t", vit_spec, "--on-error", "fail",
                         "--workers", "0", "--no-progress")
     assert code == 2
-    line = _one_error_line(err)
+    line = one_error_line(err)
     assert "'bad/empty'" in line and "empty file" in line and "bad-000000.tar" in line
     assert Store.open(out).complete_shards() == []
 
@@ -144,9 +130,9 @@ def test_bad_invocations_fail_in_one_line(tmp_path, corpus, weights, vit_spec, m
         out = str(tmp_path / "afile" / "store.zarr")
     elif case == "bad_spec":
         teacher = "keys=resnet18"
-    code, _, err = _cli(monkeypatch, capsys, "extract", data, "--out", out, "-t", teacher, "--no-progress")
+    code, _, err = cli_call(monkeypatch, capsys, "extract", data, "--out", out, "-t", teacher, "--no-progress")
     assert code == 2
-    assert expect in _one_error_line(err)
+    assert expect in one_error_line(err)
     if case != "unwritable":
         assert not os.path.exists(out) or Store.open(out).complete_shards() == []
 
@@ -155,8 +141,8 @@ def test_foreign_directory_is_not_overwritten(tmp_path, corpus, vit_spec, monkey
     out = tmp_path / "mine"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    code, _, err = _cli(monkeypatch, capsys, "extract", corpus, "--out", str(out), "-t", vit_spec, "--no-progress")
-    assert code == 2 and "not a kdcache store" in _one_error_line(err)
+    code, _, err = cli_call(monkeypatch, capsys, "extract", corpus, "--out", str(out), "-t", vit_spec, "--no-progress")
+    assert code == 2 and "not a kdcache store" in one_error_line(err)
     assert os.listdir(out) == ["precious.txt"]
 
 

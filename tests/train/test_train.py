@@ -140,16 +140,18 @@ def test_resume_equals_uninterrupted(tmp_path, store, corpus):
     assert len(rows) == 1 + 12  # rows up to the checkpoint kept, none doubled
 
 
-def test_export_loads_in_timm(tmp_path, store, corpus):
+@pytest.mark.parametrize("student", [STUDENT, "resnet18,img_size=32,global_pool=max"])
+def test_export_load_line_rebuilds_the_student_in_timm(tmp_path, store, corpus, student):
     from kdcache.train.export import export
-    train(_cfg(store, corpus, tmp_path / "run", epochs=1))
+    train(_cfg(store, corpus, tmp_path / "run", epochs=1, student=student), progress=False)
     res = export(str(tmp_path / "run"))
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, img_size=32, depth=1,
-                          pretrained_cfg_overlay=dict(file=res["student"]))
+    scope = {"timm": timm}
+    exec(f"m = {res['load_with']}", scope)  # the printed line, run as a user would paste it
     sd = safetensors.torch.load_file(str(tmp_path / "run" / "checkpoints" / "last" / "student.safetensors"))
-    for k, v in m.state_dict().items():
+    assert sorted(scope["m"].state_dict()) == sorted(sd)
+    for k, v in scope["m"].state_dict().items():
         torch.testing.assert_close(v, sd[k], rtol=0, atol=0)
-    assert "pretrained_cfg_overlay=dict(file=" in res["load_with"] and "depth=1" in res["load_with"]
+    assert ("global_pool='max'" in res["load_with"] and "img_size" not in res["load_with"]) or "depth=1" in res["load_with"]
 
 
 def test_store_from_another_corpus_or_missing_shards_fails_clearly(tmp_path, store, corpus, many_shards):

@@ -1,0 +1,134 @@
+"""The store's verbs, one suite run against every backend (zarr's StoreTests idea): local, memory://.
+The object-storage backend joins the same suite when it is added."""
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+from kdcache.store import Codebooks, Store, StoreError, StoreMeta, TeacherMeta, ViewPolicy, verify
+from kdcache.store.codes import PRODUCT
+
+K, D, GRID = 2, 8, (2, 2)
+
+
+def _meta(dtype="float16") -> StoreMeta:
+    t = TeacherMeta(model="m", weights_sha256="0" * 64, input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3,
+                    interpolation="bicubic", crop_pct=0.9, patch_size=(16, 16), grid=GRID, dim=D, tokens=4,
+                    prefix_tokens=1, summary="cls", dtype=dtype, codec="lz4")
+    return StoreMeta(view_policy=ViewPolicy(views=K), teachers={"t": t}, corpus={"spec": "x", "fingerprint": "f"},
+                     created_by="test")
+
+
+def _rows(n, start=0, dtype=np.float16):
+    rng = np.random.default_rng(start)
+    return {"keys": np.asarray([f"k{start + i}" for i in range(n)]), "views": rng.random((n, K, 5)).astype(np.float32),
+            "t/cls": rng.standard_normal((n, K, D)).astype(dtype), "t/patch": rng.standard_normal((n, K, 4, D)).astype(dtype)}
+
+
+class StoreContract:
+    """Subclasses give ``url``: a fresh location on their backend."""
+
+    @pytest.fixture
+    def url(self):
+        pytest.fail("each backend subclass provides the url fixture")
+
+    def _shard(self, store, name, n=5, start=0):
+        w = store.new_shard(name, store.meta.teachers)
+        rows = _rows(n, start)
+        w.append(rows)
+        w.add_failed("bad", "not an image")
+        w.finish()
+        return rows
+
+    def test_create_open_round_trip_and_is_a_store(self, url):
+        assert not Store.exists(url)
+        Store.create(url, _meta())
+        s = Store.open(url)
+        assert Store.exists(url) and s.meta == _meta() and not s.writable
+        with pytest.raises(StoreError, match="opened read-only"):
+            s.new_shard("x", s.meta.teachers)
+
+    def test_shards_become_complete_last_and_read_back(self, url):
+        s = Store.create(url, _meta())
+        rows = self._shard(s, "a")
+        w = s.new_shard("b", s.meta.teachers)
+        w.append(_rows(2, 10))  # never finished: a crashed writer
+        assert s.shard_names() == ["a", "b"] and s.complete_shards() == ["a"] and not s.is_complete("b")
+        np.testing.assert_array_equal(s.keys("a"), rows["keys"])
+        np.testing.assert_array_equal(s.views("a"), rows["views"])
+        np.testing.assert_array_equal(s.read_features("a", "t", "patch"), rows["t/patch"].astype(np.float32))
+        assert s.shard_attrs("a")["failed"] == [{"key": "bad", "error": "not an image"}] and s.shard_attrs("a")["count"] == 5
+        assert s.block_rows("a", "t/patch") >= 5 and sum(s.array_nbytes("a").values()) > 0
+        assert verify(Store.open(url)).problems == []
+        s.delete_shard("b")
+        assert s.shard_names() == ["a"]
+
+    def test_adding_a_teacher_to_a_complete_shard(self, url):
+        s = Store.create(url, _meta())
+        self._shard(s, "a")
+        t2 = {"u": s.meta.teachers["t"]}
+        s.write_meta(s.meta.replace(teachers={**s.meta.teachers, **t2}))
+        assert not s.is_complete("a", ["u"])
+        w = s.extend_shard("a", t2)
+        w.append({"u/cls": _rows(5)["t/cls"], "u/patch": _rows(5)["t/patch"]})
+        w.finish()
+        assert s.is_complete("a", ["t", "u"]) and verify(Store.open(url)).problems == []
+
+    def test_derived_array_switches_atomically_and_reruns_clean_up(self, url):
+        s = Store.create(url, _meta())
+        rows = self._shard(s, "a")
+        args = dict(row_shape=(K, 4, 1), dtype="uint8", codec="lz4",
+                    transform=lambda r: (np.asarray(r, np.float32)[..., :1] > 0).astype(np.uint8))
+        assert s.derive_array("a", "t/patch", "t/patch_codes", **args)
+        digest = s.shard_attrs("a")["digest"]
+        assert "t/patch_codes" in digest and "t/patch" not in digest
+        np.testing.assert_array_equal(s.array("a", "t/patch_codes")[:], (rows["t/patch"][..., :1] > 0).astype(np.uint8))
+        with pytest.raises(StoreError, match="no array 't/patch'"):
+            s.array("a", "t/patch")
+        assert not s.derive_array("a", "t/patch", "t/patch_codes", **args)  # a rerun: nothing to do
+
+    def test_codebooks_and_stats(self, url):
+        s = Store.create(url, _meta())
+        assert s.read_codebooks("t", "patch") is None and s.read_stats("t", "patch") is None
+        cb = Codebooks("pq", PRODUCT, np.zeros(D, np.float32), np.eye(D, dtype=np.float32),
+                       np.arange(2 * 256 * 4, dtype=np.float32).reshape(2, 256, 4), {"spec": "pq:M=2"})
+        s.write_codebooks("t", "patch", cb)
+        got = Store.open(url).read_codebooks("t", "patch")
+        np.testing.assert_array_equal(got.codebooks, cb.codebooks)
+        assert got.attrs["spec"] == "pq:M=2" and got.m == 2
+        s.write_stats("t", "cls", mean=np.ones(D), covariance=np.eye(D), count=7, attrs={"sampled_from": {}})
+        st = Store.open(url).read_stats("t", "cls")
+        assert st["count"] == 7 and st["mean"].dtype == np.float64
+        np.testing.assert_array_equal(st["covariance"], np.eye(D))
+
+    def test_bfloat16_is_stored_as_bits_and_read_as_float(self, url):
+        s = Store.create(url, _meta("bfloat16"))
+        x = np.random.default_rng(0).standard_normal((3, K, 4, D)).astype(np.float32)
+        bits = (x.view(np.uint32) >> 16).astype(np.uint16)  # truncation to bf16
+        w = s.new_shard("a", s.meta.teachers)
+        w.append({"keys": np.asarray(["a", "b", "c"]), "views": np.zeros((3, K, 5), np.float32),
+                  "t/cls": bits[:, :, 0], "t/patch": bits})
+        w.finish()
+        assert s.array("a", "t/patch").dtype == np.uint16
+        np.testing.assert_array_equal(s.read_features("a", "t", "patch"), (bits.astype(np.uint32) << 16).view(np.float32))
+
+
+class TestLocalStore(StoreContract):
+    @pytest.fixture
+    def url(self, tmp_path):
+        return str(tmp_path / "s.zarr")
+
+
+class TestMemoryStore(StoreContract):
+    @pytest.fixture
+    def url(self):
+        return f"memory://kdcache-test-{uuid.uuid4().hex}"
+
+
+def test_a_plain_directory_is_not_a_store(tmp_path):
+    (tmp_path / "x").mkdir()
+    assert not Store.exists(str(tmp_path / "x"))
+    with pytest.raises(StoreError, match="no kdcache store here"):
+        Store.open(str(tmp_path / "x"))

@@ -1,0 +1,56 @@
+"""train.build / train.loop: the run directory is protected, loader workers persist across epochs
+and still see each epoch, training shows progress."""
+from __future__ import annotations
+
+import pytest
+
+from kdcache.extract import ExtractOptions, extract
+from kdcache.store import KdcacheError
+from kdcache.train.build import build_run
+from kdcache.train.config import TrainConfig
+from kdcache.train.loader import pick_view
+from kdcache.train.loop import fit, train
+
+STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, corpus, vit_spec):
+    out = str(tmp_path_factory.mktemp("run") / "s.zarr")
+    extract(corpus, out, [vit_spec], ExtractOptions(views=3, progress=False, workers=0))
+    return out
+
+
+def _cfg(store, corpus, out, **kw):
+    return TrainConfig(**{**dict(store=store, data=corpus, student=STUDENT, out=str(out), epochs=1, batch_size=4, workers=0,
+                                 head_hidden=16, amp="none", log_every=1), **kw})
+
+
+def test_a_directory_holding_a_run_needs_resume_or_overwrite(tmp_path, store, corpus):
+    train(_cfg(store, corpus, tmp_path / "run"), progress=False)
+    with pytest.raises(KdcacheError, match="holds a run already; pass --resume to continue it or --overwrite"):
+        train(_cfg(store, corpus, tmp_path / "run"), progress=False)
+    assert train(_cfg(store, corpus, tmp_path / "run", overwrite=True), progress=False)["steps"] == 6
+    with pytest.raises(KdcacheError, match="--resume: no checkpoint"):
+        train(_cfg(store, corpus, tmp_path / "empty", resume=True), progress=False)
+
+
+def test_loader_workers_persist_across_epochs_and_see_each_epoch(tmp_path, store, corpus):
+    run = build_run(_cfg(store, corpus, tmp_path / "run", workers=2, epochs=3))
+    loader = run.loader()
+    pids, seen = [], []
+    for epoch in range(3):
+        run.dataset.set_epoch(epoch)
+        batches = list(iter(loader))
+        pids.append(sorted(w.pid for w in loader._iterator._workers))
+        views = {k: int(v) for b in batches for k, v in zip(b["key"], b["view"])}
+        assert views == {k: pick_view("epoch", 3, key=k, epoch=epoch, seed=0) for k in views}
+        seen.append(views)
+    assert pids[0] == pids[1] == pids[2]  # the same worker processes
+    assert seen[0] != seen[1]  # ... and they used the new epoch's views
+
+
+def test_training_shows_progress_on_stderr(tmp_path, store, corpus, capsys):
+    fit(build_run(_cfg(store, corpus, tmp_path / "run")), progress=True)
+    err = capsys.readouterr().err
+    assert "train" in err and "6/6" in err and "step" in err and "loss=" in err
