@@ -184,8 +184,10 @@ def _open_or_create(out: str, corpus: Corpus, teachers: dict[str, Teacher], opts
         raise ExtractError(f"{out}: store was made from corpus {old.corpus.get('spec')!r} "
                            f"(fingerprint {old.corpus.get('fingerprint')}); {corpus.spec!r} is a different corpus "
                            f"(fingerprint {corpus_desc['fingerprint']})")
-    if ReadOptions.from_dict(old.corpus) != corpus.options:
-        raise ExtractError(f"{out}: store was read with {ReadOptions.from_dict(old.corpus).to_dict()}; this run asks for "
+    # options a store written before they were recorded does not name are taken from this run
+    recorded = ReadOptions.from_dict({**corpus.options.to_dict(), **old.corpus})
+    if recorded != corpus.options:
+        raise ExtractError(f"{out}: store was read with {recorded.to_dict()}; this run asks for "
                            f"{corpus.options.to_dict()} (pass the store's --folder-shard-size/--max-pixels/--min-size)")
     merged = dict(old.teachers)
     for n, t in teachers.items():

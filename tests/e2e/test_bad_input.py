@@ -98,10 +98,11 @@ def test_decode_conversions():
         decode_image(_png(Image.new("RGB", (200, 200))), DecodeOptions(max_pixels=10_000))
 
 
-def test_on_error_fail_stops_with_one_line_naming_the_key(tmp_path, bad_corpus, vit_spec, monkeypatch, capsys):
+@pytest.mark.parametrize("workers", ["0", "1"])  # 1: the error is raised in a DataLoader worker process
+def test_on_error_fail_stops_with_one_line_naming_the_key(tmp_path, bad_corpus, vit_spec, monkeypatch, capsys, workers):
     out = str(tmp_path / "s.zarr")
     code, _, err = cli_call(monkeypatch, capsys, "extract", bad_corpus, "--out", out, "-t", vit_spec, "--on-error", "fail",
-                        "--workers", "0", "--no-progress")
+                            "--workers", workers, "--no-progress")
     assert code == 2
     line = one_error_line(err)
     assert "'bad/empty'" in line and "empty file" in line and "bad-000000.tar" in line
