@@ -41,7 +41,7 @@ def _train_default(name):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="kdcache", message="%(prog)s %(version)s")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr (and faiss's per-clustering output).")
+@click.option("-v", "--verbose", is_flag=True, help="kdcache's debug logging on stderr, and faiss's per-clustering warnings. [default: off]")
 def cli(verbose):
     """kdcache: run teachers once, cache their features, distil students from the cache.
 
@@ -51,8 +51,8 @@ def cli(verbose):
     kdcache info STORE
     kdcache verify STORE --data DATA
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kdcache").setLevel(logging.DEBUG if verbose else logging.INFO)  # not zarr's or fsspec's debug
     for noisy in ("faiss", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from kdcache.quantize.methods import set_verbose

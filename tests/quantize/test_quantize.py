@@ -205,6 +205,8 @@ def test_cli_quantize_gain_shape_refined_and_bench_rows(tmp_path, many_shards, v
                 "--sample-tokens", "512", "--no-progress")
     r = json.loads(p.stdout)
     assert r["shards_converted"] == 6 and r["bytes_per_token"] == 9
+    # faiss's per-clustering warnings only with -v; one summary line otherwise
+    assert "WARNING clustering" not in p.stderr and p.stderr.count("faiss suggests") == 1, p.stderr
     s = Store.open(out)
     cb = s.read_codebooks("vit", "patch")
     assert cb.attrs["spec"] == "rq:M=9,beam=2,train_beam=1,refine=1,norm=1" and cb.n_codebooks == 8 and cb.norms is not None
@@ -218,3 +220,6 @@ def test_cli_quantize_gain_shape_refined_and_bench_rows(tmp_path, many_shards, v
     rows = {line.split("|")[1].strip(): line.split("|") for line in table.splitlines() if line.startswith("| ")}
     assert rows["pq"][3].strip() == "4" and rows["pq+norm"][3].strip() == "3" and rows["rq+norm"][3].strip() == "4"
     assert 0 < float(rows["rq+norm"][8]) <= 1 and "norm=1 applies to pq, opq, pca and rq" in rows["sq4+norm"][10]
+    verbose = run_cli("-v", "bench", "quantize", "--npy", str(tmp_path / "x.npy"), "--methods", "pq", "--fractions", "16",
+                      "--train-tokens", "2000")
+    assert verbose.stderr.count("WARNING clustering") == 4  # one per codebook's k-means, as faiss prints them
