@@ -362,6 +362,14 @@ def bench_train(teacher, student, images, batch_size, steps, workers, quantize):
                    quantize=quantize))
 
 
+def _help_hint(ctx) -> str:
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.insert(0, ctx.info_name)
+        ctx = ctx.parent
+    return f" (see kdcache {' '.join(names)} --help)" if names else ""
+
+
 def main():
     try:
         rv = cli.main(standalone_mode=False)  # returns --version's / --help's exit code instead of raising
@@ -373,8 +381,7 @@ def main():
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:  # bad option values: one line too
-        click.echo(f"kdcache: error: {e.format_message()}" + (f" (see kdcache {e.ctx.command_path.split(' ', 1)[-1]} --help)"
-                   if getattr(e, "ctx", None) is not None else ""), err=True)
+        click.echo(f"kdcache: error: {e.format_message()}{_help_hint(getattr(e, 'ctx', None))}", err=True)
         sys.exit(e.exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)
 

@@ -68,6 +68,19 @@ class QuantizerSpec:
     refine: int = 0  # rq: rounds of (beam encode, joint least-squares codebook update) after greedy training
     norm: int = 0  # 1 = gain-shape: one of the M bytes codes |x|, the M-1 codebooks code x / |x|
 
+    def __post_init__(self):
+        if self.method not in METHOD_TRAINERS:
+            raise QuantizeError(f"quantizer method {self.method!r}: expected one of {', '.join(METHODS)}")
+        lows = {"beam": 1, "train_beam": 1, "niter": 1, "opq_iter": 1, "refine": 0}
+        for name, low in lows.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise QuantizeError(f"quantizer {self.method}: {name}={v!r}, need an integer >= {low}")
+        if self.m is not None and (not isinstance(self.m, int) or isinstance(self.m, bool) or not 1 <= self.m <= 4096):
+            raise QuantizeError(f"quantizer {self.method}: M={self.m!r}, need an integer in 1..4096")
+        if self.norm not in (0, 1):
+            raise QuantizeError(f"quantizer {self.method}: norm must be 0 or 1")
+
     @classmethod
     def parse(cls, text: str) -> "QuantizerSpec":
         method, _, rest = text.partition(":")

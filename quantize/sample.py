@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kdcache.store import Store, feature_path
+from kdcache.store import KdcacheError, Store, feature_path
 
 POOL = 4  # draw from >= 4x the tokens used, so the sample spreads over many images
 
@@ -27,6 +27,14 @@ class SampleSpec:
     held_out: int | None = None
     seed: int = 0
     pool: int = POOL
+
+    def __post_init__(self):
+        for name, low in (("train_tokens", 1), ("pool", 1), ("seed", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise KdcacheError(f"--{name.replace('_', '-')} {v!r}: need an integer >= {low}")
+        if self.held_out is not None and (not isinstance(self.held_out, int) or self.held_out < 0):
+            raise KdcacheError(f"held-out tokens {self.held_out!r}: need an integer >= 0")
 
     @property
     def held(self) -> int:

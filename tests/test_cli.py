@@ -108,3 +108,13 @@ def test_a_typo_in_a_config_file_is_an_error(tmp_path, monkeypatch, capsys):
     cfg.write_text("store: s.zarr\ndata: d\nstudent: resnet18\nout: r\nepochs: ten\n")
     code, _, err = cli_call(monkeypatch, capsys, "train", "--config", str(cfg))
     assert code == 2 and "--epochs 'ten'" in one_error_line(err)
+
+
+@pytest.mark.parametrize("args,match", [(["--m", "0"], "M=0, need an integer in 1..4096"),
+                                        (["--beam", "0"], "beam=0, need an integer >= 1"),
+                                        (["--sample-tokens", "0"], "--train-tokens 0: need an integer >= 1"),
+                                        (["-m", "rq"], "No such option '-m'. (see kdcache quantize --help)")])
+def test_bad_quantize_options_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, match):
+    method = [] if "-m" in args else ["--method", "rq"]
+    code, _, err = cli_call(monkeypatch, capsys, "quantize", str(tmp_path / "none.zarr"), "-t", "vit", *method, *args)
+    assert code == 2 and match in one_error_line(err)
