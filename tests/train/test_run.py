@@ -42,6 +42,7 @@ def test_loader_workers_persist_across_epochs_and_see_each_epoch(tmp_path, store
     for epoch in range(3):
         run.dataset.set_epoch(epoch)
         batches = list(iter(loader))
+        assert len(batches) == run.epoch_steps[epoch]  # the step count comes from the loader's own split
         pids.append(sorted(w.pid for w in loader._iterator._workers))
         views = {k: int(v) for b in batches for k, v in zip(b["key"], b["view"])}
         assert views == {k: pick_view("epoch", 3, key=k, epoch=epoch, seed=0) for k in views}
