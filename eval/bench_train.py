@@ -9,6 +9,7 @@ loader samples/s with the student removed, and target bytes read per sample.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 
@@ -23,6 +24,8 @@ from kdcache.train.config import TrainConfig
 from kdcache.train.loader import DistillStream, collate, to_device
 from kdcache.train.step import distill_step
 
+from .harness import environment, header, limit_note, measure
+
 
 class _Epochs(DistillStream):
     def __iter__(self):
@@ -31,17 +34,8 @@ class _Epochs(DistillStream):
             self.epoch += 1
 
 
-def _timed(fn, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - t0) / steps
-
-
 def bench_train(*, teacher: str, student: str, images: int = 96, batch_size: int = 16, steps: int = 6, workers: int = 1,
-                quantize: str | None = None) -> str:
+                quantize: str | None = None, repeat: int = 5, as_json: bool = False) -> str:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         corpus_dir, store_url = f"{tmp}/corpus", f"{tmp}/store.zarr"
@@ -69,56 +63,75 @@ def bench_train(*, teacher: str, student: str, images: int = 96, batch_size: int
         # (c) in-memory: one real batch, decoded targets held on the device
         fixed = to_device(next(batches()), dev)
         fixed_t = {k: v.detach() for k, v in targets(fixed).items()}
-        t_c = _timed(lambda: step(fixed["image"], fixed_t), steps)
         # (a) online: the teacher runs on every batch (on its own view of the same images)
         tch = create_teacher(teacher, device=dev)
         t_in = tuple(tch.meta.input_size[1:])
         teacher_imgs = torch.nn.functional.interpolate(fixed["image"].float(), size=t_in, mode="bilinear").round().clamp(0, 255).to(torch.uint8)
+        it, it_alone = batches(), batches(epoch=5)
+        c_step = [0.0]  # the last (c) step time: what (b') waits instead of computing
+
+        def side(fn):
+            def run():
+                for _ in range(steps):
+                    fn()
+                return steps * batch_size
+            return run
 
         def online():
             summary, patches = tch.features(teacher_imgs)
             with torch.no_grad():
                 tgt = {"summary": targets.norm["cls"](summary), "patch": targets.norm["patch"](patches)}
             step(fixed["image"], tgt)
-        t_a = _timed(online, steps)
-        # (b) cached: the real loader, targets decoded on the device
-        it = batches()
 
         def cached():
             b = to_device(next(it), dev)
             step(b["image"], targets(b))
-        t_b = _timed(cached, steps)
-        # (b') the same loader and device-side decoding, with the student step replaced by an
-        # equal wait that leaves the CPU free: what an accelerator sees (its compute is elsewhere)
+
+        def student_only():
+            t0 = time.perf_counter()
+            step(fixed["image"], fixed_t)
+            c_step[0] = time.perf_counter() - t0
 
         def cached_accel():
+            # (b') the same loader and device-side decoding, with the student step replaced by an
+            # equal wait that leaves the CPU free: what an accelerator sees (its compute is elsewhere)
             b = to_device(next(it), dev)
             targets(b)
-            time.sleep(t_c)
-        t_b_accel = _timed(cached_accel, steps)
-        # loader alone
-        it2 = batches(epoch=5)
-        n = 0
-        t0 = time.perf_counter()
-        for _ in range(steps * 2):
-            n += len(next(it2)["key"])
-        loader_sps = n / (time.perf_counter() - t0)
+            time.sleep(c_step[0])
+
+        def loader_alone():
+            next(it_alone)
+
+        sides = {"a": side(online), "b": side(cached), "c": side(student_only), "b'": side(cached_accel),
+                 "loader": side(loader_alone)}
+        m = measure(sides, repeat=repeat)
         row_bytes = sum(v.element_size() * v[0].numel() for k, v in fixed.items() if k in targets.paths.values())
+    env = environment(str(dev))
+    speedup, ideal, overhead, accel = m.ratio("b", "a"), m.ratio("c", "a"), m.ratio("c", "b"), m.ratio("c", "b'")
+    of_ideal = m.ratio("b", "c")  # (a/b) / (a/c): the cached step's speed as a fraction of the student alone
+    if as_json:
+        return json.dumps({"environment": env, "teacher": tmeta.model, "student": student, "batch_size": batch_size,
+                           "steps": steps, "workers": workers, "quantize": quantize, "measurement": m.to_dict(),
+                           "ratios": {"a/b": speedup.to_dict(), "a/c": ideal.to_dict(), "b/c": overhead.to_dict(),
+                                      "b'/c": accel.to_dict(), "of_ideal": of_ideal.to_dict()},
+                           "target_bytes_per_sample": row_bytes}, indent=2)
+    notes = [n for n in (limit_note(of_ideal, "cached/student-only speed"),) if n]
     return "\n".join([
-        f"# bench train: teacher {tmeta.model} {tmeta.input_size[1]}px ({t_name}, {'codes ' + quantize if quantize else tmeta.dtype}), "
-        f"student {student}, batch {batch_size}, {workers} loader worker(s), {torch.get_num_threads()} torch threads, {dev}",
+        header(f"bench train: teacher {tmeta.model} {tmeta.input_size[1]}px ({t_name}, "
+               f"{'codes ' + quantize if quantize else tmeta.dtype}), student {student}, batch {batch_size}, "
+               f"{workers} loader worker(s), {steps} steps per repetition", env, repeat=repeat, warmup=m.warmup),
         "",
-        "| step | s/step | samples/s |",
+        "| side | s/step | samples/s |",
         "|---|---|---|",
-        f"| (a) online: teacher forward + student step | {t_a:.3f} | {batch_size / t_a:.1f} |",
-        f"| (b) cached: kdcache loader + student step | {t_b:.3f} | {batch_size / t_b:.1f} |",
-        f"| (c) student step on in-memory tensors | {t_c:.3f} | {batch_size / t_c:.1f} |",
+        *[f"| {label} | {m.time(k).fmt(3, 1 / steps)} | {m.rate(k).fmt(1)} |" for k, label in (
+            ("a", "(a) online: teacher forward + student step"), ("b", "(b) cached: kdcache loader + student step"),
+            ("c", "(c) student step on in-memory tensors"),
+            ("b'", "(b') cached, the step's compute replaced by an equal wait (accelerator stand-in)"),
+            ("loader", "loader alone"))],
         "",
-        f"speedup a/b = {t_a / t_b:.2f} (ideal a/c = {t_a / t_c:.2f}; a/b is {t_a / t_b / (t_a / t_c):.2f} of ideal, target >= 0.9)",
-        f"loader overhead b/c = {t_b / t_c:.2f} (target <= 1.10); on this machine the loader and the student "
-        f"share the CPU cores",
-        f"loader overhead with the step's compute off the CPU (b'/c, accelerator stand-in: the step is a "
-        f"{t_c:.3f} s wait) = {t_b_accel / t_c:.2f}",
-        f"loader alone: {loader_sps:.1f} samples/s; target bytes read per sample: {row_bytes} "
-        f"(fp32 floats would be {4 * (tmeta.tokens + 1) * tmeta.dim})",
+        f"speedup a/b = {speedup.fmt()} (ideal a/c = {ideal.fmt()}; b is {of_ideal.fmt()} of c's speed, target >= 0.9)",
+        f"loader overhead b/c = {overhead.fmt()} (target <= 1.10); on this machine the loader and the student share the CPU",
+        f"loader overhead with the step's compute off the CPU, b'/c = {accel.fmt()}",
+        f"target bytes read per sample: {row_bytes} (fp32 floats would be {4 * (tmeta.tokens + 1) * tmeta.dim})",
+        *notes,
     ])
