@@ -23,6 +23,7 @@ from kdcache.data.partition import rank_and_world, rank_share
 from kdcache.data.walk import ON_ERROR
 from kdcache.models import Teacher, create_teacher, resolve_device
 from kdcache.quantize import QuantizerSpec
+from kdcache.quantize.stats import compute_stats, write_stats
 from kdcache.store import CODECS, STORAGE_DTYPES, KdcacheError, Store, StoreMeta, ViewPolicy, feature_path, has_teacher
 from kdcache.store.dtypes import torch_dtype
 from kdcache.store.inspect import shard_nbytes, write_summary
@@ -151,7 +152,19 @@ def extract(data: str, out: str, teacher_specs: list[str], opts: ExtractOptions 
     summary.shards_skipped = skipped - len(prefix_written & {s.name for s in mine})
     if rank == 0:
         write_summary(store)
+        _write_stats(store, corpus)
     return summary
+
+
+def _write_stats(store: Store, corpus: Corpus) -> None:
+    """Normalisation statistics for readers, once the shards they sample from are all there
+    (the first shards holding the sample, or the whole corpus when it is smaller)."""
+    done = len(complete_prefix(store, corpus)) == len(corpus.shards)
+    for t in store.meta.teachers:
+        for kind in ("cls", "patch"):
+            st = compute_stats(store, t, kind)
+            if st["source"]["complete_sample"] or done:
+                write_stats(store, t, kind, st)
 
 
 def _create_teachers(specs, device, opts) -> dict[str, Teacher]:

@@ -88,6 +88,8 @@ def quantize_store(url: str, teacher: str, qspec: QuantizerSpec, *, kind: str = 
     converted = 0
     for name in tqdm(shards, desc=f"quantize {teacher}/{kind}", unit="shard", disable=not progress):
         converted += convert_shard(store, name, teacher, kind, cb, keep_float=keep_float)
+    from .stats import compute_stats, write_stats
+    write_stats(store, teacher, kind, compute_stats(store, teacher, kind))  # the targets are now the decoded codes
     return {"teacher": teacher, "kind": kind, "shards_converted": converted, "shards_skipped": len(shards) - converted,
             **{k: cb.attrs.get(k) for k in ("spec", "bytes_per_token", "compression_vs_fp16", "relmse", "mean_cos",
                                              "p5_cos", "train_seconds")}}

@@ -9,13 +9,13 @@ reports on it; ``dtypes`` is the one place bfloat16 is handled.
 """
 from .codes import Codebooks
 from .dtypes import STORAGE_DTYPES, to_float32
-from .errors import KdcacheError, StoreError
+from .errors import CorruptShardError, KdcacheError, StoreError
 from .meta import CODECS, FORMAT_VERSION, StoreMeta, TeacherMeta, ViewPolicy, feature_path, has_teacher
 from .shard_writer import ShardWriter
 from .store import Store
 from .verify import VerifyReport, verify
 
 __all__ = [
-    "CODECS", "Codebooks", "FORMAT_VERSION", "KdcacheError", "STORAGE_DTYPES", "ShardWriter", "Store", "StoreError",
+    "CODECS", "Codebooks", "CorruptShardError", "FORMAT_VERSION", "KdcacheError", "STORAGE_DTYPES", "ShardWriter", "Store", "StoreError",
     "StoreMeta", "TeacherMeta", "VerifyReport", "ViewPolicy", "feature_path", "has_teacher", "to_float32", "verify",
 ]

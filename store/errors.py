@@ -14,6 +14,10 @@ class StoreError(KdcacheError):
     """The store is missing, unwritable, corrupt, or incompatible with the request."""
 
 
+class CorruptShardError(StoreError):
+    """A shard's data does not match what was written (``train --skip-corrupt`` skips these)."""
+
+
 def one_line(e: BaseException) -> str:
     """The user-facing line of an error. An error raised in a DataLoader worker comes back
     re-raised with the worker's whole traceback as its message; its last line is the original."""

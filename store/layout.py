@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import zlib
 
 import numpy as np
 import zarr
@@ -84,3 +85,21 @@ def digest_array(arr) -> str:
     for start in range(0, arr.shape[0], block):
         d.update(np.asarray(arr[start:start + block]))
     return d.hexdigest()
+
+
+def block_crcs(rows: np.ndarray, block: int) -> list[int]:
+    """CRC-32 of each run of ``block`` rows (the last may be shorter), over their C-order bytes."""
+    return [crc32(rows[i:i + block]) for i in range(0, len(rows), block)]
+
+
+def crc32(rows: np.ndarray) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(rows)).cast("B"))
+
+
+def all_finite(rows: np.ndarray) -> bool:
+    """No NaN or infinity: floats directly, bfloat16 bits (uint16) by their exponent field."""
+    if rows.dtype == np.uint16:  # bfloat16 bits: exponent all ones = inf/NaN
+        return not bool(((rows & 0x7F80) == 0x7F80).any())
+    if rows.dtype.kind == "f":
+        return bool(np.isfinite(rows).all())
+    return True

@@ -127,9 +127,13 @@ class StoreMeta:
 
     @classmethod
     def from_dict(cls, d: dict, *, where: str = "store") -> "StoreMeta":
+        if not isinstance(d, dict):
+            raise StoreError(f"{where}: the 'kdcache' attribute is not a JSON object")
         fmt = d.get("format")
         if fmt != FORMAT_VERSION:
             raise StoreError(f"{where}: store format {fmt!r} is not supported (this kdcache reads format {FORMAT_VERSION})")
+        from .schema import check_root
+        check_root(d, where)
         return cls(
             view_policy=ViewPolicy.from_dict(d["view_policy"]),
             teachers={n: TeacherMeta.from_dict(t) for n, t in d["teachers"].items()},

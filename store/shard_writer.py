@@ -1,9 +1,11 @@
 """Writes one store shard: rows appended in corpus order, ``complete`` written last.
 
 A shard is written by exactly one process. Rows are buffered and written one Zarr shard
-(``block`` samples) at a time, each array's sha256 is computed from the very bytes written,
-and the shard's attributes (count, failed, digest, complete) are written in a single final
-metadata update, so a reader either sees a finished shard or an incomplete one.
+(``block`` samples) at a time; each array's sha256 (``digest``, what ``verify`` checks) and a
+CRC-32 per block (``block_crc32``, what loaders check on every block they read: cheap enough
+for the hot path) are computed from the very bytes written, and the shard's attributes (count,
+failed, digest, block_crc32, complete) are written in a single final metadata update, so a
+reader either sees a finished shard or an incomplete one.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import numpy as np
 
 from .dtypes import itemsize
 from .errors import StoreError
-from .layout import ArrayDigest, append_rows, block_rows, create_rows_array
+from .layout import ArrayDigest, append_rows, block_crcs, block_rows, create_rows_array
 from .meta import TeacherMeta, teacher_arrays
 
 
@@ -40,6 +42,7 @@ class ShardWriter:
         self._arrays: dict[str, object] = {}
         self._buffers: dict[str, list[np.ndarray]] = {}
         self._digests: dict[str, ArrayDigest] = {}
+        self._crcs: dict[str, list[int]] = {}
         if write_index:
             self._add("keys", (), str, codec="none")
             self._add("views", (views, 5), "float32", codec="none")
@@ -51,6 +54,7 @@ class ShardWriter:
         self._arrays[path] = create_rows_array(self.group, path, row_shape, dtype, block=self.block, codec=codec, attrs=attrs)
         self._buffers[path] = []
         self._digests[path] = ArrayDigest()
+        self._crcs[path] = []
 
     def append(self, rows: dict[str, np.ndarray]) -> None:
         """Append the same number of rows to every array (``rows[path]``, path as in the store)."""
@@ -85,6 +89,9 @@ class ShardWriter:
             if len(head):
                 if path == "keys":
                     head = np.asarray(head, dtype=str)
+                else:  # checksum the bytes as stored, in the array's dtype
+                    head = np.asarray(head, dtype=self._arrays[path].dtype)
+                    self._crcs[path] += block_crcs(head, self.block)
                 self._digests[path].update(head)
                 append_rows(self._arrays[path], head)
             self._buffers[path] = [tail] if len(tail) else []
@@ -95,11 +102,14 @@ class ShardWriter:
         if self.expected_count is not None and self.count != self.expected_count:
             raise StoreError(f"shard {self.group.path}: wrote {self.count} rows for a shard of {self.expected_count}")
         digests = {p: d.hexdigest() for p, d in self._digests.items()}
+        crcs = {p: c for p, c in self._crcs.items() if p != "keys"}
         attrs = dict(self.group.attrs)
         if self.write_index:
-            attrs.update(count=self.count, failed=self.failed, digest=digests, complete=True)
+            attrs.update(count=self.count, failed=self.failed, digest=digests, block_crc32=crcs, complete=True)
         else:
             attrs["digest"] = {**attrs.get("digest", {}), **digests}
+            if "block_crc32" in attrs:  # a store written before block checksums keeps verifying by digest
+                attrs["block_crc32"] = {**attrs["block_crc32"], **crcs}
         # One metadata write: zarr's local store replaces zarr.json atomically.
         self.group.attrs.put(attrs)
         return attrs

@@ -15,9 +15,10 @@ from zarr.errors import ContainsGroupError
 
 from .codes import Codebooks, read_codebooks, write_codebooks
 from .dtypes import to_float32
-from .errors import StoreError
-from .layout import ArrayDigest, append_rows, create_rows_array
-from .meta import SHARDS, StoreMeta, TeacherMeta, feature_path, has_teacher, quantizer_path, stats_path
+from .errors import CorruptShardError, StoreError
+from .layout import ArrayDigest, all_finite, append_rows, crc32, create_rows_array, digest_array
+from .meta import SHARDS, StoreMeta, TeacherMeta, feature_path, has_teacher, quantizer_path, stats_path, teacher_arrays
+from .schema import check_name, check_shard_attrs
 from .shard_writer import ShardWriter
 
 
@@ -39,6 +40,10 @@ def zarr_store(url: str, *, read_only: bool):
         if not os.access(path, os.W_OK):
             raise StoreError(f"{path}: the store directory is not writable")
     return zarr.storage.LocalStore(path, read_only=read_only)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [""])[0][:160]
 
 
 def _is_missing(e: Exception) -> bool:
@@ -119,18 +124,41 @@ class Store:
             return None
 
     def shard_names(self) -> list[str]:
-        """Every shard group that exists, complete or not, sorted."""
+        """Every shard group that exists, complete or not, sorted; a name that could point
+        outside the store (``..x``, a separator, control characters) is refused."""
         g = self._shards_group()
-        return sorted(g.group_keys()) if g is not None else []
+        names = sorted(g.group_keys()) if g is not None else []
+        for n in names:
+            check_name(n, f"{self.url}: shards", "shard")
+        return names
 
     def shard_attrs(self, name: str) -> dict | None:
-        """The shard's attributes, or None when the shard does not exist or is unreadable."""
+        """The shard's attributes, validated (``schema.check_shard_attrs``); None when the shard
+        does not exist. Unreadable or invalid metadata is a StoreError naming shard and field."""
+        check_name(name, f"{self.url}: shards", "shard")
         try:
-            return dict(self.root[f"{SHARDS}/{name}"].attrs)
-        except Exception as e:
-            if _is_missing(e) or isinstance(e, ValueError):
+            group = self.root[f"{SHARDS}/{name}"]
+            attrs = dict(group.attrs)
+        except Exception as e:  # noqa: BLE001 - zarr raises several types for a missing or broken zarr.json
+            if _is_missing(e):
                 return None
-            raise
+            raise StoreError(f"{self.url}: shard {name}: metadata unreadable ({type(e).__name__}: {_first_line(e)})") from None
+        return check_shard_attrs(attrs, f"{self.url}: shard {name}", array_paths=self.possible_arrays())
+
+    def possible_arrays(self) -> set[str]:
+        """Every array path a shard of this store may hold."""
+        out = {"keys", "views"}
+        for t in self.meta.teachers:
+            out |= {feature_path(t, kind, codes=codes) for kind in ("cls", "patch") for codes in (False, True)}
+        return out
+
+    def expected_arrays(self) -> dict[str, tuple[tuple, str]]:
+        """Array path -> (row shape, zarr dtype), as the teacher metadata declares them."""
+        k = self.meta.views
+        out = {"views": ((k, 5), "float32")}
+        for t, m in self.meta.teachers.items():
+            out.update({p: (shape, dtype) for p, (shape, dtype, _) in teacher_arrays(t, m, k).items()})
+        return out
 
     def is_complete(self, name: str, teachers=None) -> bool:
         """Complete, and (if given) holding every one of ``teachers``."""
@@ -171,17 +199,54 @@ class Store:
 
     # -- reading ------------------------------------------------------------------------
     def array(self, shard: str, path: str):
-        """The zarr array ``shards/<shard>/<path>`` (lazy; slicing reads)."""
+        """The zarr array ``shards/<shard>/<path>`` (lazy; slicing reads). In a complete shard its
+        shape and dtype must be what the shard's count and the teacher metadata declare."""
+        if path not in self.possible_arrays():
+            raise StoreError(f"{self.url}: shard {shard}: {path!r} is not an array of this store")
         try:
-            return self.root[f"{SHARDS}/{shard}/{path}"]
+            a = self.root[f"{SHARDS}/{shard}/{path}"]
         except KeyError:
             raise StoreError(f"{self.url}: shard {shard} has no array {path!r}") from None
+        except Exception as e:  # noqa: BLE001 - a broken array zarr.json
+            raise StoreError(f"{self.url}: shard {shard}: {path}: metadata unreadable ({type(e).__name__}: {_first_line(e)})") from None
+        attrs = self.shard_attrs(shard) or {}
+        if attrs.get("complete") is True:
+            count = attrs["count"]
+            want = self.expected_arrays().get(path)
+            if path == "keys":
+                ok = tuple(a.shape) == (count,)
+            elif want is not None:
+                ok = tuple(a.shape) == (count, *want[0]) and np.dtype(a.dtype) == np.dtype(want[1])
+            else:
+                ok = a.shape[0] == count
+            if not ok:
+                raise StoreError(f"{self.url}: shard {shard}: {path} has shape {tuple(a.shape)} {a.dtype}, but the shard's "
+                                 f"count ({count}) and teacher metadata declare {(count, *want[0]) if want else (count,)} "
+                                 f"{want[1] if want else ''}".rstrip())
+        return a
 
     def keys(self, shard: str) -> np.ndarray:
-        return np.asarray(self.array(shard, "keys")[:].tolist(), dtype=str)  # StringDType -> plain str
+        """The shard's sample keys, checked against their digest (small: read whole)."""
+        keys = np.asarray(self.array(shard, "keys")[:].tolist(), dtype=str)  # StringDType -> plain str
+        self._check_digest(shard, "keys", keys)
+        return keys
 
     def views(self, shard: str) -> np.ndarray:
-        return np.asarray(self.array(shard, "views")[:])
+        """The shard's (n, K, 5) view boxes, checked against their digest."""
+        views = np.asarray(self.array(shard, "views")[:])
+        self._check_digest(shard, "views", views)
+        if not all_finite(views):
+            raise CorruptShardError(f"{self.url}: shard {shard}: views holds NaN or infinite values")
+        return views
+
+    def _check_digest(self, shard: str, path: str, rows: np.ndarray) -> None:
+        attrs = self.shard_attrs(shard) or {}
+        want = (attrs.get("digest") or {}).get(path)
+        if attrs.get("complete") is True and want is not None:
+            d = ArrayDigest()
+            d.update(rows)
+            if d.hexdigest() != want:
+                raise CorruptShardError(f"{self.url}: shard {shard}: {path}: data does not match its digest")
 
     def block_rows(self, shard: str, path: str) -> int:
         """Rows per Zarr shard of an array: read it a block at a time (one request per block)."""
@@ -197,10 +262,50 @@ class Store:
         return {path: a.nbytes_stored() for path, a in group.members(max_depth=None) if hasattr(a, "nbytes_stored")}
 
     def read_features(self, shard: str, teacher: str, kind: str) -> np.ndarray:
-        """A whole shard's float ``cls``/``patch`` features as float32 (bf16 bits widened)."""
+        """A whole shard's float ``cls``/``patch`` features as float32 (bf16 bits widened), verified."""
         if teacher not in self.meta.teachers:
             raise StoreError(f"{self.url}: no teacher {teacher!r} (teachers: {', '.join(self.meta.teachers)})")
-        return to_float32(self.array(shard, feature_path(teacher, kind))[:], self.meta.teachers[teacher].dtype)
+        path = feature_path(teacher, kind)
+        blocks = range(-(-self.array(shard, path).shape[0] // self.block_rows(shard, path)))
+        rows = [self.read_block(shard, path, b) for b in blocks]
+        return to_float32(np.concatenate(rows) if rows else self.array(shard, path)[:0], self.meta.teachers[teacher].dtype)
+
+    def read_block(self, shard: str, path: str, index: int, *, attrs: dict | None = None, array=None) -> np.ndarray:
+        """Rows of block ``index`` (one Zarr shard) of an array, checked before they are returned:
+        readable, equal to the CRC-32 written with them (so a missing chunk read as fill values or
+        a flipped byte is caught), and finite. Anything else is a CorruptShardError naming shard
+        and array. Stores written before block checksums are checked against the whole-array
+        digest instead, once per array (``verify_array``)."""
+        attrs = attrs if attrs is not None else (self.shard_attrs(shard) or {})
+        a = array if array is not None else self.array(shard, path)
+        block = int(a.shards[0] if getattr(a, "shards", None) else a.chunks[0])
+        start = index * block
+        try:
+            rows = np.asarray(a[start:start + block])
+        except Exception as e:  # noqa: BLE001 - a truncated or garbled chunk fails inside the codec
+            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} unreadable "
+                                    f"({type(e).__name__}: {_first_line(e)})") from None
+        crcs = (attrs.get("block_crc32") or {}).get(path)
+        if crcs is not None:
+            if index >= len(crcs) or crc32(rows) != crcs[index]:
+                raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} does not match the checksum "
+                                        f"written with it (corrupt or missing chunk)")
+        elif index == 0:
+            self.verify_array(shard, path, attrs=attrs, array=a)
+        if not all_finite(rows):
+            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} holds NaN or infinite values")
+        return rows
+
+    def verify_array(self, shard: str, path: str, *, attrs: dict | None = None, array=None) -> None:
+        """The whole array against its sha256 digest (what ``verify`` does, for one array)."""
+        attrs = attrs if attrs is not None else (self.shard_attrs(shard) or {})
+        a = array if array is not None else self.array(shard, path)
+        try:
+            got = digest_array(a)
+        except Exception as e:  # noqa: BLE001
+            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: unreadable ({type(e).__name__}: {_first_line(e)})") from None
+        if got != (attrs.get("digest") or {}).get(path):
+            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: data does not match its digest (corrupt or missing chunk)")
 
     # -- arrays derived from a complete shard (quantization) -----------------------------
     def derive_array(self, shard: str, src: str, dst: str, *, transform, row_shape: tuple, dtype: str, codec: str,
@@ -224,15 +329,19 @@ class Store:
         source = group[src]
         block = self.block_rows(shard, src)
         out = create_rows_array(group, dst, row_shape, dtype, block=block, codec=codec, attrs=attrs)
-        h = ArrayDigest()
-        for start in range(0, source.shape[0], block):
-            rows = transform(source[start:start + block])
+        h, crcs = ArrayDigest(), []
+        for b, start in enumerate(range(0, source.shape[0], block)):
+            rows = np.asarray(transform(self.read_block(shard, src, b)), dtype=dtype)
             h.update(rows)
+            crcs.append(crc32(rows))
             append_rows(out, rows)
         digest[dst] = h.hexdigest()
         if not keep_source:
             digest.pop(src)
-        group.attrs.put({**attrs_now, "digest": digest})  # the switch: one atomic metadata write
+        new_attrs = {**attrs_now, "digest": digest}
+        if "block_crc32" in attrs_now:
+            new_attrs["block_crc32"] = {**{p: c for p, c in attrs_now["block_crc32"].items() if p in digest}, dst: crcs}
+        group.attrs.put(new_attrs)  # the switch: one atomic metadata write
         self._drop_unlisted(group, digest, src)
         return True
 

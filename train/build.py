@@ -18,11 +18,12 @@ from torch.utils.data import DataLoader
 from kdcache.data.corpus import Corpus, ReadOptions, resolve_corpus
 from kdcache.data.partition import epoch_streams
 from kdcache.models import Student, create_student, resolve_device
-from kdcache.store import KdcacheError, Store
+from kdcache.store import KdcacheError, Store, StoreError
+from kdcache.store.errors import one_line
 
 from . import checkpoint
 from .config import TrainConfig
-from .loader import DistillStream, LoaderSpec, collate
+from .loader import DistillStream, LoaderSpec, collate, record_skip
 from .losses import LossSpec
 from .model import DistillModel, HeadSpec, TeacherTarget
 from .rundir import RunDir
@@ -67,18 +68,33 @@ class Run:
                           persistent_workers=cfg.workers > 0)
 
 
-def check_store_fits_corpus(store: Store, corpus: Corpus, teachers) -> list[str]:
-    """The shards to train on; a clear error when store and corpus do not belong together."""
+def check_store_fits_corpus(store: Store, corpus: Corpus, teachers, *, skip_corrupt: bool = False):
+    """(shards to train on, their counts, {bad shard: error}); a clear error when store and
+    corpus do not belong together. Shard metadata is validated here: a shard whose metadata is
+    invalid stops the run, or with ``skip_corrupt`` is left out and reported."""
     fp = store.meta.corpus.get("fingerprint")
     if fp != corpus.fingerprint():
         raise TrainError(f"{store.url} was extracted from corpus {store.meta.corpus.get('spec')!r} (fingerprint {fp}); "
                          f"--data {corpus.spec!r} is another corpus (fingerprint {corpus.fingerprint()})")
     names = [s.name for s in corpus.shards]
-    missing = [n for n in names if not store.is_complete(n, teachers)]
+    counts, bad, missing = {}, {}, []
+    for n in names:
+        try:
+            if not store.is_complete(n, teachers):
+                missing.append(n)
+                continue
+            counts[n] = int(store.shard_attrs(n)["count"])
+        except StoreError as e:
+            if not skip_corrupt:
+                raise
+            bad[n] = one_line(e)
     if missing:
         raise TrainError(f"{store.url}: {len(missing)} of {len(names)} corpus shard(s) are not complete in the store "
                          f"(first: {missing[0]}); finish `kdcache extract` first")
-    return names
+    shards = [n for n in names if n in counts]
+    if not shards:
+        raise TrainError(f"{store.url}: no usable shard left after skipping {len(bad)} corrupt one(s)")
+    return shards, counts, bad
 
 
 def steps_per_epoch(counts: dict[str, int], shards, cfg: TrainConfig, epoch: int, world: int) -> int:
@@ -113,26 +129,26 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None) -> Run:
     if unknown:
         raise TrainError(f"--teacher {unknown[0]}: not in {cfg.store} (teachers: {', '.join(store.meta.teachers)})")
     corpus = resolve_corpus(cfg.data, ReadOptions.from_dict(store.meta.corpus))
-    shards = check_store_fits_corpus(store, corpus, teachers)
+    shards, counts, bad = check_store_fits_corpus(store, corpus, teachers, skip_corrupt=cfg.skip_corrupt)
     rundir = RunDir(cfg.out)
     if rank == 0:
         rundir.prepare(resume=cfg.resume, overwrite=cfg.overwrite)
         rundir.write_config(cfg.to_json(), config_file)
-
+        for n, error in bad.items():
+            record_skip(rundir.skip_log, {"epoch": None, "shard": n, "error": error, "samples_skipped": None})
     torch.manual_seed(cfg.seed)
     student = create_student(cfg.student)
     if rank == 0:  # what export needs to print a load line that rebuilds exactly this student
         rundir.write_json("provenance.json", {"store": cfg.store, "data": cfg.data, "store_meta": store.meta.to_dict(),
                                               "student": {"model": student.spec.model, "timm_kwargs": student.kwargs}})
-    targets = {t: TeacherTargets(store, t, normalize=cfg.normalize, predict_codes=cfg.predict_codes, seed=cfg.seed,
-                                 cache_stats=rank == 0).to(device) for t in teachers}
+    targets = {t: TeacherTargets(store, t, normalize=cfg.normalize, predict_codes=cfg.predict_codes, rundir=rundir,
+                                 write_stats=rank == 0, skip_corrupt=cfg.skip_corrupt).to(device) for t in teachers}
     metas = store.meta.teachers
     model = DistillModel(student.model, student.data,
                          [TeacherTarget(t, metas[t].dim, tuple(metas[t].grid), targets[t].codes_m) for t in teachers],
                          HeadSpec(hidden=cfg.head_hidden, depth=cfg.head_depth)).to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    counts = {n: int(store.shard_attrs(n)["count"]) for n in shards}
     epoch_steps = [steps_per_epoch(counts, shards, cfg, e, world) for e in range(cfg.epochs)]
     if min(epoch_steps) == 0:
         raise TrainError(f"--batch-size {cfg.batch_size} is larger than one rank's share of the store "
@@ -152,7 +168,7 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None) -> Run:
     spec = LoaderSpec(store_url=cfg.store, shards=tuple(shards), target_paths=tuple(p for t in teachers for p in targets[t].paths.values()),
                       input_size=student.data.hw, interpolation=student.data.interpolation, view_choice=cfg.view_choice,
                       shuffle_buffer=cfg.shuffle_buffer, color_jitter=cfg.color_jitter, seed=cfg.seed, workers=cfg.workers,
-                      decode=corpus.options.decode)
+                      decode=corpus.options.decode, skip_log=rundir.skip_log if cfg.skip_corrupt else None)
     return Run(cfg=cfg, rank=rank, world=world, device=device, store=store, corpus=corpus, teachers=teachers, shards=shards,
                student=student, targets=targets, model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler, ema=ema,
                epoch_steps=epoch_steps, dataset=DistillStream(corpus, spec, rank=rank, world=world),

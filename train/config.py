@@ -54,6 +54,7 @@ class TrainConfig:
     stop_at_step: int = 0  # stop (with a checkpoint) after this global step; --resume continues
     resume: bool = False
     overwrite: bool = False  # train into a directory that holds a run, replacing it
+    skip_corrupt: bool = False  # skip (and count) shards whose data fails verification instead of stopping
 
     def __post_init__(self):
         for name in ("store", "data", "student", "out"):
@@ -74,7 +75,7 @@ class TrainConfig:
         _check(self, "beta", lambda v: _number(v) and v > 0, "a finite number > 0")
         for name, allowed in (("amp", AMP), ("view_choice", VIEW_CHOICES), ("normalize", tuple(NORMALIZERS))):
             _check(self, name, lambda v, allowed=allowed: v in allowed, f"one of {', '.join(allowed)}")
-        for name in ("predict_codes", "resume", "overwrite"):
+        for name in ("predict_codes", "resume", "overwrite", "skip_corrupt"):
             _check(self, name, lambda v: isinstance(v, bool), "true or false")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")

@@ -13,7 +13,9 @@ turns them into floats on the device.
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
+import os
 import random
 from dataclasses import dataclass
 
@@ -26,8 +28,9 @@ from kdcache.data.decode import BadImage, DecodeOptions, decode_sample
 from kdcache.data.partition import current_worker, epoch_streams
 from kdcache.data.views import replay_view
 from kdcache.data.walk import align
-from kdcache.store import KdcacheError, Store
+from kdcache.store import KdcacheError, Store, StoreError
 from kdcache.store.dtypes import stored_to_tensor
+from kdcache.store.errors import one_line
 
 VIEW_CHOICES = ("epoch", "random", "first")
 
@@ -51,6 +54,7 @@ class LoaderSpec:
     seed: int = 0
     workers: int = 1  # DataLoader workers: part of the shard split (data.partition)
     decode: DecodeOptions = DecodeOptions()  # as at extraction (the store's corpus.decode)
+    skip_log: str | None = None  # --skip-corrupt: corrupt shards are skipped and recorded here
 
     def __post_init__(self):
         if self.view_choice not in VIEW_CHOICES:
@@ -119,31 +123,58 @@ class DistillStream(IterableDataset):
         yield from buffer
 
     def _shard(self, name: str, epoch: int):
+        """The samples of one shard; a corrupt shard stops the run, or with ``skip_corrupt`` ends
+        here and is recorded (shard, array, reason, samples not delivered) in ``skip_log``."""
         store, spec = self._store, self.spec
-        attrs = store.shard_attrs(name) or {}
-        if attrs.get("complete") is not True:
-            raise LoaderError(f"{spec.store_url}: shard {name} is not complete")
-        keys = store.keys(name).tolist()
-        views = store.views(name)
-        arrays = {p: store.array(name, p) for p in spec.target_paths}
-        block_rows = store.block_rows(name, spec.target_paths[0])
-        blocks: dict[str, np.ndarray] = {}
-        block_start = -1
-        k = views.shape[1]
-        for i, s in align(self.corpus, self.corpus.shard(name), keys, attrs.get("failed", [])):
-            if block_start < 0 or i >= block_start + block_rows:  # one Zarr block per array: a few large reads
-                block_start = (i // block_rows) * block_rows
-                blocks = {p: np.asarray(a[block_start:block_start + block_rows]) for p, a in arrays.items()}
-            v = pick_view(spec.view_choice, k, key=s.key, epoch=epoch, seed=spec.seed)
-            try:
-                rgb = decode_sample(s, spec.decode)
-            except BadImage as e:
-                raise LoaderError(f"shard {name}: sample {s.key!r} was extracted but now fails to decode: {e}") from None
-            image = replay_view(torch.from_numpy(rgb).permute(2, 0, 1), views[i, v], spec.input_size, spec.interpolation)
-            out = {"key": s.key, "image": image, "view": v}
-            for p, b in blocks.items():
-                out[p] = stored_to_tensor(b[i - block_start, v])
-            yield out
+        row, attrs = 0, {}
+        try:
+            attrs = store.shard_attrs(name) or {}
+            if attrs.get("complete") is not True:
+                raise LoaderError(f"{spec.store_url}: shard {name} is not complete")
+            keys = store.keys(name).tolist()
+            views = store.views(name)
+            arrays = {p: store.array(name, p) for p in spec.target_paths}
+            block_rows = store.block_rows(name, spec.target_paths[0])
+            blocks: dict[str, np.ndarray] = {}
+            block_start = -1
+            k = views.shape[1]
+            for row, s in align(self.corpus, self.corpus.shard(name), keys, attrs.get("failed", [])):
+                if block_start < 0 or row >= block_start + block_rows:  # one Zarr block per array: a few large reads
+                    block_start = (row // block_rows) * block_rows
+                    blocks = {p: store.read_block(name, p, row // block_rows, attrs=attrs, array=a) for p, a in arrays.items()}
+                v = pick_view(spec.view_choice, k, key=s.key, epoch=epoch, seed=spec.seed)
+                try:
+                    rgb = decode_sample(s, spec.decode)
+                except BadImage as e:
+                    raise LoaderError(f"shard {name}: sample {s.key!r} was extracted but now fails to decode: {e}") from None
+                image = replay_view(torch.from_numpy(rgb).permute(2, 0, 1), views[row, v], spec.input_size, spec.interpolation)
+                out = {"key": s.key, "image": image, "view": v}
+                for p, b in blocks.items():
+                    out[p] = stored_to_tensor(b[row - block_start, v])
+                yield out
+        except StoreError as e:
+            if not spec.skip_log:
+                raise
+            count = attrs.get("count", 0)
+            record_skip(spec.skip_log, {"epoch": epoch, "shard": name, "error": one_line(e),
+                                        "samples_skipped": max(0, count - row) if isinstance(count, int) else 0})
+
+
+def record_skip(path: str, record: dict) -> None:
+    """One JSON line per skipped shard; O_APPEND keeps lines whole across worker processes."""
+    line = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_skips(path: str | None) -> list[dict]:
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _color_jitter(strength: float):

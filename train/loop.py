@@ -8,6 +8,7 @@ up to the checkpoint's step and those batches skipped). Rank 0 shows a progress 
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -16,9 +17,36 @@ from tqdm import tqdm
 from . import checkpoint
 from .build import Run, build_run
 from .config import TrainConfig
-from .loader import to_device
+from .loader import read_skips, to_device
 from .metrics import MetricsLog, plot_losses
 from .step import distill_step
+
+
+log = logging.getLogger("kdcache.train")
+
+
+def _next_batch(batches, run: Run):
+    """The next batch, or None when this epoch's data ran out; under torchrun every rank agrees,
+    so no rank waits in a collective for a batch another rank does not have."""
+    batch = next(batches, None)
+    if run.world > 1:
+        have = torch.tensor([0 if batch is None else 1], device=run.device if run.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(have, op=torch.distributed.ReduceOp.MIN)
+        if not int(have.item()):
+            return None
+    return batch
+
+
+def skipped_summary(run: Run) -> dict:
+    """Corrupt shards skipped (``--skip-corrupt``): unique per epoch, whatever resumes replayed."""
+    records = {(r["epoch"], r["shard"]): r for r in read_skips(run.rundir.skip_log if run.cfg.skip_corrupt else None)}
+    return {"shards": sorted({r["shard"] for r in records.values()}),
+            "samples": sum(r["samples_skipped"] or 0 for r in records.values()),
+            "errors": sorted({f"{r['shard']}: {r['error']}" for r in records.values()})}
+
+
+def skipped_samples(run: Run) -> int:
+    return skipped_summary(run)["samples"] if run.cfg.skip_corrupt else 0
 
 
 def train(cfg: TrainConfig, *, config_file: str | None = None, progress: bool = True) -> dict:
@@ -46,7 +74,15 @@ def fit(run: Run, *, progress: bool = True) -> dict:
                 next(batches)
             run.model.train()
             for i in range(first, run.epoch_steps[epoch]):
-                batch = to_device(next(batches), run.device)
+                batch = _next_batch(batches, run)
+                if batch is None:  # a skipped corrupt shard left this epoch short, on some rank
+                    log.warning("epoch %d ended after %d of %d steps: corrupt shards were skipped", epoch, i,
+                                run.epoch_steps[epoch])
+                    if run.rank == 0:
+                        checkpoint.save(run.rundir, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                                        ema=run.ema, state={"epoch": epoch + 1, "step_in_epoch": 0, "global_step": step})
+                    break
+                batch = to_device(batch, run.device)
                 loss, parts = distill_step(run.ddp, batch["image"], {t: run.targets[t](batch) for t in run.teachers},
                                            loss_spec=run.loss_spec, weights=run.weights, optimizer=run.optimizer,
                                            amp=cfg.amp, clip_grad=cfg.clip_grad)
@@ -60,7 +96,7 @@ def fit(run: Run, *, progress: bool = True) -> dict:
                 if step % cfg.log_every == 0 or done_epoch:
                     now = time.perf_counter()
                     row = {"step": step, "epoch": epoch, "lr": run.scheduler.get_last_lr()[0], "loss": loss.item(), **parts,
-                           "samples_per_s": n_last / (now - t_last)}
+                           "samples_per_s": n_last / (now - t_last), "skipped_samples": skipped_samples(run)}
                     bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}", refresh=False)
                     if metrics is not None:
                         metrics.log(row)
@@ -81,7 +117,7 @@ def fit(run: Run, *, progress: bool = True) -> dict:
         bar.close()
         if metrics is not None:
             metrics.close()
-    result = {"run": cfg.out, "steps": step, "stopped_early": bool(stopped)}
+    result = {"run": cfg.out, "steps": step, "stopped_early": bool(stopped), "skipped": skipped_summary(run)}
     if run.rank == 0:
         result["loss_plot"] = plot_losses(run.rundir, run.teachers)
     if run.world > 1:

@@ -12,7 +12,7 @@ class MetricsLog:
         """``keep_until``: resuming from this step; earlier rows stay, later ones (written
         after that checkpoint by the interrupted run) are dropped."""
         self.path = run.metrics
-        self.columns = ["step", "epoch", "lr", "loss", *columns, "samples_per_s"]
+        self.columns = ["step", "epoch", "lr", "loss", *columns, "samples_per_s", "skipped_samples"]
         kept = []
         if keep_until is not None and os.path.exists(self.path):
             with open(self.path) as f:

@@ -3,6 +3,8 @@
 ```
 RUN/config.json            the resolved TrainConfig      RUN/config.yaml|toml  a copy of --config
 RUN/provenance.json        the store's metadata          RUN/metrics.csv, RUN/tb/, RUN/loss.png
+RUN/skipped.jsonl          corrupt shards skipped (--skip-corrupt)
+RUN/stats/                 target statistics computed for this run (the store had none, or stale ones)
 RUN/checkpoints/last/      student.safetensors, heads.safetensors, ema.safetensors (with EMA),
                            optimizer.pt, trainer.pt (tensors only), state.json
 ```
@@ -36,6 +38,11 @@ class RunDir:
         return self.file("loss.png")
 
     @property
+    def skip_log(self) -> str:
+        """``--skip-corrupt``: one JSON line per corrupt shard skipped (written by loader workers)."""
+        return self.file("skipped.jsonl")
+
+    @property
     def tensorboard(self) -> str:
         return self.file("tb")
 
@@ -59,7 +66,8 @@ class RunDir:
         if self.holds_run() and not (resume or overwrite):
             raise KdcacheError(f"--out {self.path} holds a run already; pass --resume to continue it or --overwrite to replace it")
         if overwrite and self.holds_run():
-            for name in ("checkpoints", "tb", "metrics.csv", "loss.png", "config.json", "provenance.json"):
+            for name in ("checkpoints", "tb", "metrics.csv", "loss.png", "config.json", "provenance.json", "skipped.jsonl",
+                         "stats"):
                 p = self.file(name)
                 shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
         try:
