@@ -272,6 +272,8 @@ def bench_extract(teacher, images, batch_size, workers, codec, repeat, as_json):
               + T("stop_at_step"))
 @click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its last checkpoint. [default: off]")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace the run in --out. [default: off]")
+@click.option("--skip-corrupt", is_flag=True, default=None, help="Skip shards that fail verification (counted in metrics "
+              "and the summary) instead of stopping. [default: off]")
 @click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
 def train(config_file, teacher_weights, teachers, no_progress, **kw):
     """Train a student against the cached targets of STORE.

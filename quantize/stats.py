@@ -18,10 +18,11 @@ STATS_TOKENS = 131072
 STATS_SEED = 0  # the same sample for every producer and reader
 
 
-def compute_stats(store: Store, teacher: str, kind: str, *, exclude=()) -> dict:
-    """{count, mean, covariance, source}; CorruptShardError if a sampled shard fails its checks."""
+def compute_stats(store: Store, teacher: str, kind: str, *, shards: list[str] | None = None, exclude=()) -> dict:
+    """{count, mean, covariance, source} over the sample from ``shards`` (default: every complete
+    one); CorruptShardError if a sampled shard fails its checks."""
     spec = SampleSpec(train_tokens=STATS_TOKENS, held_out=0, seed=STATS_SEED, pool=1)
-    candidates = [s for s in store.complete_shards([teacher]) if s not in set(exclude)]
+    candidates = [s for s in (store.complete_shards([teacher]) if shards is None else sorted(shards)) if s not in set(exclude)]
     shards, enough = training_prefix(store, teacher, kind, spec, shards=candidates)
     x, _, desc = draw(store, teacher, kind, shards, spec)
     x = x.astype(np.float64)

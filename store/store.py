@@ -42,6 +42,15 @@ def zarr_store(url: str, *, read_only: bool):
     return zarr.storage.LocalStore(path, read_only=read_only)
 
 
+async def _list_dir(store, prefix: str) -> list[str]:
+    return [name async for name in store.list_dir(prefix)]
+
+
+def _sync(coro):
+    from zarr.core.sync import sync
+    return sync(coro)
+
+
 def _first_line(e: Exception) -> str:
     return (str(e).splitlines() or [""])[0][:160]
 
@@ -126,8 +135,9 @@ class Store:
     def shard_names(self) -> list[str]:
         """Every shard group that exists, complete or not, sorted; a name that could point
         outside the store (``..x``, a separator, control characters) is refused."""
-        g = self._shards_group()
-        names = sorted(g.group_keys()) if g is not None else []
+        # listed from the storage, not by parsing every child's zarr.json: a broken one is then
+        # reported for its own shard when read (shard_attrs), never while listing the others
+        names = sorted(n for n in _sync(_list_dir(self.root.store, SHARDS)) if n != "zarr.json")
         for n in names:
             check_name(n, f"{self.url}: shards", "shard")
         return names
@@ -220,9 +230,10 @@ class Store:
             else:
                 ok = a.shape[0] == count
             if not ok:
-                raise StoreError(f"{self.url}: shard {shard}: {path} has shape {tuple(a.shape)} {a.dtype}, but the shard's "
-                                 f"count ({count}) and teacher metadata declare {(count, *want[0]) if want else (count,)} "
-                                 f"{want[1] if want else ''}".rstrip())
+                declared = (count, *want[0]) if want else (count,)
+                got = f"shape {tuple(a.shape)}" + (f" {a.dtype}" if want and np.dtype(a.dtype) != np.dtype(want[1]) else "")
+                raise StoreError(f"{self.url}: shard {shard}: {path} has {got}, but the shard's count ({count}) and the "
+                                 f"teacher metadata declare {declared}" + (f" {want[1]}" if want else ""))
         return a
 
     def keys(self, shard: str) -> np.ndarray:

@@ -141,7 +141,7 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None) -> Run:
     if rank == 0:  # what export needs to print a load line that rebuilds exactly this student
         rundir.write_json("provenance.json", {"store": cfg.store, "data": cfg.data, "store_meta": store.meta.to_dict(),
                                               "student": {"model": student.spec.model, "timm_kwargs": student.kwargs}})
-    targets = {t: TeacherTargets(store, t, normalize=cfg.normalize, predict_codes=cfg.predict_codes, rundir=rundir,
+    targets = {t: TeacherTargets(store, t, normalize=cfg.normalize, predict_codes=cfg.predict_codes, shards=shards, rundir=rundir,
                                  write_stats=rank == 0, skip_corrupt=cfg.skip_corrupt).to(device) for t in teachers}
     metas = store.meta.teachers
     model = DistillModel(student.model, student.data,

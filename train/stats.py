@@ -23,9 +23,10 @@ from .rundir import RunDir
 log = logging.getLogger("kdcache.train")
 
 
-def target_stats(store: Store, teacher: str, kind: str, *, rundir: RunDir | None = None, write: bool = False,
-                 skip_corrupt: bool = False) -> dict:
-    """``write``: keep computed statistics in the run directory (rank 0)."""
+def target_stats(store: Store, teacher: str, kind: str, *, shards: list[str] | None = None, rundir: RunDir | None = None,
+                 write: bool = False, skip_corrupt: bool = False) -> dict:
+    """``shards``: the ones the run may read (default: every complete one); ``write``: keep
+    computed statistics in the run directory (rank 0)."""
     st = store.read_stats(teacher, kind)
     if st is not None and is_fresh(store, teacher, kind, st["attrs"]):
         return st
@@ -37,7 +38,7 @@ def target_stats(store: Store, teacher: str, kind: str, *, rundir: RunDir | None
     excluded: list[str] = []
     while True:
         try:
-            st = compute_stats(store, teacher, kind, exclude=excluded)
+            st = compute_stats(store, teacher, kind, shards=shards, exclude=excluded)
             break
         except CorruptShardError as e:
             bad = _shard_of(str(e), store)

@@ -20,7 +20,7 @@ from .stats import target_stats
 class TeacherTargets(nn.Module):
     """Turns one teacher's batch entries into {'summary': ..., 'patch' | 'codes': ...}."""
 
-    def __init__(self, store: Store, teacher: str, *, normalize: str, predict_codes: bool, rundir=None,
+    def __init__(self, store: Store, teacher: str, *, normalize: str, predict_codes: bool, shards=None, rundir=None,
                  write_stats: bool = False, skip_corrupt: bool = False):
         super().__init__()
         self.name = teacher
@@ -38,7 +38,7 @@ class TeacherTargets(nn.Module):
         self.codes_m = q["patch"]["m"] if self.predict_codes else None
         self.dtype = meta.dtype
         self.norm = nn.ModuleDict({
-            kind: create_normalizer(normalize, target_stats(store, teacher, kind, rundir=rundir, write=write_stats,
+            kind: create_normalizer(normalize, target_stats(store, teacher, kind, shards=shards, rundir=rundir, write=write_stats,
                                                             skip_corrupt=skip_corrupt)
                                     if needs_stats(normalize) else None, meta.dim)
             for kind in ("cls", "patch")})

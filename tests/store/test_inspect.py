@@ -28,7 +28,7 @@ def test_info_reports_counts_and_bytes(tmp_path, corpus, vit_spec):
     assert (d["shards_complete"], d["shards_incomplete"], d["samples"], d["failed"], d["views"]) == (3, 0, 24, 0, 2)
     t = d["teachers"]["vit"]
     on_disk = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(out) for f in fs
-                  if "/vit/cls" in r or "/vit/patch" in r)  # chunks and array metadata
+                  if "/shards/" in r and ("/vit/cls" in r or "/vit/patch" in r))  # chunks and array metadata
     assert t["bytes"] == on_disk and t["bytes_per_sample"] == on_disk / 24
     assert t["raw_bytes_per_sample"] == 2 * (4 + 1) * 192 * 2 and t["dim"] == 192 and t["grid"] == [2, 2]
     p = run_cli("info", out, "--json")

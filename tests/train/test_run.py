@@ -2,10 +2,16 @@
 and still see each epoch, training shows progress."""
 from __future__ import annotations
 
+import os
+import shutil
+
+import numpy as np
 import pytest
+import safetensors.numpy
+import zarr
 
 from kdcache.extract import ExtractOptions, extract
-from kdcache.store import KdcacheError
+from kdcache.store import KdcacheError, Store
 from kdcache.train.build import build_run
 from kdcache.train.config import TrainConfig
 from kdcache.train.loader import pick_view
@@ -55,3 +61,26 @@ def test_training_shows_progress_on_stderr(tmp_path, store, corpus, capsys):
     fit(build_run(_cfg(store, corpus, tmp_path / "run")), progress=True)
     err = capsys.readouterr().err
     assert "train" in err and "6/6" in err and "step" in err and "loss=" in err
+
+
+def _tree(path):
+    return sorted((os.path.relpath(os.path.join(r, f), path), os.path.getmtime(os.path.join(r, f)))
+                  for r, _, fs in os.walk(path) for f in fs)
+
+
+@pytest.mark.parametrize("case", ["absent", "stale"])
+def test_statistics_the_store_lacks_are_computed_into_the_run_directory_never_the_store(tmp_path, store, corpus, case):
+    copy = str(tmp_path / "s.zarr")
+    shutil.copytree(store, copy)
+    fresh = Store.open(copy).read_stats("vit", "patch")
+    if case == "absent":
+        shutil.rmtree(os.path.join(copy, "stats"))
+    else:  # the statistics claim to come from other data
+        g = zarr.open_group(copy, mode="r+")["stats/vit/patch"]
+        g.attrs.put({**g.attrs.asdict(), "digests": {"demo-000000": {"vit/patch": "0" * 64}}})
+    before = _tree(copy)
+    train(_cfg(copy, corpus, tmp_path / "run"), progress=False)
+    assert _tree(copy) == before  # read-only
+    got = safetensors.numpy.load_file(str(tmp_path / "run" / "stats" / "vit.patch.safetensors"))
+    np.testing.assert_allclose(got["mean"], fresh["mean"], rtol=1e-12)  # the same seeded sample as the producer's
+    np.testing.assert_allclose(got["covariance"], fresh["covariance"], rtol=1e-10)

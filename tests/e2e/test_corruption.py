@@ -1,0 +1,160 @@
+"""Readers that trust nothing: corrupted data and hostile metadata in copies of a valid store, run
+through the real CLI. Never a traceback, never a silent wrong answer: one line and a non-zero
+exit, or with --skip-corrupt an exit 0 that reports exactly what was skipped."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from helpers import cli_call
+
+from kdcache.extract import ExtractOptions, extract
+
+STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, corpus, vit_spec):
+    out = str(tmp_path_factory.mktemp("good") / "s.zarr")
+    extract(corpus, out, [vit_spec], ExtractOptions(views=2, progress=False, workers=0))
+    return out
+
+
+def _copy(good, tmp_path):
+    dst = str(tmp_path / "copy.zarr")
+    shutil.copytree(good, dst)
+    return dst
+
+
+def _chunk(store, shard, path):
+    d = os.path.join(store, "shards", shard, path, "c")
+    files = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs]
+    assert len(files) == 1, files
+    return files[0]
+
+
+def _edit_json(path, fn):
+    with open(path) as f:
+        d = json.load(f)
+    fn(d)
+    with open(path, "w") as f:
+        json.dump(d, f)
+
+
+def _flip(store):
+    p = _chunk(store, "demo-000001", "vit/patch")
+    b = bytearray(open(p, "rb").read())
+    b[len(b) // 3] ^= 0x40
+    open(p, "wb").write(bytes(b))
+
+
+def _delete_cls(store):
+    os.remove(_chunk(store, "demo-000001", "vit/cls"))
+
+
+def _truncate(store):
+    p = _chunk(store, "demo-000001", "vit/patch")
+    data = open(p, "rb").read()
+    open(p, "wb").write(data[: len(data) // 2])
+
+
+def _count(value):
+    def edit(store):
+        _edit_json(os.path.join(store, "shards", "demo-000001", "zarr.json"), lambda d: d["attributes"].update(count=value))
+    return edit
+
+
+CORRUPTIONS = {"flipped byte in patch": (_flip, "vit/patch"), "deleted cls chunk": (_delete_cls, "vit/cls"),
+               "truncated patch chunk": (_truncate, "vit/patch"), "count -5": (_count(-5), "count"),
+               "count 'x'": (_count("x"), "count"), "count larger": (_count(9), "has shape (8,), but the shard's count (9)")}
+
+
+class _Run:
+    """``kdcache ARGS`` run in this process (as the console script runs it)."""
+
+    def __init__(self, monkeypatch, capsys):
+        self.monkeypatch, self.capsys = monkeypatch, capsys
+
+    def __call__(self, *args):
+        self.returncode, self.stdout, self.stderr = cli_call(self.monkeypatch, self.capsys, *args)
+        return self
+
+    def train(self, store, corpus, out, *extra):
+        return self("train", "--store", store, "--data", corpus, "--student", STUDENT, "--out", str(out), "--epochs", "1",
+                    "--batch-size", "4", "--workers", "1", "--head-hidden", "16", "--amp", "none", "--no-progress", *extra)
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    return _Run(monkeypatch, capsys)
+
+
+def _one_line(p) -> str:
+    lines = [line for line in p.stderr.splitlines() if line.startswith("kdcache: error:")]
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_a_corrupt_shard_is_found_by_verify_and_stops_or_is_skipped_by_train(tmp_path, good, corpus, name, cli):
+    corrupt, array = CORRUPTIONS[name]
+    store = _copy(good, tmp_path)
+    corrupt(store)
+    before = sorted(os.listdir(store))
+    v = cli("verify", store)
+    assert v.returncode in (1, 2) and "Traceback" not in v.stderr
+    assert "demo-000001" in (v.stdout if v.returncode == 1 else _one_line(v)), (v.stdout, v.stderr)
+    stop = cli.train(store, corpus, tmp_path / "stop")
+    line = _one_line(stop)
+    assert stop.returncode == 2 and "shard demo-000001" in line and array in line, line
+    skip = cli.train(store, corpus, tmp_path / "skip", "--skip-corrupt")
+    assert skip.returncode == 0, skip.stderr[-2000:]
+    result = json.loads(skip.stdout)
+    assert result["skipped"]["shards"] == ["demo-000001"] and result["steps"] == 4  # 2 good shards of 8 samples, batch 4
+    assert sorted(os.listdir(store)) == before  # training wrote nothing into the store (no statistics cached)
+
+
+def _root(edit):
+    def apply(store):
+        _edit_json(os.path.join(store, "zarr.json"), lambda d: edit(d["attributes"]["kdcache"]))
+    return apply
+
+
+def _shard_not_json(store):
+    open(os.path.join(store, "shards", "demo-000000", "zarr.json"), "w").write("{not json")
+
+
+def _dotdot_shard(store):
+    shutil.copytree(os.path.join(store, "shards", "demo-000000"), os.path.join(store, "shards", "..x"))
+
+
+HOSTILE = {
+    "dim=1e12": (_root(lambda k: k["teachers"]["vit"].update(dim=10 ** 12)), "field 'dim'"),
+    "views='two'": (_root(lambda k: k.update(views="two")), "field 'views'"),
+    "teachers as a list": (_root(lambda k: k.update(teachers=["vit"])), "field 'teachers'"),
+    "grid of strings": (_root(lambda k: k["teachers"]["vit"].update(grid=["a", "b"])), "field 'grid'"),
+    "dtype unknown": (_root(lambda k: k["teachers"]["vit"].update(dtype="float8")), "field 'dtype'"),
+    "teacher named ..": (_root(lambda k: k.update(teachers={"..": k["teachers"]["vit"]})), "teacher name '..'"),
+    "shard zarr.json not JSON": (_shard_not_json, "shard demo-000000: metadata unreadable"),
+    "shard named ..x": (_dotdot_shard, "shard name '..x'"),
+    "digest names a path outside": (lambda s: _edit_json(os.path.join(s, "shards", "demo-000000", "zarr.json"),
+                                                          lambda d: d["attributes"]["digest"].update({"../../x": "0" * 64})),
+                                    "digest names '../../x'"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_metadata_is_one_line_for_every_reader(tmp_path, good, corpus, name, cli):
+    edit, match = HOSTILE[name]
+    store = _copy(good, tmp_path)
+    edit(store)
+    for args in (["info", store], ["info", store, "--json"], ["verify", store], ["verify", store, "--data", corpus]):
+        p = cli(*args)
+        assert p.returncode == 2 and match in _one_line(p), (args, p.stderr[-1500:])
+    p = cli.train(store, corpus, tmp_path / "run")
+    if name == "shard named ..x":  # train reads the corpus's shards only: the stray name is never opened
+        assert p.returncode == 0 and json.loads(p.stdout)["steps"] == 6
+    else:
+        assert p.returncode == 2 and match in _one_line(p)
