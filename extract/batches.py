@@ -25,7 +25,8 @@ from kdcache.data.decode import BadImage, DecodeOptions, decode_sample
 from kdcache.data.partition import current_worker, worker_share
 from kdcache.data.views import replay_view, sample_views
 from kdcache.data.walk import AlignError, Skip, align, screen, skip_handler
-from kdcache.store import ViewPolicy
+from kdcache.store import Store, ViewPolicy
+from kdcache.store.store import leases_for
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class ViewBatch:
     crops: list[torch.Tensor]
     last: bool = False
     failed: list[dict] = field(default_factory=list)
+    moved_on: str | None = None  # why this job leaves the shard to another (it holds the lease, or finished it)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -74,15 +76,42 @@ class ViewBatch:
         return self
 
 
+@dataclass(frozen=True)
+class LeaseSpec:
+    """How a worker takes a shard's lease for the job (``store.lease``): the job's owner id and
+    the main process's pid, so the lease outlives the worker while the writer still writes."""
+
+    store_url: str
+    owner: str
+    seconds: float
+    pid: int
+
+
 class ShardBatches(IterableDataset):
     def __init__(self, corpus: Corpus, jobs: list[ShardJob], *, policy: ViewPolicy, groups: list[InputGroup],
-                 batch_size: int, on_error: str = "skip", decode: DecodeOptions = DecodeOptions()):
+                 batch_size: int, on_error: str = "skip", decode: DecodeOptions = DecodeOptions(),
+                 lease: LeaseSpec | None = None):
         self.corpus, self.jobs, self.policy, self.groups = corpus, jobs, policy, groups
-        self.batch_size, self.on_error, self.decode = batch_size, on_error, decode
+        self.batch_size, self.on_error, self.decode, self.lease = batch_size, on_error, decode, lease
 
     def __iter__(self) -> Iterator[ViewBatch]:
         worker, workers = current_worker()
+        leases = store = None
+        if self.lease is not None:  # opened here: a filesystem is not shared across a fork
+            leases = leases_for(self.lease.store_url, self.lease.owner, seconds=self.lease.seconds, pid=self.lease.pid)
+            store = Store.open(self.lease.store_url)
         for job in worker_share(self.jobs, worker, workers):
+            reason = None
+            if leases is not None:
+                holder = leases.acquire(job.shard.name)
+                if holder is not None:
+                    reason = f"being written by {holder.describe()}"
+                elif store.is_complete(job.shard.name, job.teachers):  # finished by another job since we planned
+                    leases.release(job.shard.name)
+                    reason = "completed by another job"
+            if reason is not None:
+                yield ViewBatch(job.shard.name, [], np.zeros((0, 0, 5), np.float32), [], last=True, moved_on=reason)
+                continue
             yield from self.shard_batches(job)
 
     def shard_batches(self, job: ShardJob) -> Iterator[ViewBatch]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -27,8 +28,9 @@ from kdcache.quantize.stats import compute_stats, write_stats
 from kdcache.store import CODECS, STORAGE_DTYPES, KdcacheError, Store, StoreMeta, ViewPolicy, feature_path, has_teacher
 from kdcache.store.dtypes import torch_dtype
 from kdcache.store.inspect import shard_nbytes, write_summary
+from kdcache.store.lease import LEASE_SECONDS, new_owner
 
-from .batches import InputGroup, Replay, ShardBatches, ShardJob, ViewBatch
+from .batches import InputGroup, LeaseSpec, Replay, ShardBatches, ShardJob, ViewBatch
 from .quantized import (complete_prefix, convert_complete, prefix_holds_sample, quantizers_to_train, rows_encoder,
                         sample_spec, stored_quantizers, train_quantizers, wait_for_quantizers)
 from .writer import BackgroundWriter
@@ -63,6 +65,7 @@ class ExtractOptions:
     quantize_sample: int = 65536  # training tokens (plus held-out tokens for the fidelity figures)
     keep_float: bool = False  # keep the float patch arrays beside the codes
     quantize_pool: int = 4  # sample from the first shards holding >= pool x the training tokens
+    lease_seconds: float = LEASE_SECONDS  # a shard's lease lasts this long unless renewed (store.lease)
 
     def __post_init__(self):
         at_least = {"views": 1, "batch_size": 1, "workers": 0, "folder_shard_size": 1, "max_pixels": 1, "min_size": 1,
@@ -74,6 +77,8 @@ class ExtractOptions:
         for name, allowed in (("on_error", ON_ERROR), ("dtype", STORAGE_DTYPES), ("codec", CODECS)):
             if getattr(self, name) not in allowed:
                 raise ExtractError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if not isinstance(self.lease_seconds, (int, float)) or not 1 <= self.lease_seconds <= 7 * 86400:
+            raise ExtractError(f"--lease-seconds {self.lease_seconds!r}: need a number of seconds in 1..604800")
         if self.quantize is not None:
             QuantizerSpec.parse(self.quantize)  # a bad spec fails before any model is built
 
@@ -91,6 +96,7 @@ class ExtractSummary:
     seconds: float = 0.0
     failures: list = field(default_factory=list)
     shards: list = field(default_factory=list)  # names of the shards written
+    leased_elsewhere: list = field(default_factory=list)  # shards another job was writing: left to it
 
     @property
     def shards_written(self) -> int:
@@ -101,6 +107,7 @@ class ExtractSummary:
             setattr(self, f, getattr(self, f) + getattr(other, f))
         self.failures += other.failures
         self.shards += other.shards
+        self.leased_elsewhere += other.leased_elsewhere
 
     @property
     def images_per_second(self) -> float:
@@ -108,8 +115,9 @@ class ExtractSummary:
 
     def line(self) -> str:
         return (f"extracted {self.images} images ({self.failed} failed) into {self.shards_written} shards "
-                f"({self.shards_skipped} already complete), {self.bytes_written / 2**20:.1f} MiB written, "
-                f"{self.images_per_second:.1f} img/s")
+                f"({self.shards_skipped} already complete"
+                + (f", {len(self.leased_elsewhere)} left to another job" if self.leased_elsewhere else "")
+                + f"), {self.bytes_written / 2**20:.1f} MiB written, {self.images_per_second:.1f} img/s")
 
 
 def extract(data: str, out: str, teacher_specs: list[str], opts: ExtractOptions = ExtractOptions()) -> ExtractSummary:
@@ -249,8 +257,11 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
     groups = sorted({InputGroup(t.input_hw, t.meta.interpolation) for t in teachers.values()}, key=str)
     group_of = {n: groups.index(InputGroup(t.input_hw, t.meta.interpolation)) for n, t in teachers.items()}
     by_name = {j.shard.name: j for j in jobs}
+    owner = new_owner()
+    leases = store.leases(owner, seconds=opts.lease_seconds, pid=os.getpid())
     dataset = ShardBatches(corpus, jobs, policy=store.meta.view_policy, groups=groups, batch_size=opts.batch_size,
-                           on_error=opts.on_error, decode=corpus.options.decode)
+                           on_error=opts.on_error, decode=corpus.options.decode,
+                           lease=LeaseSpec(store.url, owner, opts.lease_seconds, os.getpid()))
     cuda = device.type == "cuda"
     loader = DataLoader(dataset, batch_size=None, num_workers=opts.workers, pin_memory=cuda,
                         persistent_workers=False, prefetch_factor=4 if opts.workers else None)
@@ -263,10 +274,24 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
     known = sum(len(j.shard.members) for j in jobs) if corpus.kind == "folder" else None
     bar = tqdm(total=known, unit="img", desc=f"extract rank {rank}", position=rank, disable=not opts.progress,
                dynamic_ncols=True, mininterval=1.0)
-    writer = BackgroundWriter(open_writer, transform=rows_encoder(store, encoders) if encoders else None)
+    active: set[str] = set()  # shards whose lease this job holds and whose writer is not done
+
+    def finished_shard(name):
+        active.discard(name)
+        leases.release(name)
+
+    writer = BackgroundWriter(open_writer, transform=rows_encoder(store, encoders) if encoders else None,
+                              on_finish=finished_shard)
+    heartbeat = Heartbeat(leases, active, every=opts.lease_seconds / 4)
     t0, shards_done, seen = time.perf_counter(), 0, 0
     try:
         for batch in loader:
+            if batch.moved_on is not None:
+                log.info("shard %s: %s; moving on", batch.shard, batch.moved_on)
+                summary.leased_elsewhere.append(batch.shard)
+                shards_done += 1
+                continue
+            active.add(batch.shard)
             job = by_name[batch.shard]
             rows, ready = _forward(batch, job, teachers, group_of, device, opts.dtype)
             writer.put(batch.shard, rows, failed=batch.failed, last=batch.last, ready=ready)
@@ -277,16 +302,40 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
             bar.update(len(batch) + len(batch.failed))
             if batch.last:
                 shards_done += 1
-                if known is None:  # tar shards: estimate the total from the shards seen so far
+                if known is None and seen:  # tar shards: estimate the total from the shards seen so far
                     bar.total = int(seen + (len(jobs) - shards_done) * seen / shards_done)
                     bar.refresh()
         finished = writer.close()
     finally:
         bar.close()
+        heartbeat.stop()
+        writer.abandon()
+        for name in list(active):  # unfinished shards stay incomplete; let the next run take them at once
+            leases.release(name)
     summary.seconds = time.perf_counter() - t0
     summary.shards = [name for name, _ in finished]
     summary.bytes_written = sum(shard_nbytes(store, name) for name, _ in finished)
     return summary
+
+
+class Heartbeat:
+    """Renews the leases of the shards being written, every ``every`` seconds, in the background."""
+
+    def __init__(self, leases, active: set[str], *, every: float):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(leases, active, every), name="kdcache-leases", daemon=True)
+        self._thread.start()
+
+    def _run(self, leases, active, every):
+        while not self._stop.wait(every):
+            for name in list(active):
+                if not leases.renew(name):
+                    log.warning("shard %s: lease lost to another job (it was stale); this job's rows for it "
+                                "will not be marked complete by the other writer's rules", name)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
 
 
 def _forward(batch: ViewBatch, job: ShardJob, teachers, group_of, device, dtype):

@@ -10,15 +10,22 @@ import threading
 
 import torch
 
+from kdcache.store import KdcacheError, StoreError
 from kdcache.store.dtypes import tensor_to_stored
 
 
+class WriteError(StoreError):
+    """Writing a shard failed (the shard is left incomplete)."""
+
+
 class BackgroundWriter:
-    def __init__(self, open_writer, *, transform=None, depth: int = 8):
+    def __init__(self, open_writer, *, transform=None, on_finish=None, depth: int = 8):
         """``open_writer(shard_name)`` returns the ShardWriter for a shard's first rows;
-        ``transform(rows)`` (numpy) runs here too, e.g. encoding features to codes."""
+        ``transform(rows)`` (numpy) runs here too, e.g. encoding features to codes;
+        ``on_finish(shard_name)`` runs once a shard is complete (releasing its lease)."""
         self._open_writer = open_writer
         self._transform = transform
+        self._on_finish = on_finish
         self._writers = {}
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
@@ -38,6 +45,14 @@ class BackgroundWriter:
         self._raise()
         return self.finished
 
+    def abandon(self) -> None:
+        """After a failure elsewhere: stop the thread without finishing any shard (they stay
+        incomplete, and the next run rewrites them)."""
+        if self._thread.is_alive():
+            self._error = self._error or WriteError("abandoned")
+            self._queue.put(None)
+            self._thread.join()
+
     def _raise(self):
         if self._error is not None:
             raise self._error
@@ -51,8 +66,12 @@ class BackgroundWriter:
                 continue  # drain after a failure; the caller re-raises
             try:
                 self._write(*item)
-            except BaseException as e:  # noqa: BLE001 - handed back to the caller thread
+            except KdcacheError as e:
                 self._error = e
+            except Exception as e:  # noqa: BLE001 - disk full, permission lost, a failing object store: one line
+                self._error = WriteError(f"shard {item[0]}: writing failed ({type(e).__name__}: "
+                                         f"{getattr(e, 'strerror', None) or str(e).splitlines()[0] if str(e) else ''}); "
+                                         f"the shard stays incomplete and the next run rewrites it")
 
     def _write(self, shard, rows, failed, last, ready):
         if ready is not None:
@@ -66,3 +85,5 @@ class BackgroundWriter:
         if last:
             self.finished.append((shard, w.finish()))
             del self._writers[shard]
+            if self._on_finish is not None:
+                self._on_finish(shard)

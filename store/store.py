@@ -16,6 +16,7 @@ from zarr.errors import ContainsGroupError
 from .codes import Codebooks, read_codebooks, write_codebooks
 from .dtypes import to_float32
 from .errors import CorruptShardError, StoreError
+from .lease import LEASE_SECONDS, Leases
 from .layout import ArrayDigest, all_finite, append_rows, crc32, create_rows_array, digest_array
 from .meta import SHARDS, StoreMeta, TeacherMeta, feature_path, has_teacher, quantizer_path, stats_path, teacher_arrays
 from .schema import check_name, check_shard_attrs
@@ -392,10 +393,32 @@ class Store:
             g.create_array(name, shape=a.shape, dtype="float64", chunks=a.shape)[...] = a
         g.attrs.put({**attrs, "count": int(count), "ready": True})
 
+    # -- writers' leases --------------------------------------------------------------------
+    def leases(self, owner: str, *, seconds: float = LEASE_SECONDS, pid: int | None = None) -> Leases:
+        """This store's shard leases (``lease.py``), held as ``owner`` by process ``pid``."""
+        return leases_for(self.url, owner, seconds=seconds, pid=pid)
+
     def _fresh_group(self, path: str):
         if path in self.root:
             del self.root[path]
         return ensure_group(self.root, path)
+
+
+def leases_for(url: str, owner: str, *, seconds: float = LEASE_SECONDS, pid: int | None = None) -> Leases:
+    """Leases of the store at ``url``, on a filesystem opened here (safe in a forked worker)."""
+    fs, root = _filesystem(url)
+    leases = Leases(fs, root, owner=owner, seconds=seconds)
+    if pid is not None:
+        leases.pid = pid
+    return leases
+
+
+def _filesystem(url: str):
+    import fsspec.core
+    if "://" in url and not url.startswith("file://"):
+        return fsspec.core.url_to_fs(url)
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return fsspec.filesystem("file"), os.path.abspath(path)
 
 
 def ensure_group(root, path: str):

@@ -107,3 +107,18 @@ def test_torchrun_two_rank_training(tmp_path, many_shards, reference):
     # each rank: 3 shards x 6 samples = 18 -> 4 full batches of 4 per epoch; 2 epochs
     assert [int(r["step"]) for r in rows] == list(range(1, 9))
     assert (run / "checkpoints" / "last" / "student.safetensors").exists() and (run / "loss.png").exists()
+
+
+@pytest.mark.parametrize("trial", range(2))
+def test_two_jobs_on_the_same_store_split_the_shards_by_lease(tmp_path, many_shards, vit_spec, cnn_spec, reference, trial):
+    out = str(tmp_path / "twice.zarr")
+    cmd = [sys.executable, "-m", "kdcache", "extract", many_shards, "--out", out, "-t", vit_spec, "-t", cnn_spec, *ARGS]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    jobs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [j.communicate(timeout=300) for j in jobs]
+    for j, (stdout, stderr) in zip(jobs, results):
+        assert j.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    written = [int(stdout.split(" into ")[1].split(" shards")[0]) for stdout, _ in results]
+    assert sum(written) >= 6  # every shard written by exactly one job (a rewrite of a finished one is also fine)
+    assert_same_store(reference, out)
+    assert not glob.glob(os.path.join(out, "leases", "*.json"))  # every lease released

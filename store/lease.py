@@ -1,0 +1,139 @@
+"""Shard leases: one writer per shard, on local disks and object stores alike.
+
+A lease is a small JSON object ``leases/<shard>.json`` = {owner, host, pid, acquired, expires}.
+It is created with an exclusive create (``open(..., "xb")``: ``O_EXCL`` on a local disk, a
+conditional ``If-None-Match: *`` PUT on S3), so of two jobs racing for a shard exactly one
+wins; the other moves on. The holder renews it (``renew``) while it writes and deletes it when
+the shard is complete. A lease is broken, so a crashed job never blocks a shard for good, when
+it has expired, or when its holder ran on this host and that process is gone (a SIGKILLed run
+resumed on the same machine takes its shards back at once). Breaking is a delete followed by
+the same exclusive create, so two jobs breaking one stale lease still end with one owner.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+LEASE_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class Holder:
+    owner: str
+    host: str
+    pid: int
+    expires: float
+
+    def describe(self) -> str:
+        return f"job {self.owner[:8]} (pid {self.pid} on {self.host}) until {time.strftime('%H:%M:%S', time.localtime(self.expires))}"
+
+
+def new_owner() -> str:
+    return uuid.uuid4().hex
+
+
+class Leases:
+    """The leases of one store. ``fs``/``root``: its fsspec filesystem and path."""
+
+    def __init__(self, fs, root: str, *, owner: str, seconds: float = LEASE_SECONDS):
+        self.fs, self.root, self.owner, self.seconds = fs, root.rstrip("/"), owner, seconds
+        self.host, self.pid = socket.gethostname(), os.getpid()
+
+    def _path(self, shard: str) -> str:
+        return f"{self.root}/leases/{shard}.json"
+
+    def _record(self) -> bytes:
+        now = time.time()
+        return json.dumps({"owner": self.owner, "host": self.host, "pid": self.pid, "acquired": now,
+                           "expires": now + self.seconds}).encode()
+
+    def holder(self, shard: str) -> Holder | None:
+        """Who holds the lease of ``shard`` (None: nobody, or an unreadable lease)."""
+        try:
+            with self.fs.open(self._path(shard), "rb") as f:
+                d = json.loads(f.read())
+            return Holder(str(d["owner"]), str(d["host"]), int(d["pid"]), float(d["expires"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return Holder("?", "?", -1, 0.0)  # garbage: treated as expired
+
+    def acquire(self, shard: str) -> Holder | None:
+        """Take the lease; returns None when taken, else the live holder (we move on)."""
+        for _ in range(2):
+            if self._create(shard):
+                return None
+            h = self.holder(shard)
+            if h is None:
+                continue  # released between our create and our read
+            if h.owner == self.owner:
+                return None
+            if not self._stale(h):
+                return h
+            self._delete(shard)  # expired or dead: break it, then race for it like anyone else
+        h = self.holder(shard)
+        return None if h is not None and h.owner == self.owner else h
+
+    def renew(self, shard: str) -> bool:
+        """Extend our lease; False if it is no longer ours (broken as stale by another job)."""
+        h = self.holder(shard)
+        if h is None or h.owner != self.owner:
+            return False
+        with self.fs.open(self._path(shard), "wb") as f:
+            f.write(self._record())
+        return True
+
+    def release(self, shard: str) -> None:
+        h = self.holder(shard)
+        if h is not None and h.owner == self.owner:
+            self._delete(shard)
+
+    def all(self) -> dict[str, Holder]:
+        """Every lease of the store (for ``kdcache store ls``)."""
+        try:
+            names = self.fs.ls(f"{self.root}/leases", detail=False)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for p in names:
+            name = p.rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith(".json"):
+                h = self.holder(name[:-5])
+                if h is not None:
+                    out[name[:-5]] = h
+        return out
+
+    def _create(self, shard: str) -> bool:
+        path = self._path(shard)
+        try:
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            with self.fs.open(path, "xb") as f:
+                f.write(self._record())
+            return True
+        except FileExistsError:
+            return False
+
+    def _delete(self, shard: str) -> None:
+        try:
+            self.fs.rm(self._path(shard))
+        except FileNotFoundError:
+            pass
+
+    def _stale(self, h: Holder) -> bool:
+        if h.expires < time.time():
+            return True
+        return h.host == self.host and h.pid != self.pid and not _alive(h.pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
