@@ -29,6 +29,18 @@ def _default(cls, name: str) -> str:
     return f" [default: {value}]"
 
 
+def _storage(fn):
+    """``--storage-option key=value`` (repeatable), for commands that take STORE or DATA."""
+    return click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+                        help="fsspec option for remote STORE/DATA (e.g. endpoint_url=..., anon=true); repeat; "
+                             "credentials also come from the filesystem's environment. [default: none]")(fn)
+
+
+def _remote(options, *urls):
+    from kdcache.store.remote import configure, parse_storage_options
+    configure(parse_storage_options(options), urls)
+
+
 def _extract_default(name):
     from kdcache.extract import ExtractOptions
     return _default(ExtractOptions, name)
@@ -87,8 +99,11 @@ E, T = _extract_default, _train_default
 @click.option("--quantize-sample", type=int, help="Tokens to train the quantizer on." + E("quantize_sample"))
 @click.option("--quantize-pool", type=int, help="Train on the first shards holding >= this x the sample." + E("quantize_pool"))
 @click.option("--keep-float", is_flag=True, default=None, help="With --quantize: keep the float patches too. [default: off]")
+@click.option("--lease-seconds", type=float, help="A shard's lease lasts this long unless renewed (see README, "
+              "Sharing)." + E("lease_seconds"))
 @click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
-def extract(data, out, teachers, no_progress, **kw):
+@_storage
+def extract(data, out, teachers, no_progress, storage_options, **kw):
     """Run every --teacher once over DATA and cache its CLS and patch features in STORE.
 
     DATA is a directory of webdataset .tar shards, a tar, a brace pattern or glob
@@ -103,6 +118,7 @@ def extract(data, out, teachers, no_progress, **kw):
     torchrun --nproc_per_node=8 -m kdcache extract /data/shards -o feats.zarr -t dino=vit_large_patch14_dinov2
     """
     from kdcache.extract import ExtractOptions, extract as run
+    _remote(storage_options, data, out)
     summary = run(data, out, list(teachers), _opts(ExtractOptions, progress=not no_progress, **kw))
     click.echo(summary.line())
 
@@ -110,7 +126,8 @@ def extract(data, out, teachers, no_progress, **kw):
 @cli.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
-def info(store, as_json):
+@_storage
+def info(store, as_json, storage_options):
     """Describe STORE: teachers, views, shards, samples, failures, bytes.
 
     \b
@@ -118,6 +135,7 @@ def info(store, as_json):
     kdcache info s3://bucket/feats --json | jq .teachers
     """
     from kdcache.store.inspect import describe_store
+    _remote(storage_options, store)
     d = describe_store(store)
     click.echo(json.dumps(d, indent=2) if as_json else d["text"])
 
@@ -127,7 +145,8 @@ def info(store, as_json):
 @click.option("--data", help="Also check that the store's keys match this corpus (read with the options the store "
                              "recorded). [default: store only]")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
-def verify(store, data, as_json):
+@_storage
+def verify(store, data, as_json, storage_options):
     """Check every complete shard of STORE against its digest and counts; exit 1 on a mismatch.
 
     \b
@@ -135,6 +154,7 @@ def verify(store, data, as_json):
     kdcache verify feats.zarr --data /data/shards
     """
     from kdcache.data.check import verify_store
+    _remote(storage_options, store, data)
     report = verify_store(store, data)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -161,7 +181,9 @@ def verify(store, data, as_json):
 @click.option("--sample-tokens", type=int, help="Training tokens (+1/8 held out, at most 8192). [default: 65536]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training sample and k-means.")
 @click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
-def quantize(store, teacher, method, m, norm, beam, train_beam, refine, tokens, keep_float, sample_tokens, seed, no_progress):
+@_storage
+def quantize(store, teacher, method, m, norm, beam, train_beam, refine, tokens, keep_float, sample_tokens, seed, no_progress,
+             storage_options):
     """Convert a teacher's float features in STORE to multi-codebook codes, without the teacher.
 
     \b
@@ -170,6 +192,7 @@ def quantize(store, teacher, method, m, norm, beam, train_beam, refine, tokens, 
     kdcache quantize feats.zarr -t dino --method sq8 --tokens cls
     """
     from kdcache.quantize import QuantizerSpec, SampleSpec, quantize_store
+    _remote(storage_options, store)
     spec = QuantizerSpec(method=method, m=m, norm=int(norm), **_drop_none(beam=beam, train_beam=train_beam, refine=refine))
     sample = SampleSpec(**_drop_none(train_tokens=sample_tokens, seed=seed))
     click.echo(json.dumps(quantize_store(store, teacher, spec, kind=tokens, keep_float=keep_float, sample=sample,
@@ -275,7 +298,8 @@ def bench_extract(teacher, images, batch_size, workers, codec, repeat, as_json):
 @click.option("--skip-corrupt", is_flag=True, default=None, help="Skip shards that fail verification (counted in metrics "
               "and the summary) instead of stopping. [default: off]")
 @click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
-def train(config_file, teacher_weights, teachers, no_progress, **kw):
+@_storage
+def train(config_file, teacher_weights, teachers, no_progress, storage_options, **kw):
     """Train a student against the cached targets of STORE.
 
     \b
@@ -287,6 +311,7 @@ def train(config_file, teacher_weights, teachers, no_progress, **kw):
     from kdcache.train.loop import train as run
     cfg = build_config(config_file, teachers=tuple(teachers) or None,
                        teacher_weights=parse_teacher_weights(teacher_weights), **kw)
+    _remote(storage_options, cfg.store, cfg.data)
     click.echo(json.dumps(run(cfg, config_file=config_file, progress=not no_progress), indent=2))
 
 

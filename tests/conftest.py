@@ -69,3 +69,50 @@ def run_cli(*args, env=None, check=True, timeout=300):
     if check and p.returncode != 0:
         raise AssertionError(f"kdcache {' '.join(args)} exited {p.returncode}:\n{p.stderr[-3000:]}")
     return p
+
+
+class S3:
+    """A loopback S3 server (moto) for the tests: its endpoint, a client filesystem, credentials."""
+
+    def __init__(self, endpoint, env):
+        import s3fs
+        self.endpoint, self.env = endpoint, env
+        self.fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"])
+
+    def bucket(self) -> str:
+        import uuid
+        name = f"kdcache-{uuid.uuid4().hex[:12]}"
+        self.fs.mkdir(name)
+        return name
+
+    def options(self) -> list[str]:
+        return ["--storage-option", f"endpoint_url={self.endpoint}"]
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """Started here, on 127.0.0.1, for this test session only; fsspec's s3 configuration points at it."""
+    import logging
+
+    import fsspec.config
+    from moto.server import ThreadedMotoServer
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "kdcache-test-key", "AWS_SECRET_ACCESS_KEY": "kdcache-test-secret",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_conf = fsspec.config.conf.get("s3")
+    os.environ.update(env)
+    fsspec.config.conf["s3"] = {"endpoint_url": f"http://{host}:{port}"}
+    try:
+        yield S3(f"http://{host}:{port}", env)
+    finally:
+        server.stop()
+        for k, v in saved_env.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        if saved_conf is None:
+            fsspec.config.conf.pop("s3", None)
+        else:
+            fsspec.config.conf["s3"] = saved_conf

@@ -1,7 +1,8 @@
-"""The store's verbs, one suite run against every backend (zarr's StoreTests idea): local, memory://.
-The object-storage backend joins the same suite when it is added."""
+"""The store's verbs, one suite run against every backend (zarr's StoreTests idea): a local
+directory, memory://, and S3 on a loopback server."""
 from __future__ import annotations
 
+import time
 import uuid
 
 import numpy as np
@@ -115,6 +116,22 @@ class StoreContract:
         np.testing.assert_array_equal(s.read_features("a", "t", "patch"), (bits.astype(np.uint32) << 16).view(np.float32))
 
 
+    def test_leases_are_exclusive_renewable_and_expire(self, url):
+        s = Store.create(url, _meta())
+        a, b = s.leases("owner-a"), s.leases("owner-b")
+        b.pid = a.pid + 1_000_000  # another process that is alive as far as a local check goes
+        assert a.acquire("x") is None and b.acquire("x").owner == "owner-a"
+        assert a.renew("x") and not b.renew("x") and set(a.all()) == {"x"}
+        b.release("x")  # not b's to release
+        assert b.acquire("x").owner == "owner-a"
+        a.release("x")
+        assert b.acquire("x") is None and b.holder("x").owner == "owner-b"
+        short = s.leases("owner-c", seconds=0.01)
+        assert short.acquire("y") is None
+        time.sleep(0.05)
+        assert a.acquire("y") is None and a.holder("y").owner == "owner-a"  # an expired lease is broken
+
+
 class TestLocalStore(StoreContract):
     @pytest.fixture
     def url(self, tmp_path):
@@ -125,6 +142,14 @@ class TestMemoryStore(StoreContract):
     @pytest.fixture
     def url(self):
         return f"memory://kdcache-test-{uuid.uuid4().hex}"
+
+
+class TestS3Store(StoreContract):
+    """The same contract on an S3-compatible server on loopback (moto), through s3fs."""
+
+    @pytest.fixture
+    def url(self, s3):
+        return f"s3://{s3.bucket()}/s.zarr"
 
 
 def test_a_plain_directory_is_not_a_store(tmp_path):
