@@ -199,6 +199,115 @@ def quantize(store, teacher, method, m, norm, beam, train_beam, refine, tokens, 
                                          progress=not no_progress), indent=2))
 
 
+@cli.group("store")
+def store_group():
+    """Operations on whole stores: copy, merge, subset, drop a teacher, statistics, list shards.
+
+    \b
+    kdcache store copy s3://team-a/feats.zarr feats.zarr
+    kdcache store merge part-a.zarr part-b.zarr --out all.zarr
+    kdcache store ls feats.zarr --json
+    """
+
+
+@store_group.command("copy")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
+@_storage
+def store_copy(src, dst, no_progress, storage_options):
+    """Copy SRC to DST (local <-> remote) shard by shard; resumable, each shard verified after the copy.
+
+    \b
+    kdcache store copy s3://team-a/feats.zarr feats.zarr --storage-option endpoint_url=https://s3.example.org
+    kdcache store copy feats.zarr s3://team-b/feats.zarr
+    """
+    from kdcache.store.ops import copy_stores
+    _remote(storage_options, src, dst)
+    click.echo(json.dumps(copy_stores([src], dst, progress=not no_progress), indent=2))
+
+
+@store_group.command("merge")
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", "-o", required=True, help="The merged store (new, or one to add to).")
+@click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
+@_storage
+def store_merge(stores, out, no_progress, storage_options):
+    """Merge STORES (same teachers, views, format and corpus) into --out; shards must be disjoint or identical.
+
+    \b
+    kdcache store merge rank-a.zarr rank-b.zarr --out feats.zarr
+    """
+    from kdcache.store.ops import copy_stores
+    _remote(storage_options, out, *stores)
+    click.echo(json.dumps(copy_stores(list(stores), out, progress=not no_progress), indent=2))
+
+
+@store_group.command("subset")
+@click.argument("store")
+@click.option("--shards", required=True, help="Glob of shard names to keep, e.g. 'train-0000*'.")
+@click.option("--out", "-o", required=True, help="The new store.")
+@click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
+@_storage
+def store_subset(store, shards, out, no_progress, storage_options):
+    """Copy the shards of STORE matching --shards into --out (train on them with the full --data).
+
+    \b
+    kdcache store subset feats.zarr --shards 'train-00000*' --out small.zarr
+    """
+    from kdcache.store.ops import copy_stores
+    _remote(storage_options, store, out)
+    click.echo(json.dumps(copy_stores([store], out, shards=shards, progress=not no_progress), indent=2))
+
+
+@store_group.command("drop-teacher")
+@click.argument("store")
+@click.argument("name")
+@_storage
+def store_drop_teacher(store, name, storage_options):
+    """Remove teacher NAME from STORE: its arrays in every shard, codebooks and statistics.
+
+    \b
+    kdcache store drop-teacher feats.zarr clip
+    """
+    from kdcache.store.ops import drop_teacher
+    _remote(storage_options, store)
+    click.echo(json.dumps(drop_teacher(store, name), indent=2))
+
+
+@store_group.command("stats")
+@click.argument("store")
+@click.option("--teacher", "-t", "teachers", multiple=True, help="Teachers to compute (repeat). [default: all]")
+@_storage
+def store_stats(store, teachers, storage_options):
+    """(Re)compute the normalisation statistics of STORE's teachers and write them into it.
+
+    \b
+    kdcache store stats feats.zarr
+    kdcache store stats s3://bucket/feats.zarr -t dino
+    """
+    from kdcache.quantize.stats import write_stats_of
+    _remote(storage_options, store)
+    click.echo(json.dumps(write_stats_of(store, list(teachers) or None), indent=2))
+
+
+@store_group.command("ls")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
+@_storage
+def store_ls(store, as_json, storage_options):
+    """List the shards of STORE: state, samples, failures, bytes, teachers, and the holder of any lease.
+
+    \b
+    kdcache store ls feats.zarr
+    kdcache store ls s3://bucket/feats.zarr --json
+    """
+    from kdcache.store.ops import format_ls, list_shards
+    _remote(storage_options, store)
+    d = list_shards(store)
+    click.echo(json.dumps(d, indent=2) if as_json else format_ls(d))
+
+
 def _drop_none(**kw):
     return {k: v for k, v in kw.items() if v is not None}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdcache.store import CorruptShardError, Store, feature_path
+from kdcache.store import CorruptShardError, Store, StoreError, feature_path
 
 from .sample import SampleSpec, draw, training_prefix
 
@@ -63,3 +63,12 @@ def write_all_stats(store: Store, teachers=None) -> dict:
             write_stats(store, t, kind, st)
             out[f"{t}/{kind}"] = st["count"]
     return out
+
+
+def write_stats_of(url: str, teachers=None) -> dict:
+    """``kdcache store stats``: fresh statistics written into the store at ``url``."""
+    store = Store.open(url, writable=True)
+    unknown = [t for t in teachers or () if t not in store.meta.teachers]
+    if unknown:
+        raise StoreError(f"{url}: no teacher {unknown[0]!r} (teachers: {', '.join(store.meta.teachers)})")
+    return {"store": url, "tokens": write_all_stats(store, teachers)}

@@ -357,6 +357,35 @@ class Store:
         self._drop_unlisted(group, digest, src)
         return True
 
+    def drop_arrays(self, shard: str, paths: set[str]) -> bool:
+        """Remove arrays from a shard: its digest and checksums first (one atomic write), then the
+        arrays. Returns whether the shard held any of them."""
+        self._need_writable()
+        group = self.root[f"{SHARDS}/{shard}"]
+        attrs = dict(group.attrs)
+        present = [p for p in paths if p in group or p in attrs.get("digest", {})]
+        if not present:
+            return False
+        attrs["digest"] = {p: d for p, d in attrs.get("digest", {}).items() if p not in paths}
+        if "block_crc32" in attrs:
+            attrs["block_crc32"] = {p: c for p, c in attrs["block_crc32"].items() if p not in paths}
+        group.attrs.put(attrs)
+        for p in present:
+            if p in group:
+                del group[p]
+        teacher = {p.split("/", 1)[0] for p in present}
+        for t in teacher:  # the teacher's now empty group
+            if t in group and not list(group[t].array_keys()):
+                del group[t]
+        return True
+
+    def drop_teacher_groups(self, teacher: str) -> None:
+        """A teacher's quantizers and statistics."""
+        self._need_writable()
+        for path in (quantizer_path(teacher, "x").rsplit("/", 1)[0], stats_path(teacher, "x").rsplit("/", 1)[0]):
+            if path in self.root:
+                del self.root[path]
+
     @staticmethod
     def _drop_unlisted(group, digest, path):
         if path not in digest and path in group:

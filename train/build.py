@@ -7,6 +7,7 @@ train``, ``kdcache bench train`` and the demo all start from it.
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import os
@@ -77,6 +78,9 @@ def check_store_fits_corpus(store: Store, corpus: Corpus, teachers, *, skip_corr
         raise TrainError(f"{store.url} was extracted from corpus {store.meta.corpus.get('spec')!r} (fingerprint {fp}); "
                          f"--data {corpus.spec!r} is another corpus (fingerprint {corpus.fingerprint()})")
     names = [s.name for s in corpus.shards]
+    subset = store.meta.corpus.get("subset")  # `kdcache store subset`: the store holds these shards only
+    if isinstance(subset, str):
+        names = [n for n in names if fnmatch.fnmatchcase(n, subset)]
     counts, bad, missing = {}, {}, []
     for n in names:
         try:

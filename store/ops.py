@@ -1,0 +1,177 @@
+"""Store operations (``kdcache store ...``): copy, merge, subset, drop a teacher, list shards.
+
+Every operation reads its sources through the verified paths (``read_block``, digests) and
+writes shard by shard under a lease, marking each shard complete last, so an interrupted copy
+resumes where it stopped and a reader never sees half a shard. A copied shard is verified in
+its new place before the next one starts.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import time
+
+from tqdm import tqdm
+
+from .errors import StoreError
+from .inspect import shard_nbytes, write_summary
+from .lease import new_owner
+from .meta import StoreMeta, feature_path, has_teacher
+from .store import Store, ensure_group
+from .verify import verify_shard
+
+log = logging.getLogger("kdcache.store")
+
+
+def compatible(a: StoreMeta, b: StoreMeta, *, where: str) -> None:
+    """Stores whose shards may live in one store: same format, views, corpus and teachers."""
+    checks = (("format", a.format, b.format), ("view_policy", a.view_policy, b.view_policy),
+              ("corpus fingerprint", a.corpus.get("fingerprint"), b.corpus.get("fingerprint")),
+              ("teachers", sorted(a.teachers), sorted(b.teachers)))
+    for field, x, y in checks:
+        if x != y:
+            raise StoreError(f"{where}: {field} differs ({_short(x)} vs {_short(y)})")
+    for t in a.teachers:
+        if a.teachers[t].to_dict() != b.teachers[t].to_dict():
+            diff = sorted(k for k, v in a.teachers[t].to_dict().items() if b.teachers[t].to_dict().get(k) != v)
+            raise StoreError(f"{where}: teacher {t} differs in {', '.join(diff)}")
+
+
+def copy_stores(sources: list[str], dst_url: str, *, shards: str | None = None, progress: bool = True) -> dict:
+    """Copy the complete shards of ``sources`` (matching the glob ``shards``) into ``dst_url``.
+
+    One source: ``copy`` (or ``subset`` with a pattern). Several: ``merge``: their shards must be
+    disjoint, or identical (same digests); any other overlap is refused naming the shard,
+    before anything is written."""
+    srcs = [Store.open(u) for u in sources]
+    for s in srcs[1:]:
+        compatible(srcs[0].meta, s.meta, where=f"{s.url} vs {srcs[0].url}")
+    plan: dict[str, Store] = {}
+    for s in srcs:
+        for name in s.complete_shards():
+            if shards and not fnmatch.fnmatchcase(name, shards):
+                continue
+            if name in plan:
+                if _digests(plan[name], name) != _digests(s, name):
+                    raise StoreError(f"shard {name}: in {plan[name].url} and {s.url} with different data; refusing to merge")
+                continue
+            plan[name] = s
+    if shards and not plan:
+        raise StoreError(f"--shards {shards!r}: no complete shard of {', '.join(sources)} matches")
+    meta = srcs[0].meta
+    if shards:
+        meta = meta.replace(corpus={**meta.corpus, "subset": shards})
+    dst = _open_destination(dst_url, meta)
+    for s in srcs:
+        for t in meta.teachers:
+            for kind in ("cls", "patch"):
+                cb = s.read_codebooks(t, kind)
+                if cb is not None and dst.read_codebooks(t, kind) is None:
+                    dst.write_codebooks(t, kind, cb)
+                st = s.read_stats(t, kind)
+                if st is not None and dst.read_stats(t, kind) is None:
+                    dst.write_stats(t, kind, mean=st["mean"], covariance=st["covariance"], count=st["count"],
+                                    attrs={k: v for k, v in st["attrs"].items() if k not in ("count", "ready")})
+    leases = dst.leases(new_owner(), pid=os.getpid())
+    copied, skipped, moved_on = [], [], []
+    for name, src in tqdm(sorted(plan.items()), desc=f"copy to {dst.url}", unit="shard", disable=not progress):
+        if dst.is_complete(name) and _digests(dst, name) == _digests(src, name):
+            skipped.append(name)
+        elif (holder := leases.acquire(name)) is not None:
+            log.info("shard %s is being written by %s; moving on", name, holder.describe())
+            moved_on.append(name)
+        else:
+            try:
+                _copy_shard(src, dst, name)
+            finally:
+                leases.release(name)
+            copied.append(name)
+    write_summary(dst)
+    return {"store": dst.url, "shards_copied": len(copied), "shards_already_there": len(skipped),
+            "shards_left_to_another_job": moved_on, "bytes": sum(shard_nbytes(dst, n) for n in copied)}
+
+
+def _open_destination(url: str, meta: StoreMeta) -> Store:
+    if Store.exists(url):
+        dst = Store.open(url, writable=True)
+        compatible(meta, dst.meta, where=f"{url} (destination)")
+        return dst
+    if "://" not in url and os.path.isdir(url) and os.listdir(url):
+        raise StoreError(f"{url}: directory exists, is not empty and is not a kdcache store")
+    return Store.create(url, meta)
+
+
+def _digests(store: Store, shard: str) -> dict:
+    return (store.shard_attrs(shard) or {}).get("digest", {})
+
+
+def _copy_shard(src: Store, dst: Store, name: str) -> None:
+    """Arrays first, each block read through the source's checks; attributes (complete) last."""
+    attrs = src.shard_attrs(name)
+    dst.delete_shard(name)
+    group = ensure_group(dst.root, "shards").create_group(name, attributes={"complete": False})
+    for path in ["keys", "views", *[p for p in attrs["digest"] if p not in ("keys", "views")]]:
+        a = src.array(name, path)
+        out = group.create_array(path, shape=a.shape, dtype=a.dtype, chunks=a.chunks, shards=getattr(a, "shards", None),
+                                 compressors=a.compressors, attributes=dict(a.attrs))
+        if path in ("keys", "views"):
+            rows = src.keys(name) if path == "keys" else src.views(name)
+            out[...] = rows
+            continue
+        block = src.block_rows(name, path)
+        for b, start in enumerate(range(0, a.shape[0], block)):
+            out[start:start + block] = src.read_block(name, path, b, attrs=attrs, array=a)
+    group.attrs.put(dict(attrs))  # complete, count, failed, digests: last, in one write
+    problems = verify_shard(dst, name)
+    if problems:
+        raise StoreError(f"{dst.url}: shard {name} does not verify after the copy: {problems[0]}")
+
+
+def drop_teacher(url: str, teacher: str) -> dict:
+    """Remove a teacher: from the metadata first (readers stop expecting it), then per shard its
+    digest entries (one atomic write) and arrays, then its quantizers and statistics."""
+    store = Store.open(url, writable=True)
+    if teacher not in store.meta.teachers:
+        raise StoreError(f"{url}: no teacher {teacher!r} (teachers: {', '.join(store.meta.teachers)})")
+    if len(store.meta.teachers) == 1:
+        raise StoreError(f"{url}: {teacher} is the store's only teacher; delete the store instead")
+    store.write_meta(store.meta.replace(teachers={n: t for n, t in store.meta.teachers.items() if n != teacher}))
+    paths = {feature_path(teacher, k, codes=c) for k in ("cls", "patch") for c in (False, True)}
+    n = 0
+    for name in store.shard_names():
+        n += store.drop_arrays(name, paths)
+    store.drop_teacher_groups(teacher)
+    return {"store": url, "teacher": teacher, "shards": n}
+
+
+def list_shards(url: str) -> dict:
+    """``kdcache store ls``: every shard with its state, samples, bytes, teachers and lease."""
+    store = Store.open(url)
+    leases = store.leases("reader").all()
+    rows = []
+    for name in store.shard_names():
+        a = store.shard_attrs(name) or {}
+        digest = a.get("digest", {})
+        h = leases.get(name)
+        rows.append({"shard": name, "state": "complete" if a.get("complete") is True else "incomplete",
+                     "samples": a.get("count"), "failed": len(a.get("failed", [])), "bytes": shard_nbytes(store, name),
+                     "teachers": [t for t in store.meta.teachers if has_teacher(digest, t)],
+                     "lease": None if h is None else {"owner": h.owner, "host": h.host, "pid": h.pid,
+                                                      "expires": h.expires, "expired": h.expires < time.time()}})
+    return {"store": url, "shards": rows}
+
+
+def format_ls(d: dict) -> str:
+    lines = [f"{'shard':<24} {'state':<10} {'samples':>8} {'failed':>6} {'MiB':>9}  teachers  lease"]
+    for r in d["shards"]:
+        lease = "-" if r["lease"] is None else (f"{r['lease']['owner'][:8]} pid {r['lease']['pid']} on {r['lease']['host']}"
+                                                + (" (expired)" if r["lease"]["expired"] else ""))
+        lines.append(f"{r['shard']:<24} {r['state']:<10} {r['samples'] if r['samples'] is not None else '-':>8} "
+                     f"{r['failed']:>6} {r['bytes'] / 2**20:>9.2f}  {','.join(r['teachers']) or '-'}  {lease}")
+    return "\n".join(lines)
+
+
+def _short(x) -> str:
+    r = repr(x)
+    return r if len(r) < 80 else r[:77] + "..."
