@@ -440,6 +440,31 @@ def export(run, out, ema, heads):
     click.echo(json.dumps(run_export(run, out, ema=ema, heads=heads), indent=2))
 
 
+@bench.command("load")
+@click.option("--store", help="A store to read (with --data). [default: build one from the demo corpus]")
+@click.option("--data", help="The corpus --store was extracted from.")
+@click.option("--teacher", "-t", default="vit=vit_small_patch16_224,pretrained=false", show_default=True,
+              help="Teacher of the store the bench builds.")
+@click.option("--images", type=int, default=128, show_default=True, help="Images in the store the bench builds.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Loader workers.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per batch.")
+@click.option("--s3", default="auto", show_default=True, help="auto: also a loopback moto S3 server; off; or an s3:// URL "
+              "to copy the store to.")
+@_bench_options
+@_storage
+def bench_load(store, data, teacher, images, workers, batch_size, s3, repeat, as_json, storage_options):
+    """Loader samples/s and MB/s with verification on and off, local and on S3.
+
+    \b
+    kdcache bench load
+    kdcache bench load --store feats.zarr --data /data/shards --s3 off
+    """
+    from kdcache.eval.bench_load import bench_load as run
+    _remote(storage_options, *(u for u in (store, data, s3) if u))
+    click.echo(run(store=store, data=data, teacher=teacher, images=images, workers=workers, batch_size=batch_size, s3=s3,
+                   repeat=repeat, as_json=as_json))
+
+
 @bench.command("quantize")
 @click.option("--store", help="Store with float patch features of --teacher (one of --store, --npy, --minilm is required).")
 @click.option("--teacher", "-t", help="Teacher in --store. [default: the first]")

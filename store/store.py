@@ -282,7 +282,8 @@ class Store:
         rows = [self.read_block(shard, path, b) for b in blocks]
         return to_float32(np.concatenate(rows) if rows else self.array(shard, path)[:0], self.meta.teachers[teacher].dtype)
 
-    def read_block(self, shard: str, path: str, index: int, *, attrs: dict | None = None, array=None) -> np.ndarray:
+    def read_block(self, shard: str, path: str, index: int, *, attrs: dict | None = None, array=None,
+                   verify: bool = True) -> np.ndarray:
         """Rows of block ``index`` (one Zarr shard) of an array, checked before they are returned:
         readable, equal to the CRC-32 written with them (so a missing chunk read as fill values or
         a flipped byte is caught), and finite. Anything else is a CorruptShardError naming shard
@@ -297,6 +298,8 @@ class Store:
         except Exception as e:  # noqa: BLE001 - a truncated or garbled chunk fails inside the codec
             raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} unreadable "
                                     f"({type(e).__name__}: {_first_line(e)})") from None
+        if not verify:  # only `kdcache bench load`, to measure what the checks cost
+            return rows
         crcs = (attrs.get("block_crc32") or {}).get(path)
         if crcs is not None:
             if index >= len(crcs) or crc32(rows) != crcs[index]:

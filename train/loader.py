@@ -55,6 +55,7 @@ class LoaderSpec:
     workers: int = 1  # DataLoader workers: part of the shard split (data.partition)
     decode: DecodeOptions = DecodeOptions()  # as at extraction (the store's corpus.decode)
     skip_log: str | None = None  # --skip-corrupt: corrupt shards are skipped and recorded here
+    verify: bool = True  # check every block read (off only to measure the checks' cost: bench load)
 
     def __post_init__(self):
         if self.view_choice not in VIEW_CHOICES:
@@ -141,7 +142,8 @@ class DistillStream(IterableDataset):
             for row, s in align(self.corpus, self.corpus.shard(name), keys, attrs.get("failed", [])):
                 if block_start < 0 or row >= block_start + block_rows:  # one Zarr block per array: a few large reads
                     block_start = (row // block_rows) * block_rows
-                    blocks = {p: store.read_block(name, p, row // block_rows, attrs=attrs, array=a) for p, a in arrays.items()}
+                    blocks = {p: store.read_block(name, p, row // block_rows, attrs=attrs, array=a, verify=spec.verify)
+                              for p, a in arrays.items()}
                 v = pick_view(spec.view_choice, k, key=s.key, epoch=epoch, seed=spec.seed)
                 try:
                     rgb = decode_sample(s, spec.decode)

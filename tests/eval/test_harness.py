@@ -79,3 +79,13 @@ def test_bench_codec_and_quantize_print_medians_and_spreads(tmp_path):
 def test_repeat_must_be_a_positive_integer(repeat):
     p = run_cli("bench", "codec", "--npy", "x.npy", "--repeat", repeat, check=False)
     assert p.returncode == 2 and "--repeat" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bench_load_local_and_on_loopback_s3_with_verification_on_and_off(vit_spec):
+    out = run_cli("bench", "load", "-t", vit_spec, "--images", "32", "--workers", "1", "--repeat", "2").stdout
+    rows = _table_rows(out)
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "local, verification on", "local, verification off", "s3 (loopback moto), verification on",
+        "s3 (loopback moto), verification off"]
+    assert all(len(SPREAD.findall(r)) == 2 for r in rows), out
+    assert SPREAD.search(out.split("local: verified / unverified throughput = ")[1])
