@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from kdcache.store import Store, StoreError, VerifyReport, verify
-from kdcache.store.inspect import write_summary
+from kdcache.store import Store, VerifyReport, verify
 
 from .corpus import Corpus, CorpusShard, ReadOptions, resolve_corpus
 from .walk import stored_samples
@@ -27,14 +26,9 @@ def _expected_keys(store: Store, corpus: Corpus, shard: CorpusShard) -> Iterator
 
 
 def verify_store(url: str, data: str | None = None) -> VerifyReport:
-    """Verify ``url`` (and against corpus ``data``); refreshes the root summary when writable."""
+    """Verify ``url`` (and against corpus ``data``), reading only: verify never writes."""
     store = Store.open(url)
     keys = None
     if data is not None:
         keys = corpus_keys(store, resolve_corpus(data, ReadOptions.from_dict(store.meta.corpus)))
-    report = verify(store, keys)
-    try:
-        write_summary(Store.open(url, writable=True))
-    except (StoreError, OSError):
-        pass  # a read-only copy (shared store): verifying never needs to write
-    return report
+    return verify(store, keys)

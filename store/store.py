@@ -220,6 +220,11 @@ class Store:
             raise StoreError(f"{self.url}: shard {shard} has no array {path!r}") from None
         except Exception as e:  # noqa: BLE001 - a broken array zarr.json
             raise StoreError(f"{self.url}: shard {shard}: {path}: metadata unreadable ({type(e).__name__}: {_first_line(e)})") from None
+        block = int(a.shards[0] if getattr(a, "shards", None) else a.chunks[0]) if a.ndim else 1
+        row_bytes = int(np.prod(a.shape[1:], dtype=np.int64)) * (np.dtype(a.dtype).itemsize if path != "keys" else 64)
+        if block < 1 or block * max(1, row_bytes) > MAX_BLOCK_BYTES:
+            raise StoreError(f"{self.url}: shard {shard}: {path}: blocks of {block} rows x {row_bytes} bytes exceed what "
+                             f"kdcache reads at once ({MAX_BLOCK_BYTES} bytes)")
         attrs = self.shard_attrs(shard) or {}
         if attrs.get("complete") is True:
             count = attrs["count"]
@@ -434,6 +439,9 @@ class Store:
         if path in self.root:
             del self.root[path]
         return ensure_group(self.root, path)
+
+
+MAX_BLOCK_BYTES = 1 << 31  # a block is read whole: bound what hostile array metadata can make us allocate
 
 
 def leases_for(url: str, owner: str, *, seconds: float = LEASE_SECONDS, pid: int | None = None) -> Leases:

@@ -158,3 +158,14 @@ def test_hostile_metadata_is_one_line_for_every_reader(tmp_path, good, corpus, n
         assert p.returncode == 0 and json.loads(p.stdout)["steps"] == 6
     else:
         assert p.returncode == 2 and match in _one_line(p)
+
+
+def test_array_metadata_that_would_make_a_reader_allocate_petabytes_is_refused(tmp_path, good, corpus, cli):
+    store = _copy(good, tmp_path)
+
+    def huge(d):
+        d["shape"][0] = 2 ** 40
+        d["chunk_grid"]["configuration"]["chunk_shape"][0] = 2 ** 40
+    _edit_json(os.path.join(store, "shards", "demo-000001", "vit", "patch", "zarr.json"), huge)
+    for p in (cli("verify", store), cli.train(store, corpus, tmp_path / "run")):
+        assert p.returncode == 2 and "exceed what kdcache reads at once" in _one_line(p)
