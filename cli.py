@@ -199,6 +199,44 @@ def quantize(store, teacher, method, m, norm, beam, train_beam, refine, tokens, 
                                          progress=not no_progress), indent=2))
 
 
+@cli.group("eval")
+def eval_group():
+    """Is the student good? Evaluations of features (kNN on cached teacher features).
+
+    \b
+    kdcache eval knn --store feats.zarr --data /data/shards
+    """
+
+
+@eval_group.command("knn")
+@click.option("--store", required=True, help="Store whose cached summary features to evaluate (the teacher's ceiling).")
+@click.option("--data", required=True, help="The labelled corpus the store was extracted from.")
+@click.option("--teacher", "-t", help="Teacher in the store. [default: the first]")
+@click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="Neighbours that vote.")
+@click.option("--temperature", type=float, default=0.07, show_default=True, help="Votes weigh exp(similarity / T).")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Seeded share of samples held out.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
+@click.option("--skip-corrupt", is_flag=True, help="Leave out shards that fail verification (reported). [default: off]")
+@click.option("--json", "as_json", is_flag=True, help="Result and protocol as JSON. [default: off]")
+@click.option("--out", "out_file", help="Also write the JSON (result and exact protocol) here. [default: none]")
+@_storage
+def eval_knn(store, data, teacher, k, temperature, val_fraction, seed, skip_corrupt, as_json, out_file, storage_options):
+    """kNN top-1/top-5 (DINO protocol: cosine, k=20, T=0.07) of a store's cached summary features.
+
+    \b
+    kdcache eval knn --store feats.zarr --data /data/shards
+    kdcache eval knn --store s3://bucket/feats.zarr --data s3://bucket/shards --json
+    """
+    from kdcache.eval.store_features import format_knn, knn_on_store
+    _remote(storage_options, store, data)
+    r = knn_on_store(store, data, teacher=teacher, k=k, temperature=temperature, val_fraction=val_fraction, seed=seed,
+                     skip_corrupt=skip_corrupt)
+    if out_file:
+        with open(out_file, "w") as f:
+            json.dump(r, f, indent=2)
+    click.echo(json.dumps(r, indent=2) if as_json else format_knn(r))
+
+
 @cli.group("store")
 def store_group():
     """Operations on whole stores: copy, merge, subset, drop a teacher, statistics, list shards.

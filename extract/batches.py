@@ -26,7 +26,7 @@ from kdcache.data.partition import current_worker, worker_share
 from kdcache.data.views import replay_view, sample_views
 from kdcache.data.walk import AlignError, Skip, align, screen, skip_handler
 from kdcache.store import Store, ViewPolicy
-from kdcache.store.store import leases_for
+from kdcache.store.lease import leases_for
 
 
 @dataclass(frozen=True)

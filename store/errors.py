@@ -18,6 +18,10 @@ class CorruptShardError(StoreError):
     """A shard's data does not match what was written (``train --skip-corrupt`` skips these)."""
 
 
+def first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:160]
+
+
 def one_line(e: BaseException) -> str:
     """The user-facing line of an error. An error raised in a DataLoader worker comes back
     re-raised with the worker's whole traceback as its message; its last line is the original."""

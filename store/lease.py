@@ -137,3 +137,20 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def leases_for(url: str, owner: str, *, seconds: float = LEASE_SECONDS, pid: int | None = None) -> Leases:
+    """Leases of the store at ``url``, on a filesystem opened here (safe in a forked worker)."""
+    fs, root = _filesystem(url)
+    leases = Leases(fs, root, owner=owner, seconds=seconds)
+    if pid is not None:
+        leases.pid = pid
+    return leases
+
+
+def _filesystem(url: str):
+    import fsspec.core
+    if "://" in url and not url.startswith("file://"):
+        return fsspec.core.url_to_fs(url)
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return fsspec.filesystem("file"), os.path.abspath(path)

@@ -14,11 +14,11 @@ import zarr.storage
 from zarr.errors import ContainsGroupError
 
 from .codes import Codebooks, read_codebooks, write_codebooks
-from .dtypes import to_float32
-from .errors import CorruptShardError, StoreError
-from .lease import LEASE_SECONDS, Leases
-from .layout import ArrayDigest, all_finite, append_rows, crc32, create_rows_array, digest_array
+from .edits import ShardEdits
+from .errors import StoreError, first_line
+from .lease import LEASE_SECONDS, Leases, leases_for
 from .meta import SHARDS, StoreMeta, TeacherMeta, feature_path, has_teacher, quantizer_path, stats_path, teacher_arrays
+from .reads import VerifiedReads
 from .schema import check_name, check_shard_attrs
 from .shard_writer import ShardWriter
 
@@ -52,15 +52,11 @@ def _sync(coro):
     return sync(coro)
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).splitlines() or [""])[0][:160]
-
-
 def _is_missing(e: Exception) -> bool:
     return isinstance(e, (FileNotFoundError, KeyError)) or type(e).__name__ in ("GroupNotFoundError", "NodeNotFoundError")
 
 
-class Store:
+class Store(VerifiedReads, ShardEdits):
     """A kdcache store. Use :meth:`open` or :meth:`create`, never the constructor.
 
     Shard state: a shard group exists once a writer starts it, and is *complete* once its
@@ -153,7 +149,7 @@ class Store:
         except Exception as e:  # noqa: BLE001 - zarr raises several types for a missing or broken zarr.json
             if _is_missing(e):
                 return None
-            raise StoreError(f"{self.url}: shard {name}: metadata unreadable ({type(e).__name__}: {_first_line(e)})") from None
+            raise StoreError(f"{self.url}: shard {name}: metadata unreadable ({type(e).__name__}: {first_line(e)})") from None
         return check_shard_attrs(attrs, f"{self.url}: shard {name}", array_paths=self.possible_arrays())
 
     def possible_arrays(self) -> set[str]:
@@ -208,197 +204,6 @@ class Store:
         return ShardWriter(group, teachers=teachers, views=self.meta.views, write_index=False,
                            expected_count=attrs["count"])
 
-    # -- reading ------------------------------------------------------------------------
-    def array(self, shard: str, path: str):
-        """The zarr array ``shards/<shard>/<path>`` (lazy; slicing reads). In a complete shard its
-        shape and dtype must be what the shard's count and the teacher metadata declare."""
-        if path not in self.possible_arrays():
-            raise StoreError(f"{self.url}: shard {shard}: {path!r} is not an array of this store")
-        try:
-            a = self.root[f"{SHARDS}/{shard}/{path}"]
-        except KeyError:
-            raise StoreError(f"{self.url}: shard {shard} has no array {path!r}") from None
-        except Exception as e:  # noqa: BLE001 - a broken array zarr.json
-            raise StoreError(f"{self.url}: shard {shard}: {path}: metadata unreadable ({type(e).__name__}: {_first_line(e)})") from None
-        block = int(a.shards[0] if getattr(a, "shards", None) else a.chunks[0]) if a.ndim else 1
-        row_bytes = int(np.prod(a.shape[1:], dtype=np.int64)) * (np.dtype(a.dtype).itemsize if path != "keys" else 64)
-        if block < 1 or block * max(1, row_bytes) > MAX_BLOCK_BYTES:
-            raise StoreError(f"{self.url}: shard {shard}: {path}: blocks of {block} rows x {row_bytes} bytes exceed what "
-                             f"kdcache reads at once ({MAX_BLOCK_BYTES} bytes)")
-        attrs = self.shard_attrs(shard) or {}
-        if attrs.get("complete") is True:
-            count = attrs["count"]
-            want = self.expected_arrays().get(path)
-            if path == "keys":
-                ok = tuple(a.shape) == (count,)
-            elif want is not None:
-                ok = tuple(a.shape) == (count, *want[0]) and np.dtype(a.dtype) == np.dtype(want[1])
-            else:
-                ok = a.shape[0] == count
-            if not ok:
-                declared = (count, *want[0]) if want else (count,)
-                got = f"shape {tuple(a.shape)}" + (f" {a.dtype}" if want and np.dtype(a.dtype) != np.dtype(want[1]) else "")
-                raise StoreError(f"{self.url}: shard {shard}: {path} has {got}, but the shard's count ({count}) and the "
-                                 f"teacher metadata declare {declared}" + (f" {want[1]}" if want else ""))
-        return a
-
-    def keys(self, shard: str) -> np.ndarray:
-        """The shard's sample keys, checked against their digest (small: read whole)."""
-        keys = np.asarray(self.array(shard, "keys")[:].tolist(), dtype=str)  # StringDType -> plain str
-        self._check_digest(shard, "keys", keys)
-        return keys
-
-    def views(self, shard: str) -> np.ndarray:
-        """The shard's (n, K, 5) view boxes, checked against their digest."""
-        views = np.asarray(self.array(shard, "views")[:])
-        self._check_digest(shard, "views", views)
-        if not all_finite(views):
-            raise CorruptShardError(f"{self.url}: shard {shard}: views holds NaN or infinite values")
-        return views
-
-    def _check_digest(self, shard: str, path: str, rows: np.ndarray) -> None:
-        attrs = self.shard_attrs(shard) or {}
-        want = (attrs.get("digest") or {}).get(path)
-        if attrs.get("complete") is True and want is not None:
-            d = ArrayDigest()
-            d.update(rows)
-            if d.hexdigest() != want:
-                raise CorruptShardError(f"{self.url}: shard {shard}: {path}: data does not match its digest")
-
-    def block_rows(self, shard: str, path: str) -> int:
-        """Rows per Zarr shard of an array: read it a block at a time (one request per block)."""
-        a = self.array(shard, path)
-        return int(a.shards[0] if getattr(a, "shards", None) else a.chunks[0])
-
-    def array_nbytes(self, shard: str) -> dict[str, int]:
-        """Bytes stored per array of a shard (chunks and array metadata), one listing."""
-        try:
-            group = self.root[f"{SHARDS}/{shard}"]
-        except KeyError:
-            return {}
-        return {path: a.nbytes_stored() for path, a in group.members(max_depth=None) if hasattr(a, "nbytes_stored")}
-
-    def read_features(self, shard: str, teacher: str, kind: str) -> np.ndarray:
-        """A whole shard's float ``cls``/``patch`` features as float32 (bf16 bits widened), verified."""
-        if teacher not in self.meta.teachers:
-            raise StoreError(f"{self.url}: no teacher {teacher!r} (teachers: {', '.join(self.meta.teachers)})")
-        path = feature_path(teacher, kind)
-        blocks = range(-(-self.array(shard, path).shape[0] // self.block_rows(shard, path)))
-        rows = [self.read_block(shard, path, b) for b in blocks]
-        return to_float32(np.concatenate(rows) if rows else self.array(shard, path)[:0], self.meta.teachers[teacher].dtype)
-
-    def read_block(self, shard: str, path: str, index: int, *, attrs: dict | None = None, array=None,
-                   verify: bool = True) -> np.ndarray:
-        """Rows of block ``index`` (one Zarr shard) of an array, checked before they are returned:
-        readable, equal to the CRC-32 written with them (so a missing chunk read as fill values or
-        a flipped byte is caught), and finite. Anything else is a CorruptShardError naming shard
-        and array. Stores written before block checksums are checked against the whole-array
-        digest instead, once per array (``verify_array``)."""
-        attrs = attrs if attrs is not None else (self.shard_attrs(shard) or {})
-        a = array if array is not None else self.array(shard, path)
-        block = int(a.shards[0] if getattr(a, "shards", None) else a.chunks[0])
-        start = index * block
-        try:
-            rows = np.asarray(a[start:start + block])
-        except Exception as e:  # noqa: BLE001 - a truncated or garbled chunk fails inside the codec
-            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} unreadable "
-                                    f"({type(e).__name__}: {_first_line(e)})") from None
-        if not verify:  # only `kdcache bench load`, to measure what the checks cost
-            return rows
-        crcs = (attrs.get("block_crc32") or {}).get(path)
-        if crcs is not None:
-            if index >= len(crcs) or crc32(rows) != crcs[index]:
-                raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} does not match the checksum "
-                                        f"written with it (corrupt or missing chunk)")
-        elif index == 0:
-            self.verify_array(shard, path, attrs=attrs, array=a)
-        if not all_finite(rows):
-            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} holds NaN or infinite values")
-        return rows
-
-    def verify_array(self, shard: str, path: str, *, attrs: dict | None = None, array=None) -> None:
-        """The whole array against its sha256 digest (what ``verify`` does, for one array)."""
-        attrs = attrs if attrs is not None else (self.shard_attrs(shard) or {})
-        a = array if array is not None else self.array(shard, path)
-        try:
-            got = digest_array(a)
-        except Exception as e:  # noqa: BLE001
-            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: unreadable ({type(e).__name__}: {_first_line(e)})") from None
-        if got != (attrs.get("digest") or {}).get(path):
-            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: data does not match its digest (corrupt or missing chunk)")
-
-    # -- arrays derived from a complete shard (quantization) -----------------------------
-    def derive_array(self, shard: str, src: str, dst: str, *, transform, row_shape: tuple, dtype: str, codec: str,
-                     attrs: dict | None = None, keep_source: bool = False) -> bool:
-        """Add array ``dst`` = ``transform(rows of src)`` to complete shard ``shard``, block by block.
-
-        Crash-safe: ``dst`` is written in full, then one atomic attribute update adds it to the
-        digest (and drops ``src`` from it unless ``keep_source``), then ``src`` is deleted. A
-        rerun finds ``dst`` in the digest and only cleans up. Returns False if it was there."""
-        self._need_writable()
-        group = self.root[f"{SHARDS}/{shard}"]
-        attrs_now = dict(group.attrs)
-        digest = dict(attrs_now.get("digest", {}))
-        if dst in digest:
-            self._drop_unlisted(group, digest, src)
-            return False
-        if src not in digest:
-            raise StoreError(f"{self.url}: shard {shard} has neither {src} nor {dst}")
-        if dst in group:
-            del group[dst]  # left by an interrupted run
-        source = group[src]
-        block = self.block_rows(shard, src)
-        out = create_rows_array(group, dst, row_shape, dtype, block=block, codec=codec, attrs=attrs)
-        h, crcs = ArrayDigest(), []
-        for b, start in enumerate(range(0, source.shape[0], block)):
-            rows = np.asarray(transform(self.read_block(shard, src, b)), dtype=dtype)
-            h.update(rows)
-            crcs.append(crc32(rows))
-            append_rows(out, rows)
-        digest[dst] = h.hexdigest()
-        if not keep_source:
-            digest.pop(src)
-        new_attrs = {**attrs_now, "digest": digest}
-        if "block_crc32" in attrs_now:
-            new_attrs["block_crc32"] = {**{p: c for p, c in attrs_now["block_crc32"].items() if p in digest}, dst: crcs}
-        group.attrs.put(new_attrs)  # the switch: one atomic metadata write
-        self._drop_unlisted(group, digest, src)
-        return True
-
-    def drop_arrays(self, shard: str, paths: set[str]) -> bool:
-        """Remove arrays from a shard: its digest and checksums first (one atomic write), then the
-        arrays. Returns whether the shard held any of them."""
-        self._need_writable()
-        group = self.root[f"{SHARDS}/{shard}"]
-        attrs = dict(group.attrs)
-        present = [p for p in paths if p in group or p in attrs.get("digest", {})]
-        if not present:
-            return False
-        attrs["digest"] = {p: d for p, d in attrs.get("digest", {}).items() if p not in paths}
-        if "block_crc32" in attrs:
-            attrs["block_crc32"] = {p: c for p, c in attrs["block_crc32"].items() if p not in paths}
-        group.attrs.put(attrs)
-        for p in present:
-            if p in group:
-                del group[p]
-        teacher = {p.split("/", 1)[0] for p in present}
-        for t in teacher:  # the teacher's now empty group
-            if t in group and not list(group[t].array_keys()):
-                del group[t]
-        return True
-
-    def drop_teacher_groups(self, teacher: str) -> None:
-        """A teacher's quantizers and statistics."""
-        self._need_writable()
-        for path in (quantizer_path(teacher, "x").rsplit("/", 1)[0], stats_path(teacher, "x").rsplit("/", 1)[0]):
-            if path in self.root:
-                del self.root[path]
-
-    @staticmethod
-    def _drop_unlisted(group, digest, path):
-        if path not in digest and path in group:
-            del group[path]
-
     # -- quantizers and statistics -------------------------------------------------------
     def read_codebooks(self, teacher: str, kind: str) -> Codebooks | None:
         """The stored quantizer of a teacher's ``kind`` tokens, or None (none, or unfinished)."""
@@ -439,26 +244,6 @@ class Store:
         if path in self.root:
             del self.root[path]
         return ensure_group(self.root, path)
-
-
-MAX_BLOCK_BYTES = 1 << 31  # a block is read whole: bound what hostile array metadata can make us allocate
-
-
-def leases_for(url: str, owner: str, *, seconds: float = LEASE_SECONDS, pid: int | None = None) -> Leases:
-    """Leases of the store at ``url``, on a filesystem opened here (safe in a forked worker)."""
-    fs, root = _filesystem(url)
-    leases = Leases(fs, root, owner=owner, seconds=seconds)
-    if pid is not None:
-        leases.pid = pid
-    return leases
-
-
-def _filesystem(url: str):
-    import fsspec.core
-    if "://" in url and not url.startswith("file://"):
-        return fsspec.core.url_to_fs(url)
-    path = url[len("file://"):] if url.startswith("file://") else url
-    return fsspec.filesystem("file"), os.path.abspath(path)
 
 
 def ensure_group(root, path: str):

@@ -55,6 +55,8 @@ def test_extract_verify_train_from_s3_equal_the_local_store(tmp_path, s3, corpus
     assert info["samples"] == 24 and info["shards_complete"] == 3
     v = _cli(s3, "verify", store, "--data", data)
     assert v.returncode == 0 and "0 problem(s)" in v.stdout
+    e = _cli(s3, "eval", "knn", "--store", store, "--data", data, "--json")
+    assert e.returncode == 0 and json.loads(e.stdout)["n_train"] + json.loads(e.stdout)["n_val"] == 24
     run = tmp_path / "run"
     t = _cli(s3, "train", "--store", store, "--data", data, "--student", STUDENT, "--out", str(run), "--epochs", "1",
              "--batch-size", "4", "--workers", "1", "--head-hidden", "16", "--amp", "none", "--no-progress",

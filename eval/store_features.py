@@ -1,0 +1,76 @@
+"""A store's cached summary features with their corpus labels: the teacher's kNN ceiling, free.
+
+Labels come from the corpus (webdataset ``cls``, image-folder classes) through the same walk
+extraction used (``data.walk.align``); features are the stored summary (``cls``) of view 0,
+the teacher's eval view, read through the store's verified path (checksums, finiteness). A
+corrupt shard stops the evaluation with one line, or with ``skip_corrupt`` is left out and
+reported.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from kdcache.data.corpus import ReadOptions, resolve_corpus
+from kdcache.data.walk import align
+from kdcache.store import KdcacheError, Store, StoreError
+from kdcache.store.errors import one_line
+
+
+def labelled_store_features(url: str, data: str, *, teacher: str | None = None, skip_corrupt: bool = False) -> dict:
+    """{x (N, D) float32, y (N,) int, keys, skipped: {shard: error}} over the store's complete shards."""
+    store = Store.open(url)
+    teacher = teacher or next(iter(store.meta.teachers))
+    if teacher not in store.meta.teachers:
+        raise KdcacheError(f"--teacher {teacher}: not in {url} (teachers: {', '.join(store.meta.teachers)})")
+    if (store.meta.teachers[teacher].quantizer or {}).get("cls") and not store.meta.teachers[teacher].quantizer["cls"].get("keep_float"):
+        raise KdcacheError(f"{url}: teacher {teacher}'s summary features are stored as codes; eval reads float cls")
+    corpus = resolve_corpus(data, ReadOptions.from_dict(store.meta.corpus))
+    if store.meta.corpus.get("fingerprint") != corpus.fingerprint():
+        raise KdcacheError(f"{url} was extracted from another corpus than --data {data}")
+    xs, ys, keys, skipped, unlabelled = [], [], [], {}, 0
+    for shard in corpus.shards:
+        try:
+            attrs = store.shard_attrs(shard.name) or {}
+            if attrs.get("complete") is not True:
+                raise StoreError(f"{url}: shard {shard.name} is not complete")
+            x = store.read_features(shard.name, teacher, "cls")[:, 0]
+            rows = list(align(corpus, shard, store.keys(shard.name).tolist(), attrs.get("failed", [])))
+        except StoreError as e:
+            if not skip_corrupt:
+                raise
+            skipped[shard.name] = one_line(e)
+            continue
+        for row, s in rows:
+            if s.label is None:
+                unlabelled += 1
+                continue
+            xs.append(x[row])
+            ys.append(s.label)
+            keys.append(s.key)
+    if not xs:
+        raise KdcacheError(f"{data}: no labelled samples (webdataset 'cls' fields or image-folder classes)")
+    return {"x": np.stack(xs).astype(np.float32), "y": np.asarray(ys, dtype=np.int64), "keys": keys, "teacher": teacher,
+            "skipped": skipped, "unlabelled": unlabelled}
+
+
+def knn_on_store(url: str, data: str, *, teacher: str | None = None, k: int = 20, temperature: float = 0.07,
+                 val_fraction: float = 0.2, seed: int = 0, skip_corrupt: bool = False) -> dict:
+    """``kdcache eval knn --store``: kNN accuracy of the cached summary features, with its protocol."""
+    from .knn import knn_classify, seeded_split
+    f = labelled_store_features(url, data, teacher=teacher, skip_corrupt=skip_corrupt)
+    tr, va = seeded_split(len(f["y"]), val_fraction=val_fraction, seed=seed)
+    result = knn_classify(f["x"][tr], f["y"][tr], f["x"][va], f["y"][va], k=k, temperature=temperature)
+    return {"features": f"store {url}, teacher {f['teacher']}, cached summary (view 0, the eval view)", **result,
+            "protocol": {"split": f"seeded permutation, last {val_fraction:g} for validation", "seed": seed, "k": result["k"],
+                         "temperature": temperature, "similarity": "cosine", "view": 0,
+                         "resolution": list(Store.open(url).meta.teachers[f["teacher"]].input_size[1:])},
+            "unlabelled_samples": f["unlabelled"], "skipped_shards": f["skipped"]}
+
+
+def format_knn(r: dict) -> str:
+    lines = [f"# kNN: {r['features']}", f"k={r['k']}, T={r['temperature']}, {r['n_train']} train / {r['n_val']} val samples, "
+             f"{r['classes']} classes, split seed {r['protocol']['seed']}", "", "| top-1 | top-5 |", "|---|---|",
+             f"| {r['top1']:.4f} | {r['top5']:.4f} |"]
+    if r["skipped_shards"]:
+        lines.append(f"skipped corrupt shards: {', '.join(f'{s} ({e})' for s, e in r['skipped_shards'].items())}")
+    return "\n".join(lines)

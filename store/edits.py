@@ -1,0 +1,86 @@
+"""Changes to complete shards: arrays derived from others (quantization), arrays dropped.
+
+A mixin of ``Store``. Each change keeps a shard's promise that what its digest lists is what it
+holds: new data is written in full first, then one atomic attribute update switches the digest
+(and checksums), then what is no longer listed is deleted; a rerun only cleans up.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import StoreError
+from .layout import ArrayDigest, append_rows, crc32, create_rows_array
+from .meta import SHARDS, quantizer_path, stats_path
+
+
+class ShardEdits:
+    def derive_array(self, shard: str, src: str, dst: str, *, transform, row_shape: tuple, dtype: str, codec: str,
+                     attrs: dict | None = None, keep_source: bool = False) -> bool:
+        """Add array ``dst`` = ``transform(rows of src)`` to complete shard ``shard``, block by block.
+
+        Crash-safe: ``dst`` is written in full, then one atomic attribute update adds it to the
+        digest (and drops ``src`` from it unless ``keep_source``), then ``src`` is deleted. A
+        rerun finds ``dst`` in the digest and only cleans up. Returns False if it was there."""
+        self._need_writable()
+        group = self.root[f"{SHARDS}/{shard}"]
+        attrs_now = dict(group.attrs)
+        digest = dict(attrs_now.get("digest", {}))
+        if dst in digest:
+            self._drop_unlisted(group, digest, src)
+            return False
+        if src not in digest:
+            raise StoreError(f"{self.url}: shard {shard} has neither {src} nor {dst}")
+        if dst in group:
+            del group[dst]  # left by an interrupted run
+        source = group[src]
+        block = self.block_rows(shard, src)
+        out = create_rows_array(group, dst, row_shape, dtype, block=block, codec=codec, attrs=attrs)
+        h, crcs = ArrayDigest(), []
+        for b, start in enumerate(range(0, source.shape[0], block)):
+            rows = np.asarray(transform(self.read_block(shard, src, b)), dtype=dtype)
+            h.update(rows)
+            crcs.append(crc32(rows))
+            append_rows(out, rows)
+        digest[dst] = h.hexdigest()
+        if not keep_source:
+            digest.pop(src)
+        new_attrs = {**attrs_now, "digest": digest}
+        if "block_crc32" in attrs_now:
+            new_attrs["block_crc32"] = {**{p: c for p, c in attrs_now["block_crc32"].items() if p in digest}, dst: crcs}
+        group.attrs.put(new_attrs)  # the switch: one atomic metadata write
+        self._drop_unlisted(group, digest, src)
+        return True
+
+    def drop_arrays(self, shard: str, paths: set[str]) -> bool:
+        """Remove arrays from a shard: its digest and checksums first (one atomic write), then the
+        arrays. Returns whether the shard held any of them."""
+        self._need_writable()
+        group = self.root[f"{SHARDS}/{shard}"]
+        attrs = dict(group.attrs)
+        present = [p for p in paths if p in group or p in attrs.get("digest", {})]
+        if not present:
+            return False
+        attrs["digest"] = {p: d for p, d in attrs.get("digest", {}).items() if p not in paths}
+        if "block_crc32" in attrs:
+            attrs["block_crc32"] = {p: c for p, c in attrs["block_crc32"].items() if p not in paths}
+        group.attrs.put(attrs)
+        for p in present:
+            if p in group:
+                del group[p]
+        teacher = {p.split("/", 1)[0] for p in present}
+        for t in teacher:  # the teacher's now empty group
+            if t in group and not list(group[t].array_keys()):
+                del group[t]
+        return True
+
+    def drop_teacher_groups(self, teacher: str) -> None:
+        """A teacher's quantizers and statistics."""
+        self._need_writable()
+        for path in (quantizer_path(teacher, "x").rsplit("/", 1)[0], stats_path(teacher, "x").rsplit("/", 1)[0]):
+            if path in self.root:
+                del self.root[path]
+
+    @staticmethod
+    def _drop_unlisted(group, digest, path):
+        if path not in digest and path in group:
+            del group[path]

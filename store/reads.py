@@ -1,0 +1,135 @@
+"""The store's read verbs: arrays as the metadata declares them, and blocks checked as they are read.
+
+A mixin of ``Store`` (it uses ``url``, ``root``, ``meta``, ``shard_attrs`` and the array
+specs): everything a reader loads comes through here, so every reader checks the same way.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .dtypes import to_float32
+from .errors import CorruptShardError, StoreError, first_line
+from .layout import ArrayDigest, all_finite, crc32, digest_array
+from .meta import SHARDS, feature_path
+
+MAX_BLOCK_BYTES = 1 << 31  # a block is read whole: bound what hostile array metadata can make us allocate
+
+
+class VerifiedReads:
+    def array(self, shard: str, path: str):
+        """The zarr array ``shards/<shard>/<path>`` (lazy; slicing reads). In a complete shard its
+        shape and dtype must be what the shard's count and the teacher metadata declare."""
+        if path not in self.possible_arrays():
+            raise StoreError(f"{self.url}: shard {shard}: {path!r} is not an array of this store")
+        try:
+            a = self.root[f"{SHARDS}/{shard}/{path}"]
+        except KeyError:
+            raise StoreError(f"{self.url}: shard {shard} has no array {path!r}") from None
+        except Exception as e:  # noqa: BLE001 - a broken array zarr.json
+            raise StoreError(f"{self.url}: shard {shard}: {path}: metadata unreadable ({type(e).__name__}: {first_line(e)})") from None
+        block = int(a.shards[0] if getattr(a, "shards", None) else a.chunks[0]) if a.ndim else 1
+        row_bytes = int(np.prod(a.shape[1:], dtype=np.int64)) * (np.dtype(a.dtype).itemsize if path != "keys" else 64)
+        if block < 1 or block * max(1, row_bytes) > MAX_BLOCK_BYTES:
+            raise StoreError(f"{self.url}: shard {shard}: {path}: blocks of {block} rows x {row_bytes} bytes exceed what "
+                             f"kdcache reads at once ({MAX_BLOCK_BYTES} bytes)")
+        attrs = self.shard_attrs(shard) or {}
+        if attrs.get("complete") is True:
+            count = attrs["count"]
+            want = self.expected_arrays().get(path)
+            if path == "keys":
+                ok = tuple(a.shape) == (count,)
+            elif want is not None:
+                ok = tuple(a.shape) == (count, *want[0]) and np.dtype(a.dtype) == np.dtype(want[1])
+            else:
+                ok = a.shape[0] == count
+            if not ok:
+                declared = (count, *want[0]) if want else (count,)
+                got = f"shape {tuple(a.shape)}" + (f" {a.dtype}" if want and np.dtype(a.dtype) != np.dtype(want[1]) else "")
+                raise StoreError(f"{self.url}: shard {shard}: {path} has {got}, but the shard's count ({count}) and the "
+                                 f"teacher metadata declare {declared}" + (f" {want[1]}" if want else ""))
+        return a
+
+    def keys(self, shard: str) -> np.ndarray:
+        """The shard's sample keys, checked against their digest (small: read whole)."""
+        keys = np.asarray(self.array(shard, "keys")[:].tolist(), dtype=str)  # StringDType -> plain str
+        self._check_digest(shard, "keys", keys)
+        return keys
+
+    def views(self, shard: str) -> np.ndarray:
+        """The shard's (n, K, 5) view boxes, checked against their digest."""
+        views = np.asarray(self.array(shard, "views")[:])
+        self._check_digest(shard, "views", views)
+        if not all_finite(views):
+            raise CorruptShardError(f"{self.url}: shard {shard}: views holds NaN or infinite values")
+        return views
+
+    def _check_digest(self, shard: str, path: str, rows: np.ndarray) -> None:
+        attrs = self.shard_attrs(shard) or {}
+        want = (attrs.get("digest") or {}).get(path)
+        if attrs.get("complete") is True and want is not None:
+            d = ArrayDigest()
+            d.update(rows)
+            if d.hexdigest() != want:
+                raise CorruptShardError(f"{self.url}: shard {shard}: {path}: data does not match its digest")
+
+    def block_rows(self, shard: str, path: str) -> int:
+        """Rows per Zarr shard of an array: read it a block at a time (one request per block)."""
+        a = self.array(shard, path)
+        return int(a.shards[0] if getattr(a, "shards", None) else a.chunks[0])
+
+    def array_nbytes(self, shard: str) -> dict[str, int]:
+        """Bytes stored per array of a shard (chunks and array metadata), one listing."""
+        try:
+            group = self.root[f"{SHARDS}/{shard}"]
+        except KeyError:
+            return {}
+        return {path: a.nbytes_stored() for path, a in group.members(max_depth=None) if hasattr(a, "nbytes_stored")}
+
+    def read_features(self, shard: str, teacher: str, kind: str) -> np.ndarray:
+        """A whole shard's float ``cls``/``patch`` features as float32 (bf16 bits widened), verified."""
+        if teacher not in self.meta.teachers:
+            raise StoreError(f"{self.url}: no teacher {teacher!r} (teachers: {', '.join(self.meta.teachers)})")
+        path = feature_path(teacher, kind)
+        blocks = range(-(-self.array(shard, path).shape[0] // self.block_rows(shard, path)))
+        rows = [self.read_block(shard, path, b) for b in blocks]
+        return to_float32(np.concatenate(rows) if rows else self.array(shard, path)[:0], self.meta.teachers[teacher].dtype)
+
+    def read_block(self, shard: str, path: str, index: int, *, attrs: dict | None = None, array=None,
+                   verify: bool = True) -> np.ndarray:
+        """Rows of block ``index`` (one Zarr shard) of an array, checked before they are returned:
+        readable, equal to the CRC-32 written with them (so a missing chunk read as fill values or
+        a flipped byte is caught), and finite. Anything else is a CorruptShardError naming shard
+        and array. Stores written before block checksums are checked against the whole-array
+        digest instead, once per array (``verify_array``)."""
+        attrs = attrs if attrs is not None else (self.shard_attrs(shard) or {})
+        a = array if array is not None else self.array(shard, path)
+        block = int(a.shards[0] if getattr(a, "shards", None) else a.chunks[0])
+        start = index * block
+        try:
+            rows = np.asarray(a[start:start + block])
+        except Exception as e:  # noqa: BLE001 - a truncated or garbled chunk fails inside the codec
+            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} unreadable "
+                                    f"({type(e).__name__}: {first_line(e)})") from None
+        if not verify:  # only `kdcache bench load`, to measure what the checks cost
+            return rows
+        crcs = (attrs.get("block_crc32") or {}).get(path)
+        if crcs is not None:
+            if index >= len(crcs) or crc32(rows) != crcs[index]:
+                raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} does not match the checksum "
+                                        f"written with it (corrupt or missing chunk)")
+        elif index == 0:
+            self.verify_array(shard, path, attrs=attrs, array=a)
+        if not all_finite(rows):
+            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} holds NaN or infinite values")
+        return rows
+
+    def verify_array(self, shard: str, path: str, *, attrs: dict | None = None, array=None) -> None:
+        """The whole array against its sha256 digest (what ``verify`` does, for one array)."""
+        attrs = attrs if attrs is not None else (self.shard_attrs(shard) or {})
+        a = array if array is not None else self.array(shard, path)
+        try:
+            got = digest_array(a)
+        except Exception as e:  # noqa: BLE001
+            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: unreadable ({type(e).__name__}: {first_line(e)})") from None
+        if got != (attrs.get("digest") or {}).get(path):
+            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: data does not match its digest (corrupt or missing chunk)")

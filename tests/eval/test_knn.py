@@ -1,0 +1,93 @@
+"""eval.knn: the evaluator is sane, and a store's kNN equals an independent computation."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import zarr
+from helpers import cli_call, one_error_line
+
+from kdcache.eval.knn import knn_classify, seeded_split
+from kdcache.extract import ExtractOptions, extract
+
+
+def test_one_hot_labels_are_perfect_and_random_features_are_chance():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 3000)
+    tr, va = seeded_split(len(y), val_fraction=0.3, seed=1)
+    onehot = np.eye(10, dtype=np.float32)[y]
+    assert knn_classify(onehot[tr], y[tr], onehot[va], y[va])["top1"] == 1.0
+    r = knn_classify(rng.standard_normal((3000, 64))[tr], y[tr], rng.standard_normal((3000, 64))[va], y[va])
+    assert abs(r["top1"] - 0.1) < 0.04 and abs(r["top5"] - 0.5) < 0.06
+
+
+def _brute(train_x, train_y, val_x, val_y, k=20, t=0.07):
+    u = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    sims = u(val_x.astype(np.float64)) @ u(train_x.astype(np.float64)).T
+    hits1 = hits5 = 0
+    for i in range(len(val_x)):
+        nn = np.argsort(-sims[i], kind="stable")[:k]
+        votes = {}
+        for j in nn:
+            votes[train_y[j]] = votes.get(train_y[j], 0.0) + np.exp(sims[i, j] / t)
+        ranked = sorted(votes, key=lambda c: -votes[c])
+        hits1 += ranked[0] == val_y[i]
+        hits5 += val_y[i] in ranked[:5]
+    return hits1 / len(val_x), hits5 / len(val_x)
+
+
+def test_knn_equals_a_brute_force_vote():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 6, 400)
+    x = rng.standard_normal((400, 16)) + 2 * np.eye(6, 16)[y]
+    tr, va = seeded_split(400, val_fraction=0.25, seed=0)
+    r = knn_classify(x[tr], y[tr], x[va], y[va])
+    assert (r["top1"], r["top5"]) == pytest.approx(_brute(x[tr], y[tr], x[va], y[va]))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, corpus, vit_spec):
+    out = str(tmp_path_factory.mktemp("knn") / "s.zarr")
+    extract(corpus, out, [vit_spec], ExtractOptions(views=2, progress=False, workers=0))
+    return out
+
+
+def test_a_store_knn_equals_an_independent_computation(store, corpus, monkeypatch, capsys):
+    code, out, _ = cli_call(monkeypatch, capsys, "eval", "knn", "--store", store, "--data", corpus, "--k", "5", "--json")
+    r = json.loads(out)
+    # independently: plain zarr for the features, tarfile for the labels
+    root = zarr.open_group(store, mode="r")
+    labels = {}
+    for tar in sorted(os.listdir(corpus)):
+        with tarfile.open(os.path.join(corpus, tar)) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".cls"):
+                    labels[m.name[:-4]] = int(t.extractfile(m).read())
+    xs, ys = [], []
+    for name in sorted(root["shards"].group_keys()):
+        g = root["shards"][name]
+        xs.append(np.asarray(g["vit/cls"][:, 0], dtype=np.float32))
+        ys += [labels[k] for k in g["keys"][:].tolist()]
+    x, y = np.concatenate(xs), np.asarray(ys)
+    tr, va = seeded_split(len(y), val_fraction=0.2, seed=0)
+    assert code == 0 and (r["top1"], r["top5"]) == pytest.approx(_brute(x[tr], y[tr], x[va], y[va], k=5))
+    assert r["n_val"] == 5 and r["protocol"]["k"] == 5 and r["protocol"]["temperature"] == 0.07
+    code, out, _ = cli_call(monkeypatch, capsys, "eval", "knn", "--store", store, "--data", corpus)
+    assert "| top-1 | top-5 |" in out
+
+
+def test_eval_stops_on_a_corrupt_shard_or_skips_it(tmp_path, store, corpus, monkeypatch, capsys):
+    copy = str(tmp_path / "c.zarr")
+    shutil.copytree(store, copy)
+    d = os.path.join(copy, "shards", "demo-000002", "vit", "cls", "c")
+    os.remove([os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs][0])  # the cls chunk: Zarr would read fill values
+    code, _, err = cli_call(monkeypatch, capsys, "eval", "knn", "--store", copy, "--data", corpus)
+    line = one_error_line(err)
+    assert code == 2 and "shard demo-000002" in line and "vit/cls" in line
+    code, out, _ = cli_call(monkeypatch, capsys, "eval", "knn", "--store", copy, "--data", corpus, "--skip-corrupt", "--json")
+    r = json.loads(out)
+    assert code == 0 and list(r["skipped_shards"]) == ["demo-000002"] and r["n_train"] + r["n_val"] == 16
