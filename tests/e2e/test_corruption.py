@@ -114,6 +114,14 @@ def test_a_corrupt_shard_is_found_by_verify_and_stops_or_is_skipped_by_train(tmp
     result = json.loads(skip.stdout)
     assert result["skipped"]["shards"] == ["demo-000001"] and result["steps"] == 4  # 2 good shards of 8 samples, batch 4
     assert sorted(os.listdir(store)) == before  # training wrote nothing into the store (no statistics cached)
+    # eval reads the summary features only: a corrupt patch array does not change its answer
+    ev = cli("eval", "knn", "--store", store, "--data", corpus, "--k", "3", "--json")
+    if array == "vit/patch":
+        assert ev.returncode == 0 and json.loads(ev.stdout)["n_val"] == 5
+    else:
+        assert ev.returncode == 2 and "shard demo-000001" in _one_line(ev)
+        ev = cli("eval", "knn", "--store", store, "--data", corpus, "--k", "3", "--json", "--skip-corrupt")
+        assert ev.returncode == 0 and list(json.loads(ev.stdout)["skipped_shards"]) == ["demo-000001"]
 
 
 def _root(edit):
