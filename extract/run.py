@@ -168,11 +168,17 @@ def _write_stats(store: Store, corpus: Corpus) -> None:
     """Normalisation statistics for readers, once the shards they sample from are all there
     (the first shards holding the sample, or the whole corpus when it is smaller)."""
     done = len(complete_prefix(store, corpus)) == len(corpus.shards)
-    for t in store.meta.teachers:
-        for kind in ("cls", "patch"):
-            st = compute_stats(store, t, kind)
-            if st["source"]["complete_sample"] or done:
-                write_stats(store, t, kind, st)
+    leases = store.leases(new_owner(), pid=os.getpid())
+    if leases.acquire(".stats") is not None:  # not a shard name: those never start with "."
+        return  # another job on this store is writing them (the same numbers: the same seeded sample)
+    try:
+        for t in store.meta.teachers:
+            for kind in ("cls", "patch"):
+                st = compute_stats(store, t, kind)
+                if st["source"]["complete_sample"] or done:
+                    write_stats(store, t, kind, st)
+    finally:
+        leases.release(".stats")
 
 
 def _create_teachers(specs, device, opts) -> dict[str, Teacher]:
@@ -222,9 +228,17 @@ def _open_or_create(out: str, corpus: Corpus, teachers: dict[str, Teacher], opts
     return store
 
 
+STORE_ENTRIES = {"zarr.json", "shards", "quantizers", "stats", "leases"}
+
+
 def _refuse_foreign_dir(out: str) -> None:
-    if "://" not in out and os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, "zarr.json")):
-        raise ExtractError(f"--out {out}: directory exists, is not empty and is not a kdcache store")
+    """Never write into someone else's directory; a store another job is creating right now
+    (only store entries, maybe a half-renamed ``zarr.json``) is not foreign."""
+    if "://" in out or not os.path.isdir(out):
+        return
+    foreign = [e for e in os.listdir(out) if e not in STORE_ENTRIES and not e.startswith("zarr.json.")]
+    if foreign:
+        raise ExtractError(f"--out {out}: directory exists, holds {foreign[0]!r} and is not a kdcache store")
 
 
 def _plan(store: Store, teachers: dict[str, Teacher], shards) -> tuple[list[ShardJob], int]:

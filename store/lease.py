@@ -60,7 +60,7 @@ class Leases:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError):
-            return Holder("?", "?", -1, 0.0)  # garbage: treated as expired
+            return Holder("?", "?", -1, 0.0)  # garbage (not written by kdcache): treated as expired
 
     def acquire(self, shard: str) -> Holder | None:
         """Take the lease; returns None when taken, else the live holder (we move on)."""
@@ -101,17 +101,30 @@ class Leases:
         out = {}
         for p in names:
             name = p.rstrip("/").rsplit("/", 1)[-1]
-            if name.endswith(".json"):
+            if name.endswith(".json") and not name.endswith(".tmp"):
                 h = self.holder(name[:-5])
                 if h is not None:
                     out[name[:-5]] = h
         return out
 
     def _create(self, shard: str) -> bool:
+        """Exclusive create, with the content in place the moment the object exists: a reader
+        never sees an empty lease (which it would have to take for a broken one)."""
         path = self._path(shard)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if getattr(self.fs, "local_file", False) or type(self.fs).__name__ == "LocalFileSystem":
+            tmp = f"{path}.{self.owner}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(self._record())
+            try:
+                os.link(tmp, path)  # fails if the lease exists: O_EXCL semantics, content included
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.remove(tmp)
         try:
-            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            with self.fs.open(path, "xb") as f:
+            with self.fs.open(path, "xb") as f:  # S3: one conditional PUT (If-None-Match: *) with the body
                 f.write(self._record())
             return True
         except FileExistsError:
