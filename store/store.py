@@ -77,10 +77,10 @@ class Store(VerifiedReads, ShardEdits):
         zs = zarr_store(url, read_only=not writable)
         try:
             root = zarr.open_group(zs, mode="r+" if writable else "r")
-        except Exception as e:  # zarr raises several types for "nothing here"
+        except Exception as e:  # noqa: BLE001 - zarr raises several types for "nothing (readable) here"
             if _is_missing(e) or isinstance(e, (FileNotFoundError, ValueError)):
                 raise StoreError(f"{url}: no kdcache store here") from None
-            raise
+            raise StoreError(f"{url}: cannot open the store's root ({type(e).__name__}: {first_line(e)})") from None
         d = root.attrs.get("kdcache")
         if not isinstance(d, dict):
             raise StoreError(f"{url}: a zarr group, but not a kdcache store (no 'kdcache' attribute)")
