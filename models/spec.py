@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from kdcache.store import KdcacheError
+from kdcache.store.remote import parse_value
 
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "crop_pct")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -111,18 +112,3 @@ def _preprocess_value(text, option, key, v):
     if not 0 < pct <= 1:
         raise ModelSpecError(f"{option} {text!r}: crop_pct must be a number in (0, 1], got {v!r}")
     return pct
-
-
-def parse_value(v: str):
-    """A spec value: true/false, none/null, int, float, else the string itself."""
-    low = v.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for t in (int, float):
-        try:
-            return t(v)
-        except ValueError:
-            pass
-    return v

@@ -25,14 +25,18 @@ def parse_storage_options(items) -> dict:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = _value(value)
+        node[leaf] = parse_value(value)
     return out
 
 
-def _value(v: str):
-    low = v.lower()
+def parse_value(v: str):
+    """A ``key=value`` value from the command line: true/false, none/null, int, float, else the
+    string itself (also used for model specs)."""
+    low = v.strip().lower()
     if low in ("true", "false"):
         return low == "true"
+    if low in ("none", "null"):
+        return None
     for t in (int, float):
         try:
             return t(v)

@@ -55,6 +55,16 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def vit_store(tmp_path_factory, corpus, vit_spec):
+    """``corpus`` extracted with the ViT teacher, K=2 views: shared by readers that never write
+    to it (tests that change a store copy it first)."""
+    from kdcache.extract import ExtractOptions, extract
+    out = str(tmp_path_factory.mktemp("vit_store") / "s.zarr")
+    extract(corpus, out, [vit_spec], ExtractOptions(views=2, progress=False, workers=0))
+    return out
+
+
+@pytest.fixture(scope="session")
 def many_shards(tmp_path_factory):
     """6 shards of 6 images: for SIGKILL and torchrun."""
     d = tmp_path_factory.mktemp("many")

@@ -10,16 +10,13 @@ import shutil
 import pytest
 from helpers import cli_call
 
-from kdcache.extract import ExtractOptions, extract
 
 STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory, corpus, vit_spec):
-    out = str(tmp_path_factory.mktemp("good") / "s.zarr")
-    extract(corpus, out, [vit_spec], ExtractOptions(views=2, progress=False, workers=0))
-    return out
+def good(vit_store):
+    return vit_store
 
 
 def _copy(good, tmp_path):

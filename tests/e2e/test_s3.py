@@ -12,7 +12,6 @@ import pytest
 import zarr
 from helpers import store_arrays
 
-from kdcache.extract import ExtractOptions, extract
 
 STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
 
@@ -33,10 +32,8 @@ def _cli(s3, *args, creds_in_options=False):
 
 
 @pytest.fixture(scope="module")
-def local_ref(tmp_path_factory, corpus, vit_spec):
-    out = str(tmp_path_factory.mktemp("s3ref") / "ref.zarr")
-    extract(corpus, out, [vit_spec], ExtractOptions(views=2, progress=False, workers=0))
-    return out
+def local_ref(vit_store):
+    return vit_store
 
 
 def test_extract_verify_train_from_s3_equal_the_local_store(tmp_path, s3, corpus, vit_spec, local_ref):

@@ -12,7 +12,6 @@ import zarr
 from helpers import cli_call, one_error_line
 
 from kdcache.eval.knn import knn_classify, seeded_split
-from kdcache.extract import ExtractOptions, extract
 
 
 def test_one_hot_labels_are_perfect_and_random_features_are_chance():
@@ -50,10 +49,8 @@ def test_knn_equals_a_brute_force_vote():
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, corpus, vit_spec):
-    out = str(tmp_path_factory.mktemp("knn") / "s.zarr")
-    extract(corpus, out, [vit_spec], ExtractOptions(views=2, progress=False, workers=0))
-    return out
+def store(vit_store):
+    return vit_store
 
 
 def test_a_store_knn_equals_an_independent_computation(store, corpus, monkeypatch, capsys):

@@ -31,10 +31,8 @@ STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, corpus, vit_spec):
-    out = str(tmp_path_factory.mktemp("train") / "s.zarr")
-    extract(corpus, out, [vit_spec], ExtractOptions(views=2, progress=False, workers=0))
-    return out
+def store(vit_store):
+    return vit_store
 
 
 @pytest.fixture(scope="module")
