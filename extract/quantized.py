@@ -10,6 +10,7 @@ once, atomically, and shards keep their own completion.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from kdcache.data.corpus import Corpus
@@ -17,6 +18,7 @@ from kdcache.quantize import QuantizerSpec, SampleSpec, convert_shard, train_qua
 from kdcache.quantize.convert import encode_rows
 from kdcache.quantize.sample import training_prefix
 from kdcache.store import Codebooks, KdcacheError, Store, feature_path
+from kdcache.store.lease import new_owner
 
 log = logging.getLogger("kdcache.extract")
 WAIT_SECONDS = 24 * 3600
@@ -84,12 +86,13 @@ def wait_for_quantizers(store: Store, teachers: list[str]) -> dict[str, Codebook
 
 
 def convert_complete(store: Store, shards: list[str], encoders: dict[str, Codebooks]) -> int:
-    """Convert this rank's complete shards that still hold float features only."""
+    """Convert this rank's complete shards that still hold float features only (under leases)."""
     n = 0
+    leases = store.leases(new_owner(), pid=os.getpid())
     for name in shards:
         for t, cb in encoders.items():
             if store.is_complete(name, [t]):
-                n += convert_shard(store, name, t, KIND, cb, keep_float=_keep_float(store, t))
+                n += convert_shard(store, name, t, KIND, cb, keep_float=_keep_float(store, t), leases=leases)
     return n
 
 

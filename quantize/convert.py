@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import numpy as np
 from tqdm import tqdm
 
 from kdcache.store import Codebooks, Store, feature_path, to_float32
+from kdcache.store.lease import new_owner
 from kdcache.store.meta import quantizer_path
 
 from .fidelity import measure
@@ -54,9 +56,20 @@ def set_teacher_quantizer(store: Store, teacher: str, kind: str, cb: Codebooks, 
     store.write_meta(store.meta.replace(teachers=teachers))
 
 
-def convert_shard(store: Store, shard: str, teacher: str, kind: str, cb: Codebooks, *, keep_float: bool) -> bool:
-    """Add the teacher's ``kind`` codes to a complete shard (crash-safe: ``Store.derive_array``).
-    Returns False if it already had them."""
+def convert_shard(store: Store, shard: str, teacher: str, kind: str, cb: Codebooks, *, keep_float: bool,
+                  leases=None) -> bool:
+    """Add the teacher's ``kind`` codes to a complete shard (crash-safe: ``Store.derive_array``),
+    under the shard's lease when ``leases`` is given. Returns False if it already had them, or
+    another job holds the shard (it converts it)."""
+    if leases is not None:
+        holder = leases.acquire(shard)
+        if holder is not None:
+            log.info("shard %s is being written by %s; moving on", shard, holder.describe())
+            return False
+        try:
+            return convert_shard(store, shard, teacher, kind, cb, keep_float=keep_float)
+        finally:
+            leases.release(shard)
     src = feature_path(teacher, kind)
     t = store.meta.teachers[teacher]
     row_shape = (store.meta.views, t.tokens, cb.m) if kind == "patch" else (store.meta.views, cb.m)
@@ -86,8 +99,9 @@ def quantize_store(url: str, teacher: str, qspec: QuantizerSpec, *, kind: str = 
         cb = train_quantizer(store, teacher, kind, qspec, sample, keep_float=keep_float)
     shards = store.complete_shards([teacher])
     converted = 0
+    leases = store.leases(new_owner(), pid=os.getpid())  # one writer per shard, as in extraction
     for name in tqdm(shards, desc=f"quantize {teacher}/{kind}", unit="shard", disable=not progress):
-        converted += convert_shard(store, name, teacher, kind, cb, keep_float=keep_float)
+        converted += convert_shard(store, name, teacher, kind, cb, keep_float=keep_float, leases=leases)
     from .stats import compute_stats, write_stats
     write_stats(store, teacher, kind, compute_stats(store, teacher, kind))  # the targets are now the decoded codes
     return {"teacher": teacher, "kind": kind, "shards_converted": converted, "shards_skipped": len(shards) - converted,

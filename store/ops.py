@@ -136,6 +136,10 @@ def drop_teacher(url: str, teacher: str) -> dict:
         raise StoreError(f"{url}: no teacher {teacher!r} (teachers: {', '.join(store.meta.teachers)})")
     if len(store.meta.teachers) == 1:
         raise StoreError(f"{url}: {teacher} is the store's only teacher; delete the store instead")
+    live = {n: h for n, h in store.leases("drop-teacher").all().items() if h.expires > time.time()}
+    if live:
+        name, h = next(iter(live.items()))
+        raise StoreError(f"{url}: shard {name} is being written by {h.describe()}; drop the teacher when no job writes")
     store.write_meta(store.meta.replace(teachers={n: t for n, t in store.meta.teachers.items() if n != teacher}))
     paths = {feature_path(teacher, k, codes=c) for k in ("cls", "patch") for c in (False, True)}
     n = 0

@@ -223,3 +223,19 @@ def test_cli_quantize_gain_shape_refined_and_bench_rows(tmp_path, many_shards, v
     verbose = run_cli("-v", "bench", "quantize", "--npy", str(tmp_path / "x.npy"), "--methods", "pq", "--fractions", "16",
                       "--train-tokens", "2000")
     assert verbose.stderr.count("WARNING clustering") == 4  # one per codebook's k-means, as faiss prints them
+
+
+def test_quantize_leaves_a_shard_another_job_holds_and_a_rerun_finishes(tmp_path, vit_store):
+    import shutil
+    s = str(tmp_path / "s.zarr")
+    shutil.copytree(vit_store, s)
+    other = Store.open(s, writable=True).leases("another-job")
+    other.pid = other.pid + 1_000_000  # a live job elsewhere as far as this host can tell
+    assert other.acquire("demo-000001") is None
+    spec, sample = QuantizerSpec.parse("sq8"), SampleSpec(train_tokens=128, held_out=16, pool=1)
+    r = quantize_store(s, "vit", spec, sample=sample, progress=False)
+    assert r["shards_converted"] == 2
+    assert "vit/patch_codes" not in Store.open(s).shard_attrs("demo-000001")["digest"]
+    other.release("demo-000001")
+    r = quantize_store(s, "vit", spec, sample=sample, progress=False)
+    assert r["shards_converted"] == 1 and "vit/patch_codes" in Store.open(s).shard_attrs("demo-000001")["digest"]
