@@ -227,28 +227,44 @@ def eval_group():
 
 
 @eval_group.command("knn")
-@click.option("--store", required=True, help="Store whose cached summary features to evaluate (the teacher's ceiling).")
-@click.option("--data", required=True, help="The labelled corpus the store was extracted from.")
-@click.option("--teacher", "-t", help="Teacher in the store. [default: the first]")
+@click.option("--data", required=True, help="The labelled corpus (webdataset cls fields or image-folder classes).")
+@click.option("--store", help="Evaluate a store's cached summary features: the teacher's ceiling, free (one of --store, "
+              "--run, --model is required).")
+@click.option("--run", "run_dir", help="Evaluate the student of a training run, live (one of --store, --run, --model "
+              "is required).")
+@click.option("--ema", is_flag=True, help="With --run: the EMA weights. [default: off]")
+@click.option("--model", help="Evaluate a timm model live, MODEL[,key=value] (pretrained=false: a random-init baseline; "
+              "one of --store, --run, --model is required).")
+@click.option("--teacher", "-t", help="With --store: the teacher. [default: the first]")
 @click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="Neighbours that vote.")
 @click.option("--temperature", type=float, default=0.07, show_default=True, help="Votes weigh exp(similarity / T).")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Seeded share of samples held out.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
-@click.option("--skip-corrupt", is_flag=True, help="Leave out shards that fail verification (reported). [default: off]")
+@click.option("--skip-corrupt", is_flag=True, help="With --store: leave out shards that fail verification (reported). "
+              "[default: off]")
 @click.option("--json", "as_json", is_flag=True, help="Result and protocol as JSON. [default: off]")
 @click.option("--out", "out_file", help="Also write the JSON (result and exact protocol) here. [default: none]")
 @_storage
-def eval_knn(store, data, teacher, k, temperature, val_fraction, seed, skip_corrupt, as_json, out_file, storage_options):
-    """kNN top-1/top-5 (DINO protocol: cosine, k=20, T=0.07) of a store's cached summary features.
+def eval_knn(data, store, run_dir, ema, model, teacher, k, temperature, val_fraction, seed, skip_corrupt, as_json, out_file,
+             storage_options):
+    """kNN top-1/top-5 (DINO protocol: cosine, k=20, T=0.07) of one set of summary features
+    (exactly one of --store, --run, --model), on a seeded split of a labelled corpus.
 
     \b
-    kdcache eval knn --store feats.zarr --data /data/shards
-    kdcache eval knn --store s3://bucket/feats.zarr --data s3://bucket/shards --json
+    kdcache eval knn --data /data/shards --store feats.zarr              # the teacher's cached features
+    kdcache eval knn --data /data/shards --run runs/r18                  # the distilled student
+    kdcache eval knn --data /data/shards --model resnet18,img_size=64    # a random-init student
     """
+    from kdcache.eval.model_features import knn_on_model
     from kdcache.eval.store_features import format_knn, knn_on_store
-    _remote(storage_options, store, data)
-    r = knn_on_store(store, data, teacher=teacher, k=k, temperature=temperature, val_fraction=val_fraction, seed=seed,
-                     skip_corrupt=skip_corrupt)
+    if sum(x is not None for x in (store, run_dir, model)) != 1:
+        raise click.UsageError("give exactly one of --store, --run, --model")
+    _remote(storage_options, *(u for u in (store, data) if u))
+    knn = dict(k=k, temperature=temperature, val_fraction=val_fraction, seed=seed)
+    if store:
+        r = knn_on_store(store, data, teacher=teacher, skip_corrupt=skip_corrupt, **knn)
+    else:
+        r = knn_on_model("run" if run_dir else "model", data, run=run_dir, ema=ema, model=model, **knn)
     if out_file:
         with open(out_file, "w") as f:
             json.dump(r, f, indent=2)

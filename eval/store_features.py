@@ -53,18 +53,25 @@ def labelled_store_features(url: str, data: str, *, teacher: str | None = None, 
             "skipped": skipped, "unlabelled": unlabelled}
 
 
-def knn_on_store(url: str, data: str, *, teacher: str | None = None, k: int = 20, temperature: float = 0.07,
-                 val_fraction: float = 0.2, seed: int = 0, skip_corrupt: bool = False) -> dict:
+def knn_on_store(url: str, data: str, *, teacher: str | None = None, skip_corrupt: bool = False, **knn) -> dict:
     """``kdcache eval knn --store``: kNN accuracy of the cached summary features, with its protocol."""
-    from .knn import knn_classify, seeded_split
     f = labelled_store_features(url, data, teacher=teacher, skip_corrupt=skip_corrupt)
-    tr, va = seeded_split(len(f["y"]), val_fraction=val_fraction, seed=seed)
-    result = knn_classify(f["x"][tr], f["y"][tr], f["x"][va], f["y"][va], k=k, temperature=temperature)
-    return {"features": f"store {url}, teacher {f['teacher']}, cached summary (view 0, the eval view)", **result,
-            "protocol": {"split": f"seeded permutation, last {val_fraction:g} for validation", "seed": seed, "k": result["k"],
-                         "temperature": temperature, "similarity": "cosine", "view": 0,
-                         "resolution": list(Store.open(url).meta.teachers[f["teacher"]].input_size[1:])},
-            "unlabelled_samples": f["unlabelled"], "skipped_shards": f["skipped"]}
+    r = knn_report(f["x"], f["y"], f"store {url}, teacher {f['teacher']}, cached summary (view 0, the eval view)",
+                   resolution=list(Store.open(url).meta.teachers[f["teacher"]].input_size[1:]), **knn)
+    return {**r, "unlabelled_samples": f["unlabelled"], "skipped_shards": f["skipped"]}
+
+
+def knn_report(x, y, features: str, *, resolution, k: int = 20, temperature: float = 0.07, val_fraction: float = 0.2,
+               seed: int = 0) -> dict:
+    """kNN on labelled features with a seeded split, and the exact protocol to reproduce it."""
+    from .knn import knn_classify, seeded_split
+    tr, va = seeded_split(len(y), val_fraction=val_fraction, seed=seed)
+    result = knn_classify(x[tr], y[tr], x[va], y[va], k=k, temperature=temperature)
+    return {"features": features, **result,
+            "protocol": {"split": f"seeded permutation of the samples in corpus order, last {val_fraction:g} for validation",
+                         "seed": seed, "k": result["k"], "temperature": temperature, "similarity": "cosine",
+                         "view": "eval view (centred crop_pct box)", "resolution": resolution},
+            "skipped_shards": {}}
 
 
 def format_knn(r: dict) -> str:

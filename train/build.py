@@ -7,6 +7,7 @@ train``, ``kdcache bench train`` and the demo all start from it.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import math
@@ -144,7 +145,8 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None) -> Run:
     student = create_student(cfg.student)
     if rank == 0:  # what export needs to print a load line that rebuilds exactly this student
         rundir.write_json("provenance.json", {"store": cfg.store, "data": cfg.data, "store_meta": store.meta.to_dict(),
-                                              "student": {"model": student.spec.model, "timm_kwargs": student.kwargs}})
+                                              "student": {"model": student.spec.model, "timm_kwargs": student.kwargs,
+                                                          "data": dataclasses.asdict(student.data)}})
     targets = {t: TeacherTargets(store, t, normalize=cfg.normalize, predict_codes=cfg.predict_codes, shards=shards, rundir=rundir,
                                  write_stats=rank == 0, skip_corrupt=cfg.skip_corrupt).to(device) for t in teachers}
     metas = store.meta.teachers

@@ -8,7 +8,11 @@ import tarfile
 
 import numpy as np
 import pytest
+import timm
+import torch
+import torchvision.transforms.v2.functional
 import zarr
+from torchvision.transforms import InterpolationMode
 from helpers import cli_call, one_error_line
 
 from kdcache.eval.knn import knn_classify, seeded_split
@@ -88,3 +92,39 @@ def test_eval_stops_on_a_corrupt_shard_or_skips_it(tmp_path, store, corpus, monk
     code, out, _ = cli_call(monkeypatch, capsys, "eval", "knn", "--store", copy, "--data", corpus, "--skip-corrupt", "--json")
     r = json.loads(out)
     assert code == 0 and list(r["skipped_shards"]) == ["demo-000002"] and r["n_train"] + r["n_val"] == 16
+
+
+def test_a_run_s_student_is_evaluated_as_the_exported_model_sees_the_images(tmp_path, store, corpus, monkeypatch, capsys):
+    from kdcache.eval.model_features import labelled_model_features, run_student, spec_model
+    from kdcache.train.config import TrainConfig
+    from kdcache.train.loop import train
+    run = str(tmp_path / "run")
+    train(TrainConfig(store=store, data=corpus, student="resnet18,img_size=48", out=run, epochs=1, batch_size=4, workers=0,
+                      head_hidden=16, amp="none"), progress=False)
+    net, data, _ = run_student(run)
+    assert data.hw == (48, 48)  # the size it was trained at, though resnet18 takes no img_size
+    f = labelled_model_features(net, data, corpus)
+    # independently: the exported weights in a fresh timm model, on the eval crop cut by hand
+    import safetensors.torch
+    from kdcache.data.corpus import resolve_corpus
+    from kdcache.data.decode import decode_sample
+    m = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
+    m.load_state_dict(safetensors.torch.load_file(f"{run}/checkpoints/last/student.safetensors"))
+    c = resolve_corpus(corpus)
+    s = next(iter(c.samples(c.shards[0])))
+    rgb = torch.from_numpy(decode_sample(s)).permute(2, 0, 1)
+    h, w = rgb.shape[1:]
+    side = round(data.crop_pct * min(h, w))
+    top, left = round((h - side) / 2), round((w - side) / 2)
+    crop = torchvision.transforms.v2.functional.resized_crop(rgb, top, left, side, side, [48, 48],
+                                                            interpolation=InterpolationMode(data.interpolation), antialias=True)
+    x = (crop.float()[None] / 255 - torch.tensor(data.mean).view(1, 3, 1, 1)) / torch.tensor(data.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = m(x)[0].numpy()
+    np.testing.assert_allclose(f["x"][0], ref, rtol=1e-4, atol=1e-4)
+    for args in (["--run", run], ["--model", "resnet18,img_size=48"]):
+        code, out, err = cli_call(monkeypatch, capsys, "eval", "knn", "--data", corpus, "--k", "5", "--json", *args)
+        assert code == 0 and json.loads(out)["n_val"] == 5, err
+    assert spec_model("resnet18,img_size=48")[1].hw == (48, 48)
+    code, _, err = cli_call(monkeypatch, capsys, "eval", "knn", "--data", corpus)
+    assert code == 2 and "exactly one of --store, --run, --model" in one_error_line(err)
