@@ -226,27 +226,55 @@ def eval_group():
     """
 
 
+def _eval_features(fn):
+    """The features to evaluate (exactly one of --store, --run, --model) and the split: shared by
+    every ``kdcache eval`` probe."""
+    options = [
+        click.option("--data", required=True, help="The labelled corpus (webdataset cls fields or image-folder classes)."),
+        click.option("--store", help="A store's cached summary features: the teacher's ceiling, free (one of --store, "
+                                     "--run, --model is required)."),
+        click.option("--run", "run_dir", help="The student of a training run, live (one of --store, --run, --model "
+                                              "is required)."),
+        click.option("--ema", is_flag=True, help="With --run: the EMA weights. [default: off]"),
+        click.option("--model", help="A timm model live, MODEL[,key=value] (pretrained=false: a random-init baseline; "
+                                     "one of --store, --run, --model is required)."),
+        click.option("--teacher", "-t", help="With --store: the teacher. [default: the first]"),
+        click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Seeded share of samples held out."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split."),
+        click.option("--skip-corrupt", is_flag=True, help="With --store: leave out shards that fail verification "
+                                                          "(reported). [default: off]"),
+        click.option("--json", "as_json", is_flag=True, help="Result and protocol as JSON. [default: off]"),
+        click.option("--out", "out_file", help="Also write the JSON (result and exact protocol) here. [default: none]"),
+        _storage,
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _evaluate(probe, data, store, run_dir, ema, model, teacher, val_fraction, seed, skip_corrupt, as_json, out_file,
+              storage_options, **knn):
+    from kdcache.eval.model_features import knn_on_model
+    from kdcache.eval.store_features import format_knn, knn_on_store
+    if sum(x is not None for x in (store, run_dir, model)) != 1:
+        raise click.UsageError("give exactly one of --store, --run, --model")
+    _remote(storage_options, *(u for u in (store, data) if u))
+    opts = dict(val_fraction=val_fraction, seed=seed, probe=probe, **knn)
+    if store:
+        r = knn_on_store(store, data, teacher=teacher, skip_corrupt=skip_corrupt, **opts)
+    else:
+        r = knn_on_model("run" if run_dir else "model", data, run=run_dir, ema=ema, model=model, **opts)
+    if out_file:
+        with open(out_file, "w") as f:
+            json.dump(r, f, indent=2)
+    click.echo(json.dumps(r, indent=2) if as_json else format_knn(r))
+
+
 @eval_group.command("knn")
-@click.option("--data", required=True, help="The labelled corpus (webdataset cls fields or image-folder classes).")
-@click.option("--store", help="Evaluate a store's cached summary features: the teacher's ceiling, free (one of --store, "
-              "--run, --model is required).")
-@click.option("--run", "run_dir", help="Evaluate the student of a training run, live (one of --store, --run, --model "
-              "is required).")
-@click.option("--ema", is_flag=True, help="With --run: the EMA weights. [default: off]")
-@click.option("--model", help="Evaluate a timm model live, MODEL[,key=value] (pretrained=false: a random-init baseline; "
-              "one of --store, --run, --model is required).")
-@click.option("--teacher", "-t", help="With --store: the teacher. [default: the first]")
+@_eval_features
 @click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="Neighbours that vote.")
 @click.option("--temperature", type=float, default=0.07, show_default=True, help="Votes weigh exp(similarity / T).")
-@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Seeded share of samples held out.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
-@click.option("--skip-corrupt", is_flag=True, help="With --store: leave out shards that fail verification (reported). "
-              "[default: off]")
-@click.option("--json", "as_json", is_flag=True, help="Result and protocol as JSON. [default: off]")
-@click.option("--out", "out_file", help="Also write the JSON (result and exact protocol) here. [default: none]")
-@_storage
-def eval_knn(data, store, run_dir, ema, model, teacher, k, temperature, val_fraction, seed, skip_corrupt, as_json, out_file,
-             storage_options):
+def eval_knn(**kw):
     """kNN top-1/top-5 (DINO protocol: cosine, k=20, T=0.07) of one set of summary features
     (exactly one of --store, --run, --model), on a seeded split of a labelled corpus.
 
@@ -255,20 +283,20 @@ def eval_knn(data, store, run_dir, ema, model, teacher, k, temperature, val_frac
     kdcache eval knn --data /data/shards --run runs/r18                  # the distilled student
     kdcache eval knn --data /data/shards --model resnet18,img_size=64    # a random-init student
     """
-    from kdcache.eval.model_features import knn_on_model
-    from kdcache.eval.store_features import format_knn, knn_on_store
-    if sum(x is not None for x in (store, run_dir, model)) != 1:
-        raise click.UsageError("give exactly one of --store, --run, --model")
-    _remote(storage_options, *(u for u in (store, data) if u))
-    knn = dict(k=k, temperature=temperature, val_fraction=val_fraction, seed=seed)
-    if store:
-        r = knn_on_store(store, data, teacher=teacher, skip_corrupt=skip_corrupt, **knn)
-    else:
-        r = knn_on_model("run" if run_dir else "model", data, run=run_dir, ema=ema, model=model, **knn)
-    if out_file:
-        with open(out_file, "w") as f:
-            json.dump(r, f, indent=2)
-    click.echo(json.dumps(r, indent=2) if as_json else format_knn(r))
+    _evaluate("knn", **kw)
+
+
+@eval_group.command("linear")
+@_eval_features
+def eval_linear(**kw):
+    """Linear probe: logistic regression on frozen summary features, regularisation chosen on a
+    split of the training samples, scored on the held-out ones (same split as kNN).
+
+    \b
+    kdcache eval linear --data /data/shards --store feats.zarr
+    kdcache eval linear --data /data/shards --run runs/r18 --json --out r18-linear.json
+    """
+    _evaluate("linear", **kw)
 
 
 @cli.group("store")

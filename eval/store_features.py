@@ -62,22 +62,29 @@ def knn_on_store(url: str, data: str, *, teacher: str | None = None, skip_corrup
 
 
 def knn_report(x, y, features: str, *, resolution, k: int = 20, temperature: float = 0.07, val_fraction: float = 0.2,
-               seed: int = 0) -> dict:
-    """kNN on labelled features with a seeded split, and the exact protocol to reproduce it."""
+               seed: int = 0, probe: str = "knn") -> dict:
+    """kNN (or the linear probe, ``probe="linear"``) on labelled features with a seeded split,
+    and the exact protocol to reproduce it."""
     from .knn import knn_classify, seeded_split
+    from .linear import linear_probe
     tr, va = seeded_split(len(y), val_fraction=val_fraction, seed=seed)
-    result = knn_classify(x[tr], y[tr], x[va], y[va], k=k, temperature=temperature)
-    return {"features": features, **result,
-            "protocol": {"split": f"seeded permutation of the samples in corpus order, last {val_fraction:g} for validation",
-                         "seed": seed, "k": result["k"], "temperature": temperature, "similarity": "cosine",
-                         "view": "eval view (centred crop_pct box)", "resolution": resolution},
-            "skipped_shards": {}}
+    split = {"split": f"seeded permutation of the samples in corpus order, last {val_fraction:g} for validation",
+             "seed": seed, "view": "eval view (centred crop_pct box)", "resolution": resolution}
+    if probe == "linear":
+        result = linear_probe(x[tr], y[tr], x[va], y[va], seed=seed)
+        protocol = {**split, "probe": "logistic regression on standardised features, C chosen on a seeded quarter of "
+                                      "the training split from a log grid 1e-3..1e2, refitted on all of it"}
+    else:
+        result = knn_classify(x[tr], y[tr], x[va], y[va], k=k, temperature=temperature)
+        protocol = {**split, "probe": "kNN", "k": result["k"], "temperature": temperature, "similarity": "cosine"}
+    return {"features": features, **result, "protocol": protocol, "skipped_shards": {}}
 
 
 def format_knn(r: dict) -> str:
-    lines = [f"# kNN: {r['features']}", f"k={r['k']}, T={r['temperature']}, {r['n_train']} train / {r['n_val']} val samples, "
-             f"{r['classes']} classes, split seed {r['protocol']['seed']}", "", "| top-1 | top-5 |", "|---|---|",
-             f"| {r['top1']:.4f} | {r['top5']:.4f} |"]
+    how = f"k={r['k']}, T={r['temperature']}" if "k" in r else f"linear probe, C={r['C']:g}"
+    lines = [f"# {'kNN' if 'k' in r else 'linear probe'}: {r['features']}",
+             f"{how}, {r['n_train']} train / {r['n_val']} val samples, {r['classes']} classes, split seed {r['protocol']['seed']}",
+             "", "| top-1 | top-5 |", "|---|---|", f"| {r['top1']:.4f} | {r['top5']:.4f} |"]
     if r["skipped_shards"]:
         lines.append(f"skipped corrupt shards: {', '.join(f'{s} ({e})' for s, e in r['skipped_shards'].items())}")
     return "\n".join(lines)

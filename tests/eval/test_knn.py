@@ -128,3 +128,18 @@ def test_a_run_s_student_is_evaluated_as_the_exported_model_sees_the_images(tmp_
     assert spec_model("resnet18,img_size=48")[1].hw == (48, 48)
     code, _, err = cli_call(monkeypatch, capsys, "eval", "knn", "--data", corpus)
     assert code == 2 and "exactly one of --store, --run, --model" in one_error_line(err)
+
+
+def test_linear_probe_separates_separable_features_and_chooses_c_on_training_data_only(store, corpus, monkeypatch, capsys):
+    from kdcache.eval.linear import linear_probe
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 400)
+    x = rng.standard_normal((400, 8)) * 0.1 + np.eye(4, 8)[y] * 3
+    tr, va = seeded_split(400, val_fraction=0.25, seed=0)
+    r = linear_probe(x[tr], y[tr], x[va], y[va])
+    assert r["top1"] == 1.0 and r["n_val"] == 100 and set(r["validation_accuracy_by_C"]) == {"0.001", "0.01", "0.1", "1", "10", "100"}
+    noise = linear_probe(rng.standard_normal((300, 8)), y[:300], rng.standard_normal((100, 8)), y[300:])
+    assert noise["top1"] < 0.45
+    code, out, err = cli_call(monkeypatch, capsys, "eval", "linear", "--data", corpus, "--store", store, "--json")
+    r = json.loads(out)
+    assert code == 0 and 0 <= r["top1"] <= 1 and r["protocol"]["probe"].startswith("logistic regression"), err
