@@ -286,6 +286,25 @@ def eval_knn(**kw):
     _evaluate("knn", **kw)
 
 
+@eval_group.command("store")
+@click.argument("store")
+@click.option("--tokens", type=click.IntRange(min=1), default=16384, show_default=True,
+              help="Stored tokens to measure quantization fidelity on (when the floats were kept).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
+@_storage
+def eval_store(store, tokens, as_json, storage_options):
+    """Bytes per sample per teacher, the ratio to fp32, and what quantization kept (cosine, relMSE).
+
+    \b
+    kdcache eval store feats.zarr
+    kdcache eval store s3://bucket/feats.zarr --json
+    """
+    from kdcache.eval.store_report import format_store_report, store_report
+    _remote(storage_options, store)
+    r = store_report(store, tokens=tokens)
+    click.echo(json.dumps(r, indent=2) if as_json else format_store_report(r))
+
+
 @eval_group.command("linear")
 @_eval_features
 def eval_linear(**kw):

@@ -1,0 +1,68 @@
+"""``kdcache eval store``: what a store costs per sample, and what quantization kept.
+
+Per teacher: bytes on disk per sample (every stored array of the teacher: floats and/or codes),
+the ratio to the same features in fp32, and for quantized token kinds the reconstruction
+fidelity: measured here on the stored floats when they were kept (``--keep-float``), decoded
+codes against them, over the first shards (up to ``tokens``); else the held-out figures the
+quantizer recorded when it was trained.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from kdcache.quantize.fidelity import fidelity
+from kdcache.store import Store, feature_path
+from kdcache.store.inspect import info
+
+TOKENS = 16384
+
+
+def store_report(url: str, *, tokens: int = TOKENS) -> dict:
+    store = Store.open(url)
+    d = info(store)
+    out = {"store": url, "samples": d["samples"], "views": d["views"], "teachers": {}}
+    for name, t in d["teachers"].items():
+        meta = store.meta.teachers[name]
+        fp32 = d["views"] * (meta.tokens + 1) * meta.dim * 4
+        row = {"model": t["model"], "bytes_per_sample": t["bytes_per_sample"], "fp32_bytes_per_sample": fp32,
+               "fp32_over_stored": fp32 / t["bytes_per_sample"] if t["bytes_per_sample"] else None, "quantized": {}}
+        for kind, q in (meta.quantizer or {}).items():
+            cb = store.read_codebooks(name, kind)
+            entry = {"spec": q.get("spec"), "bytes_per_token": cb.m}
+            if q.get("keep_float"):
+                x, y = _float_and_decoded(store, name, kind, cb, tokens)
+                entry.update({"measured_on": f"{len(x)} stored tokens (floats kept)", **fidelity(x, y)})
+            else:
+                entry.update({"measured_on": "held-out tokens at training (floats not kept)",
+                              **{k: q.get(k) for k in ("relmse", "mean_cos", "p5_cos")}})
+            row["quantized"][kind] = entry
+        out["teachers"][name] = row
+    return out
+
+
+def _float_and_decoded(store: Store, teacher: str, kind: str, cb, tokens: int):
+    xs, ys, n = [], [], 0
+    for shard in store.complete_shards([teacher]):
+        x = store.read_features(shard, teacher, kind)
+        codes = np.concatenate([store.read_block(shard, feature_path(teacher, kind, codes=True), b)
+                                for b in range(-(-x.shape[0] // store.block_rows(shard, feature_path(teacher, kind, codes=True))))])
+        xs.append(x.reshape(-1, x.shape[-1]))
+        ys.append(cb.decode(codes.reshape(-1, codes.shape[-1])))
+        n += len(xs[-1])
+        if n >= tokens:
+            break
+    return np.concatenate(xs)[:tokens], np.concatenate(ys)[:tokens]
+
+
+def format_store_report(r: dict) -> str:
+    lines = [f"# store {r['store']}: {r['samples']} samples, K={r['views']} views", "",
+             "| teacher | model | KiB/sample stored | KiB/sample fp32 | fp32 / stored | quantized | relMSE | mean cos | p5 cos |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, t in r["teachers"].items():
+        q = t["quantized"] or {"-": {}}
+        for kind, e in q.items():
+            fid = [f"{e[k]:.4f}" if isinstance(e.get(k), (int, float)) else "-" for k in ("relmse", "mean_cos", "p5_cos")]
+            what = f"{kind}: {e.get('spec')} ({e.get('measured_on')})" if e else "-"
+            lines.append(f"| {name} | {t['model']} | {t['bytes_per_sample'] / 1024:.1f} | {t['fp32_bytes_per_sample'] / 1024:.1f} | "
+                         f"{t['fp32_over_stored']:.1f} | {what} | " + " | ".join(fid) + " |")
+    return "\n".join(lines)
