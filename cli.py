@@ -305,6 +305,27 @@ def eval_store(store, tokens, as_json, storage_options):
     click.echo(json.dumps(r, indent=2) if as_json else format_store_report(r))
 
 
+@eval_group.command("fidelity")
+@click.option("--run", "run_dir", required=True, help="A training run directory.")
+@click.option("--store", help="Store whose cached targets to compare with. [default: the run's]")
+@click.option("--data", help="Its corpus. [default: the run's]")
+@click.option("--shards", help="Glob of shards to evaluate on, e.g. held-out ones. [default: all of the corpus]")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
+@_storage
+def eval_fidelity(run_dir, store, data, shards, as_json, storage_options):
+    """Per teacher, mean cosine between the student's head outputs and the cached targets, summary
+    and patch tokens separately (normalised space and teacher space).
+
+    \b
+    kdcache eval fidelity --run runs/r18
+    kdcache eval fidelity --run runs/r18 --store heldout.zarr --data /data/heldout
+    """
+    from kdcache.eval.fidelity import fidelity, format_fidelity
+    _remote(storage_options, *(u for u in (store, data) if u))
+    r = fidelity(run_dir, store=store, data=data, shards=shards)
+    click.echo(json.dumps(r, indent=2) if as_json else format_fidelity(r))
+
+
 @eval_group.command("linear")
 @_eval_features
 def eval_linear(**kw):

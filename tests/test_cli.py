@@ -32,7 +32,7 @@ def test_readme_opens_with_demo_and_test_commands_and_ci_runs_the_test_command()
 
 @pytest.mark.parametrize("command", [["extract"], ["info"], ["verify"], ["quantize"], ["train"], ["export"], ["demo"],
                                      ["bench", "extract"], ["bench", "quantize"], ["bench", "train"], ["bench", "codec"],
-                                     ["bench", "load"], ["eval", "knn"], ["eval", "linear"], ["eval", "store"], ["convert"], ["store", "copy"], ["store", "merge"],
+                                     ["bench", "load"], ["eval", "knn"], ["eval", "linear"], ["eval", "store"], ["eval", "fidelity"], ["convert"], ["store", "copy"], ["store", "merge"],
                                      ["store", "subset"], ["store", "drop-teacher"], ["store", "stats"], ["store", "ls"]])
 def test_every_command_has_help_with_examples(command):
     r = CliRunner().invoke(cli, [*command, "--help"])

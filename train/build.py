@@ -125,7 +125,9 @@ def _distributed() -> tuple[int, int]:
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
-def build_run(cfg: TrainConfig, *, config_file: str | None = None) -> Run:
+def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: bool = False) -> Run:
+    """``evaluate``: rebuild a finished run to evaluate it (``kdcache eval fidelity``): nothing is
+    written into the run directory, and the weights of its last checkpoint are loaded."""
     rank, world = _distributed()
     device = resolve_device(cfg.device)
     store = Store.open(cfg.store)
@@ -136,19 +138,20 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None) -> Run:
     corpus = resolve_corpus(cfg.data, ReadOptions.from_dict(store.meta.corpus))
     shards, counts, bad = check_store_fits_corpus(store, corpus, teachers, skip_corrupt=cfg.skip_corrupt)
     rundir = RunDir(cfg.out)
-    if rank == 0:
+    writes = rank == 0 and not evaluate
+    if writes:
         rundir.prepare(resume=cfg.resume, overwrite=cfg.overwrite)
         rundir.write_config(cfg.to_json(), config_file)
         for n, error in bad.items():
             record_skip(rundir.skip_log, {"epoch": None, "shard": n, "error": error, "samples_skipped": None})
     torch.manual_seed(cfg.seed)
     student = create_student(cfg.student)
-    if rank == 0:  # what export needs to print a load line that rebuilds exactly this student
+    if writes:  # what export needs to print a load line that rebuilds exactly this student
         rundir.write_json("provenance.json", {"store": cfg.store, "data": cfg.data, "store_meta": store.meta.to_dict(),
                                               "student": {"model": student.spec.model, "timm_kwargs": student.kwargs,
                                                           "data": dataclasses.asdict(student.data)}})
     targets = {t: TeacherTargets(store, t, normalize=cfg.normalize, predict_codes=cfg.predict_codes, shards=shards, rundir=rundir,
-                                 write_stats=rank == 0, skip_corrupt=cfg.skip_corrupt).to(device) for t in teachers}
+                                 write_stats=writes, skip_corrupt=cfg.skip_corrupt).to(device) for t in teachers}
     metas = store.meta.teachers
     model = DistillModel(student.model, student.data,
                          [TeacherTarget(t, metas[t].dim, tuple(metas[t].grid), targets[t].codes_m) for t in teachers],
@@ -166,7 +169,7 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None) -> Run:
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(model.student, decay=cfg.ema)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
-    if cfg.resume:
+    if cfg.resume or evaluate:
         state = checkpoint.load(rundir, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema)
         if state is None:
             raise TrainError(f"--resume: no checkpoint in {rundir.checkpoint}")

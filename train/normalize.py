@@ -30,6 +30,12 @@ class Normalizer(nn.Module):
         x = x.float() - self.shift
         return x * self.matrix if self.diagonal else x @ self.matrix
 
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """Normalised space -> the teacher's own feature space (for fidelity in teacher units)."""
+        y = y.float()
+        x = y / self.matrix if self.diagonal else y @ torch.linalg.pinv(self.matrix)
+        return x + self.shift
+
 
 def _identity(stats, dim: int) -> Normalizer:
     return Normalizer(np.zeros(dim), np.ones(dim), "standardize")
