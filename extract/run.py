@@ -232,11 +232,12 @@ STORE_ENTRIES = {"zarr.json", "shards", "quantizers", "stats", "leases"}
 
 
 def _refuse_foreign_dir(out: str) -> None:
-    """Never write into someone else's directory; a store another job is creating right now
-    (only store entries, maybe a half-renamed ``zarr.json``) is not foreign."""
+    """Never write into someone else's directory; a store another job or rank is creating right
+    now (only store entries, maybe zarr's temporary metadata files) is not foreign."""
     if "://" in out or not os.path.isdir(out):
         return
-    foreign = [e for e in os.listdir(out) if e not in STORE_ENTRIES and not e.startswith("zarr.json.")]
+    # zarr writes metadata through temporary files (zarr.<uuid>.partial) renamed into place
+    foreign = [e for e in os.listdir(out) if e not in STORE_ENTRIES and not e.startswith("zarr.")]
     if foreign:
         raise ExtractError(f"--out {out}: directory exists, holds {foreign[0]!r} and is not a kdcache store")
 
