@@ -44,8 +44,7 @@ def _float_and_decoded(store: Store, teacher: str, kind: str, cb, tokens: int):
     xs, ys, n = [], [], 0
     for shard in store.complete_shards([teacher]):
         x = store.read_features(shard, teacher, kind)
-        codes = np.concatenate([store.read_block(shard, feature_path(teacher, kind, codes=True), b)
-                                for b in range(-(-x.shape[0] // store.block_rows(shard, feature_path(teacher, kind, codes=True))))])
+        codes = np.concatenate(list(store.read_blocks(shard, feature_path(teacher, kind, codes=True))))
         xs.append(x.reshape(-1, x.shape[-1]))
         ys.append(cb.decode(codes.reshape(-1, codes.shape[-1])))
         n += len(xs[-1])

@@ -32,12 +32,11 @@ class ShardEdits:
             raise StoreError(f"{self.url}: shard {shard} has neither {src} nor {dst}")
         if dst in group:
             del group[dst]  # left by an interrupted run
-        source = group[src]
         block = self.block_rows(shard, src)
         out = create_rows_array(group, dst, row_shape, dtype, block=block, codec=codec, attrs=attrs)
         h, crcs = ArrayDigest(), []
-        for b, start in enumerate(range(0, source.shape[0], block)):
-            rows = np.asarray(transform(self.read_block(shard, src, b)), dtype=dtype)
+        for source_rows in self.read_blocks(shard, src):
+            rows = np.asarray(transform(source_rows), dtype=dtype)
             h.update(rows)
             crcs.append(crc32(rows))
             append_rows(out, rows)

@@ -119,9 +119,10 @@ def _copy_shard(src: Store, dst: Store, name: str) -> None:
             rows = src.keys(name) if path == "keys" else src.views(name)
             out[...] = rows
             continue
-        block = src.block_rows(name, path)
-        for b, start in enumerate(range(0, a.shape[0], block)):
-            out[start:start + block] = src.read_block(name, path, b, attrs=attrs, array=a)
+        start = 0
+        for rows in src.read_blocks(name, path):
+            out[start:start + len(rows)] = rows
+            start += len(rows)
     group.attrs.put(dict(attrs))  # complete, count, failed, digests: last, in one write
     problems = verify_shard(dst, name)
     if problems:

@@ -74,8 +74,14 @@ class VerifiedReads:
 
     def block_rows(self, shard: str, path: str) -> int:
         """Rows per Zarr shard of an array: read it a block at a time (one request per block)."""
-        a = self.array(shard, path)
-        return int(a.shards[0] if getattr(a, "shards", None) else a.chunks[0])
+        return _block_of(self.array(shard, path))
+
+    def read_blocks(self, shard: str, path: str):
+        """Every block of an array in order, each checked by ``read_block``; the shard's attributes
+        and the array are opened once for all of them."""
+        attrs, a = self.shard_attrs(shard) or {}, self.array(shard, path)
+        for b in range(-(-a.shape[0] // _block_of(a))):
+            yield self.read_block(shard, path, b, attrs=attrs, array=a)
 
     def array_nbytes(self, shard: str) -> dict[str, int]:
         """Bytes stored per array of a shard (chunks and array metadata), one listing."""
@@ -90,8 +96,7 @@ class VerifiedReads:
         if teacher not in self.meta.teachers:
             raise StoreError(f"{self.url}: no teacher {teacher!r} (teachers: {', '.join(self.meta.teachers)})")
         path = feature_path(teacher, kind)
-        blocks = range(-(-self.array(shard, path).shape[0] // self.block_rows(shard, path)))
-        rows = [self.read_block(shard, path, b) for b in blocks]
+        rows = list(self.read_blocks(shard, path))
         return to_float32(np.concatenate(rows) if rows else self.array(shard, path)[:0], self.meta.teachers[teacher].dtype)
 
     def read_block(self, shard: str, path: str, index: int, *, attrs: dict | None = None, array=None,
@@ -103,7 +108,7 @@ class VerifiedReads:
         digest instead, once per array (``verify_array``)."""
         attrs = attrs if attrs is not None else (self.shard_attrs(shard) or {})
         a = array if array is not None else self.array(shard, path)
-        block = int(a.shards[0] if getattr(a, "shards", None) else a.chunks[0])
+        block = _block_of(a)
         start = index * block
         try:
             rows = np.asarray(a[start:start + block])
@@ -133,3 +138,7 @@ class VerifiedReads:
             raise CorruptShardError(f"{self.url}: shard {shard}: {path}: unreadable ({type(e).__name__}: {first_line(e)})") from None
         if got != (attrs.get("digest") or {}).get(path):
             raise CorruptShardError(f"{self.url}: shard {shard}: {path}: data does not match its digest (corrupt or missing chunk)")
+
+
+def _block_of(a) -> int:
+    return int(a.shards[0] if getattr(a, "shards", None) else a.chunks[0])

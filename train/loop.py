@@ -9,6 +9,7 @@ up to the checkpoint's step and those batches skipped). Rank 0 shows a progress 
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -45,8 +46,21 @@ def skipped_summary(run: Run) -> dict:
             "errors": sorted({f"{r['shard']}: {r['error']}" for r in records.values()})}
 
 
-def skipped_samples(run: Run) -> int:
-    return skipped_summary(run)["samples"] if run.cfg.skip_corrupt else 0
+class SkippedSamples:
+    """The running count for metrics.csv: the skip log is re-read only when it has grown (loader
+    workers append to it), not on every logged step."""
+
+    def __init__(self, run: Run):
+        self.run, self.size, self.count = run, -1, 0
+
+    def __call__(self) -> int:
+        if not self.run.cfg.skip_corrupt:
+            return 0
+        path = self.run.rundir.skip_log
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        if size != self.size:
+            self.size, self.count = size, skipped_summary(self.run)["samples"]
+        return self.count
 
 
 def train(cfg: TrainConfig, *, config_file: str | None = None, progress: bool = True) -> dict:
@@ -63,6 +77,7 @@ def fit(run: Run, *, progress: bool = True) -> dict:
     bar = tqdm(total=total, initial=state["global_step"], unit="step", desc="train", disable=not progress or run.rank != 0,
                dynamic_ncols=True, mininterval=1.0)
     loader = run.loader()
+    skipped_samples = SkippedSamples(run)
     step, stopped = state["global_step"], False
     t_last, n_last = time.perf_counter(), 0
     try:
@@ -96,7 +111,7 @@ def fit(run: Run, *, progress: bool = True) -> dict:
                 if step % cfg.log_every == 0 or done_epoch:
                     now = time.perf_counter()
                     row = {"step": step, "epoch": epoch, "lr": run.scheduler.get_last_lr()[0], "loss": loss.item(), **parts,
-                           "samples_per_s": n_last / (now - t_last), "skipped_samples": skipped_samples(run)}
+                           "samples_per_s": n_last / (now - t_last), "skipped_samples": skipped_samples()}
                     bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}", refresh=False)
                     if metrics is not None:
                         metrics.log(row)
