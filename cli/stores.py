@@ -1,0 +1,160 @@
+"""Store commands: info, verify, and ``kdcache store ...`` (copy, merge, subset, drop-teacher, stats, ls)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .common import apply_storage_options, cli, with_storage_options
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
+@with_storage_options
+def info(store, as_json, storage_options):
+    """Describe STORE: teachers, views, shards, samples, failures, bytes.
+
+    \b
+    kdcache info feats.zarr
+    kdcache info s3://bucket/feats --json | jq .teachers
+    """
+    from kdcache.store.inspect import describe_store
+    apply_storage_options(storage_options, store)
+    d = describe_store(store)
+    click.echo(json.dumps(d, indent=2) if as_json else d["text"])
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--data", help="Also check that the store's keys match this corpus (read with the options the store "
+                             "recorded). [default: store only]")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
+@with_storage_options
+def verify(store, data, as_json, storage_options):
+    """Check every complete shard of STORE against its digest and counts; exit 1 on a mismatch.
+
+    \b
+    kdcache verify feats.zarr
+    kdcache verify feats.zarr --data /data/shards
+    """
+    from kdcache.data.check import verify_store
+    apply_storage_options(storage_options, store, data)
+    report = verify_store(store, data)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for p in report.problems:
+            click.echo(f"MISMATCH {p}")
+        click.echo(report.line())
+    sys.exit(1 if report.problems else 0)
+
+
+@cli.group("store")
+def store_group():
+    """Operations on whole stores: copy, merge, subset, drop a teacher, statistics, list shards.
+
+    \b
+    kdcache store copy s3://team-a/feats.zarr feats.zarr
+    kdcache store merge part-a.zarr part-b.zarr --out all.zarr
+    kdcache store ls feats.zarr --json
+    """
+
+
+@store_group.command("copy")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
+@with_storage_options
+def store_copy(src, dst, no_progress, storage_options):
+    """Copy SRC to DST (local <-> remote) shard by shard; resumable, each shard verified after the copy.
+
+    \b
+    kdcache store copy s3://team-a/feats.zarr feats.zarr --storage-option endpoint_url=https://s3.example.org
+    kdcache store copy feats.zarr s3://team-b/feats.zarr
+    """
+    from kdcache.store.ops import copy_stores
+    apply_storage_options(storage_options, src, dst)
+    click.echo(json.dumps(copy_stores([src], dst, progress=not no_progress), indent=2))
+
+
+@store_group.command("merge")
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", "-o", required=True, help="The merged store (new, or one to add to).")
+@click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
+@with_storage_options
+def store_merge(stores, out, no_progress, storage_options):
+    """Merge STORES (same teachers, views, format and corpus) into --out; shards must be disjoint or identical.
+
+    \b
+    kdcache store merge rank-a.zarr rank-b.zarr --out feats.zarr
+    """
+    from kdcache.store.ops import copy_stores
+    apply_storage_options(storage_options, out, *stores)
+    click.echo(json.dumps(copy_stores(list(stores), out, progress=not no_progress), indent=2))
+
+
+@store_group.command("subset")
+@click.argument("store")
+@click.option("--shards", required=True, help="Glob of shard names to keep, e.g. 'train-0000*'.")
+@click.option("--out", "-o", required=True, help="The new store.")
+@click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
+@with_storage_options
+def store_subset(store, shards, out, no_progress, storage_options):
+    """Copy the shards of STORE matching --shards into --out (train on them with the full --data).
+
+    \b
+    kdcache store subset feats.zarr --shards 'train-00000*' --out small.zarr
+    """
+    from kdcache.store.ops import copy_stores
+    apply_storage_options(storage_options, store, out)
+    click.echo(json.dumps(copy_stores([store], out, shards=shards, progress=not no_progress), indent=2))
+
+
+@store_group.command("drop-teacher")
+@click.argument("store")
+@click.argument("name")
+@with_storage_options
+def store_drop_teacher(store, name, storage_options):
+    """Remove teacher NAME from STORE: its arrays in every shard, codebooks and statistics.
+
+    \b
+    kdcache store drop-teacher feats.zarr clip
+    """
+    from kdcache.store.ops import drop_teacher
+    apply_storage_options(storage_options, store)
+    click.echo(json.dumps(drop_teacher(store, name), indent=2))
+
+
+@store_group.command("stats")
+@click.argument("store")
+@click.option("--teacher", "-t", "teachers", multiple=True, help="Teachers to compute (repeat). [default: all]")
+@with_storage_options
+def store_stats(store, teachers, storage_options):
+    """(Re)compute the normalisation statistics of STORE's teachers and write them into it.
+
+    \b
+    kdcache store stats feats.zarr
+    kdcache store stats s3://bucket/feats.zarr -t dino
+    """
+    from kdcache.quantize.stats import write_stats_of
+    apply_storage_options(storage_options, store)
+    click.echo(json.dumps(write_stats_of(store, list(teachers) or None), indent=2))
+
+
+@store_group.command("ls")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
+@with_storage_options
+def store_ls(store, as_json, storage_options):
+    """List the shards of STORE: state, samples, failures, bytes, teachers, and the holder of any lease.
+
+    \b
+    kdcache store ls feats.zarr
+    kdcache store ls s3://bucket/feats.zarr --json
+    """
+    from kdcache.store.ops import format_ls, list_shards
+    apply_storage_options(storage_options, store)
+    d = list_shards(store)
+    click.echo(json.dumps(d, indent=2) if as_json else format_ls(d))
