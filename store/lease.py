@@ -139,7 +139,9 @@ class Leases:
     def _stale(self, h: Holder) -> bool:
         if h.expires < time.time():
             return True
-        return h.host == self.host and h.pid != self.pid and not _alive(h.pid)
+        # Same host: another owner under our own pid can only be a dead job whose pid we inherited
+        # (pids are reused: a SIGKILLed run's pid may be the resuming run's).
+        return h.host == self.host and (h.pid == self.pid or not _alive(h.pid))
 
 
 def _alive(pid: int) -> bool:

@@ -62,7 +62,7 @@ def store_arrays(path) -> dict[str, np.ndarray]:
 
 def assert_same_store(a, b):
     xa, xb = store_arrays(a), store_arrays(b)
-    assert sorted(xa) == sorted(xb)
+    assert sorted(xa) == sorted(xb), (sorted(set(xa) ^ set(xb)))
     for k in xa:
         np.testing.assert_array_equal(xa[k], xb[k], err_msg=k)
 

@@ -229,7 +229,8 @@ def test_quantize_leaves_a_shard_another_job_holds_and_a_rerun_finishes(tmp_path
     import shutil
     s = str(tmp_path / "s.zarr")
     shutil.copytree(vit_store, s)
-    other = Store.open(s, writable=True).leases("another-job")  # a live job (this very process's pid)
+    other = Store.open(s, writable=True).leases("another-job")
+    other.pid = 1  # a live process on this host that is not us (init)
     assert other.acquire("demo-000001") is None
     spec, sample = QuantizerSpec.parse("sq8"), SampleSpec(train_tokens=128, held_out=16, pool=1)
     r = quantize_store(s, "vit", spec, sample=sample, progress=False)

@@ -132,6 +132,13 @@ class StoreContract:
         assert a.acquire("y") is None and a.holder("y").owner == "owner-a"  # an expired lease is broken
 
 
+    def test_a_lease_under_our_own_pid_is_a_dead_job_whose_pid_we_inherited(self, url):
+        s = Store.create(url, _meta())
+        assert s.leases("killed-job").acquire("x") is None
+        assert s.leases("resumed-job").acquire("x") is None  # same host and pid, another owner: stale
+        assert s.leases("resumed-job").holder("x").owner == "resumed-job"
+
+
 class TestLocalStore(StoreContract):
     @pytest.fixture
     def url(self, tmp_path):
