@@ -15,7 +15,7 @@ import time
 
 from kdcache.data.corpus import Corpus
 from kdcache.quantize import QuantizerSpec, SampleSpec, convert_shard, train_quantizer
-from kdcache.quantize.convert import encode_rows
+from kdcache.quantize.convert import encode_rows, set_teacher_quantizer
 from kdcache.quantize.sample import training_prefix
 from kdcache.store import Codebooks, KdcacheError, Store, feature_path
 from kdcache.store.lease import new_owner
@@ -35,7 +35,8 @@ def stored_quantizers(store: Store) -> dict[str, Codebooks]:
             for cb in [store.read_codebooks(t, KIND)] if cb is not None}
 
 
-def quantizers_to_train(store: Store, teachers, spec: QuantizerSpec, found: dict[str, Codebooks]) -> list[str]:
+def quantizers_to_train(store: Store, teachers, spec: QuantizerSpec, found: dict[str, Codebooks], *,
+                        keep_float: bool = False) -> list[str]:
     """The command's teachers without codebooks; a teacher quantized with another spec is refused."""
     need = []
     for t in teachers:
@@ -44,6 +45,11 @@ def quantizers_to_train(store: Store, teachers, spec: QuantizerSpec, found: dict
             need.append(t)
         elif cb.attrs.get("spec") != spec.key(store.meta.teachers[t].dim):
             raise KdcacheError(f"--quantize {spec.method}: teacher {t} in {store.url} is already quantized with {cb.attrs.get('spec')}")
+        elif t not in found:
+            # a run killed between writing the codebooks and recording them in the metadata:
+            # record them now, so this run encodes with them instead of writing floats
+            set_teacher_quantizer(store, t, KIND, cb, keep_float=keep_float)
+            found[t] = cb
     return need
 
 

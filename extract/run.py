@@ -139,7 +139,7 @@ def extract(data: str, out: str, teacher_specs: list[str], opts: ExtractOptions 
         # wait for them), (3) every rank converts its complete float shards, (4) the rest are
         # encoded as they are written. Each step is resumable on its own.
         spec, sample = QuantizerSpec.parse(opts.quantize), sample_spec(opts)
-        need = quantizers_to_train(store, teachers, spec, encoders)
+        need = quantizers_to_train(store, teachers, spec, encoders, keep_float=opts.keep_float)
         if need and rank == 0:
             while True:
                 prefix = complete_prefix(store, corpus)

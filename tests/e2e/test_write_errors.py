@@ -38,3 +38,21 @@ def test_a_full_disk_is_one_line_and_the_next_run_completes_the_store(tmp_path, 
                             "--workers", "0", "--no-progress")
     assert code == 0, err
     assert_same_store(ref, out)
+
+
+def test_a_run_killed_between_codebooks_and_metadata_resumes_quantized(tmp_path, many_shards, vit_spec, monkeypatch):
+    from kdcache.quantize import convert
+    opts = dict(views=4, batch_size=2, workers=0, progress=False, quantize="pq:M=12", quantize_sample=256, quantize_pool=1)
+    ref, out = str(tmp_path / "ref.zarr"), str(tmp_path / "out.zarr")
+    extract(many_shards, ref, [vit_spec], ExtractOptions(**opts))
+    real = convert.set_teacher_quantizer
+
+    def killed(*a, **k):  # the process dies right after the codebooks were written
+        raise KeyboardInterrupt
+    monkeypatch.setattr(convert, "set_teacher_quantizer", killed)
+    with pytest.raises(KeyboardInterrupt):
+        extract(many_shards, out, [vit_spec], ExtractOptions(**opts))
+    monkeypatch.setattr(convert, "set_teacher_quantizer", real)
+    assert Store.open(out).read_codebooks("vit", "patch") is not None and not Store.open(out).meta.teachers["vit"].quantizer
+    extract(many_shards, out, [vit_spec], ExtractOptions(**opts))
+    assert_same_store(ref, out)
