@@ -138,11 +138,16 @@ def demo(out, teacher, student, views, epochs, no_progress):
 
 @cli.command()
 @click.option("--config", "config_file", help="YAML or TOML file of options (CLI options override it). [default: none]")
-@click.option("--store", help="Store written by kdcache extract (required here or in --config).")
+@click.option("--store", help="Store written by kdcache extract (required here or in --config, unless --online).")
 @click.option("--data", help="The corpus the store was extracted from (required here or in --config).")
 @click.option("--student", help="MODEL[,key=value...]: any timm model; pretrained=false unless given (required).")
 @click.option("--out", help="Run directory (required); one holding a run needs --resume or --overwrite.")
-@click.option("--teacher", "teachers", multiple=True, help="Teachers to distil (repeat). [default: all in the store]")
+@click.option("--teacher", "teachers", multiple=True, help="Teachers to distil (repeat): store teacher names; with "
+              "--online NAME=MODEL[,key=value...] specs as for extract. [default: all in the store]")
+@click.option("--online", is_flag=True, default=None, help="No store: the teachers run live on a fresh view of every sample "
+              "each step (the baseline cached runs are measured against). [default: off]")
+@click.option("--online-stats-images", type=int, help="--online: images whose teacher features give the normalisation "
+              "statistics." + T("online_stats_images"))
 @click.option("--teacher-weight", "teacher_weights", multiple=True, help="NAME=LAMBDA loss weight of a teacher. [default: 1]")
 @click.option("--epochs", type=int, help="Passes over the store." + T("epochs"))
 @click.option("--batch-size", type=int, help="Samples per step and rank." + T("batch_size"))
@@ -155,8 +160,9 @@ def demo(out, teacher, student, views, epochs, no_progress):
 @click.option("--ema", type=float, help="EMA decay of the student (0 = off)." + T("ema"))
 @click.option("--seed", type=int, help="Seed of the student init, shard order and views." + T("seed"))
 @click.option("--device", help="auto | cpu | cuda[:N]." + T("device"))
-@click.option("--view-choice", type=click.Choice(["epoch", "random", "first"]), help="Which stored view a sample uses "
-              "(epoch: each view once per K epochs)." + T("view_choice"))
+@click.option("--view-choice", type=click.Choice(["epoch", "random", "first", "augmented"]), help="Which stored view a "
+              "sample uses (epoch: each view once per K epochs; augmented: views 1..K-1 in turn, what --online sees)."
+              + T("view_choice"))
 @click.option("--shuffle-buffer", type=int, help="Samples shuffled in a buffer within each worker." + T("shuffle_buffer"))
 @click.option("--color-jitter", type=float, help="Student-only photometric augmentation strength." + T("color_jitter"))
 @click.option("--normalize", type=click.Choice(["standardize", "phi-s", "none"]), help="Target normalisation." + T("normalize"))
@@ -179,10 +185,11 @@ def demo(out, teacher, student, views, epochs, no_progress):
 @click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
 @with_storage_options
 def train(config_file, teacher_weights, teachers, no_progress, storage_options, **kw):
-    """Train a student against the cached targets of STORE.
+    """Train a student against the cached targets of STORE (or, --online, against live teachers).
 
     \b
     kdcache train --store feats.zarr --data /data/shards --student resnet18 --out runs/r18
+    kdcache train --online --teacher dino=vit_small_patch14_dinov2.lvd142m --data /data/shards --student resnet18 --out runs/online
     kdcache train --config run.yaml --epochs 30
     torchrun --nproc_per_node=8 -m kdcache train --config run.yaml
     """

@@ -57,18 +57,23 @@ def rrc_box(rng: np.random.Generator, policy: ViewPolicy, height: int, width: in
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def view_at(policy: ViewPolicy, key: str, index: int, height: int, width: int) -> np.ndarray:
+    """(5,) float32: view ``index`` of image ``key``: 0 the eval view, any index >= 1 a
+    RandomResizedCrop + flip from ``view_rng(seed, key, index)``. Indices beyond K are the
+    fresh views of online distillation (``train --online``): the sequence a store with more
+    views would hold."""
+    if index == 0:
+        (t, l, h, w), flip = eval_box(policy, height, width), 0.0
+    else:
+        rng = view_rng(policy.seed, key, index)
+        t, l, h, w = rrc_box(rng, policy, height, width)
+        flip = float(rng.random() < policy.flip)
+    return np.array((t / height, l / width, h / height, w / width, flip), dtype=np.float32)
+
+
 def sample_views(policy: ViewPolicy, key: str, height: int, width: int) -> np.ndarray:
     """(K, 5) float32: the stored views of image ``key`` of size ``height`` x ``width``."""
-    out = np.zeros((policy.views, 5), dtype=np.float32)
-    for v in range(policy.views):
-        if v == 0:
-            (t, l, h, w), flip = eval_box(policy, height, width), 0.0
-        else:
-            rng = view_rng(policy.seed, key, v)
-            t, l, h, w = rrc_box(rng, policy, height, width)
-            flip = float(rng.random() < policy.flip)
-        out[v] = (t / height, l / width, h / height, w / width, flip)
-    return out
+    return np.stack([view_at(policy, key, v, height, width) for v in range(policy.views)])
 
 
 def view_box(view: np.ndarray, height: int, width: int) -> tuple[int, int, int, int, bool]:

@@ -2,7 +2,7 @@
 
 The run is rebuilt from its directory (``train.build.build_run(..., evaluate=True)``: its
 config, its statistics, its last checkpoint; nothing is written), the loader streams the chosen
-shards of a store with view 0 (the eval view) and no augmentation, and per teacher the mean
+shards of a store (or, for an ``--online`` run, the corpus with its teachers run live) with view 0 (the eval view) and no augmentation, and per teacher the mean
 cosine between head outputs and cached targets is reported for summary and patch tokens
 separately, in the normalised space the losses use and in the teacher's own feature space.
 Evaluate on shards the run did not train on (``--shards``, or a store the run never saw) for a
@@ -23,7 +23,7 @@ from kdcache.store import KdcacheError
 
 from kdcache.train.build import build_run
 from kdcache.train.config import TrainConfig
-from kdcache.train.loader import DistillStream, collate, to_device
+from kdcache.train.loader import collate, to_device
 
 
 def run_config(run: str, **changes) -> TrainConfig:
@@ -43,13 +43,13 @@ def fidelity(run: str, *, store: str | None = None, data: str | None = None, sha
     r = build_run(cfg, evaluate=True)
     chosen = [s for s in r.shards if shards is None or fnmatch.fnmatchcase(s, shards)]
     if not chosen:
-        raise KdcacheError(f"--shards {shards!r}: no shard of {cfg.store} matches")
+        raise KdcacheError(f"--shards {shards!r}: no shard of {cfg.store or cfg.data} matches")
     spec = dataclasses.replace(r.dataset.spec, shards=tuple(chosen), view_choice="first", shuffle_buffer=1, color_jitter=0.0,
                                workers=0)
     sums = {t: {"summary": [0.0, 0.0], "patch": [0.0, 0.0], "summary_raw": [0.0, 0.0], "patch_raw": [0.0, 0.0]}
             for t in r.teachers}
     r.model.eval()
-    for batch in DataLoader(DistillStream(r.corpus, spec), batch_size=batch_size, collate_fn=collate):
+    for batch in DataLoader(r.dataset.with_spec(spec), batch_size=batch_size, collate_fn=collate):
         batch = to_device(batch, r.device)
         preds = r.model(batch["image"])
         for t in r.teachers:
@@ -61,7 +61,7 @@ def fidelity(run: str, *, store: str | None = None, data: str | None = None, sha
                 _add(sums[t]["patch"], patches, target["patch"])
                 _add(sums[t]["patch_raw"], tt.norm["patch"].inverse(patches), tt.norm["patch"].inverse(target["patch"]))
     out = {t: {k: (v[0] / v[1] if v[1] else None) for k, v in parts.items()} for t, parts in sums.items()}
-    return {"run": run, "store": cfg.store, "shards": chosen, "view": 0,
+    return {"run": run, "store": cfg.store or "online (teachers run live)", "shards": chosen, "view": 0,
             "teachers": {t: {"summary_cos": o["summary"], "patch_cos": o["patch"], "summary_cos_teacher_space": o["summary_raw"],
                              "patch_cos_teacher_space": o["patch_raw"]} for t, o in out.items()}}
 

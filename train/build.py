@@ -1,8 +1,9 @@
 """Building a training run: everything ``fit`` needs, from a ``TrainConfig``.
 
-``build_run`` opens the store and the corpus (read back with the options the store records),
-checks they belong together, builds the student (``models``), the per-teacher targets and
-heads, the optimizer and schedule, the loader, and restores the resume state. ``kdcache
+``build_run`` builds the student (``models``), then the source of its targets: a store and the
+corpus it was extracted from (read back with the options the store records; checked to belong
+together), or with ``--online`` the live teachers (``online``); then the per-teacher heads, the
+optimizer and schedule, the loader, and restores the resume state. ``kdcache
 train``, ``kdcache bench train`` and the demo all start from it.
 """
 from __future__ import annotations
@@ -19,15 +20,17 @@ from torch.utils.data import DataLoader
 
 from kdcache.data.corpus import Corpus, ReadOptions, resolve_corpus
 from kdcache.data.partition import epoch_streams
-from kdcache.models import Student, create_student, resolve_device
-from kdcache.store import KdcacheError, Store, StoreError
+from kdcache.data.decode import DecodeOptions
+from kdcache.models import Student, create_student, create_teacher, resolve_device
+from kdcache.store import KdcacheError, Store, StoreError, ViewPolicy
 from kdcache.store.errors import one_line
 
 from . import checkpoint
 from .config import TrainConfig
-from .loader import DistillStream, LoaderSpec, collate, record_skip
+from .loader import DistillStream, LoaderSpec, ShardStream, collate, record_skip
 from .losses import LossSpec
 from .model import DistillModel, HeadSpec, TeacherTarget
+from .online import OnlineStream, OnlineTargets, TeacherInput, count_samples, teacher_stats
 from .rundir import RunDir
 from .targets import TeacherTargets
 
@@ -44,19 +47,19 @@ class Run:
     rank: int
     world: int
     device: torch.device
-    store: Store
+    store: Store | None  # None when online
     corpus: Corpus
     teachers: list[str]
     shards: list[str]
     student: Student
-    targets: dict[str, TeacherTargets]
+    targets: dict[str, torch.nn.Module]  # TeacherTargets, or OnlineTargets
     model: DistillModel
     ddp: torch.nn.Module  # the model as stepped: DDP-wrapped under torchrun
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: object | None
     epoch_steps: list[int]
-    dataset: DistillStream
+    dataset: ShardStream
     loss_spec: LossSpec
     weights: dict[str, float]
     state: dict  # {epoch, step_in_epoch, global_step}: where fitting starts
@@ -125,11 +128,31 @@ def _distributed() -> tuple[int, int]:
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
-def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: bool = False) -> Run:
-    """``evaluate``: rebuild a finished run to evaluate it (``kdcache eval fidelity``): nothing is
-    written into the run directory, and the weights of its last checkpoint are loaded."""
-    rank, world = _distributed()
-    device = resolve_device(cfg.device)
+@dataclass
+class TargetSource:
+    """Where a run's targets come from: a store (cached) or live teachers (``online``)."""
+
+    store: Store | None
+    corpus: Corpus
+    teachers: list[str]
+    shards: list[str]
+    counts: dict[str, int]  # samples per shard: the schedule's length
+    targets: dict[str, torch.nn.Module]  # teacher -> batch -> normalised {'summary', 'patch' | 'codes'}
+    shapes: list[TeacherTarget]  # what each teacher's heads must output
+    dataset: ShardStream
+    provenance: dict
+
+
+def loader_spec(cfg: TrainConfig, student: Student, shards, *, store_url: str = "", target_paths=(), decode=None,
+                skip_log: str | None = None) -> LoaderSpec:
+    return LoaderSpec(store_url=store_url, shards=tuple(shards), target_paths=tuple(target_paths), input_size=student.data.hw,
+                      interpolation=student.data.interpolation, view_choice=cfg.view_choice, shuffle_buffer=cfg.shuffle_buffer,
+                      color_jitter=cfg.color_jitter, seed=cfg.seed, workers=cfg.workers, decode=decode or DecodeOptions(),
+                      skip_log=skip_log)
+
+
+def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, rundir: RunDir, writes: bool,
+                  device: torch.device) -> TargetSource:
     store = Store.open(cfg.store)
     teachers = list(cfg.teachers) or list(store.meta.teachers)
     unknown = [t for t in teachers if t not in store.meta.teachers]
@@ -137,31 +160,74 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: boo
         raise TrainError(f"--teacher {unknown[0]}: not in {cfg.store} (teachers: {', '.join(store.meta.teachers)})")
     corpus = resolve_corpus(cfg.data, ReadOptions.from_dict(store.meta.corpus))
     shards, counts, bad = check_store_fits_corpus(store, corpus, teachers, skip_corrupt=cfg.skip_corrupt)
+    if writes:
+        for n, error in bad.items():
+            record_skip(rundir.skip_log, {"epoch": None, "shard": n, "error": error, "samples_skipped": None})
+    targets = {t: TeacherTargets(store, t, normalize=cfg.normalize, predict_codes=cfg.predict_codes, shards=shards, rundir=rundir,
+                                 write_stats=writes, skip_corrupt=cfg.skip_corrupt).to(device) for t in teachers}
+    metas = store.meta.teachers
+    shapes = [TeacherTarget(t, metas[t].dim, tuple(metas[t].grid), targets[t].codes_m) for t in teachers]
+    spec = loader_spec(cfg, student, shards, store_url=cfg.store, decode=corpus.options.decode,
+                       target_paths=[p for t in teachers for p in targets[t].paths.values()],
+                       skip_log=rundir.skip_log if cfg.skip_corrupt else None)
+    return TargetSource(store=store, corpus=corpus, teachers=teachers, shards=shards, counts=counts, targets=targets,
+                        shapes=shapes, dataset=DistillStream(corpus, spec, rank=rank, world=world),
+                        provenance={"store": cfg.store, "store_meta": store.meta.to_dict()})
+
+
+def online_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, rundir: RunDir, writes: bool,
+                  device: torch.device, progress: bool = True) -> TargetSource:
+    corpus = resolve_corpus(cfg.data, ReadOptions())
+    with torch.random.fork_rng(devices=[]):  # building teachers must not move the student's and heads' init
+        teachers = [create_teacher(spec, device=device) for spec in cfg.teachers]
+    names = [t.name for t in teachers]
+    if len(set(names)) != len(names):
+        raise TrainError(f"--teacher: two teachers named {next(n for n in names if names.count(n) > 1)!r}")
+    shards = [s.name for s in corpus.shards]
+    counts = count_samples(corpus, shards, corpus.options.decode, skip_log=rundir.skip_log if writes else None,
+                           progress=progress and writes)
+    first = teachers[0].data
+    policy = ViewPolicy(views=1, seed=cfg.seed, crop_pct=first.crop_pct, aspect=first.hw[0] / first.hw[1])
+    inputs = tuple(TeacherInput(t.name, t.input_hw, t.meta.interpolation) for t in teachers)
+    dataset = OnlineStream(corpus, loader_spec(cfg, student, shards, decode=corpus.options.decode), policy, inputs,
+                           rank=rank, world=world)
+    targets = {t.name: OnlineTargets(t, cfg.normalize, teacher_stats(t, dataset, normalize=cfg.normalize,
+                                                                    images=cfg.online_stats_images, seed=cfg.seed,
+                                                                    rundir=rundir, write=writes)).to(device)
+               for t in teachers}
+    shapes = [TeacherTarget(t.name, t.meta.dim, tuple(t.meta.grid)) for t in teachers]
+    return TargetSource(store=None, corpus=corpus, teachers=names, shards=shards, counts=counts, targets=targets, shapes=shapes,
+                        dataset=dataset, provenance={"online": True, "view_policy": policy.to_dict(),
+                                                     "teachers": {t.name: t.meta.to_dict() for t in teachers}})
+
+
+def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: bool = False) -> Run:
+    """``evaluate``: rebuild a finished run to evaluate it (``kdcache eval fidelity``): nothing is
+    written into the run directory, and the weights of its last checkpoint are loaded."""
+    rank, world = _distributed()
+    device = resolve_device(cfg.device)
     rundir = RunDir(cfg.out)
     writes = rank == 0 and not evaluate
     if writes:
         rundir.prepare(resume=cfg.resume, overwrite=cfg.overwrite)
         rundir.write_config(cfg.to_json(), config_file)
-        for n, error in bad.items():
-            record_skip(rundir.skip_log, {"epoch": None, "shard": n, "error": error, "samples_skipped": None})
     torch.manual_seed(cfg.seed)
     student = create_student(cfg.student)
+    make_source = online_source if cfg.online else cached_source
+    src = make_source(cfg, student, rank=rank, world=world, rundir=rundir, writes=writes, device=device)
     if writes:  # what export needs to print a load line that rebuilds exactly this student
-        rundir.write_json("provenance.json", {"store": cfg.store, "data": cfg.data, "store_meta": store.meta.to_dict(),
+        rundir.write_json("provenance.json", {**src.provenance, "data": cfg.data,
                                               "student": {"model": student.spec.model, "timm_kwargs": student.kwargs,
                                                           "data": dataclasses.asdict(student.data)}})
-    targets = {t: TeacherTargets(store, t, normalize=cfg.normalize, predict_codes=cfg.predict_codes, shards=shards, rundir=rundir,
-                                 write_stats=writes, skip_corrupt=cfg.skip_corrupt).to(device) for t in teachers}
-    metas = store.meta.teachers
-    model = DistillModel(student.model, student.data,
-                         [TeacherTarget(t, metas[t].dim, tuple(metas[t].grid), targets[t].codes_m) for t in teachers],
+    model = DistillModel(student.model, student.data, src.shapes,
                          HeadSpec(hidden=cfg.head_hidden, depth=cfg.head_depth)).to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    epoch_steps = [steps_per_epoch(counts, shards, cfg, e, world) for e in range(cfg.epochs)]
+    epoch_steps = [steps_per_epoch(src.counts, src.shards, cfg, e, world) for e in range(cfg.epochs)]
     if min(epoch_steps) == 0:
-        raise TrainError(f"--batch-size {cfg.batch_size} is larger than one rank's share of the store "
-                         f"({min(counts.values())} samples in the smallest shard); lower it")
+        raise TrainError(f"--batch-size {cfg.batch_size} is larger than one rank's share of the "
+                         f"{'corpus' if cfg.online else 'store'} ({min(src.counts.values())} samples in the smallest shard); "
+                         f"lower it")
     total = sum(epoch_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, min(cfg.warmup_steps, total // 2)))
     ema = None
@@ -174,12 +240,8 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: boo
         if state is None:
             raise TrainError(f"--resume: no checkpoint in {rundir.checkpoint}")
         log.info("resuming at epoch %d, step %d", state["epoch"], state["global_step"])
-    spec = LoaderSpec(store_url=cfg.store, shards=tuple(shards), target_paths=tuple(p for t in teachers for p in targets[t].paths.values()),
-                      input_size=student.data.hw, interpolation=student.data.interpolation, view_choice=cfg.view_choice,
-                      shuffle_buffer=cfg.shuffle_buffer, color_jitter=cfg.color_jitter, seed=cfg.seed, workers=cfg.workers,
-                      decode=corpus.options.decode, skip_log=rundir.skip_log if cfg.skip_corrupt else None)
-    return Run(cfg=cfg, rank=rank, world=world, device=device, store=store, corpus=corpus, teachers=teachers, shards=shards,
-               student=student, targets=targets, model=model, ddp=ddp, optimizer=optimizer, scheduler=scheduler, ema=ema,
-               epoch_steps=epoch_steps, dataset=DistillStream(corpus, spec, rank=rank, world=world),
+    return Run(cfg=cfg, rank=rank, world=world, device=device, store=src.store, corpus=src.corpus, teachers=src.teachers,
+               shards=src.shards, student=student, targets=src.targets, model=model, ddp=ddp, optimizer=optimizer,
+               scheduler=scheduler, ema=ema, epoch_steps=epoch_steps, dataset=src.dataset,
                loss_spec=LossSpec(alpha=cfg.alpha, beta=cfg.beta, summary_weight=cfg.summary_weight, patch_weight=cfg.patch_weight),
-               weights={t: float(cfg.teacher_weights.get(t, 1.0)) for t in teachers}, state=state, rundir=rundir)
+               weights={t: float(cfg.teacher_weights.get(t, 1.0)) for t in src.teachers}, state=state, rundir=rundir)

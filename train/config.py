@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from kdcache.models import ModelSpec
 from kdcache.store import KdcacheError
 
 from .loader import VIEW_CHOICES
@@ -55,9 +56,13 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # train into a directory that holds a run, replacing it
     skip_corrupt: bool = False  # skip (and count) shards whose data fails verification instead of stopping
+    online: bool = False  # teachers (NAME=MODEL specs in ``teachers``) run live every step; no store (train.online)
+    online_stats_images: int = 512  # --online: images whose teacher features give the normalisation statistics
 
     def __post_init__(self):
         for name in ("store", "data", "student", "out"):
+            if name == "store" and self.online and self.store == "":
+                continue
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"--{name} is required (on the command line or in --config)")
         _check(self, "teachers", lambda v: isinstance(v, tuple) and all(isinstance(t, str) and t for t in v), "a list of teacher names")
@@ -65,7 +70,7 @@ class TrainConfig:
                "NAME=LAMBDA with finite LAMBDA >= 0")
         for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 0), ("warmup_steps", 0), ("shuffle_buffer", 1),
                           ("head_hidden", 1), ("head_depth", 0), ("log_every", 1), ("checkpoint_every", 0),
-                          ("stop_at_step", 0), ("seed", 0)):
+                          ("stop_at_step", 0), ("seed", 0), ("online_stats_images", 1)):
             _check(self, name, lambda v, low=low: _integer(v) and v >= low, f"an integer >= {low}")
         _check(self, "lr", lambda v: _number(v) and v > 0, "a finite number > 0")
         for name in ("weight_decay", "clip_grad", "color_jitter", "summary_weight", "patch_weight"):
@@ -75,12 +80,25 @@ class TrainConfig:
         _check(self, "beta", lambda v: _number(v) and v > 0, "a finite number > 0")
         for name, allowed in (("amp", AMP), ("view_choice", VIEW_CHOICES), ("normalize", tuple(NORMALIZERS))):
             _check(self, name, lambda v, allowed=allowed: v in allowed, f"one of {', '.join(allowed)}")
-        for name in ("predict_codes", "resume", "overwrite", "skip_corrupt"):
+        for name in ("predict_codes", "resume", "overwrite", "skip_corrupt", "online"):
             _check(self, name, lambda v: isinstance(v, bool), "true or false")
+        if self.online:
+            self._check_online()
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ConfigError(f"--out {self.out}: exists and is not a directory")
+
+    def _check_online(self) -> None:
+        if self.store:
+            raise ConfigError("--online runs the teachers live: give --teacher NAME=MODEL specs, not --store")
+        if not self.teachers:
+            raise ConfigError("--online needs at least one --teacher NAME=MODEL[,key=value...]")
+        for spec in self.teachers:
+            ModelSpec.parse_teacher(spec)  # a one-line ModelSpecError naming the spec
+        for name in ("predict_codes", "skip_corrupt"):
+            if getattr(self, name):
+                raise ConfigError(f"--{name.replace('_', '-')} reads a store; it has no meaning with --online")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -136,6 +154,9 @@ def build_config(config_file: str | None, **cli) -> TrainConfig:
     d = read_config_file(config_file) if config_file else {}
     d.update({k: v for k, v in cli.items() if v is not None})
     for k in ("store", "data", "student", "out"):
+        if k == "store" and d.get("online"):
+            d.setdefault("store", "")
+            continue
         if not d.get(k):
             raise ConfigError(f"--{k} is required (on the command line or in --config)")
     if isinstance(d.get("teachers"), list):

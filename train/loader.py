@@ -32,7 +32,7 @@ from kdcache.store import KdcacheError, Store, StoreError
 from kdcache.store.dtypes import stored_to_tensor
 from kdcache.store.errors import one_line
 
-VIEW_CHOICES = ("epoch", "random", "first")
+VIEW_CHOICES = ("epoch", "random", "first", "augmented")
 
 
 class LoaderError(KdcacheError):
@@ -65,14 +65,19 @@ class LoaderSpec:
 def pick_view(choice: str, k: int, *, key: str, epoch: int, seed: int) -> int:
     if choice == "first" or k == 1:
         return 0
+    if choice == "augmented":  # views 1..K-1 in turn, never the eval view: what an online run sees (train.online)
+        return 1 + epoch % (k - 1)
     h = int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "little")
     if choice == "epoch":  # every view once per K epochs, from a per-key offset
         return (epoch + h) % k
     return random.Random(f"{seed}/{epoch}/{key}").randrange(k)
 
 
-class DistillStream(IterableDataset):
-    """Yields dicts: key, image (3, H, W) uint8, view (int), and the stored target rows.
+class ShardStream(IterableDataset):
+    """Samples of an epoch: this rank's and worker's shards (``data.partition``) in a seeded
+    shuffle buffer, student colour jitter applied. Subclasses say what one shard yields:
+    ``DistillStream`` (cached targets) and ``train.online.OnlineStream`` (live teachers) share
+    this order, so the same seed gives the same batches from either.
 
     The epoch lives in shared memory, so a DataLoader with ``persistent_workers=True`` keeps
     its workers for the whole run: ``set_epoch`` then a new ``iter(loader)`` starts the next
@@ -82,7 +87,6 @@ class DistillStream(IterableDataset):
     def __init__(self, corpus: Corpus, spec: LoaderSpec, *, epoch: int = 0, rank: int = 0, world: int = 1):
         self.corpus, self.spec, self.rank, self.world = corpus, spec, rank, world
         self._epoch = multiprocessing.Value("i", epoch)  # inherited by the workers
-        self._store = None
 
     @property
     def epoch(self) -> int:
@@ -96,9 +100,14 @@ class DistillStream(IterableDataset):
         self.epoch = epoch
 
     def __iter__(self):
-        if self._store is None:
-            self._store = Store.open(self.spec.store_url)
         yield from self._epoch_samples(self.epoch)
+
+    def with_spec(self, spec: LoaderSpec) -> "ShardStream":
+        """The same stream reading as ``spec`` says (evaluation: view 0, no shuffle)."""
+        return type(self)(self.corpus, spec, rank=self.rank, world=self.world)
+
+    def _shard(self, name: str, epoch: int):
+        raise NotImplementedError
 
     def _epoch_samples(self, epoch: int):
         worker, workers = current_worker()
@@ -122,6 +131,19 @@ class DistillStream(IterableDataset):
                 yield sample
         rng.shuffle(buffer)
         yield from buffer
+
+
+class DistillStream(ShardStream):
+    """Yields dicts: key, image (3, H, W) uint8, view (int), and the stored target rows."""
+
+    def __init__(self, corpus: Corpus, spec: LoaderSpec, *, epoch: int = 0, rank: int = 0, world: int = 1):
+        super().__init__(corpus, spec, epoch=epoch, rank=rank, world=world)
+        self._store = None
+
+    def __iter__(self):
+        if self._store is None:
+            self._store = Store.open(self.spec.store_url)
+        yield from self._epoch_samples(self.epoch)
 
     def _shard(self, name: str, epoch: int):
         """The samples of one shard; a corrupt shard stops the run, or with ``skip_corrupt`` ends

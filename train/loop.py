@@ -39,8 +39,10 @@ def _next_batch(batches, run: Run):
 
 
 def skipped_summary(run: Run) -> dict:
-    """Corrupt shards skipped (``--skip-corrupt``): unique per epoch, whatever resumes replayed."""
-    records = {(r["epoch"], r["shard"]): r for r in read_skips(run.rundir.skip_log if run.cfg.skip_corrupt else None)}
+    """Corrupt shards skipped (``--skip-corrupt``) and bad images (``--online``): unique per epoch,
+    whatever resumes replayed."""
+    logged = run.cfg.skip_corrupt or run.cfg.online  # (online: images that do not decode, recorded by the counting pass)
+    records = {(r["epoch"], r["shard"], r.get("key")): r for r in read_skips(run.rundir.skip_log if logged else None)}
     return {"shards": sorted({r["shard"] for r in records.values()}),
             "samples": sum(r["samples_skipped"] or 0 for r in records.values()),
             "errors": sorted({f"{r['shard']}: {r['error']}" for r in records.values()})}
@@ -54,7 +56,7 @@ class SkippedSamples:
         self.run, self.size, self.count = run, -1, 0
 
     def __call__(self) -> int:
-        if not self.run.cfg.skip_corrupt:
+        if not (self.run.cfg.skip_corrupt or self.run.cfg.online):
             return 0
         path = self.run.rundir.skip_log
         size = os.path.getsize(path) if os.path.exists(path) else 0

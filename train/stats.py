@@ -30,7 +30,7 @@ def target_stats(store: Store, teacher: str, kind: str, *, shards: list[str] | N
     st = store.read_stats(teacher, kind)
     if st is not None and is_fresh(store, teacher, kind, st["attrs"]):
         return st
-    cached = _load(rundir, teacher, kind)
+    cached = load_run_stats(rundir, teacher, kind)
     if cached is not None and is_fresh(store, teacher, kind, cached["source"]):
         return cached
     log.info("teacher %s %s: %s statistics in %s; computing them for this run", teacher, kind,
@@ -47,7 +47,7 @@ def target_stats(store: Store, teacher: str, kind: str, *, shards: list[str] | N
             log.warning("statistics: leaving out corrupt shard %s", bad)
             excluded.append(bad)
     if write and rundir is not None:
-        _save(rundir, teacher, kind, st)
+        save_run_stats(rundir, teacher, kind, st)
     return st
 
 
@@ -63,7 +63,7 @@ def _paths(rundir: RunDir, teacher: str, kind: str) -> tuple[str, str]:
     return base + ".safetensors", base + ".json"
 
 
-def _save(rundir: RunDir, teacher: str, kind: str, st: dict) -> None:
+def save_run_stats(rundir: RunDir, teacher: str, kind: str, st: dict) -> None:
     arrays, meta = _paths(rundir, teacher, kind)
     os.makedirs(os.path.dirname(arrays), exist_ok=True)
     safetensors.numpy.save_file({"mean": st["mean"], "covariance": st["covariance"]}, arrays)
@@ -71,7 +71,7 @@ def _save(rundir: RunDir, teacher: str, kind: str, st: dict) -> None:
         json.dump({"count": st["count"], "source": st["source"]}, f)
 
 
-def _load(rundir: RunDir | None, teacher: str, kind: str) -> dict | None:
+def load_run_stats(rundir: RunDir | None, teacher: str, kind: str) -> dict | None:
     if rundir is None:
         return None
     arrays, meta = _paths(rundir, teacher, kind)
