@@ -130,6 +130,29 @@ def eval_linear(**kw):
     _evaluate("linear", **kw)
 
 
+@cli.command()
+@click.argument("run")
+@click.option("--data", help="Labelled corpus for kNN. [default: the run's --data]")
+@click.option("--no-knn", is_flag=True, help="Leave out the kNN table (no model is run). [default: off]")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the kNN train/val split.")
+@click.option("--out", help="Directory for report.md and its PNGs. [default: RUN/report]")
+@click.option("--json", "as_json", is_flag=True, help="Print the report's numbers as JSON. [default: off]")
+@with_storage_options
+def report(run, data, no_knn, seed, out, as_json, storage_options):
+    """One markdown report of RUN, with PNG plots: losses per teacher, kNN of the teacher vs the
+    student vs a random-init student, bytes per sample per storage option.
+
+    \b
+    kdcache report runs/r18                       # writes runs/r18/report/report.md
+    kdcache report runs/r18 --data /data/labelled --out /tmp/r18-report
+    kdcache report runs/r18 --no-knn --json
+    """
+    from kdcache.eval.report import report as make_report
+    apply_storage_options(storage_options, *(u for u in (data,) if u))
+    r = make_report(run, data=data, knn=not no_knn, seed=seed, out=out)
+    click.echo(json.dumps(r, indent=2) if as_json else r["report"])
+
+
 @cli.group()
 def bench():
     """Benchmarks: every side warmed up, repeated and interleaved; medians, spreads, ratios per round.

@@ -24,20 +24,37 @@ from kdcache.models import DataConfig, ModelSpec, create_student, probe, resolve
 from kdcache.store import KdcacheError, ViewPolicy
 
 
+def _provenance_student(run: str) -> dict:
+    prov = os.path.join(run, "provenance.json")
+    if not os.path.exists(prov):
+        raise KdcacheError(f"--run {run}: not a kdcache run directory ({prov} missing)")
+    with open(prov) as f:
+        return json.load(f)["student"]
+
+
+def _student_data(student: dict, model: torch.nn.Module) -> DataConfig:
+    d = student.get("data")
+    return (DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}) if d
+            else resolve_data_config(model, ModelSpec.parse_student(student["model"])))
+
+
 def run_student(run: str, *, ema: bool = False) -> tuple[torch.nn.Module, DataConfig, str]:
     """The trained student of a run directory (the timm kwargs it was built with, its weights)."""
-    prov = os.path.join(run, "provenance.json")
     weights = os.path.join(run, "checkpoints", "last", "ema.safetensors" if ema else "student.safetensors")
-    if not os.path.exists(prov) or not os.path.exists(weights):
-        raise KdcacheError(f"--run {run}: no {'EMA ' if ema else ''}student checkpoint ({weights} or {prov} missing)")
-    with open(prov) as f:
-        student = json.load(f)["student"]
+    student = _provenance_student(run)
+    if not os.path.exists(weights):
+        raise KdcacheError(f"--run {run}: no {'EMA ' if ema else ''}student checkpoint ({weights} missing)")
     model = timm.create_model(student["model"], pretrained=False, **student["timm_kwargs"])
     model.load_state_dict(safetensors.torch.load_file(weights))
-    d = student.get("data")
-    data = (DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}) if d
-            else resolve_data_config(model, ModelSpec.parse_student(student["model"])))
-    return model.eval(), data, f"run {run} ({'EMA' if ema else 'student'}, {student['model']})"
+    return model.eval(), _student_data(student, model), f"run {run} ({'EMA' if ema else 'student'}, {student['model']})"
+
+
+def random_init_student(run: str, *, seed: int = 0) -> tuple[torch.nn.Module, DataConfig, str]:
+    """The run's student architecture (same timm kwargs) with random weights: the baseline."""
+    student = _provenance_student(run)
+    torch.manual_seed(seed)
+    model = timm.create_model(student["model"], pretrained=False, **student["timm_kwargs"])
+    return model.eval(), _student_data(student, model), f"random-init {student['model']}"
 
 
 def spec_model(text: str) -> tuple[torch.nn.Module, DataConfig, str]:

@@ -41,8 +41,8 @@ class MetricsLog:
             self._tb.close()
 
 
-def plot_losses(run: RunDir, teachers: list[str]) -> str:
-    """loss.png: total loss and each teacher's summary/patch loss against the step."""
+def plot_losses(run: RunDir, teachers: list[str], path: str | None = None) -> str:
+    """loss.png (or ``path``): total loss and each teacher's summary/patch loss against the step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -58,7 +58,7 @@ def plot_losses(run: RunDir, teachers: list[str]) -> str:
         ax.set(title=f"teacher {t}", xlabel="step")
         ax.legend()
     fig.tight_layout()
-    path = run.loss_plot
+    path = path or run.loss_plot
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

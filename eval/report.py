@@ -1,0 +1,162 @@
+"""``kdcache report RUN``: one markdown file, with PNG plots, that says how a run went.
+
+``RUN/report/report.md`` holds: the run's settings, its last losses per teacher (plot: every
+teacher's summary and patch loss against the step), kNN top-1/top-5 of the random-init student,
+the distilled student and each teacher on the same seeded split of a labelled corpus (plot),
+and the bytes per sample each storage option costs for this run's teachers (plot: fp32, fp16,
+and what the store holds; an online run stores nothing). Plain markdown and PNGs: readable
+without kdcache. kNN results are kept in ``RUN/report/knn.json`` and reused when the run's
+checkpoint has not changed since.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+from kdcache.store import KdcacheError
+from kdcache.train.metrics import plot_losses
+from kdcache.train.rundir import RunDir
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise KdcacheError(f"{path}: cannot read the run's {what} ({type(e).__name__}: {e})") from None
+
+
+def _knn_rows(run: str, cfg: dict, prov: dict, data: str, *, seed: int) -> list[dict]:
+    """kNN of the random-init student, the distilled student, and each teacher."""
+    from kdcache.models import create_teacher
+    from .model_features import knn_on_model, labelled_model_features, random_init_student, run_student
+    from .store_features import knn_on_store, knn_report
+
+    def live(net, data_cfg, what):
+        f = labelled_model_features(net, data_cfg, data)
+        return knn_report(f["x"], f["y"], what, resolution=list(data_cfg.hw), seed=seed)
+
+    def row(label, result):  # the short label for the table; the full description kept
+        return {**result, "features": label, "described": result["features"]}
+
+    rows = [row("random-init student", live(*random_init_student(run))),
+            row("distilled student", knn_on_model("run", data, run=run, seed=seed))]
+    if os.path.exists(os.path.join(run, "checkpoints", "last", "ema.safetensors")):
+        rows.append(row("distilled student (EMA)", live(*run_student(run, ema=True))))
+    if prov.get("online"):
+        for spec in cfg["teachers"]:
+            t = create_teacher(spec)
+            rows.append(row(f"teacher {t.name} (live)", live(t.model, t.data, f"teacher {t.name}, live")))
+    else:
+        for t in cfg.get("teachers") or prov["store_meta"]["teachers"]:
+            rows.append(row(f"teacher {t} (cached)", knn_on_store(cfg["store"], data, teacher=t, seed=seed)))
+    return rows
+
+
+def _bytes_rows(cfg: dict, prov: dict) -> list[dict]:
+    """Per teacher: bytes per sample in fp32, fp16, and as this run's store holds them."""
+    if prov.get("online"):
+        metas, views, stored = prov["teachers"], 1, {}
+    else:
+        from kdcache.store import Store
+        from kdcache.store.inspect import info
+        r = info(Store.open(cfg["store"]))
+        metas, views = prov["store_meta"]["teachers"], r["views"]
+        stored = {t: row["bytes_per_sample"] for t, row in r["teachers"].items()}
+    rows = []
+    for t, m in metas.items():
+        floats = views * (m["tokens"] + 1) * m["dim"]
+        rows.append({"teacher": t, "views": views, "fp32": floats * 4, "fp16": floats * 2, "stored": stored.get(t)})
+    return rows
+
+
+def _bar(path: str, labels: list[str], series: dict[str, list[float]], *, ylabel: str, title: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.4 * len(labels) * len(series)), 3.6))
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        xs = [j + i * width for j in range(len(labels))]
+        ax.bar(xs, values, width, label=name)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(labels))], labels, rotation=15, ha="right")
+    ax.set(ylabel=ylabel, title=title)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def report(run: str, *, data: str | None = None, knn: bool = True, seed: int = 0, out: str | None = None) -> dict:
+    rundir = RunDir(run)
+    cfg = _read_json(rundir.config, "config")
+    prov = _read_json(rundir.file("provenance.json"), "provenance")
+    if not os.path.exists(rundir.metrics):
+        raise KdcacheError(f"{rundir.metrics}: the run has no metrics yet (train it first)")
+    with open(rundir.metrics) as f:
+        metrics = list(csv.DictReader(f))
+    if not metrics:
+        raise KdcacheError(f"{rundir.metrics}: no rows (train it first)")
+    out = out or rundir.file("report")
+    os.makedirs(out, exist_ok=True)
+    teachers = [c[: -len("/summary")] for c in metrics[0] if c.endswith("/summary")]
+    files = {"losses": plot_losses(rundir, teachers, os.path.join(out, "losses.png"))}
+
+    knn_rows = None
+    if knn:
+        data = data or cfg["data"]
+        cache = os.path.join(out, "knn.json")
+        state = rundir.checkpoint_file("state.json")
+        stamp = [data, seed, os.path.getmtime(state) if os.path.exists(state) else None]
+        kept = json.load(open(cache)) if os.path.exists(cache) else {}
+        if kept.get("stamp") == stamp:
+            knn_rows = kept["rows"]
+        else:
+            knn_rows = _knn_rows(run, cfg, prov, data, seed=seed)
+            with open(cache, "w") as f:
+                json.dump({"stamp": stamp, "rows": knn_rows}, f, indent=2)
+        files["knn"] = _bar(os.path.join(out, "knn.png"), [r["features"] for r in knn_rows],
+                            {"top-1": [r["top1"] for r in knn_rows], "top-5": [r["top5"] for r in knn_rows]},
+                            ylabel="kNN accuracy", title="kNN: teacher vs student vs random init")
+    bytes_rows = _bytes_rows(cfg, prov)
+    series = {"fp32": [r["fp32"] / 1024 for r in bytes_rows], "fp16": [r["fp16"] / 1024 for r in bytes_rows]}
+    if not prov.get("online"):
+        series["this store"] = [(r["stored"] or 0) / 1024 for r in bytes_rows]
+    files["bytes"] = _bar(os.path.join(out, "bytes.png"), [r["teacher"] for r in bytes_rows], series,
+                          ylabel="KiB per sample", title="target bytes per sample, per storage option")
+    text = _markdown(run, cfg, prov, metrics, teachers, knn_rows, bytes_rows, files, out)
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write(text)
+    return {"report": path, "files": files, "knn": knn_rows, "bytes": bytes_rows}
+
+
+def _markdown(run, cfg, prov, metrics, teachers, knn_rows, bytes_rows, files, out) -> str:
+    last = metrics[-1]
+    source = (f"online: teachers {', '.join(cfg['teachers'])} run live" if prov.get("online")
+              else f"store `{cfg['store']}`")
+    lines = [f"# kdcache run `{run}`", "",
+             f"Student `{cfg['student']}` on `{cfg['data']}`; targets from the {source}. "
+             f"{last['step']} steps, {cfg['epochs']} epochs of batch {cfg['batch_size']}, lr {cfg['lr']}, "
+             f"normalisation {cfg['normalize']}, seed {cfg['seed']}.", "",
+             "## Losses", "", "| teacher | summary loss (last) | patch loss (last) |", "|---|---|---|"]
+    lines += [f"| {t} | {float(last[f'{t}/summary']):.4f} | {float(last[f'{t}/patch']):.4f} |" for t in teachers]
+    lines += ["", f"Total loss {float(metrics[0]['loss']):.4f} at step {metrics[0]['step']} -> {float(last['loss']):.4f} "
+                  f"at step {last['step']}.", "", f"![losses]({os.path.relpath(files['losses'], out)})", ""]
+    if knn_rows:
+        p = knn_rows[0]["protocol"]
+        lines += ["## kNN", "",
+                  f"k={p['k']}, T={p['temperature']}, cosine; {knn_rows[0]['n_train']} train / {knn_rows[0]['n_val']} val "
+                  f"samples, {knn_rows[0]['classes']} classes, split seed {p['seed']}, eval view.", "",
+                  "| features | kNN top-1 | kNN top-5 |", "|---|---|---|"]
+        lines += [f"| {r['features']} | {r['top1']:.4f} | {r['top5']:.4f} |" for r in knn_rows]
+        lines += ["", f"![kNN]({os.path.relpath(files['knn'], out)})", ""]
+    lines += ["## Bytes per sample", "", "| teacher | views | fp32 KiB | fp16 KiB | stored KiB |", "|---|---|---|---|---|"]
+    kib = lambda v: "-" if v is None else f"{v / 1024:.1f}"  # noqa: E731
+    lines += [f"| {r['teacher']} | {r['views']} | {kib(r['fp32'])} | {kib(r['fp16'])} | {kib(r['stored'])} |" for r in bytes_rows]
+    lines += ["", "(fp32 and fp16: the teacher's summary and patch tokens for every stored view, uncompressed; "
+                  "an online run stores none.)", "", f"![bytes]({os.path.relpath(files['bytes'], out)})", ""]
+    return "\n".join(lines)
