@@ -14,7 +14,7 @@ from kdcache.data.demo_corpus import build_demo_corpus
 from kdcache.eval.model_features import knn_on_model
 from kdcache.eval.store_features import knn_on_store
 from kdcache.extract import ExtractOptions, extract
-from kdcache.models.convert import convert_known
+from kdcache.models.convert import shipped_teacher
 from kdcache.store import Store
 from kdcache.store.inspect import format_info, info
 from kdcache.train.config import TrainConfig
@@ -23,21 +23,13 @@ from kdcache.train.loop import train
 DEFAULT_STUDENT = "resnet18,img_size=64"
 
 
-def default_teacher(out: str) -> str:
-    """The real pretrained teacher that ships in a dependency, converted once into ``out``."""
-    ckpt = os.path.join(out, "teacher", "tf_efficientnet_lite0.safetensors")
-    if not os.path.exists(ckpt):
-        convert_known("efficientnet-lite0", ckpt)
-    return f"effnet=tf_efficientnet_lite0,checkpoint={ckpt}"
-
-
 def run_demo(out: str, *, teacher: str | None = None, student: str = DEFAULT_STUDENT, views: int = 2, epochs: int = 3,
              progress: bool = True) -> str:
     corpus = os.path.join(out, "corpus")
     store = os.path.join(out, "store.zarr")
     run = os.path.join(out, "run")
     build_demo_corpus(corpus)
-    teacher = teacher or default_teacher(out)
+    teacher = teacher or shipped_teacher(out)
     summary = extract(corpus, store, [teacher], ExtractOptions(views=views, batch_size=32, workers=1, progress=progress))
     result = train(TrainConfig(store=store, data=corpus, student=student, out=run, epochs=epochs, batch_size=32,
                                workers=1, lr=2e-3, warmup_steps=4, head_hidden=256, log_every=1, overwrite=True),

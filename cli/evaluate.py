@@ -276,3 +276,90 @@ def bench_train(teacher, student, images, batch_size, steps, workers, quantize, 
     from kdcache.eval.bench_train import bench_train as run
     click.echo(run(teacher=teacher, student=student, images=images, batch_size=batch_size, steps=steps, workers=workers,
                    quantize=quantize, repeat=repeat, as_json=as_json))
+
+
+def _ints(option: str, text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers", param_hint=option) from None
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers >= 1", param_hint=option)
+    return out
+
+
+@bench.command("quality")
+@click.option("--out", required=True, help="Directory for the stores, runs, quality.json and quality.md (reused on rerun).")
+@click.option("--data", help="Labelled corpus. [default: the embedded corpus with --digits + --photos images]")
+@click.option("--teacher", help="NAME=MODEL[,key=value] teacher. [default: the shipped EfficientNet-Lite0]")
+@click.option("--student", default="resnet18,img_size=64", show_default=True, help="MODEL[,key=value] student.")
+@click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True, help="Epochs of every variant.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Samples per step.")
+@click.option("--views", default="1,2,8", show_default=True, help="K of the fp16 stores, comma-separated.")
+@click.option("--quantized-views", type=click.IntRange(min=1), default=2, show_default=True,
+              help="K of the store the quantized variants derive from (one of --views).")
+@click.option("--fractions", default="16,32", show_default=True, help="Quantized patch bytes as 1/F of fp16, comma-separated.")
+@click.option("--methods", default="opq,rq+norm", show_default=True, help="pq, opq, rq, rq+norm; comma-separated.")
+@click.option("--no-predict-codes", is_flag=True, help="Leave out the --predict-codes variant. [default: off]")
+@click.option("--digits", type=click.IntRange(min=1), default=1000, show_default=True, help="Embedded corpus: digit images.")
+@click.option("--photos", type=click.IntRange(min=0), default=200, show_default=True, help="Embedded corpus: photo crops.")
+@click.option("--train-tokens", type=click.IntRange(min=256), default=16384, show_default=True,
+              help="Quantizer training tokens.")
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True, help="Loader workers.")
+@click.option("--json", "as_json", is_flag=True, help="The result as JSON. [default: off]")
+def bench_quality(out, data, teacher, student, epochs, batch_size, views, quantized_views, fractions, methods,
+                  no_predict_codes, digits, photos, train_tokens, workers, as_json):
+    """kNN of students trained online, from fp16 stores with K views, from quantized stores, and
+    with --predict-codes: the same teacher, student and optimizer steps; ratios to online.
+
+    \b
+    kdcache bench quality --out /tmp/quality
+    kdcache bench quality --out /tmp/q --views 1,8 --quantized-views 8 --methods opq --fractions 16
+    kdcache bench quality --out /tmp/q --data /data/labelled --teacher dino=vit_small_patch14_dinov2.lvd142m
+    """
+    from kdcache.eval.bench_quality import QualityPlan, format_quality, quality_study
+    plan = QualityPlan(corpus=data, teacher=teacher, student=student, epochs=epochs, batch_size=batch_size,
+                       views=_ints("--views", views), quantized_views=quantized_views,
+                       fractions=_ints("--fractions", fractions), methods=tuple(m for m in methods.split(",") if m),
+                       predict_codes=not no_predict_codes, digits=digits, photos=photos, train_tokens=train_tokens,
+                       workers=workers)
+    r = quality_study(out, plan)
+    click.echo(json.dumps(r, indent=2) if as_json else format_quality(r))
+
+
+@bench.command("formats")
+@click.option("--store", help="An fp16 store whose features to write in every format. [default: the embedded corpus "
+                              "extracted with the shipped EfficientNet-Lite0, K=--views]")
+@click.option("--teacher", "-t", help="Teacher of --store. [default: the first]")
+@click.option("--images", type=click.IntRange(min=1), default=256, show_default=True, help="Without --store: corpus images.")
+@click.option("--views", type=click.IntRange(min=1), default=2, show_default=True, help="Without --store: K stored views.")
+@click.option("--quantize", "method", default="opq", show_default=True,
+              help="Method of the quantized store side (pq, opq, rq); 'none' leaves it out.")
+@click.option("--fraction", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Quantized patch bytes = fp16 bytes / FRACTION.")
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True, help="DataLoader workers, every side.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Samples per batch.")
+@click.option("--warm", is_flag=True, help="Read from a warm page cache instead of dropping it. [default: off]")
+@click.option("--tmp", help="Directory (disk) to write the formats in. [default: the system temp dir]")
+@with_bench_options
+def bench_formats(store, teacher, images, views, method, fraction, workers, batch_size, warm, tmp, repeat, as_json):
+    """The same features as a kdcache store (fp16, quantized), safetensors in webdataset tars,
+    a torch file per sample and a .npy per sample: bytes/sample, write MB/s, read samples/s.
+
+    \b
+    kdcache bench formats
+    kdcache bench formats --store feats.zarr --workers 4 --batch-size 64
+    kdcache bench formats --store feats.zarr --quantize rq --fraction 16 --json
+    """
+    import tempfile
+    from kdcache.eval.bench_formats import bench_formats as run
+    with tempfile.TemporaryDirectory(dir=tmp) as scratch:
+        if store is None:
+            from kdcache.data.demo_corpus import build_demo_corpus
+            from kdcache.extract import ExtractOptions, extract
+            from kdcache.models.convert import shipped_teacher
+            corpus, store = f"{scratch}/corpus", f"{scratch}/store.zarr"
+            build_demo_corpus(corpus, digits=max(0, images - images // 4), photos=images // 4)
+            extract(corpus, store, [shipped_teacher(scratch)], ExtractOptions(views=views, progress=False))
+        click.echo(run(store, quantize=None if method == "none" else method, fraction=fraction, teacher=teacher,
+                       workers=workers, batch_size=batch_size, repeat=repeat, cold=not warm, tmp=tmp, as_json=as_json))

@@ -73,3 +73,14 @@ def convert_known(name: str, out: str, *, source: str | None = None) -> dict:
     safetensors.torch.save_file(state, out)
     return {"checkpoint": out, "model": model_name, "tensors": len(state), "source": path,
             "teacher": f"NAME={model_name},checkpoint={out}"}
+
+
+def shipped_teacher(out_dir: str) -> str:
+    """The teacher spec of the real pretrained model that ships in a dependency (EfficientNet-Lite0),
+    converted once into ``out_dir/teacher/``: the default of ``kdcache demo`` and ``bench quality``."""
+    import os
+    ckpt = os.path.join(out_dir, "teacher", "tf_efficientnet_lite0.safetensors")
+    if not os.path.exists(ckpt):
+        convert_known("efficientnet-lite0", ckpt)
+    return f"effnet=tf_efficientnet_lite0,checkpoint={ckpt}"
+

@@ -139,6 +139,9 @@ def fit(spec: QuantizerSpec, x: np.ndarray, *, seed: int = 0) -> Codebooks:
     if spec.method not in ("sq8", "sq4") and n < 256:
         raise QuantizeError(f"{spec.method}: {n} training tokens for codebooks of 256 entries; need at least 256 "
                             f"(a larger store, or --sample-tokens)")
+    if spec.method == "opq" and n < d:  # faiss's OPQMatrix.train segfaults below this (faiss-cpu 1.15.1)
+        raise QuantizeError(f"opq: {n} training tokens for {d}-dim features; learning the rotation needs at least {d} "
+                            f"(a larger store, or --sample-tokens)")
     if spec.method not in ("sq8", "sq4") and n < FAISS_MIN_POINTS * 256:
         log.warning("%s: %d training tokens; faiss suggests >= %d for 256-entry codebooks (-v shows its warnings)",
                     spec.method, n, FAISS_MIN_POINTS * 256)

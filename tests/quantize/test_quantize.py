@@ -120,6 +120,10 @@ def test_spec_parsing_errors():
     assert QuantizerSpec.parse("rq:m=48,norm=1").key(384) == "rq:M=48,beam=4,train_beam=1,norm=1"
     with pytest.raises(QuantizeError, match="100 training tokens for codebooks of 256 entries"):
         fit(QuantizerSpec.parse("pq:m=4"), np.zeros((100, 8), np.float32))
+    # faiss's OPQ training crashes the process (SIGSEGV) with fewer points than dimensions: refused first
+    x = np.random.default_rng(0).standard_normal((300, 512)).astype(np.float32)
+    with pytest.raises(QuantizeError, match="opq: 300 training tokens for 512-dim features; .* at least 512"):
+        fit(QuantizerSpec.parse("opq:m=32"), x)
 
 
 Q = dict(views=4, progress=False, workers=0, batch_size=4)
