@@ -168,6 +168,21 @@ def demo(out, teacher, student, views, epochs, no_progress):
 @click.option("--normalize", type=click.Choice(["standardize", "phi-s", "none"]), help="Target normalisation." + T("normalize"))
 @click.option("--head-hidden", type=int, help="Hidden width of each head MLP." + T("head_hidden"))
 @click.option("--head-depth", type=int, help="Hidden layers of each head MLP (0 = linear)." + T("head_depth"))
+@click.option("--head", type=click.Choice(["mlp", "transformer"]), help="Per-teacher projector: per-token MLPs, or "
+              "transformer blocks over the student's tokens (DUNE; --head-depth blocks, width --head-hidden)." + T("head"))
+@click.option("--head-heads", type=int, help="Transformer head: attention heads." + T("head_heads"))
+@click.option("--shared-adapter", is_flag=True, default=None, help="One learnable projection of the student's tokens "
+              "into a common space (width --head-hidden) that every teacher's head reads. [default: off]")
+@click.option("--balance", type=click.Choice(["static", "mgda"]), help="Weights of the objectives: static "
+              "(--teacher-weight, --task-weight) or mgda (per step, min-norm weights of the gradients w.r.t. the "
+              "student's representation)." + T("balance"))
+@click.option("--teacher-drop", type=float, help="UNIC: each step drop every teacher but the max-loss one with this "
+              "probability." + T("teacher_drop"))
+@click.option("--task-loss", type=click.Choice(["none", "ce"]), help="A linear classifier on the student's summary, "
+              "cross-entropy on the corpus labels (unlabelled samples contribute none)." + T("task_loss"))
+@click.option("--labels", type=click.Choice(["cls"]), help="Task labels: webdataset cls / image-folder classes." + T("labels"))
+@click.option("--task-weight", type=float, help="Static weight of the task loss." + T("task_weight"))
+@click.option("--task-classes", type=int, help="Classes of the task head (0 = largest corpus label + 1)." + T("task_classes"))
 @click.option("--alpha", type=float, help="Patch loss: weight of 1-cos (rest: SmoothL1)." + T("alpha"))
 @click.option("--beta", type=float, help="SmoothL1 beta." + T("beta"))
 @click.option("--summary-weight", type=float, help="Weight of the summary (CLS) loss." + T("summary_weight"))
@@ -191,6 +206,7 @@ def train(config_file, teacher_weights, teachers, no_progress, storage_options, 
     kdcache train --store feats.zarr --data /data/shards --student resnet18 --out runs/r18
     kdcache train --online --teacher dino=vit_small_patch14_dinov2.lvd142m --data /data/shards --student resnet18 --out runs/online
     kdcache train --config run.yaml --epochs 30
+    kdcache train --store two.zarr --data D --student resnet50 --out runs/mt --balance mgda --head transformer --task-loss ce
     torchrun --nproc_per_node=8 -m kdcache train --config run.yaml
     """
     from kdcache.train.config import build_config, parse_teacher_weights

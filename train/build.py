@@ -32,6 +32,7 @@ from .losses import LossSpec
 from .model import DistillModel, HeadSpec, TeacherTarget
 from .online import OnlineStream, OnlineTargets, TeacherInput, count_samples, teacher_stats
 from .rundir import RunDir
+from .step import StepPolicy
 from .targets import TeacherTargets
 
 log = logging.getLogger("kdcache.train")
@@ -64,6 +65,8 @@ class Run:
     weights: dict[str, float]
     state: dict  # {epoch, step_in_epoch, global_step}: where fitting starts
     rundir: RunDir
+    policy: StepPolicy  # how each step weighs teachers and the task loss
+    task_classes: int = 0  # classes of the task head (0: no task loss)
 
     def loader(self) -> DataLoader:
         """The run's DataLoader; its workers persist across epochs (``DistillStream`` epochs)."""
@@ -111,6 +114,23 @@ def steps_per_epoch(counts: dict[str, int], shards, cfg: TrainConfig, epoch: int
     batch, so count per (rank, worker); the minimum over ranks."""
     streams = epoch_streams(shards, seed=cfg.seed, epoch=epoch, world=world, workers=cfg.workers)
     return min(sum(sum(counts[n] for n in worker) // cfg.batch_size for worker in rank) for rank in streams)
+
+
+def task_classes(cfg: TrainConfig, corpus: Corpus) -> int:
+    """--task-classes, or the largest label of the corpus + 1 (one pass over its labels)."""
+    if cfg.task_classes:
+        return cfg.task_classes
+    if corpus.kind == "folder":
+        return len(corpus.classes)
+    from kdcache.data.walk import Skip, screen
+    top = -1
+    for shard in corpus.shards:
+        for s in screen(corpus.samples(shard)):
+            if not isinstance(s, Skip) and s.label is not None:
+                top = max(top, int(s.label))
+    if top < 0:
+        raise TrainError(f"--task-loss {cfg.task_loss}: {corpus.spec} has no labels (webdataset cls fields or image-folder classes)")
+    return top + 1
 
 
 def cosine_with_warmup(total: int, warmup: int):
@@ -219,8 +239,10 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: boo
         rundir.write_json("provenance.json", {**src.provenance, "data": cfg.data,
                                               "student": {"model": student.spec.model, "timm_kwargs": student.kwargs,
                                                           "data": dataclasses.asdict(student.data)}})
+    classes = task_classes(cfg, src.corpus) if cfg.task_loss != "none" else 0
     model = DistillModel(student.model, student.data, src.shapes,
-                         HeadSpec(hidden=cfg.head_hidden, depth=cfg.head_depth)).to(device)
+                         HeadSpec(hidden=cfg.head_hidden, depth=cfg.head_depth, kind=cfg.head, heads=cfg.head_heads,
+                                  shared_adapter=cfg.shared_adapter), task_classes=classes).to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     epoch_steps = [steps_per_epoch(src.counts, src.shards, cfg, e, world) for e in range(cfg.epochs)]
@@ -244,4 +266,6 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: boo
                shards=src.shards, student=student, targets=src.targets, model=model, ddp=ddp, optimizer=optimizer,
                scheduler=scheduler, ema=ema, epoch_steps=epoch_steps, dataset=src.dataset,
                loss_spec=LossSpec(alpha=cfg.alpha, beta=cfg.beta, summary_weight=cfg.summary_weight, patch_weight=cfg.patch_weight),
-               weights={t: float(cfg.teacher_weights.get(t, 1.0)) for t in src.teachers}, state=state, rundir=rundir)
+               weights={t: float(cfg.teacher_weights.get(t, 1.0)) for t in src.teachers}, state=state, rundir=rundir,
+               policy=StepPolicy(balance=cfg.balance, teacher_drop=cfg.teacher_drop, task_weight=cfg.task_weight,
+                                 seed=cfg.seed, world=world), task_classes=classes)

@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 from kdcache.models import ModelSpec
 from kdcache.store import KdcacheError
 
+from .balance import BALANCES
 from .loader import VIEW_CHOICES
+from .model import HEAD_KINDS
 from .normalize import NORMALIZERS
 
 AMP = ("bf16", "none")
+TASK_LOSSES = ("none", "ce")
+LABELS = ("cls",)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,15 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # train into a directory that holds a run, replacing it
     skip_corrupt: bool = False  # skip (and count) shards whose data fails verification instead of stopping
+    head: str = "mlp"  # mlp | transformer (DUNE: blocks over the student's tokens; head_depth blocks of width head_hidden)
+    head_heads: int = 4  # transformer head: attention heads
+    shared_adapter: bool = False  # one projection of the student's tokens into a common space before every head
+    balance: str = "static"  # static (teacher_weights) | mgda (min-norm weights of the representation gradients)
+    teacher_drop: float = 0.0  # UNIC: each step drop every teacher but the max-loss one with this probability
+    task_loss: str = "none"  # none | ce: a linear classifier on the student's summary, cross-entropy on the labels
+    labels: str = "cls"  # where task labels come from: the corpus's cls field / image-folder classes
+    task_weight: float = 1.0  # static weight of the task loss (with --balance mgda the task is one more objective)
+    task_classes: int = 0  # classes of the task head; 0 = the largest corpus label + 1
     online: bool = False  # teachers (NAME=MODEL specs in ``teachers``) run live every step; no store (train.online)
     online_stats_images: int = 512  # --online: images whose teacher features give the normalisation statistics
 
@@ -70,18 +83,24 @@ class TrainConfig:
                "NAME=LAMBDA with finite LAMBDA >= 0")
         for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 0), ("warmup_steps", 0), ("shuffle_buffer", 1),
                           ("head_hidden", 1), ("head_depth", 0), ("log_every", 1), ("checkpoint_every", 0),
-                          ("stop_at_step", 0), ("seed", 0), ("online_stats_images", 1)):
+                          ("stop_at_step", 0), ("seed", 0), ("online_stats_images", 1), ("head_heads", 1),
+                          ("task_classes", 0)):
             _check(self, name, lambda v, low=low: _integer(v) and v >= low, f"an integer >= {low}")
         _check(self, "lr", lambda v: _number(v) and v > 0, "a finite number > 0")
-        for name in ("weight_decay", "clip_grad", "color_jitter", "summary_weight", "patch_weight"):
+        for name in ("weight_decay", "clip_grad", "color_jitter", "summary_weight", "patch_weight", "task_weight"):
             _check(self, name, lambda v: _number(v) and v >= 0, "a finite number >= 0")
         _check(self, "ema", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
         _check(self, "alpha", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
         _check(self, "beta", lambda v: _number(v) and v > 0, "a finite number > 0")
-        for name, allowed in (("amp", AMP), ("view_choice", VIEW_CHOICES), ("normalize", tuple(NORMALIZERS))):
+        _check(self, "teacher_drop", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
+        for name, allowed in (("amp", AMP), ("view_choice", VIEW_CHOICES), ("normalize", tuple(NORMALIZERS)),
+                              ("head", HEAD_KINDS), ("balance", BALANCES), ("task_loss", TASK_LOSSES), ("labels", LABELS)):
             _check(self, name, lambda v, allowed=allowed: v in allowed, f"one of {', '.join(allowed)}")
-        for name in ("predict_codes", "resume", "overwrite", "skip_corrupt", "online"):
+        for name in ("predict_codes", "resume", "overwrite", "skip_corrupt", "online", "shared_adapter"):
             _check(self, name, lambda v: isinstance(v, bool), "true or false")
+        if self.head == "transformer" and (self.head_depth < 1 or self.head_hidden % self.head_heads):
+            raise ConfigError(f"--head transformer: --head-depth {self.head_depth} must be >= 1 and --head-hidden "
+                              f"{self.head_hidden} a multiple of --head-heads {self.head_heads}")
         if self.online:
             self._check_online()
         if self.resume and self.overwrite:

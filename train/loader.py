@@ -172,7 +172,7 @@ class DistillStream(ShardStream):
                 except BadImage as e:
                     raise LoaderError(f"shard {name}: sample {s.key!r} was extracted but now fails to decode: {e}") from None
                 image = replay_view(torch.from_numpy(rgb).permute(2, 0, 1), views[row, v], spec.input_size, spec.interpolation)
-                out = {"key": s.key, "image": image, "view": v}
+                out = {"key": s.key, "image": image, "view": v, "label": sample_label(s)}
                 for p, b in blocks.items():
                     out[p] = stored_to_tensor(b[row - block_start, v])
                 yield out
@@ -182,6 +182,11 @@ class DistillStream(ShardStream):
             count = attrs.get("count", 0)
             record_skip(spec.skip_log, {"epoch": epoch, "shard": name, "error": one_line(e),
                                         "samples_skipped": max(0, count - row) if isinstance(count, int) else 0})
+
+
+def sample_label(sample) -> torch.Tensor:
+    """The corpus label (webdataset cls, image-folder class) for the task loss; -1 when none."""
+    return torch.tensor(-1 if sample.label is None else int(sample.label))
 
 
 def record_skip(path: str, record: dict) -> None:

@@ -65,6 +65,15 @@ class SkippedSamples:
         return self.count
 
 
+def metric_columns(run: Run) -> list[str]:
+    """Per-teacher losses; the task loss; each objective's weight when they vary per step."""
+    objectives = list(run.teachers) + (["task"] if run.task_classes else [])
+    cols = [f"{t}/{p}" for t in run.teachers for p in ("summary", "patch")] + (["task"] if run.task_classes else [])
+    if run.policy.balance == "mgda" or run.policy.teacher_drop > 0:
+        cols += [f"weight/{o}" for o in objectives]
+    return cols
+
+
 def train(cfg: TrainConfig, *, config_file: str | None = None, progress: bool = True) -> dict:
     return fit(build_run(cfg, config_file=config_file), progress=progress)
 
@@ -73,8 +82,7 @@ def fit(run: Run, *, progress: bool = True) -> dict:
     cfg, state = run.cfg, run.state
     metrics = None
     if run.rank == 0:
-        metrics = MetricsLog(run.rundir, [f"{t}/{p}" for t in run.teachers for p in ("summary", "patch")],
-                             keep_until=state["global_step"] if cfg.resume else None)
+        metrics = MetricsLog(run.rundir, metric_columns(run), keep_until=state["global_step"] if cfg.resume else None)
     total = sum(run.epoch_steps)
     bar = tqdm(total=total, initial=state["global_step"], unit="step", desc="train", disable=not progress or run.rank != 0,
                dynamic_ncols=True, mininterval=1.0)
@@ -102,7 +110,8 @@ def fit(run: Run, *, progress: bool = True) -> dict:
                 batch = to_device(batch, run.device)
                 loss, parts = distill_step(run.ddp, batch["image"], {t: run.targets[t](batch) for t in run.teachers},
                                            loss_spec=run.loss_spec, weights=run.weights, optimizer=run.optimizer,
-                                           amp=cfg.amp, clip_grad=cfg.clip_grad)
+                                           amp=cfg.amp, clip_grad=cfg.clip_grad, policy=run.policy,
+                                           labels=batch["label"] if run.task_classes else None, step=step)
                 run.scheduler.step()
                 if run.ema is not None:
                     run.ema.update(run.model.student, step=step)

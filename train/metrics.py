@@ -49,13 +49,24 @@ def plot_losses(run: RunDir, teachers: list[str], path: str | None = None) -> st
     with open(run.metrics) as f:
         rows = list(csv.DictReader(f))
     steps = [int(r["step"]) for r in rows]
-    fig, axes = plt.subplots(1, 1 + len(teachers), figsize=(4.5 * (1 + len(teachers)), 3.6), squeeze=False)
-    axes[0][0].plot(steps, [float(r["loss"]) for r in rows], color="k")
+    weights = [c for c in (rows[0] if rows else {}) if c.startswith("weight/")]
+    panels = 1 + len(teachers) + (1 if weights else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
+    axes[0][0].plot(steps, [float(r["loss"]) for r in rows], color="k", label="total")
+    if rows and rows[0].get("task", "") != "":
+        axes[0][0].plot(steps, [float(r["task"]) for r in rows], label="task")
+        axes[0][0].legend()
     axes[0][0].set(title="total loss", xlabel="step")
     for ax, t in zip(axes[0][1:], teachers):
         for part in ("summary", "patch"):
             ax.plot(steps, [float(r[f"{t}/{part}"]) for r in rows], label=part)
         ax.set(title=f"teacher {t}", xlabel="step")
+        ax.legend()
+    if weights:  # --balance mgda / --teacher-drop: the weight each objective got
+        ax = axes[0][-1]
+        for c in weights:
+            ax.plot(steps, [float(r[c]) for r in rows], label=c.split("/", 1)[1])
+        ax.set(title="objective weights", xlabel="step")
         ax.legend()
     fig.tight_layout()
     path = path or run.loss_plot

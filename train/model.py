@@ -1,9 +1,14 @@
 """The student (any timm model) with per-teacher summary and feature heads.
 
 Heads are MLPs (RADIO/UNIC style; ``depth=0`` is linear) on the student's summary vector and
-on each of its patch tokens; the patch predictions are resized (bilinear) from the student's
-grid to each teacher's grid. With ``codes`` targets the feature head predicts 256 logits per
-codebook instead (MVQ-KD style). Heads are discarded after training unless exported.
+on each of its patch tokens, or (``kind="transformer"``, DUNE) per teacher a small stack of
+transformer blocks over the student's summary and patch tokens together, so the projector can
+use relations between patches. With ``shared_adapter`` one learnable projection maps the
+student's tokens into a common space that every teacher's head reads (Knowledge Inheritance).
+The patch predictions are resized (bilinear) from the student's grid to each teacher's grid.
+With ``codes`` targets the feature head predicts 256 logits per codebook instead (MVQ-KD
+style). An optional linear classifier on the student's own summary vector serves the task loss.
+Everything but the student is discarded after training unless exported (``heads_state_dict``).
 """
 from __future__ import annotations
 
@@ -14,12 +19,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.models import DataConfig, probe
+from kdcache.store import KdcacheError
+
+
+HEAD_KINDS = ("mlp", "transformer")
 
 
 @dataclass(frozen=True)
 class HeadSpec:
-    hidden: int = 1024
-    depth: int = 1  # hidden layers; 0 = linear
+    hidden: int = 1024  # MLP hidden width; transformer width; shared adapter width
+    depth: int = 1  # MLP hidden layers (0 = linear); transformer blocks
+    kind: str = "mlp"  # mlp | transformer
+    heads: int = 4  # transformer: attention heads
+    shared_adapter: bool = False
 
 
 @dataclass(frozen=True)
@@ -42,38 +54,111 @@ def mlp(d_in: int, d_out: int, spec: HeadSpec) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(d, d_out))
 
 
-class DistillModel(nn.Module):
-    def __init__(self, student: nn.Module, data: DataConfig, targets: list[TeacherTarget], head: HeadSpec):
+class TransformerHead(nn.Module):
+    """DUNE's projector: [summary; patches] -> width, + learned positions, ``depth`` ViT blocks,
+    LayerNorm, then one linear map for the summary token and one for every patch token."""
+
+    def __init__(self, d_summary: int, d_patch: int, tokens: int, out_summary: int, out_patch: int, spec: HeadSpec):
         super().__init__()
+        from timm.models.vision_transformer import Block
+        w = spec.hidden
+        self.embed_summary, self.embed_patch = nn.Linear(d_summary, w), nn.Linear(d_patch, w)
+        self.position = nn.Parameter(torch.zeros(1, 1 + tokens, w))
+        nn.init.trunc_normal_(self.position, std=0.02)
+        self.blocks = nn.Sequential(*[Block(w, spec.heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(spec.depth)])
+        self.norm = nn.LayerNorm(w)
+        self.summary_out, self.patch_out = nn.Linear(w, out_summary), nn.Linear(w, out_patch)
+
+    def forward(self, summary: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([self.embed_summary(summary)[:, None], self.embed_patch(patches)], dim=1) + self.position
+        x = self.norm(self.blocks(x))
+        return self.summary_out(x[:, 0]), self.patch_out(x[:, 1:])
+
+
+class MlpHead(nn.Module):
+    """Per-token MLPs: one on the summary vector, one applied to every patch token."""
+
+    def __init__(self, d_summary: int, d_patch: int, out_summary: int, out_patch: int, spec: HeadSpec):
+        super().__init__()
+        self.summary, self.patch = mlp(d_summary, out_summary, spec), mlp(d_patch, out_patch, spec)
+
+    def forward(self, summary: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.summary(summary), self.patch(patches)
+
+
+class SharedAdapter(nn.Module):
+    """One linear projection of the student's tokens (summary and patches) into a common space."""
+
+    def __init__(self, d_summary: int, d_patch: int, width: int):
+        super().__init__()
+        self.tokens = nn.Linear(d_patch, width)
+        # the summary vector shares the projection when it lives in the same space as the tokens
+        self.summary = None if d_summary == d_patch else nn.Linear(d_summary, width)
+
+    def forward(self, summary: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.summary or self.tokens)(summary), self.tokens(patches)
+
+
+class DistillModel(nn.Module):
+    """``forward`` returns {teacher: (summary, patches)}; it also keeps ``representation`` (the
+    student's own summary and patch tokens, what ``--balance mgda`` differentiates against) and,
+    with a task head, ``task_logits``."""
+
+    def __init__(self, student: nn.Module, data: DataConfig, targets: list[TeacherTarget], head: HeadSpec, *,
+                 task_classes: int = 0):
+        super().__init__()
+        if head.kind not in HEAD_KINDS:
+            raise KdcacheError(f"--head {head.kind!r}: expected one of {', '.join(HEAD_KINDS)}")
         self.student = student
         self.data = data
         self.tap = probe(student, data.hw)
         self.targets = {t.name: t for t in targets}
-        self.summary_heads = nn.ModuleDict({t.name: mlp(self.tap.summary_dim, t.dim, head) for t in targets})
-        self.patch_heads = nn.ModuleDict({t.name: mlp(self.tap.dim, t.codes_m * 256 if t.codes_m else t.dim, head)
-                                          for t in targets})
+        d_summary, d_patch = self.tap.summary_dim, self.tap.dim
+        self.adapter = SharedAdapter(d_summary, d_patch, head.hidden) if head.shared_adapter else None
+        if self.adapter is not None:
+            d_summary = d_patch = head.hidden
+        tokens = self.tap.grid[0] * self.tap.grid[1]
+
+        def make(t: TeacherTarget) -> nn.Module:
+            out_patch = t.codes_m * 256 if t.codes_m else t.dim
+            if head.kind == "transformer":
+                return TransformerHead(d_summary, d_patch, tokens, t.dim, out_patch, head)
+            return MlpHead(d_summary, d_patch, t.dim, out_patch, head)
+        self.heads = nn.ModuleDict({t.name: make(t) for t in targets})
+        self.task_head = nn.Linear(self.tap.summary_dim, task_classes) if task_classes else None
         self.register_buffer("mean", torch.tensor(data.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(data.std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.representation: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.task_logits: torch.Tensor | None = None
 
     def heads_state_dict(self) -> dict[str, torch.Tensor]:
-        """The distillation heads (``summary.<teacher>...``, ``patch.<teacher>...``): what export
-        leaves out unless ``--heads``."""
-        out = {f"summary.{k}": v for k, v in self.summary_heads.state_dict().items()}
-        out.update({f"patch.{k}": v for k, v in self.patch_heads.state_dict().items()})
-        return out
+        """Everything that is not the student (heads, adapter, task classifier): what export leaves
+        out unless ``--heads``."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
 
     def load_heads_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.summary_heads.load_state_dict({k[len("summary."):]: v for k, v in state.items() if k.startswith("summary.")})
-        self.patch_heads.load_state_dict({k[len("patch."):]: v for k, v in state.items() if k.startswith("patch.")})
+        mine = self.heads_state_dict()
+        if set(state) != set(mine):
+            missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+            raise KdcacheError(f"the checkpoint's heads do not match this run's (missing {missing[:3]}, unexpected {extra[:3]}): "
+                               f"resume with the options the run was started with")
+        self.load_state_dict({**self.student_state(), **state})
+
+    def student_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith("student.")}
 
     def forward(self, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """uint8 (B, 3, H, W) -> {teacher: (summary (B, D_t), patches (B, T_t, D_t or M*256))}."""
         x = (images.float() - self.mean) / self.std
         summary, patches = self.tap(self.student, x)
+        self.representation = (summary, patches)
+        self.task_logits = self.task_head(summary) if self.task_head is not None else None
+        if self.adapter is not None:
+            summary, patches = self.adapter(summary, patches)
         out = {}
         for name, t in self.targets.items():
-            p = self.patch_heads[name](patches)
-            out[name] = (self.summary_heads[name](summary), resize_grid(p, self.tap.grid, t.grid))
+            s, p = self.heads[name](summary, patches)
+            out[name] = (s, resize_grid(p, self.tap.grid, t.grid))
         return out
 
 

@@ -33,7 +33,7 @@ from kdcache.data.walk import Skip, screen
 from kdcache.models import Teacher
 from kdcache.store import ViewPolicy
 
-from .loader import LoaderSpec, ShardStream, record_skip
+from .loader import LoaderSpec, ShardStream, record_skip, sample_label
 from .normalize import create_normalizer, needs_stats
 from .rundir import RunDir
 from .stats import load_run_stats, save_run_stats
@@ -85,7 +85,8 @@ class OnlineStream(ShardStream):
                 continue
             image = torch.from_numpy(rgb).permute(2, 0, 1)
             view = view_at(self.policy, s.key, index, image.shape[-2], image.shape[-1])
-            out = {"key": s.key, "image": replay_view(image, view, spec.input_size, spec.interpolation), "view": index}
+            out = {"key": s.key, "image": replay_view(image, view, spec.input_size, spec.interpolation), "view": index,
+                   "label": sample_label(s)}
             for t in self.inputs:
                 out[t.key] = replay_view(image, view, t.size, t.interpolation)
             yield out

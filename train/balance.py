@@ -1,0 +1,107 @@
+"""How the objectives of one step are weighted: static weights, MGDA, teacher dropping.
+
+**MGDA** (``--balance mgda``; Sener & Koltun's MGDA-UB, as DTO-KD uses it for distillation):
+each objective's gradient is taken with respect to the student's shared representation (its
+summary and patch tokens: one backward through the heads each, none through the encoder), and
+the weights are the min-norm point of their convex hull, found by Frank-Wolfe on the Gram
+matrix. At that point the combined direction has a non-negative inner product with every
+objective's gradient, so no teacher's gradient is opposed. The encoder then takes one backward
+of ``n * sum_t alpha_t L_t`` (uniform alphas give back the static sum).
+
+**Teacher dropping** (``--teacher-drop P``, UNIC): each step the teacher with the largest loss
+is kept and every other one is dropped with probability P, from a generator seeded by (seed,
+step): the same on every rank and after a resume.
+"""
+from __future__ import annotations
+
+import torch
+
+BALANCES = ("static", "mgda")
+
+
+EXACT_UP_TO = 10  # objectives: beyond this, Frank-Wolfe instead of the exact active-set search
+
+
+def min_norm_weights(gram: torch.Tensor, *, iterations: int = 2000, tol: float = 1e-12) -> torch.Tensor:
+    """argmin_{a in simplex} a^T G a for a Gram matrix G (n x n): the min-norm point of the convex
+    hull of the gradients. Closed form for n = 2; for n <= ``EXACT_UP_TO`` an exact search over
+    supports (each support's equality-constrained optimum, feasible ones compared; ties go to the
+    larger support, so identical gradients get equal weights); Frank-Wolfe beyond."""
+    g = gram.double()
+    n = g.shape[0]
+    if n == 1:
+        return torch.ones(1, dtype=torch.float64)
+    if n == 2:
+        return _two(g[0, 0], g[0, 1], g[1, 1])
+    if n <= EXACT_UP_TO:
+        return _exact(g)
+    a = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    for _ in range(iterations):
+        ga = g @ a
+        t = int(torch.argmin(ga))  # the vertex the gradient of a^T G a points away from least
+        va, vt, tt = a @ ga, ga[t], g[t, t]
+        if float(va - vt) <= tol * max(1.0, float(va)):  # Frank-Wolfe gap closed: a is optimal (ties keep a)
+            break
+        # line search between a and e_t: min over gamma of |(1 - gamma) v + gamma g_t|^2
+        gamma = _two(va, vt, tt)[1]
+        a = (1 - gamma) * a
+        a[t] += gamma
+    return a
+
+
+def _exact(g: torch.Tensor) -> torch.Tensor:
+    n = g.shape[0]
+    best, best_value = torch.full((n,), 1.0 / n, dtype=torch.float64), None
+    scale = max(1.0, float(g.diagonal().max()))
+    for mask in sorted(range(1, 2 ** n), key=lambda m: -bin(m).count("1")):  # larger supports first
+        support = [i for i in range(n) if mask >> i & 1]
+        x = torch.linalg.pinv(g[support][:, support]) @ torch.ones(len(support), dtype=torch.float64)
+        if float(x.sum()) <= 1e-12 * scale:
+            continue
+        x = x / x.sum()
+        if float(x.min()) < -1e-9:
+            continue
+        a = torch.zeros(n, dtype=torch.float64)
+        a[support] = x.clamp(min=0) / x.clamp(min=0).sum()
+        value = float(a @ g @ a)
+        if best_value is None or value < best_value - 1e-12 * scale:
+            best, best_value = a, value
+    return best
+
+
+def _two(v11: torch.Tensor, v12: torch.Tensor, v22: torch.Tensor) -> torch.Tensor:
+    """Closed form for two vectors: (gamma, 1 - gamma) minimising |gamma x1 + (1 - gamma) x2|^2."""
+    denom = v11 - 2 * v12 + v22
+    if float(denom) <= 1e-30:  # identical (or both zero) gradients: any point; take the middle
+        gamma = torch.tensor(0.5, dtype=torch.float64)
+    else:
+        gamma = torch.clamp((v22 - v12) / denom, 0.0, 1.0)
+    return torch.stack([gamma, 1 - gamma]).double()
+
+
+def representation_gram(losses: list[torch.Tensor], representation: tuple[torch.Tensor, ...], *, world: int = 1) -> torch.Tensor:
+    """Gram matrix of the objectives' gradients w.r.t. the representation (summed over ranks)."""
+    grads = []
+    for loss in losses:
+        gs = torch.autograd.grad(loss, representation, retain_graph=True, allow_unused=True)
+        grads.append(torch.cat([(g if g is not None else torch.zeros_like(r)).float().flatten()
+                                for g, r in zip(gs, representation)]))
+    g = torch.stack(grads)
+    gram = (g @ g.T).double()
+    if world > 1:
+        torch.distributed.all_reduce(gram)
+    return gram
+
+
+def teachers_kept(losses: dict[str, float], drop: float, *, seed: int, step: int) -> dict[str, bool]:
+    """UNIC's teacher dropping: the max-loss teacher always stays; each other leaves with P=drop."""
+    if drop <= 0 or len(losses) < 2:
+        return {t: True for t in losses}
+    top = max(losses, key=lambda t: (losses[t], t))
+    gen = torch.Generator().manual_seed(hash_seed(seed, step))
+    draws = torch.rand(len(losses), generator=gen).tolist()
+    return {t: t == top or u >= drop for t, u in zip(sorted(losses), draws)}
+
+
+def hash_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
