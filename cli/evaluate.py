@@ -363,3 +363,33 @@ def bench_formats(store, teacher, images, views, method, fraction, workers, batc
             extract(corpus, store, [shipped_teacher(scratch)], ExtractOptions(views=views, progress=False))
         click.echo(run(store, quantize=None if method == "none" else method, fraction=fraction, teacher=teacher,
                        workers=workers, batch_size=batch_size, repeat=repeat, cold=not warm, tmp=tmp, as_json=as_json))
+
+
+@bench.command("teachers")
+@click.option("--out", required=True, help="Directory for the corpus, teachers, store, runs, teachers.json/.md (reused).")
+@click.option("--student", default="resnet18,img_size=64", show_default=True, help="MODEL[,key=value] student.")
+@click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True, help="Epochs of every variant.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Samples per step.")
+@click.option("--views", type=click.IntRange(min=1), default=2, show_default=True, help="K views in the store.")
+@click.option("--digits", type=click.IntRange(min=1), default=600, show_default=True, help="Embedded corpus: digit images.")
+@click.option("--photos", type=click.IntRange(min=0), default=120, show_default=True, help="Embedded corpus: photo crops.")
+@click.option("--vit-epochs", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Epochs of supervised training of the second (ViT) teacher.")
+@click.option("--variant", "variants", multiple=True, help="Only these variants (repeat). [default: all]")
+@click.option("--json", "as_json", is_flag=True, help="The result as JSON. [default: off]")
+def bench_teachers(out, student, epochs, batch_size, views, digits, photos, vit_epochs, variants, as_json):
+    """Two heterogeneous teachers (the shipped EfficientNet-Lite0, a ViT trained here on the corpus
+    labels), one student per multi-teacher option: kNN and per-teacher fidelity side by side.
+
+    \b
+    kdcache bench teachers --out /tmp/teachers
+    kdcache bench teachers --out /tmp/t --variant "static weights" --variant "--balance mgda"
+    """
+    from kdcache.eval.bench_multiteacher import VARIANTS, TeachersPlan, format_teachers, teachers_study
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise click.BadParameter(f"{unknown[0]!r}: expected one of {', '.join(map(repr, VARIANTS))}", param_hint="--variant")
+    plan = TeachersPlan(student=student, epochs=epochs, batch_size=batch_size, views=views, digits=digits, photos=photos,
+                        vit_epochs=vit_epochs)
+    r = teachers_study(out, plan, variants=list(variants) or None)
+    click.echo(json.dumps(r, indent=2) if as_json else format_teachers(r))

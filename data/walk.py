@@ -128,3 +128,16 @@ def skip_handler(on_error: str, shard: CorpusShard, record: Callable[[Skip], Non
             raise BadSample(f"{shard.url}: sample {skip.key!r}: {skip.error} (--on-error fail)")
         record(skip)
     return handle
+
+
+def label_classes(corpus: Corpus) -> int:
+    """Classes of a labelled corpus: an image folder's class count, else the largest label + 1
+    over the screened samples (one pass over the corpus); 0 when it has no labels."""
+    if corpus.kind == "folder":
+        return len(corpus.classes)
+    top = -1
+    for shard in corpus.shards:
+        for s in screen(corpus.samples(shard)):
+            if not isinstance(s, Skip) and s.label is not None:
+                top = max(top, int(s.label))
+    return top + 1

@@ -74,22 +74,26 @@ class QualityPlan:
             raise KdcacheError(f"--quantized-views {self.quantized_views}: must be one of --views {self.views}")
 
 
-def _train(plan: QualityPlan, out: str, *, progress: bool, **kw) -> dict:
-    """Train one variant (or reuse a finished run) and time its training loop."""
+def train_variant(out: str, *, progress: bool, **config) -> dict:
+    """Train one variant (or reuse the finished run in ``out``) and time its training loop
+    (``fit``, without building: statistics, counting passes)."""
     done = os.path.join(out, "quality-run.json")
     if os.path.exists(done):
         with open(done) as f:
             return json.load(f)
-    cfg = TrainConfig(data=plan.corpus, student=plan.student, out=out, epochs=plan.epochs, batch_size=plan.batch_size,
-                      workers=plan.workers, lr=plan.lr, warmup_steps=4, head_hidden=plan.head_hidden, log_every=5,
-                      seed=plan.seed, overwrite=True, **kw)
-    run = build_run(cfg)
+    run = build_run(TrainConfig(out=out, overwrite=True, **config))
     t0 = time.perf_counter()
     result = fit(run, progress=progress)
     r = {"steps": result["steps"], "fit_seconds": time.perf_counter() - t0}
     with open(done, "w") as f:
         json.dump(r, f)
     return r
+
+
+def _train(plan: QualityPlan, out: str, *, progress: bool, **kw) -> dict:
+    return train_variant(out, progress=progress, data=plan.corpus, student=plan.student, epochs=plan.epochs,
+                         batch_size=plan.batch_size, workers=plan.workers, lr=plan.lr, warmup_steps=4,
+                         head_hidden=plan.head_hidden, log_every=5, seed=plan.seed, **kw)
 
 
 def _store(plan: QualityPlan, out: str, views: int, progress: bool) -> tuple[str, float]:

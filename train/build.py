@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from kdcache.data.corpus import Corpus, ReadOptions, resolve_corpus
 from kdcache.data.partition import epoch_streams
+from kdcache.data.walk import label_classes
 from kdcache.data.decode import DecodeOptions
 from kdcache.models import Student, create_student, create_teacher, resolve_device
 from kdcache.store import KdcacheError, Store, StoreError, ViewPolicy
@@ -120,17 +121,10 @@ def task_classes(cfg: TrainConfig, corpus: Corpus) -> int:
     """--task-classes, or the largest label of the corpus + 1 (one pass over its labels)."""
     if cfg.task_classes:
         return cfg.task_classes
-    if corpus.kind == "folder":
-        return len(corpus.classes)
-    from kdcache.data.walk import Skip, screen
-    top = -1
-    for shard in corpus.shards:
-        for s in screen(corpus.samples(shard)):
-            if not isinstance(s, Skip) and s.label is not None:
-                top = max(top, int(s.label))
-    if top < 0:
+    classes = label_classes(corpus)
+    if classes == 0:
         raise TrainError(f"--task-loss {cfg.task_loss}: {corpus.spec} has no labels (webdataset cls fields or image-folder classes)")
-    return top + 1
+    return classes
 
 
 def cosine_with_warmup(total: int, warmup: int):
