@@ -13,7 +13,6 @@ gain for one teacher at the other's expense shows. Results land in ``OUT/teacher
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 
@@ -26,7 +25,7 @@ from kdcache.data.walk import Skip, label_classes, screen
 from kdcache.extract import ExtractOptions, extract
 from kdcache.models.convert import shipped_teacher
 
-from .bench_quality import train_variant
+from .bench_quality import knn_protocol, same_steps, train_variant, write_study
 from .fidelity import fidelity
 from .harness import environment
 from .model_features import knn_on_model
@@ -129,25 +128,20 @@ def teachers_study(out: str, plan: TeachersPlan = TeachersPlan(), *, variants=No
         rows.append({"variant": name, "options": VARIANTS[name], "steps": r["steps"], "fit_seconds": r["fit_seconds"],
                      "top1": knn["top1"], "top5": knn["top5"],
                      "fidelity": {t: {"summary": v["summary_cos"], "patch": v["patch_cos"]} for t, v in fid.items()}})
-    steps = {r["steps"] for r in rows}
+    steps = same_steps(rows)
     random_init = knn_on_model("model", corpus, model=plan.student, seed=plan.seed)
     teacher_knn = {t: knn_on_store(store, corpus, teacher=t, seed=plan.seed) for t in ("effnet", "vit")}
-    result = {"plan": asdict(plan), "environment": environment(), "steps": sorted(steps), "rows": rows,
+    result = {"plan": asdict(plan), "environment": environment(), "steps": steps, "rows": rows,
               "random_init": {"top1": random_init["top1"], "top5": random_init["top5"]},
               "teachers": {t: {"top1": k["top1"], "top5": k["top5"]} for t, k in teacher_knn.items()},
-              "protocol": {"n_train": random_init["n_train"], "n_val": random_init["n_val"], "k": random_init["k"],
-                           "temperature": random_init["temperature"]}}
-    with open(os.path.join(out, "teachers.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(out, "teachers.md"), "w") as f:
-        f.write(format_teachers(result) + "\n")
-    return result
+              "protocol": knn_protocol(random_init)}
+    return write_study(out, "teachers", result, format_teachers(result))
 
 
 def format_teachers(r: dict) -> str:
     p, pr = r["plan"], r["protocol"]
     lines = [f"# two teachers (effnet: EfficientNet-Lite0, 1280-d 7x7; vit: ViT-Ti/16 trained here, 192-d 4x4) -> "
-             f"{p['student']}, {', '.join(map(str, r['steps']))} steps each",
+             f"{p['student']}, {r['steps']} steps each",
              f"kNN k={pr['k']}, T={pr['temperature']}, {pr['n_train']} train / {pr['n_val']} val; fidelity: mean cosine of "
              f"head outputs to the targets (normalised space), eval view, training shards", "",
              "| variant | kNN top-1 | top-5 | effnet summary | effnet patch | vit summary | vit patch | fit s |",

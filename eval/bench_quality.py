@@ -163,9 +163,7 @@ def quality_study(out: str, plan: QualityPlan = QualityPlan(), *, progress: bool
         q = _quantized(plan, out, stores[plan.quantized_views], method, fraction, progress)
         add(f"{method} 1/{fraction} K={plan.quantized_views}, --predict-codes", "codes",
             os.path.join(out, f"run-{method}-1of{fraction}-codes"), store=q, predict_codes=True)
-    steps = {r["steps"] for r in rows}
-    if len(steps) != 1:
-        raise KdcacheError(f"variants trained different numbers of steps ({sorted(steps)}): the comparison is void")
+    steps = same_steps(rows)
     random_init = knn_on_model("model", plan.corpus, model=plan.student, seed=plan.seed)
     teacher_knn = knn_on_store(stores[plan.views[0]], plan.corpus, seed=plan.seed)
     online = rows[0]
@@ -175,18 +173,30 @@ def quality_study(out: str, plan: QualityPlan = QualityPlan(), *, progress: bool
         base = fp16.get(stores[plan.quantized_views]) if r["kind"] in ("quantized", "codes") else None
         r["vs_fp16_same_k"] = r["top1"] / base["top1"] if base and base["top1"] else None
         r["online_fit_over_this"] = online["fit_seconds"] / r["fit_seconds"]
-    result = {"plan": asdict(plan), "environment": environment(), "steps": steps.pop(), "rows": rows,
+    result = {"plan": asdict(plan), "environment": environment(), "steps": steps, "rows": rows,
               "random_init": {"top1": random_init["top1"], "top5": random_init["top5"]},
               "teacher": {"top1": teacher_knn["top1"], "top5": teacher_knn["top5"]},
-              "extract_seconds": extract_seconds, "protocol": online_protocol(random_init)}
-    with open(os.path.join(out, "quality.json"), "w") as f:
+              "extract_seconds": extract_seconds, "protocol": knn_protocol(random_init)}
+    return write_study(out, "quality", result, format_quality(result))
+
+
+def write_study(out: str, name: str, result: dict, text: str) -> dict:
+    """OUT/NAME.json (every number) and OUT/NAME.md (the table)."""
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=2)
-    with open(os.path.join(out, "quality.md"), "w") as f:
-        f.write(format_quality(result) + "\n")
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(text + "\n")
     return result
 
 
-def online_protocol(knn: dict) -> dict:
+def same_steps(rows: list[dict]) -> int:
+    steps = {r["steps"] for r in rows}
+    if len(steps) != 1:
+        raise KdcacheError(f"variants trained different numbers of steps ({sorted(steps)}): the comparison is void")
+    return steps.pop()
+
+
+def knn_protocol(knn: dict) -> dict:
     p = knn["protocol"]
     return {"k": p["k"], "temperature": p["temperature"], "n_train": knn["n_train"], "n_val": knn["n_val"],
             "classes": knn["classes"], "split_seed": p["seed"]}

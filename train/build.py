@@ -229,11 +229,16 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: boo
     student = create_student(cfg.student)
     make_source = online_source if cfg.online else cached_source
     src = make_source(cfg, student, rank=rank, world=world, rundir=rundir, writes=writes, device=device)
-    if writes:  # what export needs to print a load line that rebuilds exactly this student
+    classes = task_classes(cfg, src.corpus) if cfg.task_loss != "none" else 0
+    if writes:  # what export needs to print a load line that rebuilds exactly this student; how it was distilled
         rundir.write_json("provenance.json", {**src.provenance, "data": cfg.data,
                                               "student": {"model": student.spec.model, "timm_kwargs": student.kwargs,
-                                                          "data": dataclasses.asdict(student.data)}})
-    classes = task_classes(cfg, src.corpus) if cfg.task_loss != "none" else 0
+                                                          "data": dataclasses.asdict(student.data)},
+                                              "method": {"head": cfg.head, "head_depth": cfg.head_depth,
+                                                         "head_hidden": cfg.head_hidden, "shared_adapter": cfg.shared_adapter,
+                                                         "normalize": cfg.normalize, "balance": cfg.balance,
+                                                         "teacher_drop": cfg.teacher_drop, "task_loss": cfg.task_loss,
+                                                         "task_classes": classes, "teachers": src.teachers}})
     model = DistillModel(student.model, student.data, src.shapes,
                          HeadSpec(hidden=cfg.head_hidden, depth=cfg.head_depth, kind=cfg.head, heads=cfg.head_heads,
                                   shared_adapter=cfg.shared_adapter), task_classes=classes).to(device)

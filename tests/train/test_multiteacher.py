@@ -134,6 +134,8 @@ def test_mgda_and_task_loss_are_logged_and_recorded(tmp_path, two_teachers, corp
     assert len({r["weight/vit"] for r in rows}) > 1  # chosen per step
     cfg = json.load(open(os.path.join(run, "config.json")))
     assert cfg["balance"] == "mgda" and cfg["task_loss"] == "ce"
+    method = json.load(open(os.path.join(run, "provenance.json")))["method"]
+    assert method["balance"] == "mgda" and method["task_classes"] == 12 and method["teachers"] == ["vit", "cnn"]
     heads = safetensors.torch.load_file(os.path.join(run, "checkpoints", "last", "heads.safetensors"))
     assert heads["task_head.weight"].shape[0] == 12  # the corpus's 12 classes, found in its labels
 
