@@ -134,6 +134,9 @@ def test_mgda_and_task_loss_are_logged_and_recorded(tmp_path, two_teachers, corp
     assert len({r["weight/vit"] for r in rows}) > 1  # chosen per step
     cfg = json.load(open(os.path.join(run, "config.json")))
     assert cfg["balance"] == "mgda" and cfg["task_loss"] == "ce"
+    from kdcache.eval.report import report  # the report shows the weights over time
+    text = open(report(run, knn=False)["report"]).read()
+    assert "| objective | mean weight | first | last |" in text and "| task |" in text and "| cnn |" in text
     method = json.load(open(os.path.join(run, "provenance.json")))["method"]
     assert method["balance"] == "mgda" and method["task_classes"] == 12 and method["teachers"] == ["vit", "cnn"]
     heads = safetensors.torch.load_file(os.path.join(run, "checkpoints", "last", "heads.safetensors"))
