@@ -90,7 +90,8 @@ def train_vit_teacher(corpus: str, out: str, *, epochs: int, seed: int = 0) -> s
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(epochs):
+    from tqdm import tqdm
+    for _ in tqdm(range(epochs), desc="train the ViT teacher", unit="epoch", dynamic_ncols=True):
         for idx in torch.randperm(len(x), generator=gen).split(64):
             xb = x[idx]
             flip = torch.rand(len(idx), generator=gen) < 0.5
