@@ -303,7 +303,7 @@ def _ints(option: str, text: str) -> tuple[int, ...]:
 @click.option("--no-predict-codes", is_flag=True, help="Leave out the --predict-codes variant. [default: off]")
 @click.option("--digits", type=click.IntRange(min=1), default=1000, show_default=True, help="Embedded corpus: digit images.")
 @click.option("--photos", type=click.IntRange(min=0), default=200, show_default=True, help="Embedded corpus: photo crops.")
-@click.option("--train-tokens", type=click.IntRange(min=256), default=16384, show_default=True,
+@click.option("--train-tokens", type=click.IntRange(min=256), default=8192, show_default=True,
               help="Quantizer training tokens.")
 @click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True, help="Loader workers.")
 @click.option("--json", "as_json", is_flag=True, help="The result as JSON. [default: off]")

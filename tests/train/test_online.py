@@ -120,3 +120,17 @@ def test_online_resume_is_exact(tmp_path, corpus, vit_spec):
 def test_online_config_errors(tmp_path, corpus, kw, message):
     with pytest.raises(ConfigError if "teacher '" not in message else Exception, match=message):
         _cfg(tmp_path / "r", corpus, online=True, **kw)
+
+
+def test_cli_train_online(tmp_path, corpus, vit_spec, monkeypatch, capsys):
+    from helpers import cli_call, one_error_line
+    out = str(tmp_path / "run")
+    code, text, err = cli_call(monkeypatch, capsys, "train", "--online", "--teacher", vit_spec, "--data", corpus, "--student",
+                               STUDENT, "--out", out, "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                               "--online-stats-images", "8", "--no-progress")
+    assert code == 0, err
+    assert json.loads(text)["steps"] == 3
+    assert json.load(open(os.path.join(out, "config.json")))["online"] is True
+    code, _, err = cli_call(monkeypatch, capsys, "train", "--online", "--data", corpus, "--student", STUDENT, "--out",
+                            str(tmp_path / "r2"))
+    assert code == 2 and "--online needs at least one --teacher" in one_error_line(err)
