@@ -78,7 +78,7 @@ def test_bench_formats_prints_every_format_and_column(k8_store, monkeypatch, cap
     code, out, err = cli_call(monkeypatch, capsys, "bench", "formats", "--store", k8_store, "--repeat", "1",
                               "--quantize", "pq", "--fraction", "16", "--workers", "0", "--batch-size", "8")
     assert code == 0, err
-    assert "| format | KiB/sample on disk | write MB/s (fp16 features) | read samples/s |" in out
+    assert "| format | KiB/sample on disk | fixed KiB (codebooks, metadata) | write MB/s (fp16 features) | read samples/s |" in out
     for row in ("| kdcache store, fp16 |", "| kdcache store, pq:M=24 |", "| safetensors in webdataset tars |",
                 "| torch file per sample (weights_only) |", "| .npy file per sample |"):
         assert row in out
