@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import safetensors.torch
+from safetensors.torch import load as tensors_from_bytes  # safetensors: tensors only, no pickle
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -173,7 +174,7 @@ def _tar_dataset(root: str):
     import webdataset as wds
     urls = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".tar"))
     return (wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-            .shuffle(SHUFFLE).map(lambda s: safetensors.torch.load(s["safetensors"])))
+            .shuffle(SHUFFLE).map(lambda s: tensors_from_bytes(s["safetensors"])))
 
 
 class FileSamples(Dataset):

@@ -77,7 +77,8 @@ class ShardStream(IterableDataset):
     """Samples of an epoch: this rank's and worker's shards (``data.partition``) in a seeded
     shuffle buffer, student colour jitter applied. Subclasses say what one shard yields:
     ``DistillStream`` (cached targets) and ``train.online.OnlineStream`` (live teachers) share
-    this order, so the same seed gives the same batches from either.
+    this order, so the same seed gives the same batches from either. A subclass defines
+    ``_shard(name, epoch)``: the samples of one shard, as dicts.
 
     The epoch lives in shared memory, so a DataLoader with ``persistent_workers=True`` keeps
     its workers for the whole run: ``set_epoch`` then a new ``iter(loader)`` starts the next
@@ -105,9 +106,6 @@ class ShardStream(IterableDataset):
     def with_spec(self, spec: LoaderSpec) -> "ShardStream":
         """The same stream reading as ``spec`` says (evaluation: view 0, no shuffle)."""
         return type(self)(self.corpus, spec, rank=self.rank, world=self.world)
-
-    def _shard(self, name: str, epoch: int):
-        raise NotImplementedError
 
     def _epoch_samples(self, epoch: int):
         worker, workers = current_worker()

@@ -109,6 +109,25 @@ def test_torchrun_two_rank_training(tmp_path, many_shards, reference):
     assert (run / "checkpoints" / "last" / "student.safetensors").exists() and (run / "loss.png").exists()
 
 
+def test_torchrun_two_ranks_with_mgda_teacher_drop_and_task_loss(tmp_path, many_shards, reference):
+    """Every rank runs the same collectives (the Gram matrix and the mean losses are all-reduced):
+    no rank hangs, and the logged weights are valid."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdcache", "train",
+           "--store", reference, "--data", many_shards, "--student", "vit_tiny_patch16_224,img_size=32,depth=1",
+           "--out", str(run), "--epochs", "1", "--batch-size", "4", "--workers", "1", "--head-hidden", "32",
+           "--log-every", "1", "--amp", "none", "--balance", "mgda", "--teacher-drop", "0.5", "--task-loss", "ce"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    import csv
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 5))
+    for r in rows:
+        w = [float(r[f"weight/{o}"]) for o in ("vit", "cnn", "task")]
+        assert min(w) >= 0 and 0 < sum(w) <= 3 + 1e-6
+
+
 @pytest.mark.parametrize("trial", range(3))
 def test_two_jobs_on_the_same_store_split_the_shards_by_lease(tmp_path, many_shards, vit_spec, cnn_spec, reference, trial):
     out = str(tmp_path / "twice.zarr")
