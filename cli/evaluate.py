@@ -31,6 +31,9 @@ def _eval_features(fn):
                                      "one of --store, --run, --model is required)."),
         click.option("--teacher", "-t", help="With --store: the teacher. [default: the first]"),
         click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Seeded share of samples held out."),
+        click.option("--val-data", help="A labelled validation corpus: the split is given (all of --data trains, all of "
+                                        "this validates) instead of seeded. [default: none]"),
+        click.option("--val-store", help="With --store and --val-data: the store extracted from --val-data. [default: none]"),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split."),
         click.option("--skip-corrupt", is_flag=True, help="With --store: leave out shards that fail verification "
                                                           "(reported). [default: off]"),
@@ -43,18 +46,20 @@ def _eval_features(fn):
     return fn
 
 
-def _evaluate(probe, data, store, run_dir, ema, model, teacher, val_fraction, seed, skip_corrupt, as_json, out_file,
-              storage_options, **knn):
+def _evaluate(probe, data, store, run_dir, ema, model, teacher, val_fraction, val_data, val_store, seed, skip_corrupt, as_json,
+              out_file, storage_options, **knn):
     from kdcache.eval.model_features import knn_on_model
     from kdcache.eval.store_features import format_knn, knn_on_store
     if sum(x is not None for x in (store, run_dir, model)) != 1:
         raise click.UsageError("give exactly one of --store, --run, --model")
-    apply_storage_options(storage_options, *(u for u in (store, data) if u))
+    apply_storage_options(storage_options, *(u for u in (store, data, val_store, val_data) if u))
     opts = dict(val_fraction=val_fraction, seed=seed, probe=probe, **knn)
+    if val_store and not store:
+        raise click.UsageError("--val-store goes with --store (the cached features of --val-data)")
     if store:
-        r = knn_on_store(store, data, teacher=teacher, skip_corrupt=skip_corrupt, **opts)
+        r = knn_on_store(store, data, teacher=teacher, skip_corrupt=skip_corrupt, val_store=val_store, val_data=val_data, **opts)
     else:
-        r = knn_on_model("run" if run_dir else "model", data, run=run_dir, ema=ema, model=model, **opts)
+        r = knn_on_model("run" if run_dir else "model", data, run=run_dir, ema=ema, model=model, val_data=val_data, **opts)
     if out_file:
         with open(out_file, "w") as f:
             json.dump(r, f, indent=2)

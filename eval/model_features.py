@@ -104,9 +104,15 @@ def labelled_model_features(model: torch.nn.Module, data: DataConfig, corpus_spe
 
 
 def knn_on_model(which: str, data: str, *, run: str | None = None, ema: bool = False, model: str | None = None,
-                 read: ReadOptions | None = None, **knn) -> dict:
-    """``kdcache eval knn --run RUN | --model SPEC``: kNN of a model's live summary features."""
+                 read: ReadOptions | None = None, val_data: str | None = None, **knn) -> dict:
+    """``kdcache eval knn --run RUN | --model SPEC``: kNN of a model's live summary features;
+    ``val_data``: a given validation corpus instead of the seeded split."""
     from .store_features import knn_report
     net, cfg, what = run_student(run, ema=ema) if which == "run" else spec_model(model)
     f = labelled_model_features(net, cfg, data, read=read)
-    return knn_report(f["x"], f["y"], f"{what}, live summary features", resolution=list(cfg.hw), **knn)
+    val = None
+    if val_data:
+        v = labelled_model_features(net, cfg, val_data, read=read)
+        val = (v["x"], v["y"])
+    return knn_report(f["x"], f["y"], f"{what}, live summary features", resolution=list(cfg.hw), val=val, val_name=val_data,
+                      **knn)

@@ -53,23 +53,39 @@ def labelled_store_features(url: str, data: str, *, teacher: str | None = None, 
             "skipped": skipped, "unlabelled": unlabelled}
 
 
-def knn_on_store(url: str, data: str, *, teacher: str | None = None, skip_corrupt: bool = False, **knn) -> dict:
-    """``kdcache eval knn --store``: kNN accuracy of the cached summary features, with its protocol."""
+def knn_on_store(url: str, data: str, *, teacher: str | None = None, skip_corrupt: bool = False,
+                 val_store: str | None = None, val_data: str | None = None, **knn) -> dict:
+    """``kdcache eval knn --store``: kNN accuracy of the cached summary features, with its protocol;
+    ``val_store``/``val_data``: a given validation split (another corpus and its store)."""
     f = labelled_store_features(url, data, teacher=teacher, skip_corrupt=skip_corrupt)
+    val = None
+    if val_store or val_data:
+        if not (val_store and val_data):
+            raise KdcacheError("--val-store and --val-data go together (the validation corpus and its store)")
+        v = labelled_store_features(val_store, val_data, teacher=f["teacher"], skip_corrupt=skip_corrupt)
+        val, f["skipped"] = (v["x"], v["y"]), {**f["skipped"], **v["skipped"]}
     r = knn_report(f["x"], f["y"], f"store {url}, teacher {f['teacher']}, cached summary (view 0, the eval view)",
-                   resolution=list(Store.open(url).meta.teachers[f["teacher"]].input_size[1:]), **knn)
+                   resolution=list(Store.open(url).meta.teachers[f["teacher"]].input_size[1:]), val=val,
+                   val_name=val_data, **knn)
     return {**r, "unlabelled_samples": f["unlabelled"], "skipped_shards": f["skipped"]}
 
 
 def knn_report(x, y, features: str, *, resolution, k: int = 20, temperature: float = 0.07, val_fraction: float = 0.2,
-               seed: int = 0, probe: str = "knn") -> dict:
-    """kNN (or the linear probe, ``probe="linear"``) on labelled features with a seeded split,
-    and the exact protocol to reproduce it."""
+               seed: int = 0, probe: str = "knn", val=None, val_name: str | None = None) -> dict:
+    """kNN (or the linear probe, ``probe="linear"``) on labelled features with a seeded split (or
+    ``val = (x_val, y_val)``: a given validation set), and the exact protocol to reproduce it."""
     from .knn import knn_classify, seeded_split
     from .linear import linear_probe
-    tr, va = seeded_split(len(y), val_fraction=val_fraction, seed=seed)
-    split = {"split": f"seeded permutation of the samples in corpus order, last {val_fraction:g} for validation",
-             "seed": seed, "view": "eval view (centred crop_pct box)", "resolution": resolution}
+    if val is not None:
+        xv, yv = val
+        x, y = np.concatenate([x, xv]), np.concatenate([y, yv])
+        tr, va = np.arange(len(y) - len(yv)), np.arange(len(y) - len(yv), len(y))
+        split = {"split": f"given: every sample of the training corpus for training, every sample of {val_name} for "
+                          f"validation", "seed": seed, "view": "eval view (centred crop_pct box)", "resolution": resolution}
+    else:
+        tr, va = seeded_split(len(y), val_fraction=val_fraction, seed=seed)
+        split = {"split": f"seeded permutation of the samples in corpus order, last {val_fraction:g} for validation",
+                 "seed": seed, "view": "eval view (centred crop_pct box)", "resolution": resolution}
     if probe == "linear":
         result = linear_probe(x[tr], y[tr], x[va], y[va], seed=seed)
         protocol = {**split, "probe": "logistic regression on standardised features, C chosen on a seeded quarter of "

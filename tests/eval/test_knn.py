@@ -168,3 +168,25 @@ def test_eval_store_reports_bytes_and_measures_what_quantization_kept(tmp_path, 
     y = books[np.arange(192), c].reshape(len(c), -1) @ qz["rotation"][:] + qz["mean"][:]
     cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
     assert code == 0 and e["mean_cos"] == pytest.approx(cos.mean(), rel=1e-5) and e["measured_on"].startswith("192 stored")
+
+
+def test_a_given_validation_corpus_replaces_the_seeded_split(tmp_path, store, corpus, many_shards, vit_spec, monkeypatch, capsys):
+    from kdcache.eval.model_features import labelled_model_features, spec_model
+    from kdcache.extract import ExtractOptions, extract
+    model = "resnet18,img_size=32"
+    code, out, err = cli_call(monkeypatch, capsys, "eval", "knn", "--data", corpus, "--val-data", many_shards, "--model",
+                              model, "--k", "5", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert (r["n_train"], r["n_val"]) == (24, 36) and r["protocol"]["split"].startswith("given")
+    net, data, _ = spec_model(model)  # independently: features of each corpus, one kNN
+    a, b = labelled_model_features(net, data, corpus), labelled_model_features(net, data, many_shards)
+    assert r["top1"] == knn_classify(a["x"], a["y"], b["x"], b["y"], k=5, temperature=0.07)["top1"]
+    val_store = str(tmp_path / "val.zarr")  # cached features: the validation corpus's own store
+    extract(many_shards, val_store, [vit_spec], ExtractOptions(progress=False, workers=0))
+    code, out, err = cli_call(monkeypatch, capsys, "eval", "knn", "--data", corpus, "--store", store, "--val-data",
+                              many_shards, "--val-store", val_store, "--json")
+    assert code == 0, err
+    assert (json.loads(out)["n_train"], json.loads(out)["n_val"]) == (24, 36)
+    code, _, err = cli_call(monkeypatch, capsys, "eval", "knn", "--data", corpus, "--store", store, "--val-data", many_shards)
+    assert code == 2 and "--val-store and --val-data go together" in one_error_line(err)
