@@ -76,7 +76,8 @@ def read_features(url: str, teacher: str | None = None) -> Features:
     return Features(store.meta, teacher, shards)
 
 
-# ---- writers: each returns the files it wrote -------------------------------------------------
+# ---- writers: (features, destination, source store) -> the files written; only the store uses the source
+# (a quantized store's codebooks) ------------------------------------------------------------------------
 
 def write_store(feats: Features, url: str, source: Store | None = None) -> list[str]:
     """The kdcache shard writer; a quantized source's codebooks are copied first."""
@@ -95,7 +96,7 @@ def _sample_tensors(feats: Features, arrays: dict, i: int) -> dict[str, torch.Te
     return {p.split("/", 1)[1]: torch.from_numpy(np.ascontiguousarray(arrays[p][i])) for p in arrays if "/" in p}
 
 
-def write_tars(feats: Features, root: str) -> list[str]:
+def write_tars(feats: Features, root: str, source: Store | None = None) -> list[str]:
     import webdataset as wds
     os.makedirs(root, exist_ok=True)
     for name, arrays in feats.shards.items():
@@ -112,14 +113,14 @@ def _sample_file(root: str, shard: str, key: str, ext: str) -> str:
     return path
 
 
-def write_torch_files(feats: Features, root: str) -> list[str]:
+def write_torch_files(feats: Features, root: str, source: Store | None = None) -> list[str]:
     for name, arrays in feats.shards.items():
         for i, key in enumerate(arrays["keys"].tolist()):
             torch.save(_sample_tensors(feats, arrays, i), _sample_file(root, name, key, ".pt"))
     return _files(root)
 
 
-def write_npy_files(feats: Features, root: str) -> list[str]:
+def write_npy_files(feats: Features, root: str, source: Store | None = None) -> list[str]:
     cls, patch = feature_path(feats.teacher, "cls"), feature_path(feats.teacher, "patch")
     for name, arrays in feats.shards.items():
         both = np.concatenate([arrays[cls][:, :, None], arrays[patch]], axis=2)  # (n, K, 1 + T, D)
@@ -245,7 +246,7 @@ def bench_formats(store: str, *, quantize: str | None = "opq", fraction: int = 3
             def write(dst=dst, f=f, writer=writer, src=src, name=name):
                 if os.path.exists(dst):
                     shutil.rmtree(dst)
-                written[name] = writer(f, dst, src) if writer is write_store else writer(f, dst)
+                written[name] = writer(f, dst, src)
                 return f.fp16_bytes() / 1e6
             writes[name] = write
         mw = measure(writes, repeat=repeat)

@@ -146,8 +146,8 @@ def quality_study(out: str, plan: QualityPlan = QualityPlan(), *, progress: bool
         knn = knn_on_model("run", plan.corpus, run=run_dir, seed=plan.seed)
         per_sample = None
         if store:
-            t = info(Store.open(store))["teachers"][teacher]
-            per_sample = t["bytes_per_sample"] / info(Store.open(store))["views"]
+            d = info(Store.open(store))
+            per_sample = d["teachers"][teacher]["bytes_per_sample"] / d["views"]
         rows.append({"variant": name, "kind": kind, "store": store, "run": run_dir, "steps": r["steps"],
                      "fit_seconds": r["fit_seconds"], "bytes_per_view": per_sample, "top1": knn["top1"], "top5": knn["top5"]})
 

@@ -69,7 +69,7 @@ def metric_columns(run: Run) -> list[str]:
     """Per-teacher losses; the task loss; each objective's weight when they vary per step."""
     objectives = list(run.teachers) + (["task"] if run.task_classes else [])
     cols = [f"{t}/{p}" for t in run.teachers for p in ("summary", "patch")] + (["task"] if run.task_classes else [])
-    if run.policy.balance == "mgda" or run.policy.teacher_drop > 0:
+    if run.policy.varies_weights:
         cols += [f"weight/{o}" for o in objectives]
     return cols
 

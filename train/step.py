@@ -26,6 +26,11 @@ class StepPolicy:
     seed: int = 0
     world: int = 1
 
+    @property
+    def varies_weights(self) -> bool:
+        """The objectives' weights change per step (and are logged): MGDA or teacher dropping."""
+        return self.balance == "mgda" or self.teacher_drop > 0
+
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over labelled samples (label >= 0); a batch with none contributes 0."""
@@ -79,7 +84,7 @@ def distill_step(model, images: torch.Tensor, targets: dict[str, dict], *, loss_
         w = {o: (policy.task_weight if o == "task" else weights[o]) for o in active}
     # dropped teachers weigh 0 (their heads stay in the graph with zero gradients: DDP needs every parameter used)
     loss = sum(w.get(o, 0.0) * objectives[o] for o in objectives)
-    if policy.balance == "mgda" or policy.teacher_drop > 0:
+    if policy.varies_weights:
         parts.update({f"weight/{o}": w.get(o, 0.0) for o in objectives})
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
