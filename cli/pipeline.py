@@ -75,23 +75,35 @@ def extract(data, out, teachers, no_progress, storage_options, **kw):
 @click.option("--keep-float", is_flag=True, help="Keep the float arrays beside the codes (to compare fidelity). [default: off]")
 @click.option("--sample-tokens", type=int, help="Training tokens (+1/8 held out, at most 8192). [default: 65536]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training sample and k-means.")
+@click.option("--device", default="auto", show_default=True, help="Where codes are computed: auto | cpu | cuda[:N] "
+              "(under torchrun, cuda is each rank's GPU). Codebooks are trained by faiss.")
+@click.option("--rank", type=int, help="This job's rank (SLURM arrays). [default: $RANK or 0]")
+@click.option("--world-size", type=int, help="Number of ranks. [default: $WORLD_SIZE or 1]")
 @click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
 @with_storage_options
-def quantize(store, teacher, method, m, norm, beam, train_beam, refine, tokens, keep_float, sample_tokens, seed, no_progress,
-             storage_options):
+def quantize(store, teacher, method, m, norm, beam, train_beam, refine, tokens, keep_float, sample_tokens, seed, device,
+             rank, world_size, no_progress, storage_options):
     """Convert a teacher's float features in STORE to multi-codebook codes, without the teacher.
+
+    Rank 0 trains the codebooks (faiss) or finds them in the store; every rank encodes its
+    share of the shards (torch, on --device), one writer per shard. Re-running resumes.
 
     \b
     kdcache quantize feats.zarr -t dino --method opq --m 48
     kdcache quantize feats.zarr -t dino --method rq --m 48 --norm --refine 2 --beam 8 --keep-float
     kdcache quantize feats.zarr -t dino --method sq8 --tokens cls
+    torchrun --nproc_per_node=8 -m kdcache quantize feats.zarr -t dino --method rq --m 48 --norm --beam 16
     """
+    from kdcache.data.partition import rank_and_world
+    from kdcache.models import resolve_device
     from kdcache.quantize import QuantizerSpec, SampleSpec, quantize_store
     apply_storage_options(storage_options, store)
+    rank, world = rank_and_world(rank, world_size)
     spec = QuantizerSpec(method=method, m=m, norm=int(norm), **_drop_none(beam=beam, train_beam=train_beam, refine=refine))
     sample = SampleSpec(**_drop_none(train_tokens=sample_tokens, seed=seed))
     click.echo(json.dumps(quantize_store(store, teacher, spec, kind=tokens, keep_float=keep_float, sample=sample,
-                                         progress=not no_progress), indent=2))
+                                         progress=not no_progress, rank=rank, world_size=world,
+                                         device=resolve_device(device)), indent=2))
 
 
 @cli.command()

@@ -2,26 +2,25 @@
 
 The quantizer trains on the corpus-order prefix of shards written in float (the same prefix
 rule ``kdcache quantize`` applies to a finished store, so both paths train on the same sample
-and give the same codes); those shards are converted; every later shard is encoded in the
-writer thread from the storage-dtype values (exactly what conversion would read back). Other
-ranks wait for the quantizer to appear. Resumable at every step: the quantizer is written
+and give the same codes); those shards are converted; every later batch is encoded on the extraction
+device right after the teacher's forward (quantize/encoder.py), from the storage-dtype values
+(exactly what conversion reads back), so only uint8 codes travel to the host and the writer
+thread only compresses. Other ranks wait for the quantizer to appear. Resumable at every step: the quantizer is written
 once, atomically, and shards keep their own completion.
 """
 from __future__ import annotations
 
 import logging
 import os
-import time
 
 from kdcache.data.corpus import Corpus
-from kdcache.quantize import QuantizerSpec, SampleSpec, convert_shard, train_quantizer
-from kdcache.quantize.convert import encode_rows, set_teacher_quantizer
+from kdcache.quantize import QuantizerSpec, SampleSpec, TorchEncoder, convert_shard, train_quantizer
+from kdcache.quantize.convert import set_teacher_quantizer, wait_for_codebooks
 from kdcache.quantize.sample import training_prefix
 from kdcache.store import Codebooks, KdcacheError, Store, feature_path
 from kdcache.store.lease import new_owner
 
 log = logging.getLogger("kdcache.extract")
-WAIT_SECONDS = 24 * 3600
 KIND = "patch"  # CLS stays float during extraction (small); `kdcache quantize --tokens cls` converts it
 
 
@@ -79,45 +78,24 @@ def train_quantizers(store: Store, teachers: list[str], spec: QuantizerSpec, sam
 
 
 def wait_for_quantizers(store: Store, teachers: list[str]) -> dict[str, Codebooks]:
-    """Other ranks: wait until rank 0 has written every quantizer, then take the new metadata."""
-    log.info("waiting for rank 0 to train the quantizer(s) of %s", ", ".join(teachers))
-    deadline = time.time() + WAIT_SECONDS
-    while time.time() < deadline:
-        found = {t: store.read_codebooks(t, KIND) for t in teachers}
-        if all(cb is not None for cb in found.values()):
-            store.meta = Store.open(store.url, writable=True).meta
-            return found
-        time.sleep(5)
-    raise KdcacheError(f"{store.url}: no quantizer after {WAIT_SECONDS} s; is rank 0 running?")
+    """Other ranks: wait until rank 0 has written every quantizer (then the store's metadata is fresh)."""
+    return {t: wait_for_codebooks(store, t, KIND) for t in teachers}
 
 
-def convert_complete(store: Store, shards: list[str], encoders: dict[str, Codebooks]) -> int:
+def device_encoders(quantizers: dict[str, Codebooks], device) -> dict[str, TorchEncoder]:
+    return {t: TorchEncoder(cb, device) for t, cb in quantizers.items()}
+
+
+def convert_complete(store: Store, shards: list[str], encoders: dict[str, TorchEncoder]) -> int:
     """Convert this rank's complete shards that still hold float features only (under leases)."""
     n = 0
     leases = store.leases(new_owner(), pid=os.getpid())
     for name in shards:
         for t, cb in encoders.items():
             if store.is_complete(name, [t]):
-                n += convert_shard(store, name, t, KIND, cb, keep_float=_keep_float(store, t), leases=leases)
+                n += convert_shard(store, name, t, KIND, cb, keep_float=keep_float(store, t), leases=leases)
     return n
 
 
-def _keep_float(store: Store, teacher: str) -> bool:
+def keep_float(store: Store, teacher: str) -> bool:
     return bool(store.meta.teachers[teacher].quantizer[KIND].get("keep_float"))
-
-
-def rows_encoder(store: Store, encoders: dict[str, Codebooks]):
-    """The writer thread's transform: float patch rows -> codes (floats kept if asked)."""
-    dtypes = {t: store.meta.teachers[t].dtype for t in encoders}
-    keep = {t: _keep_float(store, t) for t in encoders}
-
-    def transform(rows: dict) -> dict:
-        for t, cb in encoders.items():
-            path = feature_path(t, KIND)
-            if path in rows:
-                rows[feature_path(t, KIND, codes=True)] = encode_rows(cb, rows[path], dtypes[t])
-                if not keep[t]:
-                    del rows[path]
-        return rows
-
-    return transform

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -28,11 +27,11 @@ from kdcache.quantize.stats import compute_stats, write_stats
 from kdcache.store import CODECS, STORAGE_DTYPES, KdcacheError, Store, StoreMeta, ViewPolicy, feature_path, has_teacher
 from kdcache.store.dtypes import torch_dtype
 from kdcache.store.inspect import shard_nbytes, write_summary
-from kdcache.store.lease import LEASE_SECONDS, new_owner
+from kdcache.store.lease import LEASE_SECONDS, Heartbeat, new_owner
 
 from .batches import InputGroup, LeaseSpec, Replay, ShardBatches, ShardJob, ViewBatch
-from .quantized import (complete_prefix, convert_complete, prefix_holds_sample, quantizers_to_train, rows_encoder,
-                        sample_spec, stored_quantizers, train_quantizers, wait_for_quantizers)
+from .quantized import (KIND, complete_prefix, convert_complete, device_encoders, keep_float, prefix_holds_sample,
+                        quantizers_to_train, sample_spec, stored_quantizers, train_quantizers, wait_for_quantizers)
 from .writer import BackgroundWriter
 
 log = logging.getLogger("kdcache.extract")
@@ -132,14 +131,14 @@ def extract(data: str, out: str, teacher_specs: list[str], opts: ExtractOptions 
     mine = rank_share(corpus.shards, rank, world)
     summary = ExtractSummary()
     prefix_written: set[str] = set()
-    encoders = stored_quantizers(store)  # a quantized teacher stays quantized in later runs
+    quantizers = stored_quantizers(store)  # a quantized teacher stays quantized in later runs
     if opts.quantize:
         # Quantized extraction, in order: (1) rank 0 writes the corpus-order prefix of shards in
         # float until it holds the training sample, (2) trains the quantizers on it (other ranks
         # wait for them), (3) every rank converts its complete float shards, (4) the rest are
         # encoded as they are written. Each step is resumable on its own.
         spec, sample = QuantizerSpec.parse(opts.quantize), sample_spec(opts)
-        need = quantizers_to_train(store, teachers, spec, encoders, keep_float=opts.keep_float)
+        need = quantizers_to_train(store, teachers, spec, quantizers, keep_float=opts.keep_float)
         if need and rank == 0:
             while True:
                 prefix = complete_prefix(store, corpus)
@@ -150,9 +149,10 @@ def extract(data: str, out: str, teacher_specs: list[str], opts: ExtractOptions 
                 part = _run(store, corpus, teachers, _plan(store, teachers, nxt)[0], device, opts, rank)
                 prefix_written.update(part.shards)
                 summary.merge(part)
-            encoders.update(train_quantizers(store, need, spec, sample, prefix, keep_float=opts.keep_float))
+            quantizers.update(train_quantizers(store, need, spec, sample, prefix, keep_float=opts.keep_float))
         elif need:
-            encoders.update(wait_for_quantizers(store, need))
+            quantizers.update(wait_for_quantizers(store, need))
+    encoders = device_encoders(quantizers, device)  # codes are computed where the features are
     convert_complete(store, [s.name for s in mine], encoders)
     jobs, skipped = _plan(store, teachers, mine)
     log.info("rank %d/%d: %d shard(s) to write, %d already complete", rank, world, len(jobs), skipped)
@@ -295,8 +295,8 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
         active.discard(name)
         leases.release(name)
 
-    writer = BackgroundWriter(open_writer, transform=rows_encoder(store, encoders) if encoders else None,
-                              on_finish=finished_shard)
+    writer = BackgroundWriter(open_writer, on_finish=finished_shard)
+    encode = {t: (e, keep_float(store, t)) for t, e in (encoders or {}).items()}
     heartbeat = Heartbeat(leases, active, every=opts.lease_seconds / 4)
     t0, shards_done, seen = time.perf_counter(), 0, 0
     try:
@@ -308,7 +308,7 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
                 continue
             active.add(batch.shard)
             job = by_name[batch.shard]
-            rows, ready = _forward(batch, job, teachers, group_of, device, opts.dtype)
+            rows, ready = _forward(batch, job, teachers, group_of, device, opts.dtype, encode)
             writer.put(batch.shard, rows, failed=batch.failed, last=batch.last, ready=ready)
             summary.images += len(batch)
             summary.failed += len(batch.failed)
@@ -333,28 +333,9 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
     return summary
 
 
-class Heartbeat:
-    """Renews the leases of the shards being written, every ``every`` seconds, in the background."""
-
-    def __init__(self, leases, active: set[str], *, every: float):
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(leases, active, every), name="kdcache-leases", daemon=True)
-        self._thread.start()
-
-    def _run(self, leases, active, every):
-        while not self._stop.wait(every):
-            for name in list(active):
-                if not leases.renew(name):
-                    log.warning("shard %s: lease lost to another job (it was stale); this job's rows for it "
-                                "will not be marked complete by the other writer's rules", name)
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join()
-
-
-def _forward(batch: ViewBatch, job: ShardJob, teachers, group_of, device, dtype):
-    """Teacher features of a batch as stored rows (path -> CPU tensor in the storage dtype)."""
+def _forward(batch: ViewBatch, job: ShardJob, teachers, group_of, device, dtype, encode):
+    """Teacher features of a batch as stored rows (path -> CPU tensor in the storage dtype, or
+    uint8 codes for a quantized teacher's patches: ``encode`` maps it to (encoder, keep_float))."""
     if not len(batch):
         return None, None
     n = len(batch)
@@ -369,7 +350,16 @@ def _forward(batch: ViewBatch, job: ShardJob, teachers, group_of, device, dtype)
         summary, patches = teachers[name].features(x)
         # Cast on the device, copy the storage dtype (not fp32) back; non_blocking when CUDA.
         for kind, feats in (("cls", summary), ("patch", patches)):
-            rows[feature_path(name, kind)] = feats.to(torch_dtype(dtype)).unflatten(0, (n, k)).to("cpu", non_blocking=True)
+            stored = feats.to(torch_dtype(dtype))
+            if kind == KIND and name in encode:
+                encoder, keep = encode[name]
+                # the codes of the stored values (what `kdcache quantize` reads back), on the device,
+                # between this forward and the next: only uint8 crosses to the host
+                codes = encoder(stored.float()).reshape(*stored.shape[:-1], -1)
+                rows[feature_path(name, kind, codes=True)] = codes.unflatten(0, (n, k)).to("cpu", non_blocking=True)
+                if not keep:
+                    continue
+            rows[feature_path(name, kind)] = stored.unflatten(0, (n, k)).to("cpu", non_blocking=True)
     ready = None
     if device.type == "cuda":
         ready = torch.cuda.Event()

@@ -19,12 +19,10 @@ class WriteError(StoreError):
 
 
 class BackgroundWriter:
-    def __init__(self, open_writer, *, transform=None, on_finish=None, depth: int = 8):
+    def __init__(self, open_writer, *, on_finish=None, depth: int = 8):
         """``open_writer(shard_name)`` returns the ShardWriter for a shard's first rows;
-        ``transform(rows)`` (numpy) runs here too, e.g. encoding features to codes;
         ``on_finish(shard_name)`` runs once a shard is complete (releasing its lease)."""
         self._open_writer = open_writer
-        self._transform = transform
         self._on_finish = on_finish
         self._writers = {}
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -79,7 +77,7 @@ class BackgroundWriter:
         w = self._writers.get(shard) or self._writers.setdefault(shard, self._open_writer(shard))
         if rows:
             rows = {k: tensor_to_stored(v) for k, v in rows.items()}
-            w.append(self._transform(rows) if self._transform else rows)
+            w.append(rows)
         for f in failed:
             w.add_failed(f["key"], f["error"])
         if last:

@@ -1,7 +1,8 @@
 """Quantize a store's float features into codes: train once, then convert shard by shard.
 
 Used by ``kdcache quantize`` on a finished fp16 store and by ``kdcache extract --quantize``
-for the shards it wrote in float before the quantizer existed. Crash-safe per shard: the codes
+for the shards it wrote in float before the quantizer existed. Encoding runs in torch on the given device (quantize/encoder.py). Under torchrun (or
+--rank/--world-size) rank 0 trains, every rank converts its share. Crash-safe per shard: the codes
 array is written, then one atomic attribute update adds it to the digest (and drops the float
 array from it unless ``keep_float``), then the float array is deleted. A rerun skips shards
 whose digest has codes and cleans up arrays the digest does not list.
@@ -11,19 +12,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
+from kdcache.data.partition import rank_share
+
 from kdcache.store import Codebooks, Store, feature_path, to_float32
-from kdcache.store.lease import new_owner
+from kdcache.store.lease import Heartbeat, new_owner
 from kdcache.store.meta import quantizer_path
 
+from .encoder import TorchEncoder
 from .fidelity import measure
-from .methods import QuantizeError, QuantizerSpec, encode, fit
+from .methods import QuantizeError, QuantizerSpec, fit
 from .sample import SampleSpec, draw, training_prefix
 
 log = logging.getLogger("kdcache.quantize")
+WAIT_SECONDS = 24 * 3600
 
 
 def train_quantizer(store: Store, teacher: str, kind: str, qspec: QuantizerSpec, sspec: SampleSpec,
@@ -56,37 +63,61 @@ def set_teacher_quantizer(store: Store, teacher: str, kind: str, cb: Codebooks, 
     store.write_meta(store.meta.replace(teachers=teachers))
 
 
-def convert_shard(store: Store, shard: str, teacher: str, kind: str, cb: Codebooks, *, keep_float: bool,
-                  leases=None) -> bool:
+def wait_for_codebooks(store: Store, teacher: str, kind: str, *, seconds: float = WAIT_SECONDS) -> Codebooks:
+    """Ranks other than 0: wait until rank 0 has written the quantizer, then take the new metadata."""
+    log.info("waiting for rank 0 to train the %s quantizer of %s", kind, teacher)
+    deadline, pause = time.time() + seconds, 0.2
+    while time.time() < deadline:
+        cb = store.read_codebooks(teacher, kind)
+        if cb is not None:
+            store.meta = Store.open(store.url, writable=True).meta
+            return cb
+        time.sleep(pause)
+        pause = min(pause * 2, 5.0)
+    raise QuantizeError(f"{store.url}: no {kind} quantizer for {teacher} after {seconds:.0f} s; is rank 0 running?")
+
+
+def convert_shard(store: Store, shard: str, teacher: str, kind: str, encoder: TorchEncoder, *, keep_float: bool,
+                  leases=None, active: set | None = None) -> bool:
     """Add the teacher's ``kind`` codes to a complete shard (crash-safe: ``Store.derive_array``),
-    under the shard's lease when ``leases`` is given. Returns False if it already had them, or
-    another job holds the shard (it converts it)."""
+    under the shard's lease when ``leases`` is given (``active`` holds it while it is being
+    written, for a ``Heartbeat``). Returns False if it already had them, or another job holds
+    the shard (it converts it)."""
     if leases is not None:
         holder = leases.acquire(shard)
         if holder is not None:
             log.info("shard %s is being written by %s; moving on", shard, holder.describe())
             return False
+        if active is not None:
+            active.add(shard)
         try:
-            return convert_shard(store, shard, teacher, kind, cb, keep_float=keep_float)
+            return convert_shard(store, shard, teacher, kind, encoder, keep_float=keep_float)
         finally:
+            if active is not None:
+                active.discard(shard)
             leases.release(shard)
     src = feature_path(teacher, kind)
     t = store.meta.teachers[teacher]
-    row_shape = (store.meta.views, t.tokens, cb.m) if kind == "patch" else (store.meta.views, cb.m)
+    m = encoder.cb.m
+    row_shape = (store.meta.views, t.tokens, m) if kind == "patch" else (store.meta.views, m)
     return store.derive_array(shard, src, feature_path(teacher, kind, codes=True), row_shape=row_shape, dtype="uint8",
                               codec=t.codec, attrs={"quantizer": quantizer_path(teacher, kind)}, keep_source=keep_float,
-                              transform=lambda rows: encode_rows(cb, rows, t.dtype))
+                              transform=lambda rows: encode_rows(encoder, rows, t.dtype))
 
 
-def encode_rows(cb: Codebooks, rows: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored float rows (..., D) in storage dtype -> (..., M) uint8 codes."""
+def encode_rows(encoder: TorchEncoder, rows, dtype: str) -> np.ndarray:
+    """Stored float rows (..., D) in storage dtype (numpy) -> (..., M) uint8 codes (numpy)."""
     x = to_float32(rows, dtype)
-    return encode(cb, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], cb.m)
+    return encoder(x.reshape(-1, x.shape[-1])).cpu().numpy().reshape(*x.shape[:-1], encoder.cb.m)
 
 
 def quantize_store(url: str, teacher: str, qspec: QuantizerSpec, *, kind: str = "patch", keep_float: bool = False,
-                   sample: SampleSpec = SampleSpec(), progress: bool = True) -> dict:
-    """``kdcache quantize``: train (or reuse) the quantizer, then convert every complete shard."""
+                   sample: SampleSpec = SampleSpec(), progress: bool = True, rank: int = 0, world_size: int = 1,
+                   device: str | torch.device = "cpu") -> dict:
+    """``kdcache quantize``: rank 0 trains (or finds) the quantizer, other ranks wait for it; every
+    rank encodes its share of the complete shards on ``device``, one writer per shard (leases),
+    then takes any shard nobody holds (a dead rank's too); with several ranks, rank 0 waits for
+    the last shard (converting any whose holder died) before it writes the statistics. Rerunning resumes: shards with codes are skipped."""
     store = Store.open(url, writable=True)
     if teacher not in store.meta.teachers:
         raise QuantizeError(f"{url}: no teacher {teacher!r} (teachers: {', '.join(store.meta.teachers)})")
@@ -96,14 +127,45 @@ def quantize_store(url: str, teacher: str, qspec: QuantizerSpec, *, kind: str = 
         raise QuantizeError(f"{url}: teacher {teacher} {kind} is already quantized with {cb.attrs.get('spec')}; "
                             f"this asks for {want}")
     if cb is None:
-        cb = train_quantizer(store, teacher, kind, qspec, sample, keep_float=keep_float)
+        cb = (train_quantizer(store, teacher, kind, qspec, sample, keep_float=keep_float) if rank == 0
+              else wait_for_codebooks(store, teacher, kind))
+    encoder = TorchEncoder(cb, device)
     shards = store.complete_shards([teacher])
-    converted = 0
+    mine = rank_share(shards, rank, world_size)
+    rest = [s for s in reversed(shards) if s not in set(mine)]  # from the far end: least contention
     leases = store.leases(new_owner(), pid=os.getpid())  # one writer per shard, as in extraction
-    for name in tqdm(shards, desc=f"quantize {teacher}/{kind}", unit="shard", disable=not progress):
-        converted += convert_shard(store, name, teacher, kind, cb, keep_float=keep_float, leases=leases)
-    from .stats import compute_stats, write_stats
-    write_stats(store, teacher, kind, compute_stats(store, teacher, kind))  # the targets are now the decoded codes
-    return {"teacher": teacher, "kind": kind, "shards_converted": converted, "shards_skipped": len(shards) - converted,
+    active: set[str] = set()
+    heartbeat = Heartbeat(leases, active, every=leases.seconds / 4)
+    converted = 0
+    try:
+        for name in tqdm(mine + rest, desc=f"quantize {teacher}/{kind} rank {rank}", unit="shard", disable=not progress):
+            converted += convert_shard(store, name, teacher, kind, encoder, keep_float=keep_float, leases=leases,
+                                       active=active)
+        if rank == 0 and world_size > 1:  # the statistics need every rank's codes; one job alone leaves held shards to their holder
+            converted += _finish_others(store, shards, teacher, kind, encoder, keep_float, leases, active)
+    finally:
+        heartbeat.stop()
+    if rank == 0:
+        from .stats import compute_stats, write_stats
+        write_stats(store, teacher, kind, compute_stats(store, teacher, kind))  # the targets are now the decoded codes
+    return {"teacher": teacher, "kind": kind, "rank": rank, "world_size": world_size, "device": str(encoder.device),
+            "shards_converted": converted, "shards_skipped": len(shards) - converted,
             **{k: cb.attrs.get(k) for k in ("spec", "bytes_per_token", "compression_vs_fp16", "relmse", "mean_cos",
                                              "p5_cos", "train_seconds")}}
+
+
+def _finish_others(store, shards, teacher, kind, encoder, keep_float, leases, active, *, seconds: float = WAIT_SECONDS) -> int:
+    """Rank 0: wait until every shard has codes, converting any whose holder is gone."""
+    dst, converted, pause = feature_path(teacher, kind, codes=True), 0, 0.2
+    deadline = time.time() + seconds
+    while True:
+        pending = [s for s in shards if dst not in (store.shard_attrs(s) or {}).get("digest", {})]
+        if not pending:
+            return converted
+        if time.time() > deadline:
+            raise QuantizeError(f"{store.url}: shards {', '.join(pending[:3])} still lack {dst} after {seconds:.0f} s")
+        for name in pending:
+            converted += convert_shard(store, name, teacher, kind, encoder, keep_float=keep_float, leases=leases,
+                                       active=active)
+        time.sleep(pause)
+        pause = min(pause * 2, 5.0)

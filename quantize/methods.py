@@ -18,8 +18,9 @@ of real networks spread widely (MiniLM: 0.6 to 13, std/mean 0.57; ViTs have high
 tokens), and an MSE quantizer of raw features spends its bits on the large ones; quantizing
 directions gives every token the same relative accuracy, and the norm byte costs almost nothing.
 
-Encoding always runs on a faiss object rebuilt from the stored codebooks, so a quantizer
-trained in this process and one read back from a store encode identically.
+faiss trains; encoding runs in torch (quantize/encoder.py) from the stored form alone, on any
+device, so a quantizer trained in this process and one read back from a store encode
+identically. ``faiss_encode`` is faiss's own encoding, the reference it is tested against.
 """
 from __future__ import annotations
 
@@ -215,8 +216,15 @@ def _directions(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.maximum(lengths, 1e-12)[:, None], dtype=np.float32)
 
 
-def encode(cb: Codebooks, x: np.ndarray, *, batch: int = 65536) -> np.ndarray:
-    """(N, D) float -> (N, M) uint8 codes."""
+def encode(cb: Codebooks, x, *, device="cpu", beam: int | None = None) -> np.ndarray:
+    """(N, D) float -> (N, M) uint8 codes, by the torch encoder (quantize/encoder.py) on ``device``."""
+    from .encoder import TorchEncoder
+    return TorchEncoder(cb, device, beam=beam)(x).cpu().numpy()
+
+
+def faiss_encode(cb: Codebooks, x: np.ndarray, *, batch: int = 65536) -> np.ndarray:
+    """faiss's own encoding of (N, D) features: the reference the torch encoder is tested and
+    benchmarked against."""
     x = np.asarray(x, dtype=np.float32)
     if x.shape[-1] != cb.dim:
         raise QuantizeError(f"features have dim {x.shape[-1]}, quantizer {cb.method} expects {cb.dim}")
@@ -272,9 +280,17 @@ def _train_rq(xc, m, spec, seed):
     books = faiss.vector_to_array(rq.codebooks).reshape(m, 256, d)
     if spec.refine:
         from .refine import refine_additive
-        books = refine_additive(xc, books, lambda b: _rq_from(b, spec.beam).compute_codes(xc).reshape(len(xc), -1)[:, :m],
-                                rounds=spec.refine)
+        books = refine_additive(xc, books, lambda b: _additive_encode(b, xc, spec.beam), rounds=spec.refine)
     return books
+
+
+def _additive_encode(books: np.ndarray, xc: np.ndarray, beam: int) -> np.ndarray:
+    """Codes of centred x under (C, 256, D) additive codebooks (refinement's encode step), in torch."""
+    from .encoder import TorchEncoder
+    c, _, d = books.shape
+    cb = Codebooks(method="rq", kind=ADDITIVE, mean=np.zeros(d, np.float32), rotation=np.eye(d, dtype=np.float32),
+                   codebooks=books, attrs={"beam": beam})
+    return TorchEncoder(cb)(xc).numpy()
 
 
 def _rq_from(books: np.ndarray, beam: int):

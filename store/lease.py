@@ -12,13 +12,16 @@ the same exclusive create, so two jobs breaking one stale lease still end with o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 
 LEASE_SECONDS = 600.0
+_log = logging.getLogger("kdcache.store")
 
 
 @dataclass(frozen=True)
@@ -169,3 +172,23 @@ def _filesystem(url: str):
         return fsspec.core.url_to_fs(url)
     path = url[len("file://"):] if url.startswith("file://") else url
     return fsspec.filesystem("file"), os.path.abspath(path)
+
+
+class Heartbeat:
+    """Renews the leases of the shards being written, every ``every`` seconds, in the background."""
+
+    def __init__(self, leases, active: set[str], *, every: float):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(leases, active, every), name="kdcache-leases", daemon=True)
+        self._thread.start()
+
+    def _run(self, leases, active, every):
+        while not self._stop.wait(every):
+            for name in list(active):
+                if not leases.renew(name):
+                    _log.warning("shard %s: lease lost to another job (it was stale); this job's rows for it "
+                                "will not be marked complete by the other writer's rules", name)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
