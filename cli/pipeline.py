@@ -65,7 +65,8 @@ def extract(data, out, teachers, no_progress, storage_options, **kw):
 @click.option("--teacher", "-t", required=True, help="Teacher name in the store.")
 @click.option("--method", required=True, type=click.Choice(["pq", "opq", "pca", "rq", "sq8", "sq4"]),
               help="Quantizer (see README, Quantization).")
-@click.option("--m", "m", type=int, help="One-byte codes = bytes per token. [default: dim/16, 1/32 of fp16]")
+@click.option("--m", "--bytes-per-token", "m", type=int, help="M: one-byte codes = bytes per token (under torchrun write "
+              "--bytes-per-token: torchrun takes --m for its own options). [default: dim/16, 1/32 of fp16]")
 @click.option("--norm", is_flag=True, help="Gain-shape: one byte codes each token's norm, M-1 codebooks its direction "
               "(better cosine on features whose norms spread; pq/opq/pca/rq). [default: off]")
 @click.option("--beam", type=int, help="rq: beam width when encoding. [default: 4]")
@@ -92,7 +93,7 @@ def quantize(store, teacher, method, m, norm, beam, train_beam, refine, tokens, 
     kdcache quantize feats.zarr -t dino --method opq --m 48
     kdcache quantize feats.zarr -t dino --method rq --m 48 --norm --refine 2 --beam 8 --keep-float
     kdcache quantize feats.zarr -t dino --method sq8 --tokens cls
-    torchrun --nproc_per_node=8 -m kdcache quantize feats.zarr -t dino --method rq --m 48 --norm --beam 16
+    torchrun --nproc_per_node=8 -m kdcache quantize feats.zarr -t dino --method rq --bytes-per-token 48 --norm --beam 16
     """
     from kdcache.data.partition import rank_and_world
     from kdcache.models import resolve_device

@@ -141,3 +141,95 @@ def test_two_jobs_on_the_same_store_split_the_shards_by_lease(tmp_path, many_sha
     assert sum(written) >= 6  # every shard written by exactly one job (a rewrite of a finished one is also fine)
     assert_same_store(reference, out)
     assert not glob.glob(os.path.join(out, "leases", "*.json"))  # every lease released
+
+
+QUANTIZE = ["-t", "vit", "--method", "rq", "--bytes-per-token", "9", "--norm", "--beam", "8", "--sample-tokens", "256", "--no-progress"]
+
+
+def _all_arrays(path) -> dict:
+    """Every array of the store (shards, quantizers, statistics) and every quantizer's attributes."""
+    import zarr
+    import numpy as np
+    root = zarr.open_group(path, mode="r")
+    out = {p: np.asarray(a[:]) for p, a in root.members(max_depth=None) if isinstance(a, zarr.Array)}
+    out.update({f"{p}@attrs": {k: v for k, v in g.attrs.items() if k != "train_seconds"}
+                for p, g in root.members(max_depth=None) if p.startswith("quantizers/") and "ready" in g.attrs})
+    return out
+
+
+def _assert_same_arrays(a, b):
+    import numpy as np
+    xa, xb = _all_arrays(a), _all_arrays(b)
+    assert sorted(xa) == sorted(xb), sorted(set(xa) ^ set(xb))
+    for k in xa:
+        if k.endswith("@attrs"):
+            assert xa[k] == xb[k], k
+        else:
+            np.testing.assert_array_equal(xa[k], xb[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def quantized_reference(tmp_path_factory, reference):
+    import shutil
+    out = str(tmp_path_factory.mktemp("qref") / "q.zarr")
+    shutil.copytree(reference, out)
+    run_cli("quantize", out, *QUANTIZE)
+    return out
+
+
+def _coded_shards(out) -> int:
+    import json
+    n = 0
+    for f in glob.glob(os.path.join(out, "shards", "*", "zarr.json")):
+        with open(f) as fh:
+            n += "vit/patch_codes" in json.load(fh).get("attributes", {}).get("digest", {})
+    return n
+
+
+def test_torchrun_two_rank_quantize_equals_one_process(tmp_path, reference, quantized_reference):
+    import json
+    import shutil
+    out = str(tmp_path / "q2.zarr")
+    shutil.copytree(reference, out)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdcache",
+           "quantize", out, *QUANTIZE]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    reports = [json.loads("{" + part) for part in p.stdout.split("{")[1:]]
+    assert sorted(r["rank"] for r in reports) == [0, 1] and {r["world_size"] for r in reports} == {2}
+    assert sum(r["shards_converted"] for r in reports) == 6  # every shard converted by exactly one rank
+    _assert_same_arrays(quantized_reference, out)
+    assert not glob.glob(os.path.join(out, "leases", "*.json"))
+
+
+def test_quantize_rank_zero_alone_takes_the_shards_of_a_rank_that_never_came(tmp_path, reference, quantized_reference):
+    import shutil
+    out = str(tmp_path / "q.zarr")
+    shutil.copytree(reference, out)
+    run_cli("quantize", out, *QUANTIZE, "--rank", "0", "--world-size", "2")
+    _assert_same_arrays(quantized_reference, out)
+
+
+def test_sigkilled_quantize_resumes_to_an_identical_store(tmp_path, reference, quantized_reference):
+    """Killed after 1 and after 3 shards have their codes (mid-way through the next one), then
+    resumed: the same arrays, codebooks and statistics as an uninterrupted run."""
+    import shutil
+    out = str(tmp_path / "killed.zarr")
+    shutil.copytree(reference, out)
+    cmd = [sys.executable, "-m", "kdcache", "quantize", out, *QUANTIZE]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    partial = []
+    for after in (1, 3):
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None and _coded_shards(out) < after:
+            time.sleep(0.002)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+        p.wait()
+        partial.append(_coded_shards(out))
+    assert any(0 < n < 6 for n in partial), partial  # at least one kill left a half-converted store
+    run_cli("quantize", out, *QUANTIZE)
+    _assert_same_arrays(quantized_reference, out)
+    assert verify_store(out).problems == []
