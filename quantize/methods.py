@@ -267,6 +267,24 @@ def _new_pq(d, m, seed, niter):
     return pq
 
 
+def refine_codebooks(cb: Codebooks, x: np.ndarray, *, rounds: int, beam: int) -> Codebooks:
+    """More refinement rounds for a trained rq quantizer on its training features ``x`` (raw, as
+    given to ``fit``): ``fit`` with refine=a then ``refine_codebooks(rounds=b)`` equals refine=a+b."""
+    from .refine import refine_additive
+    if cb.kind != ADDITIVE:
+        raise QuantizeError(f"{cb.method}: refinement applies to rq")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if cb.norms is not None:
+        x = _directions(x, np.linalg.norm(x, axis=1))
+    xc = np.ascontiguousarray(x - cb.mean)
+    books = refine_additive(xc, cb.codebooks, lambda b: _additive_encode(b, xc, beam), rounds=rounds)
+    spec = QuantizerSpec.parse(cb.attrs["spec"]) if "spec" in cb.attrs else None
+    attrs = dict(cb.attrs, beam=beam)
+    if spec is not None:
+        attrs["spec"] = dataclasses.replace(spec, beam=beam, refine=spec.refine + rounds).describe()
+    return dataclasses.replace(cb, codebooks=books, attrs=attrs)
+
+
 def _train_rq(xc, m, spec, seed):
     d = xc.shape[1]
     rq = faiss.ResidualQuantizer(d, m, 8)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import re
 import time
 
@@ -89,3 +90,47 @@ def test_bench_load_local_and_on_loopback_s3_with_verification_on_and_off(vit_sp
         "s3 (loopback moto), verification off"]
     assert all(len(SPREAD.findall(r)) == 2 for r in rows), out
     assert SPREAD.search(out.split("local: verified / unverified throughput = ")[1])
+
+
+def test_bench_extract_quantize_prints_encode_over_teacher_tokens(vit_spec):
+    # 64 images x 4 tokens: the 256 tokens a quantizer needs at least
+    out = run_cli("bench", "extract", "-t", vit_spec, "--images", "64", "--batch-size", "16", "--workers", "0",
+                  "--quantize", "rq:M=8,beam=4,niter=2", "--repeat", "2").stdout
+    rows = _table_rows(out)
+    assert len(rows) == 3 and "torch encoder rq:M=8,beam=4,niter=2" in rows[2] and "4 tokens/img" in rows[2], out
+    assert SPREAD.match(out.split("encode tok/s / teacher tok/s ")[1])
+    d = json.loads(run_cli("bench", "extract", "-t", vit_spec, "--images", "64", "--batch-size", "16", "--workers", "0",
+                           "--quantize", "pq:M=8", "--repeat", "2", "--json").stdout)
+    m = d["measurement"]
+    enc, bare = "torch encoder on the teacher's patches", "bare teacher forward"
+    assert m["items"][enc] == 64 * 4  # every patch token of the 64 images
+    # the printed ratio is (encoded tokens/s) / (teacher images/s x tokens per image), round by round
+    want = [(m["items"][enc] / a) / (m["items"][bare] / b) / 4 for a, b in zip(m["seconds"][enc], m["seconds"][bare])]
+    assert abs(d["encode_over_teacher"]["median"] - statistics.median(want)) < 1e-9
+
+
+def test_fidelity_curve_rows_and_refinement_continues_in_place():
+    from kdcache.eval.bench_quantize import fidelity_curve
+    from kdcache.quantize import QuantizerSpec, TorchEncoder, fit
+    from kdcache.quantize.methods import refine_codebooks
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3000, 6)) @ rng.standard_normal((6, 32)) + 0.1 * rng.standard_normal((3000, 32))).astype(np.float32)
+    train, held = x[:2600], x[2600:]
+    # refine=2 then 1 more round == refine=3 at once (what lets the curve continue in place)
+    a = fit(QuantizerSpec(method="rq", m=5, norm=1, beam=4, refine=3), train)
+    b = refine_codebooks(fit(QuantizerSpec(method="rq", m=5, norm=1, beam=4, refine=2), train), train, rounds=1, beam=4)
+    np.testing.assert_array_equal(a.codebooks, b.codebooks)
+    assert b.attrs["spec"] == a.attrs["spec"] == "rq:M=5,beam=4,train_beam=1,refine=3,norm=1"
+    d = json.loads(fidelity_curve(train, held, what="low rank", fractions=(16, 8), beams=(1, 4), refines=(0, 2),
+                                  as_json=True, log=lambda r: None))
+    rows = d["rows"]
+    assert [(r["fraction"], r["beam"], r["refine"]) for r in rows] == [(f, bm, r) for f in (16, 8) for bm in (1, 4) for r in (0, 2)]
+    assert [r["m"] for r in rows] == [4] * 4 + [8] * 4
+    for r in rows:  # every point is the torch encoder's held-out fidelity of the codebooks at that point
+        assert 0 < r["p5_cos"] <= r["mean_cos"] <= 1
+    by = {(r["fraction"], r["beam"], r["refine"]): r for r in rows}
+    assert by[(8, 4, 2)]["mean_cos"] > by[(16, 1, 0)]["mean_cos"]  # more bytes, wider beam, refined: better
+    cb = fit(QuantizerSpec(method="rq", m=8, norm=1), train)
+    want = TorchEncoder(cb, beam=4)(held).numpy()
+    from kdcache.quantize.fidelity import fidelity
+    assert abs(fidelity(held, cb.decode(want))["mean_cos"] - by[(8, 4, 0)]["mean_cos"]) < 1e-12
