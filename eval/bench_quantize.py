@@ -40,7 +40,7 @@ def load_features(*, store: str | None = None, teacher: str | None = None, npy: 
         held_n = min(8192, max(256, train_tokens // 4))
         if cross_source:
             train = effnet_patch_features("skimage", train_tokens, work_dir=work_dir, seed=seed)
-            held = effnet_patch_features("sklearn", held_n, work_dir=work_dir, seed=seed + 1)
+            held = {"sklearn photos": effnet_patch_features("sklearn", held_n, work_dir=work_dir, seed=seed + 1)}
             return train, held, ("EfficientNet-Lite0 (ImageNet-pretrained) 1280-d patch features: trained on crops of "
                                  "scikit-image's sample images, held out on crops of scikit-learn's two photos")
         x = effnet_patch_features("skimage", train_tokens + held_n, work_dir=work_dir, seed=seed)
@@ -50,13 +50,16 @@ def load_features(*, store: str | None = None, teacher: str | None = None, npy: 
     else:
         from .text_features import minilm_token_features
         if cross_source:
-            train = minilm_token_features(minilm or 1600, source="stdlib")
-            held = minilm_token_features(10 ** 6, source="sklearn")
             rng = np.random.default_rng(seed)
+            train = minilm_token_features(minilm or 1600, source="stdlib-even")
             train = train[rng.permutation(len(train))[:train_tokens]]
-            held = held[rng.permutation(len(held))[:8192]]
-            return train, held, (f"MiniLM-L6 (all-MiniLM-L6-v2) token features: trained on {minilm or 1600} stdlib "
-                                 f"docstring paragraphs, held out on scikit-learn's dataset descriptions")
+            held = {}
+            for name, src in (("other stdlib modules", "stdlib-odd"), ("sklearn dataset docs", "sklearn")):
+                h = minilm_token_features(10 ** 6, source=src)
+                held[name] = h[rng.permutation(len(h))[:4096]]
+            return train, held, (f"MiniLM-L6 (all-MiniLM-L6-v2) token features: trained on docstrings of {minilm or 1600} "
+                                 f"paragraphs of half the stdlib modules; held out on the other modules' docstrings and "
+                                 f"on scikit-learn's dataset descriptions")
         x, what = minilm_token_features(minilm or 1600), f"MiniLM-L6 (all-MiniLM-L6-v2) token features, {minilm or 1600} real texts"
     idx = np.random.default_rng(seed).permutation(len(x))
     held = min(8192, len(x) // 8)
@@ -144,13 +147,15 @@ def _torch_run(cb, held, device):
     return run
 
 
-def fidelity_curve(train: np.ndarray, held: np.ndarray, *, what: str, fractions=(16, 32), beams=(8, 16, 32),
+def fidelity_curve(train: np.ndarray, held: np.ndarray | dict, *, what: str, fractions=(16, 32), beams=(8, 16, 32),
                    refines=(0, 2, 4), norm: int = 1, seed: int = 0, log=print, as_json: bool = False) -> str:
     """rq (gain-shape by default) at each fraction of fp16: greedy faiss training once, then for
     each beam the refinement rounds continued in place (refine 4 = refine 2 plus 2 more rounds,
     each round encoding the training sample at that beam), held-out mean and p5 cosine at every
-    point. What fast encoding buys: wide beams and refinement that faiss's encoder made costly."""
+    point (``held``: one array, or several named held-out sets). What fast encoding buys: wide
+    beams and refinement that faiss's encoder made costly."""
     d = train.shape[1]
+    helds = held if isinstance(held, dict) else {"held-out": held}
     rows = []
     for frac in fractions:
         m = _budget_m("rq", max(1, 2 * d // frac), d, norm)
@@ -166,24 +171,29 @@ def fidelity_curve(train: np.ndarray, held: np.ndarray, *, what: str, fractions=
                     cb = refine_codebooks(cb, train, rounds=r - done, beam=beam)
                     refine_s += time.perf_counter() - t0
                     done = r
-                t0 = time.perf_counter()
-                codes = TorchEncoder(cb, beam=beam)(held).numpy()
-                enc_s = time.perf_counter() - t0
-                f = fidelity(held, cb.decode(codes))
-                rows.append({"fraction": frac, "m": m, "beam": beam, "refine": r, "train_seconds": round(train_s, 1),
-                             "refine_seconds": round(refine_s, 1), "encode_tok_s": round(len(held) / enc_s), **f})
-                log(f"1/{frac} beam {beam} refine {r}: mean cos {f['mean_cos']:.4f}, p5 {f['p5_cos']:.4f} "
-                    f"(refined {refine_s:.0f} s, encode {len(held) / enc_s:.0f} tok/s)")
+                for name, h in helds.items():
+                    t0 = time.perf_counter()
+                    codes = TorchEncoder(cb, beam=beam)(h).numpy()
+                    enc_s = time.perf_counter() - t0
+                    f = fidelity(h, cb.decode(codes))
+                    rows.append({"held_out": name, "fraction": frac, "m": m, "beam": beam, "refine": r,
+                                 "train_seconds": round(train_s, 1), "refine_seconds": round(refine_s, 1),
+                                 "encode_tok_s": round(len(h) / enc_s), **f})
+                    log(f"1/{frac} beam {beam} refine {r} {name}: mean cos {f['mean_cos']:.4f}, p5 {f['p5_cos']:.4f} "
+                        f"(refined {refine_s:.0f} s, encode {len(h) / enc_s:.0f} tok/s)")
     if as_json:
         return json.dumps({"environment": environment(), "features": what, "dim": d, "train_tokens": len(train),
-                           "held_out": len(held), "norm": norm, "rows": rows}, indent=2)
+                           "held_out": {k: len(v) for k, v in helds.items()}, "norm": norm, "rows": rows}, indent=2)
+    sizes = ", ".join(f"{name} {len(h)}" for name, h in helds.items())
     head = [header(f"bench quantize --curve: {what}", environment(), repeat=1, warmup=0),
-            f"D={d}; rq{'+norm' if norm else ''}; {len(train)} training tokens; {len(held)} held-out tokens from another "
-            f"source; refine seconds are cumulative per beam; encode tok/s is the held-out encode (torch, cpu, one run)", "",
-            "| of fp16 | M | beam | refine | held-out mean cos | p5 cos | relMSE | train s (greedy, faiss) | refine s | encode tok/s |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    table = [f"| 1/{r['fraction']} | {r['m']} | {r['beam']} | {r['refine']} | {r['mean_cos']:.4f} | {r['p5_cos']:.4f} | "
-             f"{r['relmse']:.4f} | {r['train_seconds']:.0f} | {r['refine_seconds']:.0f} | {r['encode_tok_s']:,} |" for r in rows]
+            f"D={d}; rq{'+norm' if norm else ''}; {len(train)} training tokens; held-out tokens (never trained on, other "
+            f"texts/images): {sizes}; refine seconds are cumulative per beam; encode tok/s is the held-out encode "
+            f"(torch, cpu, one run)", "",
+            "| held out | of fp16 | M | beam | refine | mean cos | p5 cos | relMSE | train s (greedy, faiss) | refine s | encode tok/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = [f"| {r['held_out']} | 1/{r['fraction']} | {r['m']} | {r['beam']} | {r['refine']} | {r['mean_cos']:.4f} | "
+             f"{r['p5_cos']:.4f} | {r['relmse']:.4f} | {r['train_seconds']:.0f} | {r['refine_seconds']:.0f} | "
+             f"{r['encode_tok_s']:,} |" for r in rows]
     return "\n".join(head + table)
 
 

@@ -30,17 +30,21 @@ STDLIB_MODULES = (
 )
 
 
-TEXT_SOURCES = ("sklearn", "stdlib")
+# sources of real text: sklearn's dataset descriptions; the stdlib's docstrings, whole, or split
+# by module (even-numbered modules of STDLIB_MODULES / odd-numbered ones: documents never shared)
+TEXT_SOURCES = ("sklearn", "stdlib", "stdlib-even", "stdlib-odd")
 
 
 def real_texts(n: int, source: str | None = None) -> list[str]:
     """Up to ``n`` real paragraphs, deterministic: sklearn dataset docs, then stdlib docstrings
-    (``source`` picks one of the two: held-out texts from another source than the training ones)."""
+    (``source``, one of TEXT_SOURCES, picks one: held-out texts unlike the training ones)."""
     paras = []
     if source in (None, "sklearn"):
         paras += _sklearn_paragraphs()
     if source in (None, "stdlib"):
-        paras += _stdlib_paragraphs()
+        paras += _stdlib_paragraphs(STDLIB_MODULES)
+    if source in ("stdlib-even", "stdlib-odd"):
+        paras += _stdlib_paragraphs(STDLIB_MODULES[source.endswith("odd")::2])
     seen, out = set(), []
     for p in paras:
         p = " ".join(p.split())
@@ -59,9 +63,9 @@ def _sklearn_paragraphs() -> list[str]:
     return paras
 
 
-def _stdlib_paragraphs() -> list[str]:
+def _stdlib_paragraphs(modules) -> list[str]:
     paras = []
-    for name in STDLIB_MODULES:
+    for name in modules:
         try:
             mod = importlib.import_module(name)
         except ImportError:
