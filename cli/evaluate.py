@@ -225,6 +225,8 @@ def bench_load(store, data, teacher, images, workers, batch_size, s3, repeat, as
               "ships in a dependency) of crops of scikit-image's images.")
 @click.option("--curve", is_flag=True, help="The fidelity curve instead: rq (gain-shape) at --fractions, for every "
               "--beams x --refines, held out on another source (--minilm or --effnet).")
+@click.option("--other-source", is_flag=True, help="--minilm/--effnet: hold out texts/images of another source (always "
+              "with --curve; the table uses the first held-out set). [default: a random token split]")
 @click.option("--beams", default="8,16,32", show_default=True, help="--curve: rq encode beam widths.")
 @click.option("--refines", default="0,2,4", show_default=True, help="--curve: refinement rounds.")
 @click.option("--methods", default="pq,pca,opq,opq+norm,rq,rq+norm,sq8,sq4", show_default=True,
@@ -234,7 +236,7 @@ def bench_load(store, data, teacher, images, workers, batch_size, s3, repeat, as
 @click.option("--refine", type=int, default=0, show_default=True, help="rq: rounds of joint least-squares codebook refinement.")
 @click.option("--train-tokens", type=int, default=65536, show_default=True, help="Training tokens per quantizer.")
 @with_bench_options
-def bench_quantize(store, teacher, npy, minilm, effnet, curve, beams, refines, methods, fractions, beam, refine, train_tokens,
+def bench_quantize(store, teacher, npy, minilm, effnet, curve, other_source, beams, refines, methods, fractions, beam, refine, train_tokens,
                    repeat, as_json):
     """Bytes per token vs relMSE and cosine for every method and M, encode speed of faiss and of
     the torch encoder (every device present), decode throughput; or (--curve) rq fidelity over
@@ -247,6 +249,7 @@ def bench_quantize(store, teacher, npy, minilm, effnet, curve, beams, refines, m
     kdcache bench quantize --npy tokens.npy --methods pq,opq
     kdcache bench quantize --minilm 1600 --curve --train-tokens 32768
     kdcache bench quantize --effnet --curve --train-tokens 8192 --beams 8,16 --refines 0,2
+    kdcache bench quantize --effnet --other-source --methods pq,pq+norm,pca --fractions 32,16 --train-tokens 8192
     """
     from kdcache.eval.bench_quantize import bench_quantize as run, decode_throughput, fidelity_curve, load_features
     if sum(bool(x) for x in (store, npy, minilm, effnet)) != 1:
@@ -255,12 +258,15 @@ def bench_quantize(store, teacher, npy, minilm, effnet, curve, beams, refines, m
         raise click.UsageError("--curve holds out another source: give --minilm or --effnet")
     fracs = _ints("--fractions", fractions or ("16,32" if curve else "64,32,16"))
     train, held, what = load_features(store=store, teacher=teacher, npy=npy, minilm=minilm, effnet=effnet,
-                                      train_tokens=train_tokens, cross_source=curve)
+                                      train_tokens=train_tokens, cross_source=curve or other_source)
     if curve:
         click.echo(fidelity_curve(train, held, what=what, fractions=fracs, beams=_ints("--beams", beams),
                                   refines=_ints("--refines", refines, low=0), as_json=as_json,
                                   log=lambda r: click.echo(r, err=True)))
         return
+    if isinstance(held, dict):
+        name, held = next(iter(held.items()))
+        what += f" (table: held out on {name})"
     table = run(train, held, what=what, methods=methods.split(","), fractions=list(fracs),
                 beam=beam, refine=refine, repeat=repeat, as_json=as_json, log=lambda r: click.echo(r, err=True))
     click.echo(table if as_json else table + "\n\n" + decode_throughput(d=train.shape[1], m=max(1, train.shape[1] // 8),
