@@ -132,7 +132,8 @@ def quantize_store(url: str, teacher: str, qspec: QuantizerSpec, *, kind: str = 
     encoder = TorchEncoder(cb, device)
     shards = store.complete_shards([teacher])
     mine = rank_share(shards, rank, world_size)
-    rest = [s for s in reversed(shards) if s not in set(mine)]  # from the far end: least contention
+    taken = set(mine)
+    rest = [s for s in reversed(shards) if s not in taken]  # from the far end: least contention
     leases = store.leases(new_owner(), pid=os.getpid())  # one writer per shard, as in extraction
     active: set[str] = set()
     heartbeat = Heartbeat(leases, active, every=leases.seconds / 4)
