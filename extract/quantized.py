@@ -2,11 +2,12 @@
 
 The quantizer trains on the corpus-order prefix of shards written in float (the same prefix
 rule ``kdcache quantize`` applies to a finished store, so both paths train on the same sample
-and give the same codes); those shards are converted; every later batch is encoded on the extraction
-device right after the teacher's forward (quantize/encoder.py), from the storage-dtype values
-(exactly what conversion reads back), so only uint8 codes travel to the host and the writer
-thread only compresses. Other ranks wait for the quantizer to appear. Resumable at every step: the quantizer is written
-once, atomically, and shards keep their own completion.
+and give the same codes); those shards are converted; every later batch is encoded on the
+extraction device right after the teacher's forward (quantize/encoder.py), from the
+storage-dtype values (exactly what conversion reads back), so only uint8 codes travel to the
+host and the writer thread only compresses. Other ranks wait for the quantizer to appear.
+Resumable at every step: the quantizer is written once, atomically, and shards keep their own
+completion.
 """
 from __future__ import annotations
 
@@ -91,9 +92,9 @@ def convert_complete(store: Store, shards: list[str], encoders: dict[str, TorchE
     n = 0
     leases = store.leases(new_owner(), pid=os.getpid())
     for name in shards:
-        for t, cb in encoders.items():
+        for t, encoder in encoders.items():
             if store.is_complete(name, [t]):
-                n += convert_shard(store, name, t, KIND, cb, keep_float=keep_float(store, t), leases=leases)
+                n += convert_shard(store, name, t, KIND, encoder, keep_float=keep_float(store, t), leases=leases)
     return n
 
 
