@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from kdcache.quantize import QuantizeError, QuantizerSpec, SampleSpec, TorchEncoder, faiss_encode, fit
-from kdcache.quantize.fidelity import fidelity
+from kdcache.quantize import QuantizeError, QuantizerSpec, SampleSpec, TorchEncoder, encode, faiss_encode, fit
+from kdcache.quantize.fidelity import fidelity, measure as measure_fidelity
 from kdcache.quantize.methods import refine_codebooks
 
 from .harness import environment, header, measure
@@ -91,8 +91,7 @@ def bench_quantize(train: np.ndarray, held: np.ndarray, *, what: str, methods=DE
             t0 = time.perf_counter()
             cb = fit(spec, train, seed=seed)
             key = f"{name} M={m_eff}"
-            fitted.append((key, name, m_eff, cb, time.perf_counter() - t0,
-                           fidelity(held, cb.decode(TorchEncoder(cb)(held).numpy()))))
+            fitted.append((key, name, m_eff, cb, time.perf_counter() - t0, measure_fidelity(cb, held)))
             rows.append((name, key, None))
             log(f"trained {key} in {fitted[-1][4]:.1f} s")
     devices = encode_devices()
@@ -173,7 +172,7 @@ def fidelity_curve(train: np.ndarray, held: np.ndarray | dict, *, what: str, fra
                     done = r
                 for name, h in helds.items():
                     t0 = time.perf_counter()
-                    codes = TorchEncoder(cb, beam=beam)(h).numpy()
+                    codes = encode(cb, h, beam=beam)
                     enc_s = time.perf_counter() - t0
                     f = fidelity(h, cb.decode(codes))
                     rows.append({"held_out": name, "fraction": frac, "m": m, "beam": beam, "refine": r,

@@ -8,5 +8,5 @@ from .methods import METHODS, QuantizeError, QuantizerSpec, encode, faiss_decode
 from .encoder import TorchEncoder
 from .sample import SampleSpec
 
-__all__ = ["METHODS", "QuantizeError", "QuantizerSpec", "SampleSpec", "convert_shard", "TorchEncoder", "encode", "faiss_decode", "faiss_encode", "fit",
-           "quantize_store", "train_quantizer"]
+__all__ = ["METHODS", "QuantizeError", "QuantizerSpec", "SampleSpec", "TorchEncoder", "convert_shard", "encode",
+           "faiss_decode", "faiss_encode", "fit", "quantize_store", "train_quantizer"]

@@ -1,11 +1,12 @@
 """Quantize a store's float features into codes: train once, then convert shard by shard.
 
 Used by ``kdcache quantize`` on a finished fp16 store and by ``kdcache extract --quantize``
-for the shards it wrote in float before the quantizer existed. Encoding runs in torch on the given device (quantize/encoder.py). Under torchrun (or
---rank/--world-size) rank 0 trains, every rank converts its share. Crash-safe per shard: the codes
-array is written, then one atomic attribute update adds it to the digest (and drops the float
-array from it unless ``keep_float``), then the float array is deleted. A rerun skips shards
-whose digest has codes and cleans up arrays the digest does not list.
+for the shards it wrote in float before the quantizer existed. Encoding runs in torch on the
+given device (quantize/encoder.py). Under torchrun (or --rank/--world-size) rank 0 trains,
+every rank converts its share. Crash-safe per shard: the codes array is written, then one
+atomic attribute update adds it to the digest (and drops the float array from it unless
+``keep_float``), then the float array is deleted. A rerun skips shards whose digest has codes
+and cleans up arrays the digest does not list.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import torch
 from tqdm import tqdm
 
 from kdcache.data.partition import rank_share
-
 from kdcache.store import Codebooks, Store, feature_path, to_float32
 from kdcache.store.lease import Heartbeat, new_owner
 from kdcache.store.meta import quantizer_path
@@ -63,17 +63,23 @@ def set_teacher_quantizer(store: Store, teacher: str, kind: str, cb: Codebooks, 
     store.write_meta(store.meta.replace(teachers=teachers))
 
 
+def _polls(seconds: float):
+    """Yield until ``seconds`` have passed, sleeping 0.2 s, 0.4 s, ... (at most 5 s) between yields."""
+    deadline, pause = time.time() + seconds, 0.2
+    while time.time() < deadline:
+        yield
+        time.sleep(pause)
+        pause = min(pause * 2, 5.0)
+
+
 def wait_for_codebooks(store: Store, teacher: str, kind: str, *, seconds: float = WAIT_SECONDS) -> Codebooks:
     """Ranks other than 0: wait until rank 0 has written the quantizer, then take the new metadata."""
     log.info("waiting for rank 0 to train the %s quantizer of %s", kind, teacher)
-    deadline, pause = time.time() + seconds, 0.2
-    while time.time() < deadline:
+    for _ in _polls(seconds):
         cb = store.read_codebooks(teacher, kind)
         if cb is not None:
             store.meta = Store.open(store.url, writable=True).meta
             return cb
-        time.sleep(pause)
-        pause = min(pause * 2, 5.0)
     raise QuantizeError(f"{store.url}: no {kind} quantizer for {teacher} after {seconds:.0f} s; is rank 0 running?")
 
 
@@ -117,7 +123,8 @@ def quantize_store(url: str, teacher: str, qspec: QuantizerSpec, *, kind: str = 
     """``kdcache quantize``: rank 0 trains (or finds) the quantizer, other ranks wait for it; every
     rank encodes its share of the complete shards on ``device``, one writer per shard (leases),
     then takes any shard nobody holds (a dead rank's too); with several ranks, rank 0 waits for
-    the last shard (converting any whose holder died) before it writes the statistics. Rerunning resumes: shards with codes are skipped."""
+    the last shard (converting any whose holder died) before it writes the statistics.
+    Rerunning resumes: shards with codes are skipped."""
     store = Store.open(url, writable=True)
     if teacher not in store.meta.teachers:
         raise QuantizeError(f"{url}: no teacher {teacher!r} (teachers: {', '.join(store.meta.teachers)})")
@@ -142,7 +149,8 @@ def quantize_store(url: str, teacher: str, qspec: QuantizerSpec, *, kind: str = 
         for name in tqdm(mine + rest, desc=f"quantize {teacher}/{kind} rank {rank}", unit="shard", disable=not progress):
             converted += convert_shard(store, name, teacher, kind, encoder, keep_float=keep_float, leases=leases,
                                        active=active)
-        if rank == 0 and world_size > 1:  # the statistics need every rank's codes; one job alone leaves held shards to their holder
+        # the statistics need every rank's codes; one job alone leaves a held shard to its holder
+        if rank == 0 and world_size > 1:
             converted += _finish_others(store, shards, teacher, kind, encoder, keep_float, leases, active)
     finally:
         heartbeat.stop()
@@ -156,17 +164,14 @@ def quantize_store(url: str, teacher: str, qspec: QuantizerSpec, *, kind: str = 
 
 
 def _finish_others(store, shards, teacher, kind, encoder, keep_float, leases, active, *, seconds: float = WAIT_SECONDS) -> int:
-    """Rank 0: wait until every shard has codes, converting any whose holder is gone."""
-    dst, converted, pause = feature_path(teacher, kind, codes=True), 0, 0.2
-    deadline = time.time() + seconds
-    while True:
-        pending = [s for s in shards if dst not in (store.shard_attrs(s) or {}).get("digest", {})]
+    """Rank 0: wait until every shard has codes, converting any whose holder is gone. Each poll
+    reads only the shards still pending."""
+    dst, converted, pending = feature_path(teacher, kind, codes=True), 0, list(shards)
+    for _ in _polls(seconds):
+        pending = [s for s in pending if dst not in (store.shard_attrs(s) or {}).get("digest", {})]
         if not pending:
             return converted
-        if time.time() > deadline:
-            raise QuantizeError(f"{store.url}: shards {', '.join(pending[:3])} still lack {dst} after {seconds:.0f} s")
         for name in pending:
             converted += convert_shard(store, name, teacher, kind, encoder, keep_float=keep_float, leases=leases,
                                        active=active)
-        time.sleep(pause)
-        pause = min(pause * 2, 5.0)
+    raise QuantizeError(f"{store.url}: shards {', '.join(pending[:3])} still lack {dst} after {seconds:.0f} s")

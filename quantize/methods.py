@@ -270,14 +270,13 @@ def _new_pq(d, m, seed, niter):
 def refine_codebooks(cb: Codebooks, x: np.ndarray, *, rounds: int, beam: int) -> Codebooks:
     """More refinement rounds for a trained rq quantizer on its training features ``x`` (raw, as
     given to ``fit``): ``fit`` with refine=a then ``refine_codebooks(rounds=b)`` equals refine=a+b."""
-    from .refine import refine_additive
     if cb.kind != ADDITIVE:
         raise QuantizeError(f"{cb.method}: refinement applies to rq")
     x = np.ascontiguousarray(x, dtype=np.float32)
     if cb.norms is not None:
         x = _directions(x, np.linalg.norm(x, axis=1))
     xc = np.ascontiguousarray(x - cb.mean)
-    books = refine_additive(xc, cb.codebooks, lambda b: _additive_encode(b, xc, beam), rounds=rounds)
+    books = _refined(xc, cb.codebooks, beam=beam, rounds=rounds)
     spec = QuantizerSpec.parse(cb.attrs["spec"]) if "spec" in cb.attrs else None
     attrs = dict(cb.attrs, beam=beam)
     if spec is not None:
@@ -296,19 +295,21 @@ def _train_rq(xc, m, spec, seed):
         rq.assign_index_factory = faiss.GpuProgressiveDimIndexFactory(faiss.get_num_gpus())
     rq.train(xc)
     books = faiss.vector_to_array(rq.codebooks).reshape(m, 256, d)
-    if spec.refine:
-        from .refine import refine_additive
-        books = refine_additive(xc, books, lambda b: _additive_encode(b, xc, spec.beam), rounds=spec.refine)
-    return books
+    return _refined(xc, books, beam=spec.beam, rounds=spec.refine) if spec.refine else books
 
 
-def _additive_encode(books: np.ndarray, xc: np.ndarray, beam: int) -> np.ndarray:
-    """Codes of centred x under (C, 256, D) additive codebooks (refinement's encode step), in torch."""
+def _refined(xc: np.ndarray, books: np.ndarray, *, beam: int, rounds: int) -> np.ndarray:
+    """``rounds`` of refinement of (C, 256, D) additive codebooks on centred x, each round's codes
+    by the torch beam search (what the store's encoder will compute)."""
     from .encoder import TorchEncoder
-    c, _, d = books.shape
-    cb = Codebooks(method="rq", kind=ADDITIVE, mean=np.zeros(d, np.float32), rotation=np.eye(d, dtype=np.float32),
-                   codebooks=books, attrs={"beam": beam})
-    return TorchEncoder(cb)(xc).numpy()
+    from .refine import refine_additive
+    d = books.shape[2]
+
+    def codes(b):
+        cb = Codebooks(method="rq", kind=ADDITIVE, mean=np.zeros(d, np.float32), rotation=np.eye(d, dtype=np.float32),
+                       codebooks=b, attrs={"beam": beam})
+        return TorchEncoder(cb)(xc).numpy()
+    return refine_additive(xc, books, codes, rounds=rounds)
 
 
 def _rq_from(books: np.ndarray, beam: int):
