@@ -2,9 +2,12 @@
 ``main`` (a ``KdcacheError`` or a bad option becomes one line on stderr and exit code 2).
 
 Commands live beside this module by job: ``pipeline`` (extract, quantize, train, export, demo,
-convert), ``stores`` (info, verify, store ...), ``evaluate`` (eval ..., bench ...). Each parses
-its options and makes one call into the packages. Unset options stay None and are dropped, so
-library defaults live in one place (the options dataclasses), and help texts read them there.
+convert), ``stores`` (info, verify, store ...), ``evaluate`` (eval ..., report), ``bench``
+(bench ...). Each parses its options and makes one call into the packages. Unset options stay
+None and are dropped, so defaults live in one place (the options dataclasses), and help texts
+read them there. Nothing heavy is imported here or at the top of a command module: torch,
+timm, faiss, zarr and webdataset load inside the command that needs them, so ``kdcache --help``
+and every ``--help`` answer at once.
 """
 from __future__ import annotations
 
@@ -15,19 +18,43 @@ import sys
 import click
 
 from kdcache import __version__
-from kdcache.store import KdcacheError
-from kdcache.store.errors import one_line
+from kdcache.errors import KdcacheError, one_line
 
 
-def drop_unset(cls, **kwargs):
-    return cls(**{k: v for k, v in kwargs.items() if v is not None})
+def drop_unset(**kwargs) -> dict:
+    """The options the user gave (click leaves the others None): the dataclass keeps its defaults."""
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def _default(cls, name: str) -> str:
-    """'[default: X]' for a field of an options dataclass: the one place the default lives."""
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    return f" [default: {value}]"
+def defaults_of(cls):
+    """``D = defaults_of(Options)``; ``D("name")`` is the help text's ' [default: X]' for a field of an
+    options dataclass: the one place the default lives."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+
+    def default(name: str) -> str:
+        f = fields[name]
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(value, tuple):
+            value = ",".join(map(str, value))
+        return f" [default: {'none' if value is None else value}]"
+    return default
+
+
+def comma_ints(option: str, text: str | None, *, low: int = 1) -> tuple[int, ...] | None:
+    """``--views 1,2,8`` -> (1, 2, 8); None stays None (the dataclass default)."""
+    if text is None:
+        return None
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers", param_hint=option) from None
+    if not out or min(out) < low:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers >= {low}", param_hint=option)
+    return out
+
+
+def comma_names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def with_storage_options(fn):
@@ -39,17 +66,7 @@ def with_storage_options(fn):
 
 def apply_storage_options(options, *urls):
     from kdcache.store.remote import configure, parse_storage_options
-    configure(parse_storage_options(options), urls)
-
-
-def extract_default(name):
-    from kdcache.extract import ExtractOptions
-    return _default(ExtractOptions, name)
-
-
-def train_default(name):
-    from kdcache.train.config import TrainConfig
-    return _default(TrainConfig, name)
+    configure(parse_storage_options(options), [u for u in urls if u])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -61,22 +78,15 @@ def cli(verbose):
     \b
     kdcache demo                                  # the whole pipeline on embedded real images
     kdcache extract DATA --out STORE --teacher vit=vit_small_patch16_224
+    kdcache train --store STORE --data DATA --student resnet18 --out RUN
     kdcache info STORE
     kdcache verify STORE --data DATA
     """
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kdcache").setLevel(logging.DEBUG if verbose else logging.INFO)  # not zarr's or fsspec's debug
+    # kdcache's debug logs (and faiss's own warnings, quantize.methods) with -v; never zarr's or fsspec's
+    logging.getLogger("kdcache").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("faiss", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from kdcache.quantize.methods import set_verbose
-    set_verbose(verbose)
-
-
-def with_bench_options(fn):
-    """--repeat and --json, the same on every bench subcommand (eval.harness)."""
-    fn = click.option("--json", "as_json", is_flag=True, help="All repetitions and the environment as JSON. [default: off]")(fn)
-    return click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True,
-                        help="Timed repetitions after one warm-up, sides interleaved.")(fn)
 
 
 def _help_hint(ctx) -> str:

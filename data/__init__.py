@@ -1,10 +1,8 @@
-"""Data: corpora (webdataset tars, image folders, fsspec URLs), decoding with the bad-input
-policy, the K stored views, the one walk over a corpus shard in step with a store shard
-(``walk``), and who reads which shard (``partition``). Extraction, verify, training and eval
-all read corpora through here, so they can never disagree about which samples exist."""
-from .corpus import Corpus, CorpusError, CorpusShard, RawSample, ReadOptions, resolve_corpus
-from .decode import BadImage, DecodeOptions, decode_image, decode_sample
-from .walk import AlignError, Skip, align, screen, stored_samples
+"""Data: everything that turns corpus bytes into pixels, and decides who reads what.
 
-__all__ = ["AlignError", "BadImage", "Corpus", "CorpusError", "CorpusShard", "DecodeOptions", "RawSample",
-           "ReadOptions", "Skip", "align", "decode_image", "decode_sample", "resolve_corpus", "screen", "stored_samples"]
+``corpus`` (what a corpus is: webdataset tars or an image folder, local or an fsspec URL; how to
+read it back), ``walk`` (the one walk over a shard: its samples, the key rules, alignment with a
+store shard's keys, the skip/fail handlers), ``pixels`` (decoding with the bad-input policy, the
+K views, crops: one stage), ``partition`` (rank x world x worker splits), ``corpus_keys`` (the
+corpus side of ``verify --data``), ``demo_corpus`` (the embedded real images).
+"""

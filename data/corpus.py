@@ -2,13 +2,12 @@
 
 A corpus is a sorted list of shards; a shard's name (its file name without extension, or
 ``part-NNNNNN`` for image folders) is the name of its store shard, so shard ids are stable
-across runs, ranks and teams. Tar members are read with webdataset's tar iterator and grouped
-into samples by key here (webdataset's ``group_by_keys`` drops members whose name has no key,
-such as ``...jpg``, without a word; kdcache must record every sample it does not store).
+across runs, ranks and teams. This module says what a corpus is (its shards, its fingerprint,
+how to read it back); reading a shard's samples is the walk's job (``data.walk``).
 
 ``ReadOptions`` is everything a reader needs to rebuild exactly the shards and samples that
-extraction saw; extraction records it in the store (``corpus``), and ``verify --data`` and
-``train --data`` read the corpus back with it.
+extraction saw (the folder shard size, the decode limits, the key rules); extraction records it
+in the store (``corpus``), and ``verify --data`` and ``train --data`` read the corpus back with it.
 """
 from __future__ import annotations
 
@@ -18,23 +17,39 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import braceexpand
-import fsspec
-import webdataset.tariterators as wds_tar
 
-from kdcache.store import KdcacheError
-
-from .decode import DecodeOptions
+from kdcache.errors import KdcacheError
+from kdcache.store.remote import is_url, local_path
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pbm")
 FOLDER_SHARD_SIZE = 1000
 KEY_RULES = "unique-safe/v1"  # see data.walk: keys non-empty, no '.'/'..' segment, no control chars; first of a duplicate kept
 
 
+MAX_PIXELS = 64_000_000  # an 8k x 8k photo passes, a decompression bomb does not
+MIN_SIZE = 2
+
+
 class CorpusError(KdcacheError):
     """The corpus is missing, empty or unreadable."""
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """The limits images are decoded with (``data.pixels``); recorded in the store
+    (``corpus.decode``) so the trainer decodes exactly as extraction did."""
+
+    max_pixels: int = MAX_PIXELS
+    min_size: int = MIN_SIZE
+
+    def to_dict(self) -> dict:
+        return {"max_pixels": self.max_pixels, "min_size": self.min_size}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "DecodeOptions":
+        return cls(**(d or {}))
 
 
 @dataclass(frozen=True)
@@ -73,22 +88,6 @@ class CorpusShard:
 
 
 @dataclass(frozen=True)
-class RawSample:
-    key: str
-    data: bytes | None  # None when the sample has no image field
-    label: int | None
-    fields: tuple[str, ...] = ()
-    error: str | None = None  # why the sample cannot be used at all (unreadable file, member without a key)
-
-
-@dataclass(frozen=True)
-class ShardReadError:
-    """Yielded in place of samples when a tar shard breaks off (truncated or corrupt tar)."""
-
-    error: str
-
-
-@dataclass(frozen=True)
 class Corpus:
     spec: str
     kind: str  # "tar" | "folder"
@@ -112,75 +111,6 @@ class Corpus:
                 return s
         raise CorpusError(f"{self.spec}: no corpus shard named {name!r}")
 
-    def samples(self, shard: CorpusShard) -> Iterator[RawSample | ShardReadError]:
-        """The shard's raw samples in corpus order (no key rules applied: see data.walk)."""
-        if self.kind == "folder":
-            yield from self._folder_samples(shard)
-        else:
-            yield from _tar_samples(shard.url)
-
-    def _folder_samples(self, shard):
-        for rel in shard.members:
-            key = os.path.splitext(rel)[0]
-            top = rel.split("/", 1)[0] if "/" in rel else None
-            label = self.classes.index(top) if top in self.classes else None
-            try:
-                with open(os.path.join(shard.url, rel), "rb") as f:
-                    data = f.read()
-            except OSError as e:
-                yield RawSample(key, None, label, error=f"unreadable file: {e.strerror}")
-                continue
-            yield RawSample(key, data, label, (os.path.splitext(rel)[1][1:].lower(),))
-
-
-def _tar_samples(url: str):
-    try:
-        with fsspec.open(url, "rb") as stream:
-            yield from _group_members(wds_tar.tar_file_iterator(stream))
-    except Exception as e:  # tarfile.ReadError, EOFError, zlib errors...: the rest is lost
-        yield ShardReadError(f"{url}: tar read error: {type(e).__name__}: {e.args[0] if e.args else e}")
-
-
-def _group_members(members) -> Iterator[RawSample]:
-    """Consecutive members with the same key form a sample (webdataset's convention: the key is
-    the name up to the first dot of its last path component). A member whose name has no key,
-    or that repeats a field of its sample, becomes a recorded bad sample instead of vanishing."""
-    current: dict | None = None
-    for m in members:
-        name, data = m["fname"], m["data"]
-        key, ext = wds_tar.base_plus_ext(name)
-        if key is None:
-            if current is not None:
-                yield _raw_sample(current)
-                current = None
-            yield RawSample(name.rsplit(".", 1)[0] or name, None, None, error=f"tar member {name!r} has no sample key")
-            continue
-        ext = ext.lower()
-        if current is not None and key == current["__key__"] and ext in current:
-            current["__error__"] = f"tar member {name!r} repeats field {ext!r} of its sample"
-            continue
-        if current is None or key != current["__key__"]:
-            if current is not None:
-                yield _raw_sample(current)
-            current = {"__key__": key}
-        current[ext] = data
-    if current is not None:
-        yield _raw_sample(current)
-
-
-def _raw_sample(s: dict) -> RawSample:
-    fields = tuple(k for k in s if not k.startswith("__"))
-    data = next((s[e] for e in IMAGE_EXTS if e in s), None)
-    label = None
-    for f in ("cls", "label"):
-        if f in s:
-            try:
-                label = int(s[f].decode().strip())
-            except (ValueError, UnicodeDecodeError):
-                pass
-            break
-    return RawSample(s["__key__"], data, label, fields, error=s.get("__error__"))
-
 
 def resolve_corpus(spec: str, options: ReadOptions | None = None) -> Corpus:
     """DATA as the CLI takes it -> Corpus.
@@ -190,9 +120,9 @@ def resolve_corpus(spec: str, options: ReadOptions | None = None) -> Corpus:
     folder (class sub-folders give labels, ``options.folder_shard_size`` files per shard).
     """
     spec, options = str(spec), options or ReadOptions()
-    if "://" in spec and not spec.startswith("file://"):
+    if is_url(spec):
         return _tar_corpus(spec, _remote_tars(spec), options)
-    path = spec[len("file://"):] if spec.startswith("file://") else spec
+    path = local_path(spec)
     if "{" in path or any(c in path for c in "*?["):
         urls = sorted({p for pat in braceexpand.braceexpand(path) for p in (glob.glob(pat) if any(c in pat for c in "*?[") else [pat])})
         missing = [u for u in urls if not os.path.exists(u)]
@@ -210,6 +140,7 @@ def resolve_corpus(spec: str, options: ReadOptions | None = None) -> Corpus:
 
 
 def _remote_tars(spec: str) -> list[str]:
+    import fsspec
     fs, _, paths = fsspec.get_fs_token_paths(list(braceexpand.braceexpand(spec)) if "{" in spec else spec)
     proto = spec.split("://", 1)[0]
     out = []

@@ -10,9 +10,7 @@ import os
 import random
 from typing import Sequence, TypeVar
 
-from torch.utils.data import get_worker_info
-
-from kdcache.store import KdcacheError
+from kdcache.errors import KdcacheError
 
 T = TypeVar("T")
 
@@ -39,6 +37,7 @@ def worker_share(items: Sequence[T], worker: int, workers: int) -> list[T]:
 
 def current_worker() -> tuple[int, int]:
     """(worker id, workers) inside a DataLoader worker; (0, 1) in the main process."""
+    from torch.utils.data import get_worker_info
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
 

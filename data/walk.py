@@ -1,34 +1,47 @@
-"""The one walk over a corpus shard: which samples exist, and which store row each one is.
+"""The one walk over a corpus shard: which samples it holds, and which store row each one is.
 
-Every reader of a corpus (extraction, ``verify --data``, training) goes through here, so they
-can never disagree about which samples exist:
+Every reader of a corpus (extraction, ``verify --data``, training, evaluation) goes through
+here, so they can never disagree about which samples exist:
 
-``screen`` applies the key rules (``corpus.KEY_RULES``) to the raw samples of a shard, in
-order: a tar that breaks off ends the shard (``(tar)``); a sample that cannot be used at all,
-a key that is empty, has a ``.`` or ``..`` path segment, a leading ``/`` or control characters,
-and the second and later samples of a key, are ``Skip``s. These rules depend on the bytes of
-the tar alone, so every reader re-derives them identically.
+``shard_samples`` reads a shard's raw samples in order: a tar's members (webdataset's tar
+iterator) grouped by key, or an image folder's files. webdataset's own ``group_by_keys`` drops
+members whose name has no key (``...jpg``) without a word; here such a member, and one repeating
+a field of its sample, becomes a sample with an error, because kdcache records every sample it
+does not store.
+
+``screen`` applies the key rules (``corpus.KEY_RULES``), in order: a tar that breaks off ends
+the shard (``(tar)``); a sample that cannot be used at all, a key that is empty, has a ``.`` or
+``..`` path segment, a leading ``/`` or control characters, and the second and later samples of
+a key, are ``Skip``s. These rules depend on the bytes of the shard alone, so every reader
+re-derives them identically.
 
 ``align`` walks the screened samples of a shard in step with the store shard's keys: a sample
 whose key was recorded as failed at extraction (it did not decode) is passed over; every other
-one must be the next stored key. Any disagreement is an ``AlignError`` naming shard, row and key.
+one must be the next stored key, and carries its store ``row``. Any disagreement is an
+``AlignError`` naming shard, row and key.
 
-Error policy (webdataset's ``handler=`` idea): the caller passes ``on_skip``; ``record`` keeps
-the skip, ``fail`` raises it as an error naming the shard and key.
+Error policy (webdataset's ``handler=`` idea): what happens to a ``Skip`` is a function the
+caller passes in (``screened``, ``data.pixels.view_pixels``). The handlers are here:
+``record_to`` keeps it, ``fail_on_skip`` raises it naming the shard and key, ``skip_handler``
+picks one of those for ``--on-error``, ``changed_since_extraction`` refuses a stored sample
+that no longer decodes, ``counted_before`` passes over what an earlier pass already recorded.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from kdcache.store import KdcacheError
+from kdcache.errors import KdcacheError
 
-from .corpus import Corpus, CorpusShard, RawSample, ShardReadError
+from .corpus import IMAGE_EXTS, Corpus, CorpusShard
 
 TAR_KEY = "(tar)"  # the key a broken-off tar is recorded under
 DUPLICATE = "duplicate key in shard"
 MAX_KEY_BYTES = 1024
+ON_ERROR = ("skip", "fail")
 
 
 class AlignError(KdcacheError):
@@ -37,6 +50,26 @@ class AlignError(KdcacheError):
 
 class BadSample(KdcacheError):
     """A sample skipped under ``on_error=fail``."""
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """One sample of a shard, as read: its key, its image bytes, its label (webdataset ``cls``,
+    image-folder class), and, once aligned with a store shard, its ``row`` there."""
+
+    key: str
+    data: bytes | None  # None when the sample has no image field
+    label: int | None
+    fields: tuple[str, ...] = ()
+    error: str | None = None  # why the sample cannot be used at all (unreadable file, member without a key)
+    row: int | None = None  # its row in the store shard (``align``)
+
+
+@dataclass(frozen=True)
+class ShardReadError:
+    """Yielded in place of samples when a tar shard breaks off (truncated or corrupt tar)."""
+
+    error: str
 
 
 @dataclass(frozen=True)
@@ -49,6 +82,83 @@ class Skip:
     def record(self) -> dict:
         return {"key": self.key, "error": self.error}
 
+
+# -- reading a shard -----------------------------------------------------------------------
+
+def shard_samples(corpus: Corpus, shard: CorpusShard) -> Iterator[RawSample | ShardReadError]:
+    """The shard's raw samples in corpus order (no key rules applied yet: ``screen``)."""
+    if corpus.kind == "folder":
+        yield from _folder_samples(corpus, shard)
+    else:
+        yield from _tar_samples(shard.url)
+
+
+def _folder_samples(corpus: Corpus, shard: CorpusShard) -> Iterator[RawSample]:
+    for rel in shard.members:
+        key = os.path.splitext(rel)[0]
+        top = rel.split("/", 1)[0] if "/" in rel else None
+        label = corpus.classes.index(top) if top in corpus.classes else None
+        try:
+            with open(os.path.join(shard.url, rel), "rb") as f:
+                data = f.read()
+        except OSError as e:
+            yield RawSample(key, None, label, error=f"unreadable file: {e.strerror}")
+            continue
+        yield RawSample(key, data, label, (os.path.splitext(rel)[1][1:].lower(),))
+
+
+def _tar_samples(url: str) -> Iterator[RawSample | ShardReadError]:
+    import fsspec
+    import webdataset.tariterators as wds_tar
+    try:
+        with fsspec.open(url, "rb") as stream:
+            yield from _group_members(wds_tar.tar_file_iterator(stream), wds_tar.base_plus_ext)
+    except Exception as e:  # tarfile.ReadError, EOFError, zlib errors...: the rest is lost
+        yield ShardReadError(f"{url}: tar read error: {type(e).__name__}: {e.args[0] if e.args else e}")
+
+
+def _group_members(members, base_plus_ext) -> Iterator[RawSample]:
+    """Consecutive members with the same key form a sample (webdataset's convention: the key is
+    the name up to the first dot of its last path component). A member whose name has no key,
+    or that repeats a field of its sample, becomes a recorded bad sample instead of vanishing."""
+    current: dict | None = None
+    for m in members:
+        name, data = m["fname"], m["data"]
+        key, ext = base_plus_ext(name)
+        if key is None:
+            if current is not None:
+                yield _raw_sample(current)
+                current = None
+            yield RawSample(name.rsplit(".", 1)[0] or name, None, None, error=f"tar member {name!r} has no sample key")
+            continue
+        ext = ext.lower()
+        if current is not None and key == current["__key__"] and ext in current:
+            current["__error__"] = f"tar member {name!r} repeats field {ext!r} of its sample"
+            continue
+        if current is None or key != current["__key__"]:
+            if current is not None:
+                yield _raw_sample(current)
+            current = {"__key__": key}
+        current[ext] = data
+    if current is not None:
+        yield _raw_sample(current)
+
+
+def _raw_sample(s: dict) -> RawSample:
+    fields = tuple(k for k in s if not k.startswith("__"))
+    data = next((s[e] for e in IMAGE_EXTS if e in s), None)
+    label = None
+    for f in ("cls", "label"):
+        if f in s:
+            try:
+                label = int(s[f].decode().strip())
+            except (ValueError, UnicodeDecodeError):
+                pass
+            break
+    return RawSample(s["__key__"], data, label, fields, error=s.get("__error__"))
+
+
+# -- the key rules -------------------------------------------------------------------------
 
 def key_problem(key: str) -> str | None:
     """Why ``key`` cannot be a sample key, or None when it can."""
@@ -80,6 +190,15 @@ def screen(samples: Iterable[RawSample | ShardReadError]) -> Iterator[RawSample 
             yield s
 
 
+def screened(corpus: Corpus, shard: CorpusShard, handler: Callable[[Skip], None]) -> Iterator[RawSample]:
+    """The usable samples of a shard, in order; each Skip goes to ``handler``."""
+    for s in screen(shard_samples(corpus, shard)):
+        if isinstance(s, Skip):
+            handler(s)
+        else:
+            yield s
+
+
 def decode_failures(failed: Iterable[dict]) -> set[str]:
     """Keys recorded as failed *after* screening (they did not decode): the ones ``align`` skips.
     Failures that ``screen`` re-derives by itself (tar, key rules, duplicates) are not needed."""
@@ -96,38 +215,56 @@ def stored_samples(corpus: Corpus, shard: CorpusShard, failed: Iterable[dict]) -
     """The samples of ``shard`` that its store shard holds, in order: screened, minus the keys
     recorded as failed to decode. Extraction stored exactly these."""
     skip = decode_failures(failed)
-    for s in screen(corpus.samples(shard)):
+    for s in screen(shard_samples(corpus, shard)):
         if not isinstance(s, Skip) and s.key not in skip:
             yield s
 
 
-def align(corpus: Corpus, shard: CorpusShard, stored_keys: list[str], failed: Iterable[dict]) -> Iterator[tuple[int, RawSample]]:
-    """(row, sample) for every stored row of ``shard``, in order; AlignError on any mismatch."""
+def align(corpus: Corpus, shard: CorpusShard, stored_keys: list[str], failed: Iterable[dict]) -> Iterator[RawSample]:
+    """Every stored sample of ``shard`` in order, with its ``row``; AlignError on any mismatch."""
     row = 0
     for s in stored_samples(corpus, shard, failed):
         if row >= len(stored_keys) or s.key != stored_keys[row]:
             want = stored_keys[row] if row < len(stored_keys) else "(end of store shard)"
             raise AlignError(f"shard {shard.name}: corpus key {s.key!r} where the store has {want!r} at row {row}: "
                              f"the store was not extracted from this corpus")
-        yield row, s
+        yield dataclasses.replace(s, row=row)
         row += 1
     if row != len(stored_keys):
         raise AlignError(f"shard {shard.name}: the corpus ended after {row} samples, the store has {len(stored_keys)}")
 
 
-ON_ERROR = ("skip", "fail")
+# -- what happens to a skipped sample --------------------------------------------------------
+
+def record_to(records: list) -> Callable[[Skip], None]:
+    """Keep each Skip's record ({key, error}) in ``records`` and go on."""
+    return lambda skip: records.append(skip.record())
+
+
+def fail_on_skip(shard: CorpusShard) -> Callable[[Skip], None]:
+    def handle(skip: Skip) -> None:
+        raise BadSample(f"{shard.url}: sample {skip.key!r}: {skip.error} (--on-error fail)")
+    return handle
 
 
 def skip_handler(on_error: str, shard: CorpusShard, record: Callable[[Skip], None]) -> Callable[[Skip], None]:
-    """The error policy as a function: ``skip`` records, ``fail`` raises naming shard and key."""
+    """``--on-error`` as a handler: ``skip`` records (``record``), ``fail`` raises naming shard and key."""
     if on_error not in ON_ERROR:
         raise KdcacheError(f"--on-error {on_error!r}: expected one of {', '.join(ON_ERROR)}")
+    return record if on_error == "skip" else fail_on_skip(shard)
 
+
+def changed_since_extraction(shard: CorpusShard) -> Callable[[Skip], None]:
+    """For samples a store holds: they decoded at extraction, so one that no longer does means the
+    corpus changed under the store."""
     def handle(skip: Skip) -> None:
-        if on_error == "fail":
-            raise BadSample(f"{shard.url}: sample {skip.key!r}: {skip.error} (--on-error fail)")
-        record(skip)
+        raise AlignError(f"shard {shard.name}: sample {skip.key!r} was extracted but now fails to decode: {skip.error}")
     return handle
+
+
+def counted_before(skip: Skip) -> None:
+    """Pass over a sample an earlier pass already counted out and recorded (``train --online``
+    counts and records the samples of every shard before training)."""
 
 
 def label_classes(corpus: Corpus) -> int:
@@ -137,7 +274,7 @@ def label_classes(corpus: Corpus) -> int:
         return len(corpus.classes)
     top = -1
     for shard in corpus.shards:
-        for s in screen(corpus.samples(shard)):
+        for s in screen(shard_samples(corpus, shard)):
             if not isinstance(s, Skip) and s.label is not None:
                 top = max(top, int(s.label))
     return top + 1

@@ -9,11 +9,13 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from kdcache.store import KdcacheError
+from kdcache.errors import KdcacheError
+
+from .options import ProbeOptions
 
 
-def knn_classify(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *, k: int = 20,
-                 temperature: float = 0.07) -> dict:
+def knn_classify(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *, k: int = ProbeOptions.k,
+                 temperature: float = ProbeOptions.temperature) -> dict:
     """{top1, top5, n_train, n_val, classes} for features (N, D) and integer labels (N,)."""
     if len(train_x) == 0 or len(val_x) == 0:
         raise KdcacheError(f"kNN needs training and validation samples (got {len(train_x)} and {len(val_x)})")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdcache.store import KdcacheError
+from kdcache.errors import KdcacheError
 
 C_GRID = tuple(float(c) for c in np.logspace(-3, 2, 6))
 

@@ -1,10 +1,12 @@
 """Summary features of a model run live on a labelled corpus: a trained student (or its EMA), or
 any timm model (a teacher, a random-init baseline).
 
-Each image passes through the same walk as extraction (``data.walk.screen``), is decoded with
-the same limits, cut to its eval view (the centred ``crop_pct`` box, view 0 of a store) and
-resized to the model's input, then normalised with the model's own data config; the feature is
-the model's summary vector (``models.taps``: ``forward_head(..., pre_logits=True)``).
+Each image passes through the same walk as extraction (``data.walk.screened``) and the same
+pixel stage (``data.pixels.view_pixels``): decoded with the same limits, cut to its eval view
+(the centred ``crop_pct`` box, view 0 of a store) and resized to the model's input, then
+normalised with the model's own data config; the feature is the model's summary vector
+(``models.taps``: ``forward_head(..., pre_logits=True)``). Samples that do not decode are
+skipped and counted in the result.
 """
 from __future__ import annotations
 
@@ -15,13 +17,20 @@ import numpy as np
 import safetensors.torch
 import timm
 import torch
+from tqdm import tqdm
 
 from kdcache.data.corpus import ReadOptions, resolve_corpus
-from kdcache.data.decode import BadImage, decode_sample
-from kdcache.data.views import replay_view, sample_views
-from kdcache.data.walk import Skip, screen
-from kdcache.models import DataConfig, ModelSpec, create_student, probe, resolve_data_config
-from kdcache.store import KdcacheError, ViewPolicy
+from kdcache.data.pixels import Crop, view_at, view_pixels
+from kdcache.data.walk import record_to, screened
+from kdcache.errors import KdcacheError
+from kdcache.models.data_config import DataConfig, resolve_data_config
+from kdcache.models.spec import ModelSpec
+from kdcache.models.student import create_student
+from kdcache.models.taps import probe as probe_tap
+from kdcache.store.meta import ViewPolicy
+
+from .options import ProbeOptions
+from .probes import probe
 
 
 def _provenance_student(run: str) -> dict:
@@ -67,52 +76,54 @@ def spec_model(text: str) -> tuple[torch.nn.Module, DataConfig, str]:
 
 @torch.inference_mode()
 def labelled_model_features(model: torch.nn.Module, data: DataConfig, corpus_spec: str, *, read: ReadOptions | None = None,
-                            batch_size: int = 32) -> dict:
+                            batch_size: int = 32, progress: bool = False) -> dict:
+    """{x (N, D) float32, y (N,), keys, skipped_samples} over the labelled samples of a corpus."""
     corpus = resolve_corpus(corpus_spec, read)
-    tap = probe(model, data.hw)
-    policy = ViewPolicy(views=1, crop_pct=data.crop_pct, aspect=data.hw[0] / data.hw[1])
+    tap = probe_tap(model, data.hw)
+    policy = ViewPolicy.for_input(data.crop_pct, data.hw)
     mean = torch.tensor(data.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(data.std).view(1, 3, 1, 1) * 255
-    xs, ys, keys, batch, labels = [], [], [], [], []
+    xs, ys, keys, batch, skipped = [], [], [], [], []
 
     def flush():
         if batch:
             x = (torch.stack(batch).float() - mean) / std
             xs.append(tap(model, x)[0].float().numpy())
-            ys.extend(labels)
             batch.clear()
-            labels.clear()
 
+    def eval_view(s, height: int, width: int) -> np.ndarray:
+        return view_at(policy, s.key, 0, height, width)
+
+    bar = tqdm(total=len(corpus.shards), unit="shard", desc="features", disable=not progress, dynamic_ncols=True)
     for shard in corpus.shards:
-        for s in screen(corpus.samples(shard)):
-            if isinstance(s, Skip) or s.label is None:
-                continue
-            try:
-                rgb = decode_sample(s, corpus.options.decode)
-            except BadImage:
-                continue
-            view = sample_views(policy, s.key, *rgb.shape[:2])[0]
-            batch.append(replay_view(torch.from_numpy(rgb).permute(2, 0, 1), view, data.hw, data.interpolation))
-            labels.append(s.label)
-            keys.append(s.key)
+        labelled = (s for s in screened(corpus, shard, record_to(skipped)) if s.label is not None)
+        for item in view_pixels(labelled, views=eval_view, crops=[Crop(data.hw, data.interpolation)],
+                                decode=corpus.options.decode, handler=record_to(skipped)):
+            batch.append(item.crops[0][0])
+            ys.append(item.sample.label)
+            keys.append(item.sample.key)
             if len(batch) == batch_size:
                 flush()
+        bar.update(1)
     flush()
+    bar.close()
     if not xs:
         raise KdcacheError(f"{corpus_spec}: no labelled samples (webdataset 'cls' fields or image-folder classes)")
-    return {"x": np.concatenate(xs).astype(np.float32), "y": np.asarray(ys, dtype=np.int64), "keys": keys}
+    return {"x": np.concatenate(xs).astype(np.float32), "y": np.asarray(ys, dtype=np.int64), "keys": keys,
+            "skipped_samples": len(skipped)}
 
 
-def knn_on_model(which: str, data: str, *, run: str | None = None, ema: bool = False, model: str | None = None,
-                 read: ReadOptions | None = None, val_data: str | None = None, **knn) -> dict:
-    """``kdcache eval knn --run RUN | --model SPEC``: kNN of a model's live summary features;
-    ``val_data``: a given validation corpus instead of the seeded split."""
-    from .store_features import knn_report
+def probe_model(which: str, data: str, options: ProbeOptions = ProbeOptions(), *, run: str | None = None,
+                ema: bool = False, model: str | None = None, read: ReadOptions | None = None,
+                val_data: str | None = None, progress: bool = False) -> dict:
+    """``kdcache eval knn|linear --run RUN | --model SPEC``: the probe of a model's live summary
+    features; ``val_data``: a given validation corpus instead of the seeded split."""
     net, cfg, what = run_student(run, ema=ema) if which == "run" else spec_model(model)
-    f = labelled_model_features(net, cfg, data, read=read)
-    val = None
+    f = labelled_model_features(net, cfg, data, read=read, progress=progress)
+    val, skipped = None, f["skipped_samples"]
     if val_data:
-        v = labelled_model_features(net, cfg, val_data, read=read)
-        val = (v["x"], v["y"])
-    return knn_report(f["x"], f["y"], f"{what}, live summary features", resolution=list(cfg.hw), val=val, val_name=val_data,
-                      **knn)
+        v = labelled_model_features(net, cfg, val_data, read=read, progress=progress)
+        val, skipped = (v["x"], v["y"]), skipped + v["skipped_samples"]
+    r = probe(f["x"], f["y"], f"{what}, live summary features", resolution=list(cfg.hw), options=options, val=val,
+              val_name=val_data)
+    return {**r, "skipped_samples": skipped}

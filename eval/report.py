@@ -14,7 +14,7 @@ import csv
 import json
 import os
 
-from kdcache.store import KdcacheError
+from kdcache.errors import KdcacheError
 from kdcache.train.metrics import plot_losses
 from kdcache.train.rundir import RunDir
 
@@ -29,19 +29,23 @@ def _read_json(path: str, what: str) -> dict:
 
 def _knn_rows(run: str, cfg: dict, prov: dict, data: str, *, seed: int) -> list[dict]:
     """kNN of the random-init student, the distilled student, and each teacher."""
-    from kdcache.models import create_teacher
-    from .model_features import knn_on_model, labelled_model_features, random_init_student, run_student
-    from .store_features import knn_on_store, knn_report
+    from kdcache.models.teacher import create_teacher
+
+    from .model_features import labelled_model_features, probe_model, random_init_student, run_student
+    from .options import ProbeOptions
+    from .probes import probe
+    from .store_features import probe_store
+    options = ProbeOptions(seed=seed)
 
     def live(net, data_cfg, what):
-        f = labelled_model_features(net, data_cfg, data)
-        return knn_report(f["x"], f["y"], what, resolution=list(data_cfg.hw), seed=seed)
+        f = labelled_model_features(net, data_cfg, data, progress=True)
+        return probe(f["x"], f["y"], what, resolution=list(data_cfg.hw), options=options)
 
     def row(label, result):  # the short label for the table; the full description kept
         return {**result, "features": label, "described": result["features"]}
 
     rows = [row("random-init student", live(*random_init_student(run))),
-            row("distilled student", knn_on_model("run", data, run=run, seed=seed))]
+            row("distilled student", probe_model("run", data, options, run=run, progress=True))]
     if os.path.exists(os.path.join(run, "checkpoints", "last", "ema.safetensors")):
         rows.append(row("distilled student (EMA)", live(*run_student(run, ema=True))))
     if prov.get("online"):
@@ -50,7 +54,7 @@ def _knn_rows(run: str, cfg: dict, prov: dict, data: str, *, seed: int) -> list[
             rows.append(row(f"teacher {t.name} (live)", live(t.model, t.data, f"teacher {t.name}, live")))
     else:
         for t in cfg.get("teachers") or prov["store_meta"]["teachers"]:
-            rows.append(row(f"teacher {t} (cached)", knn_on_store(cfg["store"], data, teacher=t, seed=seed)))
+            rows.append(row(f"teacher {t} (cached)", probe_store(cfg["store"], data, options, teacher=t)))
     return rows
 
 

@@ -12,8 +12,11 @@ import numpy as np
 
 from kdcache.data.corpus import ReadOptions, resolve_corpus
 from kdcache.data.walk import align
-from kdcache.store import KdcacheError, Store, StoreError
-from kdcache.store.errors import one_line
+from kdcache.errors import KdcacheError, StoreError, one_line
+from kdcache.store import Store
+
+from .options import ProbeOptions
+from .probes import probe
 
 
 def labelled_store_features(url: str, data: str, *, teacher: str | None = None, skip_corrupt: bool = False) -> dict:
@@ -34,17 +37,17 @@ def labelled_store_features(url: str, data: str, *, teacher: str | None = None, 
             if attrs.get("complete") is not True:
                 raise StoreError(f"{url}: shard {shard.name} is not complete")
             x = store.read_features(shard.name, teacher, "cls")[:, 0]
-            rows = list(align(corpus, shard, store.keys(shard.name).tolist(), attrs.get("failed", [])))
+            samples = list(align(corpus, shard, store.keys(shard.name).tolist(), attrs.get("failed", [])))
         except StoreError as e:
             if not skip_corrupt:
                 raise
             skipped[shard.name] = one_line(e)
             continue
-        for row, s in rows:
+        for s in samples:
             if s.label is None:
                 unlabelled += 1
                 continue
-            xs.append(x[row])
+            xs.append(x[s.row])
             ys.append(s.label)
             keys.append(s.key)
     if not xs:
@@ -53,10 +56,10 @@ def labelled_store_features(url: str, data: str, *, teacher: str | None = None, 
             "skipped": skipped, "unlabelled": unlabelled}
 
 
-def knn_on_store(url: str, data: str, *, teacher: str | None = None, skip_corrupt: bool = False,
-                 val_store: str | None = None, val_data: str | None = None, **knn) -> dict:
-    """``kdcache eval knn --store``: kNN accuracy of the cached summary features, with its protocol;
-    ``val_store``/``val_data``: a given validation split (another corpus and its store)."""
+def probe_store(url: str, data: str, options: ProbeOptions = ProbeOptions(), *, teacher: str | None = None,
+                skip_corrupt: bool = False, val_store: str | None = None, val_data: str | None = None) -> dict:
+    """``kdcache eval knn|linear --store``: the probe of the cached summary features, with its
+    protocol; ``val_store``/``val_data``: a given validation split (another corpus and its store)."""
     f = labelled_store_features(url, data, teacher=teacher, skip_corrupt=skip_corrupt)
     val = None
     if val_store or val_data:
@@ -64,43 +67,7 @@ def knn_on_store(url: str, data: str, *, teacher: str | None = None, skip_corrup
             raise KdcacheError("--val-store and --val-data go together (the validation corpus and its store)")
         v = labelled_store_features(val_store, val_data, teacher=f["teacher"], skip_corrupt=skip_corrupt)
         val, f["skipped"] = (v["x"], v["y"]), {**f["skipped"], **v["skipped"]}
-    r = knn_report(f["x"], f["y"], f"store {url}, teacher {f['teacher']}, cached summary (view 0, the eval view)",
-                   resolution=list(Store.open(url).meta.teachers[f["teacher"]].input_size[1:]), val=val,
-                   val_name=val_data, **knn)
+    r = probe(f["x"], f["y"], f"store {url}, teacher {f['teacher']}, cached summary (view 0, the eval view)",
+              resolution=list(Store.open(url).meta.teachers[f["teacher"]].input_size[1:]), options=options, val=val,
+              val_name=val_data)
     return {**r, "unlabelled_samples": f["unlabelled"], "skipped_shards": f["skipped"]}
-
-
-def knn_report(x, y, features: str, *, resolution, k: int = 20, temperature: float = 0.07, val_fraction: float = 0.2,
-               seed: int = 0, probe: str = "knn", val=None, val_name: str | None = None) -> dict:
-    """kNN (or the linear probe, ``probe="linear"``) on labelled features with a seeded split (or
-    ``val = (x_val, y_val)``: a given validation set), and the exact protocol to reproduce it."""
-    from .knn import knn_classify, seeded_split
-    from .linear import linear_probe
-    if val is not None:
-        xv, yv = val
-        x, y = np.concatenate([x, xv]), np.concatenate([y, yv])
-        tr, va = np.arange(len(y) - len(yv)), np.arange(len(y) - len(yv), len(y))
-        split = {"split": f"given: every sample of the training corpus for training, every sample of {val_name} for "
-                          f"validation", "seed": seed, "view": "eval view (centred crop_pct box)", "resolution": resolution}
-    else:
-        tr, va = seeded_split(len(y), val_fraction=val_fraction, seed=seed)
-        split = {"split": f"seeded permutation of the samples in corpus order, last {val_fraction:g} for validation",
-                 "seed": seed, "view": "eval view (centred crop_pct box)", "resolution": resolution}
-    if probe == "linear":
-        result = linear_probe(x[tr], y[tr], x[va], y[va], seed=seed)
-        protocol = {**split, "probe": "logistic regression on standardised features, C chosen on a seeded quarter of "
-                                      "the training split from a log grid 1e-3..1e2, refitted on all of it"}
-    else:
-        result = knn_classify(x[tr], y[tr], x[va], y[va], k=k, temperature=temperature)
-        protocol = {**split, "probe": "kNN", "k": result["k"], "temperature": temperature, "similarity": "cosine"}
-    return {"features": features, **result, "protocol": protocol, "skipped_shards": {}}
-
-
-def format_knn(r: dict) -> str:
-    how = f"k={r['k']}, T={r['temperature']}" if "k" in r else f"linear probe, C={r['C']:g}"
-    lines = [f"# {'kNN' if 'k' in r else 'linear probe'}: {r['features']}",
-             f"{how}, {r['n_train']} train / {r['n_val']} val samples, {r['classes']} classes, split seed {r['protocol']['seed']}",
-             "", "| top-1 | top-5 |", "|---|---|", f"| {r['top1']:.4f} | {r['top5']:.4f} |"]
-    if r["skipped_shards"]:
-        lines.append(f"skipped corrupt shards: {', '.join(f'{s} ({e})' for s, e in r['skipped_shards'].items())}")
-    return "\n".join(lines)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdcache.quantize.fidelity import fidelity
+from kdcache.quantize.reconstruction import reconstruction_fidelity
 from kdcache.store import Store, feature_path
 from kdcache.store.inspect import info
 
-TOKENS = 16384
+from .options import STORE_REPORT_TOKENS as TOKENS
 
 
 def store_report(url: str, *, tokens: int = TOKENS) -> dict:
@@ -31,7 +31,7 @@ def store_report(url: str, *, tokens: int = TOKENS) -> dict:
             entry = {"spec": q.get("spec"), "bytes_per_token": cb.m}
             if q.get("keep_float"):
                 x, y = _float_and_decoded(store, name, kind, cb, tokens)
-                entry.update({"measured_on": f"{len(x)} stored tokens (floats kept)", **fidelity(x, y)})
+                entry.update({"measured_on": f"{len(x)} stored tokens (floats kept)", **reconstruction_fidelity(x, y)})
             else:
                 entry.update({"measured_on": "held-out tokens at training (floats not kept)",
                               **{k: q.get(k) for k in ("relmse", "mean_cos", "p5_cos")}})

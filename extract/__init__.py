@@ -1,8 +1,7 @@
 """Extraction: corpus -> decoded views -> teachers -> store shards.
 
-Public face: ``extract`` (the run) and its ``ExtractOptions``. Corpora, decoding and views
-live in ``kdcache.data``; teachers in ``kdcache.models``.
+``options`` (``ExtractOptions``: every setting, validated, with its default), ``run`` (the
+extraction: plan, one pass, resume; the ``--quantize`` sequence written out), ``batches`` (the
+DataLoader side: the walk and the pixel stage into ``ViewBatch``es), ``quantized`` (the pieces
+of ``--quantize``), ``writer`` (the background thread that owns the shard writers).
 """
-from .run import ExtractError, ExtractOptions, ExtractSummary, extract
-
-__all__ = ["ExtractError", "ExtractOptions", "ExtractSummary", "extract"]

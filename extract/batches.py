@@ -1,15 +1,17 @@
 """DataLoader side of extraction: corpus shards -> ``ViewBatch``es of uint8 view crops.
 
 Runs in DataLoader workers, so decoding and cropping overlap the teachers' forward pass. Each
-worker takes whole shards (``data.partition``); a shard's work is a chain of small stages:
+worker takes whole shards (``data.partition``); a shard's work is two stages and a batcher:
 
-    samples (data.walk: screen, or align with the stored keys when adding a teacher)
-    -> decode (bad-input policy) -> views (drawn, or the stored ones) -> crops -> batches
+    samples (data.walk: screened, or aligned with the stored keys when adding a teacher)
+    -> pixels (data.pixels: decode, the views drawn or the stored ones, a crop per input size)
+    -> batches
 
-The skip/fail policy is one function passed in (``data.walk.skip_handler``): ``skip`` records
-``(key, reason)``, ``fail`` raises naming the shard and key. A batch never spans two shards;
-the last batch of a shard (possibly empty) carries the shard's failures so the writer can
-finish it. Errors are raised, never sent through the stream.
+The skip/fail policy is one function passed to both stages (``data.walk.skip_handler``):
+``skip`` records ``(key, reason)``, ``fail`` raises naming the shard and key; when adding a
+teacher, a stored sample that no longer decodes is refused (``changed_since_extraction``). A
+batch never spans two shards; the last batch of a shard (possibly empty) carries the shard's
+failures so the writer can finish it. Errors are raised, never sent through the stream.
 """
 from __future__ import annotations
 
@@ -20,21 +22,12 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from kdcache.data.corpus import Corpus, CorpusShard, RawSample
-from kdcache.data.decode import BadImage, DecodeOptions, decode_sample
+from kdcache.data.corpus import Corpus, CorpusShard, DecodeOptions
 from kdcache.data.partition import current_worker, worker_share
-from kdcache.data.views import replay_view, sample_views
-from kdcache.data.walk import AlignError, Skip, align, screen, skip_handler
+from kdcache.data.pixels import Crop, ViewPixels, sample_views, view_pixels
+from kdcache.data.walk import align, changed_since_extraction, record_to, screened, skip_handler
 from kdcache.store import Store, ViewPolicy
 from kdcache.store.lease import leases_for
-
-
-@dataclass(frozen=True)
-class InputGroup:
-    """Teachers that share input size and interpolation get one set of crops."""
-
-    size: tuple[int, int]
-    interpolation: str
 
 
 @dataclass(frozen=True)
@@ -88,7 +81,9 @@ class LeaseSpec:
 
 
 class ShardBatches(IterableDataset):
-    def __init__(self, corpus: Corpus, jobs: list[ShardJob], *, policy: ViewPolicy, groups: list[InputGroup],
+    """Teachers that share input size and interpolation (one ``Crop``) share the crops."""
+
+    def __init__(self, corpus: Corpus, jobs: list[ShardJob], *, policy: ViewPolicy, groups: list[Crop],
                  batch_size: int, on_error: str = "skip", decode: DecodeOptions = DecodeOptions(),
                  lease: LeaseSpec | None = None):
         self.corpus, self.jobs, self.policy, self.groups = corpus, jobs, policy, groups
@@ -116,66 +111,33 @@ class ShardBatches(IterableDataset):
 
     def shard_batches(self, job: ShardJob) -> Iterator[ViewBatch]:
         failed: list[dict] = []
-        handle = skip_handler(self.on_error, job.shard, lambda skip: failed.append(skip.record()))
-        if job.replay is None:
-            samples = drawn_views(new_samples(self.corpus, job.shard, handle), self.policy, self.decode, handle)
-        else:
-            samples = stored_views(self.corpus, job.shard, job.replay, self.decode)
-        yield from batched(cropped(samples, self.groups), job.shard.name, self.batch_size, failed)
+        if job.replay is None:  # a new shard: views drawn from the policy
+            handler = skip_handler(self.on_error, job.shard, record_to(failed))
+            samples = screened(self.corpus, job.shard, handler)
+            policy = self.policy
+            views = lambda s, h, w: sample_views(policy, s.key, h, w)  # noqa: E731
+        else:  # a complete shard gets a teacher: exactly its stored samples and views
+            handler = changed_since_extraction(job.shard)
+            samples = align(self.corpus, job.shard, job.replay.keys, job.replay.failed)
+            stored = job.replay.views
+            views = lambda s, h, w: stored[s.row]  # noqa: E731
+        pixels = view_pixels(samples, views=views, crops=self.groups, decode=self.decode, handler=handler)
+        yield from batched(pixels, job.shard.name, self.batch_size, failed)
 
 
-def new_samples(corpus: Corpus, shard: CorpusShard, handle) -> Iterator[RawSample]:
-    """Screened samples of a shard; Skips go to the error policy."""
-    for s in screen(corpus.samples(shard)):
-        if isinstance(s, Skip):
-            handle(s)
-        else:
-            yield s
-
-
-def drawn_views(samples: Iterable[RawSample], policy: ViewPolicy, decode: DecodeOptions, handle):
-    """Decode each sample and draw its K views from the policy; bad images go to the policy."""
-    for s in samples:
-        try:
-            rgb = decode_sample(s, decode)
-        except BadImage as e:
-            handle(Skip(s.key, str(e)))
-            continue
-        yield s.key, rgb, sample_views(policy, s.key, *rgb.shape[:2])
-
-
-def stored_views(corpus: Corpus, shard: CorpusShard, replay: Replay, decode: DecodeOptions):
-    """The samples a complete store shard holds, with its stored views (adding a teacher)."""
-    for row, s in align(corpus, shard, replay.keys, replay.failed):
-        try:
-            rgb = decode_sample(s, decode)
-        except BadImage as e:
-            raise AlignError(f"{shard.url}: sample {s.key!r} was extracted before but now fails: {e}") from None
-        yield s.key, rgb, replay.views[row]
-
-
-def cropped(samples, groups: list[InputGroup]):
-    """(key, rgb, views) -> (key, views, [crops (K, 3, h, w) uint8 per input group])."""
-    for key, rgb, views in samples:
-        image = torch.from_numpy(rgb).permute(2, 0, 1)
-        yield key, views, [torch.stack([replay_view(image, v, g.size, g.interpolation) for v in views]) for g in groups]
-
-
-def batched(samples, shard: str, batch_size: int, failed: list[dict]) -> Iterator[ViewBatch]:
+def batched(items: Iterable[ViewPixels], shard: str, batch_size: int, failed: list[dict]) -> Iterator[ViewBatch]:
     """Group into ViewBatches; the last one (possibly empty) closes the shard with its failures."""
-    keys, views, crops = [], [], []
+    group: list[ViewPixels] = []
 
     def emit(last: bool) -> ViewBatch:
-        groups = len(crops[0]) if crops else 0
-        return ViewBatch(shard, list(keys), np.stack(views).astype(np.float32) if views else np.zeros((0, 0, 5), np.float32),
-                         [torch.stack([c[g] for c in crops]) for g in range(groups)], last=last,
+        crops = [torch.stack([p.crops[g] for p in group]) for g in range(len(group[0].crops))] if group else []
+        views = np.stack([p.views for p in group]).astype(np.float32) if group else np.zeros((0, 0, 5), np.float32)
+        return ViewBatch(shard, [p.sample.key for p in group], views, crops, last=last,
                          failed=list(failed) if last else [])
 
-    for key, v, c in samples:
-        keys.append(key)
-        views.append(v)
-        crops.append(c)
-        if len(keys) == batch_size:
+    for item in items:
+        group.append(item)
+        if len(group) == batch_size:
             yield emit(last=False)
-            keys, views, crops = [], [], []
+            group = []
     yield emit(last=True)

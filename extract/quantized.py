@@ -15,11 +15,13 @@ import logging
 import os
 
 from kdcache.data.corpus import Corpus
-from kdcache.quantize import QuantizerSpec, SampleSpec, TorchEncoder, convert_shard, train_quantizer
-from kdcache.quantize.convert import set_teacher_quantizer, wait_for_codebooks
-from kdcache.quantize.sample import training_prefix
-from kdcache.store import Codebooks, KdcacheError, Store, feature_path
+from kdcache.errors import KdcacheError
+from kdcache.quantize.convert_store import convert_shard, set_teacher_quantizer, train_quantizer, wait_for_codebooks
+from kdcache.quantize.encoder import TorchEncoder
+from kdcache.quantize.quantizer_spec import QuantizerSpec
+from kdcache.store import Codebooks, Store
 from kdcache.store.lease import new_owner
+from kdcache.targets.sample import SampleSpec, training_prefix
 
 log = logging.getLogger("kdcache.extract")
 KIND = "patch"  # CLS stays float during extraction (small); `kdcache quantize --tokens cls` converts it

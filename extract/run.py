@@ -17,73 +17,27 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from kdcache.data.corpus import FOLDER_SHARD_SIZE, Corpus, ReadOptions, resolve_corpus
-from kdcache.data.decode import MAX_PIXELS, MIN_SIZE, DecodeOptions
+from kdcache.data.corpus import Corpus, ReadOptions, resolve_corpus
 from kdcache.data.partition import rank_and_world, rank_share
-from kdcache.data.walk import ON_ERROR
-from kdcache.models import Teacher, create_teacher, resolve_device
-from kdcache.quantize import QuantizerSpec
-from kdcache.quantize.stats import compute_stats, write_stats
-from kdcache.store import CODECS, STORAGE_DTYPES, KdcacheError, Store, StoreMeta, ViewPolicy, feature_path, has_teacher
-from kdcache.store.dtypes import torch_dtype
+from kdcache.data.pixels import Crop
+from kdcache.models.device import resolve_device
+from kdcache.models.teacher import Teacher, create_teacher
+from kdcache.quantize.quantizer_spec import QuantizerSpec
+from kdcache.store import Store, StoreMeta, ViewPolicy, feature_path, has_teacher
 from kdcache.store.inspect import shard_nbytes, write_summary
-from kdcache.store.lease import LEASE_SECONDS, Heartbeat, new_owner
+from kdcache.store.lease import Heartbeat, new_owner
+from kdcache.store.meta import TOKEN_KINDS
+from kdcache.store.remote import is_url, local_path
+from kdcache.targets.decoding import TORCH_DTYPES
+from kdcache.targets.stats import compute_stats, write_stats
 
-from .batches import InputGroup, LeaseSpec, Replay, ShardBatches, ShardJob, ViewBatch
+from .batches import LeaseSpec, Replay, ShardBatches, ShardJob, ViewBatch
+from .options import ExtractError, ExtractOptions
 from .quantized import (KIND, complete_prefix, convert_complete, device_encoders, keep_float, prefix_holds_sample,
                         quantizers_to_train, sample_spec, stored_quantizers, train_quantizers, wait_for_quantizers)
 from .writer import BackgroundWriter
 
 log = logging.getLogger("kdcache.extract")
-
-
-class ExtractError(KdcacheError):
-    pass
-
-
-@dataclass(frozen=True)
-class ExtractOptions:
-    """Settings of one extraction run (CLI options map 1:1; None means 'library default').
-    Validated on construction: a bad value is one line naming the option."""
-
-    views: int = 1
-    seed: int = 0
-    dtype: str = "float16"
-    codec: str = "lz4"
-    device: str = "auto"
-    batch_size: int = 32
-    workers: int = 1
-    on_error: str = "skip"
-    rank: int | None = None
-    world_size: int | None = None
-    folder_shard_size: int = FOLDER_SHARD_SIZE
-    max_pixels: int = MAX_PIXELS
-    min_size: int = MIN_SIZE
-    progress: bool = True
-    quantize: str | None = None  # e.g. "opq:M=48": train on the first shards, store codes
-    quantize_sample: int = 65536  # training tokens (plus held-out tokens for the fidelity figures)
-    keep_float: bool = False  # keep the float patch arrays beside the codes
-    quantize_pool: int = 4  # sample from the first shards holding >= pool x the training tokens
-    lease_seconds: float = LEASE_SECONDS  # a shard's lease lasts this long unless renewed (store.lease)
-
-    def __post_init__(self):
-        at_least = {"views": 1, "batch_size": 1, "workers": 0, "folder_shard_size": 1, "max_pixels": 1, "min_size": 1,
-                    "quantize_sample": 256, "quantize_pool": 1}
-        for name, low in at_least.items():
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ExtractError(f"--{name.replace('_', '-')} {v!r}: need an integer >= {low}")
-        for name, allowed in (("on_error", ON_ERROR), ("dtype", STORAGE_DTYPES), ("codec", CODECS)):
-            if getattr(self, name) not in allowed:
-                raise ExtractError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
-        if not isinstance(self.lease_seconds, (int, float)) or not 1 <= self.lease_seconds <= 7 * 86400:
-            raise ExtractError(f"--lease-seconds {self.lease_seconds!r}: need a number of seconds in 1..604800")
-        if self.quantize is not None:
-            QuantizerSpec.parse(self.quantize)  # a bad spec fails before any model is built
-
-    @property
-    def read_options(self) -> ReadOptions:
-        return ReadOptions(folder_shard_size=self.folder_shard_size, decode=DecodeOptions(self.max_pixels, self.min_size))
 
 
 @dataclass
@@ -173,7 +127,7 @@ def _write_stats(store: Store, corpus: Corpus) -> None:
         return  # another job on this store is writing them (the same numbers: the same seeded sample)
     try:
         for t in store.meta.teachers:
-            for kind in ("cls", "patch"):
+            for kind in TOKEN_KINDS:
                 st = compute_stats(store, t, kind)
                 if st["source"]["complete_sample"] or done:
                     write_stats(store, t, kind, st)
@@ -192,9 +146,8 @@ def _create_teachers(specs, device, opts) -> dict[str, Teacher]:
 
 
 def _open_or_create(out: str, corpus: Corpus, teachers: dict[str, Teacher], opts: ExtractOptions) -> Store:
-    first = next(iter(teachers.values())).meta
-    h, w = first.input_size[1:]
-    policy = ViewPolicy(views=opts.views, seed=opts.seed, crop_pct=first.crop_pct, aspect=h / w)
+    first = next(iter(teachers.values())).data
+    policy = ViewPolicy.for_input(first.crop_pct, first.hw, views=opts.views, seed=opts.seed)
     corpus_desc = corpus.describe()
     if not Store.exists(out):
         _refuse_foreign_dir(out)
@@ -234,10 +187,10 @@ STORE_ENTRIES = {"zarr.json", "shards", "quantizers", "stats", "leases"}
 def _refuse_foreign_dir(out: str) -> None:
     """Never write into someone else's directory; a store another job or rank is creating right
     now (only store entries, maybe zarr's temporary metadata files) is not foreign."""
-    if "://" in out or not os.path.isdir(out):
+    if is_url(out) or not os.path.isdir(local_path(out)):
         return
     # zarr writes metadata through temporary files (zarr.<uuid>.partial) renamed into place
-    foreign = [e for e in os.listdir(out) if e not in STORE_ENTRIES and not e.startswith("zarr.")]
+    foreign = [e for e in os.listdir(local_path(out)) if e not in STORE_ENTRIES and not e.startswith("zarr.")]
     if foreign:
         raise ExtractError(f"--out {out}: directory exists, holds {foreign[0]!r} and is not a kdcache store")
 
@@ -269,8 +222,8 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
     summary = ExtractSummary()
     if not jobs:
         return summary
-    groups = sorted({InputGroup(t.input_hw, t.meta.interpolation) for t in teachers.values()}, key=str)
-    group_of = {n: groups.index(InputGroup(t.input_hw, t.meta.interpolation)) for n, t in teachers.items()}
+    groups = sorted({Crop(t.input_hw, t.meta.interpolation) for t in teachers.values()}, key=str)
+    group_of = {n: groups.index(Crop(t.input_hw, t.meta.interpolation)) for n, t in teachers.items()}
     by_name = {j.shard.name: j for j in jobs}
     owner = new_owner()
     leases = store.leases(owner, seconds=opts.lease_seconds, pid=os.getpid())
@@ -350,7 +303,7 @@ def _forward(batch: ViewBatch, job: ShardJob, teachers, group_of, device, dtype,
         summary, patches = teachers[name].features(x)
         # Cast on the device, copy the storage dtype (not fp32) back; non_blocking when CUDA.
         for kind, feats in (("cls", summary), ("patch", patches)):
-            stored = feats.to(torch_dtype(dtype))
+            stored = feats.to(TORCH_DTYPES[dtype])
             if kind == KIND and name in encode:
                 encoder, keep = encode[name]
                 # the codes of the stored values (what `kdcache quantize` reads back), on the device,

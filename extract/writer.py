@@ -8,10 +8,10 @@ from __future__ import annotations
 import queue
 import threading
 
+import numpy as np
 import torch
 
-from kdcache.store import KdcacheError, StoreError
-from kdcache.store.dtypes import tensor_to_stored
+from kdcache.errors import KdcacheError, StoreError
 
 
 class WriteError(StoreError):
@@ -85,3 +85,13 @@ class BackgroundWriter:
             del self._writers[shard]
             if self._on_finish is not None:
                 self._on_finish(shard)
+
+
+def tensor_to_stored(t) -> np.ndarray:
+    """A CPU tensor in its storage dtype -> the numpy array the store writes. numpy has no
+    bfloat16: bf16 values are written as their uint16 bits (``store.dtypes``)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy()
+    return t.numpy()

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import timm.data
 
-from .spec import INTERPOLATIONS, ModelSpec, ModelSpecError
+from kdcache.store.meta import INTERPOLATIONS
+
+from .spec import ModelSpec, ModelSpecError
 
 
 @dataclass(frozen=True)

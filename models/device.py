@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from kdcache.store import KdcacheError
+from kdcache.errors import KdcacheError
 
 
 def resolve_device(name: str, *, local_rank: int | None = None) -> torch.device:

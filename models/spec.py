@@ -10,11 +10,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from kdcache.store import KdcacheError
+from kdcache.errors import KdcacheError
+from kdcache.store.meta import INTERPOLATIONS
 from kdcache.store.remote import parse_value
 
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "crop_pct")
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 RESERVED = {"keys", "views", "shards", "quantizers", "stats", ".", ".."}
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .build import build_model, load_checkpoint
+from .create import build_model, load_checkpoint
 from .data_config import DataConfig, resolve_data_config
 from .spec import ModelSpec
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kdcache.store import KdcacheError
+from kdcache.errors import KdcacheError
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from kdcache.store import TeacherMeta
+from kdcache.store.meta import TeacherMeta
 
-from .build import build_model, load_checkpoint, weights_sha256
+from .create import build_model, load_checkpoint, weights_sha256
 from .data_config import DataConfig, resolve_data_config
 from .spec import ModelSpec, ModelSpecError
 from .taps import FeatureTap, probe

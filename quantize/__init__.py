@@ -1,12 +1,8 @@
-"""Multi-codebook quantization of cached features (faiss trains, torch encodes), convert, decode.
+"""Multi-codebook quantization of cached features: faiss trains, torch encodes.
 
-``create_quantizer``-style entry: ``QuantizerSpec.parse("opq:M=48")`` then ``fit`` /
-``encode``; ``quantize_store`` converts a store; ``CodeDecoder`` decodes on the device.
+``quantizer_spec`` (``METHOD[:M=..]`` as the command line names a quantizer; light), ``methods`` (faiss
+training by name, and faiss's encoder as the tested reference), ``encoder`` (torch: features ->
+codes on any device), ``refine`` (joint least-squares rq codebooks), ``convert_store`` (a store's
+floats -> codes, across ranks), ``reconstruction`` (held-out fidelity figures). Decoding codes on
+the training device is ``targets.decoding``'s job: training never imports faiss.
 """
-from .convert import convert_shard, quantize_store, train_quantizer
-from .methods import METHODS, QuantizeError, QuantizerSpec, encode, faiss_decode, faiss_encode, fit
-from .encoder import TorchEncoder
-from .sample import SampleSpec
-
-__all__ = ["METHODS", "QuantizeError", "QuantizerSpec", "SampleSpec", "TorchEncoder", "convert_shard", "encode",
-           "faiss_decode", "faiss_encode", "fit", "quantize_store", "train_quantizer"]

@@ -57,7 +57,7 @@ class TorchEncoder:
     def __call__(self, x) -> torch.Tensor:
         x = torch.as_tensor(x).to(self.device, torch.float32)
         if x.shape[-1] != self.dim:
-            from .methods import QuantizeError
+            from .quantizer_spec import QuantizeError
             raise QuantizeError(f"features have dim {x.shape[-1]}, quantizer {self.cb.method} expects {self.dim}")
         x = x.reshape(-1, self.dim)
         out = torch.empty((x.shape[0], self.cb.m), dtype=torch.uint8, device=self.device)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import StoreError
+from kdcache.errors import StoreError
 
 PRODUCT, ADDITIVE = "product", "additive"
 

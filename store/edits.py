@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import StoreError
-from .layout import ArrayDigest, append_rows, crc32, create_rows_array
+from kdcache.errors import StoreError
+
+from .layout import ArrayDigest, append_rows, create_rows_array
 from .meta import SHARDS, quantizer_path, stats_path
+from .reads import crc32
 
 
 class ShardEdits:

@@ -168,10 +168,11 @@ def leases_for(url: str, owner: str, *, seconds: float = LEASE_SECONDS, pid: int
 
 def _filesystem(url: str):
     import fsspec.core
-    if "://" in url and not url.startswith("file://"):
+
+    from .remote import is_url, local_path
+    if is_url(url):
         return fsspec.core.url_to_fs(url)
-    path = url[len("file://"):] if url.startswith("file://") else url
-    return fsspec.filesystem("file"), os.path.abspath(path)
+    return fsspec.filesystem("file"), os.path.abspath(local_path(url))
 
 
 class Heartbeat:

@@ -10,11 +10,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .dtypes import STORAGE_DTYPES, zarr_dtype  # noqa: F401 - STORAGE_DTYPES re-exported
-from .errors import StoreError
+from kdcache.errors import StoreError
+
+from .dtypes import zarr_dtype
 
 FORMAT_VERSION = 1
 CODECS = ("none", "lz4", "zstd")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # how crops are resized (torchvision's modes of these names)
+TOKEN_KINDS = ("cls", "patch")  # a teacher's stored token kinds: its summary vector, its patch tokens
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,12 @@ class ViewPolicy:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: float = 0.5
     kind: str = "eval+rrc-flip/v1"
+
+    @classmethod
+    def for_input(cls, crop_pct: float, hw: tuple[int, int], *, views: int = 1, seed: int = 0) -> "ViewPolicy":
+        """The policy of a model that takes ``hw`` (height, width) inputs and evaluates on the
+        centred ``crop_pct`` box: its eval view keeps the model's aspect ratio."""
+        return cls(views=views, seed=seed, crop_pct=crop_pct, aspect=hw[0] / hw[1])
 
     def to_dict(self) -> dict:
         return _jsonable(dataclasses.asdict(self))
@@ -153,7 +162,7 @@ def teacher_arrays(name: str, t: TeacherMeta, views: int) -> dict[str, tuple[tup
     Float features are ``cls``/``patch``; a quantized token kind ``X`` is stored as ``X_codes``
     (uint8, one byte per codebook) instead, or beside the floats when ``keep_float``.
     """
-    shapes = {"cls": (views, t.dim), "patch": (views, t.tokens, t.dim)}
+    shapes = dict(zip(TOKEN_KINDS, ((views, t.dim), (views, t.tokens, t.dim))))
     out = {}
     for kind, shape in shapes.items():
         q = (t.quantizer or {}).get(kind)

@@ -14,10 +14,12 @@ import time
 
 from tqdm import tqdm
 
-from .errors import StoreError
+from kdcache.errors import StoreError
+
 from .inspect import shard_nbytes, write_summary
 from .lease import new_owner
-from .meta import StoreMeta, feature_path, has_teacher
+from .meta import TOKEN_KINDS, StoreMeta, feature_path, has_teacher
+from .remote import is_url, local_path
 from .store import Store, ensure_group
 from .verify import verify_shard
 
@@ -65,7 +67,7 @@ def copy_stores(sources: list[str], dst_url: str, *, shards: str | None = None, 
     dst = _open_destination(dst_url, meta)
     for s in srcs:
         for t in meta.teachers:
-            for kind in ("cls", "patch"):
+            for kind in TOKEN_KINDS:
                 cb = s.read_codebooks(t, kind)
                 if cb is not None and dst.read_codebooks(t, kind) is None:
                     dst.write_codebooks(t, kind, cb)
@@ -97,7 +99,7 @@ def _open_destination(url: str, meta: StoreMeta) -> Store:
         dst = Store.open(url, writable=True)
         compatible(meta, dst.meta, where=f"{url} (destination)")
         return dst
-    if "://" not in url and os.path.isdir(url) and os.listdir(url):
+    if not is_url(url) and os.path.isdir(local_path(url)) and os.listdir(local_path(url)):
         raise StoreError(f"{url}: directory exists, is not empty and is not a kdcache store")
     return Store.create(url, meta)
 
@@ -142,7 +144,7 @@ def drop_teacher(url: str, teacher: str) -> dict:
         name, h = next(iter(live.items()))
         raise StoreError(f"{url}: shard {name} is being written by {h.describe()}; drop the teacher when no job writes")
     store.write_meta(store.meta.replace(teachers={n: t for n, t in store.meta.teachers.items() if n != teacher}))
-    paths = {feature_path(teacher, k, codes=c) for k in ("cls", "patch") for c in (False, True)}
+    paths = {feature_path(teacher, k, codes=c) for k in TOKEN_KINDS for c in (False, True)}
     n = 0
     for name in store.shard_names():
         n += store.drop_arrays(name, paths)

@@ -2,14 +2,20 @@
 
 A mixin of ``Store`` (it uses ``url``, ``root``, ``meta``, ``shard_attrs`` and the array
 specs): everything a reader loads comes through here, so every reader checks the same way.
+A block that cannot be decompressed, does not match the CRC-32 written with it, or holds NaN or
+infinity is a ``CorruptShardError`` naming store, shard and array (and carrying the shard);
+``keys`` and ``views`` are checked against their digests. Writers record the CRC-32 defined here.
 """
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
+from kdcache.errors import CorruptShardError, StoreError, first_line
+
 from .dtypes import to_float32
-from .errors import CorruptShardError, StoreError, first_line
-from .layout import ArrayDigest, all_finite, crc32, digest_array
+from .layout import ArrayDigest, digest_array
 from .meta import SHARDS, feature_path
 
 MAX_BLOCK_BYTES = 1 << 31  # a block is read whole: bound what hostile array metadata can make us allocate
@@ -51,17 +57,25 @@ class VerifiedReads:
 
     def keys(self, shard: str) -> np.ndarray:
         """The shard's sample keys, checked against their digest (small: read whole)."""
-        keys = np.asarray(self.array(shard, "keys")[:].tolist(), dtype=str)  # StringDType -> plain str
+        keys = np.asarray(self._read_whole(shard, "keys").tolist(), dtype=str)  # StringDType -> plain str
         self._check_digest(shard, "keys", keys)
         return keys
 
     def views(self, shard: str) -> np.ndarray:
         """The shard's (n, K, 5) view boxes, checked against their digest."""
-        views = np.asarray(self.array(shard, "views")[:])
+        views = np.asarray(self._read_whole(shard, "views"))
         self._check_digest(shard, "views", views)
         if not all_finite(views):
-            raise CorruptShardError(f"{self.url}: shard {shard}: views holds NaN or infinite values")
+            raise CorruptShardError(f"{self.url}: shard {shard}: views holds NaN or infinite values", shard=shard)
         return views
+
+    def _read_whole(self, shard: str, path: str) -> np.ndarray:
+        a = self.array(shard, path)
+        try:
+            return a[:]
+        except Exception as e:  # noqa: BLE001 - a truncated or garbled chunk fails inside the codec
+            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: unreadable ({type(e).__name__}: "
+                                    f"{_printable(first_line(e))})", shard=shard) from None
 
     def _check_digest(self, shard: str, path: str, rows: np.ndarray) -> None:
         attrs = self.shard_attrs(shard) or {}
@@ -70,7 +84,7 @@ class VerifiedReads:
             d = ArrayDigest()
             d.update(rows)
             if d.hexdigest() != want:
-                raise CorruptShardError(f"{self.url}: shard {shard}: {path}: data does not match its digest")
+                raise CorruptShardError(f"{self.url}: shard {shard}: {path}: data does not match its digest", shard=shard)
 
     def block_rows(self, shard: str, path: str) -> int:
         """Rows per Zarr shard of an array: read it a block at a time (one request per block)."""
@@ -114,18 +128,19 @@ class VerifiedReads:
             rows = np.asarray(a[start:start + block])
         except Exception as e:  # noqa: BLE001 - a truncated or garbled chunk fails inside the codec
             raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} unreadable "
-                                    f"({type(e).__name__}: {first_line(e)})") from None
+                                    f"({type(e).__name__}: {_printable(first_line(e))})", shard=shard) from None
         if not verify:  # only `kdcache bench load`, to measure what the checks cost
             return rows
         crcs = (attrs.get("block_crc32") or {}).get(path)
         if crcs is not None:
             if index >= len(crcs) or crc32(rows) != crcs[index]:
                 raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} does not match the checksum "
-                                        f"written with it (corrupt or missing chunk)")
+                                        f"written with it (corrupt or missing chunk)", shard=shard)
         elif index == 0:
             self.verify_array(shard, path, attrs=attrs, array=a)
         if not all_finite(rows):
-            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} holds NaN or infinite values")
+            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} holds NaN or infinite values",
+                                    shard=shard)
         return rows
 
     def verify_array(self, shard: str, path: str, *, attrs: dict | None = None, array=None) -> None:
@@ -135,10 +150,34 @@ class VerifiedReads:
         try:
             got = digest_array(a)
         except Exception as e:  # noqa: BLE001
-            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: unreadable ({type(e).__name__}: {first_line(e)})") from None
+            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: unreadable ({type(e).__name__}: "
+                                    f"{_printable(first_line(e))})", shard=shard) from None
         if got != (attrs.get("digest") or {}).get(path):
-            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: data does not match its digest (corrupt or missing chunk)")
+            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: data does not match its digest (corrupt or missing "
+                                    f"chunk)", shard=shard)
 
 
 def _block_of(a) -> int:
     return int(a.shards[0] if getattr(a, "shards", None) else a.chunks[0])
+
+
+def crc32(rows: np.ndarray) -> int:
+    """CRC-32 over the C-order bytes of rows: what writers record per block and readers check."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(rows)).cast("B"))
+
+
+def all_finite(rows: np.ndarray) -> bool:
+    """No NaN or infinity, tested on the exponent bits (all ones = inf/NaN): float16, float32 and
+    bfloat16 bits (uint16) alike, about 5x faster than ``np.isfinite`` on fp16 (measured)."""
+    masks = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000),
+             np.dtype(np.uint16): (np.uint16, 0x7F80)}
+    if rows.dtype not in masks:
+        return True
+    view, mask = masks[rows.dtype]
+    bits = np.ascontiguousarray(rows).view(view)
+    return not bool(((bits & view(mask)) == mask).any())
+
+
+def _printable(text: str) -> str:
+    """A library's error message without raw bytes or control characters (it is shown in one line)."""
+    return "".join(c if c.isprintable() else "?" for c in text)

@@ -1,4 +1,7 @@
-"""Object storage options: ``--storage-option key=value`` for every command taking STORE or DATA.
+"""Object storage: which locations are URLs, and ``--storage-option key=value`` for every command
+taking STORE or DATA.
+
+``is_url`` is the one test of "is this an fsspec URL or a local path" (``file://`` is local).
 
 The options go into fsspec's own configuration (``fsspec.config.conf[protocol]``), the place
 ``s3fs``, ``gcsfs`` and the others read their defaults from, alongside the environment
@@ -9,9 +12,18 @@ a store's metadata or a run directory. Nothing here logs or prints a value.
 """
 from __future__ import annotations
 
-import fsspec.config
+from kdcache.errors import KdcacheError
 
-from .errors import KdcacheError
+
+def is_url(location: str) -> bool:
+    """An fsspec URL of a remote or in-memory filesystem (``s3://``, ``gs://``, ``memory://``); a
+    local path or a ``file://`` URL is not."""
+    return isinstance(location, str) and "://" in location and not location.startswith("file://")
+
+
+def local_path(location: str) -> str:
+    """A local path or ``file://`` URL -> the path."""
+    return location[len("file://"):] if location.startswith("file://") else location
 
 
 def parse_storage_options(items) -> dict:
@@ -47,17 +59,14 @@ def parse_value(v: str):
 
 def protocols(urls) -> set[str]:
     """The fsspec protocols of the URLs that are not local paths."""
-    out = set()
-    for u in urls:
-        if isinstance(u, str) and "://" in u and not u.startswith("file://"):
-            out.add(u.split("://", 1)[0])
-    return out
+    return {u.split("://", 1)[0] for u in urls if is_url(u)}
 
 
 def configure(options: dict, urls) -> None:
     """Apply ``options`` to the protocols of ``urls`` (a local-only command ignores them)."""
     if not options:
         return
+    import fsspec.config
     targets = protocols(urls)
     if not targets:
         raise KdcacheError("--storage-option given, but no STORE or DATA here is an fsspec URL (s3://, gs://, ...)")

@@ -11,11 +11,11 @@ import math
 import re
 import unicodedata
 
-from .dtypes import STORAGE_DTYPES
-from .errors import StoreError
-from .meta import CODECS
+from kdcache.errors import StoreError
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+from .dtypes import STORAGE_DTYPES
+from .meta import CODECS, INTERPOLATIONS, TOKEN_KINDS
+
 MAX_VIEWS = 1024
 MAX_DIM = 1 << 16
 MAX_GRID = 4096
@@ -167,7 +167,7 @@ def check_teacher(d, where: str, views: int) -> None:
         if not isinstance(q, dict):
             f._bad("quantizer", "null or a JSON object")
         for kind, spec in q.items():
-            if kind not in ("cls", "patch"):
+            if kind not in TOKEN_KINDS:
                 raise StoreError(f"{where}: quantizer kind {kind!r} is not cls or patch")
             qf = _Fields(spec, f"{where}: quantizer {kind}")
             qf.int("m", 1, MAX_CODES)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from kdcache.errors import StoreError
+
 from .dtypes import itemsize
-from .errors import StoreError
-from .layout import ArrayDigest, append_rows, block_crcs, block_rows, create_rows_array
+from .layout import ArrayDigest, append_rows, block_rows, create_rows_array
 from .meta import TeacherMeta, teacher_arrays
+from .reads import crc32
 
 
 class ShardWriter:
@@ -91,7 +93,7 @@ class ShardWriter:
                     head = np.asarray(head, dtype=str)
                 else:  # checksum the bytes as stored, in the array's dtype
                     head = np.asarray(head, dtype=self._arrays[path].dtype)
-                    self._crcs[path] += block_crcs(head, self.block)
+                    self._crcs[path] += [crc32(head[i:i + self.block]) for i in range(0, len(head), self.block)]
                 self._digests[path].update(head)
                 append_rows(self._arrays[path], head)
             self._buffers[path] = [tail] if len(tail) else []

@@ -13,24 +13,27 @@ import zarr
 import zarr.storage
 from zarr.errors import ContainsGroupError
 
+from kdcache.errors import StoreError, first_line
+
 from .codes import Codebooks, read_codebooks, write_codebooks
 from .edits import ShardEdits
-from .errors import StoreError, first_line
 from .lease import LEASE_SECONDS, Leases, leases_for
-from .meta import SHARDS, StoreMeta, TeacherMeta, feature_path, has_teacher, quantizer_path, stats_path, teacher_arrays
+from .meta import (SHARDS, TOKEN_KINDS, StoreMeta, TeacherMeta, feature_path, has_teacher, quantizer_path, stats_path,
+                   teacher_arrays)
 from .reads import VerifiedReads
+from .remote import is_url, local_path
 from .schema import check_name, check_shard_attrs
 from .shard_writer import ShardWriter
 
 
 def zarr_store(url: str, *, read_only: bool):
     """A zarr store object for a local path or an fsspec URL."""
-    if "://" in url and not url.startswith("file://"):
+    if is_url(url):
         try:
             return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
         except (ImportError, ValueError) as e:
             raise StoreError(f"{url}: cannot open this URL as a store: {e}") from None
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = local_path(url)
     if read_only and not os.path.isdir(path):
         raise StoreError(f"{path}: no store here (not a directory)")
     if not read_only:
@@ -156,7 +159,7 @@ class Store(VerifiedReads, ShardEdits):
         """Every array path a shard of this store may hold."""
         out = {"keys", "views"}
         for t in self.meta.teachers:
-            out |= {feature_path(t, kind, codes=codes) for kind in ("cls", "patch") for codes in (False, True)}
+            out |= {feature_path(t, kind, codes=codes) for kind in TOKEN_KINDS for codes in (False, True)}
         return out
 
     def expected_arrays(self) -> dict[str, tuple[tuple, str]]:

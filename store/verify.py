@@ -1,13 +1,15 @@
 """``kdcache verify``: every complete shard against its digests and shapes, optionally the corpus.
 
 The one place a store is verified. The corpus side comes in as plain iterables of keys (what
-each corpus shard should hold, computed by ``kdcache.data.walk``), so ``store/`` stays free of
-corpus code.
+each corpus shard should hold, computed by ``kdcache.data.corpus_keys`` through the one walk),
+so ``store/`` stays free of corpus code, and verifying the store alone imports no torch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
+
+from kdcache.errors import StoreError, one_line
 
 from .layout import digest_array
 from .meta import has_teacher, teacher_arrays
@@ -49,8 +51,16 @@ def verify(store: Store, corpus_keys: Mapping[str, Iterable[str]] | None = None)
     return report
 
 
+def verify_store(url: str, corpus_keys: Mapping[str, Iterable[str]] | None = None) -> VerifyReport:
+    """``kdcache verify URL``: open the store read-only and verify it (verify never writes)."""
+    return verify(Store.open(url), corpus_keys)
+
+
 def _keys_problems(store: Store, name: str, corpus_keys: Iterable[str]) -> list[str]:
-    stored = store.keys(name).tolist()
+    try:
+        stored = store.keys(name).tolist()
+    except StoreError as e:  # a damaged keys array is a finding, found once by verify_shard too
+        return [f"shard {name}: keys unreadable, the corpus cannot be compared ({one_line(e)})"]
     i = 0
     try:
         for key in corpus_keys:

@@ -58,7 +58,8 @@ def corpus(tmp_path_factory):
 def vit_store(tmp_path_factory, corpus, vit_spec):
     """``corpus`` extracted with the ViT teacher, K=2 views: shared by readers that never write
     to it (tests that change a store copy it first)."""
-    from kdcache.extract import ExtractOptions, extract
+    from kdcache.extract.options import ExtractOptions
+    from kdcache.extract.run import extract
     out = str(tmp_path_factory.mktemp("vit_store") / "s.zarr")
     extract(corpus, out, [vit_spec], ExtractOptions(views=2, progress=False, workers=0))
     return out

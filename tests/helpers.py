@@ -82,3 +82,12 @@ def one_error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith("kdcache: error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def verify_store(url, data=None):
+    """``kdcache verify URL [--data DATA]`` as a function: the store alone, or against its corpus."""
+    if data is None:
+        from kdcache.store.verify import verify_store as verify_alone
+        return verify_alone(url)
+    from kdcache.data.corpus_keys import verify_with_corpus
+    return verify_with_corpus(url, data)

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import torch
 
-BALANCES = ("static", "mgda")
-
-
 EXACT_UP_TO = 10  # objectives: beyond this, Frank-Wolfe instead of the exact active-set search
 
 

@@ -1,7 +1,9 @@
 """Training settings: one frozen dataclass, from a YAML/TOML file and/or CLI options.
 
-CLI options override the file; unset options keep the defaults here (one place). The
-resolved config is written to the run directory as JSON, next to a copy of the file.
+CLI options override the file; unset options keep the defaults here (one place), and so do the
+vocabularies of the options that take a name. The resolved config is written to the run
+directory as JSON, next to a copy of the file. Light on purpose: ``kdcache train --help``
+shows these defaults without importing torch.
 """
 from __future__ import annotations
 
@@ -11,17 +13,16 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from kdcache.models import ModelSpec
-from kdcache.store import KdcacheError
-
-from .balance import BALANCES
-from .loader import VIEW_CHOICES
-from .model import HEAD_KINDS
-from .normalize import NORMALIZERS
+from kdcache.errors import KdcacheError
+from kdcache.targets.normalize import NORMALIZERS
 
 AMP = ("bf16", "none")
 TASK_LOSSES = ("none", "ce")
 LABELS = ("cls",)
+VIEW_CHOICES = ("epoch", "random", "first", "augmented")  # which stored view a sample takes (train.loader.pick_view)
+HEAD_KINDS = ("mlp", "transformer")  # per-teacher projectors (train.model)
+BALANCES = ("static", "mgda")  # how objectives are weighed (train.balance)
+REQUIRED = ("store", "data", "student", "out")  # --store may be left out with --online
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class TrainConfig:
     online_stats_images: int = 512  # --online: images whose teacher features give the normalisation statistics
 
     def __post_init__(self):
-        for name in ("store", "data", "student", "out"):
+        for name in REQUIRED:
             if name == "store" and self.online and self.store == "":
                 continue
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
@@ -113,6 +114,7 @@ class TrainConfig:
             raise ConfigError("--online runs the teachers live: give --teacher NAME=MODEL specs, not --store")
         if not self.teachers:
             raise ConfigError("--online needs at least one --teacher NAME=MODEL[,key=value...]")
+        from kdcache.models.spec import ModelSpec
         for spec in self.teachers:
             ModelSpec.parse_teacher(spec)  # a one-line ModelSpecError naming the spec
         for name in ("predict_codes", "skip_corrupt"):
@@ -172,12 +174,11 @@ def build_config(config_file: str | None, **cli) -> TrainConfig:
     """The file's options, overridden by the CLI's (None = not given); validated on construction."""
     d = read_config_file(config_file) if config_file else {}
     d.update({k: v for k, v in cli.items() if v is not None})
-    for k in ("store", "data", "student", "out"):
-        if k == "store" and d.get("online"):
-            d.setdefault("store", "")
-            continue
-        if not d.get(k):
-            raise ConfigError(f"--{k} is required (on the command line or in --config)")
+    if d.get("online"):
+        d.setdefault("store", "")
+    missing = [k for k in REQUIRED if k not in d]  # (the dataclass checks the values: one place)
+    if missing:
+        raise ConfigError(f"--{missing[0]} is required (on the command line or in --config)")
     if isinstance(d.get("teachers"), list):
         d["teachers"] = tuple(d["teachers"])
     return TrainConfig(**d)

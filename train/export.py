@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 
-from kdcache.store import KdcacheError
+from kdcache.errors import KdcacheError
 
 from .rundir import RunDir
 

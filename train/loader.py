@@ -1,14 +1,17 @@
 """The training loader: corpus shard i and store shard i streamed together.
 
 Per epoch the shard order is shuffled (seeded by seed and epoch; the same on every rank, which
-then takes ``order[rank::world]``, and each DataLoader worker ``[worker::workers]``). Within
-a shard the store arrays are read one Zarr block at a time (a few large requests, never a
-random read per sample) while the corpus tar streams alongside; keys must match in order
-(samples recorded as failed at extraction are skipped). Each sample takes one of its K stored
-views, its crop is replayed from the stored parameters (so student and teacher saw the same
-pixels), resized to the student's input, optionally colour-jittered (student only). Targets
-leave the workers as stored bytes: fp16, bf16 bits (int16), uint8 codes; ``train.targets``
-turns them into floats on the device.
+then takes ``order[rank::world]``, and each DataLoader worker ``[worker::workers]``:
+``data.partition``). Within a shard, one chain per sample, in one direction:
+
+    data.walk.align (the corpus shard in step with the stored keys: the sample's row)
+    -> data.pixels.view_pixels (decoded, its view of this epoch replayed at the student's input)
+    -> its target rows, sliced from the store block that holds them (``store.reads``: one
+       verified read per block and array, a few large requests per shard, never one per sample)
+
+Student and teacher therefore see the same pixels; ``--color-jitter`` augments the student only.
+Targets leave the workers as stored bytes (fp16, bf16 bits as uint16, uint8 codes);
+``targets.decoding`` turns them into floats on the device.
 """
 from __future__ import annotations
 
@@ -23,16 +26,14 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from kdcache.data.corpus import Corpus
-from kdcache.data.decode import BadImage, DecodeOptions, decode_sample
+from kdcache.data.corpus import Corpus, DecodeOptions
 from kdcache.data.partition import current_worker, epoch_streams
-from kdcache.data.views import replay_view
-from kdcache.data.walk import align
-from kdcache.store import KdcacheError, Store, StoreError
-from kdcache.store.dtypes import stored_to_tensor
-from kdcache.store.errors import one_line
+from kdcache.data.pixels import Crop, view_pixels
+from kdcache.data.walk import RawSample, align, changed_since_extraction
+from kdcache.errors import KdcacheError, StoreError, one_line
+from kdcache.store import Store
 
-VIEW_CHOICES = ("epoch", "random", "first", "augmented")
+from .config import VIEW_CHOICES
 
 
 class LoaderError(KdcacheError):
@@ -61,6 +62,11 @@ class LoaderSpec:
         if self.view_choice not in VIEW_CHOICES:
             raise LoaderError(f"view_choice {self.view_choice!r}: expected one of {', '.join(VIEW_CHOICES)}")
 
+    @property
+    def crop(self) -> Crop:
+        """The student's input: what every sample's view is resized to."""
+        return Crop(tuple(self.input_size), self.interpolation)
+
 
 def pick_view(choice: str, k: int, *, key: str, epoch: int, seed: int) -> int:
     if choice == "first" or k == 1:
@@ -76,7 +82,7 @@ def pick_view(choice: str, k: int, *, key: str, epoch: int, seed: int) -> int:
 class ShardStream(IterableDataset):
     """Samples of an epoch: this rank's and worker's shards (``data.partition``) in a seeded
     shuffle buffer, student colour jitter applied. Subclasses say what one shard yields:
-    ``DistillStream`` (cached targets) and ``train.online.OnlineStream`` (live teachers) share
+    ``CachedStream`` (stored targets) and ``train.online.OnlineStream`` (live teachers) share
     this order, so the same seed gives the same batches from either. A subclass defines
     ``_shard(name, epoch)``: the samples of one shard, as dicts.
 
@@ -131,64 +137,78 @@ class ShardStream(IterableDataset):
         yield from buffer
 
 
-class DistillStream(ShardStream):
-    """Yields dicts: key, image (3, H, W) uint8, view (int), and the stored target rows."""
+class CachedStream(ShardStream):
+    """Yields dicts: key, image (3, H, W) uint8, view (int), label, and the stored target rows."""
 
     def __init__(self, corpus: Corpus, spec: LoaderSpec, *, epoch: int = 0, rank: int = 0, world: int = 1):
         super().__init__(corpus, spec, epoch=epoch, rank=rank, world=world)
         self._store = None
 
     def __iter__(self):
-        if self._store is None:
+        if self._store is None:  # opened here: in a DataLoader worker, after the fork
             self._store = Store.open(self.spec.store_url)
         yield from self._epoch_samples(self.epoch)
 
     def _shard(self, name: str, epoch: int):
-        """The samples of one shard; a corrupt shard stops the run, or with ``skip_corrupt`` ends
-        here and is recorded (shard, array, reason, samples not delivered) in ``skip_log``."""
+        """The samples of one shard; a corrupt shard stops the run, or with ``skip_log`` ends
+        here and is recorded (shard, array, reason, samples not delivered) in the skip log."""
         store, spec = self._store, self.spec
-        row, attrs = 0, {}
+        delivered, attrs = 0, {}
         try:
             attrs = store.shard_attrs(name) or {}
             if attrs.get("complete") is not True:
                 raise LoaderError(f"{spec.store_url}: shard {name} is not complete")
+            shard = self.corpus.shard(name)
             keys = store.keys(name).tolist()
-            views = store.views(name)
-            arrays = {p: store.array(name, p) for p in spec.target_paths}
-            block_rows = store.block_rows(name, spec.target_paths[0])
-            blocks: dict[str, np.ndarray] = {}
-            block_start = -1
-            k = views.shape[1]
-            for row, s in align(self.corpus, self.corpus.shard(name), keys, attrs.get("failed", [])):
-                if block_start < 0 or row >= block_start + block_rows:  # one Zarr block per array: a few large reads
-                    block_start = (row // block_rows) * block_rows
-                    blocks = {p: store.read_block(name, p, row // block_rows, attrs=attrs, array=a, verify=spec.verify)
-                              for p, a in arrays.items()}
+            stored_views = store.views(name)
+            k = stored_views.shape[1]
+            blocks = BlockRows(store, name, spec.target_paths, attrs, verify=spec.verify)
+
+            def this_epochs_view(s: RawSample, height: int, width: int) -> np.ndarray:
+                return stored_views[s.row, pick_view(spec.view_choice, k, key=s.key, epoch=epoch, seed=spec.seed)]
+
+            samples = align(self.corpus, shard, keys, attrs.get("failed", []))
+            for item in view_pixels(samples, views=this_epochs_view, crops=[spec.crop], decode=spec.decode,
+                                    handler=changed_since_extraction(shard)):
+                s = item.sample
                 v = pick_view(spec.view_choice, k, key=s.key, epoch=epoch, seed=spec.seed)
-                try:
-                    rgb = decode_sample(s, spec.decode)
-                except BadImage as e:
-                    raise LoaderError(f"shard {name}: sample {s.key!r} was extracted but now fails to decode: {e}") from None
-                image = replay_view(torch.from_numpy(rgb).permute(2, 0, 1), views[row, v], spec.input_size, spec.interpolation)
-                out = {"key": s.key, "image": image, "view": v, "label": sample_label(s)}
-                for p, b in blocks.items():
-                    out[p] = stored_to_tensor(b[row - block_start, v])
-                yield out
+                yield {"key": s.key, "image": item.crops[0][0], "view": v, "label": sample_label(s), **blocks.row(s.row, v)}
+                delivered += 1
         except StoreError as e:
             if not spec.skip_log:
                 raise
             count = attrs.get("count", 0)
             record_skip(spec.skip_log, {"epoch": epoch, "shard": name, "error": one_line(e),
-                                        "samples_skipped": max(0, count - row) if isinstance(count, int) else 0})
+                                        "samples_skipped": max(0, count - delivered) if isinstance(count, int) else 0})
 
 
-def sample_label(sample) -> torch.Tensor:
+class BlockRows:
+    """A shard's target arrays, read one verified block at a time (the block holding the row
+    asked for; rows are asked for in order, so each block is read once)."""
+
+    def __init__(self, store: Store, shard: str, paths, attrs: dict, *, verify: bool = True):
+        self.store, self.shard, self.attrs, self.verify = store, shard, attrs, verify
+        self.arrays = {p: store.array(shard, p) for p in paths}
+        self.block = store.block_rows(shard, paths[0]) if paths else 1
+        self.index, self.rows = -1, {}
+
+    def row(self, row: int, view: int) -> dict[str, torch.Tensor]:
+        """{path: the stored bytes of view ``view`` of row ``row``} as tensors (bf16 bits as uint16)."""
+        if row // self.block != self.index:
+            self.index = row // self.block
+            self.rows = {p: self.store.read_block(self.shard, p, self.index, attrs=self.attrs, array=a, verify=self.verify)
+                         for p, a in self.arrays.items()}
+        return {p: torch.from_numpy(np.ascontiguousarray(b[row - self.index * self.block, view]))
+                for p, b in self.rows.items()}
+
+
+def sample_label(sample: RawSample) -> torch.Tensor:
     """The corpus label (webdataset cls, image-folder class) for the task loss; -1 when none."""
     return torch.tensor(-1 if sample.label is None else int(sample.label))
 
 
 def record_skip(path: str, record: dict) -> None:
-    """One JSON line per skipped shard; O_APPEND keeps lines whole across worker processes."""
+    """One JSON line per skipped shard or sample; O_APPEND keeps lines whole across worker processes."""
     line = (json.dumps(record) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -217,8 +237,3 @@ def collate(samples: list[dict]) -> dict:
         if k not in out:
             out[k] = torch.stack([s[k] for s in samples])
     return out
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Pinned host tensors -> device, non_blocking (the copy overlaps compute on CUDA)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -1,9 +1,11 @@
-"""Metrics of a run: metrics.csv, TensorBoard events in tb/, and loss.png (losses per teacher)."""
+"""Metrics of a run: metrics.csv, TensorBoard events in tb/, loss.png (losses per teacher), and
+what the run did not train on (RUN/skipped.jsonl, summed up)."""
 from __future__ import annotations
 
 import csv
 import os
 
+from .loader import read_skips
 from .rundir import RunDir
 
 
@@ -73,3 +75,29 @@ def plot_losses(run: RunDir, teachers: list[str], path: str | None = None) -> st
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def skipped_summary(run: RunDir, *, logged: bool) -> dict:
+    """Corrupt shards skipped (``--skip-corrupt``) and bad images (``--online``): unique per epoch,
+    whatever resumes replayed. ``logged``: the run keeps a skip log."""
+    records = {(r["epoch"], r["shard"], r.get("key")): r for r in read_skips(run.skip_log if logged else None)}
+    return {"shards": sorted({r["shard"] for r in records.values()}),
+            "samples": sum(r["samples_skipped"] or 0 for r in records.values()),
+            "errors": sorted({f"{r['shard']}: {r['error']}" for r in records.values()})}
+
+
+class SkippedSamples:
+    """The running count for metrics.csv: the skip log is re-read only when it has grown (loader
+    workers append to it), not on every logged step."""
+
+    def __init__(self, run: RunDir, *, logged: bool):
+        self.run, self.logged, self.size, self.count = run, logged, -1, 0
+
+    def __call__(self) -> int:
+        if not self.logged:
+            return 0
+        path = self.run.skip_log
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        if size != self.size:
+            self.size, self.count = size, skipped_summary(self.run, logged=True)["samples"]
+        return self.count

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcache.models import DataConfig, probe
-from kdcache.store import KdcacheError
+from kdcache.errors import KdcacheError
+from kdcache.models.data_config import DataConfig
+from kdcache.models.taps import probe
 
-
-HEAD_KINDS = ("mlp", "transformer")
+from .config import HEAD_KINDS
 
 
 @dataclass(frozen=True)

@@ -4,17 +4,17 @@ The baseline every cached run is measured against, and the fallback for users wh
 features. Same student, heads, losses, normalisation and sample order as a cached run (the
 shuffle of ``loader.ShardStream``); only the source of the targets differs. In epoch ``e`` a
 sample takes a fresh view, index ``e + 1`` of the store's view sequence
-(``data.views.view_at``: RandomResizedCrop + flip seeded by ``(seed, key, index)``), cropped at
-the student's input and at each teacher's, and the teachers run in the main process on the
+(``data.pixels.view_at``: RandomResizedCrop + flip seeded by ``(seed, key, index)``), cropped
+at the student's input and at each teacher's, and the teachers run in the main process on the
 training device. An online run of E epochs therefore sees exactly the views that a store
 extracted with ``--views E+1 --seed SEED`` holds and that a cached run with ``--view-choice
 augmented`` picks: the two runs differ only by the cache (a finite K, fp16 rounding).
 
 Before training, one pass over the corpus counts the decodable samples of every shard (the
-schedule's length; bad images are skipped and recorded in ``RUN/skipped.jsonl``), and the
-teachers' normalisation statistics are taken from their features on the first
-``online_stats_images`` samples (kept in ``RUN/stats/``, so a resumed run normalises exactly as
-before).
+schedule's length; bad images are skipped, and recorded in ``RUN/skipped.jsonl`` once the run
+directory is written), and the teachers' normalisation statistics are taken from their
+features on the first ``online_stats_images`` samples (kept in ``RUN/stats/``, so a resumed run
+normalises exactly as before).
 """
 from __future__ import annotations
 
@@ -27,20 +27,17 @@ from torch import nn
 from tqdm import tqdm
 
 from kdcache.data.corpus import Corpus
-from kdcache.data.decode import BadImage, decode_sample
-from kdcache.data.views import replay_view, view_at
-from kdcache.data.walk import Skip, screen
-from kdcache.models import Teacher
-from kdcache.store import ViewPolicy
+from kdcache.data.pixels import Crop, decodable, view_at, view_pixels
+from kdcache.data.walk import counted_before, record_to, screened
+from kdcache.models.teacher import Teacher
+from kdcache.store.meta import TOKEN_KINDS, ViewPolicy
+from kdcache.targets.decoding import normalizers
+from kdcache.targets.normalize import needs_stats
+from kdcache.targets.stats import STATS_TOKENS, moments
 
-from .loader import LoaderSpec, ShardStream, record_skip, sample_label
-from .normalize import create_normalizer, needs_stats
-from .rundir import RunDir
-from .stats import load_run_stats, save_run_stats
+from .loader import LoaderSpec, ShardStream, sample_label
 
 log = logging.getLogger("kdcache.train")
-
-STATS_TOKENS = 131072  # as many tokens as a store's statistics sample (quantize.stats)
 
 
 @dataclass(frozen=True)
@@ -63,7 +60,7 @@ def online_view_index(epoch: int, view_choice: str) -> int:
 
 
 class OnlineStream(ShardStream):
-    """Yields dicts: key, image (student's crop), view, and ``input/<teacher>`` crops (uint8)."""
+    """Yields dicts: key, image (student's crop), view, label, and ``input/<teacher>`` crops (uint8)."""
 
     def __init__(self, corpus: Corpus, spec: LoaderSpec, policy: ViewPolicy, inputs: tuple[TeacherInput, ...], *,
                  epoch: int = 0, rank: int = 0, world: int = 1):
@@ -74,45 +71,37 @@ class OnlineStream(ShardStream):
         return OnlineStream(self.corpus, spec, self.policy, self.inputs, rank=self.rank, world=self.world)
 
     def _shard(self, name: str, epoch: int):
-        spec = self.spec
+        spec, policy = self.spec, self.policy
         index = online_view_index(epoch, spec.view_choice)
-        for s in screen(self.corpus.samples(self.corpus.shard(name))):
-            if isinstance(s, Skip):
-                continue
-            try:
-                rgb = decode_sample(s, spec.decode)
-            except BadImage:  # counted out and recorded by the counting pass
-                continue
-            image = torch.from_numpy(rgb).permute(2, 0, 1)
-            view = view_at(self.policy, s.key, index, image.shape[-2], image.shape[-1])
-            out = {"key": s.key, "image": replay_view(image, view, spec.input_size, spec.interpolation), "view": index,
-                   "label": sample_label(s)}
-            for t in self.inputs:
-                out[t.key] = replay_view(image, view, t.size, t.interpolation)
+        crops = [spec.crop, *(Crop(t.size, t.interpolation) for t in self.inputs)]
+        shard = self.corpus.shard(name)
+
+        def fresh_view(s, height: int, width: int) -> np.ndarray:
+            return view_at(policy, s.key, index, height, width)
+
+        # samples that do not decode were counted out and recorded before training (count_samples)
+        for item in view_pixels(screened(self.corpus, shard, counted_before), views=fresh_view, crops=crops,
+                                decode=spec.decode, handler=counted_before):
+            out = {"key": item.sample.key, "image": item.crops[0][0], "view": index, "label": sample_label(item.sample)}
+            for t, crop in zip(self.inputs, item.crops[1:]):
+                out[t.key] = crop[0]
             yield out
 
 
-def count_samples(corpus: Corpus, shards, decode, *, skip_log: str | None, progress: bool = True) -> dict[str, int]:
-    """{shard: samples an online epoch delivers}: screened and decodable; the others recorded."""
-    counts = {}
+def count_samples(corpus: Corpus, shards, decode, *, progress: bool = True) -> tuple[dict[str, int], list[dict]]:
+    """({shard: samples an online epoch delivers}, skip records): screened and decodable; the
+    others recorded (shard, key, error) for the run's skip log."""
+    counts, records = {}, []
     bar = tqdm(total=len(shards), unit="shard", desc="count samples", disable=not progress, dynamic_ncols=True)
     for name in shards:
-        n = 0
-        for s in screen(corpus.samples(corpus.shard(name))):
-            reason = s.error if isinstance(s, Skip) else None
-            if reason is None:
-                try:
-                    decode_sample(s, decode)
-                    n += 1
-                    continue
-                except BadImage as e:
-                    reason = str(e)
-            if skip_log:
-                record_skip(skip_log, {"epoch": None, "shard": name, "key": s.key, "error": reason, "samples_skipped": 1})
-        counts[name] = n
+        shard, skipped = corpus.shard(name), []
+        counts[name] = sum(1 for _ in decodable(screened(corpus, shard, record_to(skipped)), decode=decode,
+                                                handler=record_to(skipped)))
+        records += [{"epoch": None, "shard": name, "key": r["key"], "error": r["error"], "samples_skipped": 1}
+                    for r in skipped]
         bar.update(1)
     bar.close()
-    return counts
+    return counts, records
 
 
 @torch.inference_mode()
@@ -145,43 +134,35 @@ def online_stats(teacher: Teacher, stream: OnlineStream, images: int, *, seed: i
             break
     if crops:
         flush()
-    out = {}
-    for kind, rows in (("cls", np.concatenate(cls)), ("patch", np.concatenate(patch))):
-        out[kind] = {"count": len(rows), "mean": rows.mean(0),
-                     "covariance": np.cov(rows.T) if len(rows) > 1 else np.eye(rows.shape[1]),
-                     "source": {"online": teacher.spec.model, "weights_sha256": teacher.meta.weights_sha256, "images": seen}}
-    return out
+    source = {"online": teacher.spec.model, "weights_sha256": teacher.meta.weights_sha256, "images": seen}
+    return {kind: {**moments(np.concatenate(rows)), "source": source} for kind, rows in (("cls", cls), ("patch", patch))}
 
 
-class OnlineTargets(nn.Module):
+def teacher_stats(teacher: Teacher, stream: OnlineStream, *, normalize: str, images: int, seed: int,
+                  kept: dict | None) -> tuple[dict | None, bool]:
+    """(the run's statistics of one teacher, computed here): ``kept`` ones (resume, evaluation)
+    when they come from these weights, else a fresh pass; None when ``normalize`` needs none."""
+    if not needs_stats(normalize):
+        return None, False
+    if kept and all(kept.get(kind) is not None and kept[kind]["source"].get("weights_sha256") == teacher.meta.weights_sha256
+                    for kind in TOKEN_KINDS):
+        return kept, False
+    log.info("teacher %s: normalisation statistics from its features on %d images", teacher.name, images)
+    return online_stats(teacher, stream, images, seed=seed), True
+
+
+class LiveTargets(nn.Module):
     """One live teacher: a batch's ``input/<teacher>`` crops -> normalised {'summary', 'patch'},
-    the same dict ``targets.TeacherTargets`` makes from stored rows."""
+    the same dict ``targets.decoding.TargetDecoder`` makes from stored rows."""
 
     def __init__(self, teacher: Teacher, normalize: str, stats: dict | None):
         super().__init__()
         self.name = teacher.name
         self.teacher = teacher  # a plain attribute: frozen, never in the run's state dict or optimizer
         self.key = f"input/{teacher.name}"
-        self.norm = nn.ModuleDict({kind: create_normalizer(normalize, stats[kind] if stats else None, teacher.meta.dim)
-                                   for kind in ("cls", "patch")})
+        self.norm = normalizers(normalize, stats, teacher.meta.dim)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         summary, patches = self.teacher.features(batch[self.key])
         # inference-mode tensors cannot be saved for the loss's backward: plain copies
         return {"summary": self.norm["cls"](summary.clone()), "patch": self.norm["patch"](patches.clone())}
-
-
-def teacher_stats(teacher: Teacher, stream: OnlineStream, *, normalize: str, images: int, seed: int, rundir: RunDir,
-                  write: bool) -> dict | None:
-    """The run's statistics of one teacher: kept ones (resume, evaluation) or a fresh pass."""
-    if not needs_stats(normalize):
-        return None
-    kept = {kind: load_run_stats(rundir, teacher.name, kind) for kind in ("cls", "patch")}
-    if all(v is not None and v["source"].get("weights_sha256") == teacher.meta.weights_sha256 for v in kept.values()):
-        return kept
-    log.info("teacher %s: normalisation statistics from its features on %d images", teacher.name, images)
-    st = online_stats(teacher, stream, images, seed=seed)
-    if write:
-        for kind, v in st.items():
-            save_run_stats(rundir, teacher.name, kind, v)
-    return st

@@ -3,8 +3,9 @@
 ```
 RUN/config.json            the resolved TrainConfig      RUN/config.yaml|toml  a copy of --config
 RUN/provenance.json        the store's metadata          RUN/metrics.csv, RUN/tb/, RUN/loss.png
-RUN/skipped.jsonl          corrupt shards skipped (--skip-corrupt)
-RUN/stats/                 target statistics computed for this run (the store had none, or stale ones)
+RUN/skipped.jsonl          corrupt shards skipped (--skip-corrupt), bad images (--online)
+RUN/stats/                 target statistics computed for this run (the store had none, or stale ones;
+                           an online run's teachers): <teacher>.<kind>.safetensors + .json
 RUN/checkpoints/last/      student.safetensors, heads.safetensors, ema.safetensors (with EMA),
                            optimizer.pt, trainer.pt (tensors only), state.json
 ```
@@ -15,7 +16,9 @@ import json
 import os
 import shutil
 
-from kdcache.store import KdcacheError
+import numpy as np
+
+from kdcache.errors import KdcacheError
 
 
 class RunDir:
@@ -59,12 +62,16 @@ class RunDir:
     def holds_run(self) -> bool:
         return os.path.exists(self.config) or self.has_checkpoint()
 
-    def prepare(self, *, resume: bool, overwrite: bool) -> None:
-        """Create the directory; refuse to train over a finished or started run unless asked."""
+    def check(self, *, resume: bool, overwrite: bool) -> None:
+        """Refuse to train over a finished or started run unless asked (before anything is built)."""
         if resume and not self.has_checkpoint():
             raise KdcacheError(f"--resume: no checkpoint in {self.checkpoint}")
         if self.holds_run() and not (resume or overwrite):
             raise KdcacheError(f"--out {self.path} holds a run already; pass --resume to continue it or --overwrite to replace it")
+
+    def prepare(self, *, resume: bool, overwrite: bool) -> None:
+        """Create the directory (once the run is built); with ``overwrite``, clear the old run."""
+        self.check(resume=resume, overwrite=overwrite)
         if overwrite and self.holds_run():
             for name in ("checkpoints", "tb", "metrics.csv", "loss.png", "config.json", "provenance.json", "skipped.jsonl",
                          "stats"):
@@ -91,3 +98,30 @@ class RunDir:
                 return json.load(f)
         except (OSError, ValueError) as e:
             raise KdcacheError(f"{self.path}: not a kdcache run directory ({self.config}: {e})") from None
+
+    # -- statistics computed for this run ---------------------------------------------------
+    def _stats_files(self, teacher: str, kind: str) -> tuple[str, str]:
+        base = os.path.join(self.file("stats"), f"{teacher}.{kind}")
+        return base + ".safetensors", base + ".json"
+
+    def save_stats(self, teacher: str, kind: str, st: dict) -> None:
+        """{count, mean, covariance, source}: arrays as safetensors, the rest as JSON."""
+        import safetensors.numpy
+        arrays, meta = self._stats_files(teacher, kind)
+        os.makedirs(os.path.dirname(arrays), exist_ok=True)
+        safetensors.numpy.save_file({"mean": np.asarray(st["mean"]), "covariance": np.asarray(st["covariance"])}, arrays)
+        with open(meta, "w") as f:
+            json.dump({"count": st["count"], "source": st["source"]}, f)
+
+    def load_stats(self, teacher: str, kind: str) -> dict | None:
+        """What ``save_stats`` kept, or None (none kept, or not finite)."""
+        import safetensors.numpy
+        arrays, meta = self._stats_files(teacher, kind)
+        if not (os.path.exists(arrays) and os.path.exists(meta)):
+            return None
+        t = safetensors.numpy.load_file(arrays)
+        with open(meta) as f:
+            m = json.load(f)
+        if not (np.isfinite(t["mean"]).all() and np.isfinite(t["covariance"]).all()):
+            return None
+        return {"count": m["count"], "mean": t["mean"], "covariance": t["covariance"], "source": m["source"]}

@@ -1,4 +1,4 @@
-"""data.corpus: tar grouping that records every member it cannot use; folder shards; read options."""
+"""data.corpus and the walk's reader: tar grouping that records every member it cannot use; folder shards; read options."""
 from __future__ import annotations
 
 import io
@@ -7,7 +7,8 @@ import tarfile
 import pytest
 
 from kdcache.data.corpus import CorpusError, ReadOptions, resolve_corpus
-from kdcache.data.decode import DecodeOptions
+from kdcache.data.walk import shard_samples
+from kdcache.data.corpus import DecodeOptions
 
 
 def _tar(path, members):
@@ -22,7 +23,7 @@ def test_tar_members_without_a_key_or_repeating_a_field_are_samples_with_an_erro
     _tar(tmp_path / "s.tar", [("a.jpg", b"1"), ("a.cls", b"3"), ("...jpg", b"2"), ("b.jpg", b"3"), ("b.jpg", b"4"),
                               ("../c.jpg", b"5"), ("d.png", b"6")])
     corpus = resolve_corpus(str(tmp_path))
-    got = [(s.key, s.data, s.label, s.error) for s in corpus.samples(corpus.shards[0])]
+    got = [(s.key, s.data, s.label, s.error) for s in shard_samples(corpus, corpus.shards[0])]
     assert got == [("a", b"1", 3, None), ("..", None, None, "tar member '...jpg' has no sample key"),
                    ("b", b"3", None, "tar member 'b.jpg' repeats field 'jpg' of its sample"),
                    ("../c", b"5", None, None), ("d", b"6", None, None)]

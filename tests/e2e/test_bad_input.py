@@ -11,8 +11,10 @@ from PIL import Image
 
 from helpers import cli_call, one_error_line
 
-from kdcache.extract import ExtractOptions, extract
-from kdcache.data.decode import BadImage, decode_image
+from kdcache.extract.options import ExtractOptions
+
+from kdcache.extract.run import extract
+from kdcache.data.pixels import BadImage, decode_image
 from kdcache.data.demo_corpus import write_tar
 from kdcache.store import Store
 
@@ -94,7 +96,7 @@ def test_decode_conversions():
     rgba = decode_image(_png(Image.new("RGBA", (4, 4), (10, 20, 30, 0))))
     assert rgba.shape == (4, 4, 3) and tuple(rgba[0, 0]) == (10, 20, 30)
     with pytest.raises(BadImage, match="decompression bomb"):
-        from kdcache.data.decode import DecodeOptions
+        from kdcache.data.corpus import DecodeOptions
         decode_image(_png(Image.new("RGB", (200, 200))), DecodeOptions(max_pixels=10_000))
 
 
@@ -150,6 +152,6 @@ def test_foreign_directory_is_not_overwritten(tmp_path, corpus, vit_spec, monkey
 def test_other_corpus_into_same_store_is_refused(tmp_path, corpus, many_shards, vit_spec):
     out = str(tmp_path / "s.zarr")
     extract(corpus, out, [vit_spec], ExtractOptions(progress=False, workers=0))
-    from kdcache.extract import ExtractError
+    from kdcache.extract.options import ExtractError
     with pytest.raises(ExtractError, match="different corpus"):
         extract(many_shards, out, [vit_spec], ExtractOptions(progress=False, workers=0))

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import re
 
-from kdcache.demo import run_demo
+from kdcache.demo import DemoOptions, run_demo
 
 
 def test_demo_distils_the_real_teacher_and_reports_knn(tmp_path):
-    out = run_demo(str(tmp_path / "demo"), epochs=1, progress=False)
+    out = run_demo(DemoOptions(out=str(tmp_path / "demo"), epochs=1, progress=False))
     rows = dict(re.findall(r"^\| (random-init student|distilled student \(from the cache\)|teacher, cached features) \| "
                            r"([\d.]+) \|", out, re.M))
     assert len(rows) == 3, out

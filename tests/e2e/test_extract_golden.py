@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import zarr
 
-from kdcache.extract import ExtractError, ExtractOptions, extract
-from kdcache.extract import batches as batches_mod
-from kdcache.data.views import sample_views
+from kdcache.extract.options import ExtractError, ExtractOptions
+
+from kdcache.extract.run import extract
+from kdcache.data import pixels as pixels_mod
+from kdcache.data.pixels import sample_views
 from kdcache.store import Store
 from kdcache.store.dtypes import bf16_bits_to_float32
 
@@ -77,8 +79,8 @@ def test_views_replay_from_key_and_size_alone(tmp_path, corpus, vit_spec):
 
 def test_multi_teacher_single_pass_decodes_each_image_once(tmp_path, corpus, vit_spec, cnn_spec, monkeypatch):
     calls = []
-    real = batches_mod.decode_sample
-    monkeypatch.setattr(batches_mod, "decode_sample", lambda sample, opts: calls.append(1) or real(sample, opts))
+    real = pixels_mod.decode_sample
+    monkeypatch.setattr(pixels_mod, "decode_sample", lambda sample, opts: calls.append(1) or real(sample, opts))
     both = str(tmp_path / "both.zarr")
     extract(corpus, both, [vit_spec, cnn_spec], ExtractOptions(views=2, **OPTS))
     assert len(calls) == 24
@@ -175,12 +177,12 @@ def test_random_init_teacher_is_the_same_in_every_process_so_reruns_resume(tmp_p
     import subprocess
     import sys
     import torch
-    from kdcache.models import create_teacher
+    from kdcache.models.teacher import create_teacher
     spec = "r=vit_tiny_patch16_224,pretrained=false,img_size=32,depth=1"
     state = torch.get_rng_state()
     a = create_teacher(spec).meta.weights_sha256
     assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is untouched
-    other = subprocess.run([sys.executable, "-c", f"from kdcache.models import create_teacher; "
+    other = subprocess.run([sys.executable, "-c", f"from kdcache.models.teacher import create_teacher; "
                             f"print(create_teacher({spec!r}).meta.weights_sha256)"], capture_output=True, text=True)
     assert other.stdout.strip() == a
     out = str(tmp_path / "s.zarr")

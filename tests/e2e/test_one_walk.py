@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kdcache.data.check import verify_store
+from helpers import verify_store
 from kdcache.data.demo_corpus import write_tar
-from kdcache.extract import ExtractOptions, extract
+from kdcache.extract.options import ExtractOptions
+from kdcache.extract.run import extract
 from kdcache.store import Store
 from kdcache.train.config import TrainConfig
-from kdcache.train.loop import train
+from kdcache.train.fit import train
 
 STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
 

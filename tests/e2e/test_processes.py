@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli
 from helpers import assert_same_store, store_arrays
 
-from kdcache.data.check import verify_store
+from helpers import verify_store
 
 pytestmark = pytest.mark.slow
 ARGS = ["--views", "2", "--batch-size", "2", "--workers", "1", "--no-progress"]

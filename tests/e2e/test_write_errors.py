@@ -8,7 +8,9 @@ import pytest
 import zarr.storage
 from helpers import assert_same_store, cli_call, one_error_line
 
-from kdcache.extract import ExtractOptions, extract
+from kdcache.extract.options import ExtractOptions
+
+from kdcache.extract.run import extract
 from kdcache.store import Store
 
 
@@ -41,7 +43,7 @@ def test_a_full_disk_is_one_line_and_the_next_run_completes_the_store(tmp_path, 
 
 
 def test_a_run_killed_between_codebooks_and_metadata_resumes_quantized(tmp_path, many_shards, vit_spec, monkeypatch):
-    from kdcache.quantize import convert
+    from kdcache.quantize import convert_store as convert
     opts = dict(views=4, batch_size=2, workers=0, progress=False, quantize="pq:M=12", quantize_sample=256, quantize_pool=1)
     ref, out = str(tmp_path / "ref.zarr"), str(tmp_path / "out.zarr")
     extract(many_shards, ref, [vit_spec], ExtractOptions(**opts))

@@ -97,7 +97,7 @@ def test_eval_stops_on_a_corrupt_shard_or_skips_it(tmp_path, store, corpus, monk
 def test_a_run_s_student_is_evaluated_as_the_exported_model_sees_the_images(tmp_path, store, corpus, monkeypatch, capsys):
     from kdcache.eval.model_features import labelled_model_features, run_student, spec_model
     from kdcache.train.config import TrainConfig
-    from kdcache.train.loop import train
+    from kdcache.train.fit import train
     run = str(tmp_path / "run")
     train(TrainConfig(store=store, data=corpus, student="resnet18,img_size=48", out=run, epochs=1, batch_size=4, workers=0,
                       head_hidden=16, amp="none"), progress=False)
@@ -107,11 +107,12 @@ def test_a_run_s_student_is_evaluated_as_the_exported_model_sees_the_images(tmp_
     # independently: the exported weights in a fresh timm model, on the eval crop cut by hand
     import safetensors.torch
     from kdcache.data.corpus import resolve_corpus
-    from kdcache.data.decode import decode_sample
+    from kdcache.data.pixels import decode_sample
+    from kdcache.data.walk import shard_samples
     m = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
     m.load_state_dict(safetensors.torch.load_file(f"{run}/checkpoints/last/student.safetensors"))
     c = resolve_corpus(corpus)
-    s = next(iter(c.samples(c.shards[0])))
+    s = next(iter(shard_samples(c, c.shards[0])))
     rgb = torch.from_numpy(decode_sample(s)).permute(2, 0, 1)
     h, w = rgb.shape[1:]
     side = round(data.crop_pct * min(h, w))
@@ -146,7 +147,9 @@ def test_linear_probe_separates_separable_features_and_chooses_c_on_training_dat
 
 
 def test_eval_store_reports_bytes_and_measures_what_quantization_kept(tmp_path, store, monkeypatch, capsys):
-    from kdcache.quantize import QuantizerSpec, SampleSpec, quantize_store
+    from kdcache.quantize.convert_store import quantize_store
+    from kdcache.quantize.quantizer_spec import QuantizerSpec
+    from kdcache.targets.sample import SampleSpec
     code, out, _ = cli_call(monkeypatch, capsys, "eval", "store", store, "--json")
     t = json.loads(out)["teachers"]["vit"]
     on_disk = sum(a.nbytes_stored() for n, g in zarr.open_group(store, mode="r")["shards"].groups()
@@ -172,7 +175,8 @@ def test_eval_store_reports_bytes_and_measures_what_quantization_kept(tmp_path, 
 
 def test_a_given_validation_corpus_replaces_the_seeded_split(tmp_path, store, corpus, many_shards, vit_spec, monkeypatch, capsys):
     from kdcache.eval.model_features import labelled_model_features, spec_model
-    from kdcache.extract import ExtractOptions, extract
+    from kdcache.extract.options import ExtractOptions
+    from kdcache.extract.run import extract
     model = "resnet18,img_size=32"
     code, out, err = cli_call(monkeypatch, capsys, "eval", "knn", "--data", corpus, "--val-data", many_shards, "--model",
                               model, "--k", "5", "--json")

@@ -7,11 +7,11 @@ import os
 import pytest
 from helpers import cli_call, one_error_line
 
-from kdcache.eval.model_features import knn_on_model
-from kdcache.eval.store_features import knn_on_store
+from kdcache.eval.model_features import probe_model
+from kdcache.eval.store_features import probe_store
 from kdcache.store import Store
 from kdcache.train.config import TrainConfig
-from kdcache.train.loop import train
+from kdcache.train.fit import train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -39,8 +39,8 @@ def test_report_of_a_cached_run_has_every_table_and_plot(tmp_path, vit_store, co
     rows = {row["features"]: row for row in r["knn"]}
     assert set(rows) == {"random-init student", "distilled student", "teacher vit (cached)"}
     # each row equals the evaluation run on its own
-    assert rows["teacher vit (cached)"]["top1"] == knn_on_store(vit_store, corpus, teacher="vit")["top1"]
-    assert rows["distilled student"]["top1"] == knn_on_model("run", corpus, run=run)["top1"]
+    assert rows["teacher vit (cached)"]["top1"] == probe_store(vit_store, corpus, teacher="vit")["top1"]
+    assert rows["distilled student"]["top1"] == probe_model("run", corpus, run=run)["top1"]
     (b,) = r["bytes"]
     meta = Store.open(vit_store).meta.teachers["vit"]
     assert b["fp16"] == 2 * (meta.tokens + 1) * meta.dim * 2 and b["fp32"] == 2 * b["fp16"]  # K=2 views

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kdcache.models import ModelSpec, ModelSpecError
+from kdcache.models.spec import ModelSpec, ModelSpecError
 
 
 def test_teacher_spec_parses_kdcache_keys_preprocessing_and_timm_kwargs():

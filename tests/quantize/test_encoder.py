@@ -5,8 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.quantize import QuantizeError, QuantizerSpec, TorchEncoder, faiss_encode, fit
-from kdcache.quantize.fidelity import fidelity
+from kdcache.quantize.encoder import TorchEncoder
+
+from kdcache.quantize.methods import faiss_encode, fit
+
+from kdcache.quantize.quantizer_spec import QuantizeError, QuantizerSpec
+from kdcache.quantize.reconstruction import reconstruction_fidelity as fidelity
 
 
 def _data(kind: str, n: int = 6000, d: int = 64, seed: int = 0) -> np.ndarray:

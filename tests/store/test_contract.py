@@ -8,7 +8,9 @@ import uuid
 import numpy as np
 import pytest
 
-from kdcache.store import Codebooks, Store, StoreError, StoreMeta, TeacherMeta, ViewPolicy, verify
+from kdcache.store import Codebooks, Store, StoreError, StoreMeta, TeacherMeta, ViewPolicy
+
+from kdcache.store.verify import verify
 from kdcache.store.codes import PRODUCT
 
 K, D, GRID = 2, 8, (2, 2)

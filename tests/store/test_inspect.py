@@ -10,8 +10,10 @@ import numpy as np
 import zarr
 from conftest import run_cli
 
-from kdcache.extract import ExtractOptions, extract
-from kdcache.data.check import verify_store
+from kdcache.extract.options import ExtractOptions
+
+from kdcache.extract.run import extract
+from helpers import verify_store
 from kdcache.store import Store
 from kdcache.store.inspect import info
 

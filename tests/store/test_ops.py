@@ -9,8 +9,9 @@ import pytest
 import zarr
 from helpers import assert_same_store, cli_call, one_error_line, store_arrays
 
-from kdcache.data.check import verify_store
-from kdcache.extract import ExtractOptions, extract
+from helpers import verify_store
+from kdcache.extract.options import ExtractOptions
+from kdcache.extract.run import extract
 from kdcache.store import Store
 from kdcache.store import ops
 from kdcache.store.layout import ArrayDigest

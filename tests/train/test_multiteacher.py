@@ -12,11 +12,13 @@ import safetensors.torch
 import timm
 import torch
 
-from kdcache.extract import ExtractOptions, extract
+from kdcache.extract.options import ExtractOptions
+
+from kdcache.extract.run import extract
 from kdcache.train.balance import min_norm_weights, teachers_kept
 from kdcache.train.config import ConfigError, TrainConfig
-from kdcache.train.loop import train
-from kdcache.train.step import task_loss
+from kdcache.train.fit import train
+from kdcache.train.trainer import task_loss
 
 STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
 

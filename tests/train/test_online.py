@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.train.build import build_run
+from kdcache.train.fit import build_run
 from kdcache.train.config import ConfigError, TrainConfig
-from kdcache.train.loop import fit
-from kdcache.train.step import distill_step
+from kdcache.train.fit import fit
+from kdcache.train.trainer import to_device
 
 STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
 
@@ -27,19 +27,19 @@ def _cfg(out, corpus, **kw):
 
 
 def _first_step(run):
-    run.dataset.set_epoch(0)
+    run.source.dataset.set_epoch(0)
     batch = next(iter(run.loader()))
-    targets = {t: run.targets[t](batch) for t in run.teachers}
-    loss, parts = distill_step(run.ddp, batch["image"], targets, loss_spec=run.loss_spec, weights=run.weights,
-                               optimizer=run.optimizer, amp=run.cfg.amp)
-    grads = torch.cat([p.grad.flatten() for p in run.model.parameters() if p.grad is not None])
-    return batch, targets, loss.item(), parts, grads
+    trainer = run.trainer
+    targets = trainer.decode(to_device(batch, trainer.device))
+    loss, parts = trainer.step(batch)  # the trainer decodes the same batch again, and steps
+    grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+    return batch, targets, loss, parts, grads
 
 
 def test_first_online_step_equals_a_cached_step_on_the_same_views(tmp_path, vit_store, corpus, vit_spec):
     online = build_run(_cfg(tmp_path / "online", corpus, online=True, teachers=(vit_spec,)))
     cached = build_run(_cfg(tmp_path / "cached", corpus, store=vit_store, view_choice="augmented"))
-    for a, b in zip(online.model.state_dict().values(), cached.model.state_dict().values()):
+    for a, b in zip(online.trainer.model.state_dict().values(), cached.trainer.model.state_dict().values()):
         assert torch.equal(a, b)  # the same student and heads, whatever building the teacher drew
     b_on, t_on, loss_on, parts_on, g_on = _first_step(online)
     b_ca, t_ca, loss_ca, parts_ca, g_ca = _first_step(cached)
@@ -60,8 +60,8 @@ def test_online_epochs_take_fresh_views_and_the_run_trains(tmp_path, corpus, vit
     run = build_run(cfg)
     seen = {}
     for epoch in range(2):
-        run.dataset.set_epoch(epoch)
-        for s in run.dataset:
+        run.source.dataset.set_epoch(epoch)
+        for s in run.source.dataset:
             seen.setdefault(s["key"], []).append((s["view"], s["input/vit"]))
     assert len(seen) == 24
     for views in seen.values():  # epoch e -> view e + 1, different pixels
@@ -77,7 +77,7 @@ def test_online_epochs_take_fresh_views_and_the_run_trains(tmp_path, corpus, vit
     for kind in ("cls", "patch"):  # statistics from the teacher's features, kept for resume
         meta = json.load(open(os.path.join(cfg.out, "stats", f"vit.{kind}.json")))
         assert meta["source"]["images"] == 10
-    from kdcache.eval.fidelity import fidelity  # against the live teacher on the eval view
+    from kdcache.eval.head_fidelity import fidelity  # against the live teacher on the eval view
     fid = fidelity(cfg.out)
     assert fid["store"].startswith("online") and len(fid["shards"]) == 3
     assert 0.0 < fid["teachers"]["vit"]["summary_cos"] <= 1.0 and 0.0 < fid["teachers"]["vit"]["patch_cos"] <= 1.0
@@ -86,10 +86,10 @@ def test_online_epochs_take_fresh_views_and_the_run_trains(tmp_path, corpus, vit
 def test_online_stats_equal_an_independent_computation(tmp_path, corpus, vit_spec):
     from kdcache.train.online import online_stats
     run = build_run(_cfg(tmp_path / "run", corpus, online=True, teachers=(vit_spec,)))
-    teacher = run.targets["vit"].teacher
-    st = online_stats(teacher, run.dataset, 6, seed=0)
-    first = sorted(run.shards)[0]
-    crops = torch.stack([s["input/vit"] for _, s in zip(range(6), run.dataset._shard(first, 0))])
+    teacher = run.trainer.targets["vit"].teacher
+    st = online_stats(teacher, run.source.dataset, 6, seed=0)
+    first = sorted(run.source.shards)[0]
+    crops = torch.stack([s["input/vit"] for _, s in zip(range(6), run.source.dataset._shard(first, 0))])
     summary, _ = teacher.features(crops)
     ref = summary.double().numpy()
     assert st["cls"]["count"] == 6

@@ -1,4 +1,4 @@
-"""train.build / train.loop: the run directory is protected, loader workers persist across epochs
+"""train.fit: the run directory is protected, loader workers persist across epochs
 and still see each epoch, training shows progress."""
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import pytest
 import safetensors.numpy
 import zarr
 
-from kdcache.extract import ExtractOptions, extract
+from kdcache.extract.options import ExtractOptions
+
+from kdcache.extract.run import extract
 from kdcache.store import KdcacheError, Store
-from kdcache.train.build import build_run
+from kdcache.train.fit import build_run
 from kdcache.train.config import TrainConfig
 from kdcache.train.loader import pick_view
-from kdcache.train.loop import fit, train
+from kdcache.train.fit import fit, train
 
 STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
 
@@ -46,7 +48,7 @@ def test_loader_workers_persist_across_epochs_and_see_each_epoch(tmp_path, store
     loader = run.loader()
     pids, seen = [], []
     for epoch in range(3):
-        run.dataset.set_epoch(epoch)
+        run.source.dataset.set_epoch(epoch)
         batches = list(iter(loader))
         assert len(batches) == run.epoch_steps[epoch]  # the step count comes from the loader's own split
         pids.append(sorted(w.pid for w in loader._iterator._workers))

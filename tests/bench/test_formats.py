@@ -1,0 +1,101 @@
+"""kdcache bench formats: every format holds exactly the store's features, every loader delivers
+every sample, and the command prints every column."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import cli_call
+
+from kdcache.bench.formats import (FileSamples, StoreRows, _load_npy, _load_torch, _tar_dataset, read_features,
+                                        write_npy_files, write_store, write_tars, write_torch_files)
+from kdcache.extract.options import ExtractOptions
+from kdcache.extract.run import extract
+from kdcache.store import Store
+
+
+@pytest.fixture(scope="module")
+def k8_store(tmp_path_factory, corpus, vit_spec):
+    out = str(tmp_path_factory.mktemp("formats") / "s.zarr")  # 24 x 8 x 4 = 768 patch tokens: enough to quantize
+    extract(corpus, out, [vit_spec], ExtractOptions(views=8, progress=False, workers=0))
+    return out
+
+
+def _reference(url):
+    """Independently of bench_formats: every sample's (cls, patch) by key, through plain zarr."""
+    import zarr
+    root = zarr.open_group(url, mode="r")
+    out = {}
+    for name, g in root["shards"].groups():
+        for i, key in enumerate(g["keys"][:].tolist()):
+            out[key] = (g["vit/cls"][i], g["vit/patch"][i])
+    return out
+
+
+def test_every_format_holds_exactly_the_store_s_features(tmp_path, k8_store):
+    ref = _reference(k8_store)
+    feats = read_features(k8_store)
+    assert feats.samples == len(ref) == 24
+    write_store(feats, str(tmp_path / "copy.zarr"))
+    got = {}
+    for s in StoreRows(str(tmp_path / "copy.zarr"), "vit"):
+        got[len(got)] = s
+    assert len(got) == 24  # every sample once (shuffled: matched by content below)
+    cls_rows = sorted(tuple(v["cls"].flatten()[:4].tolist()) for v in got.values())
+    assert cls_rows == sorted(tuple(c.flatten()[:4].tolist()) for c, _ in ref.values())
+    import os
+    for root, writer in ((tmp_path / "pt", write_torch_files), (tmp_path / "npy", write_npy_files)):
+        files = writer(feats, str(root))
+        assert len(files) == 24
+        for path in files:  # ROOT/SHARD/KEY.EXT
+            key = os.path.relpath(path, root).split("/", 1)[1].rsplit(".", 1)[0]
+            cls, patch = ref[key]
+            if path.endswith(".pt"):
+                t = _load_torch(path)
+                np.testing.assert_array_equal(t["cls"].numpy(), cls)
+                np.testing.assert_array_equal(t["patch"].numpy(), patch)
+            else:
+                t = _load_npy(path)["tokens"].numpy()
+                np.testing.assert_array_equal(t[:, 0], cls)
+                np.testing.assert_array_equal(t[:, 1:], patch)
+    write_tars(feats, str(tmp_path / "tars"))
+    import webdataset as wds
+    import safetensors.torch
+    n = 0
+    for sample in wds.WebDataset(sorted(str(p) for p in (tmp_path / "tars").glob("*.tar")), shardshuffle=False):
+        t = safetensors.torch.load(sample["safetensors"])
+        cls, patch = ref[sample["__key__"]]
+        np.testing.assert_array_equal(t["cls"].numpy(), cls)
+        np.testing.assert_array_equal(t["patch"].numpy(), patch)
+        n += 1
+    assert n == 24
+    assert sum(1 for _ in _tar_dataset(str(tmp_path / "tars"))) == 24
+    assert len(FileSamples([p for p in write_npy_files(feats, str(tmp_path / "npy2"))], _load_npy)) == 24
+
+
+def test_bench_formats_prints_every_format_and_column(k8_store, monkeypatch, capsys):
+    code, out, err = cli_call(monkeypatch, capsys, "bench", "formats", "--store", k8_store, "--repeat", "1",
+                              "--quantize", "pq", "--fraction", "16", "--workers", "0", "--batch-size", "8")
+    assert code == 0, err
+    assert "| format | KiB/sample on disk | fixed KiB (codebooks, metadata) | write MB/s (fp16 features) | read samples/s |" in out
+    for row in ("| kdcache store, fp16 |", "| kdcache store, pq:M=24 |", "| safetensors in webdataset tars |",
+                "| torch file per sample (weights_only) |", "| .npy file per sample |"):
+        assert row in out
+    assert "kdcache fp16 store / tars: read" in out and "smaller than the raw fp16 features" in out
+    code, out, err = cli_call(monkeypatch, capsys, "bench", "formats", "--store", k8_store, "--repeat", "1", "--json",
+                              "--quantize", "none", "--workers", "0")
+    assert code == 0, err
+    r = json.loads(out)
+    assert set(r["formats"]) == {"kdcache store, fp16", "safetensors in webdataset tars",
+                                 "torch file per sample (weights_only)", ".npy file per sample"}
+    assert r["samples"] == 24 and r["views"] == 8
+    for v in r["formats"].values():
+        assert v["bytes_per_sample"] > 0 and v["read_samples_s"]["median"] > 0 and v["write_mb_s"]["median"] > 0
+    # every read side delivered all 24 samples in every run
+    assert all(n == 24 for n in r["read"]["items"].values())
+    fp16 = r["fp16_feature_bytes_per_sample"]
+    meta = Store.open(k8_store).meta.teachers["vit"]
+    assert fp16 == 8 * (meta.tokens + 1) * meta.dim * 2
+    assert r["formats"][".npy file per sample"]["bytes_per_sample"] == pytest.approx(fp16, rel=0.05)  # raw + a header

@@ -1,0 +1,138 @@
+"""bench.harness: known ratios come out right, sides interleave, every bench prints medians and spreads."""
+from __future__ import annotations
+
+import json
+import statistics
+import re
+import time
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from kdcache.bench.harness import Spread, Timed, limit_note, measure
+
+SPREAD = re.compile(r"[\d,.]+ \([\d,.]+-[\d,.]+\)")  # "median (min-max)"
+
+
+def test_two_sleeps_of_known_ratio():
+    m = measure({"fast": lambda: time.sleep(0.010), "slow": lambda: time.sleep(0.020)}, repeat=7)
+    assert abs(m.ratio("fast", "slow").median - 2.0) < 0.2  # rate ratio: fast does twice the work per second
+    assert abs(m.ratio("slow", "fast", of="time").median - 2.0) < 0.2
+    assert m.time("fast").low <= m.time("fast").median <= m.time("fast").high
+
+
+def test_sides_interleave_after_warm_up_and_every_repetition_is_kept():
+    calls = []
+    m = measure({"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "c": lambda: calls.append("c")},
+                repeat=4, warmup=1)
+    assert calls == ["a", "b", "c"] * 5 and m.order == ["a", "b", "c"] * 4
+    d = m.to_dict()
+    assert d["repeat"] == 4 and len(d["seconds"]["b"]) == 4 and d["order"] == m.order
+
+
+def test_a_side_may_time_itself_and_count_its_items():
+    m = measure({"x": lambda: Timed(items=10, seconds=2.0), "y": lambda: 5}, repeat=3)
+    assert m.seconds["x"] == [2.0] * 3 and m.rate("x").median == 5.0 and m.items["y"] == 5
+
+
+def test_ratio_spread_is_pairwise_and_an_impossible_gain_is_flagged():
+    ticks = iter([0, 1, 1, 3, 3, 4, 4, 8])  # rounds: a=1 b=2, a=1 b=4
+    m = measure({"a": lambda: None, "b": lambda: None}, repeat=2, warmup=0, clock=lambda: next(ticks))
+    assert m.ratio("a", "b") == Spread(3.0, 2.0, 4.0)
+    assert "noise" in limit_note(Spread(1.05, 0.97, 1.1), "x") and limit_note(Spread(0.95, 0.9, 0.99), "x") == ""
+
+
+def _table_rows(text):
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| side")
+            and not line.startswith("| codec") and not line.startswith("| method") and not line.startswith("| device")]
+
+
+def test_bench_extract_and_train_end_to_end_print_medians_and_spreads(vit_spec):
+    out = run_cli("bench", "extract", "-t", vit_spec, "--images", "8", "--batch-size", "4", "--workers", "0",
+                  "--repeat", "2").stdout
+    assert "warm-up + 2 interleaved repetitions" in out and "torch threads" in out and "load" in out
+    rows = _table_rows(out)
+    assert len(rows) == 2 and all(SPREAD.search(r) for r in rows) and SPREAD.search(out.split("ratio ")[-1])
+    out = run_cli("bench", "train", "-t", vit_spec, "-s", "vit_tiny_patch16_224,img_size=32,depth=1", "--images", "16",
+                  "--batch-size", "4", "--steps", "2", "--workers", "0", "--repeat", "2").stdout
+    rows = _table_rows(out)
+    assert len(rows) == 5 and all(len(SPREAD.findall(r)) == 2 for r in rows), out
+    for ratio in ("a/b = ", "b/c = ", "b'/c = "):
+        assert SPREAD.match(out.split(ratio)[1]), ratio
+    d = json.loads(run_cli("bench", "train", "-t", vit_spec, "-s", "vit_tiny_patch16_224,img_size=32,depth=1", "--images",
+                           "16", "--batch-size", "4", "--steps", "2", "--workers", "0", "--repeat", "2", "--json").stdout)
+    assert d["measurement"]["order"] == ["a", "b", "c", "b'", "loader"] * 2 and d["environment"]["cpus"] >= 1
+
+
+def test_bench_codec_and_quantize_print_medians_and_spreads(tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((4096, 64)).astype(np.float32))
+    out = run_cli("bench", "codec", "--npy", str(tmp_path / "x.npy"), "--repeat", "2").stdout
+    rows = _table_rows(out)
+    assert [r.split("|")[1].strip() for r in rows] == ["none", "lz4", "zstd"] and all(len(SPREAD.findall(r)) == 2 for r in rows)
+    out = run_cli("bench", "quantize", "--npy", str(tmp_path / "x.npy"), "--methods", "pq,sq8", "--fractions", "16",
+                  "--train-tokens", "2000", "--repeat", "2").stdout
+    rows = _table_rows(out)
+    assert len(rows) == 3 and all(SPREAD.search(r) for r in rows), out  # pq, sq8, and the decoder row
+
+
+@pytest.mark.parametrize("repeat", ["0", "x"])
+def test_repeat_must_be_a_positive_integer(repeat):
+    p = run_cli("bench", "codec", "--npy", "x.npy", "--repeat", repeat, check=False)
+    assert p.returncode == 2 and "--repeat" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bench_load_local_and_on_loopback_s3_with_verification_on_and_off(vit_spec):
+    out = run_cli("bench", "load", "-t", vit_spec, "--images", "32", "--workers", "1", "--repeat", "2").stdout
+    rows = _table_rows(out)
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "local, verification on", "local, verification off", "s3 (loopback moto), verification on",
+        "s3 (loopback moto), verification off"]
+    assert all(len(SPREAD.findall(r)) == 2 for r in rows), out
+    assert SPREAD.search(out.split("local: verified / unverified throughput = ")[1])
+
+
+def test_bench_extract_quantize_prints_encode_over_teacher_tokens(vit_spec):
+    # 64 images x 4 tokens: the 256 tokens a quantizer needs at least
+    out = run_cli("bench", "extract", "-t", vit_spec, "--images", "64", "--batch-size", "16", "--workers", "0",
+                  "--quantize", "rq:M=8,beam=4,niter=2", "--repeat", "2").stdout
+    rows = _table_rows(out)
+    assert len(rows) == 3 and "torch encoder rq:M=8,beam=4,niter=2" in rows[2] and "4 tokens/img" in rows[2], out
+    assert SPREAD.match(out.split("encode tok/s / teacher tok/s ")[1])
+    d = json.loads(run_cli("bench", "extract", "-t", vit_spec, "--images", "64", "--batch-size", "16", "--workers", "0",
+                           "--quantize", "pq:M=8", "--repeat", "2", "--json").stdout)
+    m = d["measurement"]
+    enc, bare = "torch encoder on the teacher's patches", "bare teacher forward"
+    assert m["items"][enc] == 64 * 4  # every patch token of the 64 images
+    # the printed ratio is (encoded tokens/s) / (teacher images/s x tokens per image), round by round
+    want = [(m["items"][enc] / a) / (m["items"][bare] / b) / 4 for a, b in zip(m["seconds"][enc], m["seconds"][bare])]
+    assert abs(d["encode_over_teacher"]["median"] - statistics.median(want)) < 1e-9
+
+
+def test_fidelity_curve_rows_and_refinement_continues_in_place():
+    from kdcache.bench.quantizers import fidelity_curve
+    from kdcache.quantize.encoder import TorchEncoder
+    from kdcache.quantize.methods import fit
+    from kdcache.quantize.quantizer_spec import QuantizerSpec
+    from kdcache.quantize.methods import refine_codebooks
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3000, 6)) @ rng.standard_normal((6, 32)) + 0.1 * rng.standard_normal((3000, 32))).astype(np.float32)
+    train, held = x[:2600], x[2600:]
+    # refine=2 then 1 more round == refine=3 at once (what lets the curve continue in place)
+    a = fit(QuantizerSpec(method="rq", m=5, norm=1, beam=4, refine=3), train)
+    b = refine_codebooks(fit(QuantizerSpec(method="rq", m=5, norm=1, beam=4, refine=2), train), train, rounds=1, beam=4)
+    np.testing.assert_array_equal(a.codebooks, b.codebooks)
+    assert b.attrs["spec"] == a.attrs["spec"] == "rq:M=5,beam=4,train_beam=1,refine=3,norm=1"
+    d = json.loads(fidelity_curve(train, held, what="low rank", fractions=(16, 8), beams=(1, 4), refines=(0, 2),
+                                  as_json=True, log=lambda r: None))
+    rows = d["rows"]
+    assert [(r["fraction"], r["beam"], r["refine"]) for r in rows] == [(f, bm, r) for f in (16, 8) for bm in (1, 4) for r in (0, 2)]
+    assert [r["m"] for r in rows] == [4] * 4 + [8] * 4
+    for r in rows:  # every point is the torch encoder's held-out fidelity of the codebooks at that point
+        assert 0 < r["p5_cos"] <= r["mean_cos"] <= 1
+    by = {(r["fraction"], r["beam"], r["refine"]): r for r in rows}
+    assert by[(8, 4, 2)]["mean_cos"] > by[(16, 1, 0)]["mean_cos"]  # more bytes, wider beam, refined: better
+    cb = fit(QuantizerSpec(method="rq", m=8, norm=1), train)
+    want = TorchEncoder(cb, beam=4)(held).numpy()
+    from kdcache.quantize.reconstruction import reconstruction_fidelity as fidelity
+    assert abs(fidelity(held, cb.decode(want))["mean_cos"] - by[(8, 4, 0)]["mean_cos"]) < 1e-12

@@ -1,0 +1,169 @@
+"""Where a run's targets come from: a store (cached) or live teachers (``--online``).
+
+A ``TargetSource`` is everything the trainer and the epoch loop need from that choice: the
+corpus, the teachers and what their heads must output, the shards and their sample counts (the
+schedule's length), the stream of samples, and per teacher the module that turns a batch into
+normalised targets on the device (``targets.decoding.TargetDecoder`` for stored bytes,
+``online.LiveTargets`` for live teachers). Building a source reads, and never writes: the
+statistics it computed and the samples it skipped come back with it, for the caller to keep in
+the run directory once the whole run has been built.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kdcache.data.corpus import Corpus, DecodeOptions, ReadOptions, resolve_corpus
+from kdcache.errors import KdcacheError, StoreError, one_line
+from kdcache.models.student import Student
+from kdcache.models.teacher import create_teacher
+from kdcache.store import Store, ViewPolicy
+from kdcache.store.meta import TOKEN_KINDS
+from kdcache.targets.decoding import TargetDecoder, stored_codebooks
+from kdcache.targets.normalize import needs_stats
+from kdcache.targets.stats import reader_stats
+
+from .config import TrainConfig
+from .loader import CachedStream, LoaderSpec, ShardStream
+from .model import TeacherTarget
+from .online import LiveTargets, OnlineStream, TeacherInput, count_samples, teacher_stats
+from .rundir import RunDir
+
+
+class TrainError(KdcacheError):
+    pass
+
+
+@dataclass
+class TargetSource:
+    """A run's targets, as ``open_source`` found them."""
+
+    corpus: Corpus
+    teachers: list[str]
+    shards: list[str]
+    counts: dict[str, int]  # samples per shard: the schedule's length
+    targets: dict[str, nn.Module]  # teacher -> (batch -> normalised {'summary', 'patch' | 'codes'})
+    heads: list[TeacherTarget]  # what each teacher's heads must output
+    dataset: ShardStream
+    provenance: dict  # where the targets came from, for RUN/provenance.json
+    store: Store | None = None  # None when online
+    computed_stats: dict = field(default_factory=dict)  # (teacher, kind) -> statistics computed here, to keep
+    skipped: list[dict] = field(default_factory=list)  # records for RUN/skipped.jsonl
+
+
+def loader_spec(cfg: TrainConfig, student: Student, shards, *, store_url: str = "", target_paths=(), decode=None,
+                skip_log: str | None = None) -> LoaderSpec:
+    return LoaderSpec(store_url=store_url, shards=tuple(shards), target_paths=tuple(target_paths), input_size=student.data.hw,
+                      interpolation=student.data.interpolation, view_choice=cfg.view_choice, shuffle_buffer=cfg.shuffle_buffer,
+                      color_jitter=cfg.color_jitter, seed=cfg.seed, workers=cfg.workers, decode=decode or DecodeOptions(),
+                      skip_log=skip_log)
+
+
+def open_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, rundir: RunDir, device: torch.device,
+                progress: bool = True) -> TargetSource:
+    """The run's targets; ``rundir`` is only read (statistics kept by an earlier start of the run)."""
+    if cfg.online:
+        return online_source(cfg, student, rank=rank, world=world, rundir=rundir, device=device, progress=progress)
+    return cached_source(cfg, student, rank=rank, world=world, rundir=rundir, device=device)
+
+
+def check_store_fits_corpus(store: Store, corpus: Corpus, teachers, *, skip_corrupt: bool = False):
+    """(shards to train on, their counts, {bad shard: error}); a clear error when store and
+    corpus do not belong together. Shard metadata is validated here: a shard whose metadata is
+    invalid stops the run, or with ``skip_corrupt`` is left out and reported."""
+    fp = store.meta.corpus.get("fingerprint")
+    if fp != corpus.fingerprint():
+        raise TrainError(f"{store.url} was extracted from corpus {store.meta.corpus.get('spec')!r} (fingerprint {fp}); "
+                         f"--data {corpus.spec!r} is another corpus (fingerprint {corpus.fingerprint()})")
+    names = [s.name for s in corpus.shards]
+    subset = store.meta.corpus.get("subset")  # `kdcache store subset`: the store holds these shards only
+    if isinstance(subset, str):
+        names = [n for n in names if fnmatch.fnmatchcase(n, subset)]
+    counts, bad, missing = {}, {}, []
+    for n in names:
+        try:
+            if not store.is_complete(n, teachers):
+                missing.append(n)
+                continue
+            counts[n] = int(store.shard_attrs(n)["count"])
+        except StoreError as e:
+            if not skip_corrupt:
+                raise
+            bad[n] = one_line(e)
+    if missing:
+        raise TrainError(f"{store.url}: {len(missing)} of {len(names)} corpus shard(s) are not complete in the store "
+                         f"(first: {missing[0]}); finish `kdcache extract` first")
+    shards = [n for n in names if n in counts]
+    if not shards:
+        raise TrainError(f"{store.url}: no usable shard left after skipping {len(bad)} corrupt one(s)")
+    return shards, counts, bad
+
+
+def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, rundir: RunDir,
+                  device: torch.device) -> TargetSource:
+    store = Store.open(cfg.store)
+    teachers = list(cfg.teachers) or list(store.meta.teachers)
+    unknown = [t for t in teachers if t not in store.meta.teachers]
+    if unknown:
+        raise TrainError(f"--teacher {unknown[0]}: not in {cfg.store} (teachers: {', '.join(store.meta.teachers)})")
+    corpus = resolve_corpus(cfg.data, ReadOptions.from_dict(store.meta.corpus))
+    shards, counts, bad = check_store_fits_corpus(store, corpus, teachers, skip_corrupt=cfg.skip_corrupt)
+    targets, computed = {}, {}
+    for t in teachers:
+        stats = None
+        if needs_stats(cfg.normalize):
+            stats = {}
+            for kind in TOKEN_KINDS:
+                stats[kind], fresh = reader_stats(store, t, kind, shards=shards, kept=_kept(cfg, rundir, t, kind),
+                                                  skip_corrupt=cfg.skip_corrupt)
+                if fresh:
+                    computed[(t, kind)] = stats[kind]
+        targets[t] = TargetDecoder(t, store.meta.teachers[t], codebooks=stored_codebooks(store, t), normalize=cfg.normalize,
+                                   stats=stats, predict_codes=cfg.predict_codes).to(device)
+    metas = store.meta.teachers
+    heads = [TeacherTarget(t, metas[t].dim, tuple(metas[t].grid), targets[t].codes_m) for t in teachers]
+    spec = loader_spec(cfg, student, shards, store_url=cfg.store, decode=corpus.options.decode,
+                       target_paths=[p for t in teachers for p in targets[t].paths.values()],
+                       skip_log=rundir.skip_log if cfg.skip_corrupt else None)
+    return TargetSource(corpus=corpus, teachers=teachers, shards=shards, counts=counts, targets=targets, heads=heads,
+                        dataset=CachedStream(corpus, spec, rank=rank, world=world), store=store,
+                        provenance={"store": cfg.store, "store_meta": store.meta.to_dict()}, computed_stats=computed,
+                        skipped=[{"epoch": None, "shard": n, "error": e, "samples_skipped": None} for n, e in bad.items()])
+
+
+def online_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, rundir: RunDir, device: torch.device,
+                  progress: bool = True) -> TargetSource:
+    corpus = resolve_corpus(cfg.data, ReadOptions())
+    with torch.random.fork_rng(devices=[]):  # building teachers must not move the student's and heads' init
+        teachers = [create_teacher(spec, device=device) for spec in cfg.teachers]
+    names = [t.name for t in teachers]
+    if len(set(names)) != len(names):
+        raise TrainError(f"--teacher: two teachers named {next(n for n in names if names.count(n) > 1)!r}")
+    shards = [s.name for s in corpus.shards]
+    counts, skipped = count_samples(corpus, shards, corpus.options.decode, progress=progress and rank == 0)
+    first = teachers[0].data
+    policy = ViewPolicy.for_input(first.crop_pct, first.hw, seed=cfg.seed)
+    inputs = tuple(TeacherInput(t.name, t.input_hw, t.meta.interpolation) for t in teachers)
+    dataset = OnlineStream(corpus, loader_spec(cfg, student, shards, decode=corpus.options.decode), policy, inputs,
+                           rank=rank, world=world)
+    targets, computed = {}, {}
+    for t in teachers:
+        kept = {kind: _kept(cfg, rundir, t.name, kind) for kind in TOKEN_KINDS}
+        stats, fresh = teacher_stats(t, dataset, normalize=cfg.normalize, images=cfg.online_stats_images, seed=cfg.seed,
+                                     kept=kept)
+        if fresh:
+            computed.update({(t.name, kind): stats[kind] for kind in TOKEN_KINDS})
+        targets[t.name] = LiveTargets(t, cfg.normalize, stats).to(device)
+    heads = [TeacherTarget(t.name, t.meta.dim, tuple(t.meta.grid)) for t in teachers]
+    return TargetSource(corpus=corpus, teachers=names, shards=shards, counts=counts, targets=targets, heads=heads,
+                        dataset=dataset, computed_stats=computed, skipped=skipped,
+                        provenance={"online": True, "view_policy": policy.to_dict(),
+                                    "teachers": {t.name: t.meta.to_dict() for t in teachers}})
+
+
+def _kept(cfg: TrainConfig, rundir: RunDir, teacher: str, kind: str) -> dict | None:
+    """Statistics an earlier start of this run kept (a run being replaced keeps none)."""
+    return None if cfg.overwrite else rundir.load_stats(teacher, kind)

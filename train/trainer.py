@@ -1,0 +1,243 @@
+"""The trainer: one object owns everything a distillation step needs; ``step(batch)`` is one step.
+
+``Trainer`` owns the model (student + heads, ``train.model``), its DDP wrapper under torchrun,
+the optimizer (AdamW), the schedule (linear warmup, cosine decay), the student's EMA, the step
+policy (static weights, MGDA, teacher dropping, the task loss: ``StepPolicy``, ``train.balance``)
+and the losses below. A step: the batch to the device (pinned host tensors, non-blocking
+copies), the targets decoded there (``targets.decoding``, or live teachers), the forward under
+autocast, the losses in fp32 in the normalised target space, the objectives weighed, backward,
+clip, update, schedule, EMA. ``save``/``load`` checkpoint all of it (``train.checkpoint``).
+``kdcache train``, ``train --online``, the demo and ``bench train`` all step this object.
+
+Losses, by name: summary ``1 - cos``; patch ``alpha (1 - cos) + (1 - alpha) SmoothL1(beta)``
+per token; quantized teachers with ``--predict-codes``: a 256-way cross-entropy per codebook
+(MVQ-KD); the task loss: cross-entropy on the corpus labels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdcache.errors import KdcacheError
+
+from . import checkpoint
+from .balance import min_norm_weights, representation_gram, teachers_kept
+from .config import TrainConfig
+from .model import DistillModel
+from .rundir import RunDir
+
+# -- losses ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LossSpec:
+    alpha: float = 0.9  # patch: weight of (1 - cos); the rest goes to SmoothL1
+    beta: float = 2.0  # SmoothL1 transition point
+    summary_weight: float = 1.0
+    patch_weight: float = 1.0
+
+
+def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
+
+
+def cos_smoothl1_loss(pred: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    pred, target = pred.float(), target.float()
+    return spec.alpha * cosine_loss(pred, target) + (1 - spec.alpha) * F.smooth_l1_loss(pred, target, beta=spec.beta)
+
+
+def codes_loss(pred: torch.Tensor, codes: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """MVQ-KD: predict each codebook's code with a 256-way cross-entropy, on (..., M * 256) logits;
+    the mean over codebooks and tokens."""
+    return F.cross_entropy(pred.reshape(-1, 256).float(), codes.reshape(-1).long())
+
+
+# name -> loss(pred, target, spec); which one a target uses is decided by its kind
+LOSSES = {
+    "cosine": lambda pred, target, spec: cosine_loss(pred, target),
+    "cos-smoothl1": cos_smoothl1_loss,
+    "codes-ce": codes_loss,
+}
+TARGET_LOSS = {"summary": "cosine", "patch": "cos-smoothl1", "codes": "codes-ce"}
+
+
+def create_loss(name: str):
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise KdcacheError(f"loss {name!r}: expected one of {', '.join(LOSSES)}") from None
+
+
+def teacher_loss(pred: tuple, target: dict, spec: LossSpec) -> dict[str, torch.Tensor]:
+    """{summary, patch} losses of one teacher; ``target`` holds 'summary' and 'patch' or 'codes'."""
+    patch_kind = "codes" if "codes" in target else "patch"
+    return {"summary": create_loss(TARGET_LOSS["summary"])(pred[0], target["summary"], spec),
+            "patch": create_loss(TARGET_LOSS[patch_kind])(pred[1], target[patch_kind], spec)}
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over labelled samples (label >= 0); a batch with none contributes 0."""
+    if not bool((labels >= 0).any()):
+        return logits.float().sum() * 0.0  # keeps the classifier in the graph (DDP) with a zero gradient
+    if int(labels.max()) >= logits.shape[1]:
+        raise KdcacheError(f"--task-loss: label {int(labels.max())} in the corpus but the task head has {logits.shape[1]} "
+                           f"classes; raise --task-classes")
+    return F.cross_entropy(logits.float(), labels, ignore_index=-1)
+
+
+# -- how a step weighs its objectives --------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepPolicy:
+    """How a step weighs its objectives (teachers, and the task loss when labels are given)."""
+
+    balance: str = "static"  # static: weights as given | mgda: min-norm weights per step
+    teacher_drop: float = 0.0  # UNIC: P of dropping each teacher but the max-loss one
+    task_weight: float = 1.0  # static weight of the task loss
+    seed: int = 0
+    world: int = 1
+
+    @property
+    def varies_weights(self) -> bool:
+        """The objectives' weights change per step (and are logged): MGDA or teacher dropping."""
+        return self.balance == "mgda" or self.teacher_drop > 0
+
+
+def _mean_over_ranks(values: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+        values /= world
+    return values
+
+
+def cosine_with_warmup(total: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Pinned host tensors -> device, non_blocking (the copy overlaps compute on CUDA)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# -- the trainer -----------------------------------------------------------------------------
+
+class Trainer:
+    """``Trainer(cfg, model, targets, steps=..., ...)``: ``targets[teacher]`` turns a batch into
+    that teacher's normalised targets on the device; ``steps`` is the schedule's length."""
+
+    def __init__(self, cfg: TrainConfig, model: DistillModel, targets: dict[str, nn.Module], *, steps: int,
+                 device: torch.device, rank: int = 0, world: int = 1):
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.model = model.to(device)
+        self.targets = {t: m.to(device) for t, m in targets.items()}
+        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world > 1 else self.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           cosine_with_warmup(steps, min(cfg.warmup_steps, steps // 2)))
+        self.ema = None
+        if cfg.ema:
+            from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(self.model.student, decay=cfg.ema)
+        self.loss_spec = LossSpec(alpha=cfg.alpha, beta=cfg.beta, summary_weight=cfg.summary_weight,
+                                  patch_weight=cfg.patch_weight)
+        self.weights = {t: float(cfg.teacher_weights.get(t, 1.0)) for t in self.targets}
+        self.policy = StepPolicy(balance=cfg.balance, teacher_drop=cfg.teacher_drop, task_weight=cfg.task_weight,
+                                 seed=cfg.seed, world=world)
+        self.global_step = 0
+
+    @property
+    def teachers(self) -> list[str]:
+        return list(self.targets)
+
+    @property
+    def has_task(self) -> bool:
+        return self.model.task_head is not None
+
+    def metric_columns(self) -> list[str]:
+        """Per-teacher losses; the task loss; each objective's weight when they vary per step."""
+        objectives = self.teachers + (["task"] if self.has_task else [])
+        cols = [f"{t}/{p}" for t in self.teachers for p in ("summary", "patch")] + (["task"] if self.has_task else [])
+        if self.policy.varies_weights:
+            cols += [f"weight/{o}" for o in objectives]
+        return cols
+
+    def decode(self, batch: dict) -> dict[str, dict[str, torch.Tensor]]:
+        """Every teacher's normalised targets for a batch already on the device."""
+        return {t: decode(batch) for t, decode in self.targets.items()}
+
+    def step(self, batch: dict) -> tuple[float, dict[str, float]]:
+        """One optimisation step on a host batch from the loader: (total loss, per-part floats)."""
+        batch = to_device(batch, self.device)
+        return self.update(batch["image"], self.decode(batch), batch["label"] if self.has_task else None)
+
+    def update(self, images: torch.Tensor, targets: dict[str, dict], labels: torch.Tensor | None = None
+               ) -> tuple[float, dict[str, float]]:
+        """Forward, losses, weights, backward, update, schedule, EMA, on device tensors (the
+        student's uint8 images, decoded targets, labels with -1 for none)."""
+        model, policy, dev = self.ddp, self.policy, images.device.type
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16"):
+            preds = model(images)
+        parts, objectives = {}, {}
+        for t, tgt in targets.items():
+            with torch.autocast(dev, enabled=False):  # losses in fp32
+                l = teacher_loss(preds[t], tgt, self.loss_spec)  # noqa: E741
+            parts[f"{t}/summary"], parts[f"{t}/patch"] = l["summary"].item(), l["patch"].item()
+            objectives[t] = self.loss_spec.summary_weight * l["summary"] + self.loss_spec.patch_weight * l["patch"]
+        if labels is not None and self.model.task_logits is not None:
+            with torch.autocast(dev, enabled=False):
+                objectives["task"] = task_loss(self.model.task_logits, labels)
+            parts["task"] = objectives["task"].item()
+
+        teachers = list(targets)
+        kept = {t: True for t in teachers}
+        if policy.teacher_drop > 0:
+            mean = _mean_over_ranks(torch.stack([objectives[t].detach() for t in teachers]), policy.world)
+            kept = teachers_kept(dict(zip(teachers, mean.tolist())), policy.teacher_drop, seed=policy.seed,
+                                 step=self.global_step)
+        active = [o for o in objectives if kept.get(o, True)]
+        if policy.balance == "mgda" and len(active) > 1:
+            gram = representation_gram([objectives[o] for o in active], self.model.representation, world=policy.world)
+            alpha = min_norm_weights(gram).tolist()
+            w = {o: len(active) * a for o, a in zip(active, alpha)}  # uniform alphas give back the plain sum
+        else:
+            w = {o: (policy.task_weight if o == "task" else self.weights[o]) for o in active}
+        # dropped teachers weigh 0 (their heads stay in the graph with zero gradients: DDP needs every parameter used)
+        loss = sum(w.get(o, 0.0) * objectives[o] for o in objectives)
+        if policy.varies_weights:
+            parts.update({f"weight/{o}": w.get(o, 0.0) for o in objectives})
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model.student, step=self.global_step)
+        self.global_step += 1
+        return loss.item(), parts
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, rundir: RunDir, position: dict) -> str:
+        """Checkpoint the model, optimizer, schedule, EMA and RNG; ``position`` says where fitting
+        resumes ({epoch, step_in_epoch, global_step})."""
+        return checkpoint.save(rundir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, ema=self.ema,
+                               state=position)
+
+    def load(self, rundir: RunDir) -> dict | None:
+        """Restore the last checkpoint; its position, or None when the run has none."""
+        position = checkpoint.load(rundir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                   ema=self.ema)
+        if position is not None:
+            self.global_step = position["global_step"]
+        return position
