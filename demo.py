@@ -11,8 +11,11 @@ torch); the pipeline is imported when the demo runs.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
+
+log = logging.getLogger("kdcache.demo")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ def run_demo(o: DemoOptions = DemoOptions()) -> str:
     store = os.path.join(o.out, "store.zarr")
     run = os.path.join(o.out, "run")
     build_demo_corpus(corpus)
+    if o.teacher is None:
+        log.info("converting the shipped EfficientNet-Lite0 weights into a timm checkpoint (once)")
     teacher = o.teacher or shipped_teacher(o.out)
     summary = extract(corpus, store, [teacher], ExtractOptions(views=o.views, batch_size=32, workers=1, progress=o.progress))
     result = train(TrainConfig(store=store, data=corpus, student=o.student, out=run, epochs=o.epochs, batch_size=32,
@@ -49,7 +54,7 @@ def run_demo(o: DemoOptions = DemoOptions()) -> str:
     d = info(Store.open(store))
     rows = [("random-init student", probe_model("model", corpus, model=o.student, progress=o.progress)),
             ("distilled student (from the cache)", probe_model("run", corpus, run=run, progress=o.progress)),
-            ("teacher, cached features", probe_store(store, corpus))]
+            ("teacher, cached features", probe_store(store, corpus, progress=o.progress))]
     t = next(iter(d["teachers"].values()))
     table = ["| features | kNN top-1 | kNN top-5 |", "|---|---|---|"]
     table += [f"| {name} | {r['top1']:.3f} | {r['top5']:.3f} |" for name, r in rows]

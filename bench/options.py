@@ -36,6 +36,7 @@ class TrainBench:
     steps: int = 6
     workers: int = 1
     quantize: str | None = None  # the cached side reads codes
+    amp: str = "auto"  # as `train --amp`: auto is bf16 on CUDA, off on a CPU
     repeat: int = REPEAT
     as_json: bool = False
 

@@ -50,7 +50,7 @@ def bench_train(o: TrainBench = TrainBench()) -> str:
         extract(corpus_dir, store_url, [teacher], ExtractOptions(progress=False, quantize=quantize, batch_size=batch_size,
                                                                   quantize_sample=4096, quantize_pool=1))
         common = dict(data=corpus_dir, student=student, batch_size=batch_size, workers=workers, lr=1e-4, head_hidden=512,
-                      shuffle_buffer=64)
+                      shuffle_buffer=64, amp=o.amp)
         # the trainer's own builder: the same student, heads, targets, loader and step as `kdcache train`
         run = build_run(TrainConfig(store=store_url, out=f"{tmp}/run", **common), progress=False)
         online = build_run(TrainConfig(store="", online=True, teachers=(teacher,), out=f"{tmp}/online",
@@ -115,6 +115,7 @@ def bench_train(o: TrainBench = TrainBench()) -> str:
     of_ideal = m.ratio("b", "c")  # (a/b) / (a/c): the cached step's speed as a fraction of the student alone
     if as_json:
         return json.dumps({"environment": env, "teacher": tmeta.model, "student": student, "batch_size": batch_size,
+                           "autocast": "bf16" if trainer.autocast else "off",
                            "steps": steps, "workers": workers, "quantize": quantize, "measurement": m.to_dict(),
                            "ratios": {"a/b": speedup.to_dict(), "a/c": ideal.to_dict(), "b/c": overhead.to_dict(),
                                       "b'/c": accel.to_dict(), "of_ideal": of_ideal.to_dict()},
@@ -122,7 +123,8 @@ def bench_train(o: TrainBench = TrainBench()) -> str:
     notes = [n for n in (limit_note(of_ideal, "cached/student-only speed"),) if n]
     return "\n".join([
         header(f"bench train: teacher {tmeta.model} {tmeta.input_size[1]}px ({t_name}, "
-               f"{'codes ' + quantize if quantize else tmeta.dtype}), student {student}, batch {batch_size}, "
+               f"{'codes ' + quantize if quantize else tmeta.dtype}), student {student} (autocast "
+               f"{'bf16' if trainer.autocast else 'off'}), batch {batch_size}, "
                f"{workers} loader worker(s), {steps} steps per repetition", env, repeat=repeat, warmup=m.warmup),
         "",
         "| side | s/step | samples/s |",

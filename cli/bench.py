@@ -10,6 +10,7 @@ import click
 from kdcache.bench.options import (REPEAT, TEACHER_VARIANTS, CodecBench, ExtractBench, FormatsBench, LoadBench,
                                    QualityPlan, QuantizeBench, TeachersPlan, TrainBench)
 from kdcache.store.meta import CODECS
+from kdcache.train.config import AMP
 
 from .common import apply_storage_options, cli, comma_ints, comma_names, defaults_of, drop_unset, with_storage_options
 
@@ -147,6 +148,7 @@ def bench_codec(**kw):
 @click.option("--steps", type=int, help="Timed steps per measurement." + TR("steps"))
 @click.option("--workers", type=int, help="Loader workers." + TR("workers"))
 @click.option("--quantize", help="Store the teacher's patches as codes (e.g. pq:M=24) for the cached run. [default: fp16]")
+@click.option("--amp", type=click.Choice(AMP), help="Autocast of every side, as `train --amp`." + TR("amp"))
 @with_bench_options
 def bench_train(**kw):
     """Online distillation vs cached targets vs student alone: step times and ratios, all through
@@ -154,6 +156,7 @@ def bench_train(**kw):
 
     \b
     kdcache bench train
+    kdcache bench train --amp bf16          # what bf16 autocast costs on this device
     kdcache bench train --quantize pq:M=24 --student vit_tiny_patch16_224
     """
     from kdcache.bench.training import bench_train as run

@@ -59,7 +59,7 @@ def _evaluate(probe, data, store, run_dir, ema, model, teacher, val_fraction, va
     apply_storage_options(storage_options, store, data, val_store, val_data)
     options = ProbeOptions(probe=probe, **drop_unset(val_fraction=val_fraction, seed=seed, **knn))
     r = evaluate(options, data, store=store, run=run_dir, ema=ema, model=model, teacher=teacher, val_data=val_data,
-                 val_store=val_store, skip_corrupt=skip_corrupt)
+                 val_store=val_store, skip_corrupt=skip_corrupt, progress=True)
     if out_file:
         with open(out_file, "w") as f:
             json.dump(r, f, indent=2)

@@ -11,7 +11,7 @@ from kdcache.quantize.quantizer_spec import METHODS, QuantizerSpec
 from kdcache.store.dtypes import STORAGE_DTYPES
 from kdcache.store.meta import CODECS
 from kdcache.targets.sample import SampleSpec
-from kdcache.train.config import BALANCES, HEAD_KINDS, NORMALIZERS, VIEW_CHOICES, TrainConfig
+from kdcache.train.config import AMP, BALANCES, HEAD_KINDS, NORMALIZERS, VIEW_CHOICES, TrainConfig
 
 from .common import apply_storage_options, cli, defaults_of, drop_unset, with_storage_options
 
@@ -170,7 +170,8 @@ def demo(no_progress, **kw):
 @click.option("--weight-decay", type=float, help="AdamW weight decay." + T("weight_decay"))
 @click.option("--warmup-steps", type=int, help="Linear warmup before the cosine decay." + T("warmup_steps"))
 @click.option("--clip-grad", type=float, help="Gradient norm clip (0 = off)." + T("clip_grad"))
-@click.option("--amp", type=click.Choice(["bf16", "none"]), help="Autocast (bf16 works on CPU too)." + T("amp"))
+@click.option("--amp", type=click.Choice(AMP), help="Autocast: auto is bf16 on CUDA and off on a CPU, where bf16 "
+              "matmuls are slow." + T("amp"))
 @click.option("--ema", type=float, help="EMA decay of the student (0 = off)." + T("ema"))
 @click.option("--seed", type=int, help="Seed of the student init, shard order and views." + T("seed"))
 @click.option("--device", help="auto | cpu | cuda[:N]." + T("device"))

@@ -42,10 +42,10 @@ def verify(store, data, as_json, storage_options):
     apply_storage_options(storage_options, store, data)
     if data is None:  # the store alone: metadata and digests, no corpus code (and no torch) loaded
         from kdcache.store.verify import verify_store
-        report = verify_store(store)
+        report = verify_store(store, progress=True)
     else:
         from kdcache.data.corpus_keys import verify_with_corpus
-        report = verify_with_corpus(store, data)
+        report = verify_with_corpus(store, data, progress=True)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

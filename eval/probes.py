@@ -38,12 +38,14 @@ def probe(x: np.ndarray, y: np.ndarray, features: str, *, resolution, options: P
     else:
         result = knn_classify(x[tr], y[tr], x[va], y[va], k=options.k, temperature=options.temperature)
         protocol = {**split, "probe": "kNN", "k": result["k"], "temperature": options.temperature, "similarity": "cosine"}
+        if result["k"] != options.k:  # every training sample votes: said, in the result and the table
+            protocol["k_asked"] = options.k
     return {"features": features, **result, "protocol": protocol, "skipped_shards": {}}
 
 
 def evaluate(options: ProbeOptions, data: str, *, store: str | None = None, run: str | None = None, ema: bool = False,
              model: str | None = None, teacher: str | None = None, val_data: str | None = None,
-             val_store: str | None = None, skip_corrupt: bool = False) -> dict:
+             val_store: str | None = None, skip_corrupt: bool = False, progress: bool = False) -> dict:
     """The probe of exactly one of ``store``, ``run``, ``model`` on corpus ``data``."""
     if sum(x is not None for x in (store, run, model)) != 1:
         raise KdcacheError("give exactly one of --store, --run, --model")
@@ -52,18 +54,21 @@ def evaluate(options: ProbeOptions, data: str, *, store: str | None = None, run:
     if store:
         from .store_features import probe_store
         return probe_store(store, data, options, teacher=teacher, skip_corrupt=skip_corrupt, val_store=val_store,
-                           val_data=val_data)
+                           val_data=val_data, progress=progress)
     from .model_features import probe_model
-    return probe_model("run" if run else "model", data, options, run=run, ema=ema, model=model, val_data=val_data)
+    return probe_model("run" if run else "model", data, options, run=run, ema=ema, model=model, val_data=val_data,
+                       progress=progress)
 
 
 def format_probe(r: dict) -> str:
     how = f"k={r['k']}, T={r['temperature']}" if "k" in r else f"linear probe, C={r['C']:g}"
+    if "k_asked" in r["protocol"]:
+        how += f" (--k {r['protocol']['k_asked']} asked: more than the {r['n_train']} training samples, so all of them vote)"
     lines = [f"# {'kNN' if 'k' in r else 'linear probe'}: {r['features']}",
              f"{how}, {r['n_train']} train / {r['n_val']} val samples, {r['classes']} classes, split seed {r['protocol']['seed']}",
              "", "| top-1 | top-5 |", "|---|---|", f"| {r['top1']:.4f} | {r['top5']:.4f} |"]
     if r["skipped_shards"]:
         lines.append(f"skipped corrupt shards: {', '.join(f'{s} ({e})' for s, e in r['skipped_shards'].items())}")
     if r.get("skipped_samples"):
-        lines.append(f"skipped samples (did not decode): {r['skipped_samples']}")
+        lines.append(f"skipped samples (did not decode, or broke the key rules): {r['skipped_samples']}")
     return "\n".join(lines)

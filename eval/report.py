@@ -5,8 +5,9 @@ teacher's summary and patch loss against the step), kNN top-1/top-5 of the rando
 the distilled student and each teacher on the same seeded split of a labelled corpus (plot),
 and the bytes per sample each storage option costs for this run's teachers (plot: fp32, fp16,
 and what the store holds; an online run stores nothing). Plain markdown and PNGs: readable
-without kdcache. kNN results are kept in ``RUN/report/knn.json`` and reused when the run's
-checkpoint has not changed since.
+without kdcache. kNN results are kept in ``RUN/report/knn.json`` and reused only while
+everything they were computed from is unchanged (``_knn_key``): the run's checkpoint, the
+corpus, the split, and the store's digests (or an online run's teachers).
 """
 from __future__ import annotations
 
@@ -27,8 +28,11 @@ def _read_json(path: str, what: str) -> dict:
         raise KdcacheError(f"{path}: cannot read the run's {what} ({type(e).__name__}: {e})") from None
 
 
-def _knn_rows(run: str, cfg: dict, prov: dict, data: str, *, seed: int) -> list[dict]:
-    """kNN of the random-init student, the distilled student, and each teacher."""
+def _knn_rows(run: str, cfg: dict, prov: dict, data: str, *, seed: int, cache: str) -> list[dict]:
+    """kNN of the random-init student, the distilled student, and each teacher. The teachers'
+    cached features are read (verified) every time: a damaged store stops the report before any
+    model runs. The models' rows, which cost a forward pass over the corpus, are kept in
+    ``cache`` and reused while everything they depend on is unchanged (``_knn_key``)."""
     from kdcache.models.teacher import create_teacher
 
     from .model_features import labelled_model_features, probe_model, random_init_student, run_student
@@ -44,6 +48,17 @@ def _knn_rows(run: str, cfg: dict, prov: dict, data: str, *, seed: int) -> list[
     def row(label, result):  # the short label for the table; the full description kept
         return {**result, "features": label, "described": result["features"]}
 
+    teachers = []
+    if not prov.get("online"):
+        for t in cfg.get("teachers") or prov["store_meta"]["teachers"]:
+            teachers.append(row(f"teacher {t} (cached)", probe_store(cfg["store"], data, options, teacher=t, progress=True)))
+    key = _knn_key(RunDir(run), cfg, prov, data, seed)
+    try:
+        kept = json.load(open(cache)) if os.path.exists(cache) else {}
+    except ValueError:  # a half-written or foreign file: recompute
+        kept = {}
+    if kept.get("key") == key:
+        return kept["rows"] + teachers
     rows = [row("random-init student", live(*random_init_student(run))),
             row("distilled student", probe_model("run", data, options, run=run, progress=True))]
     if os.path.exists(os.path.join(run, "checkpoints", "last", "ema.safetensors")):
@@ -52,10 +67,38 @@ def _knn_rows(run: str, cfg: dict, prov: dict, data: str, *, seed: int) -> list[
         for spec in cfg["teachers"]:
             t = create_teacher(spec)
             rows.append(row(f"teacher {t.name} (live)", live(t.model, t.data, f"teacher {t.name}, live")))
+    with open(cache, "w") as f:
+        json.dump({"key": key, "rows": rows}, f, indent=2)
+    return rows + teachers
+
+
+def _knn_key(rundir: RunDir, cfg: dict, prov: dict, data: str, seed: int) -> str:
+    """sha256 of everything the kNN rows depend on: the checkpoint's weights files (names, sizes,
+    times), the corpus's shard files, the seed, and the store's shard digests (a damaged or
+    replaced store changes them) or, for an online run, its teachers' weights."""
+    import hashlib
+
+    from kdcache.data.corpus import resolve_corpus
+    parts = {"data": data, "seed": seed, "checkpoint": _files_stamp(rundir.checkpoint)}
+    corpus = resolve_corpus(data)
+    parts["corpus"] = [corpus.fingerprint(), *(_files_stamp(u) for u in sorted({s.url for s in corpus.shards})
+                                               if os.path.exists(u))]
+    if prov.get("online"):
+        parts["teachers"] = {t: m.get("weights_sha256") for t, m in prov.get("teachers", {}).items()}
     else:
-        for t in cfg.get("teachers") or prov["store_meta"]["teachers"]:
-            rows.append(row(f"teacher {t} (cached)", probe_store(cfg["store"], data, options, teacher=t)))
-    return rows
+        from kdcache.store import Store
+        store = Store.open(cfg["store"])
+        parts["store"] = {name: (store.shard_attrs(name) or {}).get("digest") for name in store.shard_names()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _files_stamp(path: str) -> list:
+    """(name, size, mtime) of a file, or of every file under a directory."""
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return [[path, st.st_size, st.st_mtime_ns]]
+    return sorted([os.path.relpath(os.path.join(r, f), path), os.stat(os.path.join(r, f)).st_size,
+                   os.stat(os.path.join(r, f)).st_mtime_ns] for r, _, fs in os.walk(path) for f in fs)
 
 
 def _bytes_rows(cfg: dict, prov: dict) -> list[dict]:
@@ -112,16 +155,7 @@ def report(run: str, *, data: str | None = None, knn: bool = True, seed: int = 0
     knn_rows = None
     if knn:
         data = data or cfg["data"]
-        cache = os.path.join(out, "knn.json")
-        state = rundir.checkpoint_file("state.json")
-        stamp = [data, seed, os.path.getmtime(state) if os.path.exists(state) else None]
-        kept = json.load(open(cache)) if os.path.exists(cache) else {}
-        if kept.get("stamp") == stamp:
-            knn_rows = kept["rows"]
-        else:
-            knn_rows = _knn_rows(run, cfg, prov, data, seed=seed)
-            with open(cache, "w") as f:
-                json.dump({"stamp": stamp, "rows": knn_rows}, f, indent=2)
+        knn_rows = _knn_rows(run, cfg, prov, data, seed=seed, cache=os.path.join(out, "knn.json"))
         files["knn"] = _bar(os.path.join(out, "knn.png"), [r["features"] for r in knn_rows],
                             {"top-1": [r["top1"] for r in knn_rows], "top-5": [r["top5"] for r in knn_rows]},
                             ylabel="kNN accuracy", title="kNN: teacher vs student vs random init")

@@ -9,6 +9,7 @@ reported.
 from __future__ import annotations
 
 import numpy as np
+from tqdm import tqdm
 
 from kdcache.data.corpus import ReadOptions, resolve_corpus
 from kdcache.data.walk import align
@@ -19,7 +20,8 @@ from .options import ProbeOptions
 from .probes import probe
 
 
-def labelled_store_features(url: str, data: str, *, teacher: str | None = None, skip_corrupt: bool = False) -> dict:
+def labelled_store_features(url: str, data: str, *, teacher: str | None = None, skip_corrupt: bool = False,
+                            progress: bool = False) -> dict:
     """{x (N, D) float32, y (N,) int, keys, skipped: {shard: error}} over the store's complete shards."""
     store = Store.open(url)
     teacher = teacher or next(iter(store.meta.teachers))
@@ -31,7 +33,7 @@ def labelled_store_features(url: str, data: str, *, teacher: str | None = None, 
     if store.meta.corpus.get("fingerprint") != corpus.fingerprint():
         raise KdcacheError(f"{url} was extracted from another corpus than --data {data}")
     xs, ys, keys, skipped, unlabelled = [], [], [], {}, 0
-    for shard in corpus.shards:
+    for shard in tqdm(corpus.shards, unit="shard", desc="cached features", disable=not progress, dynamic_ncols=True):
         try:
             attrs = store.shard_attrs(shard.name) or {}
             if attrs.get("complete") is not True:
@@ -57,15 +59,16 @@ def labelled_store_features(url: str, data: str, *, teacher: str | None = None, 
 
 
 def probe_store(url: str, data: str, options: ProbeOptions = ProbeOptions(), *, teacher: str | None = None,
-                skip_corrupt: bool = False, val_store: str | None = None, val_data: str | None = None) -> dict:
+                skip_corrupt: bool = False, val_store: str | None = None, val_data: str | None = None,
+                progress: bool = False) -> dict:
     """``kdcache eval knn|linear --store``: the probe of the cached summary features, with its
     protocol; ``val_store``/``val_data``: a given validation split (another corpus and its store)."""
-    f = labelled_store_features(url, data, teacher=teacher, skip_corrupt=skip_corrupt)
+    f = labelled_store_features(url, data, teacher=teacher, skip_corrupt=skip_corrupt, progress=progress)
     val = None
     if val_store or val_data:
         if not (val_store and val_data):
             raise KdcacheError("--val-store and --val-data go together (the validation corpus and its store)")
-        v = labelled_store_features(val_store, val_data, teacher=f["teacher"], skip_corrupt=skip_corrupt)
+        v = labelled_store_features(val_store, val_data, teacher=f["teacher"], skip_corrupt=skip_corrupt, progress=progress)
         val, f["skipped"] = (v["x"], v["y"]), {**f["skipped"], **v["skipped"]}
     r = probe(f["x"], f["y"], f"store {url}, teacher {f['teacher']}, cached summary (view 0, the eval view)",
               resolution=list(Store.open(url).meta.teachers[f["teacher"]].input_size[1:]), options=options, val=val,

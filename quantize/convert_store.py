@@ -43,11 +43,16 @@ def train_quantizer(store: Store, teacher: str, kind: str, qspec: QuantizerSpec,
         shards, _ = training_prefix(store, teacher, kind, sspec)
     if not shards:
         raise QuantizeError(f"{store.url}: no complete shard with float {kind} features of teacher {teacher}")
+    key = qspec.key(store.meta.teachers[teacher].dim)
+    log.info("quantizer %s of %s %s: sampling %d tokens from %d shard(s)", key, teacher, kind, sspec.total, len(shards))
     train, held, desc = draw(store, teacher, kind, shards, sspec)
-    log.info("training %s on %d %s tokens of %s from %d shard(s)", qspec.key(store.meta.teachers[teacher].dim), len(train),
-             kind, teacher, len(shards))
+    log.info("quantizer %s: training on %d tokens with faiss%s", key, len(train),
+             f" ({qspec.opq_iter} rotation alternations; --opq-iter sets them)" if qspec.method == "opq" else "")
     cb = fit(qspec, train, seed=sspec.seed)
     fid = measure(cb, held) if len(held) else {}
+    if fid:
+        log.info("quantizer %s: held-out mean cos %.4f, relMSE %.4f on %d tokens; converting shards", key, fid["mean_cos"],
+                 fid["relmse"], len(held))
     dim = cb.dim
     cb = dataclasses.replace(cb, attrs={**cb.attrs, "trained_on": desc, **fid, "bytes_per_token": cb.m,
                                         "compression_vs_fp16": dim * 2 / cb.m, "compression_vs_fp32": dim * 4 / cb.m})
@@ -159,7 +164,8 @@ def quantize_store(url: str, teacher: str, qspec: QuantizerSpec, *, kind: str = 
     finally:
         heartbeat.stop()
     if rank == 0:
-        write_stats(store, teacher, kind, compute_stats(store, teacher, kind))  # the targets are now the decoded codes
+        log.info("writing the normalisation statistics of %s %s (the targets are now the decoded codes)", teacher, kind)
+        write_stats(store, teacher, kind, compute_stats(store, teacher, kind))
     return {"teacher": teacher, "kind": kind, "rank": rank, "world_size": world_size, "device": str(encoder.device),
             "shards_converted": converted, "shards_skipped": len(shards) - converted,
             **{k: cb.attrs.get(k) for k in ("spec", "bytes_per_token", "compression_vs_fp16", "relmse", "mean_cos",

@@ -40,6 +40,8 @@ def info(store: Store) -> dict:
     """Everything ``kdcache info`` prints, as a JSON-able dict."""
     s = scan(store)
     meta = store.meta
+    for sh in s["complete"]:  # a count its arrays do not hold would be a wrong number: checked on the keys' shape
+        store.array(sh, "keys")
     sizes = [store.array_nbytes(sh) for sh in s["complete"]]
     by_prefix = lambda p: sum(v for d in sizes for k, v in d.items() if k.startswith(p))  # noqa: E731
     teachers = {}

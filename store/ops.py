@@ -26,18 +26,27 @@ from .verify import verify_shard
 log = logging.getLogger("kdcache.store")
 
 
-def compatible(a: StoreMeta, b: StoreMeta, *, where: str) -> None:
-    """Stores whose shards may live in one store: same format, views, corpus and teachers."""
-    checks = (("format", a.format, b.format), ("view_policy", a.view_policy, b.view_policy),
-              ("corpus fingerprint", a.corpus.get("fingerprint"), b.corpus.get("fingerprint")),
-              ("teachers", sorted(a.teachers), sorted(b.teachers)))
-    for field, x, y in checks:
-        if x != y:
-            raise StoreError(f"{where}: {field} differs ({_short(x)} vs {_short(y)})")
+def compatible(a: StoreMeta, b: StoreMeta, *, a_name: str, b_name: str) -> None:
+    """Stores whose shards may live in one store: same format, views, corpus and teachers. A
+    refusal names both stores, each with its own value (the differing fields only)."""
+    def differ(field: str, x, y) -> None:
+        raise StoreError(f"{a_name} and {b_name}: {field} differs ({a_name}: {_short(x)}; {b_name}: {_short(y)})")
+
+    if a.format != b.format:
+        differ("format", a.format, b.format)
+    if a.view_policy != b.view_policy:
+        x, y = a.view_policy.to_dict(), b.view_policy.to_dict()
+        keys = [k for k in x if x[k] != y.get(k)]
+        differ("view policy", {k: x[k] for k in keys}, {k: y.get(k) for k in keys})
+    if a.corpus.get("fingerprint") != b.corpus.get("fingerprint"):
+        differ("corpus fingerprint", a.corpus.get("fingerprint"), b.corpus.get("fingerprint"))
+    if sorted(a.teachers) != sorted(b.teachers):
+        differ("teachers", sorted(a.teachers), sorted(b.teachers))
     for t in a.teachers:
-        if a.teachers[t].to_dict() != b.teachers[t].to_dict():
-            diff = sorted(k for k, v in a.teachers[t].to_dict().items() if b.teachers[t].to_dict().get(k) != v)
-            raise StoreError(f"{where}: teacher {t} differs in {', '.join(diff)}")
+        x, y = a.teachers[t].to_dict(), b.teachers[t].to_dict()
+        if x != y:
+            keys = sorted(k for k in x if y.get(k) != x[k])
+            differ(f"teacher {t}", {k: x[k] for k in keys}, {k: y.get(k) for k in keys})
 
 
 def copy_stores(sources: list[str], dst_url: str, *, shards: str | None = None, progress: bool = True) -> dict:
@@ -48,7 +57,7 @@ def copy_stores(sources: list[str], dst_url: str, *, shards: str | None = None, 
     before anything is written."""
     srcs = [Store.open(u) for u in sources]
     for s in srcs[1:]:
-        compatible(srcs[0].meta, s.meta, where=f"{s.url} vs {srcs[0].url}")
+        compatible(srcs[0].meta, s.meta, a_name=srcs[0].url, b_name=s.url)
     plan: dict[str, Store] = {}
     for s in srcs:
         for name in s.complete_shards():
@@ -97,7 +106,7 @@ def copy_stores(sources: list[str], dst_url: str, *, shards: str | None = None, 
 def _open_destination(url: str, meta: StoreMeta) -> Store:
     if Store.exists(url):
         dst = Store.open(url, writable=True)
-        compatible(meta, dst.meta, where=f"{url} (destination)")
+        compatible(meta, dst.meta, a_name="the source", b_name=f"{url} (destination)")
         return dst
     if not is_url(url) and os.path.isdir(local_path(url)) and os.listdir(local_path(url)):
         raise StoreError(f"{url}: directory exists, is not empty and is not a kdcache store")
@@ -181,4 +190,4 @@ def format_ls(d: dict) -> str:
 
 def _short(x) -> str:
     r = repr(x)
-    return r if len(r) < 80 else r[:77] + "..."
+    return r if len(r) < 160 else r[:157] + "..."

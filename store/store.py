@@ -87,7 +87,9 @@ class Store(VerifiedReads, ShardEdits):
         d = root.attrs.get("kdcache")
         if not isinstance(d, dict):
             raise StoreError(f"{url}: a zarr group, but not a kdcache store (no 'kdcache' attribute)")
-        return cls(url, root, StoreMeta.from_dict(d, where=url), writable=writable)
+        store = cls(url, root, StoreMeta.from_dict(d, where=url), writable=writable)
+        store.shard_names()  # a hostile shard name is refused here, by every reader and writer alike (one listing)
+        return store
 
     @classmethod
     def exists(cls, url: str) -> bool:

@@ -32,18 +32,20 @@ class VerifyReport:
                 "shards_incomplete": self.shards_incomplete, "samples": self.samples}
 
 
-def verify(store: Store, corpus_keys: Mapping[str, Iterable[str]] | None = None) -> VerifyReport:
+def verify(store: Store, corpus_keys: Mapping[str, Iterable[str]] | None = None, *, progress: bool = False) -> VerifyReport:
     """Digests, shapes and counts of every complete shard; with ``corpus_keys`` (corpus shard
     name -> the keys it should hold, lazily), that the stored keys equal them in order and that
     the store and the corpus hold the same shards."""
+    from tqdm import tqdm
     complete = store.complete_shards()
     report = VerifyReport(shards_checked=len(complete), shards_incomplete=len(store.shard_names()) - len(complete))
-    for name in complete:
+    for name in tqdm(complete, unit="shard", desc="verify digests", disable=not progress, dynamic_ncols=True):
         report.samples += int((store.shard_attrs(name) or {}).get("count", 0))
         report.problems += verify_shard(store, name)
     if corpus_keys is not None:
         report.problems += [f"shard {n}: in the store but not in the corpus" for n in complete if n not in corpus_keys]
-        for name, keys in corpus_keys.items():
+        for name, keys in tqdm(corpus_keys.items(), unit="shard", desc="verify keys against the corpus",
+                               disable=not progress, dynamic_ncols=True):
             if name not in complete:
                 report.problems.append(f"shard {name}: in the corpus but not complete in the store")
             else:
@@ -51,9 +53,9 @@ def verify(store: Store, corpus_keys: Mapping[str, Iterable[str]] | None = None)
     return report
 
 
-def verify_store(url: str, corpus_keys: Mapping[str, Iterable[str]] | None = None) -> VerifyReport:
+def verify_store(url: str, corpus_keys: Mapping[str, Iterable[str]] | None = None, *, progress: bool = False) -> VerifyReport:
     """``kdcache verify URL``: open the store read-only and verify it (verify never writes)."""
-    return verify(Store.open(url), corpus_keys)
+    return verify(Store.open(url), corpus_keys, progress=progress)
 
 
 def _keys_problems(store: Store, name: str, corpus_keys: Iterable[str]) -> list[str]:

@@ -62,7 +62,7 @@ COMMANDS = list(_kdcache_commands())
 
 
 def test_the_docs_show_commands():
-    assert len(COMMANDS) > 40 and {w.split(":")[0] for w, _ in COMMANDS} >= {"README.md", "docs/training.md"}
+    assert len(COMMANDS) > 30 and {w.split(":")[0] for w, _ in COMMANDS} >= {"README.md", "docs/training.md"}
 
 
 @pytest.mark.parametrize("where,args", COMMANDS, ids=[w for w, _ in COMMANDS])

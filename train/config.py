@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from kdcache.errors import KdcacheError
 from kdcache.targets.normalize import NORMALIZERS
 
-AMP = ("bf16", "none")
+AMP = ("auto", "bf16", "none")  # auto: bf16 autocast on CUDA, none on a CPU (where bf16 matmuls are slow)
 TASK_LOSSES = ("none", "ce")
 LABELS = ("cls",)
 VIEW_CHOICES = ("epoch", "random", "first", "augmented")  # which stored view a sample takes (train.loader.pick_view)
@@ -40,7 +40,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 100
     clip_grad: float = 1.0
-    amp: str = "bf16"  # bf16 | none (bf16 autocast works on CPU too)
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | none
     ema: float = 0.0  # EMA decay of the student, 0 = off
     seed: int = 0
     device: str = "auto"
@@ -108,6 +108,18 @@ class TrainConfig:
             raise ConfigError("--resume and --overwrite exclude each other")
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ConfigError(f"--out {self.out}: exists and is not a directory")
+        self._make_paths_absolute()
+
+    def _make_paths_absolute(self) -> None:
+        """Local paths (store, corpus, run, checkpoints in specs) recorded absolute, so a run directory
+        works from anywhere: ``report``, ``eval``, ``export`` and ``--resume`` read them back."""
+        from kdcache.store.remote import is_url
+        fix = {name: os.path.abspath(getattr(self, name)) for name in ("store", "data", "out")
+               if getattr(self, name) and not is_url(getattr(self, name))}
+        fix["student"] = absolute_checkpoint(self.student)
+        fix["teachers"] = tuple(absolute_checkpoint(t) for t in self.teachers)
+        for name, value in fix.items():
+            object.__setattr__(self, name, value)
 
     def _check_online(self) -> None:
         if self.store:
@@ -126,6 +138,16 @@ class TrainConfig:
 
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def absolute_checkpoint(spec: str) -> str:
+    """A model spec with a local ``checkpoint=PATH`` made absolute (everything else as written)."""
+    parts = spec.split(",")
+    for i, part in enumerate(parts):
+        key, eq, value = part.partition("=")
+        if eq and key.strip() == "checkpoint" and value.strip() and "://" not in value:
+            parts[i] = f"{key}={os.path.abspath(value.strip())}"
+    return ",".join(parts)
 
 
 class ConfigError(KdcacheError):

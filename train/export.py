@@ -23,7 +23,7 @@ def export(run: str, out: str | None = None, *, ema: bool = False, heads: bool =
     if not os.path.exists(src):
         raise KdcacheError(f"{run}: no {'EMA ' if ema else ''}checkpoint ({src} missing)")
     student = _student(rundir)
-    out = out or rundir.file("student.safetensors")
+    out = os.path.abspath(out or rundir.file("student.safetensors"))  # the printed line works from anywhere
     shutil.copyfile(src, out)
     result = {"student": out, "model": student["model"]}
     if heads:

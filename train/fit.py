@@ -96,7 +96,8 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: boo
         rundir.check(resume=cfg.resume, overwrite=cfg.overwrite)
     torch.manual_seed(cfg.seed)
     student = create_student(cfg.student)
-    source = open_source(cfg, student, rank=rank, world=world, rundir=rundir, device=device, progress=progress)
+    source = open_source(cfg, student, rank=rank, world=world, rundir=rundir, device=device,
+                         reuse_stats=cfg.resume or evaluate, progress=progress)
     classes = task_classes(cfg, source)
     model = DistillModel(student.model, student.data, source.heads,
                          HeadSpec(hidden=cfg.head_hidden, depth=cfg.head_depth, kind=cfg.head, heads=cfg.head_heads,
@@ -112,6 +113,9 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: boo
         start = trainer.load(rundir)
         if start is None:
             raise TrainError(f"--resume: no checkpoint in {rundir.checkpoint}")
+        if not evaluate and start["epoch"] >= cfg.epochs:
+            raise TrainError(f"--resume: {cfg.out} is finished ({start['global_step']} steps, {cfg.epochs} epochs); "
+                             f"nothing to train (pass a larger --epochs to train on)")
         if not evaluate:
             log.info("resuming at epoch %d, step %d", start["epoch"], start["global_step"])
     if writes:
@@ -214,6 +218,7 @@ def fit(run: Run, *, progress: bool = True) -> dict:
         bar.close()
         if metrics is not None:
             metrics.close()
+        _stop_workers(loader)
     result = {"run": cfg.out, "steps": trainer.global_step, "stopped_early": stopped,
               "skipped": skipped_summary(run.rundir, logged=cfg.skip_corrupt or cfg.online)}
     if rank == 0:
@@ -222,3 +227,12 @@ def fit(run: Run, *, progress: bool = True) -> dict:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return result
+
+
+def _stop_workers(loader: DataLoader) -> None:
+    """Shut the loader's persistent workers down now. After an error, the live iterator would
+    otherwise stay referenced by the traceback and its workers be reaped later, with timeouts."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None

@@ -60,21 +60,26 @@ class RunDir:
         return os.path.exists(self.checkpoint_file("state.json"))
 
     def holds_run(self) -> bool:
-        return os.path.exists(self.config) or self.has_checkpoint()
+        """A run that reached a checkpoint. A directory whose run stopped before its first one (it
+        failed, or was killed) holds nothing worth keeping: the next start reuses it."""
+        return self.has_checkpoint()
+
+    RUN_FILES = ("checkpoints", "tb", "metrics.csv", "loss.png", "config.json", "provenance.json", "skipped.jsonl", "stats",
+                 "report")
 
     def check(self, *, resume: bool, overwrite: bool) -> None:
-        """Refuse to train over a finished or started run unless asked (before anything is built)."""
+        """Refuse to train over a started run unless asked (before anything is built)."""
         if resume and not self.has_checkpoint():
             raise KdcacheError(f"--resume: no checkpoint in {self.checkpoint}")
         if self.holds_run() and not (resume or overwrite):
             raise KdcacheError(f"--out {self.path} holds a run already; pass --resume to continue it or --overwrite to replace it")
 
     def prepare(self, *, resume: bool, overwrite: bool) -> None:
-        """Create the directory (once the run is built); with ``overwrite``, clear the old run."""
+        """Create the directory (once the run is built). A fresh start clears what an earlier start
+        left: with ``overwrite`` a whole run, else the files of a run that never checkpointed."""
         self.check(resume=resume, overwrite=overwrite)
-        if overwrite and self.holds_run():
-            for name in ("checkpoints", "tb", "metrics.csv", "loss.png", "config.json", "provenance.json", "skipped.jsonl",
-                         "stats"):
+        if not resume:
+            for name in self.RUN_FILES:
                 p = self.file(name)
                 shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
         try:

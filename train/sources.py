@@ -63,11 +63,13 @@ def loader_spec(cfg: TrainConfig, student: Student, shards, *, store_url: str = 
 
 
 def open_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, rundir: RunDir, device: torch.device,
-                progress: bool = True) -> TargetSource:
-    """The run's targets; ``rundir`` is only read (statistics kept by an earlier start of the run)."""
+                reuse_stats: bool = False, progress: bool = True) -> TargetSource:
+    """The run's targets; ``rundir`` is only read: with ``reuse_stats`` (resuming, evaluating) the
+    statistics the run kept are used while still fresh, so it normalises exactly as before."""
+    kept = rundir if reuse_stats else None
     if cfg.online:
-        return online_source(cfg, student, rank=rank, world=world, rundir=rundir, device=device, progress=progress)
-    return cached_source(cfg, student, rank=rank, world=world, rundir=rundir, device=device)
+        return online_source(cfg, student, rank=rank, world=world, kept=kept, device=device, progress=progress)
+    return cached_source(cfg, student, rank=rank, world=world, kept=kept, skip_log=rundir.skip_log, device=device)
 
 
 def check_store_fits_corpus(store: Store, corpus: Corpus, teachers, *, skip_corrupt: bool = False):
@@ -102,7 +104,7 @@ def check_store_fits_corpus(store: Store, corpus: Corpus, teachers, *, skip_corr
     return shards, counts, bad
 
 
-def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, rundir: RunDir,
+def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, kept: RunDir | None, skip_log: str,
                   device: torch.device) -> TargetSource:
     store = Store.open(cfg.store)
     teachers = list(cfg.teachers) or list(store.meta.teachers)
@@ -117,7 +119,7 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
         if needs_stats(cfg.normalize):
             stats = {}
             for kind in TOKEN_KINDS:
-                stats[kind], fresh = reader_stats(store, t, kind, shards=shards, kept=_kept(cfg, rundir, t, kind),
+                stats[kind], fresh = reader_stats(store, t, kind, shards=shards, kept=kept and kept.load_stats(t, kind),
                                                   skip_corrupt=cfg.skip_corrupt)
                 if fresh:
                     computed[(t, kind)] = stats[kind]
@@ -127,15 +129,15 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
     heads = [TeacherTarget(t, metas[t].dim, tuple(metas[t].grid), targets[t].codes_m) for t in teachers]
     spec = loader_spec(cfg, student, shards, store_url=cfg.store, decode=corpus.options.decode,
                        target_paths=[p for t in teachers for p in targets[t].paths.values()],
-                       skip_log=rundir.skip_log if cfg.skip_corrupt else None)
+                       skip_log=skip_log if cfg.skip_corrupt else None)
     return TargetSource(corpus=corpus, teachers=teachers, shards=shards, counts=counts, targets=targets, heads=heads,
                         dataset=CachedStream(corpus, spec, rank=rank, world=world), store=store,
                         provenance={"store": cfg.store, "store_meta": store.meta.to_dict()}, computed_stats=computed,
                         skipped=[{"epoch": None, "shard": n, "error": e, "samples_skipped": None} for n, e in bad.items()])
 
 
-def online_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, rundir: RunDir, device: torch.device,
-                  progress: bool = True) -> TargetSource:
+def online_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, kept: RunDir | None,
+                  device: torch.device, progress: bool = True) -> TargetSource:
     corpus = resolve_corpus(cfg.data, ReadOptions())
     with torch.random.fork_rng(devices=[]):  # building teachers must not move the student's and heads' init
         teachers = [create_teacher(spec, device=device) for spec in cfg.teachers]
@@ -151,9 +153,8 @@ def online_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
                            rank=rank, world=world)
     targets, computed = {}, {}
     for t in teachers:
-        kept = {kind: _kept(cfg, rundir, t.name, kind) for kind in TOKEN_KINDS}
         stats, fresh = teacher_stats(t, dataset, normalize=cfg.normalize, images=cfg.online_stats_images, seed=cfg.seed,
-                                     kept=kept)
+                                     kept=kept and {kind: kept.load_stats(t.name, kind) for kind in TOKEN_KINDS})
         if fresh:
             computed.update({(t.name, kind): stats[kind] for kind in TOKEN_KINDS})
         targets[t.name] = LiveTargets(t, cfg.normalize, stats).to(device)
@@ -163,7 +164,3 @@ def online_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
                         provenance={"online": True, "view_policy": policy.to_dict(),
                                     "teachers": {t.name: t.meta.to_dict() for t in teachers}})
 
-
-def _kept(cfg: TrainConfig, rundir: RunDir, teacher: str, kind: str) -> dict | None:
-    """Statistics an earlier start of this run kept (a run being replaced keeps none)."""
-    return None if cfg.overwrite else rundir.load_stats(teacher, kind)

@@ -67,3 +67,29 @@ def test_report_of_an_online_run_runs_the_teacher_live(tmp_path, corpus, vit_spe
 def test_report_errors_are_one_line(tmp_path, monkeypatch, capsys):
     code, _, err = cli_call(monkeypatch, capsys, "report", str(tmp_path))
     assert code != 0 and "config.json" in one_error_line(err)
+
+
+def test_report_recomputes_after_the_store_changes_and_refuses_a_damaged_one(tmp_path, vit_store, corpus, vit_spec,
+                                                                               monkeypatch, capsys):
+    import shutil
+
+    from kdcache.extract.options import ExtractOptions
+    from kdcache.extract.run import extract
+    store = str(tmp_path / "s.zarr")
+    shutil.copytree(vit_store, store)
+    run = _train(tmp_path / "run", corpus, store=store)
+    cache = os.path.join(run, "report", "knn.json")
+    assert cli_call(monkeypatch, capsys, "report", run)[0] == 0
+    key = json.load(open(cache))["key"]
+    assert cli_call(monkeypatch, capsys, "report", run)[0] == 0 and json.load(open(cache))["key"] == key  # reused
+    shutil.rmtree(store)  # the store replaced: the same corpus extracted again, with other views
+    extract(corpus, store, [vit_spec], ExtractOptions(views=2, seed=7, progress=False, workers=0))
+    code, out, err = cli_call(monkeypatch, capsys, "report", run, "--json")
+    assert code == 0 and json.load(open(cache))["key"] != key, err
+    chunk = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(store, "shards", "demo-000001", "vit", "cls"))
+             for f in fs if "/c/" in os.path.join(r, f)][0]
+    b = bytearray(open(chunk, "rb").read())
+    b[len(b) // 2] ^= 0x40
+    open(chunk, "wb").write(bytes(b))  # damaged in place: the digests it records are unchanged
+    code, _, err = cli_call(monkeypatch, capsys, "report", run)
+    assert code == 2 and "shard demo-000001: vit/cls" in one_error_line(err)

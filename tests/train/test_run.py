@@ -86,3 +86,77 @@ def test_statistics_the_store_lacks_are_computed_into_the_run_directory_never_th
     got = safetensors.numpy.load_file(str(tmp_path / "run" / "stats" / "vit.patch.safetensors"))
     np.testing.assert_allclose(got["mean"], fresh["mean"], rtol=1e-12)  # the same seeded sample as the producer's
     np.testing.assert_allclose(got["covariance"], fresh["covariance"], rtol=1e-10)
+
+
+@pytest.mark.parametrize("mistake,fix", [
+    (["--student", "no_such_model"], ["--student", STUDENT]),
+    (["--student", STUDENT + ",not_a_kwarg=3"], ["--student", STUDENT]),
+    (["--teacher", "nope"], []),
+])
+def test_a_failed_run_never_blocks_its_corrected_rerun(tmp_path, store, corpus, monkeypatch, capsys, mistake, fix):
+    from helpers import cli_call, one_error_line
+    out = str(tmp_path / "run")
+    base = ["train", "--store", store, "--data", corpus, "--out", out, "--epochs", "1", "--batch-size", "4", "--workers", "0",
+            "--head-hidden", "16", "--no-progress"]
+    student = [] if "--student" in mistake else ["--student", STUDENT]
+    code, _, err = cli_call(monkeypatch, capsys, *base, *student, *mistake)
+    assert code == 2 and one_error_line(err)
+    assert not os.path.exists(out)  # nothing written: the run was never built
+    code, stdout, err = cli_call(monkeypatch, capsys, *base, *(student or []), *fix)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("mistake", ["vit=no_such_model", "vit=vit_tiny_patch16_224,pretrained=false,img_size=32,depth=2,bad=1",
+                                     "vit=vit_tiny_patch16_224,checkpoint=/no/such.safetensors", "DUP"])
+def test_a_failed_online_run_never_blocks_its_corrected_rerun(tmp_path, corpus, vit_spec, monkeypatch, capsys, mistake):
+    from helpers import cli_call, one_error_line
+    out = str(tmp_path / "run")
+    base = ["train", "--online", "--data", corpus, "--student", STUDENT, "--out", out, "--epochs", "1", "--batch-size", "4",
+            "--workers", "0", "--head-hidden", "16", "--online-stats-images", "4", "--no-progress"]
+    teachers = ["--teacher", vit_spec, "--teacher", vit_spec] if mistake == "DUP" else ["--teacher", mistake]
+    code, _, err = cli_call(monkeypatch, capsys, *base, *teachers)
+    assert code == 2 and one_error_line(err)
+    assert not os.path.exists(os.path.join(out, "checkpoints"))
+    code, _, err = cli_call(monkeypatch, capsys, *base, "--teacher", vit_spec)
+    assert code == 0, err
+
+
+def test_a_run_that_never_checkpointed_is_restarted_in_place(tmp_path, store, corpus):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # what a killed first epoch leaves
+    (out / "skipped.jsonl").write_text('{"epoch": 0, "shard": "x", "error": "stale", "samples_skipped": 9}\n')
+    r = train(_cfg(store, corpus, out), progress=False)
+    assert r["steps"] == 6 and r["skipped"]["shards"] == []  # the stale records are gone
+    with pytest.raises(KdcacheError, match="is finished .*nothing to train"):
+        train(_cfg(store, corpus, out, resume=True), progress=False)
+
+
+def test_a_run_directory_travels(tmp_path, store, corpus, monkeypatch, capsys):
+    import json
+    import subprocess
+    import sys
+
+    from helpers import cli_call
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(store, work / "s.zarr")
+    monkeypatch.chdir(work)  # relative paths, as a user types them
+    code, _, err = cli_call(monkeypatch, capsys, "train", "--store", "s.zarr", "--data", os.path.relpath(corpus, work),
+                            "--student", STUDENT, "--out", "run", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                            "--head-hidden", "16", "--no-progress")
+    assert code == 0, err
+    cfg = json.load(open(work / "run" / "config.json"))
+    assert all(os.path.isabs(cfg[k]) for k in ("store", "data", "out"))
+    shutil.move(str(work / "run"), str(tmp_path / "moved"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = cli_call(monkeypatch, capsys, "report", "../moved", "--json")
+    assert code == 0 and json.loads(out)["knn"], err
+    code, out, err = cli_call(monkeypatch, capsys, "export", "../moved")
+    line = json.loads(out)["load_with"]
+    assert code == 0 and str(tmp_path / "moved") in line, line
+    p = subprocess.run([sys.executable, "-c", f"import timm; m = {line}; print(type(m).__name__)"], capture_output=True,
+                       text=True, cwd=str(tmp_path), timeout=300)  # yet another directory
+    assert p.returncode == 0 and p.stdout.strip() == "VisionTransformer", p.stderr[-2000:]

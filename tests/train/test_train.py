@@ -199,3 +199,11 @@ def test_code_logits_loss_prefers_the_true_codes():
     codes = torch.randint(0, 256, (4, 10, 6), dtype=torch.uint8)
     good = torch.nn.functional.one_hot(codes.long(), 256).float().reshape(4, 10, 6 * 256) * 20
     assert codes_loss(good, codes, LossSpec()) < 1e-3 < codes_loss(torch.zeros_like(good), codes, LossSpec())
+
+
+def test_autocast_is_bf16_on_cuda_and_off_on_a_cpu_by_default(tmp_path, store, corpus):
+    from kdcache.train.fit import build_run
+    assert TrainConfig.__dataclass_fields__["amp"].default == "auto"
+    for amp, on_cpu in (("auto", False), ("bf16", True), ("none", False)):
+        run = build_run(_cfg(store, corpus, tmp_path / amp, amp=amp, epochs=1))
+        assert run.trainer.autocast is on_cpu
