@@ -20,6 +20,7 @@ def eval_group():
     kdcache eval knn --store feats.zarr --data /data/shards
     kdcache eval linear --run runs/r18 --data /data/shards
     kdcache eval fidelity --run runs/r18
+    kdcache eval accuracy --run runs/kd --data /data/heldout
     kdcache eval store feats.zarr
     """
 
@@ -120,6 +121,26 @@ def eval_fidelity(run_dir, store, data, shards, as_json, storage_options):
     apply_storage_options(storage_options, store, data)
     r = fidelity(run_dir, store=store, data=data, shards=shards)
     click.echo(json.dumps(r, indent=2) if as_json else format_fidelity(r))
+
+
+@eval_group.command("accuracy")
+@click.option("--run", "run_dir", required=True, help="A run trained with --logits-loss (its student has a classifier).")
+@click.option("--data", required=True, help="The corpus to score on (held-out images for held-out figures).")
+@click.option("--teacher", "-t", help="The teacher to agree with. [default: the first that gave soft labels]")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
+@with_storage_options
+def eval_accuracy(run_dir, data, teacher, as_json, storage_options):
+    """Top-1/top-5 of the student's classifier against the corpus labels (when it has them), and its
+    agreement with the teacher run live (top-1 agreement, mean KL) on every image.
+
+    \b
+    kdcache eval accuracy --run runs/kd --data /data/heldout
+    kdcache eval accuracy --run runs/kd --data /data/heldout --teacher effnet --json
+    """
+    from kdcache.eval.accuracy import accuracy, format_accuracy
+    apply_storage_options(storage_options, data)
+    r = accuracy(run_dir, data, teacher=teacher, progress=True)
+    click.echo(json.dumps(r, indent=2) if as_json else format_accuracy(r))
 
 
 @eval_group.command("linear")

@@ -11,7 +11,8 @@ from kdcache.quantize.quantizer_spec import METHODS, QuantizerSpec
 from kdcache.store.dtypes import STORAGE_DTYPES
 from kdcache.store.meta import CODECS
 from kdcache.targets.sample import SampleSpec
-from kdcache.train.config import AMP, BALANCES, HEAD_KINDS, NORMALIZERS, VIEW_CHOICES, TrainConfig
+from kdcache.train.config import (AMP, BALANCES, HEAD_KINDS, LABEL_LOSSES, LOGITS_LOSSES, LOGITS_TAILS, NORMALIZERS,
+                                  VIEW_CHOICES, TrainConfig)
 
 from .common import apply_storage_options, cli, defaults_of, drop_unset, with_storage_options
 
@@ -43,6 +44,8 @@ E, T, Q, S, DEMO = (defaults_of(c) for c in (ExtractOptions, TrainConfig, Quanti
 @click.option("--quantize-sample", type=int, help="Tokens to train the quantizer on." + E("quantize_sample"))
 @click.option("--quantize-pool", type=int, help="Train on the first shards holding >= this x the sample." + E("quantize_pool"))
 @click.option("--keep-float", is_flag=True, default=None, help="With --quantize: keep the float patches too. [default: off]")
+@click.option("--logits", type=int, help="Also store every teacher's top-K logits per view, with the log-sum-exp of all of "
+              "them (soft labels; a teacher without a classifier head is refused). [default: 0, none]")
 @click.option("--lease-seconds", type=float, help="A shard's lease lasts this long unless renewed (see README, "
               "Sharing)." + E("lease_seconds"))
 @click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
@@ -59,6 +62,7 @@ def extract(data, out, teachers, no_progress, storage_options, **kw):
     kdcache extract /data/shards --out feats.zarr -t dino=vit_small_patch14_dinov2.lvd142m --views 4
     kdcache extract 'train-{000000..000099}.tar' -o s3://b/feats -t a=resnet50 -t b=vit_base_patch16_clip_224.openai
     kdcache extract imgs/ -o feats.zarr -t vit=vit_tiny_patch16_224,pretrained=false,img_size=64 --dtype bfloat16
+    kdcache extract /data/shards -o feats.zarr -t effnet=tf_efficientnet_lite0 --views 8 --logits 10
     torchrun --nproc_per_node=8 -m kdcache extract /data/shards -o feats.zarr -t dino=vit_large_patch14_dinov2
     """
     from kdcache.extract.run import extract as run
@@ -198,6 +202,17 @@ def demo(no_progress, **kw):
 @click.option("--labels", type=click.Choice(["cls"]), help="Task labels: webdataset cls / image-folder classes." + T("labels"))
 @click.option("--task-weight", type=float, help="Static weight of the task loss." + T("task_weight"))
 @click.option("--task-classes", type=int, help="Classes of the task head (0 = largest corpus label + 1)." + T("task_classes"))
+@click.option("--logits-loss", type=click.Choice(LOGITS_LOSSES), help="Soft labels: kl trains the student's own "
+              "classifier (in the teachers' classes) on the KL of the teachers' distribution, stored top-K (extract "
+              "--logits) or live (--online)." + T("logits_loss"))
+@click.option("--temperature", type=float, help="Of the soft labels (the KL is scaled by T^2)." + T("temperature"))
+@click.option("--logits-tail", type=click.Choice(LOGITS_TAILS), help="Top-K soft labels: spread the recorded tail mass "
+              "over the other classes, or renormalise over the top K." + T("logits_tail"))
+@click.option("--logits-weight", type=float, help="Static weight of each teacher's soft-label loss." + T("logits_weight"))
+@click.option("--label-loss", type=click.Choice(LABEL_LOSSES), help="Hard labels on the student's classifier: "
+              "cross-entropy on the corpus labels, which must be in the teachers' classes (with --logits-loss kl)."
+              + T("label_loss"))
+@click.option("--label-weight", type=float, help="Static weight of the label loss." + T("label_weight"))
 @click.option("--alpha", type=float, help="Patch loss: weight of 1-cos (rest: SmoothL1)." + T("alpha"))
 @click.option("--beta", type=float, help="SmoothL1 beta." + T("beta"))
 @click.option("--summary-weight", type=float, help="Weight of the summary (CLS) loss." + T("summary_weight"))
@@ -222,6 +237,7 @@ def train(config_file, teacher_weights, teachers, no_progress, storage_options, 
     kdcache train --online --teacher dino=vit_small_patch14_dinov2.lvd142m --data /data/shards --student resnet18 --out runs/online
     kdcache train --config run.yaml --epochs 30
     kdcache train --store two.zarr --data D --student resnet50 --out runs/mt --balance mgda --head transformer --task-loss ce
+    kdcache train --store soft.zarr --data D --student resnet18 --out runs/kd --logits-loss kl --temperature 2 --label-loss ce
     torchrun --nproc_per_node=8 -m kdcache train --config run.yaml
     """
     from kdcache.train.config import build_config, parse_teacher_weights

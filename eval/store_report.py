@@ -12,6 +12,7 @@ import numpy as np
 
 from kdcache.quantize.reconstruction import reconstruction_fidelity
 from kdcache.store import Store, feature_path
+from kdcache.store.dtypes import itemsize
 from kdcache.store.inspect import info
 
 from .options import STORE_REPORT_TOKENS as TOKENS
@@ -36,6 +37,10 @@ def store_report(url: str, *, tokens: int = TOKENS) -> dict:
                 entry.update({"measured_on": "held-out tokens at training (floats not kept)",
                               **{k: q.get(k) for k in ("relmse", "mean_cos", "p5_cos")}})
             row["quantized"][kind] = entry
+        if meta.logits:  # soft labels: top-K values (storage dtype) + class indices + one float32 log-sum-exp, per view
+            lo = meta.logits
+            raw = lo["k"] * (itemsize(meta.dtype) + np.dtype(lo["index_dtype"]).itemsize) + 4
+            row["logits"] = {**lo, "bytes_per_view": t["logits"]["bytes_per_view"], "raw_bytes_per_view": raw}
         out["teachers"][name] = row
     return out
 
@@ -64,4 +69,9 @@ def format_store_report(r: dict) -> str:
             what = f"{kind}: {e.get('spec')} ({e.get('measured_on')})" if e else "-"
             lines.append(f"| {name} | {t['model']} | {t['bytes_per_sample'] / 1024:.1f} | {t['fp32_bytes_per_sample'] / 1024:.1f} | "
                          f"{t['fp32_over_stored']:.1f} | {what} | " + " | ".join(fid) + " |")
+    soft = [(name, t["logits"]) for name, t in r["teachers"].items() if t.get("logits")]
+    if soft:
+        lines += ["", "| teacher | soft labels | B/view stored | B/view raw |", "|---|---|---|---|"]
+        lines += [f"| {name} | top-{lo['k']} of {lo['classes']} classes ({lo['index_dtype']} indices) | "
+                  f"{lo['bytes_per_view']:.1f} | {lo['raw_bytes_per_view']} |" for name, lo in soft]
     return "\n".join(lines)

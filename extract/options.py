@@ -43,10 +43,11 @@ class ExtractOptions:
     keep_float: bool = False  # keep the float patch arrays beside the codes
     quantize_pool: int = 4  # sample from the first shards holding >= pool x the training tokens
     lease_seconds: float = LEASE_SECONDS  # a shard's lease lasts this long unless renewed (store.lease)
+    logits: int = 0  # store every teacher's top-K logits (and their log-sum-exp) per view; 0 = none
 
     def __post_init__(self):
         at_least = {"views": 1, "batch_size": 1, "workers": 0, "folder_shard_size": 1, "max_pixels": 1, "min_size": 1,
-                    "quantize_sample": 256, "quantize_pool": 1}
+                    "quantize_sample": 256, "quantize_pool": 1, "logits": 0}
         for name, low in at_least.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:

@@ -26,7 +26,7 @@ from kdcache.quantize.quantizer_spec import QuantizerSpec
 from kdcache.store import Store, StoreMeta, ViewPolicy, feature_path, has_teacher
 from kdcache.store.inspect import shard_nbytes, write_summary
 from kdcache.store.lease import Heartbeat, new_owner
-from kdcache.store.meta import TOKEN_KINDS
+from kdcache.store.meta import TOKEN_KINDS, logits_path
 from kdcache.store.remote import is_url, local_path
 from kdcache.targets.decoding import TORCH_DTYPES
 from kdcache.targets.stats import compute_stats, write_stats
@@ -38,6 +38,7 @@ from .quantized import (KIND, complete_prefix, convert_complete, device_encoders
 from .writer import BackgroundWriter
 
 log = logging.getLogger("kdcache.extract")
+INDEX_TYPES = {"uint8": torch.uint8, "uint16": torch.uint16, "int32": torch.int32}
 
 
 @dataclass
@@ -138,7 +139,7 @@ def _write_stats(store: Store, corpus: Corpus) -> None:
 def _create_teachers(specs, device, opts) -> dict[str, Teacher]:
     teachers: dict[str, Teacher] = {}
     for s in specs:
-        t = create_teacher(s, device=device, dtype=opts.dtype, codec=opts.codec)
+        t = create_teacher(s, device=device, dtype=opts.dtype, codec=opts.codec, logits=opts.logits)
         if t.name in teachers:
             raise ExtractError(f"--teacher {t.name}: the name is given twice")
         teachers[t.name] = t
@@ -300,7 +301,14 @@ def _forward(batch: ViewBatch, job: ShardJob, teachers, group_of, device, dtype,
         crops = batch.crops[group_of[name]]  # (n, K, 3, h, w) uint8
         k = crops.shape[1]
         x = crops.flatten(0, 1).to(device, non_blocking=True)
-        summary, patches = teachers[name].features(x)
+        soft = teachers[name].meta.logits
+        summary, patches, logits = teachers[name].outputs(x, logits=bool(soft))
+        if soft:  # what the teacher says: its top-K logits and the log-sum-exp of all of them, per view
+            values, indices = logits.topk(soft["k"], dim=-1)
+            out = {"logits_values": values.to(TORCH_DTYPES[dtype]), "logits_indices": indices.to(INDEX_TYPES[soft["index_dtype"]]),
+                   "logits_lse": torch.logsumexp(logits, dim=-1)}
+            for part, t in out.items():
+                rows[logits_path(name, part)] = t.unflatten(0, (n, k)).to("cpu", non_blocking=True)
         # Cast on the device, copy the storage dtype (not fp32) back; non_blocking when CUDA.
         for kind, feats in (("cls", summary), ("patch", patches)):
             stored = feats.to(TORCH_DTYPES[dtype])

@@ -1,4 +1,5 @@
-"""Students: any timm model from ``MODEL[,key=value...]``, without a classifier.
+"""Students: any timm model from ``MODEL[,key=value...]``, without a classifier (or, to learn soft
+labels, with one in the teacher's class space: ``with_classifier``).
 
 Random-init weights come from the caller's RNG (``--seed``); ``pretrained=true`` or
 ``checkpoint=PATH`` start from weights. The resolved ``DataConfig`` sizes and normalises the
@@ -7,6 +8,7 @@ rebuilds exactly this model.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
@@ -30,3 +32,13 @@ def create_student(spec: ModelSpec | str) -> Student:
     if spec.checkpoint:
         load_checkpoint(model, spec, who="student")
     return Student(model, resolve_data_config(model, spec), spec, kwargs)
+
+
+def with_classifier(student: Student, classes: int) -> Student:
+    """The student with a classifier of ``classes`` outputs: timm's own head (``reset_classifier``),
+    so ``kdcache export`` keeps it and timm loads it with ``num_classes=classes``. 0: unchanged."""
+    if not classes:
+        return student
+    if getattr(student.model, "num_classes", 0) != classes:
+        student.model.reset_classifier(classes)
+    return dataclasses.replace(student, kwargs={**student.kwargs, "num_classes": classes})

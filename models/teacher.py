@@ -7,9 +7,11 @@ mismatch fails before the first batch. Used by extraction and by online distilla
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from kdcache.store.meta import TeacherMeta
+from kdcache.store.meta import TeacherMeta, index_dtype
 
 from .create import build_model, load_checkpoint, weights_sha256
 from .data_config import DataConfig, resolve_data_config
@@ -31,19 +33,34 @@ class Teacher:
     def input_hw(self) -> tuple[int, int]:
         return self.data.hw
 
+    @property
+    def classes(self) -> int:
+        """The classifier head's class count; 0 for a teacher without a head."""
+        return int(getattr(self.model, "num_classes", 0) or 0)
+
     @torch.inference_mode()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) uint8 on the device -> summary (B, D) and patches (B, T, D), fp32."""
+        summary, patches, _ = self.outputs(images)
+        return summary, patches
+
+    @torch.inference_mode()
+    def outputs(self, images: torch.Tensor, *, logits: bool = False):
+        """(summary (B, D), patches (B, T, D), logits (B, C) or None), fp32: what the teacher
+        sees, and with ``logits`` what it says (timm's own head: ``forward_head(features)``)."""
         x = (images.float() - self._mean) / self._std
         # bf16 autocast on CUDA (the fast path); fp32 on CPU, where it is the exact reference.
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            summary, patches = self.tap(self.model, x)
-        return summary.float(), patches.float()
+            feats = self.model.forward_features(x)
+            summary, patches = self.model.forward_head(feats, pre_logits=True), self.tap.patches(feats)
+            out = self.model.forward_head(feats) if logits else None
+        return summary.float(), patches.float(), None if out is None else out.float()
 
 
 def create_teacher(spec: ModelSpec | str, *, device: str | torch.device = "cpu", dtype: str = "float16",
-                   codec: str = "lz4") -> Teacher:
-    """Build a teacher from a spec; every failure is a one-line ModelSpecError."""
+                   codec: str = "lz4", logits: int = 0) -> Teacher:
+    """Build a teacher from a spec; every failure is a one-line ModelSpecError. ``logits``: store
+    the top-``logits`` logits of its classifier head too (refused for a teacher without one)."""
     spec = ModelSpec.parse_teacher(spec) if isinstance(spec, str) else spec
     device = torch.device(device)
     model, _ = build_model(spec)
@@ -64,4 +81,14 @@ def create_teacher(spec: ModelSpec | str, *, device: str | torch.device = "cpu",
         dtype=dtype, codec=codec, model_kwargs=spec.timm_kwargs,
         pretrained=spec.pretrained, checkpoint=spec.checkpoint,
     )
-    return Teacher(spec, model, meta, tap, data, device)
+    teacher = Teacher(spec, model, meta, tap, data, device)
+    if logits:
+        classes = teacher.classes
+        if classes == 0:
+            raise ModelSpecError(f"teacher {spec.name}: --logits {logits}: {spec.model} has no classifier head "
+                                 f"(num_classes=0, or a checkpoint without one); soft labels need one")
+        if logits > classes:
+            raise ModelSpecError(f"teacher {spec.name}: --logits {logits}: more than its {classes} classes")
+        meta = dataclasses.replace(meta, logits={"k": int(logits), "classes": classes, "index_dtype": index_dtype(classes)})
+        teacher.meta = meta
+    return teacher

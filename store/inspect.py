@@ -55,7 +55,12 @@ def info(store: Store) -> dict:
             "bytes": nbytes, "bytes_per_sample": nbytes / s["samples"] if s["samples"] else 0.0,
             "raw_bytes_per_sample": meta.views * (t.tokens + 1) * t.dim * (4 if t.dtype == "float32" else 2),
             "shards_with_teacher": sum(store.is_complete(sh, [name]) for sh in s["complete"]),
+            "logits": None,
         }
+        if t.logits:  # the soft labels' share of the teacher's bytes, per stored view
+            soft = by_prefix(f"{name}/logits_")
+            teachers[name]["logits"] = {**t.logits, "bytes": soft,
+                                        "bytes_per_view": soft / (s["samples"] * meta.views) if s["samples"] else 0.0}
     index_bytes = by_prefix("keys") + by_prefix("views")
     return {
         "store": store.url, "format": meta.format, "created_by": meta.created_by,
@@ -80,6 +85,10 @@ def format_info(d: dict) -> str:
         lines.append(f"  {n:<10} {t['model']}  dim={t['dim']} grid={t['grid'][0]}x{t['grid'][1]} (+{t['prefix_tokens']} prefix) "
                      f"{t['dtype']}/{t['codec']}  {_mib(t['bytes'])}  {t['bytes_per_sample'] / 1024:.1f} KiB/sample "
                      f"(raw {t['raw_bytes_per_sample'] / 1024:.1f} KiB)  in {t['shards_with_teacher']}/{d['shards_complete']} shards")
+        if t.get("logits"):
+            lo = t["logits"]
+            lines.append(f"  {'':<10} soft labels: top-{lo['k']} of {lo['classes']} classes ({lo['index_dtype']} indices), "
+                         f"{lo['bytes_per_view']:.1f} B/view on disk")
         for kind, q in (t["quantizer"] or {}).items():
             lines.append(f"  {'':<10} {kind} codes: {q.get('spec') or q['method'] + ':M=' + str(q['m'])}, {q['bytes_per_token']} B/token = "
                          f"1/{q['compression_vs_fp16']:.0f} of fp16, 1/{q['compression_vs_fp32']:.0f} of fp32; held-out "

@@ -18,6 +18,13 @@ FORMAT_VERSION = 1
 CODECS = ("none", "lz4", "zstd")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # how crops are resized (torchvision's modes of these names)
 TOKEN_KINDS = ("cls", "patch")  # a teacher's stored token kinds: its summary vector, its patch tokens
+LOGIT_ARRAYS = ("logits_values", "logits_indices", "logits_lse")  # a classifier teacher's top-K soft labels
+INDEX_DTYPES = ("uint8", "uint16", "int32")  # class indices: the smallest type that holds the class count
+
+
+def index_dtype(classes: int) -> str:
+    """The smallest integer type that holds every class index of ``classes`` classes."""
+    return "uint8" if classes <= 1 << 8 else "uint16" if classes <= 1 << 16 else "int32"
 
 
 @dataclass(frozen=True)
@@ -26,7 +33,8 @@ class TeacherMeta:
 
     ``tokens`` is the number of patch tokens stored per view (``grid[0] * grid[1]``);
     ``prefix_tokens`` counts the class/register tokens the model emits that are *not* stored
-    as patches (the summary vector is stored separately as ``cls``).
+    as patches (the summary vector is stored separately as ``cls``). ``logits`` is set when the
+    teacher's top-K soft labels are stored too: ``{k, classes, index_dtype}``.
     """
 
     model: str
@@ -45,6 +53,7 @@ class TeacherMeta:
     dtype: str
     codec: str
     quantizer: dict | None = None
+    logits: dict | None = None  # {k, classes, index_dtype}: top-K logits and the log-sum-exp per view
     model_kwargs: dict = field(default_factory=dict)
     pretrained: bool = False
     checkpoint: str | None = None
@@ -170,6 +179,12 @@ def teacher_arrays(name: str, t: TeacherMeta, views: int) -> dict[str, tuple[tup
             out[feature_path(name, kind)] = (shape, zarr_dtype(t.dtype), {"logical_dtype": t.dtype})
         if q is not None:
             out[feature_path(name, kind, codes=True)] = ((*shape[:-1], q["m"]), "uint8", {"quantizer": quantizer_path(name, kind)})
+    if t.logits:  # the top-K logits (storage dtype), their class indices, and the log-sum-exp of all logits (float32)
+        k = t.logits["k"]
+        values, indices, lse = (logits_path(name, part) for part in LOGIT_ARRAYS)
+        out[values] = ((views, k), zarr_dtype(t.dtype), {"logical_dtype": t.dtype})
+        out[indices] = ((views, k), t.logits["index_dtype"], {"classes": t.logits["classes"]})
+        out[lse] = ((views,), "float32", {})
     return out
 
 
@@ -180,6 +195,11 @@ SHARDS = "shards"
 def feature_path(teacher: str, kind: str, *, codes: bool = False) -> str:
     """The array of a teacher's ``cls`` or ``patch`` features inside a shard (or its codes)."""
     return f"{teacher}/{kind}_codes" if codes else f"{teacher}/{kind}"
+
+
+def logits_path(teacher: str, part: str) -> str:
+    """A teacher's soft-label array inside a shard: ``part`` is one of ``LOGIT_ARRAYS``."""
+    return f"{teacher}/{part}"
 
 
 def quantizer_path(teacher: str, kind: str) -> str:

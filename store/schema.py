@@ -14,12 +14,13 @@ import unicodedata
 from kdcache.errors import StoreError
 
 from .dtypes import STORAGE_DTYPES
-from .meta import CODECS, INTERPOLATIONS, TOKEN_KINDS
+from .meta import CODECS, INDEX_DTYPES, INTERPOLATIONS, TOKEN_KINDS, index_dtype
 
 MAX_VIEWS = 1024
 MAX_DIM = 1 << 16
 MAX_GRID = 4096
 MAX_CODES = 4096
+MAX_CLASSES = 1 << 24
 MAX_ROWS = 1 << 31
 MAX_SAMPLE_BYTES = 1 << 32  # 4 GiB of features per sample: beyond any real teacher
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -162,6 +163,17 @@ def check_teacher(d, where: str, views: int) -> None:
     if per_sample > MAX_SAMPLE_BYTES:
         raise StoreError(f"{where}: {views} views x {tokens + 1} tokens x {dim} dims = {per_sample} bytes per sample, "
                          f"more than kdcache reads ({MAX_SAMPLE_BYTES})")
+    logits = d.get("logits")
+    if logits is not None:
+        lf = _Fields(logits, f"{where}: logits")
+        classes = lf.int("classes", 1, MAX_CLASSES)
+        k = lf.int("k", 1, classes)
+        if lf.str("index_dtype", choices=INDEX_DTYPES) != index_dtype(classes):
+            lf._bad("index_dtype", f"{index_dtype(classes)} (the smallest type holding {classes} classes)")
+        per_sample += views * (k * (4 if dtype == "float32" else 2) + k * 4 + 4)
+        if per_sample > MAX_SAMPLE_BYTES:
+            raise StoreError(f"{where}: {per_sample} bytes per sample with the logits, more than kdcache reads "
+                             f"({MAX_SAMPLE_BYTES})")
     q = d.get("quantizer")
     if q is not None:
         if not isinstance(q, dict):

@@ -18,8 +18,8 @@ from kdcache.errors import StoreError, first_line
 from .codes import Codebooks, read_codebooks, write_codebooks
 from .edits import ShardEdits
 from .lease import LEASE_SECONDS, Leases, leases_for
-from .meta import (SHARDS, TOKEN_KINDS, StoreMeta, TeacherMeta, feature_path, has_teacher, quantizer_path, stats_path,
-                   teacher_arrays)
+from .meta import (LOGIT_ARRAYS, SHARDS, TOKEN_KINDS, StoreMeta, TeacherMeta, feature_path, has_teacher, logits_path,
+                   quantizer_path, stats_path, teacher_arrays)
 from .reads import VerifiedReads
 from .remote import is_url, local_path
 from .schema import check_name, check_shard_attrs
@@ -162,6 +162,7 @@ class Store(VerifiedReads, ShardEdits):
         out = {"keys", "views"}
         for t in self.meta.teachers:
             out |= {feature_path(t, kind, codes=codes) for kind in TOKEN_KINDS for codes in (False, True)}
+            out |= {logits_path(t, part) for part in LOGIT_ARRAYS}
         return out
 
     def expected_arrays(self) -> dict[str, tuple[tuple, str]]:

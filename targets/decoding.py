@@ -1,7 +1,8 @@
 """Stored bytes -> normalised float targets, on the training device.
 
 The loader hands over a teacher's rows as stored: float16, float32, bfloat16 as its raw uint16
-bits (Zarr has no bfloat16), or uint8 codes. Here, on the device, floats are widened (bf16 bits
+bits (Zarr has no bfloat16), uint8 codes, and a classifier teacher's top-K soft labels (values in
+the storage dtype, class indices, the log-sum-exp). Here, on the device, floats are widened (bf16 bits
 viewed as bfloat16), codes are decoded with one gather (``CodeDecoder``), and the teacher's
 normaliser maps them into the space the losses are computed in. Nothing float32 crosses from
 the loader to the device. The statistics behind the normaliser are handed in by the caller
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.store.codes import ADDITIVE, Codebooks
-from kdcache.store.meta import TOKEN_KINDS, TeacherMeta, feature_path
+from kdcache.store.meta import LOGIT_ARRAYS, TOKEN_KINDS, TeacherMeta, feature_path, logits_path
 
 from .normalize import NormalizerParams, normalizer_params
 
@@ -91,17 +92,21 @@ class CodeDecoder(nn.Module):
 
 
 class TargetDecoder(nn.Module):
-    """One teacher of a store: its batch entries (stored bytes) -> {'summary', 'patch' | 'codes'}.
+    """One teacher of a store: its batch entries (stored bytes) -> {'summary', 'patch' | 'codes'}
+    and, with ``logits``, 'logits': {'values' (B, k) float32, 'indices' (B, k) int64, 'lse' (B,)}.
 
     ``codebooks``: kind -> the store's quantizer, for token kinds stored as codes only;
     ``stats``: kind -> statistics for the normaliser (None when ``normalize`` needs none);
-    ``predict_codes``: hand the patch codes through untouched (the student predicts them)."""
+    ``predict_codes``: hand the patch codes through untouched (the student predicts them);
+    ``logits``: read the teacher's stored top-K soft labels too."""
 
     def __init__(self, name: str, meta: TeacherMeta, *, codebooks: dict[str, Codebooks], normalize: str,
-                 stats: dict | None, predict_codes: bool = False):
+                 stats: dict | None, predict_codes: bool = False, logits: bool = False):
         super().__init__()
         self.name, self.dtype = name, meta.dtype
         self.paths = {kind: feature_path(name, kind, codes=kind in codebooks) for kind in TOKEN_KINDS}
+        self.logit_paths = {part: logits_path(name, part) for part in LOGIT_ARRAYS} if logits else {}
+        self.gives_logits = bool(logits)
         self.decoders = nn.ModuleDict({kind: CodeDecoder(cb) for kind, cb in codebooks.items()})
         self.predict_codes = predict_codes and "patch" in self.decoders
         self.codes_m = codebooks["patch"].m if self.predict_codes else None
@@ -112,12 +117,20 @@ class TargetDecoder(nn.Module):
             return self.decoders[kind](raw)
         return to_float(raw, self.dtype)
 
+    @property
+    def read_paths(self) -> list[str]:
+        """Every stored array the loader must deliver for this teacher."""
+        return [*self.paths.values(), *self.logit_paths.values()]
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         out = {"summary": self.norm["cls"](self._float("cls", batch[self.paths["cls"]]))}
         if self.predict_codes:
             out["codes"] = batch[self.paths["patch"]]
         else:
             out["patch"] = self.norm["patch"](self._float("patch", batch[self.paths["patch"]]))
+        if self.logit_paths:
+            values, indices, lse = (batch[self.logit_paths[part]] for part in LOGIT_ARRAYS)
+            out["logits"] = {"values": to_float(values, self.dtype), "indices": indices.long(), "lse": lse.float()}
         return out
 
 

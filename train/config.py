@@ -22,6 +22,9 @@ LABELS = ("cls",)
 VIEW_CHOICES = ("epoch", "random", "first", "augmented")  # which stored view a sample takes (train.loader.pick_view)
 HEAD_KINDS = ("mlp", "transformer")  # per-teacher projectors (train.model)
 BALANCES = ("static", "mgda")  # how objectives are weighed (train.balance)
+LOGITS_LOSSES = ("none", "kl")  # soft labels: KL of the teacher's (top-K) distribution to the student's
+LOGITS_TAILS = ("spread", "renorm")  # top-K soft labels: the tail mass spread over the other classes, or renormalised
+LABEL_LOSSES = ("none", "ce")  # hard labels on the student's classifier (the teacher's class space)
 REQUIRED = ("store", "data", "student", "out")  # --store may be left out with --online
 
 
@@ -70,6 +73,12 @@ class TrainConfig:
     labels: str = "cls"  # where task labels come from: the corpus's cls field / image-folder classes
     task_weight: float = 1.0  # static weight of the task loss (with --balance mgda the task is one more objective)
     task_classes: int = 0  # classes of the task head; 0 = the largest corpus label + 1
+    logits_loss: str = "none"  # none | kl: the student's classifier learns the teachers' soft labels (stored top-K, or live)
+    temperature: float = 1.0  # of the soft labels: teacher and student distributions at T, the KL scaled by T^2
+    logits_tail: str = "spread"  # spread: the recorded tail mass spread evenly over the other classes | renorm: top-K only
+    logits_weight: float = 1.0  # static weight of each teacher's soft-label loss
+    label_loss: str = "none"  # none | ce: cross-entropy of the student's classifier on the corpus labels (teacher's classes)
+    label_weight: float = 1.0  # static weight of the label loss
     online: bool = False  # teachers (NAME=MODEL specs in ``teachers``) run live every step; no store (train.online)
     online_stats_images: int = 512  # --online: images whose teacher features give the normalisation statistics
 
@@ -88,17 +97,23 @@ class TrainConfig:
                           ("task_classes", 0)):
             _check(self, name, lambda v, low=low: _integer(v) and v >= low, f"an integer >= {low}")
         _check(self, "lr", lambda v: _number(v) and v > 0, "a finite number > 0")
-        for name in ("weight_decay", "clip_grad", "color_jitter", "summary_weight", "patch_weight", "task_weight"):
+        for name in ("weight_decay", "clip_grad", "color_jitter", "summary_weight", "patch_weight", "task_weight",
+                     "logits_weight", "label_weight"):
             _check(self, name, lambda v: _number(v) and v >= 0, "a finite number >= 0")
         _check(self, "ema", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
         _check(self, "alpha", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
         _check(self, "beta", lambda v: _number(v) and v > 0, "a finite number > 0")
+        _check(self, "temperature", lambda v: _number(v) and v > 0, "a finite number > 0")
         _check(self, "teacher_drop", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
         for name, allowed in (("amp", AMP), ("view_choice", VIEW_CHOICES), ("normalize", tuple(NORMALIZERS)),
-                              ("head", HEAD_KINDS), ("balance", BALANCES), ("task_loss", TASK_LOSSES), ("labels", LABELS)):
+                              ("head", HEAD_KINDS), ("balance", BALANCES), ("task_loss", TASK_LOSSES), ("labels", LABELS),
+                              ("logits_loss", LOGITS_LOSSES), ("logits_tail", LOGITS_TAILS), ("label_loss", LABEL_LOSSES)):
             _check(self, name, lambda v, allowed=allowed: v in allowed, f"one of {', '.join(allowed)}")
         for name in ("predict_codes", "resume", "overwrite", "skip_corrupt", "online", "shared_adapter"):
             _check(self, name, lambda v: isinstance(v, bool), "true or false")
+        if self.label_loss != "none" and self.logits_loss == "none":
+            raise ConfigError("--label-loss trains the student's classifier in the teacher's class space: it goes with "
+                              "--logits-loss kl (for labels of the corpus's own classes, see --task-loss)")
         if self.head == "transformer" and (self.head_depth < 1 or self.head_hidden % self.head_heads):
             raise ConfigError(f"--head transformer: --head-depth {self.head_depth} must be >= 1 and --head-hidden "
                               f"{self.head_hidden} a multiple of --head-heads {self.head_heads}")

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from kdcache.data.partition import epoch_streams, rank_and_world
 from kdcache.data.walk import label_classes
 from kdcache.models.device import resolve_device
-from kdcache.models.student import Student, create_student
+from kdcache.models.student import Student, create_student, with_classifier
 
 from .config import TrainConfig
 from .loader import collate, record_skip
@@ -99,9 +99,10 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: boo
     source = open_source(cfg, student, rank=rank, world=world, rundir=rundir, device=device,
                          reuse_stats=cfg.resume or evaluate, progress=progress)
     classes = task_classes(cfg, source)
+    student = with_classifier(student, source.classes)  # soft labels: the student's own head, in the teachers' classes
     model = DistillModel(student.model, student.data, source.heads,
                          HeadSpec(hidden=cfg.head_hidden, depth=cfg.head_depth, kind=cfg.head, heads=cfg.head_heads,
-                                  shared_adapter=cfg.shared_adapter), task_classes=classes)
+                                  shared_adapter=cfg.shared_adapter), task_classes=classes, classify=bool(source.classes))
     epoch_steps = [steps_per_epoch(source.counts, source.shards, cfg, e, world) for e in range(cfg.epochs)]
     if min(epoch_steps) == 0:
         raise TrainError(f"--batch-size {cfg.batch_size} is larger than one rank's share of the "
@@ -131,7 +132,8 @@ def provenance(cfg: TrainConfig, source: TargetSource, student: Student, classes
             "method": {"head": cfg.head, "head_depth": cfg.head_depth, "head_hidden": cfg.head_hidden,
                        "shared_adapter": cfg.shared_adapter, "normalize": cfg.normalize, "balance": cfg.balance,
                        "teacher_drop": cfg.teacher_drop, "task_loss": cfg.task_loss, "task_classes": classes,
-                       "teachers": source.teachers}}
+                       "logits_loss": cfg.logits_loss, "temperature": cfg.temperature, "logits_tail": cfg.logits_tail,
+                       "label_loss": cfg.label_loss, "classes": source.classes, "teachers": source.teachers}}
 
 
 def write_run_dir(rundir: RunDir, cfg: TrainConfig, config_file: str | None, source: TargetSource, student: Student,

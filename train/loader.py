@@ -198,8 +198,11 @@ class BlockRows:
             self.index = row // self.block
             self.rows = {p: self.store.read_block(self.shard, p, self.index, attrs=self.attrs, array=a, verify=self.verify)
                          for p, a in self.arrays.items()}
-        return {p: torch.from_numpy(np.ascontiguousarray(b[row - self.index * self.block, view]))
-                for p, b in self.rows.items()}
+        out = {}
+        for p, b in self.rows.items():
+            a = b[row - self.index * self.block, view]
+            out[p] = torch.from_numpy(np.ascontiguousarray(a) if a.ndim else np.array(a))  # (a log-sum-exp is 0-d)
+        return out
 
 
 def sample_label(sample: RawSample) -> torch.Tensor:

@@ -101,11 +101,12 @@ class SharedAdapter(nn.Module):
 
 class DistillModel(nn.Module):
     """``forward`` returns {teacher: (summary, patches)}; it also keeps ``representation`` (the
-    student's own summary and patch tokens, what ``--balance mgda`` differentiates against) and,
-    with a task head, ``task_logits``."""
+    student's own summary and patch tokens, what ``--balance mgda`` differentiates against),
+    with a task head ``task_logits``, and with ``classify`` the student's own class logits
+    ``student_logits`` (soft labels)."""
 
     def __init__(self, student: nn.Module, data: DataConfig, targets: list[TeacherTarget], head: HeadSpec, *,
-                 task_classes: int = 0):
+                 task_classes: int = 0, classify: bool = False):
         super().__init__()
         if head.kind not in HEAD_KINDS:
             raise KdcacheError(f"--head {head.kind!r}: expected one of {', '.join(HEAD_KINDS)}")
@@ -130,6 +131,8 @@ class DistillModel(nn.Module):
         self.register_buffer("std", torch.tensor(data.std).view(1, 3, 1, 1) * 255, persistent=False)
         self.representation: tuple[torch.Tensor, torch.Tensor] | None = None
         self.task_logits: torch.Tensor | None = None
+        self.classify = classify  # the student's own classifier (timm's head) learns soft labels
+        self.student_logits: torch.Tensor | None = None
 
     def heads_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything that is not the student (heads, adapter, task classifier): what export leaves
@@ -150,9 +153,12 @@ class DistillModel(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """uint8 (B, 3, H, W) -> {teacher: (summary (B, D_t), patches (B, T_t, D_t or M*256))}."""
         x = (images.float() - self.mean) / self.std
-        summary, patches = self.tap(self.student, x)
+        feats = self.student.forward_features(x)
+        summary, patches = self.student.forward_head(feats, pre_logits=True), self.tap.patches(feats)
         self.representation = (summary, patches)
         self.task_logits = self.task_head(summary) if self.task_head is not None else None
+        # what the student says: its own head, exactly as timm (and the exported model) computes it
+        self.student_logits = self.student.forward_head(feats) if self.classify else None
         if self.adapter is not None:
             summary, patches = self.adapter(summary, patches)
         out = {}

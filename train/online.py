@@ -152,17 +152,21 @@ def teacher_stats(teacher: Teacher, stream: OnlineStream, *, normalize: str, ima
 
 
 class LiveTargets(nn.Module):
-    """One live teacher: a batch's ``input/<teacher>`` crops -> normalised {'summary', 'patch'},
-    the same dict ``targets.decoding.TargetDecoder`` makes from stored rows."""
+    """One live teacher: a batch's ``input/<teacher>`` crops -> normalised {'summary', 'patch'}
+    (and its full 'logits'), the same dict ``targets.decoding.TargetDecoder`` makes from stored rows."""
 
-    def __init__(self, teacher: Teacher, normalize: str, stats: dict | None):
+    def __init__(self, teacher: Teacher, normalize: str, stats: dict | None, *, logits: bool = False):
         super().__init__()
         self.name = teacher.name
         self.teacher = teacher  # a plain attribute: frozen, never in the run's state dict or optimizer
         self.key = f"input/{teacher.name}"
         self.norm = normalizers(normalize, stats, teacher.meta.dim)
+        self.gives_logits = logits
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        summary, patches = self.teacher.features(batch[self.key])
+        summary, patches, logits = self.teacher.outputs(batch[self.key], logits=self.gives_logits)
         # inference-mode tensors cannot be saved for the loss's backward: plain copies
-        return {"summary": self.norm["cls"](summary.clone()), "patch": self.norm["patch"](patches.clone())}
+        out = {"summary": self.norm["cls"](summary.clone()), "patch": self.norm["patch"](patches.clone())}
+        if logits is not None:
+            out["logits"] = {"full": logits.clone()}  # the whole distribution: no top-K, no tail to assume
+        return out

@@ -50,6 +50,7 @@ class TargetSource:
     dataset: ShardStream
     provenance: dict  # where the targets came from, for RUN/provenance.json
     store: Store | None = None  # None when online
+    classes: int = 0  # the teachers' class count, when the student learns their soft labels (--logits-loss)
     computed_stats: dict = field(default_factory=dict)  # (teacher, kind) -> statistics computed here, to keep
     skipped: list[dict] = field(default_factory=list)  # records for RUN/skipped.jsonl
 
@@ -113,6 +114,8 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
         raise TrainError(f"--teacher {unknown[0]}: not in {cfg.store} (teachers: {', '.join(store.meta.teachers)})")
     corpus = resolve_corpus(cfg.data, ReadOptions.from_dict(store.meta.corpus))
     shards, counts, bad = check_store_fits_corpus(store, corpus, teachers, skip_corrupt=cfg.skip_corrupt)
+    soft = {t: store.meta.teachers[t].logits["classes"] for t in teachers if store.meta.teachers[t].logits}
+    classes = _soft_label_classes(cfg, soft, where=f"{cfg.store}", remedy="extract with --logits K")
     targets, computed = {}, {}
     for t in teachers:
         stats = None
@@ -124,14 +127,15 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
                 if fresh:
                     computed[(t, kind)] = stats[kind]
         targets[t] = TargetDecoder(t, store.meta.teachers[t], codebooks=stored_codebooks(store, t), normalize=cfg.normalize,
-                                   stats=stats, predict_codes=cfg.predict_codes).to(device)
+                                   stats=stats, predict_codes=cfg.predict_codes, logits=bool(classes) and t in soft
+                                   ).to(device)
     metas = store.meta.teachers
     heads = [TeacherTarget(t, metas[t].dim, tuple(metas[t].grid), targets[t].codes_m) for t in teachers]
     spec = loader_spec(cfg, student, shards, store_url=cfg.store, decode=corpus.options.decode,
-                       target_paths=[p for t in teachers for p in targets[t].paths.values()],
+                       target_paths=[p for t in teachers for p in targets[t].read_paths],
                        skip_log=skip_log if cfg.skip_corrupt else None)
     return TargetSource(corpus=corpus, teachers=teachers, shards=shards, counts=counts, targets=targets, heads=heads,
-                        dataset=CachedStream(corpus, spec, rank=rank, world=world), store=store,
+                        dataset=CachedStream(corpus, spec, rank=rank, world=world), store=store, classes=classes,
                         provenance={"store": cfg.store, "store_meta": store.meta.to_dict()}, computed_stats=computed,
                         skipped=[{"epoch": None, "shard": n, "error": e, "samples_skipped": None} for n, e in bad.items()])
 
@@ -151,16 +155,32 @@ def online_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
     inputs = tuple(TeacherInput(t.name, t.input_hw, t.meta.interpolation) for t in teachers)
     dataset = OnlineStream(corpus, loader_spec(cfg, student, shards, decode=corpus.options.decode), policy, inputs,
                            rank=rank, world=world)
+    soft = {t.name: t.classes for t in teachers if t.classes}
+    classes = _soft_label_classes(cfg, soft, where="--online", remedy="give teachers with a classifier head")
     targets, computed = {}, {}
     for t in teachers:
         stats, fresh = teacher_stats(t, dataset, normalize=cfg.normalize, images=cfg.online_stats_images, seed=cfg.seed,
                                      kept=kept and {kind: kept.load_stats(t.name, kind) for kind in TOKEN_KINDS})
         if fresh:
             computed.update({(t.name, kind): stats[kind] for kind in TOKEN_KINDS})
-        targets[t.name] = LiveTargets(t, cfg.normalize, stats).to(device)
+        targets[t.name] = LiveTargets(t, cfg.normalize, stats, logits=bool(classes) and t.name in soft).to(device)
     heads = [TeacherTarget(t.name, t.meta.dim, tuple(t.meta.grid)) for t in teachers]
     return TargetSource(corpus=corpus, teachers=names, shards=shards, counts=counts, targets=targets, heads=heads,
-                        dataset=dataset, computed_stats=computed, skipped=skipped,
+                        dataset=dataset, computed_stats=computed, skipped=skipped, classes=classes,
                         provenance={"online": True, "view_policy": policy.to_dict(),
                                     "teachers": {t.name: t.meta.to_dict() for t in teachers}})
 
+
+def _soft_label_classes(cfg: TrainConfig, soft: dict[str, int], *, where: str, remedy: str) -> int:
+    """The class count of the teachers whose soft labels the student learns (0 without
+    ``--logits-loss``); they share the student's one classifier, so they must agree."""
+    if cfg.logits_loss == "none":
+        return 0
+    if not soft:
+        raise TrainError(f"--logits-loss {cfg.logits_loss}: no teacher in {where} gives soft labels ({remedy})")
+    counts = set(soft.values())
+    if len(counts) > 1:
+        raise TrainError(f"--logits-loss {cfg.logits_loss}: the teachers' class counts differ "
+                         f"({', '.join(f'{t}: {c}' for t, c in soft.items())}); the student has one classifier: "
+                         f"distil one class space (--teacher)")
+    return counts.pop()

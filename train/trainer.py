@@ -78,14 +78,50 @@ def teacher_loss(pred: tuple, target: dict, spec: LossSpec) -> dict[str, torch.T
             "patch": create_loss(TARGET_LOSS[patch_kind])(pred[1], target[patch_kind], spec)}
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, *, option: str = "--task-loss",
+              fix: str = "raise --task-classes") -> torch.Tensor:
     """Cross-entropy over labelled samples (label >= 0); a batch with none contributes 0."""
     if not bool((labels >= 0).any()):
         return logits.float().sum() * 0.0  # keeps the classifier in the graph (DDP) with a zero gradient
     if int(labels.max()) >= logits.shape[1]:
-        raise KdcacheError(f"--task-loss: label {int(labels.max())} in the corpus but the task head has {logits.shape[1]} "
-                           f"classes; raise --task-classes")
+        raise KdcacheError(f"{option}: label {int(labels.max())} in the corpus but the classifier has {logits.shape[1]} "
+                           f"classes; {fix}")
     return F.cross_entropy(logits.float(), labels, ignore_index=-1)
+
+
+def soft_label_loss(student_logits: torch.Tensor, target: dict, *, temperature: float = 1.0,
+                    tail: str = "spread") -> torch.Tensor:
+    """KL(teacher || student) of the class distributions at temperature T, times T^2 (Hinton et
+    al.: the gradients keep their scale across T), averaged over the batch; 0 when they agree.
+
+    ``target`` holds the teacher's full logits (``'full'``: a live teacher) or what a store keeps:
+    its top-K logits ``'values'`` (B, K), their class ``'indices'`` and the log-sum-exp ``'lse'``
+    of all C logits. Then the top-K probabilities at T=1 are exact, ``exp(values - lse)``, and so
+    is the tail mass ``m = 1 - sum(top-K)``. ``tail='spread'`` gives each of the C - K other classes
+    ``m / (C - K)`` (exact in total; the tail's shape is not stored), ``tail='renorm'`` drops it
+    and renormalises over the top K. The distribution at T is then the T=1 one raised to 1/T and
+    renormalised, which is exactly softmax(logits / T) for the stored classes."""
+    t = float(temperature)
+    log_q = F.log_softmax(student_logits.float() / t, dim=-1)  # (B, C)
+    if "full" in target:
+        log_p = F.log_softmax(target["full"].float() / t, dim=-1)
+        return t * t * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    values, indices, lse = target["values"].float(), target["indices"].long(), target["lse"].float()
+    c, k = log_q.shape[-1], values.shape[-1]
+    if int(indices.max()) >= c:
+        raise KdcacheError(f"--logits-loss: the teacher's class {int(indices.max())} is beyond the student's {c} classes")
+    log_q_top = log_q.gather(-1, indices)  # (B, K)
+    top = (values - lse[:, None]) / t  # log p at T=1, tempered (up to the normaliser)
+    if tail == "renorm" or k == c:
+        log_p = F.log_softmax(top, dim=-1)
+        return t * t * (log_p.exp() * (log_p - log_q_top)).sum(-1).mean()
+    mass = (1 - (values - lse[:, None]).exp().sum(-1)).clamp(min=1e-12)  # the tail at T=1
+    each = (torch.log(mass) - math.log(c - k)) / t  # one tail class, tempered
+    log_z = torch.logsumexp(torch.cat([top, (each + math.log(c - k))[:, None]], dim=-1), dim=-1)
+    log_p_top, log_p_each = top - log_z[:, None], each - log_z
+    tail_log_q = log_q.sum(-1) - log_q_top.sum(-1)  # sum of the student's log q over the C - K tail classes
+    kl = (log_p_top.exp() * (log_p_top - log_q_top)).sum(-1) + log_p_each.exp() * ((c - k) * log_p_each - tail_log_q)
+    return t * t * kl.mean()
 
 
 # -- how a step weighs its objectives --------------------------------------------------------
@@ -163,12 +199,26 @@ class Trainer:
     def has_task(self) -> bool:
         return self.model.task_head is not None
 
+    @property
+    def soft_teachers(self) -> list[str]:
+        """The teachers whose soft labels the student's classifier learns (``--logits-loss kl``)."""
+        return [t for t, m in self.targets.items() if self.cfg.logits_loss != "none" and getattr(m, "gives_logits", False)]
+
+    @property
+    def uses_labels(self) -> bool:
+        return self.has_task or self.cfg.label_loss != "none"
+
+    def objectives(self) -> list[str]:
+        """What a step weighs: each teacher's features, each teacher's soft labels, the labels, the task."""
+        return (self.teachers + [f"logits/{t}" for t in self.soft_teachers]
+                + (["labels"] if self.cfg.label_loss != "none" else []) + (["task"] if self.has_task else []))
+
     def metric_columns(self) -> list[str]:
-        """Per-teacher losses; the task loss; each objective's weight when they vary per step."""
-        objectives = self.teachers + (["task"] if self.has_task else [])
-        cols = [f"{t}/{p}" for t in self.teachers for p in ("summary", "patch")] + (["task"] if self.has_task else [])
+        """Per-teacher losses; soft labels, labels, the task loss; each objective's weight when they vary per step."""
+        cols = [f"{t}/{p}" for t in self.teachers for p in ("summary", "patch")]
+        cols += [f"{t}/logits" for t in self.soft_teachers] + [o for o in ("labels", "task") if o in self.objectives()]
         if self.policy.varies_weights:
-            cols += [f"weight/{o}" for o in objectives]
+            cols += [f"weight/{o}" for o in self.objectives()]
         return cols
 
     def decode(self, batch: dict) -> dict[str, dict[str, torch.Tensor]]:
@@ -178,7 +228,7 @@ class Trainer:
     def step(self, batch: dict) -> tuple[float, dict[str, float]]:
         """One optimisation step on a host batch from the loader: (total loss, per-part floats)."""
         batch = to_device(batch, self.device)
-        return self.update(batch["image"], self.decode(batch), batch["label"] if self.has_task else None)
+        return self.update(batch["image"], self.decode(batch), batch["label"] if self.uses_labels else None)
 
     def update(self, images: torch.Tensor, targets: dict[str, dict], labels: torch.Tensor | None = None
                ) -> tuple[float, dict[str, float]]:
@@ -193,10 +243,19 @@ class Trainer:
                 l = teacher_loss(preds[t], tgt, self.loss_spec)  # noqa: E741
             parts[f"{t}/summary"], parts[f"{t}/patch"] = l["summary"].item(), l["patch"].item()
             objectives[t] = self.loss_spec.summary_weight * l["summary"] + self.loss_spec.patch_weight * l["patch"]
-        if labels is not None and self.model.task_logits is not None:
-            with torch.autocast(dev, enabled=False):
+        cfg = self.cfg
+        with torch.autocast(dev, enabled=False):
+            for t in self.soft_teachers:  # what the teacher says, learnt by the student's own classifier
+                objectives[f"logits/{t}"] = soft_label_loss(self.model.student_logits, targets[t]["logits"],
+                                                            temperature=cfg.temperature, tail=cfg.logits_tail)
+                parts[f"{t}/logits"] = objectives[f"logits/{t}"].item()
+            if labels is not None and cfg.label_loss != "none":
+                objectives["labels"] = task_loss(self.model.student_logits, labels, option="--label-loss",
+                                                 fix="the labels must be in the teacher's class space")
+                parts["labels"] = objectives["labels"].item()
+            if labels is not None and self.model.task_logits is not None:
                 objectives["task"] = task_loss(self.model.task_logits, labels)
-            parts["task"] = objectives["task"].item()
+                parts["task"] = objectives["task"].item()
 
         teachers = list(targets)
         kept = {t: True for t in teachers}
@@ -210,7 +269,7 @@ class Trainer:
             alpha = min_norm_weights(gram).tolist()
             w = {o: len(active) * a for o, a in zip(active, alpha)}  # uniform alphas give back the plain sum
         else:
-            w = {o: (policy.task_weight if o == "task" else self.weights[o]) for o in active}
+            w = {o: self._static_weight(o) for o in active}
         # dropped teachers weigh 0 (their heads stay in the graph with zero gradients: DDP needs every parameter used)
         loss = sum(w.get(o, 0.0) * objectives[o] for o in objectives)
         if policy.varies_weights:
@@ -225,6 +284,15 @@ class Trainer:
             self.ema.update(self.model.student, step=self.global_step)
         self.global_step += 1
         return loss.item(), parts
+
+    def _static_weight(self, objective: str) -> float:
+        if objective == "task":
+            return self.policy.task_weight
+        if objective == "labels":
+            return self.cfg.label_weight
+        if objective.startswith("logits/"):
+            return self.cfg.logits_weight
+        return self.weights[objective]
 
     @property
     def lr(self) -> float:

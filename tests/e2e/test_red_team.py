@@ -46,14 +46,19 @@ def _delete(path):
     return lambda store: os.remove(_chunk(store, path))
 
 
-ARRAYS = {"keys": "keys", "views": "views", "cls": "vit/cls", "patch": "vit/patch", "codes": "vit/patch_codes"}
+ARRAYS = {"keys": "keys", "views": "views", "cls": "vit/cls", "patch": "vit/patch", "codes": "vit/patch_codes",
+          "logit values": "vit/logits_values", "logit indices": "vit/logits_indices", "log-sum-exp": "vit/logits_lse"}
+SOFT = ("logit values", "logit indices", "log-sum-exp")
 DAMAGES = {f"{how} {name}": (name, make(path)) for name, path in ARRAYS.items()
            for how, make in (("flipped byte in", _flip), ("truncated", _truncate), ("deleted", _delete))}
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory, vit_store):
-    """A float store and the same store with its patches as sq8 codes (floats dropped)."""
+def stores(tmp_path_factory, vit_store, corpus, vit_spec):
+    """A float store, the same store with its patches as sq8 codes (floats dropped), and one with the
+    teacher's top-5 soft labels."""
+    from kdcache.extract.options import ExtractOptions
+    from kdcache.extract.run import extract
     from kdcache.quantize.convert_store import quantize_store
     from kdcache.quantize.quantizer_spec import QuantizerSpec
     from kdcache.targets.sample import SampleSpec
@@ -61,7 +66,9 @@ def stores(tmp_path_factory, vit_store):
     shutil.copytree(vit_store, q)
     quantize_store(q, "vit", QuantizerSpec.parse("sq8"), sample=SampleSpec(train_tokens=128, held_out=16, pool=1),
                    progress=False)
-    return {"float": vit_store, "codes": q}
+    soft = str(tmp_path_factory.mktemp("soft") / "l.zarr")
+    extract(corpus, soft, [vit_spec], ExtractOptions(views=2, logits=5, progress=False, workers=0))
+    return {"float": vit_store, "codes": q, "logits": soft}
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +91,10 @@ class _Cli:
         return code, out, err
 
 
-def _commands(store, corpus, tmp, run):
-    """name -> (argv, the arrays the command reads)."""
+def _commands(store, corpus, tmp, run, *, soft=False):
+    """name -> (argv, the arrays the command reads). ``soft``: train on the soft labels too."""
     train = ["train", "--store", store, "--data", corpus, "--student", STUDENT, "--epochs", "1", "--batch-size", "4",
-             "--head-hidden", "16", "--no-progress"]
+             "--head-hidden", "16", "--no-progress", *(["--logits-loss", "kl"] if soft else [])]
     every = set(ARRAYS)
     return {
         "info": (["info", store, "--json"], set()),
@@ -127,7 +134,7 @@ def _comparable(name: str, out: str):
 def test_every_reader_refuses_every_damage_in_one_line(tmp_path, stores, corpus, run_dir, damage, monkeypatch, capsys):
     array, apply = DAMAGES[damage]
     cli = _Cli(monkeypatch, capsys)
-    kind = "codes" if array == "codes" else "float"
+    kind = "codes" if array == "codes" else "logits" if array in SOFT else "float"
     good, store = stores[kind], str(tmp_path / "damaged.zarr")
     shutil.copytree(good, store)
     apply(store)
@@ -137,8 +144,8 @@ def test_every_reader_refuses_every_damage_in_one_line(tmp_path, stores, corpus,
     json.dump({**cfg, "store": store}, open(os.path.join(run, "config.json"), "w"))
     shutil.rmtree(os.path.join(run, "report"), ignore_errors=True)
     answers_on_good = {}
-    for name, (argv, reads) in _commands(store, corpus, str(tmp_path), run).items():
-        if kind == "codes" and name == "report":
+    for name, (argv, reads) in _commands(store, corpus, str(tmp_path), run, soft=kind == "logits").items():
+        if kind != "float" and name == "report":
             continue  # the run was trained on the float store
         code, out, err = cli(*argv)
         assert "Traceback" not in err, (name, err[-2500:])

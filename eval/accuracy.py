@@ -1,0 +1,135 @@
+"""``kdcache eval accuracy``: what a student trained on soft labels says, against the corpus labels
+and against its teacher.
+
+The run's student is rebuilt as timm loads the export (its classifier in the teacher's classes);
+its teacher is rebuilt live from what the run recorded (the store's teacher metadata: model,
+checkpoint, preprocessing, checked against the stored weights fingerprint; or an online run's
+spec). Every image of the corpus passes through the same walk and pixel stage as extraction, each
+model on its own eval view at its own input. Reported: agreement with the teacher (top-1, the
+teacher's top-1 within the student's top-5, mean KL(teacher || student) at T=1) on every image,
+and top-1/top-5 against the corpus labels for the images that have them. Give a corpus the run
+never trained on for held-out figures.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from kdcache.data.corpus import resolve_corpus
+from kdcache.data.pixels import Crop, view_at, view_pixels
+from kdcache.data.walk import record_to, screened
+from kdcache.errors import KdcacheError
+from kdcache.models.teacher import Teacher, create_teacher
+from kdcache.store.meta import TeacherMeta, ViewPolicy
+
+from .model_features import run_student
+
+
+def run_teacher(run: str, name: str | None = None) -> Teacher:
+    """The teacher whose soft labels the run learnt, live, as the run recorded it."""
+    with open(os.path.join(run, "provenance.json")) as f:
+        prov = json.load(f)
+    if prov.get("online"):
+        with open(os.path.join(run, "config.json")) as f:
+            specs = {s.split("=", 1)[0]: s for s in json.load(f)["teachers"]}
+        name = name or next(iter(specs))
+        if name not in specs:
+            raise KdcacheError(f"--teacher {name}: not a teacher of {run} ({', '.join(specs)})")
+        return create_teacher(specs[name])
+    metas = {t: TeacherMeta.from_dict(m) for t, m in prov["store_meta"]["teachers"].items()}
+    soft = [t for t, m in metas.items() if m.logits]
+    name = name or (soft[0] if soft else next(iter(metas)))
+    if name not in metas:
+        raise KdcacheError(f"--teacher {name}: not a teacher of {run}'s store ({', '.join(metas)})")
+    m = metas[name]
+    spec = ",".join([f"{name}={m.model}", f"pretrained={str(m.pretrained).lower()}",
+                     *([f"checkpoint={m.checkpoint}"] if m.checkpoint else []),
+                     *(f"{k}={v}" for k, v in m.model_kwargs.items() if k != "img_size"),
+                     f"img_size={m.input_size[1]}", f"mean={':'.join(map(str, m.mean))}", f"std={':'.join(map(str, m.std))}",
+                     f"interpolation={m.interpolation}", f"crop_pct={m.crop_pct}"])
+    teacher = create_teacher(spec)
+    if teacher.meta.weights_sha256 != m.weights_sha256:
+        raise KdcacheError(f"teacher {name}: the weights built from {m.checkpoint or m.model} are not the ones the store was "
+                           f"extracted with (weights fingerprint differs)")
+    return teacher
+
+
+@torch.inference_mode()
+def accuracy(run: str, data: str, *, teacher: str | None = None, batch_size: int = 32, progress: bool = False) -> dict:
+    net, sdata, described = run_student(run)
+    classes = int(getattr(net, "num_classes", 0) or 0)
+    if not classes:
+        raise KdcacheError(f"--run {run}: the student has no classifier (it was trained without --logits-loss)")
+    t = run_teacher(run, teacher)
+    if t.classes != classes:
+        raise KdcacheError(f"teacher {t.name} has {t.classes} classes, the student {classes}")
+    corpus = resolve_corpus(data)
+    s_policy = ViewPolicy.for_input(sdata.crop_pct, sdata.hw)
+    t_policy = ViewPolicy.for_input(t.data.crop_pct, t.data.hw)
+    mean = torch.tensor(sdata.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(sdata.std).view(1, 3, 1, 1) * 255
+
+    def eval_views(s, height: int, width: int) -> np.ndarray:  # each model's own eval view
+        return np.stack([view_at(s_policy, s.key, 0, height, width), view_at(t_policy, s.key, 0, height, width)])
+
+    student_logits, teacher_logits, labels, skipped, batch = [], [], [], [], []
+
+    def flush():
+        if batch:
+            x = (torch.stack([b[0] for b in batch]).float() - mean) / std
+            student_logits.append(net(x).float())
+            teacher_logits.append(t.outputs(torch.stack([b[1] for b in batch]).to(t.device), logits=True)[2].cpu())
+            batch.clear()
+
+    crops = [Crop(sdata.hw, sdata.interpolation), Crop(t.input_hw, t.meta.interpolation)]
+    for shard in tqdm(corpus.shards, unit="shard", desc="accuracy", disable=not progress, dynamic_ncols=True):
+        for item in view_pixels(screened(corpus, shard, record_to(skipped)), views=eval_views, crops=crops,
+                                decode=corpus.options.decode, handler=record_to(skipped)):
+            batch.append((item.crops[0][0], item.crops[1][1]))
+            labels.append(-1 if item.sample.label is None else int(item.sample.label))
+            if len(batch) == batch_size:
+                flush()
+    flush()
+    if not student_logits:
+        raise KdcacheError(f"{data}: no image to evaluate")
+    s_logits, t_logits, y = torch.cat(student_logits), torch.cat(teacher_logits), torch.tensor(labels)
+    log_q, log_p = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
+    t_top = t_logits.argmax(-1)
+    s_top5 = s_logits.topk(min(5, classes), -1).indices
+    out = {"run": run, "student": described, "teacher": t.name, "data": data, "images": len(y), "classes": classes,
+           "skipped_samples": len(skipped),
+           "agreement": {"top1": float((s_logits.argmax(-1) == t_top).float().mean()),
+                         "teacher_top1_in_student_top5": float((s_top5 == t_top[:, None]).any(-1).float().mean()),
+                         "mean_kl": float((log_p.exp() * (log_p - log_q)).sum(-1).mean())}}
+    has = y >= 0
+    if bool(has.any()):
+        out["labelled_images"] = int(has.sum())
+        if int(y.max()) >= classes:
+            out["labels"] = f"not in the teacher's {classes} classes (largest label {int(y.max())}): accuracy not scored"
+        else:
+            for who, logits in (("student", s_logits), ("teacher", t_logits)):
+                top5 = logits[has].topk(min(5, classes), -1).indices
+                out[f"{who}_accuracy"] = {"top1": float((top5[:, 0] == y[has]).float().mean()),
+                                          "top5": float((top5 == y[has][:, None]).any(-1).float().mean())}
+    return out
+
+
+def format_accuracy(r: dict) -> str:
+    a = r["agreement"]
+    lines = [f"# accuracy: {r['student']} vs teacher {r['teacher']} on {r['data']}",
+             f"{r['images']} images, {r['classes']} classes" + (f", {r['skipped_samples']} skipped" if r["skipped_samples"] else ""),
+             "", "| agreement top-1 | teacher's top-1 in student's top-5 | mean KL(teacher, student) |", "|---|---|---|",
+             f"| {a['top1']:.4f} | {a['teacher_top1_in_student_top5']:.4f} | {a['mean_kl']:.4f} |"]
+    if "student_accuracy" in r:
+        lines += ["", f"against the corpus labels ({r['labelled_images']} images, read as classes of the teacher's head):", "",
+                  "| | top-1 | top-5 |", "|---|---|---|"]
+        lines += [f"| {who} | {r[f'{who}_accuracy']['top1']:.4f} | {r[f'{who}_accuracy']['top5']:.4f} |"
+                  for who in ("student", "teacher")]
+    elif "labels" in r:
+        lines.append(f"labels: {r['labels']}")
+    return "\n".join(lines)
