@@ -12,6 +12,7 @@ encode tok/s / teacher tok/s >= 1 means encoding never sets the pace.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -47,6 +48,7 @@ def _predecoded(corpus_dir: str, teacher) -> list[torch.Tensor]:
 
 
 ENCODE = "torch encoder on the teacher's patches"
+SOFT = "kdcache extract --logits (pipeline loop)"
 
 
 def _encoder_on_patches(t, batches, quantize: str, dtype):
@@ -86,6 +88,13 @@ def bench_extract(o: ExtractBench = ExtractBench()) -> str:
 
         sides = {"bare teacher forward": bare, "kdcache extract (pipeline loop)": pipeline}
         items = {"bare teacher forward": len(crops)}
+        if o.logits:
+            soft_opts = dataclasses.replace(opts, logits=o.logits)
+
+            def soft_pipeline():
+                s = extract(f"{tmp}/corpus", os.path.join(tmp, f"store-{next(runs)}.zarr"), [teacher], soft_opts)
+                return Timed(s.images, s.seconds)
+            sides[SOFT] = soft_pipeline
         if quantize:
             patches, enc = _encoder_on_patches(t, batches, quantize, dtype)
             tokens = patches.shape[0]
@@ -108,16 +117,24 @@ def bench_extract(o: ExtractBench = ExtractBench()) -> str:
                     f"{m.rate(ENCODE).fmt(0)} tok/s) | {m.rate(ENCODE).fmt(1, scale=1 / t.meta.tokens)} | "
                     f"encode/teacher {enc_ratio.fmt(2)} |",
                     "", f"encode tok/s / teacher tok/s {enc_ratio.fmt(2)} (target >= 1: encoding never sets the pace)"]
+    soft_line = []
+    if o.logits:
+        soft_ratio = m.ratio(SOFT, "kdcache extract (pipeline loop)")
+        soft_line = [f"| kdcache extract --logits {o.logits}, pipeline loop | {m.rate(SOFT).fmt(1)} | "
+                     f"{m.ratio(SOFT, 'bare teacher forward').fmt(2)} |",
+                     "", f"with --logits {o.logits} / without: {soft_ratio.fmt(3)} (the soft labels' cost to extraction)"]
     if as_json:
         return json.dumps({"environment": env, "teacher": t.meta.model, "images": images, "batch_size": batch_size,
-                           "workers": workers, "codec": codec, "quantize": quantize, "measurement": m.to_dict(),
-                           "ratio": ratio.to_dict(),
+                           "workers": workers, "codec": codec, "quantize": quantize, "logits": o.logits,
+                           "measurement": m.to_dict(), "ratio": ratio.to_dict(),
+                           "logits_over_plain": soft_ratio.to_dict() if o.logits else None,
                            "encode_over_teacher": enc_ratio.to_dict() if quantize else None}, indent=2)
     lines = [header(f"bench extract: {t.meta.model} {t.meta.input_size[1]}x{t.meta.input_size[2]}, {images} images, "
                     f"batch {batch_size}, {workers} worker(s), codec {codec}", env, repeat=repeat, warmup=m.warmup), "",
              "| side | img/s | ratio to bare forward |", "|---|---|---|",
              f"| bare teacher forward (pre-decoded tensors, same output copies) | {m.rate('bare teacher forward').fmt(1)} | 1.00 |",
              f"| kdcache extract, pipeline loop | {m.rate('kdcache extract (pipeline loop)').fmt(1)} | {ratio.fmt(2)} |",
-             *enc_line[:1], "", f"ratio {ratio.fmt(2)} (target >= 0.90; ratios are round by round)", *enc_line[2:]]
+             *enc_line[:1], *soft_line[:1], "", f"ratio {ratio.fmt(2)} (target >= 0.90; ratios are round by round)",
+             *enc_line[2:], *soft_line[2:]]
     note = limit_note(ratio, "pipeline/bare")
     return "\n".join(lines + ([note] if note else []))

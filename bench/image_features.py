@@ -14,25 +14,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdcache.data.demo_corpus import photo_images
+
 IMAGE_SOURCES = ("skimage", "sklearn")
-SKIMAGE_IMAGES = ("astronaut", "camera", "chelsea", "coffee", "coins", "hubble_deep_field", "immunohistochemistry",
-                  "moon", "rocket", "clock", "brick", "grass", "gravel", "retina", "colorwheel", "page", "text")
-
-
 def source_images(source: str) -> list[np.ndarray]:
-    """The (H, W, 3) uint8 images of one source."""
-    if source == "sklearn":
-        from sklearn.datasets import load_sample_images
-        return list(load_sample_images().images)
-    if source != "skimage":
+    """The (H, W, 3) uint8 images of one source (the demo corpus's photo sources)."""
+    if source not in IMAGE_SOURCES:
         raise ValueError(f"image source {source!r}: expected one of {', '.join(IMAGE_SOURCES)}")
-    import skimage.data
-    out = []
-    for name in SKIMAGE_IMAGES:
-        a = np.asarray(getattr(skimage.data, name)())
-        a = np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a[..., :3]
-        out.append(a.astype(np.uint8))
-    return out
+    return photo_images(source)
 
 
 def random_crops(images: list[np.ndarray], n: int, size: int, *, seed: int) -> torch.Tensor:

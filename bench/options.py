@@ -23,6 +23,7 @@ class ExtractBench:
     workers: int = 1
     codec: str = "lz4"
     quantize: str | None = None  # also time the torch encoder on the teacher's patches
+    logits: int = 0  # also time the pipeline storing the top-K soft labels: the cost they add
     repeat: int = REPEAT
     as_json: bool = False
 
@@ -185,3 +186,39 @@ class TeachersPlan:
         unknown = [v for v in self.variants if v not in TEACHER_VARIANTS]
         if unknown:
             raise KdcacheError(f"--variant {unknown[0]!r}: expected one of {', '.join(map(repr, TEACHER_VARIANTS))}")
+
+
+@dataclass(frozen=True)
+class SoftLabelsPlan:
+    """``bench softlabels``: (a) the shipped ImageNet EfficientNet-Lite0 as the teacher, a student
+    trained on photo crops and scored by its agreement with the teacher on held-out photos of
+    another source: cached top-K vs online (full logits) vs cached top-1 (hard teacher labels);
+    (b) a classifier teacher trained here on digits, students scored against held-out digit
+    labels: soft labels, hard labels only, both; (c) bytes per view of top-K soft labels."""
+
+    student: str = "resnet18,img_size=64"
+    photos: int = 256  # training photos: crops of scikit-learn's two photos
+    held_photos: int = 256  # held-out photos: crops of scikit-image's sample images
+    views: int = 4
+    k: int = 10
+    epochs: int = 6
+    batch_size: int = 32
+    temperature: float = 1.0
+    digit_student: str = "resnet18,img_size=32"
+    digits: int = 600  # the first scans of load_digits train; the next ones are held out
+    held_digits: int = 600
+    digit_epochs: int = 8
+    vit_epochs: int = 30  # the digits teacher's supervised training
+    bytes_k: tuple[int, ...] = (5, 10, 100)
+    bytes_images: int = 512  # the store the bytes are measured on (one shard: its fixed costs amortised)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    lr: float = 2e-3
+    workers: int = 1
+    parts: tuple[str, ...] = ("imagenet", "digits", "bytes")
+
+    def __post_init__(self):
+        unknown = [p for p in self.parts if p not in ("imagenet", "digits", "bytes")]
+        if unknown:
+            raise KdcacheError(f"--part {unknown[0]!r}: expected imagenet, digits or bytes")
+        if not self.seeds:
+            raise KdcacheError("--seeds: at least one")

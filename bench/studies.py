@@ -47,3 +47,25 @@ def knn_protocol(knn: dict) -> dict:
     p = knn["protocol"]
     return {"k": p["k"], "temperature": p["temperature"], "n_train": knn["n_train"], "n_val": knn["n_val"],
             "classes": knn["classes"], "split_seed": p["seed"]}
+
+
+def spread(values) -> dict:
+    """Mean and sample standard deviation of one row's values (one per seed)."""
+    import statistics
+    values = [float(v) for v in values]
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def paired(a, b, *, confidence: float = 0.95) -> dict:
+    """The mean of the differences a_i - b_i (paired by seed) with its t-interval; with one pair the
+    interval is the point (nothing to estimate a spread from)."""
+    import math
+    import statistics
+
+    from scipy.stats import t as student_t
+    diffs = [float(x) - float(y) for x, y in zip(a, b)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"mean": mean, "low": mean, "high": mean, "n": len(diffs)}
+    half = student_t.ppf(0.5 + confidence / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(diffs)}

@@ -8,14 +8,14 @@ from __future__ import annotations
 import click
 
 from kdcache.bench.options import (REPEAT, TEACHER_VARIANTS, CodecBench, ExtractBench, FormatsBench, LoadBench,
-                                   QualityPlan, QuantizeBench, TeachersPlan, TrainBench)
+                                   QualityPlan, QuantizeBench, SoftLabelsPlan, TeachersPlan, TrainBench)
 from kdcache.store.meta import CODECS
 from kdcache.train.config import AMP
 
 from .common import apply_storage_options, cli, comma_ints, comma_names, defaults_of, drop_unset, with_storage_options
 
-X, TR, L, QB, F, QP, TP = (defaults_of(c) for c in (ExtractBench, TrainBench, LoadBench, QuantizeBench, FormatsBench,
-                                                   QualityPlan, TeachersPlan))
+X, TR, L, QB, F, QP, TP, SL = (defaults_of(c) for c in (ExtractBench, TrainBench, LoadBench, QuantizeBench, FormatsBench,
+                                                       QualityPlan, TeachersPlan, SoftLabelsPlan))
 
 
 def with_bench_options(fn):
@@ -45,6 +45,8 @@ def bench():
 @click.option("--codec", type=click.Choice(CODECS), help="Store codec." + X("codec"))
 @click.option("--quantize", help="METHOD[:M=..,beam=..] as for extract: also time the torch encoder on the teacher's own "
               "patch features (quantizer fit on them) and print encode tok/s / teacher tok/s. [default: none]")
+@click.option("--logits", type=int, help="Also time the pipeline storing the top-K soft labels (extract --logits K): "
+              "the cost they add." + X("logits"))
 @with_bench_options
 def bench_extract(**kw):
     """Bare teacher forward img/s vs end-to-end extraction img/s on the same images.
@@ -52,6 +54,7 @@ def bench_extract(**kw):
     \b
     kdcache bench extract
     kdcache bench extract -t cnn=resnet50,pretrained=false --images 64
+    kdcache bench extract --logits 10
     kdcache bench extract -t effnet=tf_efficientnet_lite0,checkpoint=lite0.safetensors --quantize rq:M=160,norm=1,beam=8,niter=4
     """
     from kdcache.bench.extraction import bench_extract as run
@@ -253,3 +256,40 @@ def bench_teachers(out, variants, as_json, **kw):
     plan = TeachersPlan(**drop_unset(variants=tuple(variants) or None, **kw))
     r = teachers_study(out, plan)
     click.echo(json.dumps(r, indent=2) if as_json else format_teachers(r))
+
+
+@bench.command("softlabels")
+@click.option("--out", required=True, help="Directory for the corpora, teachers, stores, runs, softlabels.json/.md (reused).")
+@click.option("--part", "parts", multiple=True, type=click.Choice(["imagenet", "digits", "bytes"]),
+              help="Only these parts (repeat)." + SL("parts"))
+@click.option("--seeds", help="Seeds of every row, comma-separated." + SL("seeds"))
+@click.option("--student", help="Student of part (a)." + SL("student"))
+@click.option("--photos", type=click.IntRange(min=1), help="Training photo crops of part (a)." + SL("photos"))
+@click.option("--held-photos", type=click.IntRange(min=1), help="Held-out photos of part (a)." + SL("held_photos"))
+@click.option("--views", type=click.IntRange(min=2), help="K stored views." + SL("views"))
+@click.option("--k", type=click.IntRange(min=1), help="Top-K soft labels stored." + SL("k"))
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs of part (a)." + SL("epochs"))
+@click.option("--digit-epochs", type=click.IntRange(min=1), help="Epochs of part (b)." + SL("digit_epochs"))
+@click.option("--digits", type=click.IntRange(min=10), help="Training digits of part (b)." + SL("digits"))
+@click.option("--held-digits", type=click.IntRange(min=10), help="Held-out digits of part (b)." + SL("held_digits"))
+@click.option("--vit-epochs", type=click.IntRange(min=1), help="Supervised epochs of the digits teacher." + SL("vit_epochs"))
+@click.option("--batch-size", type=click.IntRange(min=1), help="Samples per step." + SL("batch_size"))
+@click.option("--temperature", type=float, help="Of the soft labels." + SL("temperature"))
+@click.option("--bytes-images", type=click.IntRange(min=1), help="Images of the store part (c) measures." + SL("bytes_images"))
+@click.option("--workers", type=click.IntRange(min=0), help="Loader workers." + SL("workers"))
+@click.option("--json", "as_json", is_flag=True, help="The result as JSON. [default: off]")
+def bench_softlabels(out, parts, seeds, as_json, **kw):
+    """Cached top-K soft labels vs a live teacher (agreement on held-out photos), soft vs hard labels
+    (accuracy on held-out digits), and bytes per view of top-K soft labels; several seeds.
+
+    \b
+    kdcache bench softlabels --out /tmp/soft
+    kdcache bench softlabels --out /tmp/soft --part bytes
+    kdcache bench softlabels --out /tmp/soft --part digits --seeds 0,1,2,3,4
+    """
+    import json
+
+    from kdcache.bench.soft_labels import format_soft_labels, soft_labels_study
+    plan = SoftLabelsPlan(**drop_unset(parts=tuple(parts) or None, seeds=comma_ints("--seeds", seeds, low=0), **kw))
+    r = soft_labels_study(out, plan)
+    click.echo(json.dumps(r, indent=2) if as_json else format_soft_labels(r))

@@ -208,6 +208,8 @@ def demo(no_progress, **kw):
 @click.option("--temperature", type=float, help="Of the soft labels (the KL is scaled by T^2)." + T("temperature"))
 @click.option("--logits-tail", type=click.Choice(LOGITS_TAILS), help="Top-K soft labels: spread the recorded tail mass "
               "over the other classes, or renormalise over the top K." + T("logits_tail"))
+@click.option("--logits-top", type=int, help="Use the first N of the stored top-K only (N=1 with --logits-tail renorm: "
+              "the teacher's hard labels; 0 = all)." + T("logits_top"))
 @click.option("--logits-weight", type=float, help="Static weight of each teacher's soft-label loss." + T("logits_weight"))
 @click.option("--label-loss", type=click.Choice(LABEL_LOSSES), help="Hard labels on the student's classifier: "
               "cross-entropy on the corpus labels, which must be in the teachers' classes (with --logits-loss kl)."

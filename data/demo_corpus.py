@@ -2,7 +2,10 @@
 
 Handwritten digits (8x8 grey scans, 10 classes, upscaled so crops are meaningful) and crops
 of scikit-learn's two sample photos (a separate class each). Deterministic: the same files
-on every machine.
+on every machine. For held-out sets: digits from ``first_digit`` on (the 1,797 scans of
+``load_digits``), and crops of scikit-image's sample images (``photo_source="skimage"``, no label:
+another source than the training photos; scikit-image is installed with the test and bench
+extras).
 """
 from __future__ import annotations
 
@@ -14,32 +17,51 @@ import numpy as np
 from PIL import Image
 
 
-def _photo_crops(n: int, rng: np.random.Generator):
-    from sklearn.datasets import load_sample_images
-    photos = load_sample_images().images  # china.jpg, flower.jpg: (427, 640, 3) uint8
+SKIMAGE_IMAGES = ("astronaut", "camera", "chelsea", "coffee", "coins", "hubble_deep_field", "immunohistochemistry",
+                  "moon", "rocket", "clock", "brick", "grass", "gravel", "retina", "colorwheel", "page", "text")
+
+
+def photo_images(source: str = "sklearn") -> list[np.ndarray]:
+    """The (H, W, 3) uint8 photos of one source: scikit-learn's two, or scikit-image's sample images."""
+    if source == "sklearn":
+        from sklearn.datasets import load_sample_images
+        return list(load_sample_images().images)  # china.jpg, flower.jpg: (427, 640, 3) uint8
+    if source != "skimage":
+        raise ValueError(f"photo source {source!r}: expected sklearn or skimage")
+    import skimage.data
+    out = []
+    for name in SKIMAGE_IMAGES:
+        a = np.asarray(getattr(skimage.data, name)())
+        a = np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a[..., :3]
+        out.append(a.astype(np.uint8))
+    return out
+
+
+def _photo_crops(n: int, rng: np.random.Generator, source: str = "sklearn"):
+    photos = photo_images(source)
     for i in range(n):
         p = i % len(photos)
         img = photos[p]
-        s = int(rng.integers(96, 200))
+        s = int(rng.integers(96, min(200, *img.shape[:2])))
         t, l = int(rng.integers(0, img.shape[0] - s)), int(rng.integers(0, img.shape[1] - s))
-        yield f"photo/{p}_{i:04d}", img[t:t + s, l:l + s], 10 + p, "jpg"
+        yield f"photo/{p}_{i:04d}", img[t:t + s, l:l + s], (10 + p if source == "sklearn" else None), "jpg"
 
 
-def _digits(n: int, size: int):
+def _digits(n: int, size: int, first: int = 0):
     from sklearn.datasets import load_digits
     d = load_digits()
-    for i in range(min(n, len(d.images))):
+    for i in range(first, min(first + n, len(d.images))):
         a = (d.images[i] * (255.0 / 16.0)).astype(np.uint8)
         img = np.asarray(Image.fromarray(a, "L").resize((size, size), Image.BICUBIC))
         yield f"digit/{int(d.target[i])}_{i:04d}", img, int(d.target[i]), "png"
 
 
 def build_demo_corpus(out_dir: str, *, digits: int = 192, photos: int = 64, shard_size: int = 64,
-                      digit_size: int = 48, seed: int = 0) -> list[str]:
+                      digit_size: int = 48, seed: int = 0, first_digit: int = 0, photo_source: str = "sklearn") -> list[str]:
     """Write ``demo-NNNNNN.tar`` shards into ``out_dir``; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
-    samples = list(_digits(digits, digit_size)) + list(_photo_crops(photos, rng))
+    samples = list(_digits(digits, digit_size, first_digit)) + list(_photo_crops(photos, rng, photo_source))
     order = rng.permutation(len(samples))  # mix classes across shards
     samples = [samples[i] for i in order]
     paths = []

@@ -98,15 +98,16 @@ class TargetDecoder(nn.Module):
     ``codebooks``: kind -> the store's quantizer, for token kinds stored as codes only;
     ``stats``: kind -> statistics for the normaliser (None when ``normalize`` needs none);
     ``predict_codes``: hand the patch codes through untouched (the student predicts them);
-    ``logits``: read the teacher's stored top-K soft labels too."""
+    ``logits``: read the teacher's stored top-K soft labels too (``logits_top``: only the first N)."""
 
     def __init__(self, name: str, meta: TeacherMeta, *, codebooks: dict[str, Codebooks], normalize: str,
-                 stats: dict | None, predict_codes: bool = False, logits: bool = False):
+                 stats: dict | None, predict_codes: bool = False, logits: bool = False, logits_top: int = 0):
         super().__init__()
         self.name, self.dtype = name, meta.dtype
         self.paths = {kind: feature_path(name, kind, codes=kind in codebooks) for kind in TOKEN_KINDS}
         self.logit_paths = {part: logits_path(name, part) for part in LOGIT_ARRAYS} if logits else {}
         self.gives_logits = bool(logits)
+        self.logits_top = logits_top  # the first N of the stored top-K (sorted): the rest joins the tail
         self.decoders = nn.ModuleDict({kind: CodeDecoder(cb) for kind, cb in codebooks.items()})
         self.predict_codes = predict_codes and "patch" in self.decoders
         self.codes_m = codebooks["patch"].m if self.predict_codes else None
@@ -130,7 +131,9 @@ class TargetDecoder(nn.Module):
             out["patch"] = self.norm["patch"](self._float("patch", batch[self.paths["patch"]]))
         if self.logit_paths:
             values, indices, lse = (batch[self.logit_paths[part]] for part in LOGIT_ARRAYS)
-            out["logits"] = {"values": to_float(values, self.dtype), "indices": indices.long(), "lse": lse.float()}
+            top = self.logits_top or values.shape[-1]
+            out["logits"] = {"values": to_float(values, self.dtype)[..., :top], "indices": indices.long()[..., :top],
+                             "lse": lse.float()}
         return out
 
 

@@ -76,6 +76,7 @@ class TrainConfig:
     logits_loss: str = "none"  # none | kl: the student's classifier learns the teachers' soft labels (stored top-K, or live)
     temperature: float = 1.0  # of the soft labels: teacher and student distributions at T, the KL scaled by T^2
     logits_tail: str = "spread"  # spread: the recorded tail mass spread evenly over the other classes | renorm: top-K only
+    logits_top: int = 0  # use only the first N of the stored top-K (N=1 with renorm: hard teacher labels); 0 = all
     logits_weight: float = 1.0  # static weight of each teacher's soft-label loss
     label_loss: str = "none"  # none | ce: cross-entropy of the student's classifier on the corpus labels (teacher's classes)
     label_weight: float = 1.0  # static weight of the label loss
@@ -94,7 +95,7 @@ class TrainConfig:
         for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 0), ("warmup_steps", 0), ("shuffle_buffer", 1),
                           ("head_hidden", 1), ("head_depth", 0), ("log_every", 1), ("checkpoint_every", 0),
                           ("stop_at_step", 0), ("seed", 0), ("online_stats_images", 1), ("head_heads", 1),
-                          ("task_classes", 0)):
+                          ("task_classes", 0), ("logits_top", 0)):
             _check(self, name, lambda v, low=low: _integer(v) and v >= low, f"an integer >= {low}")
         _check(self, "lr", lambda v: _number(v) and v > 0, "a finite number > 0")
         for name in ("weight_decay", "clip_grad", "color_jitter", "summary_weight", "patch_weight", "task_weight",

@@ -116,6 +116,9 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
     shards, counts, bad = check_store_fits_corpus(store, corpus, teachers, skip_corrupt=cfg.skip_corrupt)
     soft = {t: store.meta.teachers[t].logits["classes"] for t in teachers if store.meta.teachers[t].logits}
     classes = _soft_label_classes(cfg, soft, where=f"{cfg.store}", remedy="extract with --logits K")
+    stored_k = min((store.meta.teachers[t].logits["k"] for t in soft), default=0)
+    if classes and cfg.logits_top > stored_k:
+        raise TrainError(f"--logits-top {cfg.logits_top}: the store keeps the top {stored_k} logits only")
     targets, computed = {}, {}
     for t in teachers:
         stats = None
@@ -127,8 +130,8 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
                 if fresh:
                     computed[(t, kind)] = stats[kind]
         targets[t] = TargetDecoder(t, store.meta.teachers[t], codebooks=stored_codebooks(store, t), normalize=cfg.normalize,
-                                   stats=stats, predict_codes=cfg.predict_codes, logits=bool(classes) and t in soft
-                                   ).to(device)
+                                   stats=stats, predict_codes=cfg.predict_codes, logits=bool(classes) and t in soft,
+                                   logits_top=cfg.logits_top).to(device)
     metas = store.meta.teachers
     heads = [TeacherTarget(t, metas[t].dim, tuple(metas[t].grid), targets[t].codes_m) for t in teachers]
     spec = loader_spec(cfg, student, shards, store_url=cfg.store, decode=corpus.options.decode,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from helpers import cli_call
 
 from kdcache.eval.model_features import probe_model
@@ -48,3 +50,26 @@ def test_bench_teachers_prints_knn_and_per_teacher_fidelity(tmp_path, monkeypatc
             assert -1 <= row["fidelity"][t]["summary"] <= 1 and -1 <= row["fidelity"][t]["patch"] <= 1
     cfg = json.load(open(os.path.join(out, "run-balance-mgda", "config.json")))
     assert cfg["balance"] == "mgda"
+
+
+def test_bench_softlabels_runs_every_part_with_paired_seeds(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "s")
+    code, text, err = cli_call(monkeypatch, capsys, "bench", "softlabels", "--out", out, "--photos", "16", "--held-photos", "8",
+                               "--views", "2", "--k", "3", "--epochs", "1", "--digits", "40", "--held-digits", "20",
+                               "--digit-epochs", "1", "--vit-epochs", "1", "--bytes-images", "8", "--seeds", "0,1",
+                               "--batch-size", "8", "--workers", "0")
+    assert code == 0, err
+    for row in ("| cached top-3 |", "| online (full logits) |", "| cached top-1 (hard teacher labels) |", "| soft labels |",
+                "| hard labels only |", "| soft + hard labels |", "| 5 |", "| 100 |"):
+        assert row in text
+    r = json.load(open(os.path.join(out, "softlabels.json")))
+    for part, key in (("imagenet", "agreement_top1"), ("digits", "accuracy_top1")):
+        steps = {s for row in r[part]["rows"].values() for s in row["steps"]}
+        assert len(steps) == 1  # every variant the same optimizer steps
+        for row in r[part]["rows"].values():
+            assert len(row[key]) == 2 and row["mean"]["n"] == 2  # one value per seed
+    diff = r["digits"]["rows"]["soft labels"]["vs_hard_labels"]
+    soft, hard = r["digits"]["rows"]["soft labels"]["accuracy_top1"], r["digits"]["rows"]["hard labels only"]["accuracy_top1"]
+    assert diff["mean"] == pytest.approx(sum(a - b for a, b in zip(soft, hard)) / 2)  # paired by seed
+    sizes = r["bytes"]["rows"]
+    assert sizes["5"]["raw_bytes_per_view"] == 5 * (2 + 2) + 4 and sizes["100"]["raw_bytes_per_view"] == 404
