@@ -64,9 +64,25 @@ def _encoder_on_patches(t, batches, quantize: str, dtype):
     return patches, TorchEncoder(cb, t.device)
 
 
+def forward_threads(threads: int, workers: int) -> int:
+    """The teacher forward's torch threads: as given, or the cores the decode workers leave."""
+    return threads or max(1, (os.cpu_count() or 1) - workers)
+
+
 def bench_extract(o: ExtractBench = ExtractBench()) -> str:
     teacher, images, batch_size, workers, codec, quantize = o.teacher, o.images, o.batch_size, o.workers, o.codec, o.quantize
     repeat, as_json = o.repeat, o.as_json
+    threads_before = torch.get_num_threads()
+    # both sides with the same threads, none of them on the decode workers' cores: otherwise the
+    # workers and the forward preempt each other and the ratio moves run to run (0.88-0.96 seen)
+    torch.set_num_threads(forward_threads(o.threads, workers))
+    try:
+        return _bench_extract(o, teacher, images, batch_size, workers, codec, quantize, repeat, as_json)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _bench_extract(o, teacher, images, batch_size, workers, codec, quantize, repeat, as_json) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         build_demo_corpus(f"{tmp}/corpus", digits=0, photos=images, shard_size=32)
         t = create_teacher(teacher)

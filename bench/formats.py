@@ -13,14 +13,21 @@ are written in five formats, into one temporary directory on one disk:
   buffer of the same size);
 - one tensors-only torch file per sample (FKD / torchdistill style), read by a map-style
   Dataset with ``torch.load(weights_only=True)``, shuffled by the DataLoader;
-- one ``.npy`` file per sample (views x (1 + tokens) x dim), read by a map-style Dataset.
+- one ``.npy`` file per sample (views x (1 + tokens) x dim), read by a map-style Dataset;
+- the loaders users pick (``pip install 'kdcache[peers]'``): Mosaic ``streaming`` (MDS, written
+  with ``MDSWriter``, fixed-shape ``ndarray`` columns, no compression, its 64 MB default shards;
+  read with its ``StreamingDataset`` (local, shuffled, ``batch_size`` given as its docs ask)
+  through a ``DataLoader``) and LitData (written with ``litdata.optimize``, 64 MB chunks; read
+  with its ``StreamingDataset`` and ``StreamingDataLoader``, shuffled). Without them their rows
+  say so. (mosaicml-streaming caps numpy below 2.2: the extra is kept out of the core install.)
 
-Every read side delivers whole samples (all K views) through a ``DataLoader`` with the same
-worker count and batch size. Before every timed read the page cache of that format's files is
-dropped (``posix_fadvise(DONTNEED)``, no root needed; ``--warm`` instead reads from a warm
-cache, every side warmed alike). Columns: bytes on disk per sample, write throughput in MB/s of
-fp16 features written (the same numerator for every format), read samples/s. Sides run
-interleaved through ``bench.harness``.
+Every read side delivers whole samples (all K views) through its loader with the same worker
+count and batch size. Before every timed read the page cache of that format's files is dropped
+(``posix_fadvise(DONTNEED)``, no root needed; ``--warm`` instead reads from a warm cache, every
+side warmed alike). Columns: bytes on disk per sample, write throughput in MB/s of fp16 features
+written (the same numerator for every format), the time to the first batch (worker start-up,
+index reads), and read samples/s after the first batch (the steady rate a long run sees). Sides
+run interleaved through ``bench.harness``.
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ from kdcache.data.partition import current_worker, worker_share
 from kdcache.store import Store, feature_path
 from kdcache.store.inspect import info
 
-from .harness import environment, header, measure
+from .harness import Spread, Timed, environment, header, measure
 from .options import FormatsBench
 
 SHUFFLE = 64
@@ -129,6 +136,47 @@ def write_npy_files(feats: Features, root: str, source: Store | None = None) -> 
     return _files(root)
 
 
+def write_mds(feats: Features, root: str, source: Store | None = None) -> list[str]:
+    """Mosaic streaming's MDS: one sample per row, fixed-shape ndarray columns (no per-sample header)."""
+    from streaming import MDSWriter
+    cls, patch = feature_path(feats.teacher, "cls"), feature_path(feats.teacher, "patch")
+    k, t = feats.meta.views, feats.meta.teachers[feats.teacher]
+    columns = {"key": "str", "cls": f"ndarray:float16:{k},{t.dim}", "patch": f"ndarray:float16:{k},{t.tokens},{t.dim}"}
+    with MDSWriter(out=root, columns=columns, compression=None) as w:
+        for arrays in feats.shards.values():
+            for i, key in enumerate(arrays["keys"].tolist()):
+                w.write({"key": key, "cls": arrays[cls][i], "patch": arrays[patch][i]})
+    return _files(root)
+
+
+def _litdata_sample(item: dict) -> dict:
+    """LitData's optimize maps every input through a function (in a spawned worker: module level)."""
+    return item
+
+
+def write_litdata(feats: Features, root: str, source: Store | None = None) -> list[str]:
+    """LitData's optimiser, one worker, 64 MB chunks (its recommendation for streaming reads)."""
+    import contextlib
+    import io
+
+    import litdata
+    cls, patch = feature_path(feats.teacher, "cls"), feature_path(feats.teacher, "patch")
+    items = [{"key": key, "cls": arrays[cls][i], "patch": arrays[patch][i]}
+             for arrays in feats.shards.values() for i, key in enumerate(arrays["keys"].tolist())]
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints progress and adverts to stdout
+        litdata.optimize(fn=_litdata_sample, inputs=items, output_dir=os.path.abspath(root), chunk_bytes="64MB",
+                         num_workers=1, mode="overwrite")
+    return _files(root)
+
+
+PEERS = {"mosaic streaming (MDS)": ("mds", "streaming", write_mds), "litdata": ("litdata", "litdata", write_litdata)}
+
+
+def peers_installed() -> dict[str, bool]:
+    import importlib.util
+    return {name: importlib.util.find_spec(module) is not None for name, (_, module, _) in PEERS.items()}
+
+
 def _files(root: str) -> list[str]:
     return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
 
@@ -197,24 +245,57 @@ def _load_npy(path: str):
     return {"tokens": torch.from_numpy(np.load(path))}
 
 
-def _epoch(dataset, *, workers: int, batch_size: int, shuffle: bool, files: list[str], cold: bool):
+def _epoch(dataset, *, workers: int, batch_size: int, shuffle: bool, files: list[str], cold: bool, first: list,
+           loader=None):
+    """One epoch: the samples after the first batch, timed from it (``Timed``), and the time to the
+    first batch appended to ``first``. ``dataset`` may be a function making it (peers whose
+    datasets are built per epoch); ``loader`` makes the loader (default: torch's DataLoader)."""
+    import time
+
     def run():
         if cold:
             drop_cache(files)
-        n = 0
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=shuffle,
-                            persistent_workers=False)
-        for batch in loader:
-            n += len(next(iter(batch.values())))
-        return n
+        t0 = time.perf_counter()
+        ds = dataset() if callable(dataset) and not isinstance(dataset, (Dataset, IterableDataset)) else dataset
+        make = loader or (lambda d: DataLoader(d, batch_size=batch_size, num_workers=workers, shuffle=shuffle,
+                                               persistent_workers=False))
+        n, t1 = 0, None
+        for batch in make(ds):
+            if t1 is None:
+                t1 = time.perf_counter()
+                first.append(t1 - t0)
+                continue
+            n += len(batch["key"] if "key" in batch else next(iter(batch.values())))
+        return Timed(n, time.perf_counter() - (t1 or t0))
     return run
+
+
+def _mds_dataset(root: str, batch_size: int):
+    def make():
+        from streaming import StreamingDataset
+        return StreamingDataset(local=root, remote=None, shuffle=True, batch_size=batch_size)
+    return make
+
+
+def _litdata_dataset(root: str):
+    def make():
+        import litdata
+        return litdata.StreamingDataset(os.path.abspath(root), shuffle=True)
+    return make
+
+
+def _litdata_loader(batch_size: int, workers: int):
+    def make(ds):
+        import litdata
+        return litdata.StreamingDataLoader(ds, batch_size=batch_size, num_workers=workers)
+    return make
 
 
 def run_bench_formats(o: FormatsBench) -> str:
     """``kdcache bench formats``: on ``o.store``, or on the embedded corpus extracted with the shipped
     EfficientNet-Lite0 (``o.images`` images, K = ``o.views``) in a scratch directory."""
     kw = dict(quantize=o.quantize, fraction=o.fraction, teacher=o.teacher, workers=o.workers, batch_size=o.batch_size,
-              repeat=o.repeat, cold=not o.warm, tmp=o.tmp, as_json=o.as_json)
+              repeat=o.repeat, cold=not o.warm, tmp=o.tmp, as_json=o.as_json, peers=o.peers)
     if o.store is not None:
         return bench_formats(o.store, **kw)
     from kdcache.data.demo_corpus import build_demo_corpus
@@ -233,7 +314,7 @@ def run_bench_formats(o: FormatsBench) -> str:
 
 def bench_formats(store: str, *, quantize: str | None = "opq", fraction: int = 32, teacher: str | None = None,
                   workers: int = 1, batch_size: int = 16, repeat: int = 5, cold: bool = True, tmp: str | None = None,
-                  as_json: bool = False) -> str:
+                  as_json: bool = False, peers: bool = True) -> str:
     from kdcache.quantize.convert_store import quantize_store
     from kdcache.quantize.quantizer_spec import QuantizerSpec
     from kdcache.store.ops import copy_stores
@@ -262,6 +343,10 @@ def bench_formats(store: str, *, quantize: str | None = "opq", fraction: int = 3
         formats.update({"safetensors in webdataset tars": ("tars", feats, write_tars, None),
                         "torch file per sample (weights_only)": ("torch", feats, write_torch_files, None),
                         ".npy file per sample": ("npy", feats, write_npy_files, None)})
+        installed = peers_installed()
+        for name, (kind, _, writer) in PEERS.items():
+            if installed[name] and peers:
+                formats[name] = (kind, feats, writer, None)
         written, writes = {}, {}
         for i, (name, (kind, f, writer, src)) in enumerate(formats.items()):
             dst = os.path.join(work, f"{i}-{kind}" + (".zarr" if kind == "store" else ""))
@@ -273,20 +358,27 @@ def bench_formats(store: str, *, quantize: str | None = "opq", fraction: int = 3
                 return f.fp16_bytes() / 1e6
             writes[name] = write
         mw = measure(writes, repeat=repeat)
-        reads = {}
+        reads, first = {}, {name: [] for name in formats}
         for i, (name, (kind, f, _, _)) in enumerate(formats.items()):
             files = written[name]
             root = os.path.join(work, f"{i}-{kind}" + (".zarr" if kind == "store" else ""))
+            loader = None
             if kind == "store":
                 ds, shuffle = StoreRows(root, feats.teacher), False
             elif kind == "tars":
                 ds, shuffle = _tar_dataset(root), False
             elif kind == "torch":
                 ds, shuffle = FileSamples([p for p in files if p.endswith(".pt")], _load_torch), True
-            else:
+            elif kind == "npy":
                 ds, shuffle = FileSamples([p for p in files if p.endswith(".npy")], _load_npy), True
-            reads[name] = _epoch(ds, workers=workers, batch_size=batch_size, shuffle=shuffle, files=files, cold=cold)
+            elif kind == "mds":
+                ds, shuffle = _mds_dataset(root, batch_size), False
+            else:
+                ds, shuffle, loader = _litdata_dataset(root), False, _litdata_loader(batch_size, workers)
+            reads[name] = _epoch(ds, workers=workers, batch_size=batch_size, shuffle=shuffle, files=files, cold=cold,
+                                 first=first[name], loader=loader)
         mr = measure(reads, repeat=repeat)
+        first = {name: times[-repeat:] for name, times in first.items()}  # the timed rounds (not the warm-up)
         totals = {name: sum(os.path.getsize(p) for p in files) for name, files in written.items()}
         # a store's per-sample bytes are its shards' teacher arrays; codebooks, statistics and
         # metadata are a fixed cost that a real corpus amortises (reported apart)
@@ -298,29 +390,51 @@ def bench_formats(store: str, *, quantize: str | None = "opq", fraction: int = 3
         shutil.rmtree(work, ignore_errors=True)
     names = list(formats)
     fp16, tars = names[0], "safetensors in webdataset tars"
+    peer_names = [n for n in names if n in PEERS]
+    fastest_peer = max(peer_names, key=lambda n: mr.rate(n).median) if peer_names else None
+    missing = [n for n, ok in peers_installed().items() if not ok] if peers else []
     result = {"environment": environment(), "samples": feats.samples, "views": feats.meta.views, "teacher": feats.teacher,
               "fp16_feature_bytes_per_sample": feats.fp16_bytes() / feats.samples, "workers": workers, "batch_size": batch_size,
               "cache": "dropped before every read (posix_fadvise DONTNEED)" if cold else "warm, every side alike",
               "formats": {n: {"bytes_per_sample": sizes[n], "fixed_bytes": fixed[n], "write_mb_s": mw.rate(n).to_dict(),
-                              "read_samples_s": mr.rate(n).to_dict()} for n in names},
+                              "read_samples_s": mr.rate(n).to_dict(), "first_batch_s": Spread.of(first[n]).to_dict()}
+                          for n in names},
               "store_over_tars_read": mr.ratio(fp16, tars).to_dict(),
               "store_over_tars_bytes": sizes[fp16] / sizes[tars],
+              "fastest_peer": fastest_peer, "peers_not_installed": missing,
               "write": mw.to_dict(), "read": mr.to_dict()}
-    if len(names) > 4:  # against the features' raw fp16 bytes
-        result["fp16_over_quantized_bytes"] = result["fp16_feature_bytes_per_sample"] / sizes[names[1]]
+    quantized = names[1] if names[1].startswith("kdcache store, ") else None
+    if fastest_peer:
+        result["store_over_fastest_peer_read"] = mr.ratio(fp16, fastest_peer).to_dict()
+        result["store_over_fastest_peer_bytes"] = sizes[fp16] / sizes[fastest_peer]
+        if quantized:
+            result["codes_over_fastest_peer_read"] = mr.ratio(quantized, fastest_peer).to_dict()
+            result["fastest_peer_over_codes_bytes"] = sizes[fastest_peer] / sizes[quantized]
+    if quantized:  # against the features' raw fp16 bytes
+        result["fp16_over_quantized_bytes"] = result["fp16_feature_bytes_per_sample"] / sizes[quantized]
     if as_json:
         return json.dumps(result, indent=2)
     lines = [header(f"bench formats: {feats.samples} samples x K={feats.meta.views} views of {feats.teacher} "
                     f"({result['fp16_feature_bytes_per_sample'] / 1024:.1f} KiB fp16 per sample), {workers} worker(s), "
                     f"batch {batch_size}; cache {result['cache']}", result["environment"], repeat=repeat, warmup=mr.warmup),
-             "", "| format | KiB/sample on disk | fixed KiB (codebooks, metadata) | write MB/s (fp16 features) | read samples/s |",
-             "|---|---|---|---|---|"]
+             "", "| format | KiB/sample on disk | fixed KiB (codebooks, metadata) | write MB/s (fp16 features) | "
+                 "first batch s | read samples/s (after the first batch) |",
+             "|---|---|---|---|---|---|"]
     for n in names:
-        lines.append(f"| {n} | {sizes[n] / 1024:.1f} | {fixed[n] / 1024:.0f} | {mw.rate(n).fmt(1)} | {mr.rate(n).fmt(1)} |")
+        lines.append(f"| {n} | {sizes[n] / 1024:.1f} | {fixed[n] / 1024:.0f} | {mw.rate(n).fmt(1)} | "
+                     f"{Spread.of(first[n]).fmt(2)} | {mr.rate(n).fmt(1)} |")
     r = mr.ratio(fp16, tars)
-    lines += ["", f"kdcache fp16 store / tars: read {r.fmt(2)}x (target >= 1.5), bytes {result['store_over_tars_bytes']:.2f}x "
-                  f"(target <= 1)"]
+    lines += ["", f"kdcache fp16 store / tars: read {r.fmt(2)}x, bytes {result['store_over_tars_bytes']:.2f}x"]
+    if fastest_peer:
+        lines.append(f"kdcache fp16 store / {fastest_peer} (the fastest peer): read "
+                     f"{mr.ratio(fp16, fastest_peer).fmt(2)}x (target >= 1.0), bytes {result['store_over_fastest_peer_bytes']:.2f}x "
+                     f"(target <= 1)")
+        if quantized:
+            lines.append(f"{quantized} / {fastest_peer}: read {mr.ratio(quantized, fastest_peer).fmt(2)}x (target >= 1.5), "
+                         f"{result['fastest_peer_over_codes_bytes']:.1f}x fewer bytes (target >= 16)")
     if "fp16_over_quantized_bytes" in result:
-        lines.append(f"{names[1]}: {result['fp16_over_quantized_bytes']:.1f}x smaller than the raw fp16 features "
+        lines.append(f"{quantized}: {result['fp16_over_quantized_bytes']:.1f}x smaller than the raw fp16 features "
                      f"(target >= 16; the summary token stays fp16)")
+    if missing:
+        lines.append(f"not measured (not installed; pip install 'kdcache[peers]'): {', '.join(missing)}")
     return "\n".join(lines)

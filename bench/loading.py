@@ -1,31 +1,81 @@
 """``kdcache bench load``: the training loader's samples/s and MB/s, verification on and off,
 from a local store and the same store on an S3-compatible server (a loopback moto server the
-bench starts, or a URL you give), all sides interleaved (``bench.harness``).
+bench starts, or a URL you give), beside the decode floor, all sides interleaved
+(``bench.harness``); then full-size against reduced JPEG decodes per image size.
 
-Each side streams one epoch of the real loader (corpus shard and store shard together, view
-replay, targets as stored bytes) through a DataLoader; MB/s counts the target bytes delivered.
-Verification is the per-block CRC-32 and finiteness check every training run does; the target
-is that it costs at most 5% of loader throughput.
+Each loader side streams one epoch of the real loader (corpus shard and store shard together,
+view replay, targets as stored bytes) through a DataLoader; MB/s counts the target bytes
+delivered. The **decode floor** is the same epoch with nothing but the corpus: the same shards,
+workers, shuffle buffer and batches, each sample decoded and its view cut at the student's input
+(as the store records the decode), no store at all; the loader's share of it is what reading and
+checking the targets costs (target >= 0.9). Verification is the per-block CRC-32 and finiteness
+check every training run does; the target is that it costs at most 5% of loader throughput.
+
+The **decode table** times one process decoding and cutting one RandomResizedCrop view per image
+at the student's input from in-memory JPEGs of each size (scikit-learn's two photos, resized),
+at full size and at the reduced scale the crop needs (``data.pixels``); target: reduced >= 2x
+full for a 64-px student on 500-px JPEGs.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 import tempfile
 
+import numpy as np
+from PIL import Image
 from torch.utils.data import DataLoader
 
-from kdcache.data.corpus import ReadOptions, resolve_corpus
-from kdcache.data.demo_corpus import build_demo_corpus
+from kdcache.data.corpus import DecodeOptions, ReadOptions, resolve_corpus
+from kdcache.data.demo_corpus import build_demo_corpus, photo_images
+from kdcache.data.pixels import Crop, view_at, view_pixels
+from kdcache.data.walk import RawSample, record_to, screened
 from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract
 from kdcache.store import Store
+from kdcache.store.meta import ViewPolicy
 from kdcache.store.ops import copy_stores
 from kdcache.targets.decoding import TargetDecoder, stored_codebooks
-from kdcache.train.loader import CachedStream, LoaderSpec, collate
+from kdcache.train.loader import CachedStream, LoaderSpec, ShardStream, collate
 
 from .harness import environment, header, limit_note, measure
 from .options import LoadBench
+
+
+class DecodeFloorStream(ShardStream):
+    """The loader's epoch without the store: each sample decoded and one view of it cut at the
+    student's input, through the same shard split, shuffle buffer and DataLoader."""
+
+    def __init__(self, corpus, spec: LoaderSpec, policy: ViewPolicy):
+        super().__init__(corpus, spec)
+        self.policy = policy
+
+    def _shard(self, name: str, epoch: int):
+        k = self.policy.views
+
+        def one_view(s: RawSample, h: int, w: int) -> np.ndarray:
+            return view_at(self.policy, s.key, 1 + epoch % max(1, k - 1) if k > 1 else 0, h, w)[None]
+
+        for item in view_pixels(screened(self.corpus, self.corpus.shard(name), record_to([])), views=one_view,
+                                crops=[self.spec.crop], decode=self.spec.decode, handler=record_to([])):
+            yield {"key": item.sample.key, "image": item.crops[0][0], "view": 0}
+
+
+def _loader_spec(store_url: str, store: Store, corpus, *, paths, verify: bool, workers: int) -> LoaderSpec:
+    return LoaderSpec(store_url=store_url, shards=tuple(store.complete_shards()), target_paths=paths, input_size=(64, 64),
+                      interpolation="bilinear", shuffle_buffer=64, workers=workers, verify=verify,
+                      decode=corpus.options.decode)
+
+
+def _floor(store_url: str, data: str, *, workers: int, batch_size: int):
+    store = Store.open(store_url)
+    corpus = resolve_corpus(data, ReadOptions.from_dict(store.meta.corpus))
+    stream = DecodeFloorStream(corpus, _loader_spec(store_url, store, corpus, paths=(), verify=True, workers=workers),
+                               store.meta.view_policy)
+
+    def run():
+        return sum(len(b["key"]) for b in DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=collate))
+    return run
 
 
 def _epoch(store_url: str, data: str, *, verify: bool, workers: int, batch_size: int):
@@ -34,9 +84,7 @@ def _epoch(store_url: str, data: str, *, verify: bool, workers: int, batch_size:
     teacher = next(iter(store.meta.teachers))
     paths = tuple(TargetDecoder(teacher, store.meta.teachers[teacher], codebooks=stored_codebooks(store, teacher),
                                 normalize="none", stats=None).paths.values())
-    spec = LoaderSpec(store_url=store_url, shards=tuple(store.complete_shards()), target_paths=paths, input_size=(64, 64),
-                      interpolation="bilinear", shuffle_buffer=64, workers=workers, verify=verify,
-                      decode=corpus.options.decode)
+    spec = _loader_spec(store_url, store, corpus, paths=paths, verify=verify, workers=workers)
 
     def run():
         n = nbytes = 0
@@ -69,7 +117,7 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
             copy_stores([store], s3, progress=False)
             locations["s3"] = s3
         try:
-            sides = {}
+            sides = {FLOOR: _floor(store, data, workers=workers, batch_size=batch_size)}
             for where, url in locations.items():
                 for verify in (True, False):
                     sides[f"{where}, verification {'on' if verify else 'off'}"] = _epoch(url, data, verify=verify, workers=workers,
@@ -78,19 +126,22 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
         finally:
             if server is not None:
                 server.stop()
-    per_sample = next(iter(sides.values())).bytes_per_sample
+    per_sample = sides["local, verification on"].bytes_per_sample
     env = environment()
     ratios = {where: m.ratio(f"{where}, verification on", f"{where}, verification off") for where in locations}
+    of_floor = m.ratio("local, verification on", FLOOR)
+    decodes = decode_table(o.decode_sizes, student=o.student_size, images=o.decode_images, repeat=repeat)
     if as_json:
         return json.dumps({"environment": env, "workers": workers, "batch_size": batch_size, "bytes_per_sample": per_sample,
-                           "measurement": m.to_dict(), "verified_over_unverified": {w: r.to_dict() for w, r in ratios.items()}},
-                          indent=2)
+                           "measurement": m.to_dict(), "verified_over_unverified": {w: r.to_dict() for w, r in ratios.items()},
+                           "loader_over_decode_floor": of_floor.to_dict(), "decode": decodes}, indent=2)
     lines = [header(f"bench load: one loader epoch per side, {workers} worker(s), batch {batch_size}, "
                     f"{per_sample / 1024:.1f} KiB of targets per sample", env, repeat=repeat, warmup=m.warmup),
              "", "| side | samples/s | target MB/s |", "|---|---|---|"]
     for name in sides:
         lines.append(f"| {name} | {m.rate(name).fmt(1)} | {m.rate(name).fmt(2, per_sample / 1e6)} |")
     lines.append("")
+    lines.append(f"loader (local, verified) / decode floor = {of_floor.fmt(3)} (target >= 0.9)")
     for where, r in ratios.items():
         lines.append(f"{where}: verified / unverified throughput = {r.fmt(3)} (target >= 0.95)")
         n = limit_note(r, f"{where} verified/unverified")
@@ -98,25 +149,59 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
             lines.append(n)
     if note:
         lines.append(note)
+    lines += ["", f"## JPEG decode + one {o.student_size}-px RandomResizedCrop view, one process, {o.decode_images} images "
+              "per side", "", "| long side | full decode img/s | reduced decode img/s | reduced / full |", "|---|---|---|---|"]
+    lines += [f"| {r['long_side']} px | {_fmt(r['full'])} | {_fmt(r['reduced'])} | {_fmt(r['reduced_over_full'], 2)} |"
+              for r in decodes]
+    lines.append("target: reduced >= 2x full for a 64-px student on 500-px JPEGs")
     return "\n".join(lines)
+
+
+FLOOR = "decode floor (decode + view, no store)"
+
+
+def _fmt(d: dict, digits: int = 0) -> str:
+    return f"{d['median']:,.{digits}f} ({d['min']:,.{digits}f}-{d['max']:,.{digits}f})"
+
+
+def decode_table(sizes, *, student: int, images: int, repeat: int) -> list[dict]:
+    """Full-size against reduced decodes of in-memory JPEGs whose long side is each of ``sizes``."""
+    photos = photo_images("sklearn")
+    policy = ViewPolicy.for_input(0.875, (student, student), views=2)
+    crop = [Crop((student, student), "bilinear")]
+    rows = []
+    for size in sizes:
+        jpegs = []
+        for i in range(images):
+            img = Image.fromarray(photos[i % len(photos)])
+            img = img.resize((size, round(size * img.height / img.width)), Image.BICUBIC)
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=90)
+            jpegs.append(RawSample(key=f"p{i}", data=buf.getvalue(), label=None, fields=("jpg",)))
+
+        def side(reduced: bool):
+            opts = DecodeOptions(reduced=reduced)
+
+            def run():
+                return sum(1 for _ in view_pixels(jpegs, views=lambda s, h, w: view_at(policy, s.key, 1, h, w)[None],
+                                                  crops=crop, decode=opts, handler=record_to([])))
+            return run
+        m = measure({"full": side(False), "reduced": side(True)}, repeat=repeat)
+        rows.append({"long_side": size, "full": m.rate("full").to_dict(), "reduced": m.rate("reduced").to_dict(),
+                     "reduced_over_full": m.ratio("reduced", "full").to_dict()})
+    return rows
 
 
 def _loopback_s3(store: str):
     """Start a moto S3 server on 127.0.0.1 and copy the store there; (server, url) or (None, None)."""
     try:
-        import fsspec.config
         import s3fs
-        from moto.server import ThreadedMotoServer
+
+        from .s3_server import LoopbackS3, use_for_s3
+        server = LoopbackS3()
     except ImportError:
         return None, None
-    import logging
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"), ("AWS_DEFAULT_REGION", "us-east-1")):
-        os.environ.setdefault(k, v)
-    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = f"http://{host}:{port}"
+    use_for_s3(server.endpoint)
     s3fs.S3FileSystem().mkdir("kdcache-bench")
     url = "s3://kdcache-bench/store.zarr"
     copy_stores([store], url, progress=False)

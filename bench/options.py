@@ -24,6 +24,7 @@ class ExtractBench:
     codec: str = "lz4"
     quantize: str | None = None  # also time the torch encoder on the teacher's patches
     logits: int = 0  # also time the pipeline storing the top-K soft labels: the cost they add
+    threads: int = 0  # torch threads of the forward, both sides; 0 = the cores the decode workers leave (at least 1)
     repeat: int = REPEAT
     as_json: bool = False
 
@@ -53,10 +54,34 @@ class LoadBench:
     s3: str = "auto"  # auto: also a loopback moto S3 server; off; or an s3:// URL
     repeat: int = REPEAT
     as_json: bool = False
+    decode_sizes: tuple[int, ...] = (256, 500, 1000)  # long sides of the JPEGs of the decode table
+    decode_images: int = 64  # JPEGs per side of the decode table
+    student_size: int = 64  # the crop the decode table cuts
 
     def __post_init__(self):
         if self.store and not self.data:
             raise KdcacheError("--store needs --data (the corpus it was extracted from)")
+
+
+SCALE_COMMANDS = ("info", "store ls", "verify --metadata-only", "train to step 1", "eval knn --store")
+
+
+@dataclass(frozen=True)
+class ScaleBench:
+    out: str  # corpora and stores are built here once and reused
+    shards: tuple[int, ...] = (100, 1000, 10000)
+    s3: str = "auto"  # auto: also on a loopback moto S3 server (requests counted); off
+    commands: tuple[str, ...] = SCALE_COMMANDS
+    repeat: int = 3
+    progress: bool = True
+    as_json: bool = False
+
+    def __post_init__(self):
+        unknown = [c for c in self.commands if c not in SCALE_COMMANDS]
+        if unknown:
+            raise KdcacheError(f"--command {unknown[0]!r}: expected one of {', '.join(SCALE_COMMANDS)}")
+        if self.s3 not in ("auto", "off"):
+            raise KdcacheError(f"--s3 {self.s3!r}: expected auto or off")
 
 
 QUANTIZE_METHODS = ("pq", "pca", "opq", "opq+norm", "rq", "rq+norm", "sq8", "sq4")
@@ -116,6 +141,7 @@ class FormatsBench:
     workers: int = 1
     batch_size: int = 16
     warm: bool = False  # read from a warm page cache instead of dropping it
+    peers: bool = True  # Mosaic streaming (MDS) and LitData rows, when installed (the peers extra)
     tmp: str | None = None
     repeat: int = REPEAT
     as_json: bool = False
@@ -191,24 +217,25 @@ class TeachersPlan:
 @dataclass(frozen=True)
 class SoftLabelsPlan:
     """``bench softlabels``: (a) the shipped ImageNet EfficientNet-Lite0 as the teacher, a student
-    trained on photo crops and scored by its agreement with the teacher on held-out photos of
-    another source: cached top-K vs online (full logits) vs cached top-1 (hard teacher labels);
+    trained on photo crops and scored by its agreement with the teacher on held-out crops (another
+    seed) of the same 19 photos: cached top-K vs online (full logits) vs cached top-1 (hard
+    teacher labels);
     (b) a classifier teacher trained here on digits, students scored against held-out digit
     labels: soft labels, hard labels only, both; (c) bytes per view of top-K soft labels."""
 
     student: str = "resnet18,img_size=64"
-    photos: int = 256  # training photos: crops of scikit-learn's two photos
-    held_photos: int = 256  # held-out photos: crops of scikit-image's sample images
+    photos: int = 512  # training crops of the 19 photos of scikit-learn and scikit-image
+    held_photos: int = 512  # held-out crops of the same photos (another seed: other boxes and sizes)
     views: int = 4
     k: int = 10
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 32
     temperature: float = 1.0
     digit_student: str = "resnet18,img_size=32"
     digits: int = 600  # the first scans of load_digits train; the next ones are held out
     held_digits: int = 600
     digit_epochs: int = 8
-    vit_epochs: int = 30  # the digits teacher's supervised training
+    teacher_epochs: int = 30  # the digits teacher's supervised training
     bytes_k: tuple[int, ...] = (5, 10, 100)
     bytes_images: int = 512  # the store the bytes are measured on (one shard: its fixed costs amortised)
     seeds: tuple[int, ...] = (0, 1, 2)

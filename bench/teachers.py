@@ -39,8 +39,16 @@ VIT_KWARGS = dict(img_size=64, depth=4)
 
 
 def train_vit_teacher(corpus: str, out: str, *, epochs: int, seed: int = 0) -> str:
-    """A small ViT trained here, supervised on the corpus labels (centre crops at 64 px, random
+    """A small ViT trained here, supervised on the corpus labels (whole images at 64 px, random
     flips): a second teacher with features of its own. Its checkpoint, kept in ``out``."""
+    return train_classifier(corpus, out, model=VIT_TEACHER, kwargs=VIT_KWARGS, epochs=epochs, seed=seed)
+
+
+def train_classifier(corpus: str, out: str, *, model: str, kwargs: dict, epochs: int, seed: int = 0,
+                     flip: bool = True, size: int = 64) -> str:
+    """A timm classifier trained here, supervised on the corpus labels (whole images at ``size``
+    px, normalised as its timm data config says, random flips unless ``flip`` is off: digits are
+    not symmetric). Its checkpoint, kept in ``out`` (an existing one is reused)."""
     import safetensors.torch
     import timm
     import torch.nn.functional as F
@@ -48,34 +56,36 @@ def train_vit_teacher(corpus: str, out: str, *, epochs: int, seed: int = 0) -> s
         return out
     c = resolve_corpus(corpus)
     images, labels, skipped = [], [], []
-    for shard in c.shards:  # the whole image at 64 px, through the pipeline's own stage
+    for shard in c.shards:  # the whole image, through the pipeline's own stage
         labelled = (s for s in screened(c, shard, record_to(skipped)) if s.label is not None)
-        for item in view_pixels(labelled, views=lambda s, h, w: WHOLE_IMAGE, crops=[Crop((64, 64), "bilinear")],
+        for item in view_pixels(labelled, views=lambda s, h, w: WHOLE_IMAGE, crops=[Crop((size, size), "bilinear")],
                                 decode=c.options.decode, handler=record_to(skipped)):
             images.append(item.crops[0][0].float() / 255)
             labels.append(item.sample.label)
     x, y = torch.stack(images), torch.tensor(labels)
-    x = (x - 0.5) / 0.5  # the ViT's data config: mean = std = 0.5
     torch.manual_seed(seed)
-    model = timm.create_model(VIT_TEACHER, pretrained=False, num_classes=int(y.max()) + 1, **VIT_KWARGS)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    net = timm.create_model(model, pretrained=False, num_classes=int(y.max()) + 1, **kwargs)
+    cfg = timm.data.resolve_model_data_config(net)
+    x = (x - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
     steps = epochs * ((len(x) + 63) // 64)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
-    model.train()
+    net.train()
     from tqdm import tqdm
-    for _ in tqdm(range(epochs), desc="train the ViT teacher", unit="epoch", dynamic_ncols=True):
+    for _ in tqdm(range(epochs), desc=f"train the {model} teacher", unit="epoch", dynamic_ncols=True):
         for idx in torch.randperm(len(x), generator=gen).split(64):
             xb = x[idx]
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-            loss = F.cross_entropy(model(xb), y[idx])
+            if flip:
+                flipped = torch.rand(len(idx), generator=gen) < 0.5
+                xb = torch.where(flipped[:, None, None, None], xb.flip(-1), xb)
+            loss = F.cross_entropy(net(xb), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    safetensors.torch.save_file(model.state_dict(), out)
+    safetensors.torch.save_file(net.state_dict(), out)
     return out
 
 

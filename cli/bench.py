@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import click
 
-from kdcache.bench.options import (REPEAT, TEACHER_VARIANTS, CodecBench, ExtractBench, FormatsBench, LoadBench,
-                                   QualityPlan, QuantizeBench, SoftLabelsPlan, TeachersPlan, TrainBench)
+from kdcache.bench.options import (REPEAT, SCALE_COMMANDS, TEACHER_VARIANTS, CodecBench, ExtractBench, FormatsBench,
+                                   LoadBench, QualityPlan, QuantizeBench, ScaleBench, SoftLabelsPlan, TeachersPlan,
+                                   TrainBench)
 from kdcache.store.meta import CODECS
 from kdcache.train.config import AMP
 
 from .common import apply_storage_options, cli, comma_ints, comma_names, defaults_of, drop_unset, with_storage_options
 
-X, TR, L, QB, F, QP, TP, SL = (defaults_of(c) for c in (ExtractBench, TrainBench, LoadBench, QuantizeBench, FormatsBench,
-                                                       QualityPlan, TeachersPlan, SoftLabelsPlan))
+X, TR, L, QB, F, QP, TP, SL, SC = (defaults_of(c) for c in (ExtractBench, TrainBench, LoadBench, QuantizeBench,
+                                                           FormatsBench, QualityPlan, TeachersPlan, SoftLabelsPlan,
+                                                           ScaleBench))
 
 
 def with_bench_options(fn):
@@ -47,6 +49,9 @@ def bench():
               "patch features (quantizer fit on them) and print encode tok/s / teacher tok/s. [default: none]")
 @click.option("--logits", type=int, help="Also time the pipeline storing the top-K soft labels (extract --logits K): "
               "the cost they add." + X("logits"))
+@click.option("--threads", type=click.IntRange(min=0), help="torch threads of the teacher forward on both sides; 0: the "
+              "CPU cores the decode workers leave, so the two never fight over a core (on a GPU the forward needs none)."
+              + X("threads"))
 @with_bench_options
 def bench_extract(**kw):
     """Bare teacher forward img/s vs end-to-end extraction img/s on the same images.
@@ -69,19 +74,54 @@ def bench_extract(**kw):
 @click.option("--workers", type=int, help="Loader workers." + L("workers"))
 @click.option("--batch-size", type=int, help="Samples per batch." + L("batch_size"))
 @click.option("--s3", help="auto: also a loopback moto S3 server; off; or an s3:// URL to copy the store to." + L("s3"))
+@click.option("--decode-sizes", help="Long sides (px) of the JPEGs of the full vs reduced decode table, comma-separated."
+              + L("decode_sizes"))
+@click.option("--decode-images", type=click.IntRange(min=1), help="JPEGs per side of the decode table." + L("decode_images"))
+@click.option("--student-size", type=click.IntRange(min=1), help="The crop (px) the decode table cuts." + L("student_size"))
 @with_bench_options
 @with_storage_options
-def bench_load(storage_options, **kw):
-    """Loader samples/s and MB/s with verification on and off, local and on S3.
+def bench_load(storage_options, decode_sizes, **kw):
+    """Loader samples/s and MB/s with verification on and off, local and on S3, against the
+    decode floor; full-size against reduced JPEG decodes per image size.
 
     \b
     kdcache bench load
     kdcache bench load --store feats.zarr --data /data/shards --s3 off
+    kdcache bench load --decode-sizes 500,2000 --student-size 224
     """
     from kdcache.bench.loading import bench_load as run
-    opts = LoadBench(**drop_unset(**kw))
+    opts = LoadBench(**drop_unset(decode_sizes=comma_ints("--decode-sizes", decode_sizes, low=16), **kw))
     apply_storage_options(storage_options, opts.store, opts.data, opts.s3)
     click.echo(run(opts))
+
+
+@bench.command("scale")
+@click.option("--out", required=True, help="Directory for the corpora and stores (built once, reused).")
+@click.option("--shards", help="Shard counts of the stores, comma-separated." + SC("shards"))
+@click.option("--s3", type=click.Choice(["auto", "off"]), help="auto: also on a loopback S3 server, requests counted."
+              + SC("s3"))
+@click.option("--command", "commands", multiple=True, type=click.Choice(SCALE_COMMANDS),
+              help="Only these commands (repeat)." + SC("commands"))
+@click.option("--repeat", type=click.IntRange(min=1), help="Runs of every command, interleaved." + SC("repeat"))
+@click.option("--no-progress", is_flag=True, help="No progress bars while building. [default: off]")
+@click.option("--json", "as_json", is_flag=True, help="Every row as JSON. [default: off]")
+def bench_scale(out, shards, commands, no_progress, as_json, **kw):
+    """Seconds, requests and peak memory of info, store ls, verify --metadata-only, train start-up
+    and eval knn against the shard count (100, 1,000, 10,000 tiny shards), with and without the
+    shard index, local and on a loopback S3 server.
+
+    \b
+    kdcache bench scale --out /tmp/scale
+    kdcache bench scale --out /tmp/scale --shards 100,1000 --s3 off --command info --command "store ls"
+    """
+    import json
+
+    from kdcache.bench.scale import bench_scale as run
+    from kdcache.bench.scale import format_scale
+    opts = ScaleBench(out=out, progress=not no_progress, **drop_unset(shards=comma_ints("--shards", shards, low=1),
+                                                                      commands=tuple(commands) or None, **kw))
+    r = run(opts)
+    click.echo(json.dumps(r, indent=2) if as_json else format_scale(r))
 
 
 @bench.command("quantize")
@@ -213,11 +253,14 @@ def bench_quality(out, views, fractions, methods, no_predict_codes, as_json, **k
 @click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers, every side." + F("workers"))
 @click.option("--batch-size", type=click.IntRange(min=1), help="Samples per batch." + F("batch_size"))
 @click.option("--warm", is_flag=True, default=None, help="Read from a warm page cache instead of dropping it. [default: off]")
+@click.option("--no-peers", "peers", flag_value=False, default=None,
+              help="Leave out Mosaic streaming (MDS) and LitData. [default: in, when installed: pip install 'kdcache[peers]']")
 @click.option("--tmp", help="Directory (disk) to write the formats in. [default: the system temp dir]")
 @with_bench_options
 def bench_formats(quantize, **kw):
-    """The same features as a kdcache store (fp16, quantized), safetensors in webdataset tars,
-    a torch file per sample and a .npy per sample: bytes/sample, write MB/s, read samples/s.
+    """The same features as a kdcache store (fp16, quantized), safetensors in webdataset tars, a
+    torch file and a .npy per sample, Mosaic streaming (MDS) and LitData: bytes/sample, write
+    MB/s, time to the first batch, read samples/s.
 
     \b
     kdcache bench formats
@@ -265,14 +308,16 @@ def bench_teachers(out, variants, as_json, **kw):
 @click.option("--seeds", help="Seeds of every row, comma-separated." + SL("seeds"))
 @click.option("--student", help="Student of part (a)." + SL("student"))
 @click.option("--photos", type=click.IntRange(min=1), help="Training photo crops of part (a)." + SL("photos"))
-@click.option("--held-photos", type=click.IntRange(min=1), help="Held-out photos of part (a)." + SL("held_photos"))
+@click.option("--held-photos", type=click.IntRange(min=1), help="Held-out crops of part (a): the same photos, another seed."
+              + SL("held_photos"))
 @click.option("--views", type=click.IntRange(min=2), help="K stored views." + SL("views"))
 @click.option("--k", type=click.IntRange(min=1), help="Top-K soft labels stored." + SL("k"))
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs of part (a)." + SL("epochs"))
 @click.option("--digit-epochs", type=click.IntRange(min=1), help="Epochs of part (b)." + SL("digit_epochs"))
 @click.option("--digits", type=click.IntRange(min=10), help="Training digits of part (b)." + SL("digits"))
 @click.option("--held-digits", type=click.IntRange(min=10), help="Held-out digits of part (b)." + SL("held_digits"))
-@click.option("--vit-epochs", type=click.IntRange(min=1), help="Supervised epochs of the digits teacher." + SL("vit_epochs"))
+@click.option("--teacher-epochs", type=click.IntRange(min=1), help="Supervised epochs of the digits teacher."
+              + SL("teacher_epochs"))
 @click.option("--batch-size", type=click.IntRange(min=1), help="Samples per step." + SL("batch_size"))
 @click.option("--temperature", type=float, help="Of the soft labels." + SL("temperature"))
 @click.option("--bytes-images", type=click.IntRange(min=1), help="Images of the store part (c) measures." + SL("bytes_images"))

@@ -5,14 +5,15 @@ import json
 
 import click
 
+from kdcache.data.corpus import DECODE_MODES
 from kdcache.demo import DemoOptions
 from kdcache.extract.options import ExtractOptions
 from kdcache.quantize.quantizer_spec import METHODS, QuantizerSpec
 from kdcache.store.dtypes import STORAGE_DTYPES
 from kdcache.store.meta import CODECS
 from kdcache.targets.sample import SampleSpec
-from kdcache.train.config import (AMP, BALANCES, HEAD_KINDS, LABEL_LOSSES, LOGITS_LOSSES, LOGITS_TAILS, NORMALIZERS,
-                                  VIEW_CHOICES, TrainConfig)
+from kdcache.train.config import (AMP, BALANCES, DECODES, HEAD_KINDS, LABEL_LOSSES, LOGITS_LOSSES, LOGITS_TAILS,
+                                  NORMALIZERS, VIEW_CHOICES, TrainConfig)
 
 from .common import apply_storage_options, cli, defaults_of, drop_unset, with_storage_options
 
@@ -39,6 +40,9 @@ E, T, Q, S, DEMO = (defaults_of(c) for c in (ExtractOptions, TrainConfig, Quanti
 @click.option("--folder-shard-size", type=int, help="Images per shard for image folders (recorded in the store)." + E("folder_shard_size"))
 @click.option("--max-pixels", type=int, help="Larger images are rejected as decompression bombs." + E("max_pixels"))
 @click.option("--min-size", type=int, help="Images with a smaller side are rejected." + E("min_size"))
+@click.option("--decode", type=click.Choice(DECODE_MODES), help="reduced: JPEGs decoded at the smallest scale (1/2, 1/4, "
+              "1/8) that still gives every crop its output size, the same boxes; full: always at full size (recorded in "
+              "the store; the trainer decodes the same way)." + E("decode"))
 @click.option("--quantize", help="METHOD[:M=..,beam=..]: train a quantizer on the first shards, store patch codes "
                                   "(pq, opq, pca, rq, sq8, sq4; see kdcache quantize). [default: none, floats]")
 @click.option("--quantize-sample", type=int, help="Tokens to train the quantizer on." + E("quantize_sample"))
@@ -184,6 +188,8 @@ def demo(no_progress, **kw):
               + T("view_choice"))
 @click.option("--shuffle-buffer", type=int, help="Samples shuffled in a buffer within each worker." + T("shuffle_buffer"))
 @click.option("--color-jitter", type=float, help="Student-only photometric augmentation strength." + T("color_jitter"))
+@click.option("--decode", type=click.Choice(DECODES), help="JPEGs decoded at the scale the student's crop needs "
+              "(reduced) or at full size; auto: as the store records (online: reduced)." + T("decode"))
 @click.option("--normalize", type=click.Choice(tuple(NORMALIZERS)), help="Target normalisation." + T("normalize"))
 @click.option("--head-hidden", type=int, help="Hidden width of each head MLP." + T("head_hidden"))
 @click.option("--head-depth", type=int, help="Hidden layers of each head MLP (0 = linear)." + T("head_depth"))

@@ -30,22 +30,26 @@ def info(store, as_json, storage_options):
 @click.argument("store")
 @click.option("--data", help="Also check that the store's keys match this corpus (read with the options the store "
                              "recorded). [default: store only]")
+@click.option("--metadata-only", is_flag=True, help="Check every shard's metadata, array shapes and the shard index, "
+              "without reading the arrays' data (fast; digests unchecked). [default: off, everything]")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
 @with_storage_options
-def verify(store, data, as_json, storage_options):
-    """Check every complete shard of STORE against its digest and counts; exit 1 on a mismatch.
+def verify(store, data, metadata_only, as_json, storage_options):
+    """Check every complete shard of STORE against its digest and counts, and the shard index
+    against the shards; exit 1 on a mismatch.
 
     \b
     kdcache verify feats.zarr
     kdcache verify feats.zarr --data /data/shards
+    kdcache verify s3://bucket/feats.zarr --metadata-only
     """
     apply_storage_options(storage_options, store, data)
     if data is None:  # the store alone: metadata and digests, no corpus code (and no torch) loaded
         from kdcache.store.verify import verify_store
-        report = verify_store(store, progress=True)
+        report = verify_store(store, progress=True, data=not metadata_only)
     else:
         from kdcache.data.corpus_keys import verify_with_corpus
-        report = verify_with_corpus(store, data, progress=True)
+        report = verify_with_corpus(store, data, progress=True, metadata_only=metadata_only)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -136,7 +140,8 @@ def store_drop_teacher(store, name, storage_options):
 @click.option("--teacher", "-t", "teachers", multiple=True, help="Teachers to compute (repeat). [default: all]")
 @with_storage_options
 def store_stats(store, teachers, storage_options):
-    """(Re)compute the normalisation statistics of STORE's teachers and write them into it.
+    """(Re)compute the normalisation statistics of STORE's teachers and write them into it; rewrite
+    its summary and shard index from every shard's own metadata.
 
     \b
     kdcache store stats feats.zarr

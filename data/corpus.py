@@ -30,6 +30,7 @@ KEY_RULES = "unique-safe/v1"  # see data.walk: keys non-empty, no '.'/'..' segme
 
 MAX_PIXELS = 64_000_000  # an 8k x 8k photo passes, a decompression bomb does not
 MIN_SIZE = 2
+DECODE_MODES = ("reduced", "full")  # --decode: JPEGs at the scale the crops need, or always at full size
 
 
 class CorpusError(KdcacheError):
@@ -38,18 +39,39 @@ class CorpusError(KdcacheError):
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """The limits images are decoded with (``data.pixels``); recorded in the store
-    (``corpus.decode``) so the trainer decodes exactly as extraction did."""
+    """How images are decoded (``data.pixels``): the limits, and whether JPEGs are decoded at a
+    reduced scale; recorded in the store (``corpus.decode``) so the trainer decodes exactly as
+    extraction did."""
 
     max_pixels: int = MAX_PIXELS
     min_size: int = MIN_SIZE
+    # JPEGs decoded at the smallest of 1/1, 1/2, 1/4, 1/8 that still gives every crop at least its
+    # output size (libjpeg's DCT scaling): views are fractions of the image, so the boxes are the same
+    reduced: bool = True
+
+    def __post_init__(self):
+        for name in ("max_pixels", "min_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise CorpusError(f"decode option {name!r}: {v!r} is not a positive integer")
+        if not isinstance(self.reduced, bool):
+            raise CorpusError(f"decode option 'reduced': {self.reduced!r} is not true or false")
 
     def to_dict(self) -> dict:
-        return {"max_pixels": self.max_pixels, "min_size": self.min_size}
+        return {"max_pixels": self.max_pixels, "min_size": self.min_size, "reduced": self.reduced}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "DecodeOptions":
-        return cls(**(d or {}))
+        """From a store's ``corpus.decode``; stores written before ``reduced`` was recorded were
+        extracted from full-size decodes, and are read the same way."""
+        if d is None:
+            return cls(reduced=False)
+        if not isinstance(d, dict):
+            raise CorpusError(f"corpus.decode {d!r} is not a JSON object")
+        unknown = sorted(set(d) - {"max_pixels", "min_size", "reduced"})
+        if unknown:
+            raise CorpusError(f"corpus.decode: unknown option {unknown[0]!r} (not written by this kdcache)")
+        return cls(**{"reduced": False, **d})
 
 
 @dataclass(frozen=True)

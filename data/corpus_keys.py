@@ -26,8 +26,8 @@ def _expected_keys(store: Store, corpus: Corpus, shard: CorpusShard) -> Iterator
         yield s.key
 
 
-def verify_with_corpus(url: str, data: str, *, progress: bool = False) -> VerifyReport:
+def verify_with_corpus(url: str, data: str, *, progress: bool = False, metadata_only: bool = False) -> VerifyReport:
     """Verify ``url`` and that it matches corpus ``data``, reading only: verify never writes."""
-    store = Store.open(url)
+    store = Store.open(url, index=False)
     return verify(store, corpus_keys(store, resolve_corpus(data, ReadOptions.from_dict(store.meta.corpus))),
-                  progress=progress)
+                  progress=progress, data=not metadata_only)

@@ -5,7 +5,7 @@ of scikit-learn's two sample photos (a separate class each). Deterministic: the 
 on every machine. For held-out sets: digits from ``first_digit`` on (the 1,797 scans of
 ``load_digits``), and crops of scikit-image's sample images (``photo_source="skimage"``, no label:
 another source than the training photos; scikit-image is installed with the test and bench
-extras).
+extras), or crops of ``all`` of them (labelled only for scikit-learn's source).
 """
 from __future__ import annotations
 
@@ -16,18 +16,20 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-
 SKIMAGE_IMAGES = ("astronaut", "camera", "chelsea", "coffee", "coins", "hubble_deep_field", "immunohistochemistry",
                   "moon", "rocket", "clock", "brick", "grass", "gravel", "retina", "colorwheel", "page", "text")
 
 
 def photo_images(source: str = "sklearn") -> list[np.ndarray]:
-    """The (H, W, 3) uint8 photos of one source: scikit-learn's two, or scikit-image's sample images."""
+    """The (H, W, 3) uint8 photos of one source: scikit-learn's two, scikit-image's sample images, or
+    ``all`` of them (for held-out crops of the same photos: another ``seed``)."""
     if source == "sklearn":
         from sklearn.datasets import load_sample_images
         return list(load_sample_images().images)  # china.jpg, flower.jpg: (427, 640, 3) uint8
+    if source == "all":
+        return photo_images("sklearn") + photo_images("skimage")
     if source != "skimage":
-        raise ValueError(f"photo source {source!r}: expected sklearn or skimage")
+        raise ValueError(f"photo source {source!r}: expected sklearn, skimage or all")
     import skimage.data
     out = []
     for name in SKIMAGE_IMAGES:

@@ -21,6 +21,7 @@ skip and the stage moves on, or it raises. No other module catches ``BadImage``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
@@ -47,27 +48,50 @@ class BadImage(Exception):
 
 # -- decoding ------------------------------------------------------------------------------
 
-def decode_sample(sample: RawSample, opts: DecodeOptions = DecodeOptions()) -> np.ndarray:
+Need = Callable[[int, int], tuple[int, int]]  # full (height, width) -> the (height, width) the decode must reach
+
+
+def decode_sample(sample: RawSample, opts: DecodeOptions = DecodeOptions(), need: Need | None = None) -> np.ndarray:
     """A corpus sample -> (H, W, 3) uint8, or BadImage (unreadable, no image field, bad bytes)."""
     if sample.error:
         raise BadImage(sample.error)
     if sample.data is None:
         raise BadImage(f"no image field (fields: {', '.join(sample.fields) or 'none'})")
-    return decode_image(sample.data, opts)
+    return decode_image(sample.data, opts, need)
 
 
-def decode_image(data: bytes | None, opts: DecodeOptions = DecodeOptions()) -> np.ndarray:
-    """Decode to an (H, W, 3) uint8 array, or raise BadImage with the reason."""
+def decode_image(data: bytes | None, opts: DecodeOptions = DecodeOptions(), need: Need | None = None) -> np.ndarray:
+    """Decode to an (h, w, 3) uint8 array, or raise BadImage with the reason. ``need`` is called
+    with the image's full (H, W) once its header is read (whatever the format); with
+    ``opts.reduced``, a JPEG is then decoded at the smallest scale libjpeg offers (1/2, 1/4, 1/8)
+    that keeps at least ``need(H, W)`` pixels: (h, w) = ceil((H, W) / scale). Every check (bomb,
+    size) is on the full size, and libjpeg reads every coefficient at any scale, so a sample
+    decodes or fails the same either way."""
     if not data:
         raise BadImage("empty file")
+    with _image_errors():
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > opts.max_pixels:
+            raise BadImage(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {opts.max_pixels}")
+        if min(w, h) < opts.min_size:
+            raise BadImage(f"image too small: {w}x{h} (minimum side {opts.min_size} px)")
+    if need is not None:  # outside the image's error handling: the caller's own errors stay theirs
+        nh, nw = need(h, w)
+        if opts.reduced and img.format == "JPEG" and nh < h and nw < w:
+            img.draft(None, (max(1, nw), max(1, nh)))  # PIL keeps the largest scale with >= this size
+    with _image_errors():
+        img.load()
+    return _to_rgb(img)
+
+
+@contextlib.contextmanager
+def _image_errors():
+    """What PIL raises for bytes that are not a usable image, as BadImage with the reason."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > opts.max_pixels:
-                raise BadImage(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {opts.max_pixels}")
-            img.load()
+            yield
     except BadImage:
         raise
     except UnidentifiedImageError:
@@ -76,9 +100,6 @@ def decode_image(data: bytes | None, opts: DecodeOptions = DecodeOptions()) -> n
         raise BadImage(f"decompression bomb: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImage(f"corrupt or truncated image: {e}") from None
-    if min(w, h) < opts.min_size:
-        raise BadImage(f"image too small: {w}x{h} (minimum side {opts.min_size} px)")
-    return _to_rgb(img)
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
@@ -193,21 +214,36 @@ class ViewPixels:
 ViewsOf = Callable[[RawSample, int, int], np.ndarray]  # (sample, height, width) -> (k, 5) views
 
 
+def crop_need(views: np.ndarray, crops: Sequence[Crop]) -> Need:
+    """The decoded size that gives every view's box at least every crop's output size: a box of
+    fraction f of a side needs ceil(out / f) pixels on that side."""
+    fh, fw = max(float(views[:, 2].min()), 1e-6), max(float(views[:, 3].min()), 1e-6)
+    oh, ow = max(c.size[0] for c in crops), max(c.size[1] for c in crops)
+    return lambda h, w: (math.ceil(oh / fh), math.ceil(ow / fw))
+
+
 def view_pixels(samples: Iterable[RawSample], *, views: ViewsOf, crops: Sequence[Crop], decode: DecodeOptions,
                 handler: Callable[[Skip], None]) -> Iterator[ViewPixels]:
     """Decode each sample, ask ``views`` which views of it to cut (drawn from the policy, the
     stored ones, the one of this epoch), and cut each at every ``Crop``. A sample that does not
-    decode goes to ``handler`` (which records it, or raises)."""
+    decode goes to ``handler`` (which records it, or raises). Views are drawn from the image's
+    full size; the decode is then as small as the views and crops allow (``DecodeOptions.reduced``)."""
     for c in crops:
         interpolation_mode(c.interpolation)
     for s in samples:
+        chosen = []
+
+        def need(h: int, w: int):  # the views are drawn from the full size, before the pixels are decoded
+            chosen.append(np.asarray(views(s, h, w), dtype=np.float32).reshape(-1, 5))
+            return crop_need(chosen[0], crops)(h, w)
+
         try:
-            rgb = decode_sample(s, decode)
+            rgb = decode_sample(s, decode, need)
         except BadImage as e:
             handler(Skip(s.key, str(e)))
             continue
+        chosen = chosen[0]
         image = torch.from_numpy(rgb).permute(2, 0, 1)
-        chosen = np.asarray(views(s, rgb.shape[0], rgb.shape[1]), dtype=np.float32).reshape(-1, 5)
         yield ViewPixels(s, chosen, [torch.stack([replay_view(image, v, c.size, c.interpolation) for v in chosen])
                                      for c in crops])
 
@@ -217,7 +253,7 @@ def decodable(samples: Iterable[RawSample], *, decode: DecodeOptions, handler: C
     run counts before training: the samples an epoch will deliver."""
     for s in samples:
         try:
-            decode_sample(s, decode)
+            decode_sample(s, decode, lambda h, w: (1, 1))  # at the smallest scale: only whether it decodes matters
         except BadImage as e:
             handler(Skip(s.key, str(e)))
             continue

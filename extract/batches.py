@@ -94,7 +94,7 @@ class ShardBatches(IterableDataset):
         leases = store = None
         if self.lease is not None:  # opened here: a filesystem is not shared across a fork
             leases = leases_for(self.lease.store_url, self.lease.owner, seconds=self.lease.seconds, pid=self.lease.pid)
-            store = Store.open(self.lease.store_url)
+            store = Store.open(self.lease.store_url, index=False)  # a writer: the shards decide
         for job in worker_share(self.jobs, worker, workers):
             reason = None
             if leases is not None:

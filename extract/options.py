@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kdcache.data.corpus import FOLDER_SHARD_SIZE, MAX_PIXELS, MIN_SIZE, DecodeOptions, ReadOptions
+from kdcache.data.corpus import DECODE_MODES, FOLDER_SHARD_SIZE, MAX_PIXELS, MIN_SIZE, DecodeOptions, ReadOptions
 from kdcache.data.walk import ON_ERROR
 from kdcache.errors import KdcacheError
 from kdcache.quantize.quantizer_spec import QuantizerSpec
@@ -37,6 +37,7 @@ class ExtractOptions:
     folder_shard_size: int = FOLDER_SHARD_SIZE
     max_pixels: int = MAX_PIXELS
     min_size: int = MIN_SIZE
+    decode: str = "reduced"  # reduced: JPEGs decoded at the scale the crops need (libjpeg's 1/2..1/8) | full
     progress: bool = True
     quantize: str | None = None  # e.g. "opq:M=48": train on the first shards, store codes
     quantize_sample: int = 65536  # training tokens (plus held-out tokens for the fidelity figures)
@@ -52,7 +53,8 @@ class ExtractOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ExtractError(f"--{name.replace('_', '-')} {v!r}: need an integer >= {low}")
-        for name, allowed in (("on_error", ON_ERROR), ("dtype", STORAGE_DTYPES), ("codec", CODECS)):
+        for name, allowed in (("on_error", ON_ERROR), ("dtype", STORAGE_DTYPES), ("codec", CODECS),
+                              ("decode", DECODE_MODES)):
             if getattr(self, name) not in allowed:
                 raise ExtractError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         if not isinstance(self.lease_seconds, (int, float)) or not 1 <= self.lease_seconds <= 7 * 86400:
@@ -62,4 +64,5 @@ class ExtractOptions:
 
     @property
     def read_options(self) -> ReadOptions:
-        return ReadOptions(folder_shard_size=self.folder_shard_size, decode=DecodeOptions(self.max_pixels, self.min_size))
+        return ReadOptions(folder_shard_size=self.folder_shard_size, decode=DecodeOptions(self.max_pixels, self.min_size,
+                                                                                      reduced=self.decode == "reduced"))

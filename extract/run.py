@@ -28,6 +28,7 @@ from kdcache.store.inspect import shard_nbytes, write_summary
 from kdcache.store.lease import Heartbeat, new_owner
 from kdcache.store.meta import TOKEN_KINDS, logits_path
 from kdcache.store.remote import is_url, local_path
+from kdcache.store.shard_index import merge_entries
 from kdcache.targets.decoding import TORCH_DTYPES
 from kdcache.targets.stats import compute_stats, write_stats
 
@@ -114,8 +115,10 @@ def extract(data: str, out: str, teacher_specs: list[str], opts: ExtractOptions 
     summary.merge(_run(store, corpus, teachers, jobs, device, opts, rank, encoders))
     summary.shards_skipped = skipped - len(prefix_written & {s.name for s in mine})
     if rank == 0:
-        write_summary(store)
+        write_summary(store)  # the summary and the shard index, from every shard
         _write_stats(store, corpus)
+    else:  # the shards this rank completed, into the shard index (rank 0 may have finished first)
+        merge_entries(store, store.index_entries_of(summary.shards))
     return summary
 
 
@@ -182,7 +185,7 @@ def _open_or_create(out: str, corpus: Corpus, teachers: dict[str, Teacher], opts
     return store
 
 
-STORE_ENTRIES = {"zarr.json", "shards", "quantizers", "stats", "leases"}
+STORE_ENTRIES = {"zarr.json", "shards", "quantizers", "stats", "leases", "shard_index.json"}
 
 
 def _refuse_foreign_dir(out: str) -> None:

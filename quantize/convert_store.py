@@ -22,6 +22,7 @@ from tqdm import tqdm
 from kdcache.data.partition import rank_and_world, rank_share
 from kdcache.models.device import resolve_device
 from kdcache.store import Codebooks, Store, feature_path, to_float32
+from kdcache.store.inspect import write_summary
 from kdcache.store.lease import Heartbeat, new_owner
 from kdcache.store.meta import quantizer_path
 from kdcache.targets.sample import SampleSpec, draw, training_prefix
@@ -164,6 +165,7 @@ def quantize_store(url: str, teacher: str, qspec: QuantizerSpec, *, kind: str = 
     finally:
         heartbeat.stop()
     if rank == 0:
+        write_summary(store)  # the shard index, with the shards' new digests
         log.info("writing the normalisation statistics of %s %s (the targets are now the decoded codes)", teacher, kind)
         write_stats(store, teacher, kind, compute_stats(store, teacher, kind))
     return {"teacher": teacher, "kind": kind, "rank": rank, "world_size": world_size, "device": str(encoder.device),

@@ -1,37 +1,55 @@
 """Reports on a store: ``info`` (what is in it, how big); ``verify`` lives in ``verify.py``.
 
-``write_summary`` refreshes the root summary, the one piece of the root written after shards
-(by rank 0, a later run, or verify).
+``write_summary`` refreshes what the root keeps about the shards, written after them (by rank 0,
+a later run, a store operation, ``store stats``): the summary in the root metadata and the shard
+index (``shard_index.py``).
 """
 from __future__ import annotations
 
 import time
 
+from .shard_index import agrees, entry_of, index_lease
 from .store import Store
 
 
 def shard_nbytes(store: Store, shard: str) -> int:
-    return sum(store.array_nbytes(shard).values())
+    return sum(store.shard_nbytes(shard).values())
 
 
 def scan(store: Store) -> dict:
-    """Counts over all shards: complete / incomplete, samples, failures."""
+    """Counts over all shards: complete / incomplete, samples, failures (a reader asks the shard
+    index, one request for all of them; a writer each shard)."""
     complete, incomplete, samples, failed = [], [], 0, 0
     for name in store.shard_names():
-        a = store.shard_attrs(name) or {}
+        a = store.shard_summary(name) or {}
         if a.get("complete") is True:
             complete.append(name)
-            samples += int(a.get("count", 0))
-            failed += len(a.get("failed", []))
+            samples += a["count"]
+            failed += a["failures"]
         else:
             incomplete.append(name)
     return {"complete": complete, "incomplete": incomplete, "samples": samples, "failed": failed}
 
 
 def write_summary(store: Store) -> dict:
-    s = scan(store)
-    summary = {"shards_complete": len(s["complete"]), "shards_incomplete": len(s["incomplete"]),
-               "samples": s["samples"], "failed": s["failed"], "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    """The root summary and the shard index, from every shard's own metadata (an index entry
+    that still agrees with its shard keeps its sizes: they are not measured again). Written
+    under the index lease; entries another job merged meanwhile, for shards this scan saw
+    incomplete, are kept (each reader checks them against their shards anyway)."""
+    old = store.stored_index(warn=False) or {}
+    names = store.shard_names()
+    entries = {}
+    for name in names:
+        a = store.shard_attrs(name)
+        if a and a.get("complete") is True:
+            entries[name] = (old[name] if name in old and agrees(old[name], a) else entry_of(a, store.array_nbytes(name)))
+    with index_lease(store):
+        fresh = store.stored_index(warn=False) or {}
+        entries.update({n: e for n, e in fresh.items() if n in names and n not in entries})
+        store.write_index(entries)  # the index first: the summary never counts shards the index lacks
+    summary = {"shards_complete": len(entries), "shards_incomplete": len(names) - len(entries),
+               "samples": sum(e["count"] for e in entries.values()), "failed": sum(e["failures"] for e in entries.values()),
+               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     store.write_meta(store.meta.replace(summary=summary))
     return summary
 
@@ -40,9 +58,13 @@ def info(store: Store) -> dict:
     """Everything ``kdcache info`` prints, as a JSON-able dict."""
     s = scan(store)
     meta = store.meta
+    indexed = 0
     for sh in s["complete"]:  # a count its arrays do not hold would be a wrong number: checked on the keys' shape
-        store.array(sh, "keys")
-    sizes = [store.array_nbytes(sh) for sh in s["complete"]]
+        if store.shard_summary(sh).get("indexed"):  # (the index's entries were written from the arrays)
+            indexed += 1
+        else:
+            store.array(sh, "keys")
+    sizes = [store.shard_nbytes(sh) for sh in s["complete"]]
     by_prefix = lambda p: sum(v for d in sizes for k, v in d.items() if k.startswith(p))  # noqa: E731
     teachers = {}
     total = 0
@@ -66,7 +88,7 @@ def info(store: Store) -> dict:
         "store": store.url, "format": meta.format, "created_by": meta.created_by,
         "views": meta.views, "seed": meta.seed, "view_policy": meta.view_policy.to_dict(), "corpus": meta.corpus,
         "shards_complete": len(s["complete"]), "shards_incomplete": len(s["incomplete"]),
-        "incomplete": s["incomplete"], "samples": s["samples"], "failed": s["failed"],
+        "incomplete": s["incomplete"], "samples": s["samples"], "failed": s["failed"], "shards_from_index": indexed,
         "bytes": total + index_bytes, "teachers": teachers,
     }
 
@@ -79,8 +101,11 @@ def format_info(d: dict) -> str:
         f"shards     {d['shards_complete']} complete, {d['shards_incomplete']} incomplete",
         f"samples    {d['samples']} ({d['failed']} failed at extraction)",
         f"on disk    {_mib(d['bytes'])}",
-        "teachers",
     ]
+    if d.get("shards_from_index"):
+        lines.append(f"index      {d['shards_from_index']} of {d['shards_complete']} complete shards described by the shard "
+                     f"index (one request; kdcache verify reads every shard)")
+    lines.append("teachers")
     for n, t in d["teachers"].items():
         lines.append(f"  {n:<10} {t['model']}  dim={t['dim']} grid={t['grid'][0]}x{t['grid'][1]} (+{t['prefix_tokens']} prefix) "
                      f"{t['dtype']}/{t['codec']}  {_mib(t['bytes'])}  {t['bytes_per_sample'] / 1024:.1f} KiB/sample "

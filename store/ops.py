@@ -55,7 +55,7 @@ def copy_stores(sources: list[str], dst_url: str, *, shards: str | None = None, 
     One source: ``copy`` (or ``subset`` with a pattern). Several: ``merge``: their shards must be
     disjoint, or identical (same digests); any other overlap is refused naming the shard,
     before anything is written."""
-    srcs = [Store.open(u) for u in sources]
+    srcs = [Store.open(u, index=False) for u in sources]  # copied from their own metadata
     for s in srcs[1:]:
         compatible(srcs[0].meta, s.meta, a_name=srcs[0].url, b_name=s.url)
     plan: dict[str, Store] = {}
@@ -158,6 +158,7 @@ def drop_teacher(url: str, teacher: str) -> dict:
     for name in store.shard_names():
         n += store.drop_arrays(name, paths)
     store.drop_teacher_groups(teacher)
+    write_summary(store)  # the shard index, without the teacher's arrays
     return {"store": url, "teacher": teacher, "shards": n}
 
 
@@ -167,11 +168,11 @@ def list_shards(url: str) -> dict:
     leases = store.leases("reader").all()
     rows = []
     for name in store.shard_names():
-        a = store.shard_attrs(name) or {}
+        a = store.shard_summary(name) or {}
         digest = a.get("digest", {})
         h = leases.get(name)
         rows.append({"shard": name, "state": "complete" if a.get("complete") is True else "incomplete",
-                     "samples": a.get("count"), "failed": len(a.get("failed", [])), "bytes": shard_nbytes(store, name),
+                     "samples": a.get("count"), "failed": a.get("failures", 0), "bytes": shard_nbytes(store, name),
                      "teachers": [t for t in store.meta.teachers if has_teacher(digest, t)],
                      "lease": None if h is None else {"owner": h.owner, "host": h.host, "pid": h.pid,
                                                       "expires": h.expires, "expired": h.expires < time.time()}})

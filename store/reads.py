@@ -125,7 +125,7 @@ class VerifiedReads:
         block = _block_of(a)
         start = index * block
         try:
-            rows = np.asarray(a[start:start + block])
+            rows = _block_in_one_request(a, index, block)
         except Exception as e:  # noqa: BLE001 - a truncated or garbled chunk fails inside the codec
             raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} unreadable "
                                     f"({type(e).__name__}: {_printable(first_line(e))})", shard=shard) from None
@@ -155,6 +155,27 @@ class VerifiedReads:
         if got != (attrs.get("digest") or {}).get(path):
             raise CorruptShardError(f"{self.url}: shard {shard}: {path}: data does not match its digest (corrupt or missing "
                                     f"chunk)", shard=shard)
+
+
+def _block_in_one_request(a, index: int, block: int) -> np.ndarray:
+    """Rows of block ``index`` of a sharded array, its Zarr shard fetched whole in one request and
+    decoded from memory. zarr-python 3.1 fetches a shard whole only when the selection covers all
+    its inner chunks; the last block of an array (every block of a small shard) does not, and is
+    then read one inner chunk per request: 23 requests for a 64-row block, 1 here (measured on
+    the loopback S3 server; also faster on a local disk). A missing shard object reads as the
+    fill value, as zarr reads it, and fails the block's checksum."""
+    import zarr.storage
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+    if not getattr(a, "shards", None):
+        return np.asarray(a[index * block:(index + 1) * block])
+    key = a.metadata.encode_chunk_key((index,) + (0,) * (a.ndim - 1))
+    proto = default_buffer_prototype()
+    raw = sync(a.store_path.store.get(f"{a.store_path.path}/{key}", prototype=proto))
+    held = a.metadata.to_buffer_dict(proto)
+    if raw is not None:
+        held[key] = raw
+    return np.asarray(zarr.open_array(zarr.storage.MemoryStore(held), mode="r")[index * block:(index + 1) * block])
 
 
 def _block_of(a) -> int:

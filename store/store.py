@@ -6,6 +6,7 @@ URL (``s3://``, ``gs://``, ``memory://``).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -23,7 +24,12 @@ from .meta import (LOGIT_ARRAYS, SHARDS, TOKEN_KINDS, StoreMeta, TeacherMeta, fe
 from .reads import VerifiedReads
 from .remote import is_url, local_path
 from .schema import check_name, check_shard_attrs
+from .shard_index import (INDEX_ATTR, INDEX_KEY, MAX_INDEX_BYTES, agrees, entry_of, index_digest, parse_index,
+                          render_index)
 from .shard_writer import ShardWriter
+
+log = logging.getLogger("kdcache.store")
+V3 = dict(zarr_format=3, use_consolidated=False)  # kdcache stores are Zarr v3: no probing for v2 or consolidated keys
 
 
 def zarr_store(url: str, *, read_only: bool):
@@ -67,19 +73,26 @@ class Store(VerifiedReads, ShardEdits):
     when the shard's ``digest`` lists its arrays (also written last when adding teachers).
     """
 
-    def __init__(self, url: str, root, meta: StoreMeta, *, writable: bool):
+    def __init__(self, url: str, root, meta: StoreMeta, *, writable: bool, use_index: bool = False):
         self.url = url
         self.root = root
         self.meta = meta
         self.writable = writable
+        # A reader plans with the shard index and keeps what it has read: the listing, each shard's
+        # attributes (shard_index.py). A writer always asks the shards themselves.
+        self.use_index = use_index and not writable
+        self._index: dict[str, dict] | None = None
+        self._names: list[str] | None = None
+        self._attrs: dict[str, dict | None] = {}
 
     # -- opening ------------------------------------------------------------------------
     @classmethod
-    def open(cls, url: str, *, writable: bool = False) -> "Store":
-        """Open an existing store; a clear StoreError if there is none or it is not kdcache's."""
+    def open(cls, url: str, *, writable: bool = False, index: bool = True) -> "Store":
+        """Open an existing store; a clear StoreError if there is none or it is not kdcache's.
+        A read-only store plans with the shard index unless ``index`` is off (``verify``)."""
         zs = zarr_store(url, read_only=not writable)
         try:
-            root = zarr.open_group(zs, mode="r+" if writable else "r")
+            root = zarr.open_group(zs, mode="r+" if writable else "r", **V3)
         except Exception as e:  # noqa: BLE001 - zarr raises several types for "nothing (readable) here"
             if _is_missing(e) or isinstance(e, (FileNotFoundError, ValueError)):
                 raise StoreError(f"{url}: no kdcache store here") from None
@@ -87,7 +100,7 @@ class Store(VerifiedReads, ShardEdits):
         d = root.attrs.get("kdcache")
         if not isinstance(d, dict):
             raise StoreError(f"{url}: a zarr group, but not a kdcache store (no 'kdcache' attribute)")
-        store = cls(url, root, StoreMeta.from_dict(d, where=url), writable=writable)
+        store = cls(url, root, StoreMeta.from_dict(d, where=url), writable=writable, use_index=index)
         store.shard_names()  # a hostile shard name is refused here, by every reader and writer alike (one listing)
         return store
 
@@ -109,9 +122,9 @@ class Store(VerifiedReads, ShardEdits):
         zs = zarr_store(url, read_only=False)
         try:
             try:
-                root = zarr.open_group(zs, mode="a")
+                root = zarr.open_group(zs, mode="a", **V3)
             except ContainsGroupError:
-                root = zarr.open_group(zs, mode="r+")
+                root = zarr.open_group(zs, mode="r+", **V3)
             root.attrs.put({"kdcache": meta.to_dict()})
             ensure_group(root, SHARDS)
         except PermissionError as e:
@@ -120,8 +133,9 @@ class Store(VerifiedReads, ShardEdits):
 
     def write_meta(self, meta: StoreMeta) -> None:
         self._need_writable()
-        self.root.attrs.put({**self.root.attrs.asdict(), "kdcache": meta.to_dict()})
-        self.meta = meta
+        root = zarr.open_group(self.root.store, mode="r+", **V3)  # re-read: keep what other jobs wrote (the index digest)
+        root.attrs.put({**root.attrs.asdict(), "kdcache": meta.to_dict()})
+        self.root, self.meta = root, meta
 
     def _need_writable(self):
         if not self.writable:
@@ -139,23 +153,125 @@ class Store(VerifiedReads, ShardEdits):
         outside the store (``..x``, a separator, control characters) is refused."""
         # listed from the storage, not by parsing every child's zarr.json: a broken one is then
         # reported for its own shard when read (shard_attrs), never while listing the others
+        if self._names is not None:
+            return list(self._names)
         names = sorted(n for n in _sync(_list_dir(self.root.store, SHARDS)) if n != "zarr.json")
         for n in names:
             check_name(n, f"{self.url}: shards", "shard")
-        return names
+        if self.use_index:
+            self._names = names
+        return list(names)
 
     def shard_attrs(self, name: str) -> dict | None:
-        """The shard's attributes, validated (``schema.check_shard_attrs``); None when the shard
-        does not exist. Unreadable or invalid metadata is a StoreError naming shard and field."""
+        """The shard's own attributes, validated (``schema.check_shard_attrs``); None when the
+        shard does not exist. Unreadable or invalid metadata is a StoreError naming shard and
+        field. A reader checks them against the shard index's entry: a disagreement is warned
+        about once and the index entry dropped (the shard's metadata wins)."""
         check_name(name, f"{self.url}: shards", "shard")
+        if self.use_index and name in self._attrs:
+            return self._attrs[name]
         try:
             group = self.root[f"{SHARDS}/{name}"]
             attrs = dict(group.attrs)
         except Exception as e:  # noqa: BLE001 - zarr raises several types for a missing or broken zarr.json
             if _is_missing(e):
+                attrs = None
+            else:
+                raise StoreError(f"{self.url}: shard {name}: metadata unreadable ({type(e).__name__}: "
+                                 f"{first_line(e)})") from None
+        if attrs is not None:
+            attrs = check_shard_attrs(attrs, f"{self.url}: shard {name}", array_paths=self.possible_arrays())
+        if self.use_index:
+            self._attrs[name] = attrs
+            entry = (self._index or {}).get(name)
+            if entry is not None and not agrees(entry, attrs):
+                log.warning("%s: the shard index's entry for shard %s disagrees with the shard's own metadata "
+                            "(stale or tampered); the shard's metadata wins (kdcache store stats rewrites the index)",
+                            self.url, name)
+                del self._index[name]
+        return attrs
+
+    # -- the shard index (shard_index.py) -----------------------------------------------------
+    def stored_index(self, *, warn: bool = True) -> dict[str, dict] | None:
+        """The stored shard index's entries, validated and checked against the digest the root
+        metadata records for it; None when there is none, or (with a warning) when it is
+        unreadable, invalid or not the index the root names (tampered, or a write in progress)."""
+        from zarr.abc.store import RangeByteRequest
+        from zarr.core.buffer import default_buffer_prototype
+        where = f"{self.url}: {INDEX_KEY}"
+        try:
+            buf = _sync(self.root.store.get(INDEX_KEY, prototype=default_buffer_prototype(),
+                                            byte_range=RangeByteRequest(0, MAX_INDEX_BYTES + 1)))
+            if buf is None:
                 return None
-            raise StoreError(f"{self.url}: shard {name}: metadata unreadable ({type(e).__name__}: {first_line(e)})") from None
-        return check_shard_attrs(attrs, f"{self.url}: shard {name}", array_paths=self.possible_arrays())
+            raw = buf.to_bytes()
+            if len(raw) > MAX_INDEX_BYTES:
+                raise StoreError(f"{where}: larger than {MAX_INDEX_BYTES} bytes")
+            named = self._root_attrs().get(INDEX_ATTR)
+            if not isinstance(named, dict) or named.get("sha256") != index_digest(raw):
+                raise StoreError(f"{where}: not the index the root metadata names (its sha256 differs: changed "
+                                 f"outside kdcache, or written while this store was opened)")
+            return parse_index(raw, where=where, array_paths=self.possible_arrays())
+        except (StoreError, OSError) as e:
+            if isinstance(e, FileNotFoundError):
+                return None
+            if warn:
+                log.warning("%s; ignored: every shard's own metadata is read instead", first_line(e))
+            return None
+
+    def write_index(self, entries: dict[str, dict]) -> None:
+        """The index object first, then its digest in the root metadata (a reader between the two
+        finds them different and reads the shards themselves)."""
+        from zarr.core.buffer import cpu
+        self._need_writable()
+        raw = render_index(entries)
+        _sync(self.root.store.set(INDEX_KEY, cpu.Buffer.from_bytes(raw)))
+        root = zarr.open_group(self.root.store, mode="r+", **V3)  # re-read: other jobs may have changed the root since
+        root.attrs.put({**root.attrs.asdict(), INDEX_ATTR: {"sha256": index_digest(raw), "shards": len(entries)}})
+        self.root = root
+
+    def _root_attrs(self) -> dict:
+        """The root attributes: as opened for a reader, re-read for a writer (others write them too)."""
+        if self.use_index:
+            return self.root.attrs.asdict()
+        return zarr.open_group(self.root.store, mode="r", **V3).attrs.asdict()
+
+    def _index_entries(self) -> dict[str, dict]:
+        if self._index is None:
+            self._index = self.stored_index() or {}
+        return self._index
+
+    def shard_summary(self, name: str, *, indexed: bool = True) -> dict | None:
+        """What a reader plans with: ``{complete, count, failures, digest, nbytes, indexed}`` of a
+        shard, from the shard index when it has the shard (and ``indexed``), else from the shard's
+        own metadata (``nbytes`` then None: ``shard_nbytes`` measures it); ``{complete: False}``
+        for an incomplete shard; None for none."""
+        if self.use_index and indexed:
+            entry = self._index_entries().get(name)
+            if entry is not None:
+                return {"complete": True, **entry, "indexed": True}
+        a = self.shard_attrs(name)
+        if a is None:
+            return None
+        if a.get("complete") is not True:
+            return {"complete": False}
+        return {"complete": True, **entry_of(a, {}), "nbytes": None, "indexed": False}
+
+    def shard_nbytes(self, name: str) -> dict[str, int]:
+        """Bytes stored per array of a shard: from the shard index when it has them, else measured."""
+        s = self.shard_summary(name) if self.use_index else None
+        if s and s.get("nbytes") is not None:
+            return s["nbytes"]
+        return self.array_nbytes(name)
+
+    def index_entries_of(self, names) -> dict[str, dict]:
+        """Fresh index entries of these shards, from their own metadata (complete ones only)."""
+        out = {}
+        for n in names:
+            a = self.shard_attrs(n)
+            if a and a.get("complete") is True:
+                out[n] = entry_of(a, self.array_nbytes(n))
+        return out
 
     def possible_arrays(self) -> set[str]:
         """Every array path a shard of this store may hold."""
@@ -174,12 +290,14 @@ class Store(VerifiedReads, ShardEdits):
         return out
 
     def is_complete(self, name: str, teachers=None) -> bool:
-        """Complete, and (if given) holding every one of ``teachers``."""
-        a = self.shard_attrs(name)
-        if not a or a.get("complete") is not True:
-            return False
-        digest = a.get("digest", {})
-        return all(has_teacher(digest, t) for t in (teachers or ()))
+        """Complete, and (if given) holding every one of ``teachers`` (a reader asks the shard
+        index, a writer the shard)."""
+        a = self.shard_summary(name)
+        ok = bool(a) and a.get("complete") is True and all(has_teacher(a["digest"], t) for t in (teachers or ()))
+        if not ok and a and a.get("indexed"):  # the index may predate a teacher added since: the shard decides
+            a = self.shard_summary(name, indexed=False)
+            ok = bool(a) and a.get("complete") is True and all(has_teacher(a["digest"], t) for t in (teachers or ()))
+        return ok
 
     def complete_shards(self, teachers=None) -> list[str]:
         return [n for n in self.shard_names() if self.is_complete(n, teachers)]

@@ -13,6 +13,7 @@ from kdcache.errors import StoreError, one_line
 
 from .layout import digest_array
 from .meta import has_teacher, teacher_arrays
+from .shard_index import INDEX_KEY, agrees
 from .store import Store
 
 
@@ -32,16 +33,20 @@ class VerifyReport:
                 "shards_incomplete": self.shards_incomplete, "samples": self.samples}
 
 
-def verify(store: Store, corpus_keys: Mapping[str, Iterable[str]] | None = None, *, progress: bool = False) -> VerifyReport:
-    """Digests, shapes and counts of every complete shard; with ``corpus_keys`` (corpus shard
+def verify(store: Store, corpus_keys: Mapping[str, Iterable[str]] | None = None, *, progress: bool = False,
+           data: bool = True) -> VerifyReport:
+    """Digests, shapes and counts of every complete shard (``data`` off: metadata and shapes
+    only, no array read); the shard index against the shards; with ``corpus_keys`` (corpus shard
     name -> the keys it should hold, lazily), that the stored keys equal them in order and that
     the store and the corpus hold the same shards."""
     from tqdm import tqdm
     complete = store.complete_shards()
     report = VerifyReport(shards_checked=len(complete), shards_incomplete=len(store.shard_names()) - len(complete))
-    for name in tqdm(complete, unit="shard", desc="verify digests", disable=not progress, dynamic_ncols=True):
+    for name in tqdm(complete, unit="shard", desc="verify digests" if data else "verify metadata", disable=not progress,
+                     dynamic_ncols=True):
         report.samples += int((store.shard_attrs(name) or {}).get("count", 0))
-        report.problems += verify_shard(store, name)
+        report.problems += verify_shard(store, name, data=data)
+    report.problems += index_problems(store, complete)
     if corpus_keys is not None:
         report.problems += [f"shard {n}: in the store but not in the corpus" for n in complete if n not in corpus_keys]
         for name, keys in tqdm(corpus_keys.items(), unit="shard", desc="verify keys against the corpus",
@@ -53,9 +58,41 @@ def verify(store: Store, corpus_keys: Mapping[str, Iterable[str]] | None = None,
     return report
 
 
-def verify_store(url: str, corpus_keys: Mapping[str, Iterable[str]] | None = None, *, progress: bool = False) -> VerifyReport:
-    """``kdcache verify URL``: open the store read-only and verify it (verify never writes)."""
-    return verify(Store.open(url), corpus_keys, progress=progress)
+def verify_store(url: str, corpus_keys: Mapping[str, Iterable[str]] | None = None, *, progress: bool = False,
+                 data: bool = True) -> VerifyReport:
+    """``kdcache verify URL``: open the store read-only and verify it (verify never writes; it
+    reads every shard's own metadata, never the shard index's word for it)."""
+    return verify(Store.open(url, index=False), corpus_keys, progress=progress, data=data)
+
+
+def index_problems(store: Store, complete: list[str]) -> list[str]:
+    """The shard index against the shards: an index that does not parse, or an entry that says
+    other than its shard (stale or tampered: readers would warn and read the shard). A complete
+    shard the index lacks is no problem (readers ask it themselves)."""
+    import logging
+    problems: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            problems.append(f"{INDEX_KEY}: {record.getMessage()}")
+
+    handler = Collect(logging.WARNING)
+    logger = logging.getLogger("kdcache.store")
+    logger.addHandler(handler)
+    try:
+        entries = store.stored_index()
+    finally:
+        logger.removeHandler(handler)
+    if entries is None:
+        return problems
+    done = set(complete)
+    for name, entry in sorted(entries.items()):
+        if name not in done and name not in store.shard_names():
+            continue  # a shard deleted since: readers never see it (the listing decides)
+        if not agrees(entry, store.shard_attrs(name)):
+            problems.append(f"{INDEX_KEY}: the entry for shard {name} disagrees with the shard's own metadata (stale or "
+                            f"tampered; readers ignore it with a warning; kdcache store stats rewrites the index)")
+    return problems
 
 
 def _keys_problems(store: Store, name: str, corpus_keys: Iterable[str]) -> list[str]:
@@ -78,8 +115,8 @@ def _keys_problems(store: Store, name: str, corpus_keys: Iterable[str]) -> list[
     return []
 
 
-def verify_shard(store: Store, name: str) -> list[str]:
-    """Problems found in one complete shard (empty when intact)."""
+def verify_shard(store: Store, name: str, *, data: bool = True) -> list[str]:
+    """Problems found in one complete shard (empty when intact); ``data`` off: shapes only."""
     where = f"shard {name}"
     attrs = store.shard_attrs(name) or {}
     digest, count, k = attrs.get("digest", {}), attrs.get("count"), store.meta.views
@@ -99,6 +136,8 @@ def verify_shard(store: Store, name: str) -> list[str]:
             continue
         if shape is not None and tuple(arr.shape) != shape:
             problems.append(f"{where}: {path}: shape {tuple(arr.shape)}, expected {shape}")
+            continue
+        if not data:
             continue
         try:
             got = digest_array(arr)

@@ -110,10 +110,13 @@ def write_store_stats(store: Store, teachers=None) -> dict:
 
 
 def write_stats_of(url: str, teachers=None) -> dict:
-    """``kdcache store stats``: fresh statistics written into the store at ``url``."""
+    """``kdcache store stats``: fresh statistics written into the store at ``url``, and its summary
+    and shard index rewritten from every shard's metadata."""
     from kdcache.store import Store
+    from kdcache.store.inspect import write_summary
     store = Store.open(url, writable=True)
     unknown = [t for t in teachers or () if t not in store.meta.teachers]
     if unknown:
         raise StoreError(f"{url}: no teacher {unknown[0]!r} (teachers: {', '.join(store.meta.teachers)})")
-    return {"store": url, "tokens": write_store_stats(store, teachers)}
+    summary = write_summary(store)
+    return {"store": url, "tokens": write_store_stats(store, teachers), "shards_indexed": summary["shards_complete"]}

@@ -85,9 +85,9 @@ def run_cli(*args, env=None, check=True, timeout=300):
 class S3:
     """A loopback S3 server (moto) for the tests: its endpoint, a client filesystem, credentials."""
 
-    def __init__(self, endpoint, env):
+    def __init__(self, endpoint, env, server=None):
         import s3fs
-        self.endpoint, self.env = endpoint, env
+        self.endpoint, self.env, self.server = endpoint, env, server
         self.fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"])
 
     def bucket(self) -> str:
@@ -102,23 +102,20 @@ class S3:
 
 @pytest.fixture(scope="session")
 def s3():
-    """Started here, on 127.0.0.1, for this test session only; fsspec's s3 configuration points at it."""
-    import logging
-
+    """Started here, on 127.0.0.1, for this test session only; fsspec's s3 configuration points at it.
+    ``s3.server.requests()`` counts what it served."""
     import fsspec.config
-    from moto.server import ThreadedMotoServer
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+
+    from kdcache.bench.s3_server import LoopbackS3
+    server = LoopbackS3()
     env = {"AWS_ACCESS_KEY_ID": "kdcache-test-key", "AWS_SECRET_ACCESS_KEY": "kdcache-test-secret",
            "AWS_DEFAULT_REGION": "us-east-1"}
     saved_env = {k: os.environ.get(k) for k in env}
     saved_conf = fsspec.config.conf.get("s3")
     os.environ.update(env)
-    fsspec.config.conf["s3"] = {"endpoint_url": f"http://{host}:{port}"}
+    fsspec.config.conf["s3"] = {"endpoint_url": server.endpoint}
     try:
-        yield S3(f"http://{host}:{port}", env)
+        yield S3(server.endpoint, env, server)
     finally:
         server.stop()
         for k, v in saved_env.items():

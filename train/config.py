@@ -25,6 +25,7 @@ BALANCES = ("static", "mgda")  # how objectives are weighed (train.balance)
 LOGITS_LOSSES = ("none", "kl")  # soft labels: KL of the teacher's (top-K) distribution to the student's
 LOGITS_TAILS = ("spread", "renorm")  # top-K soft labels: the tail mass spread over the other classes, or renormalised
 LABEL_LOSSES = ("none", "ce")  # hard labels on the student's classifier (the teacher's class space)
+DECODES = ("auto", "reduced", "full")  # auto: as the store records (online runs: reduced); see data.corpus.DecodeOptions
 REQUIRED = ("store", "data", "student", "out")  # --store may be left out with --online
 
 
@@ -50,6 +51,7 @@ class TrainConfig:
     view_choice: str = "epoch"  # epoch | random | first
     shuffle_buffer: int = 256
     color_jitter: float = 0.0  # student-only photometric augmentation strength
+    decode: str = "auto"  # JPEGs at the scale the crop needs (reduced) or full size; auto: as the store records
     normalize: str = "standardize"  # standardize | phi-s | none
     head_hidden: int = 1024
     head_depth: int = 1
@@ -108,7 +110,8 @@ class TrainConfig:
         _check(self, "teacher_drop", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
         for name, allowed in (("amp", AMP), ("view_choice", VIEW_CHOICES), ("normalize", tuple(NORMALIZERS)),
                               ("head", HEAD_KINDS), ("balance", BALANCES), ("task_loss", TASK_LOSSES), ("labels", LABELS),
-                              ("logits_loss", LOGITS_LOSSES), ("logits_tail", LOGITS_TAILS), ("label_loss", LABEL_LOSSES)):
+                              ("logits_loss", LOGITS_LOSSES), ("logits_tail", LOGITS_TAILS), ("label_loss", LABEL_LOSSES),
+                              ("decode", DECODES)):
             _check(self, name, lambda v, allowed=allowed: v in allowed, f"one of {', '.join(allowed)}")
         for name in ("predict_codes", "resume", "overwrite", "skip_corrupt", "online", "shared_adapter"):
             _check(self, name, lambda v: isinstance(v, bool), "true or false")

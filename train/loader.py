@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import random
@@ -34,6 +35,8 @@ from kdcache.errors import KdcacheError, StoreError, one_line
 from kdcache.store import Store
 
 from .config import VIEW_CHOICES
+
+log = logging.getLogger("kdcache.train")
 
 
 class LoaderError(KdcacheError):
@@ -156,8 +159,10 @@ class CachedStream(ShardStream):
         delivered, attrs = 0, {}
         try:
             attrs = store.shard_attrs(name) or {}
-            if attrs.get("complete") is not True:
-                raise LoaderError(f"{spec.store_url}: shard {name} is not complete")
+            if attrs.get("complete") is not True:  # planned complete (the shard index said so): its metadata wins
+                log.warning("%s: shard %s is not complete (it was when the run started, or the shard index said so); "
+                            "its samples are left out", spec.store_url, name)
+                return
             shard = self.corpus.shard(name)
             keys = store.keys(name).tolist()
             stored_views = store.views(name)

@@ -10,6 +10,7 @@ the run directory once the whole run has been built.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
 
@@ -112,7 +113,8 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
     unknown = [t for t in teachers if t not in store.meta.teachers]
     if unknown:
         raise TrainError(f"--teacher {unknown[0]}: not in {cfg.store} (teachers: {', '.join(store.meta.teachers)})")
-    corpus = resolve_corpus(cfg.data, ReadOptions.from_dict(store.meta.corpus))
+    recorded = ReadOptions.from_dict(store.meta.corpus)
+    corpus = resolve_corpus(cfg.data, dataclasses.replace(recorded, decode=_decode(cfg, recorded.decode)))
     shards, counts, bad = check_store_fits_corpus(store, corpus, teachers, skip_corrupt=cfg.skip_corrupt)
     soft = {t: store.meta.teachers[t].logits["classes"] for t in teachers if store.meta.teachers[t].logits}
     classes = _soft_label_classes(cfg, soft, where=f"{cfg.store}", remedy="extract with --logits K")
@@ -145,7 +147,7 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
 
 def online_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, kept: RunDir | None,
                   device: torch.device, progress: bool = True) -> TargetSource:
-    corpus = resolve_corpus(cfg.data, ReadOptions())
+    corpus = resolve_corpus(cfg.data, ReadOptions(decode=_decode(cfg, DecodeOptions())))
     with torch.random.fork_rng(devices=[]):  # building teachers must not move the student's and heads' init
         teachers = [create_teacher(spec, device=device) for spec in cfg.teachers]
     names = [t.name for t in teachers]
@@ -172,6 +174,11 @@ def online_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
                         dataset=dataset, computed_stats=computed, skipped=skipped, classes=classes,
                         provenance={"online": True, "view_policy": policy.to_dict(),
                                     "teachers": {t.name: t.meta.to_dict() for t in teachers}})
+
+
+def _decode(cfg: TrainConfig, recorded: DecodeOptions) -> DecodeOptions:
+    """How the loader decodes: as the store records (or reduced, online) unless --decode says."""
+    return recorded if cfg.decode == "auto" else dataclasses.replace(recorded, reduced=cfg.decode == "reduced")
 
 
 def _soft_label_classes(cfg: TrainConfig, soft: dict[str, int], *, where: str, remedy: str) -> int:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from helpers import cli_call
 
-from kdcache.bench.formats import (FileSamples, StoreRows, _load_npy, _load_torch, _tar_dataset, read_features,
-                                        write_npy_files, write_store, write_tars, write_torch_files)
+from kdcache.bench.formats import (FileSamples, StoreRows, _litdata_dataset, _load_npy, _load_torch, _mds_dataset,
+                                   _tar_dataset, read_features, write_litdata, write_mds, write_npy_files, write_store,
+                                   write_tars, write_torch_files)
 from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract
 from kdcache.store import Store
@@ -73,28 +74,46 @@ def test_every_format_holds_exactly_the_store_s_features(tmp_path, k8_store):
     assert n == 24
     assert sum(1 for _ in _tar_dataset(str(tmp_path / "tars"))) == 24
     assert len(FileSamples([p for p in write_npy_files(feats, str(tmp_path / "npy2"))], _load_npy)) == 24
+    # the peers, read back with their own datasets: every sample once, exactly the store's features
+    write_mds(feats, str(tmp_path / "mds"))
+    write_litdata(feats, str(tmp_path / "lit"))
+    for ds in (_mds_dataset(str(tmp_path / "mds"), 8)(), _litdata_dataset(str(tmp_path / "lit"))()):
+        seen = set()
+        for sample in ds:
+            cls, patch = ref[sample["key"]]
+            np.testing.assert_array_equal(np.asarray(sample["cls"]), cls)
+            np.testing.assert_array_equal(np.asarray(sample["patch"]), patch)
+            seen.add(sample["key"])
+        assert len(seen) == 24
 
 
 def test_bench_formats_prints_every_format_and_column(k8_store, monkeypatch, capsys):
     code, out, err = cli_call(monkeypatch, capsys, "bench", "formats", "--store", k8_store, "--repeat", "1",
                               "--quantize", "pq", "--fraction", "16", "--workers", "0", "--batch-size", "8")
     assert code == 0, err
-    assert "| format | KiB/sample on disk | fixed KiB (codebooks, metadata) | write MB/s (fp16 features) | read samples/s |" in out
+    assert ("| format | KiB/sample on disk | fixed KiB (codebooks, metadata) | write MB/s (fp16 features) | first batch s | "
+            "read samples/s (after the first batch) |") in out
     for row in ("| kdcache store, fp16 |", "| kdcache store, pq:M=24 |", "| safetensors in webdataset tars |",
-                "| torch file per sample (weights_only) |", "| .npy file per sample |"):
+                "| torch file per sample (weights_only) |", "| .npy file per sample |", "| mosaic streaming (MDS) |",
+                "| litdata |"):
         assert row in out
     assert "kdcache fp16 store / tars: read" in out and "smaller than the raw fp16 features" in out
+    assert "(the fastest peer): read" in out and "kdcache store, pq:M=24 / " in out
     code, out, err = cli_call(monkeypatch, capsys, "bench", "formats", "--store", k8_store, "--repeat", "1", "--json",
-                              "--quantize", "none", "--workers", "0")
+                              "--quantize", "none", "--workers", "0", "--batch-size", "8")
     assert code == 0, err
     r = json.loads(out)
-    assert set(r["formats"]) == {"kdcache store, fp16", "safetensors in webdataset tars",
-                                 "torch file per sample (weights_only)", ".npy file per sample"}
-    assert r["samples"] == 24 and r["views"] == 8
+    assert set(r["formats"]) == {"kdcache store, fp16", "safetensors in webdataset tars", "torch file per sample (weights_only)",
+                                 ".npy file per sample", "mosaic streaming (MDS)", "litdata"}
+    assert r["samples"] == 24 and r["views"] == 8 and r["fastest_peer"] in ("mosaic streaming (MDS)", "litdata")
     for v in r["formats"].values():
         assert v["bytes_per_sample"] > 0 and v["read_samples_s"]["median"] > 0 and v["write_mb_s"]["median"] > 0
-    # every read side delivered all 24 samples in every run
-    assert all(n == 24 for n in r["read"]["items"].values())
+        assert v["first_batch_s"]["median"] > 0
+    # every read side delivered all 24 samples in every run: 8 in the first batch, 16 timed after it
+    assert all(n == 16 for n in r["read"]["items"].values())
+    code, out, err = cli_call(monkeypatch, capsys, "bench", "formats", "--store", k8_store, "--repeat", "1", "--json",
+                              "--quantize", "none", "--workers", "0", "--no-peers")
+    assert code == 0 and "litdata" not in json.loads(out)["formats"]
     fp16 = r["fp16_feature_bytes_per_sample"]
     meta = Store.open(k8_store).meta.teachers["vit"]
     assert fp16 == 8 * (meta.tokens + 1) * meta.dim * 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import re
 import time
@@ -45,7 +46,8 @@ def test_ratio_spread_is_pairwise_and_an_impossible_gain_is_flagged():
 
 def _table_rows(text):
     return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| side")
-            and not line.startswith("| codec") and not line.startswith("| method") and not line.startswith("| device")]
+            and not line.startswith("| codec") and not line.startswith("| method") and not line.startswith("| device")
+            and not line.startswith("| long side")]
 
 
 def test_bench_extract_and_train_end_to_end_print_medians_and_spreads(vit_spec):
@@ -83,13 +85,22 @@ def test_repeat_must_be_a_positive_integer(repeat):
 
 
 def test_bench_load_local_and_on_loopback_s3_with_verification_on_and_off(vit_spec):
-    out = run_cli("bench", "load", "-t", vit_spec, "--images", "32", "--workers", "1", "--repeat", "2").stdout
+    out = run_cli("bench", "load", "-t", vit_spec, "--images", "32", "--workers", "1", "--repeat", "2",
+                  "--decode-sizes", "100,500", "--decode-images", "4").stdout
     rows = _table_rows(out)
     assert [r.split("|")[1].strip() for r in rows] == [
-        "local, verification on", "local, verification off", "s3 (loopback moto), verification on",
-        "s3 (loopback moto), verification off"]
-    assert all(len(SPREAD.findall(r)) == 2 for r in rows), out
+        "decode floor (decode + view, no store)", "local, verification on", "local, verification off",
+        "s3 (loopback moto), verification on", "s3 (loopback moto), verification off", "100 px", "500 px"]
+    assert all(len(SPREAD.findall(r)) == 2 for r in rows[:5]), out
+    assert all(len(SPREAD.findall(r)) == 3 for r in rows[5:]), out
     assert SPREAD.search(out.split("local: verified / unverified throughput = ")[1])
+    assert SPREAD.search(out.split("loader (local, verified) / decode floor = ")[1])
+    d = json.loads(run_cli("bench", "load", "-t", vit_spec, "--images", "32", "--workers", "0", "--repeat", "1", "--s3", "off",
+                           "--decode-sizes", "500", "--decode-images", "4", "--json").stdout)
+    m = d["measurement"]
+    assert m["items"]["decode floor (decode + view, no store)"] == m["items"]["local, verification on"] == 32  # same samples
+    [row] = d["decode"]
+    assert row["long_side"] == 500 and row["reduced_over_full"]["median"] > 0
 
 
 def test_bench_extract_quantize_prints_encode_over_teacher_tokens(vit_spec):
@@ -136,3 +147,20 @@ def test_fidelity_curve_rows_and_refinement_continues_in_place():
     want = TorchEncoder(cb, beam=4)(held).numpy()
     from kdcache.quantize.reconstruction import reconstruction_fidelity as fidelity
     assert abs(fidelity(held, cb.decode(want))["mean_cos"] - by[(8, 4, 0)]["mean_cos"]) < 1e-12
+
+
+def test_bench_scale_counts_requests_with_and_without_the_shard_index(tmp_path):
+    out = run_cli("bench", "scale", "--out", str(tmp_path / "scale"), "--shards", "3,9", "--repeat", "1", "--command", "info",
+                  "--command", "store ls", "--no-progress", "--json").stdout
+    d = json.loads(out)
+    rows = {(r["where"], r["command"], r["index"], r["shards"]): r for r in d["rows"]}
+    assert len(rows) == 2 * 2 * 2 * 2  # locations x commands x index on/off x shard counts
+    for command in ("info", "store ls"):
+        s3 = lambda index, n: rows[("s3 (loopback moto)", command, index, n)]["requests"]  # noqa: E731
+        assert s3(True, 3) == s3(True, 9)  # with the index: the same few requests at 3 and 9 shards
+        assert s3(False, 9) - s3(False, 3) >= 6  # without it: at least one more per shard
+        assert rows[("local", command, True, 9)]["requests"] is None and rows[("local", command, True, 9)]["peak_mib"] > 10
+    assert set(d["targets"]) == {"local: info", "local: store ls", "s3 (loopback moto): info", "s3 (loopback moto): store ls"}
+    assert d["targets"]["s3 (loopback moto): info"]["extra_requests_per_1000_shards"] == 0
+    # the stores are kept and reused
+    assert sorted(os.listdir(tmp_path / "scale")) == ["corpus-3", "corpus-9", "store-3.zarr", "store-9.zarr"]

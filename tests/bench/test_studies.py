@@ -56,7 +56,7 @@ def test_bench_softlabels_runs_every_part_with_paired_seeds(tmp_path, monkeypatc
     out = str(tmp_path / "s")
     code, text, err = cli_call(monkeypatch, capsys, "bench", "softlabels", "--out", out, "--photos", "16", "--held-photos", "8",
                                "--views", "2", "--k", "3", "--epochs", "1", "--digits", "40", "--held-digits", "20",
-                               "--digit-epochs", "1", "--vit-epochs", "1", "--bytes-images", "8", "--seeds", "0,1",
+                               "--digit-epochs", "1", "--teacher-epochs", "1", "--bytes-images", "8", "--seeds", "0,1",
                                "--batch-size", "8", "--workers", "0")
     assert code == 0, err
     for row in ("| cached top-3 |", "| online (full logits) |", "| cached top-1 (hard teacher labels) |", "| soft labels |",

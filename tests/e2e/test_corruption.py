@@ -154,11 +154,18 @@ HOSTILE = {
 }
 
 
+SHARD_LEVEL = ("shard zarr.json not JSON", "digest names a path outside")
+
+
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_metadata_is_one_line_for_every_reader(tmp_path, good, corpus, name, cli):
     edit, match = HOSTILE[name]
     store = _copy(good, tmp_path)
     edit(store)
+    if name in SHARD_LEVEL:  # info answers from the shard index, says so, and reads no shard; without the index it does
+        p = cli("info", store)
+        assert p.returncode == 0 and "3 of 3 complete shards described by the shard index" in p.stdout, p.stderr[-1500:]
+        os.remove(os.path.join(store, "shard_index.json"))
     for args in (["info", store], ["info", store, "--json"], ["verify", store], ["verify", store, "--data", corpus]):
         p = cli(*args)
         assert p.returncode == 2 and match in _one_line(p), (args, p.stderr[-1500:])

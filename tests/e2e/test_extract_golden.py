@@ -31,7 +31,7 @@ def _kwargs(spec):
 def test_features_equal_timm_on_the_stored_views(tmp_path, corpus, weights, vit_spec, cnn_spec, which):
     spec, model = (vit_spec, VIT) if which == "vit" else (cnn_spec, CNN)
     out = str(tmp_path / "s.zarr")
-    s = extract(corpus, out, [spec], ExtractOptions(views=3, seed=7, **OPTS))
+    s = extract(corpus, out, [spec], ExtractOptions(views=3, seed=7, decode="full", **OPTS))
     assert s.images == 24 and s.failed == 0 and s.shards_written == 3
     root = zarr.open_group(out, mode="r")
     meta = root.attrs["kdcache"]["teachers"][which]
@@ -80,7 +80,7 @@ def test_views_replay_from_key_and_size_alone(tmp_path, corpus, vit_spec):
 def test_multi_teacher_single_pass_decodes_each_image_once(tmp_path, corpus, vit_spec, cnn_spec, monkeypatch):
     calls = []
     real = pixels_mod.decode_sample
-    monkeypatch.setattr(pixels_mod, "decode_sample", lambda sample, opts: calls.append(1) or real(sample, opts))
+    monkeypatch.setattr(pixels_mod, "decode_sample", lambda sample, opts, need=None: calls.append(1) or real(sample, opts, need))
     both = str(tmp_path / "both.zarr")
     extract(corpus, both, [vit_spec, cnn_spec], ExtractOptions(views=2, **OPTS))
     assert len(calls) == 24

@@ -1,6 +1,8 @@
 """kdcache info and verify: numbers from the store, corruption and corpus mismatches found."""
 from __future__ import annotations
 
+import logging
+
 import json
 import os
 import shutil
@@ -68,14 +70,22 @@ def test_verify_with_data_finds_key_mismatch(tmp_path, corpus, vit_spec):
     assert len(problems) == 1 and problems[0].startswith("shard demo-000002: key 2 is ")
 
 
-def test_incomplete_shard_is_ignored_then_redone(tmp_path, corpus, vit_spec):
+def test_incomplete_shard_is_ignored_then_redone(tmp_path, corpus, vit_spec, caplog):
     out = _store(tmp_path, corpus, vit_spec)
     before = np.asarray(zarr.open_group(out)["shards/demo-000000/vit/patch"][:])
     g = zarr.open_group(out, mode="r+")["shards/demo-000000"]
     g.attrs.put({**g.attrs.asdict(), "complete": False})
-    store = Store.open(out)
+    store = Store.open(out, index=False)  # every shard's own metadata
     assert store.complete_shards() == ["demo-000001", "demo-000002"]
     assert info(store)["shards_incomplete"] == 1
+    # a reader plans with the shard index, now stale; reading the shard's metadata overrules it, with a warning
+    reader = Store.open(out)
+    assert reader.complete_shards() == ["demo-000000", "demo-000001", "demo-000002"]
+    with caplog.at_level(logging.WARNING, logger="kdcache.store"):
+        assert reader.shard_attrs("demo-000000")["complete"] is False
+    assert "shard demo-000000 disagrees with the shard's own metadata" in caplog.text
+    assert reader.complete_shards() == ["demo-000001", "demo-000002"]
     s = extract(corpus, out, [vit_spec], ExtractOptions(progress=False, workers=0, views=2))
     assert (s.shards_written, s.shards_skipped) == (1, 2)
     np.testing.assert_array_equal(zarr.open_group(out)["shards/demo-000000/vit/patch"][:], before)
+    assert Store.open(out).complete_shards() == ["demo-000000", "demo-000001", "demo-000002"]  # the index rewritten
