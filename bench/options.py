@@ -152,32 +152,44 @@ class FormatsBench:
 QUALITY_METHODS = {"pq": "pq:m={m}", "opq": "opq:m={m},opq_iter=10", "rq": "rq:m={m}", "rq+norm": "rq:m={m},norm=1"}
 
 
+# bench quality: the derived-view options, as the rows of the study -> train options
+QUALITY_OPTIONS = {"sub-views": {"sub_views": 0.25}, "cutmix": {"cutmix": 1.0}, "mixup": {"mixup": 0.8},
+                   "dense": {"dense_views": True}, "opq 1/32": {}}
+
+
 @dataclass(frozen=True)
 class QualityPlan:
-    corpus: str | None = None  # default: the embedded corpus with `digits` + `photos` images
-    teacher: str | None = None  # default: the shipped EfficientNet-Lite0
-    student: str = "resnet18,img_size=64"
-    epochs: int = 8
+    corpus: str | None = None  # default: the embedded corpus with `digits` + `photos` images (all labelled)
+    teacher: str | None = None  # default: the shipped EfficientNet-Lite0 at `teacher_size`
+    teacher_size: int = 96  # the shipped teacher's input (a CNN runs at any size): the study's cost
+    student: str = "resnet18,img_size=48"
+    schedules: tuple[int, ...] = (8, 32)  # epochs
+    views: tuple[int, ...] = (1, 2, 4, 8)  # K of the fp16 stores (`extract --views K`; view 0 is the eval view)
+    option_views: int = 4  # K of the store the option rows derive from (one of --views), at the longest schedule
+    options: tuple[str, ...] = tuple(QUALITY_OPTIONS)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    folds: int = 5  # k-fold kNN and linear probe over every labelled image
+    digits: int = 400
+    photos: int = 80
     batch_size: int = 32
-    views: tuple[int, ...] = (1, 2, 8)
-    quantized_views: int = 2
-    fractions: tuple[int, ...] = (16, 32)
-    methods: tuple[str, ...] = ("opq", "rq+norm")
-    predict_codes: bool = True
-    digits: int = 1000
-    photos: int = 200
     lr: float = 2e-3
-    head_hidden: int = 256
+    head_hidden: int = 128
+    dense_scale: int = 2
+    train_tokens: int = 4096
     workers: int = 1
-    train_tokens: int = 8192  # rq at 1/16 of a 1280-d teacher is 159 codebooks: affordable on 2 cores
-    seed: int = 0
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in QUALITY_METHODS]
+        unknown = [o for o in self.options if o not in QUALITY_OPTIONS]
         if unknown:
-            raise KdcacheError(f"--method {unknown[0]!r}: expected one of {', '.join(QUALITY_METHODS)}")
-        if self.quantized_views not in self.views and (self.methods and self.fractions):
-            raise KdcacheError(f"--quantized-views {self.quantized_views}: must be one of --views {self.views}")
+            raise KdcacheError(f"--option {unknown[0]!r}: expected one of {', '.join(QUALITY_OPTIONS)}")
+        if self.options and self.option_views not in self.views:
+            raise KdcacheError(f"--option-views {self.option_views}: must be one of --views {self.views}")
+        if self.options and self.option_views < 2:
+            raise KdcacheError(f"--option-views {self.option_views}: the options cut augmented views (K >= 2)")
+        if self.folds < 2:
+            raise KdcacheError(f"--folds {self.folds}: need at least 2")
+        if not self.seeds or not self.schedules or not self.views:
+            raise KdcacheError("--seeds, --schedules and --views need at least one value each")
 
 
 # bench teachers: variant name -> train options

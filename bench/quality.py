@@ -1,35 +1,46 @@
 """``kdcache bench quality``: is a student trained from the cache as good as one distilled online?
 
-One run, one corpus, one teacher, one student, the same optimizer steps for every variant:
+The study is built so that the only difference between a cached run and the online run is that
+the cached run reuses K stored draws of the augmentation:
 
-- **online**: ``train --online`` (the teacher live, a fresh view every epoch): the reference;
-- **fp16 K=k**: a store with k stored views per image, for each k in ``views``;
-- **METHOD 1/F**: the fp16 store with ``quantized_views`` views, its patch tokens quantized to
-  1/F of their fp16 bytes (M = 2 * dim / F bytes per token), for each method and F;
-- **predict codes**: one quantized store (the first method at the largest F) with
-  ``--predict-codes`` (256-way cross-entropy per codebook instead of regression);
-- the **random-init** student and the **teacher's** cached features, for scale.
+- **Fair.** For each seed s, every store is extracted with view seed s and every run trains with
+  seed s, so the online run (``train --online``: view ``e + 1`` of the policy at epoch ``e``) and
+  a cached run (``--view-choice augmented``: stored view ``1 + e % (K - 1)``) see *the same* crops
+  for their first K - 1 epochs; after that the cached run repeats them. Same student, heads,
+  losses, optimizer, steps, batch order and seed. K counts stored views as ``extract --views K``
+  does: view 0 is the eval view, so K=1 trains on the eval view alone (the cheapest store) and
+  K >= 2 on K - 1 augmented draws. Every JPEG is decoded at full size, in extraction and on both
+  sides (a reduced decode's scale depends on the crops it serves, and the online run also cuts
+  the teacher's crop), so the student's pixels are bit-identical too.
+- **Long enough for views to repeat.** Each K and the online run at every schedule (epochs).
+- **Options.** At the longest schedule, on the K = ``option_views`` store: ``--sub-views``,
+  ``--cutmix``, ``--mixup``, ``--dense-views`` (a store with ``--dense-scale``) and the store's
+  patch tokens as OPQ codes at 1/32 of fp16.
+- **Decisive.** Every row over every seed: mean ± sd; the difference to the online run of the same
+  seed and schedule (paired) with a 95% t-interval. Each student is scored on every labelled
+  image: k-fold kNN (DINO's protocol) and a k-fold linear probe, the same folds for every run.
+- **Compute counted.** Teacher images forwarded (counted by the teachers themselves: extraction's
+  views and dense maps, the online run's batches and its statistics), extraction wall time,
+  training wall time (``fit``), and their sum.
 
-Each student is scored by kNN (``eval knn``: DINO protocol, the same seeded split) on the
-corpus; the table gives top-1/top-5, the ratio to the online run and to the fp16 store it was
-derived from, the target bytes per sample, and the wall time of the training loop (``fit``:
-for the online run that includes the teacher's forward passes; a cached run's teacher cost
-was paid once, at extraction, reported separately). Everything lands in ``OUT`` (stores, runs,
-``quality.json``, ``quality.md``); an interrupted study resumes: finished stores and runs are
-reused.
+Everything lands in ``OUT`` (stores, runs, ``quality.json``, ``quality.md``, ``quality.png``); an
+interrupted study resumes: finished stores, runs and scores are reused.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
+
+import numpy as np
 
 from kdcache.data.demo_corpus import build_demo_corpus
-from kdcache.eval.model_features import probe_model
-from kdcache.eval.options import ProbeOptions
-from kdcache.eval.store_features import probe_store
+from kdcache.eval.knn import knn_classify
+from kdcache.eval.linear import linear_probe
+from kdcache.eval.model_features import labelled_model_features, random_init_student, run_student
 from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract
 from kdcache.models.convert_weights import shipped_teacher
@@ -41,116 +52,228 @@ from kdcache.store.ops import copy_stores
 from kdcache.targets.sample import SampleSpec
 
 from .harness import environment
-from .options import QUALITY_METHODS, QualityPlan
-from .studies import knn_protocol, same_steps, train_variant, write_study
+from .options import QUALITY_OPTIONS, QualityPlan
+from .studies import paired, same_steps, spread, train_variant, write_study
 
 log = logging.getLogger("kdcache.bench")
+ONLINE = "online"
 
 
-def _train(plan: QualityPlan, out: str, *, progress: bool, **kw) -> dict:
-    return train_variant(out, progress=progress, data=plan.corpus, student=plan.student, epochs=plan.epochs,
-                         batch_size=plan.batch_size, workers=plan.workers, lr=plan.lr, warmup_steps=4,
-                         head_hidden=plan.head_hidden, log_every=5, seed=plan.seed, **kw)
+def _record(path: str, make) -> dict:
+    """The JSON kept at ``path``, or ``make()`` written there (a resumed study does not redo it)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    r = make()
+    with open(path, "w") as f:
+        json.dump(r, f)
+    return r
 
 
-def _store(plan: QualityPlan, out: str, views: int, progress: bool) -> tuple[str, float]:
-    path = os.path.join(out, f"fp16-k{views}.zarr")
-    done = os.path.join(out, f"fp16-k{views}.json")  # the first extraction's time, kept for a resumed study
-    if os.path.exists(done) and Store.exists(path):
-        with open(done) as f:
-            return path, json.load(f)["extract_seconds"]
-    t0 = time.perf_counter()
-    extract(plan.corpus, path, [plan.teacher], ExtractOptions(views=views, seed=plan.seed, batch_size=32, workers=plan.workers,
-                                                             progress=progress))
-    seconds = time.perf_counter() - t0
-    with open(done, "w") as f:
-        json.dump({"extract_seconds": seconds}, f)
-    return path, seconds
+def _store(plan: QualityPlan, out: str, seed: int, views: int, *, dense: bool = False, progress: bool) -> dict:
+    """The fp16 store of K=``views`` (view seed ``seed``; with ``dense`` its dense maps too): its
+    path, extraction seconds, counted teacher images and stored bytes per image."""
+    name = f"fp16-k{views}{'-dense' if dense else ''}-s{seed}"
+    path = os.path.join(out, "stores", f"{name}.zarr")
+
+    def make():
+        shutil.rmtree(path, ignore_errors=True)  # an interrupted extraction: timed from scratch
+        t0 = time.perf_counter()
+        s = extract(plan.corpus, path, [plan.teacher], ExtractOptions(
+            views=views, seed=seed, batch_size=32, workers=plan.workers, progress=progress, decode="full",
+            dense_scale=plan.dense_scale if dense else 0))
+        d = info(Store.open(path))
+        return {"path": path, "extract_seconds": time.perf_counter() - t0, "teacher_images": s.teacher_images,
+                "bytes_per_image": sum(t["bytes_per_sample"] for t in d["teachers"].values())}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return _record(os.path.join(out, "stores", f"{name}.json"), make)
 
 
-def _quantized(plan: QualityPlan, out: str, base: str, method: str, fraction: int, progress: bool) -> str:
-    store = Store.open(base)
-    teacher, meta = next(iter(store.meta.teachers.items()))
-    m = max(1, 2 * meta.dim // fraction)
-    path = os.path.join(out, f"{method}-1of{fraction}-k{plan.quantized_views}.zarr")
-    if not (os.path.exists(path) and Store.open(path).meta.teachers[teacher].quantizer):
-        if os.path.exists(path):
-            import shutil
-            shutil.rmtree(path)
-        copy_stores([base], path, progress=False)
-        quantize_store(path, teacher, QuantizerSpec.parse(QUALITY_METHODS[method].format(m=m)),
-                       sample=SampleSpec(train_tokens=plan.train_tokens, pool=1), progress=progress)
-    return path
+def _quantized(plan: QualityPlan, out: str, base: dict, seed: int, *, progress: bool) -> dict:
+    """A copy of ``base`` with its patch tokens as OPQ codes at 1/32 of fp16 (M = dim / 16 bytes)."""
+    path = os.path.join(out, "stores", f"opq-1of32-k{plan.option_views}-s{seed}.zarr")
+
+    def make():
+        shutil.rmtree(path, ignore_errors=True)
+        t0 = time.perf_counter()
+        copy_stores([base["path"]], path, progress=False)
+        teacher, meta = next(iter(Store.open(path).meta.teachers.items()))
+        quantize_store(path, teacher, QuantizerSpec.parse(f"opq:m={max(1, meta.dim // 16)},opq_iter=10"),
+                       sample=SampleSpec(train_tokens=plan.train_tokens, pool=1, seed=seed), progress=progress)
+        d = info(Store.open(path))
+        return {"path": path, "extract_seconds": base["extract_seconds"] + time.perf_counter() - t0,
+                "teacher_images": base["teacher_images"], "bytes_per_image": d["teachers"][teacher]["bytes_per_sample"]}
+    return _record(os.path.join(out, "stores", f"opq-1of32-k{plan.option_views}-s{seed}.json"), make)
+
+
+def kfold_scores(x: np.ndarray, y: np.ndarray, *, folds: int, seed: int = 0) -> dict:
+    """k-fold kNN and linear probe over every sample: each sample is scored once, by a probe fitted
+    on the other folds; the folds are a seeded permutation (the same for every run of a study)."""
+    parts = np.array_split(np.random.default_rng(seed).permutation(len(y)), folds)
+    knn = linear = 0.0
+    for i, va in enumerate(parts):
+        tr = np.concatenate([p for j, p in enumerate(parts) if j != i])
+        knn += knn_classify(x[tr], y[tr], x[va], y[va])["top1"] * len(va)
+        linear += linear_probe(x[tr], y[tr], x[va], y[va], seed=seed)["top1"] * len(va)
+    return {"knn": knn / len(y), "linear": linear / len(y), "n": int(len(y)), "folds": folds}
+
+
+def _scores(run: str, corpus: str, plan: QualityPlan) -> dict:
+    def make():
+        net, data, _ = run_student(run)
+        f = labelled_model_features(net, data, corpus)
+        return kfold_scores(f["x"], f["y"], folds=plan.folds)
+    return _record(os.path.join(run, "quality-scores.json"), make)
+
+
+def _defaults(plan: QualityPlan, out: str) -> QualityPlan:
+    if plan.corpus is None:
+        corpus = os.path.join(out, "corpus")
+        if not os.path.isdir(corpus):
+            build_demo_corpus(corpus, digits=plan.digits, photos=plan.photos, shard_size=96)
+        plan = replace(plan, corpus=corpus)
+    if plan.teacher is None:
+        plan = replace(plan, teacher=f"{shipped_teacher(out)},img_size={plan.teacher_size}")
+    return plan
 
 
 def quality_study(out: str, plan: QualityPlan = QualityPlan(), *, progress: bool = True) -> dict:
     os.makedirs(out, exist_ok=True)
-    if plan.corpus is None:
-        corpus = os.path.join(out, "corpus")
-        build_demo_corpus(corpus, digits=plan.digits, photos=plan.photos)
-        plan = QualityPlan(**{**asdict(plan), "corpus": corpus})
-    if plan.teacher is None:
-        plan = QualityPlan(**{**asdict(plan), "teacher": shipped_teacher(out)})
-    stores, extract_seconds = {}, {}
-    for k in plan.views:
-        stores[k], extract_seconds[k] = _store(plan, out, k, progress)
-    teacher = next(iter(Store.open(stores[plan.views[0]]).meta.teachers))
+    plan = _defaults(plan, out)
+    longest = max(plan.schedules)
+    runs = []  # one per (variant, schedule, seed)
+
+    def train(variant: str, epochs: int, seed: int, store: dict | None, **kw):
+        run_dir = os.path.join(out, "runs", f"{variant.replace(' ', '-').replace('/', 'of')}-e{epochs}-s{seed}")
+        source = dict(store=store["path"], view_choice="augmented") if store else dict(store="", online=True,
+                                                                                          teachers=(plan.teacher,))
+        r = train_variant(run_dir, progress=progress, data=plan.corpus, student=plan.student, epochs=epochs,
+                          batch_size=plan.batch_size, workers=plan.workers, lr=plan.lr, warmup_steps=4,
+                          head_hidden=plan.head_hidden, log_every=10, seed=seed, decode="full", **source, **kw)
+        runs.append({"variant": variant, "epochs": epochs, "seed": seed, "run": run_dir, "steps": r["steps"],
+                     "fit_seconds": r["fit_seconds"],
+                     # cached: the store's extraction; online: its own forward passes (statistics included)
+                     "teacher_images": store["teacher_images"] if store else r["teacher_images"],
+                     "extract_seconds": store["extract_seconds"] if store else 0.0,
+                     "bytes_per_image": store["bytes_per_image"] if store else None,
+                     **_scores(run_dir, plan.corpus, plan)})
+
+    for seed in plan.seeds:
+        stores = {k: _store(plan, out, seed, k, progress=progress) for k in plan.views}
+        for epochs in plan.schedules:
+            train(ONLINE, epochs, seed, None)
+            for k in plan.views:
+                train(f"K={k}", epochs, seed, stores[k])
+        base = stores.get(plan.option_views)
+        for option in plan.options:
+            if option == "dense":
+                store = _store(plan, out, seed, plan.option_views, dense=True, progress=progress)
+            elif option == "opq 1/32":
+                store = _quantized(plan, out, base, seed, progress=progress)
+            else:
+                store = base
+            train(f"K={plan.option_views} {option}", longest, seed, store, **QUALITY_OPTIONS[option])
+    for epochs in plan.schedules:
+        same_steps([r for r in runs if r["epochs"] == epochs])
+    random_init = random_init_student(runs[0]["run"], seed=0)
+    base_scores = kfold_scores(**_xy(random_init, plan.corpus), folds=plan.folds)
+    result = {"plan": asdict(plan), "environment": environment(), "runs": runs, "rows": summarize(runs, plan),
+              "random_init": base_scores}
+    write_study(out, "quality", result, format_quality(result))
+    result["plot"] = plot_quality(result, os.path.join(out, "quality.png"))
+    return result
+
+
+def _xy(model_data, corpus: str) -> dict:
+    net, data, _ = model_data
+    f = labelled_model_features(net, data, corpus)
+    return {"x": f["x"], "y": f["y"]}
+
+
+def summarize(runs: list[dict], plan: QualityPlan) -> list[dict]:
+    """One row per (variant, schedule): mean ± sd over seeds, paired differences to the online run
+    of the same seed and schedule (and, for the codes, to the fp16 store they came from)."""
+    by = {}
+    for r in runs:
+        by.setdefault((r["variant"], r["epochs"]), {})[r["seed"]] = r
     rows = []
-
-    def add(name, kind, run_dir, store=None, **train_kw):
-        r = _train(plan, run_dir, progress=progress, store=store or "", **train_kw)
-        knn = probe_model("run", plan.corpus, ProbeOptions(seed=plan.seed), run=run_dir)
-        per_sample = None
-        if store:
-            d = info(Store.open(store))
-            per_sample = d["teachers"][teacher]["bytes_per_sample"] / d["views"]
-        rows.append({"variant": name, "kind": kind, "store": store, "run": run_dir, "steps": r["steps"],
-                     "fit_seconds": r["fit_seconds"], "bytes_per_view": per_sample, "top1": knn["top1"], "top5": knn["top5"]})
-
-    add("online", "online", os.path.join(out, "run-online"), online=True, teachers=(plan.teacher,))
-    for k in plan.views:
-        add(f"fp16 K={k}", "fp16", os.path.join(out, f"run-fp16-k{k}"), store=stores[k])
-    for method in plan.methods:
-        for fraction in plan.fractions:
-            q = _quantized(plan, out, stores[plan.quantized_views], method, fraction, progress)
-            add(f"{method} 1/{fraction} K={plan.quantized_views}", "quantized", os.path.join(out, f"run-{method}-1of{fraction}"),
-                store=q)
-    if plan.predict_codes and plan.methods and plan.fractions:
-        method, fraction = plan.methods[0], max(plan.fractions)
-        q = _quantized(plan, out, stores[plan.quantized_views], method, fraction, progress)
-        add(f"{method} 1/{fraction} K={plan.quantized_views}, --predict-codes", "codes",
-            os.path.join(out, f"run-{method}-1of{fraction}-codes"), store=q, predict_codes=True)
-    steps = same_steps(rows)
-    random_init = probe_model("model", plan.corpus, ProbeOptions(seed=plan.seed), model=plan.student)
-    teacher_knn = probe_store(stores[plan.views[0]], plan.corpus, ProbeOptions(seed=plan.seed))
-    online = rows[0]
-    fp16 = {r["store"]: r for r in rows if r["kind"] == "fp16"}
-    for r in rows:
-        r["vs_online"] = r["top1"] / online["top1"] if online["top1"] else None
-        base = fp16.get(stores[plan.quantized_views]) if r["kind"] in ("quantized", "codes") else None
-        r["vs_fp16_same_k"] = r["top1"] / base["top1"] if base and base["top1"] else None
-        r["online_fit_over_this"] = online["fit_seconds"] / r["fit_seconds"]
-    result = {"plan": asdict(plan), "environment": environment(), "steps": steps, "rows": rows,
-              "random_init": {"top1": random_init["top1"], "top5": random_init["top5"]},
-              "teacher": {"top1": teacher_knn["top1"], "top5": teacher_knn["top5"]},
-              "extract_seconds": extract_seconds, "protocol": knn_protocol(random_init)}
-    return write_study(out, "quality", result, format_quality(result))
+    for (variant, epochs), seeds in by.items():
+        online = by[(ONLINE, epochs)]
+        common = sorted(set(seeds) & set(online))
+        pick = lambda rs, key: [rs[s][key] for s in common]  # noqa: E731
+        row = {"variant": variant, "epochs": epochs, "seeds": common, "steps": seeds[common[0]]["steps"]}
+        for key in ("knn", "linear", "teacher_images", "extract_seconds", "fit_seconds"):
+            row[key] = spread(pick(seeds, key))
+        row["total_seconds"] = spread([a + b for a, b in zip(pick(seeds, "extract_seconds"), pick(seeds, "fit_seconds"))])
+        row["bytes_per_image"] = seeds[common[0]]["bytes_per_image"]
+        if variant != ONLINE:
+            for key in ("knn", "linear"):
+                row[f"{key}_vs_online"] = paired(pick(seeds, key), pick(online, key))
+                row[f"{key}_over_online"] = row[key]["mean"] / spread(pick(online, key))["mean"]
+            row["forwards_over_online"] = row["teacher_images"]["mean"] / spread(pick(online, "teacher_images"))["mean"]
+            row["seconds_over_online"] = row["total_seconds"]["mean"] / spread(pick(online, "fit_seconds"))["mean"]
+        fp16 = by.get((f"K={plan.option_views}", epochs))
+        if variant.endswith("opq 1/32") and fp16:
+            row["knn_over_fp16"] = row["knn"]["mean"] / spread([fp16[s]["knn"] for s in common])["mean"]
+            row["knn_vs_fp16"] = paired(pick(seeds, "knn"), [fp16[s]["knn"] for s in common])
+        rows.append(row)
+    return rows
 
 
 def format_quality(r: dict) -> str:
-    p, pr = r["plan"], r["protocol"]
-    f = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-    lines = [f"# quality: {p['student']} from {p['teacher'].split(',')[0]}, {r['steps']} steps each "
-             f"({p['epochs']} epochs of batch {p['batch_size']})",
-             f"kNN k={pr['k']}, T={pr['temperature']}, {pr['n_train']} train / {pr['n_val']} val samples, "
-             f"{pr['classes']} classes, split seed {pr['split_seed']}", "",
-             "| variant | KiB/view stored | fit s | online fit s / this | kNN top-1 | top-5 | vs online | vs fp16 same K |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in r["rows"]:
-        kib = None if row["bytes_per_view"] is None else row["bytes_per_view"] / 1024
-        lines.append(f"| {row['variant']} | {f(kib, 1)} | {row['fit_seconds']:.1f} | {row['online_fit_over_this']:.2f} | "
-                     f"{row['top1']:.3f} | {row['top5']:.3f} | {f(row['vs_online'])} | {f(row['vs_fp16_same_k'])} |")
-    lines += [f"| random-init student | - | - | - | {r['random_init']['top1']:.3f} | {r['random_init']['top5']:.3f} | - | - |",
-              f"| teacher, cached features | - | - | - | {r['teacher']['top1']:.3f} | {r['teacher']['top5']:.3f} | - | - |",
-              "", "extraction (teacher paid once): " + ", ".join(f"K={k}: {s:.0f} s" for k, s in r["extract_seconds"].items())]
+    p = r["plan"]
+    ms = lambda s, d=3: f"{s['mean']:.{d}f} ± {s['sd']:.{d}f}"  # noqa: E731
+    ci = lambda x: "-" if x is None else f"{x['mean']:+.3f} [{x['low']:+.3f}, {x['high']:+.3f}]"  # noqa: E731
+    num = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    lines = [f"# quality: {p['student']} from {p['teacher'].split(',')[0]} ({p['teacher_size'] if 'effnet' in p['teacher'] else ''}"
+             f"), {len(p['seeds'])} seeds per row (mean ± sd), paired differences to online with 95% intervals",
+             f"{r['rows'][0]['knn'].get('n', '')} seeds; every labelled image scored by {p['folds']}-fold kNN (k=20, T=0.07) "
+             f"and a {p['folds']}-fold linear probe; random-init student: kNN {r['random_init']['knn']:.3f}, "
+             f"linear {r['random_init']['linear']:.3f} ({r['random_init']['n']} images)", "",
+             "| epochs | variant | steps | kNN | kNN / online | kNN - online | linear | linear - online | "
+             "teacher images | / online | extract s | train s | total s / online | KiB/image stored |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(r["rows"], key=lambda x: (x["epochs"], x["variant"] != ONLINE)):
+        kib = None if row["bytes_per_image"] is None else row["bytes_per_image"] / 1024
+        lines.append(f"| {row['epochs']} | {row['variant']} | {row['steps']} | {ms(row['knn'])} | "
+                     f"{num(row.get('knn_over_online'), 3)} | {ci(row.get('knn_vs_online'))} | {ms(row['linear'])} | "
+                     f"{ci(row.get('linear_vs_online'))} | {row['teacher_images']['mean']:,.0f} | "
+                     f"{num(row.get('forwards_over_online'), 3)} | {row['extract_seconds']['mean']:.0f} | "
+                     f"{row['fit_seconds']['mean']:.0f} | {num(row.get('seconds_over_online'))} | {num(kib, 1)} |")
+    codes = [row for row in r["rows"] if "knn_over_fp16" in row]
+    for row in codes:
+        lines += ["", f"{row['variant']} at {row['epochs']} epochs / fp16 K={p['option_views']}: kNN "
+                      f"{row['knn_over_fp16']:.3f}x, difference {ci(row['knn_vs_fp16'])}"]
     return "\n".join(lines)
+
+
+def plot_quality(r: dict, path: str) -> str:
+    """kNN against epochs, a line per K and for online, bands of ± sd; the options as points at the
+    longest schedule."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines = {}
+    for row in r["rows"]:
+        lines.setdefault(row["variant"], []).append(row)
+    for variant, rows in lines.items():
+        rows.sort(key=lambda x: x["epochs"])
+        e = [x["epochs"] for x in rows]
+        m = np.array([x["knn"]["mean"] for x in rows])
+        sd = np.array([x["knn"]["sd"] for x in rows])
+        if len(rows) > 1:
+            ax.plot(e, m, marker="o", label=variant, lw=2.5 if variant == ONLINE else 1.5,
+                    color="black" if variant == ONLINE else None)
+            ax.fill_between(e, m - sd, m + sd, alpha=0.15, color="black" if variant == ONLINE else None)
+        else:
+            ax.errorbar(e, m, yerr=sd, fmt="s", capsize=3, label=variant)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("epochs")
+    ax.set_ylabel(f"{r['plan']['folds']}-fold kNN top-1 (mean ± sd over seeds)")
+    ax.set_title(f"{r['plan']['student']}: cached K views vs online")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

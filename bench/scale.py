@@ -34,6 +34,8 @@ from dataclasses import asdict
 
 import numpy as np
 
+from kdcache.errors import KdcacheError
+
 from .harness import environment
 from .options import ScaleBench
 
@@ -80,7 +82,8 @@ def _run(args: list[str], env: dict) -> tuple[float, int, str]:
         p.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - t0
     if p.returncode != 0:
-        raise RuntimeError(f"kdcache {' '.join(args)} exited {p.returncode}: {err.decode(errors='replace')[-1500:]}")
+        tail = err.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        raise KdcacheError(f"bench scale: kdcache {' '.join(args[:2])} exited {p.returncode}: {tail[0]}")
     return seconds, usage.ru_maxrss * 1024, err.decode(errors="replace")
 
 
@@ -122,7 +125,6 @@ def bench_scale(o: ScaleBench) -> dict:
         if not os.path.exists(os.path.join(store, "shard_index.json")):
             build_store(corpus, store, progress=o.progress)
         built[n] = (corpus, store)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     locations = {"local": {n: (c, s, []) for n, (c, s) in built.items()}}
     server = None
     if o.s3 == "auto":
@@ -140,6 +142,7 @@ def bench_scale(o: ScaleBench) -> dict:
             remote[n] = (f"s3://kdcache-scale/corpus-{n}", f"s3://kdcache-scale/store-{n}.zarr",
                          ["--storage-option", f"endpoint_url={server.endpoint}"])
         locations["s3 (loopback moto)"] = remote
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # after the S3 set-up: its credentials too
     rows = []
     try:
         for where, stores in locations.items():

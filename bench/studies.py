@@ -21,7 +21,7 @@ def train_variant(out: str, *, progress: bool, **config) -> dict:
     run = build_run(TrainConfig(out=out, overwrite=True, **config), progress=progress)
     t0 = time.perf_counter()
     result = fit(run, progress=progress)
-    r = {"steps": result["steps"], "fit_seconds": time.perf_counter() - t0}
+    r = {"steps": result["steps"], "fit_seconds": time.perf_counter() - t0, "teacher_images": result["teacher_images"]}
     with open(done, "w") as f:
         json.dump(r, f)
     return r

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import click
 
-from kdcache.bench.options import (REPEAT, SCALE_COMMANDS, TEACHER_VARIANTS, CodecBench, ExtractBench, FormatsBench,
-                                   LoadBench, QualityPlan, QuantizeBench, ScaleBench, SoftLabelsPlan, TeachersPlan,
-                                   TrainBench)
+from kdcache.bench.options import (QUALITY_OPTIONS, REPEAT, SCALE_COMMANDS, TEACHER_VARIANTS, CodecBench, ExtractBench,
+                                   FormatsBench, LoadBench, QualityPlan, QuantizeBench, ScaleBench, SoftLabelsPlan,
+                                   TeachersPlan, TrainBench)
 from kdcache.store.meta import CODECS
 from kdcache.train.config import AMP
 
@@ -207,37 +207,46 @@ def bench_train(**kw):
 
 
 @bench.command("quality")
-@click.option("--out", required=True, help="Directory for the stores, runs, quality.json and quality.md (reused on rerun).")
+@click.option("--out", required=True, help="Directory for the stores, runs, quality.json, quality.md and quality.png "
+              "(reused on rerun).")
 @click.option("--data", "corpus", help="Labelled corpus. [default: the embedded corpus with --digits + --photos images]")
-@click.option("--teacher", help="NAME=MODEL[,key=value] teacher. [default: the shipped EfficientNet-Lite0]")
+@click.option("--teacher", help="NAME=MODEL[,key=value] teacher. [default: the shipped EfficientNet-Lite0 at "
+              "--teacher-size]")
+@click.option("--teacher-size", type=click.IntRange(min=32), help="The shipped teacher's input size." + QP("teacher_size"))
 @click.option("--student", help="MODEL[,key=value] student." + QP("student"))
-@click.option("--epochs", type=click.IntRange(min=1), help="Epochs of every variant." + QP("epochs"))
+@click.option("--schedules", help="Epochs of each schedule, comma-separated." + QP("schedules"))
+@click.option("--views", help="K of the fp16 stores (extract --views), comma-separated." + QP("views"))
+@click.option("--option-views", type=click.IntRange(min=2), help="K of the store the option rows derive from (one of "
+              "--views)." + QP("option_views"))
+@click.option("--option", "options", multiple=True, type=click.Choice(list(QUALITY_OPTIONS)),
+              help="Option rows at the longest schedule (repeat). [default: all]")
+@click.option("--no-options", is_flag=True, help="Leave out every option row. [default: off]")
+@click.option("--seeds", help="Seeds, comma-separated: each its own stores and runs." + QP("seeds"))
+@click.option("--folds", type=click.IntRange(min=2), help="k of the k-fold kNN and linear probe." + QP("folds"))
 @click.option("--batch-size", type=click.IntRange(min=1), help="Samples per step." + QP("batch_size"))
-@click.option("--views", help="K of the fp16 stores, comma-separated." + QP("views"))
-@click.option("--quantized-views", type=click.IntRange(min=1), help="K of the store the quantized variants derive from "
-              "(one of --views)." + QP("quantized_views"))
-@click.option("--fractions", help="Quantized patch bytes as 1/F of fp16, comma-separated." + QP("fractions"))
-@click.option("--methods", help="pq, opq, rq, rq+norm; comma-separated." + QP("methods"))
-@click.option("--no-predict-codes", is_flag=True, help="Leave out the --predict-codes variant. [default: off]")
 @click.option("--digits", type=click.IntRange(min=1), help="Embedded corpus: digit images." + QP("digits"))
 @click.option("--photos", type=click.IntRange(min=0), help="Embedded corpus: photo crops." + QP("photos"))
-@click.option("--train-tokens", type=click.IntRange(min=256), help="Quantizer training tokens." + QP("train_tokens"))
+@click.option("--train-tokens", type=click.IntRange(min=256), help="OPQ training tokens." + QP("train_tokens"))
 @click.option("--workers", type=click.IntRange(min=0), help="Loader workers." + QP("workers"))
 @click.option("--json", "as_json", is_flag=True, help="The result as JSON. [default: off]")
-def bench_quality(out, views, fractions, methods, no_predict_codes, as_json, **kw):
-    """kNN of students trained online, from fp16 stores with K views, from quantized stores, and
-    with --predict-codes: the same teacher, student and optimizer steps; ratios to online.
+def bench_quality(out, schedules, views, options, no_options, seeds, as_json, **kw):
+    """Is a cached student as good as an online one? Students trained online and from stores of K
+    views (the same crops for the first K-1 epochs, then repeated), at every schedule and seed;
+    the derived-view options and OPQ codes at the longest; k-fold kNN and linear probe over every
+    labelled image, paired differences to online with 95% intervals, teacher forwards counted.
 
     \b
     kdcache bench quality --out /tmp/quality
-    kdcache bench quality --out /tmp/q --views 1,8 --quantized-views 8 --methods opq --fractions 16
-    kdcache bench quality --out /tmp/q --data /data/labelled --teacher dino=vit_small_patch14_dinov2.lvd142m
+    kdcache bench quality --out /tmp/q --schedules 8 --views 1,4 --option-views 4 --option cutmix --seeds 0,1
+    kdcache bench quality --out /tmp/q --data /data/labelled --teacher dino=vit_small_patch14_dinov2.lvd142m \\
+        --student resnet18 --schedules 16,64,256 --views 2,4,8,16 --seeds 0,1,2
     """
     import json
 
     from kdcache.bench.quality import format_quality, quality_study
-    plan = QualityPlan(**drop_unset(views=comma_ints("--views", views), fractions=comma_ints("--fractions", fractions),
-                                    methods=comma_names(methods), predict_codes=False if no_predict_codes else None, **kw))
+    plan = QualityPlan(**drop_unset(schedules=comma_ints("--schedules", schedules), views=comma_ints("--views", views),
+                                    seeds=comma_ints("--seeds", seeds, low=0),
+                                    options=() if no_options else (tuple(options) or None), **kw))
     r = quality_study(out, plan)
     click.echo(json.dumps(r, indent=2) if as_json else format_quality(r))
 

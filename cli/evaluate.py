@@ -103,22 +103,39 @@ def eval_store(store, tokens, as_json, storage_options):
 
 
 @eval_group.command("fidelity")
-@click.option("--run", "run_dir", required=True, help="A training run directory.")
+@click.option("--run", "run_dir", help="A training run directory (how close its heads come to the targets). "
+              "[default: none: --derived needs none]")
 @click.option("--store", help="Store whose cached targets to compare with. [default: the run's]")
 @click.option("--data", help="Its corpus. [default: the run's]")
 @click.option("--shards", help="Glob of shards to evaluate on, e.g. held-out ones. [default: all of the corpus]")
+@click.option("--derived", multiple=True, type=click.Choice(["stored", "sub-views", "cutmix", "mixup", "dense"]),
+              help="Instead of a run: how close targets derived for new views (train --sub-views, --cutmix, --mixup, "
+                   "--dense-views) come to the teacher run on the same pixels, on --store/--data (repeat). [default: none]")
+@click.option("--teacher", "-t", help="With --derived: the store's teacher. [default: the first]")
+@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True, help="With --derived: samples per option.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
 @with_storage_options
-def eval_fidelity(run_dir, store, data, shards, as_json, storage_options):
+def eval_fidelity(run_dir, store, data, shards, derived, teacher, samples, as_json, storage_options):
     """Per teacher, mean cosine between the student's head outputs and the cached targets, summary
-    and patch tokens separately (normalised space and teacher space).
+    and patch tokens separately (normalised space and teacher space); or, with --derived, the
+    cosine between derived targets and the teacher run live on the same pixels.
 
     \b
     kdcache eval fidelity --run runs/r18
     kdcache eval fidelity --run runs/r18 --store heldout.zarr --data /data/heldout
+    kdcache eval fidelity --store heldout.zarr --data /data/heldout --derived stored --derived sub-views --derived dense
     """
-    from kdcache.eval.head_fidelity import fidelity, format_fidelity
     apply_storage_options(storage_options, store, data)
+    if derived:
+        if run_dir or not (store and data):
+            raise click.UsageError("--derived measures a store's targets: give --store and --data, not --run")
+        from kdcache.eval.derived_fidelity import derived_fidelity, format_derived
+        r = derived_fidelity(store, data, options=derived, teacher=teacher, samples=samples, progress=True)
+        click.echo(json.dumps(r, indent=2) if as_json else format_derived(r))
+        return
+    if not run_dir:
+        raise click.UsageError("--run is required (or --derived with --store and --data)")
+    from kdcache.eval.head_fidelity import fidelity, format_fidelity
     r = fidelity(run_dir, store=store, data=data, shards=shards)
     click.echo(json.dumps(r, indent=2) if as_json else format_fidelity(r))
 

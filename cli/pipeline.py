@@ -50,6 +50,9 @@ E, T, Q, S, DEMO = (defaults_of(c) for c in (ExtractOptions, TrainConfig, Quanti
 @click.option("--keep-float", is_flag=True, default=None, help="With --quantize: keep the float patches too. [default: off]")
 @click.option("--logits", type=int, help="Also store every teacher's top-K logits per view, with the log-sum-exp of all of "
               "them (soft labels; a teacher without a classifier head is refused). [default: 0, none]")
+@click.option("--dense-scale", type=int, help="Also one patch map per image: the whole image at this many times each "
+              "teacher's input (ViTs at a dynamic size, CNNs natively), from which training cuts any view's patch targets "
+              "(train --dense-views). [default: 0, none]")
 @click.option("--lease-seconds", type=float, help="A shard's lease lasts this long unless renewed (see README, "
               "Sharing)." + E("lease_seconds"))
 @click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
@@ -67,6 +70,7 @@ def extract(data, out, teachers, no_progress, storage_options, **kw):
     kdcache extract 'train-{000000..000099}.tar' -o s3://b/feats -t a=resnet50 -t b=vit_base_patch16_clip_224.openai
     kdcache extract imgs/ -o feats.zarr -t vit=vit_tiny_patch16_224,pretrained=false,img_size=64 --dtype bfloat16
     kdcache extract /data/shards -o feats.zarr -t effnet=tf_efficientnet_lite0 --views 8 --logits 10
+    kdcache extract /data/shards -o feats.zarr -t dino=vit_small_patch14_dinov2.lvd142m --views 4 --dense-scale 2
     torchrun --nproc_per_node=8 -m kdcache extract /data/shards -o feats.zarr -t dino=vit_large_patch14_dinov2
     """
     from kdcache.extract.run import extract as run
@@ -188,6 +192,16 @@ def demo(no_progress, **kw):
               + T("view_choice"))
 @click.option("--shuffle-buffer", type=int, help="Samples shuffled in a buffer within each worker." + T("shuffle_buffer"))
 @click.option("--color-jitter", type=float, help="Student-only photometric augmentation strength." + T("color_jitter"))
+@click.option("--sub-views", type=float, help="New views of a finite store: a random box inside each stored view, of at "
+              "least this share of its area; patch targets RoIAligned from the stored grid, the summary the view's "
+              "(0 = off)." + T("sub_views"))
+@click.option("--cutmix", type=float, help="Probability of a CutMix batch: a box of another sample, snapped to the first "
+              "teacher's patch grid, with its patch targets; summaries mixed by area (0 = off)." + T("cutmix"))
+@click.option("--mixup", type=float, help="MixUp alpha: samples blended with Beta(alpha, alpha) weights, targets alike "
+              "(with --cutmix: the batches CutMix leaves; 0 = off)." + T("mixup"))
+@click.option("--dense-views", is_flag=True, default=None, help="Fresh views every epoch, their patch targets cut from "
+              "the store's dense maps (extract --dense-scale); a pooling teacher's summary is the cut patches' mean, a CLS "
+              "teacher's is left out. [default: off]")
 @click.option("--decode", type=click.Choice(DECODES), help="JPEGs decoded at the scale the student's crop needs "
               "(reduced) or at full size; auto: as the store records (online: reduced)." + T("decode"))
 @click.option("--normalize", type=click.Choice(tuple(NORMALIZERS)), help="Target normalisation." + T("normalize"))

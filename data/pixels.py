@@ -26,7 +26,7 @@ import hashlib
 import io
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -164,6 +164,23 @@ def view_at(policy: ViewPolicy, key: str, index: int, height: int, width: int) -
     return np.array((t / height, l / width, h / height, w / width, flip), dtype=np.float32)
 
 
+def sub_view(view: np.ndarray, seed: int, key: str, epoch: int, min_area: float) -> tuple[np.ndarray, np.ndarray]:
+    """A random box inside a stored view (``train --sub-views``): its share of the view's area
+    uniform in [min_area, 1], aspect ratio in [3/4, 4/3], seeded by (seed, key, epoch). Returns
+    the student's view (5,) in image fractions (the stored view's flip kept) and the box (4,) in
+    fractions of the stored view's crop as the teacher saw it (mirrored when the view is flipped),
+    which is where its patch targets are cut from the stored grid."""
+    t, l, h, w, flip = (float(x) for x in view)
+    rng = view_rng(seed, f"{key}\0sub-view", epoch)
+    area = rng.uniform(min_area, 1.0)
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    rh, rw = min(1.0, math.sqrt(area / ratio)), min(1.0, math.sqrt(area * ratio))
+    rt, rl = rng.uniform(0.0, 1.0 - rh), rng.uniform(0.0, 1.0 - rw)
+    student = np.array((t + rt * h, l + rl * w, rh * h, rw * w, flip), dtype=np.float32)
+    box = np.array((rt, 1.0 - rl - rw if flip >= 0.5 else rl, rh, rw), dtype=np.float32)
+    return student, box
+
+
 def sample_views(policy: ViewPolicy, key: str, height: int, width: int) -> np.ndarray:
     """(K, 5) float32: the stored views of image ``key`` of size ``height`` x ``width``."""
     return np.stack([view_at(policy, key, v, height, width) for v in range(policy.views)])
@@ -204,11 +221,13 @@ class Crop:
 
 @dataclass
 class ViewPixels:
-    """A sample, its views (k, 5) and per ``Crop`` the crops of those views, (k, 3, h, w) uint8."""
+    """A sample, its views (k, 5) and per ``Crop`` the crops of those views, (k, 3, h, w) uint8;
+    per ``whole`` crop the whole image at that size, (3, h, w) uint8 (dense maps)."""
 
     sample: RawSample
     views: np.ndarray
     crops: list[torch.Tensor]
+    whole: list[torch.Tensor] = field(default_factory=list)
 
 
 ViewsOf = Callable[[RawSample, int, int], np.ndarray]  # (sample, height, width) -> (k, 5) views
@@ -223,19 +242,22 @@ def crop_need(views: np.ndarray, crops: Sequence[Crop]) -> Need:
 
 
 def view_pixels(samples: Iterable[RawSample], *, views: ViewsOf, crops: Sequence[Crop], decode: DecodeOptions,
-                handler: Callable[[Skip], None]) -> Iterator[ViewPixels]:
+                handler: Callable[[Skip], None], whole: Sequence[Crop] = ()) -> Iterator[ViewPixels]:
     """Decode each sample, ask ``views`` which views of it to cut (drawn from the policy, the
     stored ones, the one of this epoch), and cut each at every ``Crop``. A sample that does not
     decode goes to ``handler`` (which records it, or raises). Views are drawn from the image's
-    full size; the decode is then as small as the views and crops allow (``DecodeOptions.reduced``)."""
-    for c in crops:
+    full size; the decode is then as small as the views and crops allow (``DecodeOptions.reduced``).
+    ``whole``: also the whole image at each of these sizes (the dense maps of ``extract``)."""
+    for c in (*crops, *whole):
         interpolation_mode(c.interpolation)
     for s in samples:
         chosen = []
 
         def need(h: int, w: int):  # the views are drawn from the full size, before the pixels are decoded
             chosen.append(np.asarray(views(s, h, w), dtype=np.float32).reshape(-1, 5))
-            return crop_need(chosen[0], crops)(h, w)
+            nh, nw = crop_need(chosen[0], crops)(h, w)
+            wh, ww = crop_need(WHOLE_IMAGE, whole)(h, w) if whole else (0, 0)
+            return max(nh, wh), max(nw, ww)
 
         try:
             rgb = decode_sample(s, decode, need)
@@ -245,7 +267,8 @@ def view_pixels(samples: Iterable[RawSample], *, views: ViewsOf, crops: Sequence
         chosen = chosen[0]
         image = torch.from_numpy(rgb).permute(2, 0, 1)
         yield ViewPixels(s, chosen, [torch.stack([replay_view(image, v, c.size, c.interpolation) for v in chosen])
-                                     for c in crops])
+                                     for c in crops],
+                         [replay_view(image, WHOLE_IMAGE[0], c.size, c.interpolation) for c in whole])
 
 
 def decodable(samples: Iterable[RawSample], *, decode: DecodeOptions, handler: Callable[[Skip], None]) -> Iterator[RawSample]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from kdcache.data.corpus import resolve_corpus
 from kdcache.data.pixels import Crop, view_at, view_pixels
 from kdcache.data.walk import record_to, screened
 from kdcache.errors import KdcacheError
-from kdcache.models.teacher import Teacher, create_teacher
+from kdcache.models.teacher import Teacher, create_teacher, teacher_from_meta
 from kdcache.store.meta import TeacherMeta, ViewPolicy
 
 from .model_features import run_student
@@ -46,17 +47,7 @@ def run_teacher(run: str, name: str | None = None) -> Teacher:
     name = name or (soft[0] if soft else next(iter(metas)))
     if name not in metas:
         raise KdcacheError(f"--teacher {name}: not a teacher of {run}'s store ({', '.join(metas)})")
-    m = metas[name]
-    spec = ",".join([f"{name}={m.model}", f"pretrained={str(m.pretrained).lower()}",
-                     *([f"checkpoint={m.checkpoint}"] if m.checkpoint else []),
-                     *(f"{k}={v}" for k, v in m.model_kwargs.items() if k != "img_size"),
-                     f"img_size={m.input_size[1]}", f"mean={':'.join(map(str, m.mean))}", f"std={':'.join(map(str, m.std))}",
-                     f"interpolation={m.interpolation}", f"crop_pct={m.crop_pct}"])
-    teacher = create_teacher(spec)
-    if teacher.meta.weights_sha256 != m.weights_sha256:
-        raise KdcacheError(f"teacher {name}: the weights built from {m.checkpoint or m.model} are not the ones the store was "
-                           f"extracted with (weights fingerprint differs)")
-    return teacher
+    return teacher_from_meta(name, metas[name])
 
 
 @torch.inference_mode()
@@ -89,7 +80,8 @@ def accuracy(run: str, data: str, *, teacher: str | None = None, batch_size: int
     crops = [Crop(sdata.hw, sdata.interpolation), Crop(t.input_hw, t.meta.interpolation)]
     for shard in tqdm(corpus.shards, unit="shard", desc="accuracy", disable=not progress, dynamic_ncols=True):
         for item in view_pixels(screened(corpus, shard, record_to(skipped)), views=eval_views, crops=crops,
-                                decode=corpus.options.decode, handler=record_to(skipped)):
+                                decode=replace(corpus.options.decode, reduced=False),  # judged as deployed: full-size decodes
+                                handler=record_to(skipped)):
             batch.append((item.crops[0][0], item.crops[1][1]))
             labels.append(-1 if item.sample.label is None else int(item.sample.label))
             if len(batch) == batch_size:

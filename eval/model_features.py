@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import safetensors.torch
@@ -98,7 +99,8 @@ def labelled_model_features(model: torch.nn.Module, data: DataConfig, corpus_spe
     for shard in corpus.shards:
         labelled = (s for s in screened(corpus, shard, record_to(skipped)) if s.label is not None)
         for item in view_pixels(labelled, views=eval_view, crops=[Crop(data.hw, data.interpolation)],
-                                decode=corpus.options.decode, handler=record_to(skipped)):
+                                decode=replace(corpus.options.decode, reduced=False),  # judged as deployed: full-size decodes
+                                handler=record_to(skipped)):
             batch.append(item.crops[0][0])
             ys.append(item.sample.label)
             keys.append(item.sample.key)

@@ -41,6 +41,12 @@ def store_report(url: str, *, tokens: int = TOKENS) -> dict:
             lo = meta.logits
             raw = lo["k"] * (itemsize(meta.dtype) + np.dtype(lo["index_dtype"]).itemsize) + 4
             row["logits"] = {**lo, "bytes_per_view": t["logits"]["bytes_per_view"], "raw_bytes_per_view": raw}
+        if meta.dense:  # one map per image: beside the K stored views it costs this much
+            de, per_view = meta.dense, (t["bytes_per_sample"] - t["dense"]["bytes"] / max(1, d["samples"])) / d["views"]
+            codes = bool((meta.quantizer or {}).get("patch"))
+            row["dense"] = {**de, "bytes_per_image": t["dense"]["bytes_per_image"], "codes": codes,
+                            "raw_fp16_bytes_per_image": de["grid"][0] * de["grid"][1] * meta.dim * 2,
+                            "stored_views_equivalent": t["dense"]["bytes_per_image"] / per_view if per_view else None}
         out["teachers"][name] = row
     return out
 
@@ -74,4 +80,12 @@ def format_store_report(r: dict) -> str:
         lines += ["", "| teacher | soft labels | B/view stored | B/view raw |", "|---|---|---|---|"]
         lines += [f"| {name} | top-{lo['k']} of {lo['classes']} classes ({lo['index_dtype']} indices) | "
                   f"{lo['bytes_per_view']:.1f} | {lo['raw_bytes_per_view']} |" for name, lo in soft]
+    dense = [(name, t["dense"]) for name, t in r["teachers"].items() if t.get("dense")]
+    if dense:
+        lines += ["", "| teacher | dense map | KiB/image stored | KiB/image raw fp16 | = stored views of this store |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {name} | {de['scale']}x input, {de['grid'][0]}x{de['grid'][1]} tokens{', codes' if de['codes'] else ''} | "
+                  f"{de['bytes_per_image'] / 1024:.1f} | {de['raw_fp16_bytes_per_image'] / 1024:.1f} | "
+                  f"{'-' if de['stored_views_equivalent'] is None else format(de['stored_views_equivalent'], '.1f')} |"
+                  for name, de in dense]
     return "\n".join(lines)

@@ -58,6 +58,7 @@ class ViewBatch:
     views: np.ndarray  # (n, K, 5) float32
     crops: list[torch.Tensor]
     last: bool = False
+    whole: list[torch.Tensor] = field(default_factory=list)  # per dense group: the whole images (n, 3, h, w) uint8
     failed: list[dict] = field(default_factory=list)
     moved_on: str | None = None  # why this job leaves the shard to another (it holds the lease, or finished it)
 
@@ -66,6 +67,7 @@ class ViewBatch:
 
     def pin_memory(self) -> "ViewBatch":  # called by DataLoader(pin_memory=True)
         self.crops = [c.pin_memory() for c in self.crops]
+        self.whole = [c.pin_memory() for c in self.whole]
         return self
 
 
@@ -85,8 +87,9 @@ class ShardBatches(IterableDataset):
 
     def __init__(self, corpus: Corpus, jobs: list[ShardJob], *, policy: ViewPolicy, groups: list[Crop],
                  batch_size: int, on_error: str = "skip", decode: DecodeOptions = DecodeOptions(),
-                 lease: LeaseSpec | None = None):
+                 lease: LeaseSpec | None = None, dense_groups: list[Crop] = ()):
         self.corpus, self.jobs, self.policy, self.groups = corpus, jobs, policy, groups
+        self.dense_groups = list(dense_groups)  # whole-image sizes of the teachers' dense maps
         self.batch_size, self.on_error, self.decode, self.lease = batch_size, on_error, decode, lease
 
     def __iter__(self) -> Iterator[ViewBatch]:
@@ -121,7 +124,8 @@ class ShardBatches(IterableDataset):
             samples = align(self.corpus, job.shard, job.replay.keys, job.replay.failed)
             stored = job.replay.views
             views = lambda s, h, w: stored[s.row]  # noqa: E731
-        pixels = view_pixels(samples, views=views, crops=self.groups, decode=self.decode, handler=handler)
+        pixels = view_pixels(samples, views=views, crops=self.groups, decode=self.decode, handler=handler,
+                             whole=self.dense_groups)
         yield from batched(pixels, job.shard.name, self.batch_size, failed)
 
 
@@ -131,9 +135,10 @@ def batched(items: Iterable[ViewPixels], shard: str, batch_size: int, failed: li
 
     def emit(last: bool) -> ViewBatch:
         crops = [torch.stack([p.crops[g] for p in group]) for g in range(len(group[0].crops))] if group else []
+        whole = [torch.stack([p.whole[g] for p in group]) for g in range(len(group[0].whole))] if group else []
         views = np.stack([p.views for p in group]).astype(np.float32) if group else np.zeros((0, 0, 5), np.float32)
         return ViewBatch(shard, [p.sample.key for p in group], views, crops, last=last,
-                         failed=list(failed) if last else [])
+                         failed=list(failed) if last else [], whole=whole)
 
     for item in items:
         group.append(item)

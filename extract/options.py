@@ -13,6 +13,7 @@ from kdcache.quantize.quantizer_spec import QuantizerSpec
 from kdcache.store.dtypes import STORAGE_DTYPES
 from kdcache.store.lease import LEASE_SECONDS
 from kdcache.store.meta import CODECS
+from kdcache.store.schema import MAX_DENSE_SCALE
 
 
 class ExtractError(KdcacheError):
@@ -45,10 +46,11 @@ class ExtractOptions:
     quantize_pool: int = 4  # sample from the first shards holding >= pool x the training tokens
     lease_seconds: float = LEASE_SECONDS  # a shard's lease lasts this long unless renewed (store.lease)
     logits: int = 0  # store every teacher's top-K logits (and their log-sum-exp) per view; 0 = none
+    dense_scale: int = 0  # also one patch map per image of the whole image at this many times the input; 0 = none
 
     def __post_init__(self):
         at_least = {"views": 1, "batch_size": 1, "workers": 0, "folder_shard_size": 1, "max_pixels": 1, "min_size": 1,
-                    "quantize_sample": 256, "quantize_pool": 1, "logits": 0}
+                    "quantize_sample": 256, "quantize_pool": 1, "logits": 0, "dense_scale": 0}
         for name, low in at_least.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
@@ -57,6 +59,8 @@ class ExtractOptions:
                               ("decode", DECODE_MODES)):
             if getattr(self, name) not in allowed:
                 raise ExtractError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if self.dense_scale > MAX_DENSE_SCALE:
+            raise ExtractError(f"--dense-scale {self.dense_scale}: at most {MAX_DENSE_SCALE}")
         if not isinstance(self.lease_seconds, (int, float)) or not 1 <= self.lease_seconds <= 7 * 86400:
             raise ExtractError(f"--lease-seconds {self.lease_seconds!r}: need a number of seconds in 1..604800")
         if self.quantize is not None:

@@ -26,7 +26,7 @@ from kdcache.quantize.quantizer_spec import QuantizerSpec
 from kdcache.store import Store, StoreMeta, ViewPolicy, feature_path, has_teacher
 from kdcache.store.inspect import shard_nbytes, write_summary
 from kdcache.store.lease import Heartbeat, new_owner
-from kdcache.store.meta import TOKEN_KINDS, logits_path
+from kdcache.store.meta import TOKEN_KINDS, dense_path, logits_path
 from kdcache.store.remote import is_url, local_path
 from kdcache.store.shard_index import merge_entries
 from kdcache.targets.decoding import TORCH_DTYPES
@@ -52,6 +52,7 @@ class ExtractSummary:
     failures: list = field(default_factory=list)
     shards: list = field(default_factory=list)  # names of the shards written
     leased_elsewhere: list = field(default_factory=list)  # shards another job was writing: left to it
+    teacher_images: int = 0  # images through the teachers' forward passes (every view and dense map), counted
 
     @property
     def shards_written(self) -> int:
@@ -114,6 +115,7 @@ def extract(data: str, out: str, teacher_specs: list[str], opts: ExtractOptions 
     log.info("rank %d/%d: %d shard(s) to write, %d already complete", rank, world, len(jobs), skipped)
     summary.merge(_run(store, corpus, teachers, jobs, device, opts, rank, encoders))
     summary.shards_skipped = skipped - len(prefix_written & {s.name for s in mine})
+    summary.teacher_images = sum(t.images_seen for t in teachers.values())
     if rank == 0:
         write_summary(store)  # the summary and the shard index, from every shard
         _write_stats(store, corpus)
@@ -142,7 +144,8 @@ def _write_stats(store: Store, corpus: Corpus) -> None:
 def _create_teachers(specs, device, opts) -> dict[str, Teacher]:
     teachers: dict[str, Teacher] = {}
     for s in specs:
-        t = create_teacher(s, device=device, dtype=opts.dtype, codec=opts.codec, logits=opts.logits)
+        t = create_teacher(s, device=device, dtype=opts.dtype, codec=opts.codec, logits=opts.logits,
+                           dense_scale=opts.dense_scale)
         if t.name in teachers:
             raise ExtractError(f"--teacher {t.name}: the name is given twice")
         teachers[t.name] = t
@@ -228,12 +231,16 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
         return summary
     groups = sorted({Crop(t.input_hw, t.meta.interpolation) for t in teachers.values()}, key=str)
     group_of = {n: groups.index(Crop(t.input_hw, t.meta.interpolation)) for n, t in teachers.items()}
+    dense_groups = sorted({Crop(t.dense_hw, t.meta.interpolation) for t in teachers.values() if t.dense_hw}, key=str)
+    for n, t in teachers.items():
+        if t.dense_hw:
+            group_of[f"dense/{n}"] = dense_groups.index(Crop(t.dense_hw, t.meta.interpolation))
     by_name = {j.shard.name: j for j in jobs}
     owner = new_owner()
     leases = store.leases(owner, seconds=opts.lease_seconds, pid=os.getpid())
     dataset = ShardBatches(corpus, jobs, policy=store.meta.view_policy, groups=groups, batch_size=opts.batch_size,
                            on_error=opts.on_error, decode=corpus.options.decode,
-                           lease=LeaseSpec(store.url, owner, opts.lease_seconds, os.getpid()))
+                           lease=LeaseSpec(store.url, owner, opts.lease_seconds, os.getpid()), dense_groups=dense_groups)
     cuda = device.type == "cuda"
     loader = DataLoader(dataset, batch_size=None, num_workers=opts.workers, pin_memory=cuda,
                         persistent_workers=False, prefetch_factor=4 if opts.workers else None)
@@ -290,6 +297,18 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
     return summary
 
 
+def _store_rows(rows: dict, name: str, stored: torch.Tensor, encode: dict, *, dense: bool) -> None:
+    """A teacher's dense maps (n, T, D) in the storage dtype as stored rows: codes with the patch
+    codebooks when its patches are quantized (the floats too when kept)."""
+    if name in encode:
+        encoder, keep = encode[name]
+        codes = encoder(stored.float().flatten(0, 1)).reshape(*stored.shape[:-1], -1)
+        rows[dense_path(name, codes=True)] = codes.to("cpu", non_blocking=True)
+        if not keep:
+            return
+    rows[dense_path(name)] = stored.to("cpu", non_blocking=True)
+
+
 def _forward(batch: ViewBatch, job: ShardJob, teachers, group_of, device, dtype, encode):
     """Teacher features of a batch as stored rows (path -> CPU tensor in the storage dtype, or
     uint8 codes for a quantized teacher's patches: ``encode`` maps it to (encoder, keep_float))."""
@@ -312,6 +331,9 @@ def _forward(batch: ViewBatch, job: ShardJob, teachers, group_of, device, dtype,
                    "logits_lse": torch.logsumexp(logits, dim=-1)}
             for part, t in out.items():
                 rows[logits_path(name, part)] = t.unflatten(0, (n, k)).to("cpu", non_blocking=True)
+        if f"dense/{name}" in group_of:  # the whole image at scale x the input: one patch map per image
+            dense = teachers[name].dense(batch.whole[group_of[f"dense/{name}"]].to(device, non_blocking=True))
+            _store_rows(rows, name, dense.to(TORCH_DTYPES[dtype]), encode, dense=True)
         # Cast on the device, copy the storage dtype (not fp32) back; non_blocking when CUDA.
         for kind, feats in (("cls", summary), ("patch", patches)):
             stored = feats.to(TORCH_DTYPES[dtype])

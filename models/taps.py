@@ -53,6 +53,9 @@ def probe(model, size: tuple[int, int], device="cpu") -> FeatureTap:
         n = feats.shape[1] - prefix
         pe = getattr(model, "patch_embed", None)
         grid = tuple(pe.grid_size) if pe is not None and getattr(pe, "grid_size", None) else (math.isqrt(n), n // max(1, math.isqrt(n)))
+        patch = tuple(getattr(pe, "patch_size", ()) or ())
+        if grid[0] * grid[1] != n and len(patch) == 2:  # a dynamic-size ViT at another input: the grid of this size
+            grid = (size[0] // patch[0], size[1] // patch[1])
         if grid[0] * grid[1] != n:
             raise KdcacheError(f"cannot map {n} tokens of {type(model).__name__} to a grid {grid}")
         return FeatureTap("tokens", prefix, grid, feats.shape[-1], summary_dim)

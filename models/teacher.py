@@ -26,6 +26,7 @@ class Teacher:
                  data: DataConfig, device: torch.device):
         self.spec, self.model, self.meta, self.tap, self.data, self.device = spec, model, meta, tap, data, device
         self.name = spec.name
+        self.images_seen = 0  # images through the forward pass (counted: studies report teacher compute)
         self._mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(data.std, device=device).view(1, 3, 1, 1) * 255
 
@@ -48,6 +49,7 @@ class Teacher:
     def outputs(self, images: torch.Tensor, *, logits: bool = False):
         """(summary (B, D), patches (B, T, D), logits (B, C) or None), fp32: what the teacher
         sees, and with ``logits`` what it says (timm's own head: ``forward_head(features)``)."""
+        self.images_seen += int(images.shape[0])
         x = (images.float() - self._mean) / self._std
         # bf16 autocast on CUDA (the fast path); fp32 on CPU, where it is the exact reference.
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -56,14 +58,33 @@ class Teacher:
             out = self.model.forward_head(feats) if logits else None
         return summary.float(), patches.float(), None if out is None else out.float()
 
+    @property
+    def dense_hw(self) -> tuple[int, int] | None:
+        """The input of its dense maps (``extract --dense-scale``): scale x its own input."""
+        if not self.meta.dense:
+            return None
+        s = self.meta.dense["scale"]
+        return self.data.hw[0] * s, self.data.hw[1] * s
+
+    @torch.inference_mode()
+    def dense(self, images: torch.Tensor) -> torch.Tensor:
+        """Whole images at ``dense_hw`` (B, 3, H, W) uint8 -> their patch maps (B, GH*GW, D), fp32."""
+        return self.features(images)[1]
+
 
 def create_teacher(spec: ModelSpec | str, *, device: str | torch.device = "cpu", dtype: str = "float16",
-                   codec: str = "lz4", logits: int = 0) -> Teacher:
+                   codec: str = "lz4", logits: int = 0, dense_scale: int = 0) -> Teacher:
     """Build a teacher from a spec; every failure is a one-line ModelSpecError. ``logits``: store
-    the top-``logits`` logits of its classifier head too (refused for a teacher without one)."""
+    the top-``logits`` logits of its classifier head too (refused for a teacher without one).
+    ``dense_scale``: also a patch map of the whole image at that many times its input (a ViT is
+    built with timm's ``dynamic_img_size``, which leaves its output at its own size unchanged;
+    a model that cannot run at the larger size is refused)."""
     spec = ModelSpec.parse_teacher(spec) if isinstance(spec, str) else spec
     device = torch.device(device)
     model, _ = build_model(spec)
+    if dense_scale and hasattr(model, "dynamic_img_size") and not model.dynamic_img_size:
+        spec = dataclasses.replace(spec, model_kwargs={**spec.model_kwargs, "dynamic_img_size": True})
+        model, _ = build_model(spec)
     if spec.checkpoint:
         load_checkpoint(model, spec, who=f"teacher {spec.name}")
     model.eval().requires_grad_(False).to(device)
@@ -91,4 +112,32 @@ def create_teacher(spec: ModelSpec | str, *, device: str | torch.device = "cpu",
             raise ModelSpecError(f"teacher {spec.name}: --logits {logits}: more than its {classes} classes")
         meta = dataclasses.replace(meta, logits={"k": int(logits), "classes": classes, "index_dtype": index_dtype(classes)})
         teacher.meta = meta
+    if dense_scale:
+        hw = (data.hw[0] * dense_scale, data.hw[1] * dense_scale)
+        try:
+            dense = probe(model, hw, device)
+        except Exception as e:  # noqa: BLE001 - whatever the model raises at a size it was not built for
+            raise ModelSpecError(f"teacher {spec.name}: --dense-scale {dense_scale}: {spec.model} cannot run at "
+                                 f"{hw[0]}x{hw[1]} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        want = (grid[0] * dense_scale, grid[1] * dense_scale)
+        if dense.grid != want or dense.layout != tap.layout or dense.prefix_tokens != tap.prefix_tokens:
+            raise ModelSpecError(f"teacher {spec.name}: --dense-scale {dense_scale}: at {hw[0]}x{hw[1]} its patch grid "
+                                 f"is {list(dense.grid)}, not {list(want)} (scale x {list(grid)})")
+        teacher.meta = dataclasses.replace(teacher.meta, dense={"scale": int(dense_scale), "grid": list(want)})
+    return teacher
+
+
+def teacher_from_meta(name: str, m: TeacherMeta, *, device: str | torch.device = "cpu") -> Teacher:
+    """A store's teacher, rebuilt live from its recorded metadata (model, weights, preprocessing)
+    and checked against the stored weights' fingerprint: what evaluation runs to compare with."""
+    value = lambda v: str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
+    spec = ",".join([f"{name}={m.model}", f"pretrained={str(m.pretrained).lower()}",
+                     *([f"checkpoint={m.checkpoint}"] if m.checkpoint else []),
+                     *(f"{k}={value(v)}" for k, v in m.model_kwargs.items() if k != "img_size"),
+                     f"img_size={m.input_size[1]}", f"mean={':'.join(map(str, m.mean))}", f"std={':'.join(map(str, m.std))}",
+                     f"interpolation={m.interpolation}", f"crop_pct={m.crop_pct}"])
+    teacher = create_teacher(spec, device=device)
+    if teacher.meta.weights_sha256 != m.weights_sha256:
+        raise ModelSpecError(f"teacher {name}: the weights built from {m.checkpoint or m.model} are not the ones the store "
+                             f"was extracted with (weights fingerprint differs)")
     return teacher

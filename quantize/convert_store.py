@@ -24,7 +24,7 @@ from kdcache.models.device import resolve_device
 from kdcache.store import Codebooks, Store, feature_path, to_float32
 from kdcache.store.inspect import write_summary
 from kdcache.store.lease import Heartbeat, new_owner
-from kdcache.store.meta import quantizer_path
+from kdcache.store.meta import dense_path, quantizer_path
 from kdcache.targets.sample import SampleSpec, draw, training_prefix
 from kdcache.targets.stats import compute_stats, write_stats
 
@@ -116,9 +116,16 @@ def convert_shard(store: Store, shard: str, teacher: str, kind: str, encoder: To
     t = store.meta.teachers[teacher]
     m = encoder.cb.m
     row_shape = (store.meta.views, t.tokens, m) if kind == "patch" else (store.meta.views, m)
+    attrs = {"quantizer": quantizer_path(teacher, kind)}
+    changed = False
+    if kind == "patch" and t.dense:  # the dense maps are patch tokens too: the same codebooks
+        grid = t.dense["grid"]
+        changed = store.derive_array(shard, dense_path(teacher), dense_path(teacher, codes=True), row_shape=(grid[0] * grid[1], m),
+                                     dtype="uint8", codec=t.codec, attrs=attrs, keep_source=keep_float,
+                                     transform=lambda rows: encode_rows(encoder, rows, t.dtype))
     return store.derive_array(shard, src, feature_path(teacher, kind, codes=True), row_shape=row_shape, dtype="uint8",
-                              codec=t.codec, attrs={"quantizer": quantizer_path(teacher, kind)}, keep_source=keep_float,
-                              transform=lambda rows: encode_rows(encoder, rows, t.dtype))
+                              codec=t.codec, attrs=attrs, keep_source=keep_float,
+                              transform=lambda rows: encode_rows(encoder, rows, t.dtype)) or changed
 
 
 def encode_rows(encoder: TorchEncoder, rows, dtype: str) -> np.ndarray:

@@ -79,6 +79,11 @@ def info(store: Store) -> dict:
             "shards_with_teacher": sum(store.is_complete(sh, [name]) for sh in s["complete"]),
             "logits": None,
         }
+        teachers[name]["dense"] = None
+        if t.dense:  # the dense maps' share of the teacher's bytes, per image
+            dense = by_prefix(f"{name}/dense")
+            teachers[name]["dense"] = {**t.dense, "bytes": dense,
+                                       "bytes_per_image": dense / s["samples"] if s["samples"] else 0.0}
         if t.logits:  # the soft labels' share of the teacher's bytes, per stored view
             soft = by_prefix(f"{name}/logits_")
             teachers[name]["logits"] = {**t.logits, "bytes": soft,
@@ -110,6 +115,10 @@ def format_info(d: dict) -> str:
         lines.append(f"  {n:<10} {t['model']}  dim={t['dim']} grid={t['grid'][0]}x{t['grid'][1]} (+{t['prefix_tokens']} prefix) "
                      f"{t['dtype']}/{t['codec']}  {_mib(t['bytes'])}  {t['bytes_per_sample'] / 1024:.1f} KiB/sample "
                      f"(raw {t['raw_bytes_per_sample'] / 1024:.1f} KiB)  in {t['shards_with_teacher']}/{d['shards_complete']} shards")
+        if t.get("dense"):
+            de = t["dense"]
+            lines.append(f"  {'':<10} dense maps: the whole image at {de['scale']}x the input, {de['grid'][0]}x{de['grid'][1]} "
+                         f"tokens, {de['bytes_per_image'] / 1024:.1f} KiB/image on disk")
         if t.get("logits"):
             lo = t["logits"]
             lines.append(f"  {'':<10} soft labels: top-{lo['k']} of {lo['classes']} classes ({lo['index_dtype']} indices), "

@@ -54,6 +54,7 @@ class TeacherMeta:
     codec: str
     quantizer: dict | None = None
     logits: dict | None = None  # {k, classes, index_dtype}: top-K logits and the log-sum-exp per view
+    dense: dict | None = None  # {scale, grid}: one patch map per image of the whole image at scale x the input
     model_kwargs: dict = field(default_factory=dict)
     pretrained: bool = False
     checkpoint: str | None = None
@@ -179,6 +180,13 @@ def teacher_arrays(name: str, t: TeacherMeta, views: int) -> dict[str, tuple[tup
             out[feature_path(name, kind)] = (shape, zarr_dtype(t.dtype), {"logical_dtype": t.dtype})
         if q is not None:
             out[feature_path(name, kind, codes=True)] = ((*shape[:-1], q["m"]), "uint8", {"quantizer": quantizer_path(name, kind)})
+    if t.dense:  # one map per image (no view axis); quantized with the patch tokens' codebooks when they are
+        q = (t.quantizer or {}).get("patch")
+        tokens = t.dense["grid"][0] * t.dense["grid"][1]
+        if q is None or q.get("keep_float"):
+            out[dense_path(name)] = ((tokens, t.dim), zarr_dtype(t.dtype), {"logical_dtype": t.dtype})
+        if q is not None:
+            out[dense_path(name, codes=True)] = ((tokens, q["m"]), "uint8", {"quantizer": quantizer_path(name, "patch")})
     if t.logits:  # the top-K logits (storage dtype), their class indices, and the log-sum-exp of all logits (float32)
         k = t.logits["k"]
         values, indices, lse = (logits_path(name, part) for part in LOGIT_ARRAYS)
@@ -195,6 +203,16 @@ SHARDS = "shards"
 def feature_path(teacher: str, kind: str, *, codes: bool = False) -> str:
     """The array of a teacher's ``cls`` or ``patch`` features inside a shard (or its codes)."""
     return f"{teacher}/{kind}_codes" if codes else f"{teacher}/{kind}"
+
+
+def dense_path(teacher: str, *, codes: bool = False) -> str:
+    """A teacher's dense maps inside a shard (``extract --dense-scale``), or their codes."""
+    return f"{teacher}/dense_codes" if codes else f"{teacher}/dense"
+
+
+def per_image(path: str) -> bool:
+    """Whether an array has one row per image (a dense map) rather than one per stored view."""
+    return path.rsplit("/", 1)[-1] in ("dense", "dense_codes")
 
 
 def logits_path(teacher: str, part: str) -> str:

@@ -123,7 +123,6 @@ class VerifiedReads:
         attrs = attrs if attrs is not None else (self.shard_attrs(shard) or {})
         a = array if array is not None else self.array(shard, path)
         block = _block_of(a)
-        start = index * block
         try:
             rows = _block_in_one_request(a, index, block)
         except Exception as e:  # noqa: BLE001 - a truncated or garbled chunk fails inside the codec

@@ -21,6 +21,7 @@ MAX_DIM = 1 << 16
 MAX_GRID = 4096
 MAX_CODES = 4096
 MAX_CLASSES = 1 << 24
+MAX_DENSE_SCALE = 8  # extract --dense-scale: a whole-image map at up to 8x the teacher input
 MAX_ROWS = 1 << 31
 MAX_SAMPLE_BYTES = 1 << 32  # 4 GiB of features per sample: beyond any real teacher
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -173,6 +174,17 @@ def check_teacher(d, where: str, views: int) -> None:
         per_sample += views * (k * (4 if dtype == "float32" else 2) + k * 4 + 4)
         if per_sample > MAX_SAMPLE_BYTES:
             raise StoreError(f"{where}: {per_sample} bytes per sample with the logits, more than kdcache reads "
+                             f"({MAX_SAMPLE_BYTES})")
+    dense = d.get("dense")
+    if dense is not None:
+        df = _Fields(dense, f"{where}: dense")
+        scale = df.int("scale", 1, MAX_DENSE_SCALE)
+        dg = df.ints("grid", 2, 1, MAX_GRID * MAX_DENSE_SCALE)
+        if tuple(dg) != (grid[0] * scale, grid[1] * scale):
+            df._bad("grid", f"[{grid[0] * scale}, {grid[1] * scale}] (scale x the patch grid)")
+        per_sample += dg[0] * dg[1] * dim * (4 if dtype == "float32" else 2)
+        if per_sample > MAX_SAMPLE_BYTES:
+            raise StoreError(f"{where}: {per_sample} bytes per sample with the dense map, more than kdcache reads "
                              f"({MAX_SAMPLE_BYTES})")
     q = d.get("quantizer")
     if q is not None:

@@ -19,7 +19,7 @@ from kdcache.errors import StoreError, first_line
 from .codes import Codebooks, read_codebooks, write_codebooks
 from .edits import ShardEdits
 from .lease import LEASE_SECONDS, Leases, leases_for
-from .meta import (LOGIT_ARRAYS, SHARDS, TOKEN_KINDS, StoreMeta, TeacherMeta, feature_path, has_teacher, logits_path,
+from .meta import (LOGIT_ARRAYS, SHARDS, TOKEN_KINDS, StoreMeta, TeacherMeta, dense_path, feature_path, has_teacher, logits_path,
                    quantizer_path, stats_path, teacher_arrays)
 from .reads import VerifiedReads
 from .remote import is_url, local_path
@@ -279,6 +279,7 @@ class Store(VerifiedReads, ShardEdits):
         for t in self.meta.teachers:
             out |= {feature_path(t, kind, codes=codes) for kind in TOKEN_KINDS for codes in (False, True)}
             out |= {logits_path(t, part) for part in LOGIT_ARRAYS}
+            out |= {dense_path(t), dense_path(t, codes=True)}
         return out
 
     def expected_arrays(self) -> dict[str, tuple[tuple, str]]:

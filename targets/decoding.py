@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.store.codes import ADDITIVE, Codebooks
-from kdcache.store.meta import LOGIT_ARRAYS, TOKEN_KINDS, TeacherMeta, feature_path, logits_path
+from kdcache.store.meta import LOGIT_ARRAYS, TOKEN_KINDS, TeacherMeta, dense_path, feature_path, logits_path
 
+from .derive import dense_targets, sub_view_targets
 from .normalize import NormalizerParams, normalizer_params
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -101,10 +102,17 @@ class TargetDecoder(nn.Module):
     ``logits``: read the teacher's stored top-K soft labels too (``logits_top``: only the first N)."""
 
     def __init__(self, name: str, meta: TeacherMeta, *, codebooks: dict[str, Codebooks], normalize: str,
-                 stats: dict | None, predict_codes: bool = False, logits: bool = False, logits_top: int = 0):
+                 stats: dict | None, predict_codes: bool = False, logits: bool = False, logits_top: int = 0,
+                 dense: bool = False):
         super().__init__()
         self.name, self.dtype = name, meta.dtype
+        self.grid = tuple(meta.grid)
         self.paths = {kind: feature_path(name, kind, codes=kind in codebooks) for kind in TOKEN_KINDS}
+        # --dense-views: the whole-image map instead of the stored views' arrays (targets.derive cuts it)
+        self.dense_grid = tuple(meta.dense["grid"]) if dense else None
+        self.pooled_summary = meta.summary == "pool"
+        if dense:
+            self.paths = {"dense": dense_path(name, codes="patch" in codebooks)}
         self.logit_paths = {part: logits_path(name, part) for part in LOGIT_ARRAYS} if logits else {}
         self.gives_logits = bool(logits)
         self.logits_top = logits_top  # the first N of the stored top-K (sorted): the rest joins the tail
@@ -124,11 +132,19 @@ class TargetDecoder(nn.Module):
         return [*self.paths.values(), *self.logit_paths.values()]
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        if self.dense_grid is not None:
+            cut = dense_targets(self._float("patch", batch[self.paths["dense"]]), self.dense_grid, batch["dense_box"],
+                                batch["dense_flip"], self.grid, self.pooled_summary)
+            summary = cut["summary"]
+            return {"patch": self.norm["patch"](cut["patch"]),
+                    "summary": None if summary is None else self.norm["cls"](summary)}
         out = {"summary": self.norm["cls"](self._float("cls", batch[self.paths["cls"]]))}
         if self.predict_codes:
             out["codes"] = batch[self.paths["patch"]]
         else:
             out["patch"] = self.norm["patch"](self._float("patch", batch[self.paths["patch"]]))
+            if "sub_box" in batch:  # --sub-views: the box's patch targets, resampled from the stored grid
+                out = sub_view_targets(out, batch["sub_box"], self.grid)
         if self.logit_paths:
             values, indices, lse = (batch[self.logit_paths[part]] for part in LOGIT_ARRAYS)
             top = self.logits_top or values.shape[-1]

@@ -61,7 +61,8 @@ def vit_store(tmp_path_factory, corpus, vit_spec):
     from kdcache.extract.options import ExtractOptions
     from kdcache.extract.run import extract
     out = str(tmp_path_factory.mktemp("vit_store") / "s.zarr")
-    extract(corpus, out, [vit_spec], ExtractOptions(views=2, progress=False, workers=0))
+    # full-size decodes: tests compare the stored features and the loader's pixels with timm on full decodes
+    extract(corpus, out, [vit_spec], ExtractOptions(views=2, decode="full", progress=False, workers=0))
     return out
 
 

@@ -82,6 +82,10 @@ class TrainConfig:
     logits_weight: float = 1.0  # static weight of each teacher's soft-label loss
     label_loss: str = "none"  # none | ce: cross-entropy of the student's classifier on the corpus labels (teacher's classes)
     label_weight: float = 1.0  # static weight of the label loss
+    sub_views: float = 0.0  # a random box inside each stored view, of at least this share of its area; 0 = off
+    cutmix: float = 0.0  # probability of a CutMix batch (box snapped to the first teacher's patch grid); 0 = off
+    mixup: float = 0.0  # MixUp with weights ~ Beta(alpha, alpha), alpha = this (with --cutmix: the other batches); 0 = off
+    dense_views: bool = False  # fresh views every epoch, patch targets cut from the store's dense maps (extract --dense-scale)
     online: bool = False  # teachers (NAME=MODEL specs in ``teachers``) run live every step; no store (train.online)
     online_stats_images: int = 512  # --online: images whose teacher features give the normalisation statistics
 
@@ -108,12 +112,15 @@ class TrainConfig:
         _check(self, "beta", lambda v: _number(v) and v > 0, "a finite number > 0")
         _check(self, "temperature", lambda v: _number(v) and v > 0, "a finite number > 0")
         _check(self, "teacher_drop", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
+        _check(self, "sub_views", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1] (0 = off)")
+        _check(self, "cutmix", lambda v: _number(v) and 0 <= v <= 1, "a probability in [0, 1]")
+        _check(self, "mixup", lambda v: _number(v) and 0 <= v <= 100, "a Beta alpha in [0, 100] (0 = off)")
         for name, allowed in (("amp", AMP), ("view_choice", VIEW_CHOICES), ("normalize", tuple(NORMALIZERS)),
                               ("head", HEAD_KINDS), ("balance", BALANCES), ("task_loss", TASK_LOSSES), ("labels", LABELS),
                               ("logits_loss", LOGITS_LOSSES), ("logits_tail", LOGITS_TAILS), ("label_loss", LABEL_LOSSES),
                               ("decode", DECODES)):
             _check(self, name, lambda v, allowed=allowed: v in allowed, f"one of {', '.join(allowed)}")
-        for name in ("predict_codes", "resume", "overwrite", "skip_corrupt", "online", "shared_adapter"):
+        for name in ("predict_codes", "resume", "overwrite", "skip_corrupt", "online", "shared_adapter", "dense_views"):
             _check(self, name, lambda v: isinstance(v, bool), "true or false")
         if self.label_loss != "none" and self.logits_loss == "none":
             raise ConfigError("--label-loss trains the student's classifier in the teacher's class space: it goes with "
@@ -121,6 +128,7 @@ class TrainConfig:
         if self.head == "transformer" and (self.head_depth < 1 or self.head_hidden % self.head_heads):
             raise ConfigError(f"--head transformer: --head-depth {self.head_depth} must be >= 1 and --head-hidden "
                               f"{self.head_hidden} a multiple of --head-heads {self.head_heads}")
+        self._check_derived_views()
         if self.online:
             self._check_online()
         if self.resume and self.overwrite:
@@ -139,6 +147,20 @@ class TrainConfig:
         fix["teachers"] = tuple(absolute_checkpoint(t) for t in self.teachers)
         for name, value in fix.items():
             object.__setattr__(self, name, value)
+
+    def _check_derived_views(self) -> None:
+        """Derived targets (targets.derive) that do not combine, refused in one line."""
+        if self.sub_views and self.dense_views:
+            raise ConfigError("--sub-views and --dense-views both give the student new views: choose one")
+        if self.online and (self.sub_views or self.dense_views):
+            raise ConfigError(f"--{'sub-views' if self.sub_views else 'dense-views'} derives targets from a store; an --online "
+                              f"run draws fresh views with exact targets already")
+        derived = [n for n in ("sub_views", "cutmix", "mixup", "dense_views") if getattr(self, n)]
+        if self.predict_codes and derived:
+            raise ConfigError(f"--{derived[0].replace('_', '-')} resamples or mixes targets, which codes cannot be: it "
+                              f"goes with regression, not --predict-codes")
+        if self.dense_views and self.logits_loss != "none":
+            raise ConfigError("--dense-views: soft labels are stored per view; a fresh view has none (--logits-loss none)")
 
     def _check_online(self) -> None:
         if self.store:

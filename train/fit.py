@@ -221,7 +221,9 @@ def fit(run: Run, *, progress: bool = True) -> dict:
         if metrics is not None:
             metrics.close()
         _stop_workers(loader)
-    result = {"run": cfg.out, "steps": trainer.global_step, "stopped_early": stopped,
+    # live teachers' forward passes (online runs; statistics included), counted by the teachers themselves
+    teacher_images = sum(getattr(getattr(m, "teacher", None), "images_seen", 0) for m in trainer.targets.values())
+    result = {"run": cfg.out, "steps": trainer.global_step, "stopped_early": stopped, "teacher_images": teacher_images,
               "skipped": skipped_summary(run.rundir, logged=cfg.skip_corrupt or cfg.online)}
     if rank == 0:
         result["loss_plot"] = plot_losses(run.rundir, trainer.teachers)
@@ -236,5 +238,10 @@ def _stop_workers(loader: DataLoader) -> None:
     otherwise stay referenced by the traceback and its workers be reaped later, with timeouts."""
     iterator = getattr(loader, "_iterator", None)
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
+        try:
+            iterator._shutdown_workers()
+        except RuntimeError as e:
+            # a worker that dies while being shut down (after another one's error: torch's SIGCHLD
+            # handler raises mid-join) must not replace the error that stopped the run
+            log.debug("loader shutdown: %s", e)
     loader._iterator = None

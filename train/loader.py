@@ -9,7 +9,11 @@ then takes ``order[rank::world]``, and each DataLoader worker ``[worker::workers
     -> its target rows, sliced from the store block that holds them (``store.reads``: one
        verified read per block and array, a few large requests per shard, never one per sample)
 
-Student and teacher therefore see the same pixels; ``--color-jitter`` augments the student only.
+Student and teacher therefore see the same view of the same image; ``--color-jitter`` augments
+the student only. With full-size decodes (``--decode full``) they see the same pixels; reduced
+decodes (the default) cut each crop from the smallest JPEG scale that keeps its output size, so a
+student smaller than the teacher may be cut from a smaller decode (a few levels of 255 apart:
+``data.pixels``).
 Targets leave the workers as stored bytes (fp16, bf16 bits as uint16, uint8 codes);
 ``targets.decoding`` turns them into floats on the device.
 """
@@ -29,10 +33,11 @@ from torch.utils.data import IterableDataset
 
 from kdcache.data.corpus import Corpus, DecodeOptions
 from kdcache.data.partition import current_worker, epoch_streams
-from kdcache.data.pixels import Crop, view_pixels
+from kdcache.data.pixels import Crop, sub_view, view_at, view_pixels
 from kdcache.data.walk import RawSample, align, changed_since_extraction
 from kdcache.errors import KdcacheError, StoreError, one_line
-from kdcache.store import Store
+from kdcache.store import Store, ViewPolicy
+from kdcache.store.meta import per_image
 
 from .config import VIEW_CHOICES
 
@@ -60,6 +65,9 @@ class LoaderSpec:
     decode: DecodeOptions = DecodeOptions()  # as at extraction (the store's corpus.decode)
     skip_log: str | None = None  # --skip-corrupt: corrupt shards are skipped and recorded here
     verify: bool = True  # check every block read (off only to measure the checks' cost: bench load)
+    sub_views: float = 0.0  # --sub-views: a random box inside the stored view (its smallest share of the area)
+    dense_views: bool = False  # --dense-views: fresh views (the store's view policy), targets cut from dense maps
+    policy: ViewPolicy | None = None  # the store's view policy (fresh views)
 
     def __post_init__(self):
         if self.view_choice not in VIEW_CHOICES:
@@ -160,24 +168,40 @@ class CachedStream(ShardStream):
         try:
             attrs = store.shard_attrs(name) or {}
             if attrs.get("complete") is not True:  # planned complete (the shard index said so): its metadata wins
-                log.warning("%s: shard %s is not complete (it was when the run started, or the shard index said so); "
-                            "its samples are left out", spec.store_url, name)
-                return
+                raise StoreError(f"{spec.store_url}: shard {name} is not complete, though the run planned it complete "
+                                 f"(rewritten since the run started, or a stale shard index: `kdcache store stats` "
+                                 f"rewrites it)")
             shard = self.corpus.shard(name)
             keys = store.keys(name).tolist()
             stored_views = store.views(name)
             k = stored_views.shape[1]
             blocks = BlockRows(store, name, spec.target_paths, attrs, verify=spec.verify)
 
+            def stored(s: RawSample) -> tuple[int, np.ndarray]:
+                v = pick_view(spec.view_choice, k, key=s.key, epoch=epoch, seed=spec.seed)
+                return v, stored_views[s.row, v]
+
             def this_epochs_view(s: RawSample, height: int, width: int) -> np.ndarray:
-                return stored_views[s.row, pick_view(spec.view_choice, k, key=s.key, epoch=epoch, seed=spec.seed)]
+                if spec.dense_views:  # a fresh view, as an online run draws it (data.pixels.view_at)
+                    return view_at(spec.policy, s.key, epoch + 1, height, width)
+                if spec.sub_views:
+                    return sub_view(stored(s)[1], spec.seed, s.key, epoch, spec.sub_views)[0]
+                return stored(s)[1]
 
             samples = align(self.corpus, shard, keys, attrs.get("failed", []))
             for item in view_pixels(samples, views=this_epochs_view, crops=[spec.crop], decode=spec.decode,
                                     handler=changed_since_extraction(shard)):
                 s = item.sample
-                v = pick_view(spec.view_choice, k, key=s.key, epoch=epoch, seed=spec.seed)
-                yield {"key": s.key, "image": item.crops[0][0], "view": v, "label": sample_label(s), **blocks.row(s.row, v)}
+                v, view = stored(s)
+                extra = {}
+                if spec.dense_views:  # where the targets are cut from the dense map: the view's box, and its flip
+                    v = epoch + 1
+                    extra = {"dense_box": torch.from_numpy(item.views[0, :4].copy()),
+                             "dense_flip": torch.tensor(float(item.views[0, 4] >= 0.5))}
+                elif spec.sub_views:  # where the sub-box's targets are cut from the stored grid
+                    extra = {"sub_box": torch.from_numpy(sub_view(view, spec.seed, s.key, epoch, spec.sub_views)[1])}
+                yield {"key": s.key, "image": item.crops[0][0], "view": v, "label": sample_label(s),
+                       **blocks.row(s.row, 0 if spec.dense_views else v), **extra}
                 delivered += 1
         except StoreError as e:
             if not spec.skip_log:
@@ -205,7 +229,7 @@ class BlockRows:
                          for p, a in self.arrays.items()}
         out = {}
         for p, b in self.rows.items():
-            a = b[row - self.index * self.block, view]
+            a = b[row - self.index * self.block] if per_image(p) else b[row - self.index * self.block, view]
             out[p] = torch.from_numpy(np.ascontiguousarray(a) if a.ndim else np.array(a))  # (a log-sum-exp is 0-d)
         return out
 

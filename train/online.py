@@ -162,6 +162,8 @@ class LiveTargets(nn.Module):
         self.key = f"input/{teacher.name}"
         self.norm = normalizers(normalize, stats, teacher.meta.dim)
         self.gives_logits = logits
+        self.grid = tuple(teacher.meta.grid)
+        self.live = True  # its targets are computed on the batch itself: exact for mixed images (train.trainer)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         summary, patches, logits = self.teacher.outputs(batch[self.key], logits=self.gives_logits)

@@ -57,11 +57,23 @@ class TargetSource:
 
 
 def loader_spec(cfg: TrainConfig, student: Student, shards, *, store_url: str = "", target_paths=(), decode=None,
-                skip_log: str | None = None) -> LoaderSpec:
+                skip_log: str | None = None, policy=None) -> LoaderSpec:
     return LoaderSpec(store_url=store_url, shards=tuple(shards), target_paths=tuple(target_paths), input_size=student.data.hw,
                       interpolation=student.data.interpolation, view_choice=cfg.view_choice, shuffle_buffer=cfg.shuffle_buffer,
                       color_jitter=cfg.color_jitter, seed=cfg.seed, workers=cfg.workers, decode=decode or DecodeOptions(),
-                      skip_log=skip_log)
+                      skip_log=skip_log, sub_views=cfg.sub_views, dense_views=cfg.dense_views, policy=policy)
+
+
+def check_derived_views(cfg: TrainConfig, store: Store, teachers: list[str]) -> None:
+    """What --sub-views, --cutmix/--mixup and --dense-views need of the store's teachers, or one line."""
+    for t in teachers:
+        meta = store.meta.teachers[t]
+        if (cfg.sub_views or cfg.cutmix or cfg.dense_views) and meta.tokens < 2:
+            option = "--sub-views" if cfg.sub_views else "--cutmix" if cfg.cutmix else "--dense-views"
+            raise TrainError(f"{option}: teacher {t} of {store.url} has a {meta.grid[0]}x{meta.grid[1]} patch grid; "
+                             f"boxes need a grid to cut (a teacher whose patch targets have at least 2 tokens)")
+        if cfg.dense_views and not meta.dense:
+            raise TrainError(f"--dense-views: teacher {t} of {store.url} has no dense maps (extract it with --dense-scale S)")
 
 
 def open_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, rundir: RunDir, device: torch.device,
@@ -116,6 +128,7 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
     recorded = ReadOptions.from_dict(store.meta.corpus)
     corpus = resolve_corpus(cfg.data, dataclasses.replace(recorded, decode=_decode(cfg, recorded.decode)))
     shards, counts, bad = check_store_fits_corpus(store, corpus, teachers, skip_corrupt=cfg.skip_corrupt)
+    check_derived_views(cfg, store, teachers)
     soft = {t: store.meta.teachers[t].logits["classes"] for t in teachers if store.meta.teachers[t].logits}
     classes = _soft_label_classes(cfg, soft, where=f"{cfg.store}", remedy="extract with --logits K")
     stored_k = min((store.meta.teachers[t].logits["k"] for t in soft), default=0)
@@ -133,12 +146,12 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
                     computed[(t, kind)] = stats[kind]
         targets[t] = TargetDecoder(t, store.meta.teachers[t], codebooks=stored_codebooks(store, t), normalize=cfg.normalize,
                                    stats=stats, predict_codes=cfg.predict_codes, logits=bool(classes) and t in soft,
-                                   logits_top=cfg.logits_top).to(device)
+                                   logits_top=cfg.logits_top, dense=cfg.dense_views).to(device)
     metas = store.meta.teachers
     heads = [TeacherTarget(t, metas[t].dim, tuple(metas[t].grid), targets[t].codes_m) for t in teachers]
     spec = loader_spec(cfg, student, shards, store_url=cfg.store, decode=corpus.options.decode,
                        target_paths=[p for t in teachers for p in targets[t].read_paths],
-                       skip_log=skip_log if cfg.skip_corrupt else None)
+                       skip_log=skip_log if cfg.skip_corrupt else None, policy=store.meta.view_policy)
     return TargetSource(corpus=corpus, teachers=teachers, shards=shards, counts=counts, targets=targets, heads=heads,
                         dataset=CachedStream(corpus, spec, rank=rank, world=world), store=store, classes=classes,
                         provenance={"store": cfg.store, "store_meta": store.meta.to_dict()}, computed_stats=computed,

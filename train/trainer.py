@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.errors import KdcacheError
+from kdcache.targets.derive import Mix, draw_mix, mix_pixels, mix_targets
 
 from . import checkpoint
 from .balance import min_norm_weights, representation_gram, teachers_kept
@@ -72,10 +73,12 @@ def create_loss(name: str):
 
 
 def teacher_loss(pred: tuple, target: dict, spec: LossSpec) -> dict[str, torch.Tensor]:
-    """{summary, patch} losses of one teacher; ``target`` holds 'summary' and 'patch' or 'codes'."""
+    """{summary, patch} losses of one teacher; ``target`` holds 'summary' and 'patch' or 'codes'. A
+    summary target of None (a CLS teacher's dense view: none can be derived) weighs nothing."""
     patch_kind = "codes" if "codes" in target else "patch"
-    return {"summary": create_loss(TARGET_LOSS["summary"])(pred[0], target["summary"], spec),
-            "patch": create_loss(TARGET_LOSS[patch_kind])(pred[1], target[patch_kind], spec)}
+    summary = (pred[0].float().sum() * 0.0 if target["summary"] is None  # in the graph, zero gradient (DDP)
+               else create_loss(TARGET_LOSS["summary"])(pred[0], target["summary"], spec))
+    return {"summary": summary, "patch": create_loss(TARGET_LOSS[patch_kind])(pred[1], target[patch_kind], spec)}
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, *, option: str = "--task-loss",
@@ -122,6 +125,13 @@ def soft_label_loss(student_logits: torch.Tensor, target: dict, *, temperature: 
     tail_log_q = log_q.sum(-1) - log_q_top.sum(-1)  # sum of the student's log q over the C - K tail classes
     kl = (log_p_top.exp() * (log_p_top - log_q_top)).sum(-1) + log_p_each.exp() * ((c - k) * log_p_each - tail_log_q)
     return t * t * kl.mean()
+
+
+def mixed_loss(loss, target, mix: Mix) -> torch.Tensor:
+    """A per-sample target's loss under a mix: the sample's own, weighed by ``mix.lam``, plus its
+    partner's, weighed by the rest (CutMix: the pasted area)."""
+    other = {k: v[mix.perm] for k, v in target.items()} if isinstance(target, dict) else target[mix.perm]
+    return mix.lam * loss(target) + (1 - mix.lam) * loss(other)
 
 
 # -- how a step weighs its objectives --------------------------------------------------------
@@ -226,14 +236,35 @@ class Trainer:
         return {t: decode(batch) for t, decode in self.targets.items()}
 
     def step(self, batch: dict) -> tuple[float, dict[str, float]]:
-        """One optimisation step on a host batch from the loader: (total loss, per-part floats)."""
+        """One optimisation step on a host batch from the loader: (total loss, per-part floats).
+        With --cutmix/--mixup the batch is mixed on the device (seeded by seed and step): the
+        student's images and any live teacher's crops (whose targets are then exact), and stored
+        targets mixed the same way (``targets.derive``)."""
         batch = to_device(batch, self.device)
-        return self.update(batch["image"], self.decode(batch), batch["label"] if self.uses_labels else None)
+        mix = self.draw_mix(len(batch["image"]))
+        if mix is not None:
+            batch = {k: mix_pixels(v, mix) if k == "image" or k.startswith("input/") else v for k, v in batch.items()}
+        targets = self.decode(batch)
+        if mix is not None:
+            targets = {t: tgt if self.is_live(t) else mix_targets(tgt, mix, self.targets[t].grid) for t, tgt in targets.items()}
+        return self.update(batch["image"], targets, batch["label"] if self.uses_labels else None, mix=mix)
 
-    def update(self, images: torch.Tensor, targets: dict[str, dict], labels: torch.Tensor | None = None
-               ) -> tuple[float, dict[str, float]]:
+    def draw_mix(self, batch_size: int) -> Mix | None:
+        cfg = self.cfg
+        if not (cfg.cutmix or cfg.mixup):
+            return None
+        return draw_mix(batch_size, cutmix=cfg.cutmix, mixup=cfg.mixup, grid=self.targets[self.teachers[0]].grid,
+                        seed=cfg.seed, step=self.global_step, device=self.device)
+
+    def is_live(self, teacher: str) -> bool:
+        """A teacher run on the batch itself (online): its targets of a mixed batch are exact."""
+        return bool(getattr(self.targets[teacher], "live", False))
+
+    def update(self, images: torch.Tensor, targets: dict[str, dict], labels: torch.Tensor | None = None, *,
+               mix: Mix | None = None) -> tuple[float, dict[str, float]]:
         """Forward, losses, weights, backward, update, schedule, EMA, on device tensors (the
-        student's uint8 images, decoded targets, labels with -1 for none)."""
+        student's uint8 images, decoded targets, labels with -1 for none). Under a ``mix``, label
+        losses and stored soft labels are the two samples' losses weighed by the mix."""
         model, policy, dev = self.ddp, self.policy, images.device.type
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.autocast):
             preds = model(images)
@@ -246,15 +277,23 @@ class Trainer:
         cfg = self.cfg
         with torch.autocast(dev, enabled=False):
             for t in self.soft_teachers:  # what the teacher says, learnt by the student's own classifier
-                objectives[f"logits/{t}"] = soft_label_loss(self.model.student_logits, targets[t]["logits"],
-                                                            temperature=cfg.temperature, tail=cfg.logits_tail)
+                def soft(target, t=t):
+                    return soft_label_loss(self.model.student_logits, target, temperature=cfg.temperature,
+                                           tail=cfg.logits_tail)
+                logits = targets[t]["logits"]
+                objectives[f"logits/{t}"] = (soft(logits) if mix is None or self.is_live(t) else
+                                             mixed_loss(soft, logits, mix))
                 parts[f"{t}/logits"] = objectives[f"logits/{t}"].item()
             if labels is not None and cfg.label_loss != "none":
-                objectives["labels"] = task_loss(self.model.student_logits, labels, option="--label-loss",
-                                                 fix="the labels must be in the teacher's class space")
+                def labelled(y):
+                    return task_loss(self.model.student_logits, y, option="--label-loss",
+                                     fix="the labels must be in the teacher's class space")
+                objectives["labels"] = labelled(labels) if mix is None else mixed_loss(labelled, labels, mix)
                 parts["labels"] = objectives["labels"].item()
             if labels is not None and self.model.task_logits is not None:
-                objectives["task"] = task_loss(self.model.task_logits, labels)
+                def tasked(y):
+                    return task_loss(self.model.task_logits, y)
+                objectives["task"] = tasked(labels) if mix is None else mixed_loss(tasked, labels, mix)
                 parts["task"] = objectives["task"].item()
 
         teachers = list(targets)

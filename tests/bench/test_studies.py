@@ -8,31 +8,65 @@ import pytest
 
 from helpers import cli_call
 
-from kdcache.eval.model_features import probe_model
 
 
-def test_bench_quality_compares_every_variant_at_equal_steps(tmp_path, corpus, vit_spec, monkeypatch, capsys):
+def test_bench_quality_pairs_runs_by_seed_counts_teacher_forwards_and_scores_every_image(tmp_path, corpus, vit_spec,
+                                                                                        monkeypatch, capsys):
     out = str(tmp_path / "q")
     args = ["bench", "quality", "--out", out, "--data", corpus, "--teacher", vit_spec, "--student", "resnet18,img_size=32",
-            "--epochs", "2", "--batch-size", "4", "--views", "1,8", "--quantized-views", "8", "--fractions", "16",
-            "--methods", "pq", "--train-tokens", "256", "--workers", "0"]
+            "--schedules", "1,2", "--views", "1,3", "--option-views", "3", "--option", "cutmix", "--option", "opq 1/32",
+            "--seeds", "0,1", "--folds", "3", "--batch-size", "4", "--train-tokens", "256", "--workers", "0"]
     code, text, err = cli_call(monkeypatch, capsys, *args)
     assert code == 0, err
-    assert "| variant | KiB/view stored | fit s | online fit s / this | kNN top-1 | top-5 | vs online | vs fp16 same K |" in text
-    for row in ("| online |", "| fp16 K=1 |", "| fp16 K=8 |", "| pq 1/16 K=8 |", "| pq 1/16 K=8, --predict-codes |",
-                "| random-init student |", "| teacher, cached features |"):
-        assert row in text
+    assert "| epochs | variant | steps | kNN | kNN / online | kNN - online | linear | linear - online |" in text
+    for row in ("| 1 | online |", "| 2 | online |", "| 1 | K=1 |", "| 2 | K=3 |", "| 2 | K=3 cutmix |", "| 2 | K=3 opq 1/32 |"):
+        assert row in text, row
     r = json.load(open(os.path.join(out, "quality.json")))
-    assert r["steps"] == 2 * (24 // 4)  # every variant the same optimizer steps
-    rows = {row["variant"]: row for row in r["rows"]}
-    # each row's kNN is the run's own evaluation
-    assert rows["fp16 K=8"]["top1"] == probe_model("run", corpus, run=rows["fp16 K=8"]["run"])["top1"]
-    assert rows["pq 1/16 K=8"]["vs_fp16_same_k"] == rows["pq 1/16 K=8"]["top1"] / rows["fp16 K=8"]["top1"]
-    assert rows["pq 1/16 K=8"]["bytes_per_view"] < rows["fp16 K=8"]["bytes_per_view"]
-    json.load(open(os.path.join(rows["online"]["run"], "provenance.json")))["online"]
-    # a second run reuses every store and run
+    runs = r["runs"]
+    n = 24  # the corpus's images, every one labelled
+    assert len(runs) == 2 * (2 * 3 + 2)  # seeds x (schedules x (online + 2 K) + 2 options at the longest)
+    for run in runs:  # the same optimizer steps at each schedule; every labelled image scored once
+        assert run["steps"] == run["epochs"] * (n // 4) and run["n"] == n and run["folds"] == 3
+        cfg = json.load(open(os.path.join(run["run"], "config.json")))
+        assert cfg["seed"] == run["seed"] and cfg["epochs"] == run["epochs"]
+        if run["variant"] != "online":  # each seed's stores are drawn with that seed: the online run's views
+            assert cfg["view_choice"] == "augmented" and cfg["store"].endswith(f"-s{run['seed']}.zarr")
+            import zarr
+            assert zarr.open_group(cfg["store"], mode="r").attrs["kdcache"]["view_policy"]["seed"] == run["seed"]
+    by = {(x["variant"], x["epochs"], x["seed"]): x for x in runs}
+    # teacher forwards, counted by the teachers: extraction is views x images; an online epoch is every image
+    assert by[("K=1", 1, 0)]["teacher_images"] == n and by[("K=3", 2, 1)]["teacher_images"] == 3 * n
+    assert by[("online", 2, 0)]["teacher_images"] - by[("online", 1, 0)]["teacher_images"] == n
+    # rows: mean over seeds, and the paired difference to the online run of the same seed and schedule
+    rows = {(x["variant"], x["epochs"]): x for x in r["rows"]}
+    row = rows[("K=3", 2)]
+    diffs = [by[("K=3", 2, s)]["knn"] - by[("online", 2, s)]["knn"] for s in (0, 1)]
+    assert row["seeds"] == [0, 1] and abs(row["knn_vs_online"]["mean"] - sum(diffs) / 2) < 1e-12
+    assert row["knn_vs_online"]["low"] <= row["knn_vs_online"]["mean"] <= row["knn_vs_online"]["high"]
+    codes = rows[("K=3 opq 1/32", 2)]
+    assert codes["bytes_per_image"] < row["bytes_per_image"] and "knn_over_fp16" in codes
+    assert open(os.path.join(out, "quality.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # a second run reuses every store, run and score
     code, again, err = cli_call(monkeypatch, capsys, *args)
     assert code == 0 and again == text
+
+
+def test_k_fold_scores_score_every_sample_once_against_sklearn():
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+
+    from kdcache.bench.quality import kfold_scores
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 30)
+    separable = np.eye(4)[y] * 5 + rng.normal(0, 0.1, (120, 4))
+    r = kfold_scores(separable.astype(np.float32), y, folds=5)
+    assert r == {"knn": 1.0, "linear": 1.0, "n": 120, "folds": 5}
+    noise = rng.normal(size=(120, 16)).astype(np.float32)
+    r = kfold_scores(noise, y, folds=4)
+    # chance is 0.25; sklearn's own 4-fold logistic regression lands in the same range
+    ref = (cross_val_predict(LogisticRegression(max_iter=1000), noise, y, cv=4) == y).mean()
+    assert 0.05 < r["knn"] < 0.5 and 0.05 < r["linear"] < 0.5 and 0.05 < ref < 0.5
 
 
 def test_bench_teachers_prints_knn_and_per_teacher_fidelity(tmp_path, monkeypatch, capsys):

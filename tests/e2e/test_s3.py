@@ -42,7 +42,7 @@ def test_extract_verify_train_from_s3_equal_the_local_store(tmp_path, s3, corpus
         s3.fs.put(os.path.join(corpus, f), f"{bucket}/corpus/{f}")
     data, store = f"s3://{bucket}/corpus", f"s3://{bucket}/s.zarr"
     p = _cli(s3, "extract", data, "--out", store, "-t", vit_spec, "--views", "2", "--workers", "1", "--no-progress",
-             creds_in_options=True)
+             "--decode", "full", creds_in_options=True)  # as the local store (conftest)
     assert p.returncode == 0 and "extracted 24 images" in p.stdout, p.stderr[-2000:]
     got, ref = store_arrays(store), store_arrays(local_ref)
     assert sorted(got) == sorted(ref)

@@ -37,7 +37,9 @@ def _first_step(run):
 
 
 def test_first_online_step_equals_a_cached_step_on_the_same_views(tmp_path, vit_store, corpus, vit_spec):
-    online = build_run(_cfg(tmp_path / "online", corpus, online=True, teachers=(vit_spec,)))
+    # full-size decodes on both sides, as the store was extracted: a reduced decode's scale depends on
+    # the crops it serves (the online run cuts the teacher's crop too), so pixels agree only within a few levels
+    online = build_run(_cfg(tmp_path / "online", corpus, online=True, teachers=(vit_spec,), decode="full"))
     cached = build_run(_cfg(tmp_path / "cached", corpus, store=vit_store, view_choice="augmented"))
     for a, b in zip(online.trainer.model.state_dict().values(), cached.trainer.model.state_dict().values()):
         assert torch.equal(a, b)  # the same student and heads, whatever building the teacher drew

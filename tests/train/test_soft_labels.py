@@ -27,7 +27,7 @@ from kdcache.train.fit import train
 from kdcache.train.trainer import soft_label_loss
 
 STUDENT = "resnet18,img_size=32"
-OPTS = dict(progress=False, workers=0, batch_size=5)
+OPTS = dict(progress=False, workers=0, batch_size=5, decode="full")  # full: compared with timm on full-size decodes
 
 
 @pytest.fixture(scope="module")

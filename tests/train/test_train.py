@@ -20,7 +20,7 @@ from helpers import tar_images
 from kdcache.extract.options import ExtractOptions
 
 from kdcache.extract.run import extract
-from kdcache.data.corpus import resolve_corpus
+from kdcache.data.corpus import ReadOptions, resolve_corpus
 from kdcache.quantize.convert_store import quantize_store
 from kdcache.quantize.methods import faiss_decode
 from kdcache.quantize.quantizer_spec import QuantizerSpec
@@ -28,6 +28,7 @@ from kdcache.targets.sample import SampleSpec
 from kdcache.store import Store
 from kdcache.train.config import TrainConfig, build_config
 from kdcache.train.loader import CachedStream, LoaderSpec, collate
+from kdcache.errors import StoreError
 from kdcache.train.sources import TrainError
 from kdcache.train.fit import train
 from kdcache.targets.decoding import TargetDecoder, stored_codebooks
@@ -59,7 +60,8 @@ def _cfg(store, corpus, out, **kw):
 def _stream(store, corpus, paths, *, epoch=0, rank=0, world=1, **kw):
     s = Store.open(store)
     spec = LoaderSpec(store_url=store, shards=tuple(s.complete_shards()), target_paths=paths, input_size=(32, 32),
-                      interpolation="bicubic", shuffle_buffer=kw.pop("shuffle_buffer", 4), seed=0, **kw)
+                      interpolation="bicubic", shuffle_buffer=kw.pop("shuffle_buffer", 4), seed=0,
+                      decode=ReadOptions.from_dict(s.meta.corpus).decode, **kw)  # as the store records
     return CachedStream(resolve_corpus(corpus), spec, epoch=epoch, rank=rank, world=world)
 
 
@@ -167,8 +169,12 @@ def test_store_from_another_corpus_or_missing_shards_fails_clearly(tmp_path, sto
     shutil.copytree(store, partial)
     g = zarr.open_group(partial, mode="r+")["shards/demo-000001"]
     g.attrs.put({**g.attrs.asdict(), "complete": False})
+    # the shard index still says complete: the run plans the shard and refuses it when it reads its metadata
+    with pytest.raises(StoreError, match=r"shard demo-000001 is not complete, though the run planned it complete"):
+        train(_cfg(partial, corpus, tmp_path / "b", workers=0))
+    os.remove(os.path.join(partial, "shard_index.json"))  # without the index, the plan reads every shard's metadata
     with pytest.raises(TrainError, match=r"1 of 3 corpus shard\(s\) are not complete in the store \(first: demo-000001\)"):
-        train(_cfg(partial, corpus, tmp_path / "b"))
+        train(_cfg(partial, corpus, tmp_path / "c"))
 
 
 def test_key_mismatch_names_shard_and_key(tmp_path, store, corpus):
