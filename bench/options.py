@@ -169,8 +169,8 @@ class QualityPlan:
     options: tuple[str, ...] = tuple(QUALITY_OPTIONS)
     seeds: tuple[int, ...] = (0, 1, 2)
     folds: int = 5  # k-fold kNN and linear probe over every labelled image
-    digits: int = 400
-    photos: int = 80
+    digits: int = 240
+    photos: int = 48
     batch_size: int = 32
     lr: float = 2e-3
     head_hidden: int = 128
