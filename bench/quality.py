@@ -227,7 +227,7 @@ def format_quality(r: dict) -> str:
     num = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     lines = [f"# quality: {p['student']} from {p['teacher'].split(',')[0]} ({p['teacher_size'] if 'effnet' in p['teacher'] else ''}"
              f"), {len(p['seeds'])} seeds per row (mean ± sd), paired differences to online with 95% intervals",
-             f"{r['rows'][0]['knn'].get('n', '')} seeds; every labelled image scored by {p['folds']}-fold kNN (k=20, T=0.07) "
+             f"every labelled image scored by {p['folds']}-fold kNN (k=20, T=0.07) "
              f"and a {p['folds']}-fold linear probe; random-init student: kNN {r['random_init']['knn']:.3f}, "
              f"linear {r['random_init']['linear']:.3f} ({r['random_init']['n']} images)", "",
              "| epochs | variant | steps | kNN | kNN / online | kNN - online | linear | linear - online | "

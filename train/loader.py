@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import multiprocessing
 import os
 import random
@@ -40,8 +39,6 @@ from kdcache.store import Store, ViewPolicy
 from kdcache.store.meta import per_image
 
 from .config import VIEW_CHOICES
-
-log = logging.getLogger("kdcache.train")
 
 
 class LoaderError(KdcacheError):
@@ -177,6 +174,8 @@ class CachedStream(ShardStream):
             k = stored_views.shape[1]
             blocks = BlockRows(store, name, spec.target_paths, attrs, verify=spec.verify)
 
+            sub_boxes: dict[int, np.ndarray] = {}  # --sub-views: each sample's box, drawn with its view
+
             def stored(s: RawSample) -> tuple[int, np.ndarray]:
                 v = pick_view(spec.view_choice, k, key=s.key, epoch=epoch, seed=spec.seed)
                 return v, stored_views[s.row, v]
@@ -185,21 +184,22 @@ class CachedStream(ShardStream):
                 if spec.dense_views:  # a fresh view, as an online run draws it (data.pixels.view_at)
                     return view_at(spec.policy, s.key, epoch + 1, height, width)
                 if spec.sub_views:
-                    return sub_view(stored(s)[1], spec.seed, s.key, epoch, spec.sub_views)[0]
+                    view, sub_boxes[s.row] = sub_view(stored(s)[1], spec.seed, s.key, epoch, spec.sub_views)
+                    return view
                 return stored(s)[1]
 
             samples = align(self.corpus, shard, keys, attrs.get("failed", []))
             for item in view_pixels(samples, views=this_epochs_view, crops=[spec.crop], decode=spec.decode,
                                     handler=changed_since_extraction(shard)):
                 s = item.sample
-                v, view = stored(s)
+                v = stored(s)[0]
                 extra = {}
                 if spec.dense_views:  # where the targets are cut from the dense map: the view's box, and its flip
                     v = epoch + 1
                     extra = {"dense_box": torch.from_numpy(item.views[0, :4].copy()),
                              "dense_flip": torch.tensor(float(item.views[0, 4] >= 0.5))}
                 elif spec.sub_views:  # where the sub-box's targets are cut from the stored grid
-                    extra = {"sub_box": torch.from_numpy(sub_view(view, spec.seed, s.key, epoch, spec.sub_views)[1])}
+                    extra = {"sub_box": torch.from_numpy(sub_boxes.pop(s.row))}
                 yield {"key": s.key, "image": item.crops[0][0], "view": v, "label": sample_label(s),
                        **blocks.row(s.row, 0 if spec.dense_views else v), **extra}
                 delivered += 1
@@ -218,6 +218,7 @@ class BlockRows:
     def __init__(self, store: Store, shard: str, paths, attrs: dict, *, verify: bool = True):
         self.store, self.shard, self.attrs, self.verify = store, shard, attrs, verify
         self.arrays = {p: store.array(shard, p) for p in paths}
+        self.whole_image = {p for p in paths if per_image(p)}  # one row per image (dense maps), not per view
         self.block = store.block_rows(shard, paths[0]) if paths else 1
         self.index, self.rows = -1, {}
 
@@ -229,7 +230,7 @@ class BlockRows:
                          for p, a in self.arrays.items()}
         out = {}
         for p, b in self.rows.items():
-            a = b[row - self.index * self.block] if per_image(p) else b[row - self.index * self.block, view]
+            a = b[row - self.index * self.block] if p in self.whole_image else b[row - self.index * self.block, view]
             out[p] = torch.from_numpy(np.ascontiguousarray(a) if a.ndim else np.array(a))  # (a log-sum-exp is 0-d)
         return out
 
