@@ -70,6 +70,12 @@ class Features:
         return self.samples * self.meta.views * (t.tokens + 1) * t.dim * 2
 
 
+def _with_codec(feats: Features, codec: str) -> Features:
+    import dataclasses
+    t = dataclasses.replace(feats.meta.teachers[feats.teacher], codec=codec)
+    return Features(feats.meta.replace(teachers={**feats.meta.teachers, feats.teacher: t}), feats.teacher, feats.shards)
+
+
 def read_features(url: str, teacher: str | None = None) -> Features:
     store = Store.open(url)
     teacher = teacher or next(iter(store.meta.teachers))
@@ -338,6 +344,8 @@ def bench_formats(store: str, *, quantize: str | None = "opq", fraction: int = 3
             qfeats = read_features(qurl, feats.teacher)
             qspec = qsource.meta.teachers[feats.teacher].quantizer["patch"]["spec"]
         formats = {"kdcache store, fp16": ("store", feats, write_store, None)}
+        if t.codec != "none":  # what the codec costs or saves on features that barely compress
+            formats["kdcache store, fp16, codec none"] = ("store", _with_codec(feats, "none"), write_store, None)
         if qfeats is not None:
             formats[f"kdcache store, {qspec}"] = ("store", qfeats, write_store, qsource)
         formats.update({"safetensors in webdataset tars": ("tars", feats, write_tars, None),
@@ -403,7 +411,7 @@ def bench_formats(store: str, *, quantize: str | None = "opq", fraction: int = 3
               "store_over_tars_bytes": sizes[fp16] / sizes[tars],
               "fastest_peer": fastest_peer, "peers_not_installed": missing,
               "write": mw.to_dict(), "read": mr.to_dict()}
-    quantized = names[1] if names[1].startswith("kdcache store, ") else None
+    quantized = next((n for n in names if n.startswith("kdcache store, ") and "fp16" not in n), None)
     if fastest_peer:
         result["store_over_fastest_peer_read"] = mr.ratio(fp16, fastest_peer).to_dict()
         result["store_over_fastest_peer_bytes"] = sizes[fp16] / sizes[fastest_peer]

@@ -48,7 +48,10 @@ class LoadBench:
     store: str | None = None  # default: build one from the demo corpus
     data: str | None = None
     teacher: str = BENCH_TEACHER
-    images: int = 128
+    images: int = 512
+    # per corpus shard: real corpora hold thousands (webdataset's advice: 100 MB-1 GB shards); at 32 the
+    # per-shard start-up (the shard's attributes, arrays, keys and views) was paid every 32 samples
+    shard_size: int = 256
     workers: int = 1
     batch_size: int = 16
     s3: str = "auto"  # auto: also a loopback moto S3 server; off; or an s3:// URL

@@ -71,6 +71,8 @@ def bench_extract(**kw):
 @click.option("--data", help="The corpus --store was extracted from (required with --store).")
 @click.option("--teacher", "-t", help="Teacher of the store the bench builds." + L("teacher"))
 @click.option("--images", type=int, help="Images in the store the bench builds." + L("images"))
+@click.option("--shard-size", type=click.IntRange(min=1), help="Images per corpus shard of the store the bench builds."
+              + L("shard_size"))
 @click.option("--workers", type=int, help="Loader workers." + L("workers"))
 @click.option("--batch-size", type=int, help="Samples per batch." + L("batch_size"))
 @click.option("--s3", help="auto: also a loopback moto S3 server; off; or an s3:// URL to copy the store to." + L("s3"))

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+import simplejpeg
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
@@ -62,27 +63,98 @@ def decode_sample(sample: RawSample, opts: DecodeOptions = DecodeOptions(), need
 
 def decode_image(data: bytes | None, opts: DecodeOptions = DecodeOptions(), need: Need | None = None) -> np.ndarray:
     """Decode to an (h, w, 3) uint8 array, or raise BadImage with the reason. ``need`` is called
-    with the image's full (H, W) once its header is read (whatever the format); with
+    once with the image's full (H, W) once its header is read (whatever the format); with
     ``opts.reduced``, a JPEG is then decoded at the smallest scale libjpeg offers (1/2, 1/4, 1/8)
     that keeps at least ``need(H, W)`` pixels: (h, w) = ceil((H, W) / scale). Every check (bomb,
     size) is on the full size, and libjpeg reads every coefficient at any scale, so a sample
-    decodes or fails the same either way."""
+    decodes or fails the same either way.
+
+    JPEGs in YCbCr, RGB or grey go to libjpeg-turbo through simplejpeg (the same library Pillow
+    wheels bundle, with less around it: about 1.3x PIL at full size, and its scaled decodes are
+    faster than PIL's ``draft``); its pixels equal PIL's at every scale (tested). Anything else
+    (PNG, CMYK JPEGs, and any JPEG simplejpeg refuses, which PIL then accepts or rejects with
+    its reason) goes to PIL."""
     if not data:
         raise BadImage("empty file")
+    need = _once(need)
+    header = _turbo_header(data)
+    if header is not None:
+        h, w = header
+        _check_size(h, w, opts)
+        rgb = _turbo_decode(data, h, w, _scale(h, w, need, opts.reduced))
+        if rgb is not None:
+            return rgb
     with _image_errors():
         img = Image.open(io.BytesIO(data))
         w, h = img.size
-        if w * h > opts.max_pixels:
-            raise BadImage(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {opts.max_pixels}")
-        if min(w, h) < opts.min_size:
-            raise BadImage(f"image too small: {w}x{h} (minimum side {opts.min_size} px)")
+        _check_size(h, w, opts)
     if need is not None:  # outside the image's error handling: the caller's own errors stay theirs
-        nh, nw = need(h, w)
-        if opts.reduced and img.format == "JPEG" and nh < h and nw < w:
-            img.draft(None, (max(1, nw), max(1, nh)))  # PIL keeps the largest scale with >= this size
+        s = _scale(h, w, need, opts.reduced and img.format == "JPEG")
+        if s > 1:
+            img.draft(None, (math.ceil(w / s), math.ceil(h / s)))  # PIL keeps the largest scale with >= this size
     with _image_errors():
         img.load()
     return _to_rgb(img)
+
+
+JPEG_SCALES = (8, 4, 2)  # libjpeg's power-of-two DCT scalings (1/8, 1/4, 1/2): its other M/8 ones decode slower than 1/1
+
+
+def _scale(h: int, w: int, need: Need | None, reduced: bool) -> int:
+    """The largest of 8, 4, 2 that keeps ceil((h, w) / scale) >= need(h, w); 1 when none does or
+    the decode is full-size."""
+    if need is None:
+        return 1
+    nh, nw = need(h, w)
+    if not reduced:
+        return 1
+    return next((s for s in JPEG_SCALES if math.ceil(h / s) >= nh and math.ceil(w / s) >= nw), 1)
+
+
+def _once(need: Need | None) -> Need | None:
+    """``need`` called at most once (it draws the views), its answer kept for a second decoder."""
+    if need is None:
+        return None
+    kept = []
+
+    def once(h: int, w: int):
+        if not kept:
+            kept.append(need(h, w))
+        return kept[0]
+    return once
+
+
+def _check_size(h: int, w: int, opts: DecodeOptions) -> None:
+    if w * h > opts.max_pixels:
+        raise BadImage(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {opts.max_pixels}")
+    if min(w, h) < opts.min_size:
+        raise BadImage(f"image too small: {w}x{h} (minimum side {opts.min_size} px)")
+
+
+TURBO_COLORSPACES = ("YCbCr", "RGB", "Gray")  # what libjpeg-turbo converts to RGB exactly as PIL does (CMYK/YCCK: PIL)
+
+
+def _turbo_header(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a JPEG that simplejpeg will decode, else None (not a JPEG, another
+    colour space, a header it cannot read: PIL decides)."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (h, w) if colorspace in TURBO_COLORSPACES and h > 0 and w > 0 else None
+
+
+def _turbo_decode(data: bytes, h: int, w: int, scale: int) -> np.ndarray | None:
+    """The JPEG at 1/scale, or None when libjpeg-turbo (strict: its warnings are errors) refuses
+    it: then PIL, which tolerates what it always tolerated, accepts it or says why not."""
+    oh, ow = math.ceil(h / scale), math.ceil(w / scale)
+    try:
+        rgb = simplejpeg.decode_jpeg(data, "RGB", min_height=oh, min_width=ow)
+    except ValueError:
+        return None
+    return rgb if rgb.shape == (oh, ow, 3) else None
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, default_collate
 
 from kdcache.data.corpus import Corpus, DecodeOptions
 from kdcache.data.partition import current_worker, epoch_streams
@@ -265,8 +265,11 @@ def _color_jitter(strength: float):
 
 
 def collate(samples: list[dict]) -> dict:
+    """Samples -> a batch. Tensors go through torch's ``default_collate``, which in a DataLoader
+    worker stacks straight into shared memory: the batch then crosses to the trainer without a
+    second copy (a plain ``torch.stack`` is copied again when the worker sends it)."""
     out = {"key": [s["key"] for s in samples], "view": torch.tensor([s["view"] for s in samples])}
     for k in samples[0]:
         if k not in out:
-            out[k] = torch.stack([s[k] for s in samples])
+            out[k] = default_collate([s[k] for s in samples])
     return out

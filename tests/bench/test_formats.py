@@ -93,7 +93,7 @@ def test_bench_formats_prints_every_format_and_column(k8_store, monkeypatch, cap
     assert code == 0, err
     assert ("| format | KiB/sample on disk | fixed KiB (codebooks, metadata) | write MB/s (fp16 features) | first batch s | "
             "read samples/s (after the first batch) |") in out
-    for row in ("| kdcache store, fp16 |", "| kdcache store, pq:M=24 |", "| safetensors in webdataset tars |",
+    for row in ("| kdcache store, fp16 |", "| kdcache store, fp16, codec none |", "| kdcache store, pq:M=24 |", "| safetensors in webdataset tars |",
                 "| torch file per sample (weights_only) |", "| .npy file per sample |", "| mosaic streaming (MDS) |",
                 "| litdata |"):
         assert row in out
@@ -103,7 +103,7 @@ def test_bench_formats_prints_every_format_and_column(k8_store, monkeypatch, cap
                               "--quantize", "none", "--workers", "0", "--batch-size", "8")
     assert code == 0, err
     r = json.loads(out)
-    assert set(r["formats"]) == {"kdcache store, fp16", "safetensors in webdataset tars", "torch file per sample (weights_only)",
+    assert set(r["formats"]) == {"kdcache store, fp16", "kdcache store, fp16, codec none", "safetensors in webdataset tars", "torch file per sample (weights_only)",
                                  ".npy file per sample", "mosaic streaming (MDS)", "litdata"}
     assert r["samples"] == 24 and r["views"] == 8 and r["fastest_peer"] in ("mosaic streaming (MDS)", "litdata")
     for v in r["formats"].values():
@@ -118,3 +118,4 @@ def test_bench_formats_prints_every_format_and_column(k8_store, monkeypatch, cap
     meta = Store.open(k8_store).meta.teachers["vit"]
     assert fp16 == 8 * (meta.tokens + 1) * meta.dim * 2
     assert r["formats"][".npy file per sample"]["bytes_per_sample"] == pytest.approx(fp16, rel=0.05)  # raw + a header
+    assert r["formats"]["kdcache store, fp16, codec none"]["bytes_per_sample"] == pytest.approx(fp16, rel=0.05)

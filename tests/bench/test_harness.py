@@ -92,7 +92,7 @@ def test_bench_load_local_and_on_loopback_s3_with_verification_on_and_off(vit_sp
         "decode floor (decode + view, no store)", "local, verification on", "local, verification off",
         "s3 (loopback moto), verification on", "s3 (loopback moto), verification off", "100 px", "500 px"]
     assert all(len(SPREAD.findall(r)) == 2 for r in rows[:5]), out
-    assert all(len(SPREAD.findall(r)) == 3 for r in rows[5:]), out
+    assert all(len(SPREAD.findall(r)) == 5 for r in rows[5:]), out
     assert SPREAD.search(out.split("local: verified / unverified throughput = ")[1])
     assert SPREAD.search(out.split("loader (local, verified) / decode floor = ")[1])
     d = json.loads(run_cli("bench", "load", "-t", vit_spec, "--images", "32", "--workers", "0", "--repeat", "1", "--s3", "off",
@@ -100,7 +100,8 @@ def test_bench_load_local_and_on_loopback_s3_with_verification_on_and_off(vit_sp
     m = d["measurement"]
     assert m["items"]["decode floor (decode + view, no store)"] == m["items"]["local, verification on"] == 32  # same samples
     [row] = d["decode"]
-    assert row["long_side"] == 500 and row["reduced_over_full"]["median"] > 0
+    assert row["long_side"] == 500 and row["reduced_over_full"]["median"] > 0 and row["reduced_over_pil_full"]["median"] > 0
+    assert row["pil_full"]["median"] > 0 and row["full"]["median"] > 0
 
 
 def test_bench_extract_quantize_prints_encode_over_teacher_tokens(vit_spec):

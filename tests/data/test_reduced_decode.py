@@ -32,9 +32,9 @@ def photo_jpeg() -> bytes:
 
 
 def _pil_scale(h: int, w: int, nh: int, nw: int) -> int:
-    """PIL's rule, written out: the largest of 8, 4, 2, 1 not above min(W // nw, H // nh)."""
-    most = min(w // nw, h // nh)
-    return next((s for s in (8, 4, 2, 1) if most >= s), 1)
+    """The rule, written out: the largest of 8, 4, 2, 1 whose decode, ceil((H, W) / scale), is at
+    least (nh, nw)."""
+    return next((s for s in (8, 4, 2, 1) if -(-h // s) >= nh and -(-w // s) >= nw), 1)
 
 
 @pytest.mark.parametrize("need", [(64, 64), (100, 150), (200, 300), (427, 640), (500, 700), (1, 1)])
@@ -98,7 +98,7 @@ def test_the_needed_size_gives_every_box_at_least_its_output():
     views, crops = _views(), [Crop((64, 64), "bilinear"), Crop((96, 80), "bilinear")]
     nh, nw = crop_need(views, crops)(427, 640)
     for s in (1, 2, 4, 8):
-        if 427 // s >= nh and 640 // s >= nw:  # a scale PIL may pick: every box still >= every output
+        if math.ceil(427 / s) >= nh and math.ceil(640 / s) >= nw:  # a scale the decode may pick: every box still >= every output
             h, w = math.ceil(427 / s), math.ceil(640 / s)
             assert (np.round(views[:, 2] * h) >= 96).all() and (np.round(views[:, 3] * w) >= 80).all()
 
@@ -133,3 +133,51 @@ def test_extraction_records_the_decode_and_stores_the_same_views_either_way(tmp_
     fa, fb = (np.asarray(g["shards/a/vit/cls"][:], dtype=np.float32) for g in (a, b))
     cos = (fa * fb).sum(-1) / np.linalg.norm(fa, axis=-1) / np.linalg.norm(fb, axis=-1)
     assert cos.min() > 0.98 and not np.array_equal(fa, fb)  # other pixels, nearly the same features
+
+
+def _jpeg(img: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("scale", [1, 2, 4, 8])
+@pytest.mark.parametrize("kind", ["420", "444-progressive", "grey"])
+def test_jpegs_decode_to_pils_pixels_at_every_scale(kind, scale):
+    """libjpeg-turbo through simplejpeg gives the pixels PIL gives (its draft at the same scale)."""
+    photo = load_sample_images().images[1]
+    if kind == "grey":
+        data = _jpeg(photo.mean(axis=2).astype(np.uint8), quality=85)
+    else:
+        data = _jpeg(photo, quality=90, subsampling=0 if kind.startswith("444") else 2, progressive="progressive" in kind)
+    h, w = 427, 640
+    need = (math.ceil(h / scale), math.ceil(w / scale))
+    ours = decode_image(data, REDUCED, lambda hh, ww: need)
+    ref = Image.open(io.BytesIO(data))
+    if scale > 1:
+        ref.draft(None, (w // scale, h // scale))  # PIL: the largest scale s with W // s, H // s >= these
+    ref = np.array(ref.convert("RGB"))
+    assert ours.shape == ref.shape == (*need, 3)
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_jpegs_libjpeg_turbo_refuses_go_to_pil(photo_jpeg):
+    """CMYK JPEGs, and JPEGs libjpeg-turbo only warns about (strict there), are PIL's to decode;
+    a truncated JPEG is refused with PIL's reason either way."""
+    ref = np.array(Image.open(io.BytesIO(photo_jpeg)).convert("RGB"))
+    sos = photo_jpeg.index(b"\xff\xda")
+    extraneous = photo_jpeg[:sos] + b"\x00\x00\x00" + photo_jpeg[sos:]
+    calls = []
+    np.testing.assert_array_equal(decode_image(extraneous, REDUCED, lambda h, w: calls.append(1) or (427, 640)), ref)
+    assert calls == [1]  # the views are drawn once, though two decoders looked at the image
+    cmyk = io.BytesIO()
+    Image.fromarray(load_sample_images().images[0]).convert("CMYK").save(cmyk, "JPEG", quality=95)
+    np.testing.assert_array_equal(decode_image(cmyk.getvalue(), FULL),
+                                  np.array(Image.open(io.BytesIO(cmyk.getvalue())).convert("RGB")))
+    from kdcache.data.pixels import BadImage
+    with pytest.raises(BadImage, match="corrupt or truncated"):
+        decode_image(photo_jpeg[: len(photo_jpeg) // 2], REDUCED)
+    with pytest.raises(BadImage, match="decompression bomb"):
+        decode_image(photo_jpeg, DecodeOptions(max_pixels=1000))
+    with pytest.raises(BadImage, match="too small"):
+        decode_image(photo_jpeg, DecodeOptions(min_size=500))

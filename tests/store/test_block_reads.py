@@ -1,0 +1,76 @@
+"""Block reads decode Zarr shards directly (``store.reads._decode_shard``): the same rows plain
+zarr reads, for every codec kdcache writes, and a one-line error for bytes that do not fit."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import zarr
+import zarr.codecs
+
+from kdcache.store.layout import compressors
+from kdcache.store.reads import _block_in_one_request, _decode_shard
+
+BLOCK, CHUNK, ROWS = 8, 4, 13  # a full block, then a partial one ending inside an inner chunk
+
+
+def _array(tmp_path, codec: str, dtype=np.float16, **over):
+    root = zarr.open_group(str(tmp_path / f"{codec}.zarr"), mode="w")
+    kw = dict(shape=(ROWS, 2, 5), dtype=dtype, chunks=(CHUNK, 2, 5), shards=(BLOCK, 2, 5), compressors=compressors(codec))
+    a = root.create_array("x", **{**kw, **over})
+    rows = np.random.default_rng(0).standard_normal((ROWS, 2, 5)).astype(dtype)
+    a[:] = rows
+    return a, rows
+
+
+@pytest.mark.parametrize("codec", ["none", "lz4", "zstd"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint8])
+def test_blocks_decode_to_what_zarr_reads(tmp_path, codec, dtype):
+    a, rows = _array(tmp_path, codec, dtype)
+    for index in (0, 1):
+        got = _block_in_one_request(a, index, BLOCK)
+        want = np.asarray(zarr.open_array(str(tmp_path / f"{codec}.zarr" / "x"), mode="r")[index * BLOCK:(index + 1) * BLOCK])
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got, rows[index * BLOCK:(index + 1) * BLOCK])
+    data = open(_shard_file(tmp_path, codec, 1), "rb").read()
+    direct = _decode_shard(a, np.frombuffer(data, np.uint8), ROWS - BLOCK)  # decoded here, not left to zarr
+    assert direct is not None
+    np.testing.assert_array_equal(direct, rows[BLOCK:])
+
+
+def _shard_file(tmp_path, codec, index):
+    return os.path.join(tmp_path, f"{codec}.zarr", "x", "c", str(index), "0", "0")
+
+
+def test_a_missing_inner_chunk_reads_as_the_fill_value(tmp_path):
+    a, rows = _array(tmp_path, "lz4")
+    a[4:8] = 0  # zarr drops a chunk equal to the fill value: its index entry says "never written"
+    got = _block_in_one_request(a, 0, BLOCK)
+    np.testing.assert_array_equal(got[4:8], np.zeros((4, 2, 5), np.float16))
+    np.testing.assert_array_equal(got[:4], rows[:4])
+
+
+@pytest.mark.parametrize("where,match", [("index", "CRC-32C"), ("short", "shorter than its index"),
+                                         ("offset", "CRC-32C"), ("header", "Blosc header")])
+def test_bytes_that_do_not_fit_the_index_are_a_value_error(tmp_path, where, match):
+    a, _ = _array(tmp_path, "lz4")
+    path = _shard_file(tmp_path, "lz4", 0)
+    data = bytearray(open(path, "rb").read())
+    if where == "index":
+        data[-10] ^= 0xFF
+    elif where == "short":
+        data = data[:20]
+    elif where == "offset":
+        data[-4 - 2 * 16] ^= 0x40  # the first inner chunk's offset, without fixing the index checksum
+    else:
+        data[4] ^= 0x01  # the first chunk's Blosc header: its uncompressed size
+    with pytest.raises(ValueError, match=match):
+        _decode_shard(a, np.frombuffer(bytes(data), np.uint8), BLOCK)
+
+
+def test_a_layout_kdcache_does_not_write_is_left_to_zarr(tmp_path):
+    a, rows = _array(tmp_path, "none", serializer=zarr.codecs.BytesCodec(endian="big"))
+    assert _decode_shard(a, np.frombuffer(open(_shard_file(tmp_path, "none", 0), "rb").read(), np.uint8), BLOCK) is None
+    np.testing.assert_array_equal(_block_in_one_request(a, 0, BLOCK), rows[:BLOCK])
