@@ -169,9 +169,14 @@ def write_litdata(feats: Features, root: str, source: Store | None = None) -> li
     cls, patch = feature_path(feats.teacher, "cls"), feature_path(feats.teacher, "patch")
     items = [{"key": key, "cls": arrays[cls][i], "patch": arrays[patch][i]}
              for arrays in feats.shards.values() for i, key in enumerate(arrays["keys"].tolist())]
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints progress and adverts to stdout
-        litdata.optimize(fn=_litdata_sample, inputs=items, output_dir=os.path.abspath(root), chunk_bytes="64MB",
-                         num_workers=1, mode="overwrite")
+    import multiprocessing
+    before = multiprocessing.get_start_method(allow_none=True)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress and adverts to stdout
+            litdata.optimize(fn=_litdata_sample, inputs=items, output_dir=os.path.abspath(root), chunk_bytes="64MB",
+                             num_workers=1, mode="overwrite")
+    finally:  # optimize sets the process-wide start method to spawn: every later DataLoader would spawn
+        multiprocessing.set_start_method(before, force=True)
     return _files(root)
 
 

@@ -7,7 +7,8 @@ then takes ``order[rank::world]``, and each DataLoader worker ``[worker::workers
     data.walk.align (the corpus shard in step with the stored keys: the sample's row)
     -> data.pixels.view_pixels (decoded, its view of this epoch replayed at the student's input)
     -> its target rows, sliced from the store block that holds them (``store.reads``: one
-       verified read per block and array, a few large requests per shard, never one per sample)
+       verified read per block and array, a few large requests per shard, never one per sample;
+       the next block read ahead in a thread: ``BlockRows``)
 
 Student and teacher therefore see the same view of the same image; ``--color-jitter`` augments
 the student only. With full-size decodes (``--decode full``) they see the same pixels; reduced
@@ -24,6 +25,7 @@ import json
 import multiprocessing
 import os
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,7 +163,7 @@ class CachedStream(ShardStream):
         """The samples of one shard; a corrupt shard stops the run, or with ``skip_log`` ends
         here and is recorded (shard, array, reason, samples not delivered) in the skip log."""
         store, spec = self._store, self.spec
-        delivered, attrs = 0, {}
+        delivered, attrs, blocks = 0, {}, None
         try:
             attrs = store.shard_attrs(name) or {}
             if attrs.get("complete") is not True:  # planned complete (the shard index said so): its metadata wins
@@ -209,30 +211,55 @@ class CachedStream(ShardStream):
             count = attrs.get("count", 0)
             record_skip(spec.skip_log, {"epoch": epoch, "shard": name, "error": one_line(e),
                                         "samples_skipped": max(0, count - delivered) if isinstance(count, int) else 0})
+        finally:  # also when the run stops mid-shard (the generator is closed)
+            if blocks is not None:
+                blocks.close()
 
 
 class BlockRows:
     """A shard's target arrays, read one verified block at a time (the block holding the row
-    asked for; rows are asked for in order, so each block is read once)."""
+    asked for; rows are asked for in order, so each block is read once). While the samples of
+    one block are decoded and cut, the next block is already being read, decompressed and
+    checked in a thread: those release the GIL (the read, Blosc, CRC-32, the finiteness test),
+    so a worker's target reads overlap its JPEG decodes instead of stalling them (on object
+    storage, the request's latency too). At most two blocks are held."""
 
-    def __init__(self, store: Store, shard: str, paths, attrs: dict, *, verify: bool = True):
+    def __init__(self, store: Store, shard: str, paths, attrs: dict, *, verify: bool = True, prefetch: bool = True):
         self.store, self.shard, self.attrs, self.verify = store, shard, attrs, verify
         self.arrays = {p: store.array(shard, p) for p in paths}
         self.whole_image = {p for p in paths if per_image(p)}  # one row per image (dense maps), not per view
         self.block = store.block_rows(shard, paths[0]) if paths else 1
+        count = attrs.get("count") if isinstance(attrs.get("count"), int) else 0
+        self.blocks = -(-count // self.block) if paths else 0
         self.index, self.rows = -1, {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kdcache-blocks") if prefetch and self.blocks else None
+        # the first block is read while the first samples are decoded
+        self._next: tuple[int, Future] | None = (0, self._pool.submit(self._read, 0)) if self._pool else None
+
+    def _read(self, index: int) -> dict[str, np.ndarray]:
+        return {p: self.store.read_block(self.shard, p, index, attrs=self.attrs, array=a, verify=self.verify)
+                for p, a in self.arrays.items()}
 
     def row(self, row: int, view: int) -> dict[str, torch.Tensor]:
         """{path: the stored bytes of view ``view`` of row ``row``} as tensors (bf16 bits as uint16)."""
         if row // self.block != self.index:
             self.index = row // self.block
-            self.rows = {p: self.store.read_block(self.shard, p, self.index, attrs=self.attrs, array=a, verify=self.verify)
-                         for p, a in self.arrays.items()}
+            ahead, self._next = self._next, None
+            self.rows = ahead[1].result() if ahead is not None and ahead[0] == self.index else self._read(self.index)
+            if self._pool is not None and self.index + 1 < self.blocks:
+                self._next = (self.index + 1, self._pool.submit(self._read, self.index + 1))
         out = {}
         for p, b in self.rows.items():
             a = b[row - self.index * self.block] if p in self.whole_image else b[row - self.index * self.block, view]
             out[p] = torch.from_numpy(np.ascontiguousarray(a) if a.ndim else np.array(a))  # (a log-sum-exp is 0-d)
         return out
+
+    def close(self) -> None:
+        """Stop reading ahead (a block being read is finished and dropped)."""
+        self._next = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
 
 def sample_label(sample: RawSample) -> torch.Tensor:
