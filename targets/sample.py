@@ -63,7 +63,7 @@ def training_prefix(store: Store, teacher: str, kind: str, spec: SampleSpec, sha
     per_row, chosen, total = tokens_per_row(store, teacher, kind), [], 0
     for name in shards:
         chosen.append(name)
-        total += int(store.shard_attrs(name)["count"]) * per_row
+        total += int(store.shard_summary(name)["count"]) * per_row
         if total >= spec.pool * spec.total:
             return chosen, True
     return chosen, False
@@ -72,7 +72,7 @@ def training_prefix(store: Store, teacher: str, kind: str, spec: SampleSpec, sha
 def draw(store: Store, teacher: str, kind: str, shards: list[str], spec: SampleSpec) -> tuple[np.ndarray, np.ndarray, dict]:
     """(train (N, D) float32, held_out (H, D) float32, description for the store's attrs)."""
     per_row = tokens_per_row(store, teacher, kind)
-    counts = [int(store.shard_attrs(s)["count"]) * per_row for s in shards]
+    counts = [int(store.shard_summary(s)["count"]) * per_row for s in shards]
     total = sum(counts)
     rng = np.random.default_rng(spec.seed)
     want = min(spec.total, total)

@@ -56,7 +56,8 @@ def compute_stats(store: Store, teacher: str, kind: str, *, shards: list[str] | 
 
 def source_digests(store: Store, shards: list[str], teacher: str, kind: str) -> dict:
     paths = (feature_path(teacher, kind), feature_path(teacher, kind, codes=True))
-    return {s: {p: d for p, d in ((store.shard_attrs(s) or {}).get("digest") or {}).items() if p in paths} for s in shards}
+    # planned from the shard index where it has the shard (one request for every shard, not one each)
+    return {s: {p: d for p, d in ((store.shard_summary(s) or {}).get("digest") or {}).items() if p in paths} for s in shards}
 
 
 def is_fresh(store: Store, teacher: str, kind: str, source: dict | None) -> bool:
