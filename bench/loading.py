@@ -193,7 +193,7 @@ def decode_table(sizes, *, student: int, images: int, repeat: int) -> list[dict]
         def pil_full():
             for s in jpegs:  # timm's and torchvision's loaders: PIL, full size, RGB, then the crop
                 image = torch.from_numpy(np.array(Image.open(io.BytesIO(s.data)).convert("RGB"))).permute(2, 0, 1)
-                replay_view(image, view_at(policy, s.key, 1, image.shape[1], image.shape[2]), crop[0].size, "bilinear")
+                replay_view(image, view_at(policy, s.key, 1, image.shape[1], image.shape[2]), crop[0].size, crop[0].interpolation)
             return len(jpegs)
         m = measure({"pil_full": pil_full, "full": side(False), "reduced": side(True)}, repeat=repeat)
         rows.append({"long_side": size, **{k: m.rate(k).to_dict() for k in ("pil_full", "full", "reduced")},

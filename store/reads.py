@@ -193,7 +193,7 @@ def _decode_shard(a, raw: np.ndarray, rows: int) -> np.ndarray | None:
     is the Zarr v3 sharding format read directly: the index (its CRC-32C checked), then each
     inner chunk decompressed by numcodecs' Blosc into its place in the output. zarr-python decodes
     the same bytes about 2.8x slower (its async pipeline per inner chunk, then a copy; measured:
-    6.7 against 2.4 ms for a 4.8 MB block); the loader reads every target through here. Bytes
+    6.7 against 2.8 ms for a 4.8 MB block); the loader reads every target through here. Bytes
     that do not fit the index raise ValueError (the caller names store, shard and array)."""
     from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
     codecs = a.metadata.codecs
