@@ -195,23 +195,44 @@ class QualityPlan:
             raise KdcacheError("--seeds, --schedules and --views need at least one value each")
 
 
-# bench teachers: variant name -> train options
+# bench teachers: variant name -> train options ("pretrained_student": the shipped EfficientNet-Lite0
+# as the student, learning the second teacher only); in the order they are trained
+PRETRAINED_VARIANTS = {
+    "EfficientNet-Lite0 fine-tuned on vit": {"pretrained_student": True, "teachers": ("vit",)},
+    "EfficientNet-Lite0 frozen + adapters on vit": {"pretrained_student": True, "teachers": ("vit",),
+                                                    "frozen_backbone": True, "adapter_rank": 8},
+}
 TEACHER_VARIANTS = {
     "static weights": {},
+    "--head model-token": {"head": "model-token", "head_depth": 1, "head_heads": 4},
+    "--ladder 2,3": {"ladder": (2, 3)},
+    "task loss (static, weight 1)": {"task_loss": "ce"},
+    "task loss + --balance dto": {"task_loss": "ce", "balance": "dto"},
+    **PRETRAINED_VARIANTS,
     "PHI-S": {"normalize": "phi-s"},
     "--balance mgda": {"balance": "mgda"},
     "--teacher-drop 0.5": {"teacher_drop": 0.5},
     "--head transformer": {"head": "transformer", "head_depth": 2, "head_heads": 4},
     "--shared-adapter": {"shared_adapter": True},
-    "task loss (static, weight 1)": {"task_loss": "ce"},
     "task loss + --balance mgda": {"task_loss": "ce", "balance": "mgda"},
+}
+# what each variant is compared with, seed by seed (default: the plain per-teacher heads)
+TEACHER_REFERENCES = {
+    "task loss + --balance dto": ("static weights", "task loss (static, weight 1)"),
+    "task loss + --balance mgda": ("static weights", "task loss (static, weight 1)"),
+    "EfficientNet-Lite0 frozen + adapters on vit": ("EfficientNet-Lite0 fine-tuned on vit",),
+    "EfficientNet-Lite0 fine-tuned on vit": (),  # another student: nothing of the ResNet's to compare with
 }
 
 
 @dataclass(frozen=True)
 class TeachersPlan:
+    """``bench teachers``: every option on the same store, several seeds (student init and batch
+    order; the store and the teachers are fixed), each student scored by k-fold kNN on every
+    labelled image and by its per-teacher fidelity."""
+
     student: str = "resnet18,img_size=64"
-    epochs: int = 8
+    epochs: int = 32  # 4x the first round's 8
     batch_size: int = 32
     views: int = 2
     digits: int = 600
@@ -220,13 +241,19 @@ class TeachersPlan:
     lr: float = 2e-3
     head_hidden: int = 256
     workers: int = 1
-    seed: int = 0
+    seed: int = 0  # of the ViT teacher and the store's views
+    seeds: tuple[int, ...] = (0, 1, 2)  # of each student
+    folds: int = 5
     variants: tuple[str, ...] = tuple(TEACHER_VARIANTS)
 
     def __post_init__(self):
         unknown = [v for v in self.variants if v not in TEACHER_VARIANTS]
         if unknown:
             raise KdcacheError(f"--variant {unknown[0]!r}: expected one of {', '.join(map(repr, TEACHER_VARIANTS))}")
+        if not self.seeds:
+            raise KdcacheError("--seeds: give at least one")
+        if self.folds < 2:
+            raise KdcacheError(f"--folds {self.folds}: need at least 2")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ interrupted study resumes: finished stores, runs and scores are reused.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -38,9 +37,7 @@ from dataclasses import asdict, replace
 import numpy as np
 
 from kdcache.data.demo_corpus import build_demo_corpus
-from kdcache.eval.knn import knn_classify
-from kdcache.eval.linear import linear_probe
-from kdcache.eval.model_features import labelled_model_features, random_init_student, run_student
+from kdcache.eval.model_features import random_init_student
 from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract
 from kdcache.models.convert_weights import shipped_teacher
@@ -53,21 +50,10 @@ from kdcache.targets.sample import SampleSpec
 
 from .harness import environment
 from .options import QUALITY_OPTIONS, QualityPlan
-from .studies import paired, same_steps, spread, train_variant, write_study
+from .studies import kfold_scores, model_xy, paired, record, run_scores, same_steps, spread, train_variant, write_study
 
 log = logging.getLogger("kdcache.bench")
 ONLINE = "online"
-
-
-def _record(path: str, make) -> dict:
-    """The JSON kept at ``path``, or ``make()`` written there (a resumed study does not redo it)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    r = make()
-    with open(path, "w") as f:
-        json.dump(r, f)
-    return r
 
 
 def _store(plan: QualityPlan, out: str, seed: int, views: int, *, dense: bool = False, progress: bool) -> dict:
@@ -86,7 +72,7 @@ def _store(plan: QualityPlan, out: str, seed: int, views: int, *, dense: bool = 
         return {"path": path, "extract_seconds": time.perf_counter() - t0, "teacher_images": s.teacher_images,
                 "bytes_per_image": sum(t["bytes_per_sample"] for t in d["teachers"].values())}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    return _record(os.path.join(out, "stores", f"{name}.json"), make)
+    return record(os.path.join(out, "stores", f"{name}.json"), make)
 
 
 def _quantized(plan: QualityPlan, out: str, base: dict, seed: int, *, progress: bool) -> dict:
@@ -103,27 +89,7 @@ def _quantized(plan: QualityPlan, out: str, base: dict, seed: int, *, progress: 
         d = info(Store.open(path))
         return {"path": path, "extract_seconds": base["extract_seconds"] + time.perf_counter() - t0,
                 "teacher_images": base["teacher_images"], "bytes_per_image": d["teachers"][teacher]["bytes_per_sample"]}
-    return _record(os.path.join(out, "stores", f"opq-1of32-k{plan.option_views}-s{seed}.json"), make)
-
-
-def kfold_scores(x: np.ndarray, y: np.ndarray, *, folds: int, seed: int = 0) -> dict:
-    """k-fold kNN and linear probe over every sample: each sample is scored once, by a probe fitted
-    on the other folds; the folds are a seeded permutation (the same for every run of a study)."""
-    parts = np.array_split(np.random.default_rng(seed).permutation(len(y)), folds)
-    knn = linear = 0.0
-    for i, va in enumerate(parts):
-        tr = np.concatenate([p for j, p in enumerate(parts) if j != i])
-        knn += knn_classify(x[tr], y[tr], x[va], y[va])["top1"] * len(va)
-        linear += linear_probe(x[tr], y[tr], x[va], y[va], seed=seed)["top1"] * len(va)
-    return {"knn": knn / len(y), "linear": linear / len(y), "n": int(len(y)), "folds": folds}
-
-
-def _scores(run: str, corpus: str, plan: QualityPlan) -> dict:
-    def make():
-        net, data, _ = run_student(run)
-        f = labelled_model_features(net, data, corpus)
-        return kfold_scores(f["x"], f["y"], folds=plan.folds)
-    return _record(os.path.join(run, "quality-scores.json"), make)
+    return record(os.path.join(out, "stores", f"opq-1of32-k{plan.option_views}-s{seed}.json"), make)
 
 
 def _defaults(plan: QualityPlan, out: str) -> QualityPlan:
@@ -156,7 +122,7 @@ def quality_study(out: str, plan: QualityPlan = QualityPlan(), *, progress: bool
                      "teacher_images": store["teacher_images"] if store else r["teacher_images"],
                      "extract_seconds": store["extract_seconds"] if store else 0.0,
                      "bytes_per_image": store["bytes_per_image"] if store else None,
-                     **_scores(run_dir, plan.corpus, plan)})
+                     **run_scores(run_dir, plan.corpus, folds=plan.folds)})
 
     for seed in plan.seeds:
         stores = {k: _store(plan, out, seed, k, progress=progress) for k in plan.views}
@@ -176,18 +142,12 @@ def quality_study(out: str, plan: QualityPlan = QualityPlan(), *, progress: bool
     for epochs in plan.schedules:
         same_steps([r for r in runs if r["epochs"] == epochs])
     random_init = random_init_student(runs[0]["run"], seed=0)
-    base_scores = kfold_scores(**_xy(random_init, plan.corpus), folds=plan.folds)
+    base_scores = kfold_scores(**model_xy(random_init, plan.corpus), folds=plan.folds)
     result = {"plan": asdict(plan), "environment": environment(), "runs": runs, "rows": summarize(runs, plan),
               "random_init": base_scores}
     write_study(out, "quality", result, format_quality(result))
     result["plot"] = plot_quality(result, os.path.join(out, "quality.png"))
     return result
-
-
-def _xy(model_data, corpus: str) -> dict:
-    net, data, _ = model_data
-    f = labelled_model_features(net, data, corpus)
-    return {"x": f["x"], "y": f["y"]}
 
 
 def summarize(runs: list[dict], plan: QualityPlan) -> list[dict]:

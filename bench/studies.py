@@ -6,6 +6,8 @@ import json
 import os
 import time
 
+import numpy as np
+
 from kdcache.errors import KdcacheError
 from kdcache.train.config import TrainConfig
 from kdcache.train.fit import build_run, fit
@@ -25,6 +27,46 @@ def train_variant(out: str, *, progress: bool, **config) -> dict:
     with open(done, "w") as f:
         json.dump(r, f)
     return r
+
+
+def record(path: str, make) -> dict:
+    """The JSON kept at ``path``, or ``make()`` written there (a resumed study does not redo it)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    r = make()
+    with open(path, "w") as f:
+        json.dump(r, f)
+    return r
+
+
+def kfold_scores(x: np.ndarray, y: np.ndarray, *, folds: int, seed: int = 0) -> dict:
+    """k-fold kNN and linear probe over every sample: each sample is scored once, by a probe fitted
+    on the other folds; the folds are a seeded permutation (the same for every run of a study)."""
+    from kdcache.eval.knn import knn_classify
+    from kdcache.eval.linear import linear_probe
+    parts = np.array_split(np.random.default_rng(seed).permutation(len(y)), folds)
+    knn = linear = 0.0
+    for i, va in enumerate(parts):
+        tr = np.concatenate([p for j, p in enumerate(parts) if j != i])
+        knn += knn_classify(x[tr], y[tr], x[va], y[va])["top1"] * len(va)
+        linear += linear_probe(x[tr], y[tr], x[va], y[va], seed=seed)["top1"] * len(va)
+    return {"knn": knn / len(y), "linear": linear / len(y), "n": int(len(y)), "folds": folds}
+
+
+def model_xy(model_data, corpus: str) -> dict:
+    """{x, y}: a (model, data config, description)'s features of every labelled image of ``corpus``."""
+    from kdcache.eval.model_features import labelled_model_features
+    net, data, _ = model_data
+    f = labelled_model_features(net, data, corpus)
+    return {"x": f["x"], "y": f["y"]}
+
+
+def run_scores(run: str, corpus: str, *, folds: int) -> dict:
+    """A run's exported student scored by ``kfold_scores`` on every labelled image (kept in the run)."""
+    from kdcache.eval.model_features import run_student
+    return record(os.path.join(run, "quality-scores.json"),
+                  lambda: kfold_scores(**model_xy(run_student(run), corpus), folds=folds))
 
 
 def write_study(out: str, name: str, result: dict, text: str) -> dict:

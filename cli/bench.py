@@ -295,19 +295,24 @@ def bench_formats(quantize, **kw):
               "teacher." + TP("vit_epochs"))
 @click.option("--variant", "variants", multiple=True, help=f"Only these variants (repeat): {', '.join(map(repr, TEACHER_VARIANTS))}. "
               "[default: all]")
+@click.option("--seeds", help="Seeds of each variant's student, comma-separated." + TP("seeds"))
+@click.option("--folds", type=click.IntRange(min=2), help="k of the k-fold kNN and linear probe." + TP("folds"))
 @click.option("--json", "as_json", is_flag=True, help="The result as JSON. [default: off]")
-def bench_teachers(out, variants, as_json, **kw):
+def bench_teachers(out, variants, seeds, as_json, **kw):
     """Two heterogeneous teachers (the shipped EfficientNet-Lite0, a ViT trained here on the corpus
-    labels), one student per multi-teacher option: kNN and per-teacher fidelity side by side.
+    labels), one student per multi-teacher option and seed: k-fold kNN and linear probe on every
+    labelled image, per-teacher fidelity, paired differences to the plain per-teacher heads; and
+    the shipped EfficientNet-Lite0 as a pretrained student learning the ViT, frozen with adapters
+    or fine-tuned.
 
     \b
     kdcache bench teachers --out /tmp/teachers
-    kdcache bench teachers --out /tmp/t --variant "static weights" --variant "--balance mgda"
+    kdcache bench teachers --out /tmp/t --variant "static weights" --variant "--balance mgda" --seeds 0,1,2
     """
     import json
 
     from kdcache.bench.teachers import format_teachers, teachers_study
-    plan = TeachersPlan(**drop_unset(variants=tuple(variants) or None, **kw))
+    plan = TeachersPlan(**drop_unset(variants=tuple(variants) or None, seeds=comma_ints("--seeds", seeds, low=0), **kw))
     r = teachers_study(out, plan)
     click.echo(json.dumps(r, indent=2) if as_json else format_teachers(r))
 

@@ -13,7 +13,7 @@ from kdcache.store.dtypes import STORAGE_DTYPES
 from kdcache.store.meta import CODECS
 from kdcache.targets.sample import SampleSpec
 from kdcache.train.config import (AMP, BALANCES, DECODES, HEAD_KINDS, LABEL_LOSSES, LOGITS_LOSSES, LOGITS_TAILS,
-                                  NORMALIZERS, VIEW_CHOICES, TrainConfig)
+                                  NORMALIZERS, VIEW_CHOICES, TrainConfig, parse_ladder)
 
 from .common import apply_storage_options, cli, defaults_of, drop_unset, with_storage_options
 
@@ -207,14 +207,24 @@ def demo(no_progress, **kw):
 @click.option("--normalize", type=click.Choice(tuple(NORMALIZERS)), help="Target normalisation." + T("normalize"))
 @click.option("--head-hidden", type=int, help="Hidden width of each head MLP." + T("head_hidden"))
 @click.option("--head-depth", type=int, help="Hidden layers of each head MLP (0 = linear)." + T("head_depth"))
-@click.option("--head", type=click.Choice(HEAD_KINDS), help="Per-teacher projector: per-token MLPs, or "
-              "transformer blocks over the student's tokens (DUNE; --head-depth blocks, width --head-hidden)." + T("head"))
-@click.option("--head-heads", type=int, help="Transformer head: attention heads." + T("head_heads"))
+@click.option("--head", type=click.Choice(HEAD_KINDS), help="Projectors: per-token MLPs per teacher; "
+              "transformer blocks per teacher over the student's tokens (DUNE); or model-token: the student projected into "
+              "every teacher's space, a learnable model token per space, intra- and inter-space blocks (--head-depth "
+              "rounds, width --head-hidden)." + T("head"))
+@click.option("--head-heads", type=int, help="Transformer and model-token heads: attention heads." + T("head_heads"))
 @click.option("--shared-adapter", is_flag=True, default=None, help="One learnable projection of the student's tokens "
               "into a common space (width --head-hidden) that every teacher's head reads. [default: off]")
+@click.option("--frozen-backbone", is_flag=True, default=None, help="Knowledge Inheritance: the pretrained student "
+              "(pretrained=true or checkpoint=PATH) stays frozen, bit for bit; low-rank adapters beside its linear layers "
+              "and 1x1 convolutions learn the teachers and are folded into its weights at export. [default: off]")
+@click.option("--adapter-rank", type=int, help="--frozen-backbone: rank of each adapter." + T("adapter_rank"))
+@click.option("--ladder", callback=lambda ctx, param, v: parse_ladder(v), help="UNIC: extra projectors from these "
+              "depths of the student (timm forward_intermediates indices, e.g. 1,2 or -2), summed into each teacher's "
+              "prediction. [default: none]")
 @click.option("--balance", type=click.Choice(BALANCES), help="Weights of the objectives: static "
-              "(--teacher-weight, --task-weight) or mgda (per step, min-norm weights of the gradients w.r.t. the "
-              "student's representation)." + T("balance"))
+              "(--teacher-weight, --task-weight), mgda (per step, min-norm weights of the gradients w.r.t. the "
+              "student's representation) or dto (DTO-KD: the task loss against distillation, closed form from their two "
+              "gradients; needs --task-loss ce)." + T("balance"))
 @click.option("--teacher-drop", type=float, help="UNIC: each step drop every teacher but the max-loss one with this "
               "probability." + T("teacher_drop"))
 @click.option("--task-loss", type=click.Choice(["none", "ce"]), help="A linear classifier on the student's summary, "
@@ -259,6 +269,8 @@ def train(config_file, teacher_weights, teachers, no_progress, storage_options, 
     kdcache train --online --teacher dino=vit_small_patch14_dinov2.lvd142m --data /data/shards --student resnet18 --out runs/online
     kdcache train --config run.yaml --epochs 30
     kdcache train --store two.zarr --data D --student resnet50 --out runs/mt --balance mgda --head transformer --task-loss ce
+    kdcache train --store two.zarr --data D --student resnet50 --out runs/mt --head model-token --ladder 2,3 --balance dto --task-loss ce
+    kdcache train --store two.zarr --data D --student tf_efficientnet_lite0,pretrained=true --out runs/ki --frozen-backbone
     kdcache train --store soft.zarr --data D --student resnet18 --out runs/kd --logits-loss kl --temperature 2 --label-loss ce
     torchrun --nproc_per_node=8 -m kdcache train --config run.yaml
     """

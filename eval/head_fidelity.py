@@ -32,7 +32,7 @@ def run_config(run: str, **changes) -> TrainConfig:
             d = json.load(f)
     except (OSError, ValueError) as e:
         raise KdcacheError(f"--run {run}: not a kdcache run directory ({e})") from None
-    d["teachers"] = tuple(d.get("teachers", ()))
+    d["teachers"], d["ladder"] = tuple(d.get("teachers", ())), tuple(d.get("ladder", ()))
     return TrainConfig(**{**d, "out": run, "resume": False, "overwrite": False, **changes})
 
 

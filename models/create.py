@@ -82,6 +82,9 @@ def load_checkpoint(model: torch.nn.Module, spec: ModelSpec, *, who: str) -> Non
     head = classifier_keys(model)
     if missing and missing <= head and hasattr(model, "reset_classifier"):
         model.reset_classifier(0)  # a backbone checkpoint: features only, as kdcache uses them
+    extra = set(state) - set(model.state_dict())
+    if extra and getattr(model, "num_classes", None) == 0 and extra <= _named_classifier_keys(model, state):
+        state = {k: v for k, v in state.items() if k not in extra}  # a classifier's checkpoint, for a backbone-only model
     result = model.load_state_dict(state, strict=False)
     bad = [f"missing {k}" for k in result.missing_keys] + [f"unexpected {k}" for k in result.unexpected_keys]
     if bad:
@@ -89,6 +92,13 @@ def load_checkpoint(model: torch.nn.Module, spec: ModelSpec, *, who: str) -> Non
     wrong = [k for k, v in state.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
     if wrong:
         raise ModelSpecError(f"{who}: checkpoint {path}: {wrong[0]} has another shape than in {spec.model}")
+
+
+def _named_classifier_keys(model: torch.nn.Module, state: dict) -> set[str]:
+    """Keys of ``state`` under the names timm gives the model's classifier (``pretrained_cfg``)."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return {k for k in state for n in names if k == n or k.startswith(n + ".")}
 
 
 def classifier_keys(model: torch.nn.Module) -> set[str]:

@@ -8,6 +8,20 @@ matrix. At that point the combined direction has a non-negative inner product wi
 objective's gradient, so no teacher's gradient is opposed. The encoder then takes one backward
 of ``n * sum_t alpha_t L_t`` (uniform alphas give back the static sum).
 
+**DTO-KD** (``--balance dto``; "Dynamic Trade-off Optimization for Effective Knowledge
+Distillation", ICLR 2026): the trade-off between the task loss and the distillation loss (every
+teacher objective, with its static weight) from their two gradients with respect to the same
+representation, in closed form. The paper names two failures of a fixed sum: *conflict* (the
+gradients point against each other) and *dominance* (one gradient's magnitude drowns the
+other). kdcache resolves both in the way that has a closed form for two objectives: the min-norm
+point of the hull of the two *unit* gradients, which is their bisector, i.e. weights
+``alpha_task = |g_d| / (|g_t| + |g_d|)`` and ``alpha_distill = |g_t| / (|g_t| + |g_d|)``. Then both
+objectives move the representation with equal force (no dominance) and the combined direction
+``(u_t + u_d) |g_t||g_d| / (|g_t| + |g_d|)`` has a non-negative inner product with each (no
+conflict: ``u . (u + v) = 1 + cos >= 0``). The paper's own formula could not be consulted here;
+this is the reading its two stated properties determine. Weights are ``2 alpha`` (equal norms
+give back the plain sum); the cosine of the two gradients is logged beside them.
+
 **Teacher dropping** (``--teacher-drop P``, UNIC): each step the teacher with the largest loss
 is kept and every other one is dropped with probability P, from a generator seeded by (seed,
 step): the same on every rank and after a resume.
@@ -88,6 +102,19 @@ def representation_gram(losses: list[torch.Tensor], representation: tuple[torch.
     if world > 1:
         torch.distributed.all_reduce(gram)
     return gram
+
+
+def dto_weights(gram: torch.Tensor) -> tuple[float, float, float]:
+    """(alpha_task, alpha_distill, cosine) from the 2x2 Gram matrix of the task (0) and distillation
+    (1) gradients. An objective with a zero gradient (a batch without labels) says nothing: the
+    other takes all the weight."""
+    g = gram.double()
+    nt, nd = float(g[0, 0].clamp(min=0).sqrt()), float(g[1, 1].clamp(min=0).sqrt())
+    if nt == 0 and nd == 0:
+        return 0.5, 0.5, 0.0
+    if nt == 0 or nd == 0:
+        return (0.0, 1.0, 0.0) if nt == 0 else (1.0, 0.0, 0.0)
+    return nd / (nt + nd), nt / (nt + nd), float(g[0, 1]) / (nt * nd)
 
 
 def teachers_kept(losses: dict[str, float], drop: float, *, seed: int, step: int) -> dict[str, bool]:

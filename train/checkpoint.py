@@ -1,6 +1,8 @@
 """Run-directory checkpoints: safetensors for weights, tensors-only torch files for the rest.
 
-The layout is ``RunDir``'s; optimizer and trainer state are saved with torch.save and loaded
+The layout is ``RunDir``'s: ``student.safetensors`` is always the deployable student (what
+``export`` and ``eval`` load); a run with a frozen backbone and adapters also keeps the backbone
+as it was (``backbone.safetensors``) for resuming, the adapters living with the heads. optimizer and trainer state are saved with torch.save and loaded
 with ``weights_only=True`` (no pickle of code). Written to a temporary directory, then
 renamed, so a crash never leaves a half-written ``last``.
 """
@@ -13,7 +15,11 @@ import shutil
 import safetensors.torch
 import torch
 
+from kdcache.errors import KdcacheError
+
 from .rundir import RunDir
+
+BACKBONE = "backbone.safetensors"
 
 
 def save(run: RunDir, *, model, optimizer, scheduler, ema, state: dict) -> str:
@@ -21,7 +27,9 @@ def save(run: RunDir, *, model, optimizer, scheduler, ema, state: dict) -> str:
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    safetensors.torch.save_file(_contiguous(model.student.state_dict()), os.path.join(tmp, "student.safetensors"))
+    safetensors.torch.save_file(_contiguous(model.deployable_student_state()), os.path.join(tmp, "student.safetensors"))
+    if model.backbone_adapters is not None:
+        safetensors.torch.save_file(_contiguous(model.student.state_dict()), os.path.join(tmp, BACKBONE))
     safetensors.torch.save_file(_contiguous(model.heads_state_dict()), os.path.join(tmp, "heads.safetensors"))
     if ema is not None:
         safetensors.torch.save_file(_contiguous(ema.module.state_dict()), os.path.join(tmp, "ema.safetensors"))
@@ -42,7 +50,12 @@ def load(run: RunDir, *, model, optimizer, scheduler, ema) -> dict | None:
     path = run.checkpoint
     if not run.has_checkpoint():
         return None
-    model.student.load_state_dict(safetensors.torch.load_file(os.path.join(path, "student.safetensors")))
+    frozen = model.backbone_adapters is not None
+    if frozen != os.path.exists(os.path.join(path, BACKBONE)):
+        raise KdcacheError(f"{path}: the checkpoint was {'not ' if frozen else ''}made with --frozen-backbone and this run "
+                           f"is{'' if frozen else ' not'}: resume with the options the run was started with")
+    student = BACKBONE if frozen else "student.safetensors"
+    model.student.load_state_dict(safetensors.torch.load_file(os.path.join(path, student)))
     model.load_heads_state_dict(safetensors.torch.load_file(os.path.join(path, "heads.safetensors")))
     if ema is not None and os.path.exists(os.path.join(path, "ema.safetensors")):
         ema.module.load_state_dict(safetensors.torch.load_file(os.path.join(path, "ema.safetensors")))

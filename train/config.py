@@ -20,8 +20,8 @@ AMP = ("auto", "bf16", "none")  # auto: bf16 autocast on CUDA, none on a CPU (wh
 TASK_LOSSES = ("none", "ce")
 LABELS = ("cls",)
 VIEW_CHOICES = ("epoch", "random", "first", "augmented")  # which stored view a sample takes (train.loader.pick_view)
-HEAD_KINDS = ("mlp", "transformer")  # per-teacher projectors (train.model)
-BALANCES = ("static", "mgda")  # how objectives are weighed (train.balance)
+HEAD_KINDS = ("mlp", "transformer", "model-token")  # projectors (train.model; model-token: train.spaces)
+BALANCES = ("static", "mgda", "dto")  # how objectives are weighed (train.balance)
 LOGITS_LOSSES = ("none", "kl")  # soft labels: KL of the teacher's (top-K) distribution to the student's
 LOGITS_TAILS = ("spread", "renorm")  # top-K soft labels: the tail mass spread over the other classes, or renormalised
 LABEL_LOSSES = ("none", "ce")  # hard labels on the student's classifier (the teacher's class space)
@@ -69,7 +69,11 @@ class TrainConfig:
     head: str = "mlp"  # mlp | transformer (DUNE: blocks over the student's tokens; head_depth blocks of width head_hidden)
     head_heads: int = 4  # transformer head: attention heads
     shared_adapter: bool = False  # one projection of the student's tokens into a common space before every head
+    frozen_backbone: bool = False  # Knowledge Inheritance: the pretrained student frozen, low-rank adapters learn
+    adapter_rank: int = 8  # --frozen-backbone: rank of each adapter (train.adapters)
+    ladder: tuple[int, ...] = ()  # UNIC: projectors from these depths of the student (timm forward_intermediates)
     balance: str = "static"  # static (teacher_weights) | mgda (min-norm weights of the representation gradients)
+    #                        | dto (DTO-KD: task vs distillation, closed form from the two representation gradients)
     teacher_drop: float = 0.0  # UNIC: each step drop every teacher but the max-loss one with this probability
     task_loss: str = "none"  # none | ce: a linear classifier on the student's summary, cross-entropy on the labels
     labels: str = "cls"  # where task labels come from: the corpus's cls field / image-folder classes
@@ -101,7 +105,7 @@ class TrainConfig:
         for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 0), ("warmup_steps", 0), ("shuffle_buffer", 1),
                           ("head_hidden", 1), ("head_depth", 0), ("log_every", 1), ("checkpoint_every", 0),
                           ("stop_at_step", 0), ("seed", 0), ("online_stats_images", 1), ("head_heads", 1),
-                          ("task_classes", 0), ("logits_top", 0)):
+                          ("task_classes", 0), ("logits_top", 0), ("adapter_rank", 1)):
             _check(self, name, lambda v, low=low: _integer(v) and v >= low, f"an integer >= {low}")
         _check(self, "lr", lambda v: _number(v) and v > 0, "a finite number > 0")
         for name in ("weight_decay", "clip_grad", "color_jitter", "summary_weight", "patch_weight", "task_weight",
@@ -120,7 +124,10 @@ class TrainConfig:
                               ("logits_loss", LOGITS_LOSSES), ("logits_tail", LOGITS_TAILS), ("label_loss", LABEL_LOSSES),
                               ("decode", DECODES)):
             _check(self, name, lambda v, allowed=allowed: v in allowed, f"one of {', '.join(allowed)}")
-        for name in ("predict_codes", "resume", "overwrite", "skip_corrupt", "online", "shared_adapter", "dense_views"):
+        _check(self, "ladder", lambda v: isinstance(v, tuple) and all(_integer(d) for d in v) and len(set(v)) == len(v),
+               "distinct block indices (comma-separated integers; negative counts from the last)")
+        for name in ("predict_codes", "resume", "overwrite", "skip_corrupt", "online", "shared_adapter", "dense_views",
+                     "frozen_backbone"):
             _check(self, name, lambda v: isinstance(v, bool), "true or false")
         if self.label_loss != "none" and self.logits_loss == "none":
             raise ConfigError("--label-loss trains the student's classifier in the teacher's class space: it goes with "
@@ -129,6 +136,7 @@ class TrainConfig:
             raise ConfigError(f"--head transformer: --head-depth {self.head_depth} must be >= 1 and --head-hidden "
                               f"{self.head_hidden} a multiple of --head-heads {self.head_heads}")
         self._check_derived_views()
+        self._check_methods()
         if self.online:
             self._check_online()
         if self.resume and self.overwrite:
@@ -161,6 +169,30 @@ class TrainConfig:
                               f"goes with regression, not --predict-codes")
         if self.dense_views and self.logits_loss != "none":
             raise ConfigError("--dense-views: soft labels are stored per view; a fresh view has none (--logits-loss none)")
+
+    def _check_methods(self) -> None:
+        """Multi-teacher methods that do not combine, refused in one line."""
+        if self.head == "model-token" and self.shared_adapter:
+            raise ConfigError("--head model-token projects the student into each teacher's space itself: drop --shared-adapter")
+        if self.head == "model-token" and (self.head_depth < 1 or self.head_hidden % self.head_heads):
+            raise ConfigError(f"--head model-token: --head-depth {self.head_depth} must be >= 1 and --head-hidden "
+                              f"{self.head_hidden} a multiple of --head-heads {self.head_heads}")
+        if self.balance == "dto" and self.task_loss == "none":
+            raise ConfigError("--balance dto weighs the task loss against distillation: it needs --task-loss ce")
+        if self.balance == "dto" and self.label_loss != "none":
+            raise ConfigError("--balance dto: the task side is --task-loss (a classifier on the student's summary); "
+                              "--label-loss trains timm's own classifier, drop it")
+        if self.frozen_backbone:
+            if self.ema:
+                raise ConfigError("--frozen-backbone: the backbone does not move, an --ema of it is the backbone; drop --ema")
+            if self.logits_loss != "none" or self.label_loss != "none":
+                raise ConfigError("--frozen-backbone: the student's classifier is part of the frozen backbone; soft or hard "
+                                  "labels cannot train it (--logits-loss none)")
+            from kdcache.models.spec import ModelSpec
+            spec = ModelSpec.parse_student(self.student)
+            if not (spec.pretrained or spec.checkpoint):
+                raise ConfigError(f"--frozen-backbone: the student {self.student!r} starts from random weights; a frozen "
+                                  f"random backbone learns nothing (give pretrained=true or checkpoint=PATH)")
 
     def _check_online(self) -> None:
         if self.store:
@@ -242,9 +274,20 @@ def build_config(config_file: str | None, **cli) -> TrainConfig:
     missing = [k for k in REQUIRED if k not in d]  # (the dataclass checks the values: one place)
     if missing:
         raise ConfigError(f"--{missing[0]} is required (on the command line or in --config)")
-    if isinstance(d.get("teachers"), list):
-        d["teachers"] = tuple(d["teachers"])
+    for name in ("teachers", "ladder"):
+        if isinstance(d.get(name), list):
+            d[name] = tuple(d[name])
     return TrainConfig(**d)
+
+
+def parse_ladder(text: str | None) -> tuple[int, ...] | None:
+    """``--ladder 1,2,-2`` -> (1, 2, -2) (None when not given)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(d) for d in text.split(",") if d.strip())
+    except ValueError:
+        raise ConfigError(f"--ladder {text!r}: expected comma-separated block indices, e.g. 1,2") from None
 
 
 def parse_teacher_weights(items) -> dict | None:

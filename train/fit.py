@@ -102,7 +102,9 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: boo
     student = with_classifier(student, source.classes)  # soft labels: the student's own head, in the teachers' classes
     model = DistillModel(student.model, student.data, source.heads,
                          HeadSpec(hidden=cfg.head_hidden, depth=cfg.head_depth, kind=cfg.head, heads=cfg.head_heads,
-                                  shared_adapter=cfg.shared_adapter), task_classes=classes, classify=bool(source.classes))
+                                  shared_adapter=cfg.shared_adapter, ladder=cfg.ladder,
+                                  adapter_rank=cfg.adapter_rank if cfg.frozen_backbone else 0),
+                         task_classes=classes, classify=bool(source.classes))
     epoch_steps = [steps_per_epoch(source.counts, source.shards, cfg, e, world) for e in range(cfg.epochs)]
     if min(epoch_steps) == 0:
         raise TrainError(f"--batch-size {cfg.batch_size} is larger than one rank's share of the "
@@ -130,7 +132,9 @@ def provenance(cfg: TrainConfig, source: TargetSource, student: Student, classes
     return {**source.provenance, "data": cfg.data,
             "student": {"model": student.spec.model, "timm_kwargs": student.kwargs, "data": dataclasses.asdict(student.data)},
             "method": {"head": cfg.head, "head_depth": cfg.head_depth, "head_hidden": cfg.head_hidden,
-                       "shared_adapter": cfg.shared_adapter, "normalize": cfg.normalize, "balance": cfg.balance,
+                       "shared_adapter": cfg.shared_adapter, "ladder": list(cfg.ladder),
+                       "frozen_backbone": cfg.frozen_backbone, "adapter_rank": cfg.adapter_rank if cfg.frozen_backbone else 0,
+                       "normalize": cfg.normalize, "balance": cfg.balance,
                        "teacher_drop": cfg.teacher_drop, "task_loss": cfg.task_loss, "task_classes": classes,
                        "logits_loss": cfg.logits_loss, "temperature": cfg.temperature, "logits_tail": cfg.logits_tail,
                        "label_loss": cfg.label_loss, "classes": source.classes, "teachers": source.teachers}}

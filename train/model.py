@@ -8,6 +8,11 @@ student's tokens into a common space that every teacher's head reads (Knowledge 
 The patch predictions are resized (bilinear) from the student's grid to each teacher's grid.
 With ``codes`` targets the feature head predicts 256 logits per codebook instead (MVQ-KD
 style). An optional linear classifier on the student's own summary vector serves the task loss.
+Three more projectors, each in its own module: ``kind="model-token"`` (``train.spaces``: the
+student in every teacher's space, a model token per space, intra- and inter-space blocks),
+``ladder`` depths (``train.ladder``: UNIC's projectors from intermediate blocks, summed into each
+head's prediction) and ``adapter_rank`` (``train.adapters``: the student frozen, low-rank
+adapters beside its layers, folded into its weights at export).
 Everything but the student is discarded after training unless exported (``heads_state_dict``).
 """
 from __future__ import annotations
@@ -22,16 +27,21 @@ from kdcache.errors import KdcacheError
 from kdcache.models.data_config import DataConfig
 from kdcache.models.taps import probe
 
+from .adapters import attach_adapters, merged_state
 from .config import HEAD_KINDS
+from .ladder import Ladder
+from .spaces import ModelTokenSpaces
 
 
 @dataclass(frozen=True)
 class HeadSpec:
     hidden: int = 1024  # MLP hidden width; transformer width; shared adapter width
     depth: int = 1  # MLP hidden layers (0 = linear); transformer blocks
-    kind: str = "mlp"  # mlp | transformer
-    heads: int = 4  # transformer: attention heads
+    kind: str = "mlp"  # mlp | transformer | model-token
+    heads: int = 4  # transformer, model-token: attention heads
     shared_adapter: bool = False
+    ladder: tuple[int, ...] = ()  # depths of the student feeding extra projectors (UNIC); () = none
+    adapter_rank: int = 0  # > 0: the student frozen, low-rank adapters of this rank learn (Knowledge Inheritance)
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,8 @@ class DistillModel(nn.Module):
         self.student = student
         self.data = data
         self.tap = probe(student, data.hw)
+        # before anything else hooks the student: the adapters must see every forward
+        self.backbone_adapters = attach_adapters(student, head.adapter_rank) if head.adapter_rank else None
         self.targets = {t.name: t for t in targets}
         d_summary, d_patch = self.tap.summary_dim, self.tap.dim
         self.adapter = SharedAdapter(d_summary, d_patch, head.hidden) if head.shared_adapter else None
@@ -120,12 +132,23 @@ class DistillModel(nn.Module):
             d_summary = d_patch = head.hidden
         tokens = self.tap.grid[0] * self.tap.grid[1]
 
+        def out_patch(t: TeacherTarget) -> int:
+            return t.codes_m * 256 if t.codes_m else t.dim
+
         def make(t: TeacherTarget) -> nn.Module:
-            out_patch = t.codes_m * 256 if t.codes_m else t.dim
             if head.kind == "transformer":
-                return TransformerHead(d_summary, d_patch, tokens, t.dim, out_patch, head)
-            return MlpHead(d_summary, d_patch, t.dim, out_patch, head)
-        self.heads = nn.ModuleDict({t.name: make(t) for t in targets})
+                return TransformerHead(d_summary, d_patch, tokens, t.dim, out_patch(t), head)
+            return MlpHead(d_summary, d_patch, t.dim, out_patch(t), head)
+        if head.kind == "model-token":
+            self.spaces = ModelTokenSpaces(d_summary, d_patch, tokens, {t.name: (t.dim, out_patch(t)) for t in targets},
+                                           width=head.hidden, depth=head.depth, heads=head.heads)
+            self.heads = nn.ModuleDict()
+        else:
+            self.spaces = None
+            self.heads = nn.ModuleDict({t.name: make(t) for t in targets})
+        self.ladder = (Ladder(student, data.hw, head.ladder, {t.name: (t.dim, out_patch(t), t.grid) for t in targets})
+                       if head.ladder else None)
+        self.ladder_inputs: list[torch.Tensor] | None = None  # the intermediate maps of the last forward (tests)
         self.task_head = nn.Linear(self.tap.summary_dim, task_classes) if task_classes else None
         self.register_buffer("mean", torch.tensor(data.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(data.std).view(1, 3, 1, 1) * 255, persistent=False)
@@ -150,10 +173,25 @@ class DistillModel(nn.Module):
     def student_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if k.startswith("student.")}
 
+    def deployable_student_state(self) -> dict[str, torch.Tensor]:
+        """The student as ``export`` and ``eval`` load it: with adapters, folded into its weights."""
+        if self.backbone_adapters is None:
+            return self.student.state_dict()
+        return merged_state(self.student, self.backbone_adapters)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.backbone_adapters is not None:
+            self.student.eval()  # a frozen backbone: batch-norm statistics and dropout frozen too
+        return self
+
     def forward(self, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """uint8 (B, 3, H, W) -> {teacher: (summary (B, D_t), patches (B, T_t, D_t or M*256))}."""
         x = (images.float() - self.mean) / self.std
-        feats = self.student.forward_features(x)
+        if self.ladder is not None:
+            feats, self.ladder_inputs = self.student.forward_intermediates(x, indices=self.ladder.depths)
+        else:
+            feats = self.student.forward_features(x)
         summary, patches = self.student.forward_head(feats, pre_logits=True), self.tap.patches(feats)
         self.representation = (summary, patches)
         self.task_logits = self.task_head(summary) if self.task_head is not None else None
@@ -161,10 +199,12 @@ class DistillModel(nn.Module):
         self.student_logits = self.student.forward_head(feats) if self.classify else None
         if self.adapter is not None:
             summary, patches = self.adapter(summary, patches)
-        out = {}
-        for name, t in self.targets.items():
-            s, p = self.heads[name](summary, patches)
-            out[name] = (s, resize_grid(p, self.tap.grid, t.grid))
+        preds = (self.spaces(summary, patches) if self.spaces is not None else
+                 {name: self.heads[name](summary, patches) for name in self.targets})
+        out = {name: (s, resize_grid(p, self.tap.grid, self.targets[name].grid)) for name, (s, p) in preds.items()}
+        if self.ladder is not None:  # UNIC: every rung's prediction summed into the head's
+            rungs = self.ladder(self.ladder_inputs)
+            out = {name: (s + rungs[name][0], p + rungs[name][1]) for name, (s, p) in out.items()}
         return out
 
 

@@ -26,7 +26,7 @@ from kdcache.errors import KdcacheError
 from kdcache.targets.derive import Mix, draw_mix, mix_pixels, mix_targets
 
 from . import checkpoint
-from .balance import min_norm_weights, representation_gram, teachers_kept
+from .balance import dto_weights, min_norm_weights, representation_gram, teachers_kept
 from .config import TrainConfig
 from .model import DistillModel
 from .rundir import RunDir
@@ -140,7 +140,7 @@ def mixed_loss(loss, target, mix: Mix) -> torch.Tensor:
 class StepPolicy:
     """How a step weighs its objectives (teachers, and the task loss when labels are given)."""
 
-    balance: str = "static"  # static: weights as given | mgda: min-norm weights per step
+    balance: str = "static"  # static: weights as given | mgda: min-norm weights per step | dto: task vs distillation
     teacher_drop: float = 0.0  # UNIC: P of dropping each teacher but the max-loss one
     task_weight: float = 1.0  # static weight of the task loss
     seed: int = 0
@@ -149,7 +149,7 @@ class StepPolicy:
     @property
     def varies_weights(self) -> bool:
         """The objectives' weights change per step (and are logged): MGDA or teacher dropping."""
-        return self.balance == "mgda" or self.teacher_drop > 0
+        return self.balance in ("mgda", "dto") or self.teacher_drop > 0
 
 
 def _mean_over_ranks(values: torch.Tensor, world: int) -> torch.Tensor:
@@ -185,7 +185,8 @@ class Trainer:
         self.model = model.to(device)
         self.targets = {t: m.to(device) for t, m in targets.items()}
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world > 1 else self.model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        trained = [p for p in self.model.parameters() if p.requires_grad]  # a frozen backbone is not
+        self.optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            cosine_with_warmup(steps, min(cfg.warmup_steps, steps // 2)))
         self.ema = None
@@ -229,6 +230,8 @@ class Trainer:
         cols += [f"{t}/logits" for t in self.soft_teachers] + [o for o in ("labels", "task") if o in self.objectives()]
         if self.policy.varies_weights:
             cols += [f"weight/{o}" for o in self.objectives()]
+        if self.policy.balance == "dto":
+            cols.append("dto/cos")
         return cols
 
     def decode(self, batch: dict) -> dict[str, dict[str, torch.Tensor]]:
@@ -307,6 +310,8 @@ class Trainer:
             gram = representation_gram([objectives[o] for o in active], self.model.representation, world=policy.world)
             alpha = min_norm_weights(gram).tolist()
             w = {o: len(active) * a for o, a in zip(active, alpha)}  # uniform alphas give back the plain sum
+        elif policy.balance == "dto":
+            w = self._dto(objectives, active, parts)
         else:
             w = {o: self._static_weight(o) for o in active}
         # dropped teachers weigh 0 (their heads stay in the graph with zero gradients: DDP needs every parameter used)
@@ -323,6 +328,16 @@ class Trainer:
             self.ema.update(self.model.student, step=self.global_step)
         self.global_step += 1
         return loss.item(), parts
+
+    def _dto(self, objectives: dict, active: list[str], parts: dict) -> dict[str, float]:
+        """DTO-KD: the task loss against the distillation loss (the other objectives at their static
+        weights), weighed in closed form from their gradients w.r.t. the representation."""
+        distill = [o for o in active if o != "task"]
+        kd = sum(self._static_weight(o) * objectives[o] for o in distill)
+        gram = representation_gram([objectives["task"], kd], self.model.representation, world=self.policy.world)
+        a_task, a_kd, cos = dto_weights(gram)
+        parts["dto/cos"] = cos
+        return {"task": 2 * a_task, **{o: 2 * a_kd * self._static_weight(o) for o in distill}}
 
     def _static_weight(self, objective: str) -> float:
         if objective == "task":

@@ -56,7 +56,7 @@ def test_k_fold_scores_score_every_sample_once_against_sklearn():
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
 
-    from kdcache.bench.quality import kfold_scores
+    from kdcache.bench.studies import kfold_scores
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), 30)
     separable = np.eye(4)[y] * 5 + rng.normal(0, 0.1, (120, 4))
@@ -69,21 +69,38 @@ def test_k_fold_scores_score_every_sample_once_against_sklearn():
     assert 0.05 < r["knn"] < 0.5 and 0.05 < r["linear"] < 0.5 and 0.05 < ref < 0.5
 
 
-def test_bench_teachers_prints_knn_and_per_teacher_fidelity(tmp_path, monkeypatch, capsys):
+def test_bench_teachers_scores_every_image_over_seeds_with_paired_differences(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "t")
-    code, text, err = cli_call(monkeypatch, capsys, "bench", "teachers", "--out", out, "--digits", "24", "--photos", "0",
-                               "--epochs", "1", "--batch-size", "8", "--vit-epochs", "1", "--variant", "static weights",
-                               "--variant", "--balance mgda")
+    variants = ["static weights", "--head model-token", "task loss (static, weight 1)", "task loss + --balance dto",
+                "EfficientNet-Lite0 fine-tuned on vit", "EfficientNet-Lite0 frozen + adapters on vit"]
+    args = ["bench", "teachers", "--out", out, "--digits", "24", "--photos", "0", "--epochs", "1", "--batch-size", "8",
+            "--vit-epochs", "1", "--seeds", "0,1", "--folds", "3", *[a for v in variants for a in ("--variant", v)]]
+    code, text, err = cli_call(monkeypatch, capsys, *args)
     assert code == 0, err
-    assert "| variant | kNN top-1 | top-5 | effnet summary | effnet patch | vit summary | vit patch | fit s |" in text
-    for row in ("| static weights |", "| --balance mgda |", "| teacher effnet, cached |", "| teacher vit, cached |"):
-        assert row in text
+    assert "| variant | kNN | linear | effnet summary | effnet patch | vit summary | vit patch | fit s |" in text
+    for row in ["| teacher effnet, cached", "| random-init student |", "| EfficientNet-Lite0, untouched |",
+                "| task loss + --balance dto | static weights |", "| task loss + --balance dto | task loss (static, weight 1) |",
+                "| EfficientNet-Lite0 frozen + adapters on vit | EfficientNet-Lite0 fine-tuned on vit |"] + [
+                f"| {v} |" for v in variants]:
+        assert row in text, row
     r = json.load(open(os.path.join(out, "teachers.json")))
-    for row in r["rows"]:
-        for t in ("effnet", "vit"):
-            assert -1 <= row["fidelity"][t]["summary"] <= 1 and -1 <= row["fidelity"][t]["patch"] <= 1
-    cfg = json.load(open(os.path.join(out, "run-balance-mgda", "config.json")))
-    assert cfg["balance"] == "mgda"
+    by = {(x["variant"], x["seed"]): x for x in r["runs"]}
+    assert len(r["runs"]) == 2 * len(variants)
+    for run in r["runs"]:  # every labelled image scored once; seeds are the students' own
+        assert run["n"] == 24 and run["folds"] == 3
+        assert json.load(open(os.path.join(run["run"], "config.json")))["seed"] == run["seed"]
+    rows = {x["variant"]: x for x in r["rows"]}
+    tok = rows["--head model-token"]
+    diffs = [by[("--head model-token", s)]["knn"] - by[("static weights", s)]["knn"] for s in (0, 1)]
+    assert tok["vs"]["static weights"]["knn"]["mean"] == pytest.approx(sum(diffs) / 2)  # paired by seed
+    assert tok["knn"]["n"] == 2 and set(tok["fidelity"]) == {"effnet", "vit"}
+    frozen = rows["EfficientNet-Lite0 frozen + adapters on vit"]
+    assert set(frozen["fidelity"]) == {"vit"}  # it learns the second teacher only
+    assert json.load(open(os.path.join(by[("EfficientNet-Lite0 frozen + adapters on vit", 0)]["run"], "config.json")))[
+        "frozen_backbone"] is True
+    assert 0 < rows["task loss + --balance dto"]["weights"]["task"] < 2  # the logged DTO-KD weights, averaged
+    code, again, err = cli_call(monkeypatch, capsys, *args)  # a second run reuses every run and score
+    assert code == 0 and again == text
 
 
 def test_bench_softlabels_runs_every_part_with_paired_seeds(tmp_path, monkeypatch, capsys):

@@ -128,6 +128,37 @@ def test_torchrun_two_ranks_with_mgda_teacher_drop_and_task_loss(tmp_path, many_
         assert min(w) >= 0 and 0 < sum(w) <= 3 + 1e-6
 
 
+def test_torchrun_two_ranks_with_model_tokens_ladder_frozen_backbone_and_dto(tmp_path, many_shards, reference):
+    """The second round of multi-teacher methods together under 2 ranks: the DTO-KD Gram matrix
+    all-reduced (both ranks take the same weights), a frozen backbone unchanged on every rank."""
+    import csv
+
+    import safetensors.torch
+    import timm
+    import torch
+    torch.manual_seed(3)
+    backbone = str(tmp_path / "backbone.safetensors")
+    safetensors.torch.save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
+                                                  depth=1).state_dict(), backbone)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdcache", "train",
+           "--store", reference, "--data", many_shards, "--student",
+           f"vit_tiny_patch16_224,img_size=32,depth=1,checkpoint={backbone}", "--out", str(run), "--epochs", "1",
+           "--batch-size", "4", "--workers", "1", "--head-hidden", "32", "--head-heads", "2", "--log-every", "1",
+           "--amp", "none", "--head", "model-token", "--head-depth", "1", "--ladder", "0", "--frozen-backbone",
+           "--adapter-rank", "2", "--balance", "dto", "--task-loss", "ce"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 5))
+    for r in rows:
+        assert float(r["weight/task"]) / 2 + float(r["weight/vit"]) / 2 == pytest.approx(1.0, abs=1e-6)
+    kept = safetensors.torch.load_file(str(run / "checkpoints" / "last" / "backbone.safetensors"))
+    original = safetensors.torch.load_file(backbone)
+    assert all(torch.equal(kept[k], original[k]) for k in original)
+
+
 @pytest.mark.parametrize("trial", range(3))
 def test_two_jobs_on_the_same_store_split_the_shards_by_lease(tmp_path, many_shards, vit_spec, cnn_spec, reference, trial):
     out = str(tmp_path / "twice.zarr")
