@@ -91,3 +91,19 @@ def verify_store(url, data=None):
         return verify_alone(url)
     from kdcache.data.corpus_keys import verify_with_corpus
     return verify_with_corpus(url, data)
+
+
+def multiteacher_cfg(store, corpus, out, *, student, **kw):
+    """A tiny multi-teacher training config (2 epochs of batch 4, 32-wide heads, every step logged)."""
+    from kdcache.train.config import TrainConfig
+    base = dict(store=store, data=corpus, student=student, out=str(out), epochs=2, batch_size=4, workers=0, lr=2e-3,
+                warmup_steps=2, head_hidden=32, log_every=1, amp="none")
+    return TrainConfig(**{**base, **kw})
+
+
+def metrics_rows(run) -> list[dict]:
+    """RUN/metrics.csv as a list of rows."""
+    import csv
+    import os
+    with open(os.path.join(run, "metrics.csv")) as f:
+        return list(csv.DictReader(f))

@@ -109,17 +109,22 @@ def test_torchrun_two_rank_training(tmp_path, many_shards, reference):
     assert (run / "checkpoints" / "last" / "student.safetensors").exists() and (run / "loss.png").exists()
 
 
+def _torchrun_train(run, store, data, *options):
+    """``kdcache train`` of one epoch under 2 torchrun ranks (gloo), every step logged; later options win."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdcache", "train",
+           "--store", store, "--data", data, "--student", "vit_tiny_patch16_224,img_size=32,depth=1", "--out", str(run),
+           "--epochs", "1", "--batch-size", "4", "--workers", "1", "--head-hidden", "32", "--log-every", "1",
+           "--amp", "none", *options]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
 def test_torchrun_two_ranks_with_mgda_teacher_drop_and_task_loss(tmp_path, many_shards, reference):
     """Every rank runs the same collectives (the Gram matrix and the mean losses are all-reduced):
     no rank hangs, and the logged weights are valid."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdcache", "train",
-           "--store", reference, "--data", many_shards, "--student", "vit_tiny_patch16_224,img_size=32,depth=1",
-           "--out", str(run), "--epochs", "1", "--batch-size", "4", "--workers", "1", "--head-hidden", "32",
-           "--log-every", "1", "--amp", "none", "--balance", "mgda", "--teacher-drop", "0.5", "--task-loss", "ce"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
-    assert p.returncode == 0, p.stderr[-3000:]
+    _torchrun_train(run, reference, many_shards, "--balance", "mgda", "--teacher-drop", "0.5", "--task-loss", "ce")
     import csv
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == list(range(1, 5))
@@ -141,15 +146,9 @@ def test_torchrun_two_ranks_with_model_tokens_ladder_frozen_backbone_and_dto(tmp
     safetensors.torch.save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
                                                   depth=1).state_dict(), backbone)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdcache", "train",
-           "--store", reference, "--data", many_shards, "--student",
-           f"vit_tiny_patch16_224,img_size=32,depth=1,checkpoint={backbone}", "--out", str(run), "--epochs", "1",
-           "--batch-size", "4", "--workers", "1", "--head-hidden", "32", "--head-heads", "2", "--log-every", "1",
-           "--amp", "none", "--head", "model-token", "--head-depth", "1", "--ladder", "0", "--frozen-backbone",
-           "--adapter-rank", "2", "--balance", "dto", "--task-loss", "ce"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
-    assert p.returncode == 0, p.stderr[-3000:]
+    _torchrun_train(run, reference, many_shards, "--student", f"vit_tiny_patch16_224,img_size=32,depth=1,checkpoint={backbone}",
+                    "--head-heads", "2", "--head", "model-token", "--head-depth", "1", "--ladder", "0", "--frozen-backbone",
+                    "--adapter-rank", "2", "--balance", "dto", "--task-loss", "ce")
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == list(range(1, 5))
     for r in rows:

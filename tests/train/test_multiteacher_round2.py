@@ -2,7 +2,6 @@
 with adapters, the UNIC ladder, DTO-KD's trade-off; each resumable, each exporting a timm student."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 
@@ -11,11 +10,12 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from helpers import metrics_rows, multiteacher_cfg
 
 from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract
 from kdcache.train.balance import dto_weights
-from kdcache.train.config import ConfigError, TrainConfig
+from kdcache.train.config import ConfigError
 from kdcache.train.export import export
 from kdcache.train.fit import build_run, train
 from kdcache.train.spaces import ModelTokenSpaces
@@ -41,14 +41,10 @@ def pretrained_student(tmp_path_factory):
 
 
 def _cfg(store, corpus, out, **kw):
-    base = dict(store=store, data=corpus, student=STUDENT, out=str(out), epochs=2, batch_size=4, workers=0, lr=2e-3,
-                warmup_steps=2, head_hidden=32, log_every=1, amp="none")
-    return TrainConfig(**{**base, **kw})
+    return multiteacher_cfg(store, corpus, out, **{"student": STUDENT, **kw})
 
 
-def _metrics(run):
-    with open(os.path.join(run, "metrics.csv")) as f:
-        return list(csv.DictReader(f))
+_metrics = metrics_rows
 
 
 def _ckpt(run, name):
