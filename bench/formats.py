@@ -47,8 +47,9 @@ from kdcache.data.partition import current_worker, worker_share
 from kdcache.store import Store, feature_path
 from kdcache.store.inspect import info
 
-from .harness import Spread, Timed, environment, header, measure
+from .harness import Spread, Timed, environment, files_under, header, measure
 from .options import FormatsBench
+from .peers import PEERS, litdata_dataset, litdata_loader, mds_dataset, peers_installed
 
 SHUFFLE = 64
 
@@ -102,7 +103,7 @@ def write_store(feats: Features, url: str, source: Store | None = None) -> list[
         w = store.new_shard(name, {feats.teacher: t})
         w.append(arrays)
         w.finish()
-    return _files(url)
+    return files_under(url)
 
 
 def _sample_tensors(feats: Features, arrays: dict, i: int) -> dict[str, torch.Tensor]:
@@ -116,7 +117,7 @@ def write_tars(feats: Features, root: str, source: Store | None = None) -> list[
         with wds.TarWriter(os.path.join(root, f"{name}.tar")) as sink:
             for i, key in enumerate(arrays["keys"].tolist()):
                 sink.write({"__key__": key, "safetensors": safetensors.torch.save(_sample_tensors(feats, arrays, i))})
-    return _files(root)
+    return files_under(root)
 
 
 def _sample_file(root: str, shard: str, key: str, ext: str) -> str:
@@ -130,7 +131,7 @@ def write_torch_files(feats: Features, root: str, source: Store | None = None) -
     for name, arrays in feats.shards.items():
         for i, key in enumerate(arrays["keys"].tolist()):
             torch.save(_sample_tensors(feats, arrays, i), _sample_file(root, name, key, ".pt"))
-    return _files(root)
+    return files_under(root)
 
 
 def write_npy_files(feats: Features, root: str, source: Store | None = None) -> list[str]:
@@ -139,57 +140,7 @@ def write_npy_files(feats: Features, root: str, source: Store | None = None) -> 
         both = np.concatenate([arrays[cls][:, :, None], arrays[patch]], axis=2)  # (n, K, 1 + T, D)
         for i, key in enumerate(arrays["keys"].tolist()):
             np.save(_sample_file(root, name, key, ".npy"), both[i])
-    return _files(root)
-
-
-def write_mds(feats: Features, root: str, source: Store | None = None) -> list[str]:
-    """Mosaic streaming's MDS: one sample per row, fixed-shape ndarray columns (no per-sample header)."""
-    from streaming import MDSWriter
-    cls, patch = feature_path(feats.teacher, "cls"), feature_path(feats.teacher, "patch")
-    k, t = feats.meta.views, feats.meta.teachers[feats.teacher]
-    columns = {"key": "str", "cls": f"ndarray:float16:{k},{t.dim}", "patch": f"ndarray:float16:{k},{t.tokens},{t.dim}"}
-    with MDSWriter(out=root, columns=columns, compression=None) as w:
-        for arrays in feats.shards.values():
-            for i, key in enumerate(arrays["keys"].tolist()):
-                w.write({"key": key, "cls": arrays[cls][i], "patch": arrays[patch][i]})
-    return _files(root)
-
-
-def _litdata_sample(item: dict) -> dict:
-    """LitData's optimize maps every input through a function (in a spawned worker: module level)."""
-    return item
-
-
-def write_litdata(feats: Features, root: str, source: Store | None = None) -> list[str]:
-    """LitData's optimiser, one worker, 64 MB chunks (its recommendation for streaming reads)."""
-    import contextlib
-    import io
-
-    import litdata
-    cls, patch = feature_path(feats.teacher, "cls"), feature_path(feats.teacher, "patch")
-    items = [{"key": key, "cls": arrays[cls][i], "patch": arrays[patch][i]}
-             for arrays in feats.shards.values() for i, key in enumerate(arrays["keys"].tolist())]
-    import multiprocessing
-    before = multiprocessing.get_start_method(allow_none=True)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress and adverts to stdout
-            litdata.optimize(fn=_litdata_sample, inputs=items, output_dir=os.path.abspath(root), chunk_bytes="64MB",
-                             num_workers=1, mode="overwrite")
-    finally:  # optimize sets the process-wide start method to spawn: every later DataLoader would spawn
-        multiprocessing.set_start_method(before, force=True)
-    return _files(root)
-
-
-PEERS = {"mosaic streaming (MDS)": ("mds", "streaming", write_mds), "litdata": ("litdata", "litdata", write_litdata)}
-
-
-def peers_installed() -> dict[str, bool]:
-    import importlib.util
-    return {name: importlib.util.find_spec(module) is not None for name, (_, module, _) in PEERS.items()}
-
-
-def _files(root: str) -> list[str]:
-    return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+    return files_under(root)
 
 
 def drop_cache(files: list[str]) -> None:
@@ -281,27 +232,6 @@ def _epoch(dataset, *, workers: int, batch_size: int, shuffle: bool, files: list
     return run
 
 
-def _mds_dataset(root: str, batch_size: int):
-    def make():
-        from streaming import StreamingDataset
-        return StreamingDataset(local=root, remote=None, shuffle=True, batch_size=batch_size)
-    return make
-
-
-def _litdata_dataset(root: str):
-    def make():
-        import litdata
-        return litdata.StreamingDataset(os.path.abspath(root), shuffle=True)
-    return make
-
-
-def _litdata_loader(batch_size: int, workers: int):
-    def make(ds):
-        import litdata
-        return litdata.StreamingDataLoader(ds, batch_size=batch_size, num_workers=workers)
-    return make
-
-
 def run_bench_formats(o: FormatsBench) -> str:
     """``kdcache bench formats``: on ``o.store``, or on the embedded corpus extracted with the shipped
     EfficientNet-Lite0 (``o.images`` images, K = ``o.views``) in a scratch directory."""
@@ -385,9 +315,9 @@ def bench_formats(store: str, *, quantize: str | None = "opq", fraction: int = 3
             elif kind == "npy":
                 ds, shuffle = FileSamples([p for p in files if p.endswith(".npy")], _load_npy), True
             elif kind == "mds":
-                ds, shuffle = _mds_dataset(root, batch_size), False
+                ds, shuffle = mds_dataset(root, batch_size), False
             else:
-                ds, shuffle, loader = _litdata_dataset(root), False, _litdata_loader(batch_size, workers)
+                ds, shuffle, loader = litdata_dataset(root), False, litdata_loader(batch_size, workers)
             reads[name] = _epoch(ds, workers=workers, batch_size=batch_size, shuffle=shuffle, files=files, cold=cold,
                                  first=first[name], loader=loader)
         mr = measure(reads, repeat=repeat)

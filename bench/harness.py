@@ -125,3 +125,8 @@ def limit_note(ratio: Spread, what: str) -> str:
         return (f"note: {what} median {ratio.median:.2f} > 1: the pipeline measured faster than its baseline, "
                 f"which is noise (spread {ratio.low:.2f}-{ratio.high:.2f}), not a real gain")
     return ""
+
+
+def files_under(root: str) -> list[str]:
+    """Every file below ``root`` (what a bench measures the bytes of, or evicts from the page cache)."""
+    return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]

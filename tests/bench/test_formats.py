@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from helpers import cli_call
 
-from kdcache.bench.formats import (FileSamples, StoreRows, _litdata_dataset, _load_npy, _load_torch, _mds_dataset,
-                                   _tar_dataset, read_features, write_litdata, write_mds, write_npy_files, write_store,
-                                   write_tars, write_torch_files)
+from kdcache.bench.formats import (FileSamples, StoreRows, _load_npy, _load_torch, _tar_dataset, read_features,
+                                   write_npy_files, write_store, write_tars, write_torch_files)
+from kdcache.bench.peers import litdata_dataset, mds_dataset, write_litdata, write_mds
 from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract
 from kdcache.store import Store
@@ -77,7 +77,7 @@ def test_every_format_holds_exactly_the_store_s_features(tmp_path, k8_store):
     # the peers, read back with their own datasets: every sample once, exactly the store's features
     write_mds(feats, str(tmp_path / "mds"))
     write_litdata(feats, str(tmp_path / "lit"))
-    for ds in (_mds_dataset(str(tmp_path / "mds"), 8)(), _litdata_dataset(str(tmp_path / "lit"))()):
+    for ds in (mds_dataset(str(tmp_path / "mds"), 8)(), litdata_dataset(str(tmp_path / "lit"))()):
         seen = set()
         for sample in ds:
             cls, patch = ref[sample["key"]]

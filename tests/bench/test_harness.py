@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import re
+import statistics
 import time
 
 import numpy as np
@@ -124,9 +124,8 @@ def test_bench_extract_quantize_prints_encode_over_teacher_tokens(vit_spec):
 def test_fidelity_curve_rows_and_refinement_continues_in_place():
     from kdcache.bench.quantizers import fidelity_curve
     from kdcache.quantize.encoder import TorchEncoder
-    from kdcache.quantize.methods import fit
+    from kdcache.quantize.methods import fit, refine_codebooks
     from kdcache.quantize.quantizer_spec import QuantizerSpec
-    from kdcache.quantize.methods import refine_codebooks
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((3000, 6)) @ rng.standard_normal((6, 32)) + 0.1 * rng.standard_normal((3000, 32))).astype(np.float32)
     train, held = x[:2600], x[2600:]

@@ -5,9 +5,7 @@ import json
 import os
 
 import pytest
-
 from helpers import cli_call
-
 
 
 def test_bench_quality_pairs_runs_by_seed_counts_teacher_forwards_and_scores_every_image(tmp_path, corpus, vit_spec,
