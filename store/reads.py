@@ -70,9 +70,14 @@ class VerifiedReads:
         return views
 
     def _read_whole(self, shard: str, path: str) -> np.ndarray:
+        """A small array read whole, each of its blocks in one request (``_block_in_one_request``:
+        zarr's own ``a[:]`` reads a partial shard, the usual case for keys and views, one inner
+        chunk per request)."""
         a = self.array(shard, path)
         try:
-            return a[:]
+            block = _block_of(a)
+            parts = [_block_in_one_request(a, b, block) for b in range(-(-a.shape[0] // block))]
+            return np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else a[:0])
         except Exception as e:  # noqa: BLE001 - a truncated or garbled chunk fails inside the codec
             raise CorruptShardError(f"{self.url}: shard {shard}: {path}: unreadable ({type(e).__name__}: "
                                     f"{_printable(first_line(e))})", shard=shard) from None
@@ -164,13 +169,15 @@ def _block_in_one_request(a, index: int, block: int) -> np.ndarray:
     the loopback S3 server; also faster on a local disk). A missing shard object reads as the
     fill value, as zarr reads it, and fails the block's checksum."""
     import zarr.storage
+    from zarr.abc.store import OffsetByteRequest
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
     if not getattr(a, "shards", None):
         return np.asarray(a[index * block:(index + 1) * block])
     key = a.metadata.encode_chunk_key((index,) + (0,) * (a.ndim - 1))
     proto = default_buffer_prototype()
-    raw = sync(a.store_path.store.get(f"{a.store_path.path}/{key}", prototype=proto))
+    # a range from byte 0 is the whole object in one GET (s3fs asks the size first for a plain read)
+    raw = sync(a.store_path.store.get(f"{a.store_path.path}/{key}", prototype=proto, byte_range=OffsetByteRequest(0)))
     if raw is not None:
         rows = _decode_shard(a, raw.as_numpy_array(), min(block, a.shape[0] - index * block))
         if rows is not None:

@@ -36,7 +36,7 @@ def zarr_store(url: str, *, read_only: bool):
     """A zarr store object for a local path or an fsspec URL."""
     if is_url(url):
         try:
-            return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
+            return zarr.storage.FsspecStore.from_url(url, read_only=read_only, storage_options=_one_request_reads(url))
         except (ImportError, ValueError) as e:
             raise StoreError(f"{url}: cannot open this URL as a store: {e}") from None
     path = local_path(url)
@@ -50,6 +50,17 @@ def zarr_store(url: str, *, read_only: bool):
         if not os.access(path, os.W_OK):
             raise StoreError(f"{path}: the store directory is not writable")
     return zarr.storage.LocalStore(path, read_only=read_only)
+
+
+def _one_request_reads(url: str) -> dict | None:
+    """s3fs asks for an object's size (a HEAD) before every whole-object read, to decide on a
+    concurrent download that pays off only beyond its 50 MB block size; a store's whole-object reads
+    are its small metadata (blocks are read by range), so every one would cost two requests.
+    ``max_concurrency=1`` skips the HEAD, unless the user configured it (fsspec config, environment)."""
+    import fsspec.config
+    if url.split("://", 1)[0] not in ("s3", "s3a") or "max_concurrency" in fsspec.config.conf.get("s3", {}):
+        return None
+    return {"max_concurrency": 1}
 
 
 async def _list_dir(store, prefix: str) -> list[str]:

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 
+import numpy as np
 import pytest
 import zarr
 
@@ -172,3 +173,28 @@ def test_on_s3_start_up_requests_do_not_grow_with_the_shards(s3, tmp_path, many_
     # open (root metadata, the shards listing) + the index: a fixed few, whatever the shard count
     assert with_index <= 6, with_index
     assert without >= with_index + shards  # one or more requests per shard without it
+
+
+def test_on_s3_opening_a_shard_costs_one_request_per_metadata_and_block(s3, tmp_path, many_shards, vit_spec):
+    """What opening a shard for reading costs on object storage: each array's metadata and each of
+    its blocks in one request (s3fs would ask each whole object's size first: twice as many)."""
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/k.zarr"
+    local = str(tmp_path / "k.zarr")
+    extract(many_shards, local, [vit_spec], ExtractOptions(views=2, progress=False, workers=0))
+    s3.fs.put(local, f"{bucket}/k.zarr", recursive=True)
+    store = Store.open(url)
+    shard = store.shard_names()[0]
+    store.shard_attrs(shard)  # the shard's attributes are read once per shard for everything else
+    s3.server.reset()
+    keys, views = store.keys(shard), store.views(shard)
+    served = s3.server.requests()
+    group = zarr.open_group(local, mode="r")[f"shards/{shard}"]
+    np.testing.assert_array_equal(keys, np.asarray(group["keys"][:].tolist(), dtype=str))
+    np.testing.assert_array_equal(views, group["views"][:])
+    assert group["views"].shards[0] > len(views) > 1  # a partial shard
+    assert served == 4, served  # for each of the two arrays: its metadata and its one block, no HEAD before either
+    teacher = next(iter(store.meta.teachers))
+    s3.server.reset()
+    blocks = list(store.read_blocks(shard, f"{teacher}/patch"))
+    assert len(blocks) == 1 and s3.server.requests() == 2  # a feature block the same way
