@@ -69,7 +69,7 @@ def test_k_fold_scores_score_every_sample_once_against_sklearn():
 
 def test_bench_teachers_scores_every_image_over_seeds_with_paired_differences(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "t")
-    variants = ["static weights", "--head model-token", "task loss (static, weight 1)", "task loss + --balance dto",
+    variants = ["static weights", "task loss (static, weight 1)", "task loss + --balance dto",
                 "EfficientNet-Lite0 fine-tuned on vit", "EfficientNet-Lite0 frozen + adapters on vit"]
     args = ["bench", "teachers", "--out", out, "--digits", "24", "--photos", "0", "--epochs", "1", "--batch-size", "8",
             "--vit-epochs", "1", "--seeds", "0,1", "--folds", "3", *[a for v in variants for a in ("--variant", v)]]
@@ -88,10 +88,11 @@ def test_bench_teachers_scores_every_image_over_seeds_with_paired_differences(tm
         assert run["n"] == 24 and run["folds"] == 3
         assert json.load(open(os.path.join(run["run"], "config.json")))["seed"] == run["seed"]
     rows = {x["variant"]: x for x in r["rows"]}
-    tok = rows["--head model-token"]
-    diffs = [by[("--head model-token", s)]["knn"] - by[("static weights", s)]["knn"] for s in (0, 1)]
-    assert tok["vs"]["static weights"]["knn"]["mean"] == pytest.approx(sum(diffs) / 2)  # paired by seed
-    assert tok["knn"]["n"] == 2 and set(tok["fidelity"]) == {"effnet", "vit"}
+    dto = rows["task loss + --balance dto"]
+    for ref in ("static weights", "task loss (static, weight 1)"):
+        diffs = [by[("task loss + --balance dto", s)]["knn"] - by[(ref, s)]["knn"] for s in (0, 1)]
+        assert dto["vs"][ref]["knn"]["mean"] == pytest.approx(sum(diffs) / 2)  # paired by seed
+    assert dto["knn"]["n"] == 2 and set(dto["fidelity"]) == {"effnet", "vit"}
     frozen = rows["EfficientNet-Lite0 frozen + adapters on vit"]
     assert set(frozen["fidelity"]) == {"vit"}  # it learns the second teacher only
     assert json.load(open(os.path.join(by[("EfficientNet-Lite0 frozen + adapters on vit", 0)]["run"], "config.json")))[
