@@ -67,6 +67,17 @@ def vit_store(tmp_path_factory, corpus, vit_spec):
 
 
 @pytest.fixture(scope="session")
+def two_teachers(tmp_path_factory, corpus, vit_spec, cnn_spec):
+    """The corpus with two heterogeneous teachers in one store: a ViT (192-d, 2x2 grid) and a ResNet
+    (512-d, 1x1), K=2 views."""
+    from kdcache.extract.options import ExtractOptions
+    from kdcache.extract.run import extract
+    out = str(tmp_path_factory.mktemp("two") / "s.zarr")
+    extract(corpus, out, [vit_spec, cnn_spec], ExtractOptions(views=2, progress=False, workers=0))
+    return out
+
+
+@pytest.fixture(scope="session")
 def many_shards(tmp_path_factory):
     """6 shards of 6 images: for SIGKILL and torchrun."""
     d = tmp_path_factory.mktemp("many")

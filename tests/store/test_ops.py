@@ -17,13 +17,6 @@ from kdcache.store import ops
 from kdcache.store.layout import ArrayDigest
 
 
-@pytest.fixture(scope="module")
-def two_teachers(tmp_path_factory, corpus, vit_spec, cnn_spec):
-    out = str(tmp_path_factory.mktemp("ops") / "s.zarr")
-    extract(corpus, out, [vit_spec, cnn_spec], ExtractOptions(views=2, progress=False, workers=0))
-    return out
-
-
 def test_copy_to_s3_and_back_is_identical_and_resumes(tmp_path, two_teachers, s3, monkeypatch, capsys):
     remote = f"s3://{s3.bucket()}/copy.zarr"
     code, out, err = cli_call(monkeypatch, capsys, "store", "copy", two_teachers, remote, "--no-progress")

@@ -12,22 +12,12 @@ import timm
 import torch
 from helpers import metrics_rows, multiteacher_cfg
 
-from kdcache.extract.options import ExtractOptions
-from kdcache.extract.run import extract
 from kdcache.train.balance import min_norm_weights, teachers_kept
 from kdcache.train.config import ConfigError
 from kdcache.train.fit import train
 from kdcache.train.trainer import task_loss
 
 STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
-
-
-@pytest.fixture(scope="module")
-def two_teachers(tmp_path_factory, corpus, vit_spec, cnn_spec):
-    """The corpus with two heterogeneous teachers: a ViT (192-d, 2x2 grid) and a ResNet (512-d, 1x1)."""
-    out = str(tmp_path_factory.mktemp("two") / "s.zarr")
-    extract(corpus, out, [vit_spec, cnn_spec], ExtractOptions(views=2, progress=False, workers=0))
-    return out
 
 
 def _cfg(store, corpus, out, **kw):

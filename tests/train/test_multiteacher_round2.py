@@ -12,8 +12,6 @@ import timm
 import torch
 from helpers import metrics_rows, multiteacher_cfg
 
-from kdcache.extract.options import ExtractOptions
-from kdcache.extract.run import extract
 from kdcache.train.balance import dto_weights
 from kdcache.train.config import ConfigError
 from kdcache.train.export import export
@@ -21,13 +19,6 @@ from kdcache.train.fit import build_run, train
 from kdcache.train.spaces import ModelTokenSpaces
 
 STUDENT = "vit_tiny_patch16_224,img_size=32,depth=2"
-
-
-@pytest.fixture(scope="module")
-def two_teachers(tmp_path_factory, corpus, vit_spec, cnn_spec):
-    out = str(tmp_path_factory.mktemp("two2") / "s.zarr")
-    extract(corpus, out, [vit_spec, cnn_spec], ExtractOptions(views=2, progress=False, workers=0))
-    return out
 
 
 @pytest.fixture(scope="module")
