@@ -2,8 +2,9 @@
 
 The layout is ``RunDir``'s: ``student.safetensors`` is always the deployable student (what
 ``export`` and ``eval`` load); a run with a frozen backbone and adapters also keeps the backbone
-as it was (``backbone.safetensors``) for resuming, the adapters living with the heads. optimizer and trainer state are saved with torch.save and loaded
-with ``weights_only=True`` (no pickle of code). Written to a temporary directory, then
+as it was (``backbone.safetensors``) for resuming, the adapters living with the heads. Optimizer
+and trainer state are saved with torch.save and loaded with ``weights_only=True`` (no pickle of
+code). Written to a temporary directory, then
 renamed, so a crash never leaves a half-written ``last``.
 """
 from __future__ import annotations

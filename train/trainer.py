@@ -148,7 +148,7 @@ class StepPolicy:
 
     @property
     def varies_weights(self) -> bool:
-        """The objectives' weights change per step (and are logged): MGDA or teacher dropping."""
+        """The objectives' weights change per step (and are logged): MGDA, DTO-KD or teacher dropping."""
         return self.balance in ("mgda", "dto") or self.teacher_drop > 0
 
 
