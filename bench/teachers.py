@@ -140,9 +140,9 @@ def _fidelity(run: str) -> dict:
 
 def _weights(run: str) -> dict:
     """The mean logged weight of each objective over the run (MGDA, DTO-KD, dropping)."""
-    import csv
-    with open(os.path.join(run, "metrics.csv")) as f:
-        rows = list(csv.DictReader(f))
+    from kdcache.train.metrics import read_metrics
+    from kdcache.train.rundir import RunDir
+    rows = read_metrics(RunDir(run))
     cols = [c for c in rows[0] if c.startswith("weight/")] if rows else []
     return {c.split("/", 1)[1]: sum(float(r[c]) for r in rows) / len(rows) for c in cols}
 

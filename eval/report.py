@@ -11,12 +11,11 @@ corpus, the split, and the store's digests (or an online run's teachers).
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 
 from kdcache.errors import KdcacheError
-from kdcache.train.metrics import plot_losses
+from kdcache.train.metrics import plot_losses, read_metrics
 from kdcache.train.rundir import RunDir
 
 
@@ -143,8 +142,7 @@ def report(run: str, *, data: str | None = None, knn: bool = True, seed: int = 0
     prov = _read_json(rundir.file("provenance.json"), "provenance")
     if not os.path.exists(rundir.metrics):
         raise KdcacheError(f"{rundir.metrics}: the run has no metrics yet (train it first)")
-    with open(rundir.metrics) as f:
-        metrics = list(csv.DictReader(f))
+    metrics = read_metrics(rundir)
     if not metrics:
         raise KdcacheError(f"{rundir.metrics}: no rows (train it first)")
     out = out or rundir.file("report")

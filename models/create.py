@@ -103,9 +103,7 @@ def _named_classifier_keys(model: torch.nn.Module, state: dict) -> set[str]:
 
 def classifier_keys(model: torch.nn.Module) -> set[str]:
     """State-dict keys of the model's classifier (timm's ``pretrained_cfg['classifier']``)."""
-    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
-    names = (names,) if isinstance(names, str) else tuple(names)
-    return {k for k in model.state_dict() for n in names if k == n or k.startswith(n + ".")}
+    return _named_classifier_keys(model, model.state_dict())
 
 
 def weights_sha256(model: torch.nn.Module) -> str:

@@ -43,13 +43,18 @@ class MetricsLog:
             self._tb.close()
 
 
+def read_metrics(run: RunDir) -> list[dict]:
+    """RUN/metrics.csv as rows of strings (what the plot, the report and the studies read)."""
+    with open(run.metrics) as f:
+        return list(csv.DictReader(f))
+
+
 def plot_losses(run: RunDir, teachers: list[str], path: str | None = None) -> str:
     """loss.png (or ``path``): total loss and each teacher's summary/patch loss against the step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    with open(run.metrics) as f:
-        rows = list(csv.DictReader(f))
+    rows = read_metrics(run)
     steps = [int(r["step"]) for r in rows]
     weights = [c for c in (rows[0] if rows else {}) if c.startswith("weight/")]
     panels = 1 + len(teachers) + (1 if weights else 0)
