@@ -94,7 +94,9 @@ class ShardStream(IterableDataset):
     shuffle buffer, student colour jitter applied. Subclasses say what one shard yields:
     ``CachedStream`` (stored targets) and ``train.online.OnlineStream`` (live teachers) share
     this order, so the same seed gives the same batches from either. A subclass defines
-    ``_shard(name, epoch)``: the samples of one shard, as dicts.
+    ``_shard(name, epoch)``: the samples of one shard, as dicts; and may define
+    ``_read_ahead(name)``: start opening the shard that comes next (called once the current one
+    has delivered its first sample).
 
     The epoch lives in shared memory, so a DataLoader with ``persistent_workers=True`` keeps
     its workers for the whole run: ``set_epoch`` then a new ``iter(loader)`` starts the next
@@ -132,8 +134,10 @@ class ShardStream(IterableDataset):
         rng = random.Random(f"{spec.seed}/{epoch}/{self.rank}/{worker}")
         jitter = _color_jitter(spec.color_jitter)
         buffer = []
-        for shard in mine:
-            for sample in self._shard(shard, epoch):
+        for i, shard in enumerate(mine):
+            for n, sample in enumerate(self._shard(shard, epoch)):
+                if n == 0 and i + 1 < len(mine):  # this shard is open (its first sample is here): prepare the next
+                    self._read_ahead(mine[i + 1])
                 if jitter is not None:
                     torch.manual_seed(rng.getrandbits(63))
                     sample["image"] = jitter(sample["image"])
@@ -146,35 +150,80 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
+    def _read_ahead(self, name: str) -> None:
+        """Nothing to prepare by default (the corpus shard is streamed as it is read)."""
+
 
 class CachedStream(ShardStream):
-    """Yields dicts: key, image (3, H, W) uint8, view (int), label, and the stored target rows."""
+    """Yields dicts: key, image (3, H, W) uint8, view (int), label, and the stored target rows.
+
+    While one shard is streamed, the next one of this worker is opened in a thread (attributes,
+    keys, views, and its first target block read and checked: ``_read_ahead``). Without it every
+    shard began with a stall: a shard's first block is read before its first sample can leave,
+    and a shard of one block (the bench's, and any corpus shard smaller than a block) had no
+    overlap at all. At most three blocks are held: two of this shard, the first of the next."""
 
     def __init__(self, corpus: Corpus, spec: LoaderSpec, *, epoch: int = 0, rank: int = 0, world: int = 1):
         super().__init__(corpus, spec, epoch=epoch, rank=rank, world=world)
         self._store = None
+        self._ahead: tuple[str, Future] | None = None
+        self._opener: ThreadPoolExecutor | None = None
 
     def __iter__(self):
         if self._store is None:  # opened here: in a DataLoader worker, after the fork
             self._store = Store.open(self.spec.store_url)
-        yield from self._epoch_samples(self.epoch)
+        try:
+            yield from self._epoch_samples(self.epoch)
+        finally:  # the run stopped, or the epoch ended: a shard opened ahead and never streamed is closed
+            self._drop_ahead()
+            if self._opener is not None:
+                self._opener.shutdown(wait=True, cancel_futures=True)
+                self._opener = None
 
-    def _shard(self, name: str, epoch: int):
-        """The samples of one shard; a corrupt shard stops the run, or with ``skip_log`` ends
-        here and is recorded (shard, array, reason, samples not delivered) in the skip log."""
-        store, spec = self._store, self.spec
-        delivered, attrs, blocks = 0, {}, None
+    def _read_ahead(self, name: str) -> None:
+        self._drop_ahead()
+        if self._opener is None:
+            self._opener = ThreadPoolExecutor(1, thread_name_prefix="kdcache-open")
+        self._ahead = (name, self._opener.submit(self._open, name))
+
+    def _drop_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and not ahead[1].cancel():
+            opened = ahead[1].result()
+            if isinstance(opened, OpenShard):
+                opened.blocks.close()
+
+    def _open(self, name: str) -> OpenShard | tuple[dict, StoreError]:
+        """A shard's attributes, keys, views and block reader (its first block being read), or
+        (the attributes read so far, the store's error): raised when the shard's turn comes."""
+        store, spec, attrs = self._store, self.spec, {}
         try:
             attrs = store.shard_attrs(name) or {}
             if attrs.get("complete") is not True:  # planned complete (the shard index said so): its metadata wins
                 raise StoreError(f"{spec.store_url}: shard {name} is not complete, though the run planned it complete "
                                  f"(rewritten since the run started, or a stale shard index: `kdcache store stats` "
                                  f"rewrites it)")
+            keys, views = store.keys(name).tolist(), store.views(name)
+            return OpenShard(attrs, keys, views, BlockRows(store, name, spec.target_paths, attrs, verify=spec.verify))
+        except StoreError as e:
+            return attrs, e
+
+    def _shard(self, name: str, epoch: int):
+        """The samples of one shard; a corrupt shard stops the run, or with ``skip_log`` ends
+        here and is recorded (shard, array, reason, samples not delivered) in the skip log."""
+        spec = self.spec
+        delivered, attrs, blocks = 0, {}, None
+        ahead, opened = self._ahead, None
+        if ahead is not None and ahead[0] == name:
+            self._ahead, opened = None, ahead[1].result()
+        opened = opened if opened is not None else self._open(name)
+        try:
+            if not isinstance(opened, OpenShard):
+                attrs, error = opened
+                raise error
+            attrs, keys, stored_views, blocks = opened.attrs, opened.keys, opened.views, opened.blocks
             shard = self.corpus.shard(name)
-            keys = store.keys(name).tolist()
-            stored_views = store.views(name)
             k = stored_views.shape[1]
-            blocks = BlockRows(store, name, spec.target_paths, attrs, verify=spec.verify)
 
             sub_boxes: dict[int, np.ndarray] = {}  # --sub-views: each sample's box, drawn with its view
 
@@ -214,6 +263,16 @@ class CachedStream(ShardStream):
         finally:  # also when the run stops mid-shard (the generator is closed)
             if blocks is not None:
                 blocks.close()
+
+
+@dataclass
+class OpenShard:
+    """A store shard ready to stream: its attributes, keys, (rows, K, 5) views, block reader."""
+
+    attrs: dict
+    keys: list
+    views: np.ndarray
+    blocks: "BlockRows"
 
 
 class BlockRows:

@@ -1,5 +1,6 @@
 """The loader's block reads: the next block read ahead in a thread gives the same rows, a corrupt
-block still fails at its own rows, and the thread ends with the shard."""
+block still fails at its own rows, and the thread ends with the shard; the next shard opened ahead
+while one streams, with the same guarantees."""
 from __future__ import annotations
 
 import os
@@ -7,10 +8,12 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
+from kdcache.data.corpus import ReadOptions, resolve_corpus
 from kdcache.errors import CorruptShardError
 from kdcache.store import Store, StoreMeta, TeacherMeta, ViewPolicy
-from kdcache.train.loader import BlockRows
+from kdcache.train.loader import BlockRows, CachedStream, LoaderSpec, read_skips
 
 ROWS, K, T, D = 2500, 2, 4, 8  # tiny rows: blocks of 1,024 (layout.MAX_BLOCK), so three blocks
 
@@ -75,3 +78,83 @@ def test_a_corrupt_block_read_ahead_fails_at_its_own_rows(store_url, tmp_path):
     finally:
         blocks.close()
     assert _threads() == 0
+
+
+class _Recorded(CachedStream):
+    """The loader, its shard openings and shard ends recorded in order."""
+
+    def __init__(self, *a, read_ahead=True, **kw):
+        super().__init__(*a, **kw)
+        self.events, self.read_ahead = [], read_ahead
+
+    def _open(self, name):
+        self.events.append(("open", name))
+        return super()._open(name)
+
+    def _read_ahead(self, name):
+        if self.read_ahead:
+            super()._read_ahead(name)
+
+    def _shard(self, name, epoch):
+        yield from super()._shard(name, epoch)
+        self.events.append(("end", name))
+
+
+def _recorded(store_url, corpus, **kw):
+    s = Store.open(store_url)
+    spec = LoaderSpec(store_url=store_url, shards=tuple(s.complete_shards()), target_paths=("vit/cls", "vit/patch"),
+                      input_size=(32, 32), interpolation="bicubic", shuffle_buffer=4, seed=0,
+                      decode=ReadOptions.from_dict(s.meta.corpus).decode, skip_log=kw.pop("skip_log", None))
+    return _Recorded(resolve_corpus(corpus), spec, **kw)
+
+
+def _open_threads() -> int:
+    return sum(t.name.startswith(("kdcache-open", "kdcache-blocks")) for t in threading.enumerate())
+
+
+def test_the_next_shard_is_opened_while_this_one_streams_and_gives_the_same_samples(vit_store, corpus):
+    ahead = _recorded(vit_store, corpus)
+    got = list(ahead)
+    plain = list(_recorded(vit_store, corpus, read_ahead=False))
+    assert [s["key"] for s in got] == [s["key"] for s in plain] and len(got) == 24
+    for a, b in zip(got, plain):
+        for k in ("image", "vit/cls", "vit/patch"):
+            assert torch.equal(a[k], b[k])
+    order = [name for what, name in ahead.events if what == "end"]  # this epoch's shard order
+    assert sorted(order) == Store.open(vit_store).complete_shards()
+    for this, following in zip(order, order[1:]):  # opened before the shard ahead of it ended
+        assert ahead.events.index(("open", following)) < ahead.events.index(("end", this)), ahead.events
+    assert [name for what, name in ahead.events if what == "open"] == order  # each once, in order
+    assert _open_threads() == 0
+
+
+def test_a_run_stopped_mid_shard_closes_the_shard_read_ahead(vit_store, corpus):
+    stream = _recorded(vit_store, corpus)
+    it = iter(stream)
+    first = [next(it) for _ in range(3)]
+    assert len(first) == 3 and len([e for e in stream.events if e[0] == "open"]) == 2  # the next one too
+    it.close()
+    assert _open_threads() == 0 and stream._ahead is None
+
+
+def test_a_corrupt_shard_read_ahead_fails_at_its_own_turn(vit_store, corpus, tmp_path):
+    import shutil
+    url = str(tmp_path / "c.zarr")
+    shutil.copytree(vit_store, url)
+    shards = Store.open(url).complete_shards()
+    obj = os.path.join(url, "shards", shards[1], "vit", "patch", "c", "0", "0", "0", "0")
+    data = bytearray(open(obj, "rb").read())
+    data[100] ^= 0xFF
+    open(obj, "wb").write(bytes(data))
+    stream = _recorded(url, corpus, skip_log=str(tmp_path / "skips.jsonl"))
+    keys = [s["key"] for s in stream]
+    assert len(keys) == 16 and not set(keys) & set(Store.open(url).keys(shards[1]).tolist())
+    assert [(r["shard"], r["samples_skipped"]) for r in read_skips(str(tmp_path / "skips.jsonl"))] == [(shards[1], 8)]
+    stream = _recorded(url, corpus)
+    delivered = []
+    with pytest.raises(CorruptShardError, match=rf"shard {shards[1]}: vit/patch: block 0"):
+        for sample in stream:
+            delivered.append(sample["key"])
+    before = [name for what, name in stream.events if what == "end"]  # the shards streamed before the error
+    assert shards[1] not in before and len(delivered) == 8 * len(before) - 4  # all but the shuffle buffer's 4
+    assert _open_threads() == 0
