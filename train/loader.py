@@ -161,7 +161,8 @@ class CachedStream(ShardStream):
     keys, views, and its first target block read and checked: ``_read_ahead``). Without it every
     shard began with a stall: a shard's first block is read before its first sample can leave,
     and a shard of one block (the bench's, and any corpus shard smaller than a block) had no
-    overlap at all. At most three blocks are held: two of this shard, the first of the next."""
+    overlap at all. At most three blocks are held (about 64 MB each): two of this shard, the first
+    of the next."""
 
     def __init__(self, corpus: Corpus, spec: LoaderSpec, *, epoch: int = 0, rank: int = 0, world: int = 1):
         super().__init__(corpus, spec, epoch=epoch, rank=rank, world=world)
