@@ -188,8 +188,10 @@ class CachedStream(ShardStream):
         self._ahead = (name, self._opener.submit(self._open, name))
 
     def _drop_ahead(self) -> None:
+        """Close a shard opened ahead and never streamed. Its own failure, if any, is dropped
+        with it: the shard was not reached (and this runs while another error may be raised)."""
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and not ahead[1].cancel():
+        if ahead is not None and not ahead[1].cancel() and ahead[1].exception() is None:
             opened = ahead[1].result()
             if isinstance(opened, OpenShard):
                 opened.blocks.close()

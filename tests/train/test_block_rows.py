@@ -158,3 +158,23 @@ def test_a_corrupt_shard_read_ahead_fails_at_its_own_turn(vit_store, corpus, tmp
     before = [name for what, name in stream.events if what == "end"]  # the shards streamed before the error
     assert shards[1] not in before and len(delivered) == 8 * len(before) - 4  # all but the shuffle buffer's 4
     assert _open_threads() == 0
+
+
+def test_a_shard_opened_ahead_that_fails_unexpectedly_does_not_hide_the_run_stopping(vit_store, corpus):
+    class Failing(_Recorded):
+        def _open(self, name):
+            if self.events:  # every shard after the first: an error the store does not know (not a StoreError)
+                raise OSError(f"disk gone while opening {name}")
+            return super()._open(name)
+    s = Store.open(vit_store)
+    spec = LoaderSpec(store_url=vit_store, shards=tuple(s.complete_shards()), target_paths=("vit/cls",),
+                      input_size=(32, 32), interpolation="bicubic", shuffle_buffer=4, seed=0,
+                      decode=ReadOptions.from_dict(s.meta.corpus).decode)
+    stream = Failing(resolve_corpus(corpus), spec)
+    it = iter(stream)
+    next(it)  # the first shard streams; the second was opened ahead, and failed
+    it.close()  # the run stops before reaching it: closing neither raises nor leaves a thread
+    assert _open_threads() == 0
+    with pytest.raises(OSError, match="disk gone while opening"):  # reached, its own error surfaces
+        list(Failing(resolve_corpus(corpus), spec))
+    assert _open_threads() == 0
