@@ -140,11 +140,10 @@ def _fidelity(run: str) -> dict:
 
 def _weights(run: str) -> dict:
     """The mean logged weight of each objective over the run (MGDA, DTO-KD, dropping)."""
-    from kdcache.train.metrics import read_metrics
+    from kdcache.train.metrics import logged_weights, read_metrics
     from kdcache.train.rundir import RunDir
-    rows = read_metrics(RunDir(run))
-    cols = [c for c in rows[0] if c.startswith("weight/")] if rows else []
-    return {c.split("/", 1)[1]: sum(float(r[c]) for r in rows) / len(rows) for c in cols}
+    weights = logged_weights(read_metrics(RunDir(run)))
+    return {objective: sum(values) / len(values) for objective, values in weights.items()}
 
 
 def summarize_teachers(runs: list[dict]) -> list[dict]:

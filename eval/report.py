@@ -15,7 +15,7 @@ import json
 import os
 
 from kdcache.errors import KdcacheError
-from kdcache.train.metrics import plot_losses, read_metrics
+from kdcache.train.metrics import logged_weights, plot_losses, read_metrics
 from kdcache.train.rundir import RunDir
 
 
@@ -180,12 +180,11 @@ def _markdown(run, cfg, prov, metrics, teachers, knn_rows, bytes_rows, files, ou
              f"normalisation {cfg['normalize']}, seed {cfg['seed']}.", "",
              "## Losses", "", "| teacher | summary loss (last) | patch loss (last) |", "|---|---|---|"]
     lines += [f"| {t} | {float(last[f'{t}/summary']):.4f} | {float(last[f'{t}/patch']):.4f} |" for t in teachers]
-    weights = [c for c in last if c.startswith("weight/")]
-    if weights:  # --balance mgda / --teacher-drop
+    weights = logged_weights(metrics)
+    if weights:  # --balance mgda / dto, --teacher-drop
         lines += ["", "| objective | mean weight | first | last |", "|---|---|---|---|"]
-        for c in weights:
-            values = [float(r[c]) for r in metrics]
-            lines.append(f"| {c.split('/', 1)[1]} | {sum(values) / len(values):.3f} | {values[0]:.3f} | {values[-1]:.3f} |")
+        for objective, values in weights.items():
+            lines.append(f"| {objective} | {sum(values) / len(values):.3f} | {values[0]:.3f} | {values[-1]:.3f} |")
     lines += ["", f"Total loss {float(metrics[0]['loss']):.4f} at step {metrics[0]['step']} -> {float(last['loss']):.4f} "
                   f"at step {last['step']}.", "", f"![losses]({os.path.relpath(files['losses'], out)})", ""]
     if knn_rows:

@@ -49,6 +49,13 @@ def read_metrics(run: RunDir) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def logged_weights(rows: list[dict]) -> dict[str, list[float]]:
+    """{objective: its weight at every logged step} from ``read_metrics`` rows: the ``weight/*``
+    columns that --balance mgda / dto and --teacher-drop log; empty for static weights."""
+    cols = [c for c in (rows[0] if rows else {}) if c.startswith("weight/")]
+    return {c.split("/", 1)[1]: [float(r[c]) for r in rows] for c in cols}
+
+
 def plot_losses(run: RunDir, teachers: list[str], path: str | None = None) -> str:
     """loss.png (or ``path``): total loss and each teacher's summary/patch loss against the step."""
     import matplotlib
@@ -56,7 +63,7 @@ def plot_losses(run: RunDir, teachers: list[str], path: str | None = None) -> st
     import matplotlib.pyplot as plt
     rows = read_metrics(run)
     steps = [int(r["step"]) for r in rows]
-    weights = [c for c in (rows[0] if rows else {}) if c.startswith("weight/")]
+    weights = logged_weights(rows)
     panels = 1 + len(teachers) + (1 if weights else 0)
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
     axes[0][0].plot(steps, [float(r["loss"]) for r in rows], color="k", label="total")
@@ -69,10 +76,10 @@ def plot_losses(run: RunDir, teachers: list[str], path: str | None = None) -> st
             ax.plot(steps, [float(r[f"{t}/{part}"]) for r in rows], label=part)
         ax.set(title=f"teacher {t}", xlabel="step")
         ax.legend()
-    if weights:  # --balance mgda / --teacher-drop: the weight each objective got
+    if weights:  # --balance mgda / dto, --teacher-drop: the weight each objective got
         ax = axes[0][-1]
-        for c in weights:
-            ax.plot(steps, [float(r[c]) for r in rows], label=c.split("/", 1)[1])
+        for objective, values in weights.items():
+            ax.plot(steps, values, label=objective)
         ax.set(title="objective weights", xlabel="step")
         ax.legend()
     fig.tight_layout()
