@@ -178,3 +178,42 @@ def test_a_shard_opened_ahead_that_fails_unexpectedly_does_not_hide_the_run_stop
     with pytest.raises(OSError, match="disk gone while opening"):  # reached, its own error surfaces
         list(Failing(resolve_corpus(corpus), spec))
     assert _open_threads() == 0
+
+
+def _worker_spec(store_url):
+    s = Store.open(store_url)
+    return LoaderSpec(store_url=store_url, shards=tuple(s.complete_shards()), target_paths=("vit/cls", "vit/patch"),
+                      input_size=(32, 32), interpolation="bicubic", shuffle_buffer=4, seed=0, workers=1,
+                      decode=ReadOptions.from_dict(s.meta.corpus).decode)
+
+
+def test_in_a_worker_a_batch_carries_its_blocks_once_and_gathers_to_the_stored_rows(vit_store, corpus):
+    from torch.utils.data import DataLoader
+
+    from kdcache.train.loader import StoredRows, StreamLoader, collate, gather
+    store = Store.open(vit_store)
+    where = {k: (name, row) for name in store.complete_shards() for row, k in enumerate(store.keys(name).tolist())}
+    stream = CachedStream(resolve_corpus(corpus), _worker_spec(vit_store))
+    raw = list(DataLoader(stream, batch_size=8, num_workers=1, collate_fn=collate))
+    assert len(raw) == 3
+    for batch in raw:
+        for p in ("vit/cls", "vit/patch"):
+            rows = batch[p]
+            assert isinstance(rows, StoredRows) and len(rows) == 8
+            # each block crossed once, in shared memory: a batch spans at most the 3 shards' blocks, never 8 copies
+            assert 1 <= len(rows.bases) <= 3 and all(b.is_shared() for b in rows.bases)
+        got = gather(batch)
+        for i, key in enumerate(got["key"]):  # against the arrays read with plain zarr
+            name, row = where[key]
+            view = int(got["view"][i])
+            for p in ("vit/cls", "vit/patch"):
+                np.testing.assert_array_equal(got[p][i].numpy(), store.root[f"shards/{name}/{p}"][row, view])
+        into = torch.full((8, *batch["vit/patch"].shape), -1.0, dtype=torch.float16)
+        assert batch["vit/patch"].gather(into) is into and torch.equal(into, got["vit/patch"])  # (pin_memory's path)
+    # the loader training iterates gives the same batches as this process streaming the same split
+    here = list(StreamLoader(CachedStream(resolve_corpus(corpus), _worker_spec(vit_store)), batch_size=8))
+    there = list(StreamLoader(CachedStream(resolve_corpus(corpus), _worker_spec(vit_store)), batch_size=8, num_workers=1))
+    assert [b["key"] for b in here] == [b["key"] for b in there]
+    for a, b in zip(here, there):
+        for k in ("image", "view", "label", "vit/cls", "vit/patch"):
+            assert isinstance(b[k], torch.Tensor) and torch.equal(a[k], b[k]), k
