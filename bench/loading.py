@@ -4,9 +4,8 @@ bench starts, or a URL you give), beside the decode floor, all sides interleaved
 (``bench.harness``); then full-size against reduced JPEG decodes per image size.
 
 Each loader side streams one epoch of the real loader (corpus shard and store shard together,
-view replay, targets as stored bytes) through the DataLoader training uses (``StreamLoader``, its
-workers persistent across epochs as in ``train.fit``, the targets gathered in this process); MB/s
-counts the target bytes delivered. The **decode floor** is the same epoch with nothing but the corpus: the same shards,
+view replay, targets as stored bytes) through a DataLoader as training builds it (its workers
+persistent across epochs, as in ``train.fit``); MB/s counts the target bytes delivered. The **decode floor** is the same epoch with nothing but the corpus: the same shards,
 workers, shuffle buffer and batches, each sample decoded and its view cut at the student's input
 (as the store records the decode), no store at all; the loader's share of it is what reading and
 checking the targets costs (target >= 0.9). Verification is the per-block CRC-32 and finiteness
@@ -22,12 +21,14 @@ Reduced over kdcache's own full decode is printed beside it: how much of the gai
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from kdcache.data.corpus import DecodeOptions, ReadOptions, resolve_corpus
 from kdcache.data.demo_corpus import build_demo_corpus, photo_images
@@ -39,7 +40,7 @@ from kdcache.store import Store
 from kdcache.store.meta import ViewPolicy
 from kdcache.store.ops import copy_stores
 from kdcache.targets.decoding import TargetDecoder, stored_codebooks
-from kdcache.train.loader import CachedStream, LoaderSpec, ShardStream, StreamLoader
+from kdcache.train.loader import CachedStream, LoaderSpec, ShardStream, collate
 
 from .harness import environment, header, limit_note, measure
 from .options import LoadBench
@@ -76,17 +77,26 @@ def _floor(store_url: str, data: str, *, workers: int, batch_size: int):
     stream = DecodeFloorStream(corpus, _loader_spec(store_url, store, corpus, paths=(), verify=True, workers=workers),
                                store.meta.view_policy)
 
-    loader = _persistent(stream, workers=workers, batch_size=batch_size)
+    epochs = _epochs(stream, workers=workers, batch_size=batch_size)
 
     def run():
-        return sum(len(b["key"]) for b in loader)
+        return sum(len(b["key"]) for b in epochs())
     return run
 
 
-def _persistent(stream, *, workers: int, batch_size: int) -> StreamLoader:
-    """A side's loader, its workers kept from epoch to epoch as training keeps them (``train.fit``):
-    a worker started per epoch would time the fork and its copy-on-write faults, not the reads."""
-    return StreamLoader(stream, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0)
+def _epochs(stream: ShardStream, *, workers: int, batch_size: int):
+    """A side's epochs, one per call, as training streams them (``train.fit``): the workers kept from
+    epoch to epoch (a worker started per epoch would time the fork and its copy-on-write faults,
+    not the reads), each epoch told the one that follows (its first shard opened ahead)."""
+    loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                        persistent_workers=workers > 0)
+    epoch = itertools.count()
+
+    def next_epoch():
+        e = next(epoch)
+        stream.set_epoch(e, following=e + 1)
+        return iter(loader)
+    return next_epoch
 
 
 def _epoch(store_url: str, data: str, *, verify: bool, workers: int, batch_size: int):
@@ -97,11 +107,11 @@ def _epoch(store_url: str, data: str, *, verify: bool, workers: int, batch_size:
                                 normalize="none", stats=None).paths.values())
     spec = _loader_spec(store_url, store, corpus, paths=paths, verify=verify, workers=workers)
 
-    loader = _persistent(CachedStream(corpus, spec), workers=workers, batch_size=batch_size)
+    epochs = _epochs(CachedStream(corpus, spec), workers=workers, batch_size=batch_size)
 
     def run():
         n = nbytes = 0
-        for batch in loader:
+        for batch in epochs():
             n += len(batch["key"])
             nbytes += sum(batch[p].numel() * batch[p].element_size() for p in paths)
         run.bytes_per_sample = nbytes / max(1, n)

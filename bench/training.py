@@ -19,13 +19,14 @@ import tempfile
 import time
 
 import torch
+from torch.utils.data import DataLoader
 
 from kdcache.data.demo_corpus import build_demo_corpus
 from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract
 from kdcache.train.config import TrainConfig
 from kdcache.train.fit import build_run
-from kdcache.train.loader import CachedStream, StreamLoader
+from kdcache.train.loader import CachedStream, collate
 from kdcache.train.trainer import to_device
 
 from .harness import environment, header, limit_note, measure
@@ -62,9 +63,9 @@ def bench_train(o: TrainBench = TrainBench()) -> str:
             # epochs back to back in the same workers: this corpus is a few batches long, and a
             # worker start per epoch (which real epochs amortise) would dominate the timing
             spec = dataclasses.replace(source.dataset.spec, workers=workers)
-            yield from StreamLoader(_Epochs(source.corpus, spec, epoch=epoch), batch_size=batch_size,
-                                    num_workers=workers, drop_last=True, pin_memory=dev.type == "cuda",
-                                    prefetch_factor=4 if workers else None)
+            yield from DataLoader(_Epochs(source.corpus, spec, epoch=epoch), batch_size=batch_size,
+                                  num_workers=workers, collate_fn=collate, drop_last=True, pin_memory=dev.type == "cuda",
+                                  prefetch_factor=4 if workers else None)
 
         # (c) in-memory: one real batch, decoded targets held on the device
         fixed = to_device(next(batches()), dev)

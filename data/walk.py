@@ -28,7 +28,6 @@ that no longer decodes, ``counted_before`` passes over what an earlier pass alre
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import unicodedata
 from dataclasses import dataclass
@@ -228,7 +227,7 @@ def align(corpus: Corpus, shard: CorpusShard, stored_keys: list[str], failed: It
             want = stored_keys[row] if row < len(stored_keys) else "(end of store shard)"
             raise AlignError(f"shard {shard.name}: corpus key {s.key!r} where the store has {want!r} at row {row}: "
                              f"the store was not extracted from this corpus")
-        yield dataclasses.replace(s, row=row)
+        yield RawSample(s.key, s.data, s.label, s.fields, s.error, row)  # (dataclasses.replace: 4x the time)
         row += 1
     if row != len(stored_keys):
         raise AlignError(f"shard {shard.name}: the corpus ended after {row} samples, the store has {len(stored_keys)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from kdcache.data.corpus import ReadOptions, resolve_corpus
 from kdcache.errors import KdcacheError
@@ -23,7 +24,7 @@ from kdcache.models.teacher import teacher_from_meta
 from kdcache.store import Store
 from kdcache.targets.decoding import TargetDecoder, stored_codebooks
 from kdcache.targets.derive import draw_mix, mix_pixels, mix_targets
-from kdcache.train.loader import CachedStream, LoaderSpec, StreamLoader
+from kdcache.train.loader import CachedStream, LoaderSpec, collate
 
 DERIVED = ("stored", "sub-views", "cutmix", "mixup", "dense")
 
@@ -63,7 +64,7 @@ def derived_fidelity(url: str, data: str, *, options=DERIVED, teacher: str | Non
         stream = CachedStream(corpus, spec, epoch=epoch)
         sums = {"summary": [0.0, 0], "patch": [0.0, 0]}
         seen = 0
-        for step, batch in enumerate(StreamLoader(stream, batch_size=batch_size)):
+        for step, batch in enumerate(DataLoader(stream, batch_size=batch_size, collate_fn=collate)):
             images = batch["image"]
             derived = decoder(batch)
             if option in ("cutmix", "mixup"):

@@ -17,11 +17,12 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from kdcache.errors import KdcacheError
 from kdcache.train.config import TrainConfig
 from kdcache.train.fit import build_run
-from kdcache.train.loader import StreamLoader
+from kdcache.train.loader import collate
 from kdcache.train.trainer import to_device
 
 
@@ -49,7 +50,7 @@ def fidelity(run: str, *, store: str | None = None, data: str | None = None, sha
     sums = {t: {"summary": [0.0, 0.0], "patch": [0.0, 0.0], "summary_raw": [0.0, 0.0], "patch_raw": [0.0, 0.0]}
             for t in source.teachers}
     trainer.model.eval()
-    for batch in StreamLoader(source.dataset.with_spec(spec), batch_size=batch_size):
+    for batch in DataLoader(source.dataset.with_spec(spec), batch_size=batch_size, collate_fn=collate):
         batch = to_device(batch, trainer.device)
         preds, targets = trainer.model(batch["image"]), trainer.decode(batch)
         for t in source.teachers:

@@ -9,7 +9,6 @@ infinity is a ``CorruptShardError`` naming store, shard and array (and carrying 
 from __future__ import annotations
 
 import zlib
-from typing import Callable
 
 import numpy as np
 
@@ -19,7 +18,6 @@ from .dtypes import to_float32
 from .layout import ArrayDigest, digest_array
 from .meta import SHARDS, feature_path
 
-Alloc = Callable[[tuple, np.dtype], np.ndarray]  # (shape, dtype) -> a writable C-contiguous array of it
 MAX_BLOCK_BYTES = 1 << 31  # a block is read whole: bound what hostile array metadata can make us allocate
 
 
@@ -93,9 +91,10 @@ class VerifiedReads:
             if d.hexdigest() != want:
                 raise CorruptShardError(f"{self.url}: shard {shard}: {path}: data does not match its digest", shard=shard)
 
-    def block_rows(self, shard: str, path: str) -> int:
-        """Rows per Zarr shard of an array: read it a block at a time (one request per block)."""
-        return _block_of(self.array(shard, path))
+    def block_rows(self, shard: str, path: str, *, array=None) -> int:
+        """Rows per Zarr shard of an array: read it a block at a time (one request per block).
+        ``array``: the array already opened (``array(shard, path)``), not opened again."""
+        return _block_of(array if array is not None else self.array(shard, path))
 
     def read_blocks(self, shard: str, path: str):
         """Every block of an array in order, each checked by ``read_block``; the shard's attributes
@@ -121,7 +120,7 @@ class VerifiedReads:
         return to_float32(np.concatenate(rows) if rows else self.array(shard, path)[:0], self.meta.teachers[teacher].dtype)
 
     def read_block(self, shard: str, path: str, index: int, *, attrs: dict | None = None, array=None,
-                   verify: bool = True, alloc: Alloc | None = None) -> np.ndarray:
+                   verify: bool = True) -> np.ndarray:
         """Rows of block ``index`` (one Zarr shard) of an array, checked before they are returned:
         readable, equal to the CRC-32 written with them (so a missing chunk read as fill values or
         a flipped byte is caught), and finite. Anything else is a CorruptShardError naming shard
@@ -131,7 +130,7 @@ class VerifiedReads:
         a = array if array is not None else self.array(shard, path)
         block = _block_of(a)
         try:
-            rows = _block_in_one_request(a, index, block, alloc)
+            rows = _block_in_one_request(a, index, block)
         except Exception as e:  # noqa: BLE001 - a truncated or garbled chunk fails inside the codec
             raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} unreadable "
                                     f"({type(e).__name__}: {_printable(first_line(e))})", shard=shard) from None
@@ -163,7 +162,7 @@ class VerifiedReads:
                                     f"chunk)", shard=shard)
 
 
-def _block_in_one_request(a, index: int, block: int, alloc: Alloc | None = None) -> np.ndarray:
+def _block_in_one_request(a, index: int, block: int) -> np.ndarray:
     """Rows of block ``index`` of a sharded array, its Zarr shard fetched whole in one request and
     decoded from memory. zarr-python 3.1 fetches a shard whole only when the selection covers all
     its inner chunks; the last block of an array (every block of a small shard) does not, and is
@@ -181,7 +180,7 @@ def _block_in_one_request(a, index: int, block: int, alloc: Alloc | None = None)
     # a range from byte 0 is the whole object in one GET (s3fs asks the size first for a plain read)
     raw = sync(a.store_path.store.get(f"{a.store_path.path}/{key}", prototype=proto, byte_range=OffsetByteRequest(0)))
     if raw is not None:
-        rows = _decode_shard(a, raw.as_numpy_array(), min(block, a.shape[0] - index * block), alloc)
+        rows = _decode_shard(a, raw.as_numpy_array(), min(block, a.shape[0] - index * block))
         if rows is not None:
             return rows
     held = a.metadata.to_buffer_dict(proto)
@@ -193,7 +192,7 @@ def _block_in_one_request(a, index: int, block: int, alloc: Alloc | None = None)
 EMPTY = 2**64 - 1  # a Zarr shard index's (offset, nbytes) of an inner chunk never written
 
 
-def _decode_shard(a, raw: np.ndarray, rows: int, alloc: Alloc | None = None) -> np.ndarray | None:
+def _decode_shard(a, raw: np.ndarray, rows: int) -> np.ndarray | None:
     """The first ``rows`` rows of one Zarr shard's bytes, decoded straight into one array, or
     None for a layout other than the one kdcache writes (then zarr decodes it).
 
@@ -227,7 +226,7 @@ def _decode_shard(a, raw: np.ndarray, rows: int, alloc: Alloc | None = None) -> 
     if google_crc32c.value(index[:-4].tobytes()) != int.from_bytes(index[-4:].tobytes(), "little"):
         raise ValueError("the shard index does not match its CRC-32C")
     spans = index[:-4].view("<u8").reshape(chunks, 2)
-    out = (alloc or np.empty)((-(-rows // per_chunk) * per_chunk, *a.shape[1:]), a.dtype)
+    out = np.empty((-(-rows // per_chunk) * per_chunk, *a.shape[1:]), dtype=a.dtype)
     chunk_bytes = out[:per_chunk].nbytes
     data_end = raw.size - index_bytes
     for i in range(-(-rows // per_chunk)):

@@ -30,7 +30,7 @@ from kdcache.models.device import resolve_device
 from kdcache.models.student import Student, create_student, with_classifier
 
 from .config import TrainConfig
-from .loader import StreamLoader, record_skip
+from .loader import collate, record_skip
 from .metrics import MetricsLog, SkippedSamples, plot_losses, skipped_summary
 from .model import DistillModel, HeadSpec
 from .rundir import RunDir
@@ -53,7 +53,7 @@ class Run:
     def loader(self) -> DataLoader:
         """The run's DataLoader; its workers persist across epochs (``ShardStream`` epochs)."""
         cfg, cuda = self.trainer.cfg, self.trainer.device.type == "cuda"
-        return StreamLoader(self.source.dataset, batch_size=cfg.batch_size, num_workers=cfg.workers,
+        return DataLoader(self.source.dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate,
                           pin_memory=cuda, drop_last=True, prefetch_factor=4 if cfg.workers else None,
                           persistent_workers=cfg.workers > 0)
 
@@ -183,7 +183,7 @@ def fit(run: Run, *, progress: bool = True) -> dict:
     t_last, n_last = time.perf_counter(), 0
     try:
         for epoch in range(start["epoch"], cfg.epochs):
-            run.source.dataset.set_epoch(epoch)
+            run.source.dataset.set_epoch(epoch, following=epoch + 1 if epoch + 1 < cfg.epochs else None)
             batches = iter(loader)
             first = start["step_in_epoch"] if epoch == start["epoch"] else 0
             for _ in range(first):  # replay the interrupted epoch's order up to the checkpoint

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import IterableDataset, default_collate
 
 from kdcache.data.corpus import Corpus, DecodeOptions
 from kdcache.data.partition import current_worker, epoch_streams
@@ -96,7 +96,8 @@ class ShardStream(IterableDataset):
     this order, so the same seed gives the same batches from either. A subclass defines
     ``_shard(name, epoch)``: the samples of one shard, as dicts; and may define
     ``_read_ahead(name)``: start opening the shard that comes next (called once the current one
-    has delivered its first sample).
+    has delivered its first sample; for the last shard of an epoch, the first shard of the epoch
+    that follows, when ``set_epoch`` said which one does).
 
     The epoch lives in shared memory, so a DataLoader with ``persistent_workers=True`` keeps
     its workers for the whole run: ``set_epoch`` then a new ``iter(loader)`` starts the next
@@ -106,6 +107,7 @@ class ShardStream(IterableDataset):
     def __init__(self, corpus: Corpus, spec: LoaderSpec, *, epoch: int = 0, rank: int = 0, world: int = 1):
         self.corpus, self.spec, self.rank, self.world = corpus, spec, rank, world
         self._epoch = multiprocessing.Value("i", epoch)  # inherited by the workers
+        self._following = multiprocessing.Value("i", -1)  # the epoch after this one, if any
 
     @property
     def epoch(self) -> int:
@@ -115,8 +117,11 @@ class ShardStream(IterableDataset):
     def epoch(self, value: int) -> None:
         self._epoch.value = value
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, following: int | None = None) -> None:
+        """The epoch the next ``iter`` streams; ``following``: the one after it (its first shard is
+        opened ahead as this epoch ends: persistent workers then start it without a wait)."""
         self.epoch = epoch
+        self._following.value = -1 if following is None else following
 
     def __iter__(self):
         yield from self._epoch_samples(self.epoch)
@@ -131,21 +136,28 @@ class ShardStream(IterableDataset):
         if workers != max(1, spec.workers):
             raise LoaderError(f"the loader spec says {spec.workers} workers, the DataLoader runs {workers}")
         mine = epoch_streams(spec.shards, seed=spec.seed, epoch=epoch, world=self.world, workers=workers)[self.rank][worker]
+        following = self._following.value
+        if following >= 0:  # this worker's shards of the next epoch: its first one follows this epoch's last
+            then = epoch_streams(spec.shards, seed=spec.seed, epoch=following, world=self.world, workers=workers)
+            mine_next = then[self.rank][worker][:1]
+        else:
+            mine_next = []
+        ahead = [*mine[1:], *mine_next]  # the shard to open while each of mine streams
         rng = random.Random(f"{spec.seed}/{epoch}/{self.rank}/{worker}")
         jitter = _color_jitter(spec.color_jitter)
         buffer = []
         for i, shard in enumerate(mine):
             for n, sample in enumerate(self._shard(shard, epoch)):
-                if n == 0 and i + 1 < len(mine):  # this shard is open (its first sample is here): prepare the next
-                    self._read_ahead(mine[i + 1])
+                if n == 0 and i < len(ahead):  # this shard is open (its first sample is here): prepare the next
+                    self._read_ahead(ahead[i])
                 if jitter is not None:
                     torch.manual_seed(rng.getrandbits(63))
                     sample["image"] = jitter(sample["image"])
                 if len(buffer) < spec.shuffle_buffer:
                     buffer.append(sample)
                     continue
-                i = rng.randrange(len(buffer))
-                buffer[i], sample = sample, buffer[i]
+                j = rng.randrange(len(buffer))
+                buffer[j], sample = sample, buffer[j]
                 yield sample
         rng.shuffle(buffer)
         yield from buffer
@@ -161,8 +173,11 @@ class CachedStream(ShardStream):
     keys, views, and its first target block read and checked: ``_read_ahead``). Without it every
     shard began with a stall: a shard's first block is read before its first sample can leave,
     and a shard of one block (the bench's, and any corpus shard smaller than a block) had no
-    overlap at all. At most three blocks are held (about 64 MB each): two of this shard, the first
-    of the next."""
+    overlap at all. When ``set_epoch`` names the epoch that follows, the last shard of an epoch
+    opens the first shard of the next one, which then stays open between the two epochs (a
+    persistent worker's next epoch starts without a stall). At most three blocks are read and
+    held here (about 64 MB each): two of this shard, the first of the next; rows are views into
+    their block, so a block also lives on while samples of it wait in the shuffle buffer."""
 
     def __init__(self, corpus: Corpus, spec: LoaderSpec, *, epoch: int = 0, rank: int = 0, world: int = 1):
         super().__init__(corpus, spec, epoch=epoch, rank=rank, world=world)
@@ -173,13 +188,20 @@ class CachedStream(ShardStream):
     def __iter__(self):
         if self._store is None:  # opened here: in a DataLoader worker, after the fork
             self._store = Store.open(self.spec.store_url)
+        completed = False
         try:
             yield from self._epoch_samples(self.epoch)
-        finally:  # the run stopped, or the epoch ended: a shard opened ahead and never streamed is closed
-            self._drop_ahead()
-            if self._opener is not None:
-                self._opener.shutdown(wait=True, cancel_futures=True)
-                self._opener = None
+            completed = True
+        finally:  # the run stopped, or the epoch ended with no epoch to follow: a shard opened ahead is closed
+            if not completed or self._ahead is None:
+                self.close()
+
+    def close(self) -> None:
+        """Close a shard opened ahead and stop the opening thread (a later ``iter`` starts them again)."""
+        self._drop_ahead()
+        if self._opener is not None:
+            self._opener.shutdown(wait=True, cancel_futures=True)
+            self._opener = None
 
     def _read_ahead(self, name: str) -> None:
         self._drop_ahead()
@@ -207,8 +229,7 @@ class CachedStream(ShardStream):
                                  f"(rewritten since the run started, or a stale shard index: `kdcache store stats` "
                                  f"rewrites it)")
             keys, views = store.keys(name).tolist(), store.views(name)
-            blocks = BlockRows(store, name, spec.target_paths, attrs, verify=spec.verify, shared=get_worker_info() is not None)
-            return OpenShard(attrs, keys, views, blocks)
+            return OpenShard(attrs, keys, views, BlockRows(store, name, spec.target_paths, attrs, verify=spec.verify))
         except StoreError as e:
             return attrs, e
 
@@ -217,9 +238,11 @@ class CachedStream(ShardStream):
         here and is recorded (shard, array, reason, samples not delivered) in the skip log."""
         spec = self.spec
         delivered, attrs, blocks = 0, {}, None
-        ahead, opened = self._ahead, None
-        if ahead is not None and ahead[0] == name:
-            self._ahead, opened = None, ahead[1].result()
+        opened = None
+        if self._ahead is not None and self._ahead[0] == name:
+            opened, self._ahead = self._ahead[1].result(), None
+        else:  # (a shard opened ahead for an epoch that did not come: set_epoch chose another)
+            self._drop_ahead()
         opened = opened if opened is not None else self._open(name)
         try:
             if not isinstance(opened, OpenShard):
@@ -230,24 +253,25 @@ class CachedStream(ShardStream):
             k = stored_views.shape[1]
 
             sub_boxes: dict[int, np.ndarray] = {}  # --sub-views: each sample's box, drawn with its view
+            picked: dict[int, int] = {}  # each sample's stored view this epoch, picked once when it is decoded
 
-            def stored(s: RawSample) -> tuple[int, np.ndarray]:
-                v = pick_view(spec.view_choice, k, key=s.key, epoch=epoch, seed=spec.seed)
-                return v, stored_views[s.row, v]
+            def stored(s: RawSample) -> np.ndarray:
+                picked[s.row] = pick_view(spec.view_choice, k, key=s.key, epoch=epoch, seed=spec.seed)
+                return stored_views[s.row, picked[s.row]]
 
             def this_epochs_view(s: RawSample, height: int, width: int) -> np.ndarray:
                 if spec.dense_views:  # a fresh view, as an online run draws it (data.pixels.view_at)
                     return view_at(spec.policy, s.key, epoch + 1, height, width)
                 if spec.sub_views:
-                    view, sub_boxes[s.row] = sub_view(stored(s)[1], spec.seed, s.key, epoch, spec.sub_views)
+                    view, sub_boxes[s.row] = sub_view(stored(s), spec.seed, s.key, epoch, spec.sub_views)
                     return view
-                return stored(s)[1]
+                return stored(s)
 
             samples = align(self.corpus, shard, keys, attrs.get("failed", []))
             for item in view_pixels(samples, views=this_epochs_view, crops=[spec.crop], decode=spec.decode,
                                     handler=changed_since_extraction(shard)):
                 s = item.sample
-                v = stored(s)[0]
+                v = picked.pop(s.row, 0)
                 extra = {}
                 if spec.dense_views:  # where the targets are cut from the dense map: the view's box, and its flip
                     v = epoch + 1
@@ -285,19 +309,13 @@ class BlockRows:
     one block are decoded and cut, the next block is already being read, decompressed and
     checked in a thread: those release the GIL (the read, Blosc, CRC-32, the finiteness test),
     so a worker's target reads overlap its JPEG decodes instead of stalling them (on object
-    storage, the request's latency too). This reader holds at most two blocks.
+    storage, the request's latency too). At most two blocks are held."""
 
-    A row is a view into its block, never a copy. In a DataLoader worker (``shared``) each block
-    is decompressed straight into shared memory, so a batch crosses to the trainer as references
-    to its blocks (``collate``, ``StoredRows``) instead of fresh per-batch copies; a block then
-    lives on while samples of it wait in the shuffle buffer or in batches not yet gathered."""
-
-    def __init__(self, store: Store, shard: str, paths, attrs: dict, *, verify: bool = True, prefetch: bool = True,
-                 shared: bool = False):
-        self.store, self.shard, self.attrs, self.verify, self.shared = store, shard, attrs, verify, shared
+    def __init__(self, store: Store, shard: str, paths, attrs: dict, *, verify: bool = True, prefetch: bool = True):
+        self.store, self.shard, self.attrs, self.verify = store, shard, attrs, verify
         self.arrays = {p: store.array(shard, p) for p in paths}
         self.whole_image = {p for p in paths if per_image(p)}  # one row per image (dense maps), not per view
-        self.block = store.block_rows(shard, paths[0]) if paths else 1
+        self.block = store.block_rows(shard, paths[0], array=self.arrays[paths[0]]) if paths else 1
         count = attrs.get("count") if isinstance(attrs.get("count"), int) else 0
         self.blocks = -(-count // self.block) if paths else 0
         self.index, self.rows = -1, {}
@@ -305,33 +323,23 @@ class BlockRows:
         # the first block is read while the first samples are decoded
         self._next: tuple[int, Future] | None = (0, self._pool.submit(self._read, 0)) if self._pool else None
 
-    def _read(self, index: int) -> dict[str, torch.Tensor]:
-        return {p: self._read_array(p, a, index) for p, a in self.arrays.items()}
-
-    def _read_array(self, path: str, array, index: int) -> torch.Tensor:
-        made: list[torch.Tensor] = []
-
-        def shared_memory(shape: tuple, dtype: np.dtype) -> np.ndarray:
-            made.append(shared_tensor(shape, dtype))
-            return made[-1].numpy()
-
-        rows = self.store.read_block(self.shard, path, index, attrs=self.attrs, array=array, verify=self.verify,
-                                     alloc=shared_memory if self.shared else None)
-        if made and rows.ctypes.data == made[0].data_ptr():  # decompressed into shared memory: its leading rows
-            return made[0][:len(rows)]
-        rows = torch.from_numpy(np.ascontiguousarray(rows))
-        return rows.share_memory_() if self.shared else rows  # (a layout zarr decoded: moved once per block)
+    def _read(self, index: int) -> dict[str, np.ndarray]:
+        return {p: self.store.read_block(self.shard, p, index, attrs=self.attrs, array=a, verify=self.verify)
+                for p, a in self.arrays.items()}
 
     def row(self, row: int, view: int) -> dict[str, torch.Tensor]:
-        """{path: the stored bytes of view ``view`` of row ``row``} as views into the block (bf16 bits as uint16)."""
+        """{path: the stored bytes of view ``view`` of row ``row``} as tensors (bf16 bits as uint16)."""
         if row // self.block != self.index:
             self.index = row // self.block
             ahead, self._next = self._next, None
             self.rows = ahead[1].result() if ahead is not None and ahead[0] == self.index else self._read(self.index)
             if self._pool is not None and self.index + 1 < self.blocks:
                 self._next = (self.index + 1, self._pool.submit(self._read, self.index + 1))
-        at = row - self.index * self.block
-        return {p: b[at] if p in self.whole_image else b[at, view] for p, b in self.rows.items()}
+        out = {}
+        for p, b in self.rows.items():
+            a = b[row - self.index * self.block] if p in self.whole_image else b[row - self.index * self.block, view]
+            out[p] = torch.from_numpy(np.ascontiguousarray(a) if a.ndim else np.array(a))  # (a log-sum-exp is 0-d)
+        return out
 
     def close(self) -> None:
         """Stop reading ahead (a block being read is finished and dropped)."""
@@ -341,68 +349,10 @@ class BlockRows:
             self._pool = None
 
 
-def shared_tensor(shape: tuple, dtype: np.dtype) -> torch.Tensor:
-    """An uninitialised tensor in shared memory (what ``default_collate`` allocates in a worker)."""
-    like = torch.from_numpy(np.empty(0, dtype=dtype))
-    storage = torch.UntypedStorage._new_shared(flat_size(shape) * like.element_size())
-    return like.new_empty(0).set_(storage, 0, tuple(shape))
-
-
-class StoredRows:
-    """One stored array's rows of a batch, left where the worker read them: references to the
-    shared-memory blocks (each sent once per batch, mapped once by the trainer's process) and
-    each row's place in them. ``gather`` copies the rows into one tensor, in the trainer's
-    process (or ``pin_memory``: straight into pinned memory, when the DataLoader pins). Before,
-    ``default_collate`` stacked every batch into fresh shared memory in the worker: 2.4 MB of new
-    pages per batch of ViT-S patch tokens, faulted in on every batch (1.4 ms against 0.08 for the
-    same stack into reused memory, measured)."""
-
-    def __init__(self, rows: list[torch.Tensor]):
-        blocks: dict[int, int] = {}
-        self.bases: list[torch.Tensor] = []  # each block whole, flat
-        self.places: list[int] = []  # each row's (block, element offset), flattened
-        for r in rows:
-            storage = r.untyped_storage()
-            b = blocks.setdefault(storage.data_ptr(), len(self.bases))
-            if b == len(self.bases):
-                self.bases.append(r.new_empty(0).set_(storage))
-            self.places += [b, r.storage_offset()]
-        self.shape, self.dtype = tuple(rows[0].shape), rows[0].dtype
-
-    @staticmethod
-    def holds(rows: list) -> bool:
-        """Rows that are contiguous views into shared blocks, all of one shape and dtype (``BlockRows`` in a worker)."""
-        first = rows[0]
-        return isinstance(first, torch.Tensor) and all(
-            isinstance(r, torch.Tensor) and r.is_shared() and r.is_contiguous() and r.shape == first.shape
-            and r.dtype == first.dtype for r in rows)
-
-    def __len__(self) -> int:
-        return len(self.places) // 2
-
-    def gather(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The rows as one (n, *row shape) tensor. Copied by numpy, one row at a time: torch's
-        stack would wake its intra-op threads, whose spinning took a core from the workers (a 2-core
-        loader bench lost a third of its throughput to it)."""
-        out = torch.empty((len(self), *self.shape), dtype=self.dtype) if out is None else out
-        flat, n = out.numpy().reshape(len(self), -1), flat_size(self.shape)
-        bases = [b.numpy() for b in self.bases]
-        for i, (b, offset) in enumerate(zip(self.places[::2], self.places[1::2])):
-            flat[i] = bases[b][offset:offset + n]
-        return out
-
-    def pin_memory(self, device=None) -> torch.Tensor:
-        """Called by the DataLoader's pinning thread: the rows gathered into pinned memory."""
-        return self.gather(torch.empty((len(self), *self.shape), dtype=self.dtype, pin_memory=True))
-
-
-def flat_size(shape: tuple) -> int:
-    return int(np.prod(shape, dtype=np.int64))
-
-
-def sample_label(sample: RawSample) -> torch.Tensor:
-    """The corpus label (webdataset cls, image-folder class) for the task loss; -1 when none."""
-    return torch.tensor(-1 if sample.label is None else int(sample.label))
+def sample_label(sample: RawSample) -> int:
+    """The corpus label (webdataset cls, image-folder class) for the task loss; -1 when none
+    (an int: ``collate`` makes the batch's one tensor of them)."""
+    return -1 if sample.label is None else int(sample.label)
 
 
 def record_skip(path: str, record: dict) -> None:
@@ -430,32 +380,11 @@ def _color_jitter(strength: float):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Samples -> a batch. Stored target rows read in a DataLoader worker stay in their shared
-    blocks (``StoredRows``, gathered by ``gather``: ``StreamLoader`` does it); other tensors go
-    through torch's ``default_collate``, which in a worker stacks straight into shared memory,
-    so the batch crosses to the trainer without a second copy."""
+    """Samples -> a batch. Tensors go through torch's ``default_collate``, which in a DataLoader
+    worker stacks straight into shared memory: the batch then crosses to the trainer without a
+    second copy (a plain ``torch.stack`` is copied again when the worker sends it)."""
     out = {"key": [s["key"] for s in samples], "view": torch.tensor([s["view"] for s in samples])}
-    in_worker = get_worker_info() is not None
     for k in samples[0]:
-        if k in out:
-            continue
-        values = [s[k] for s in samples]
-        out[k] = StoredRows(values) if in_worker and StoredRows.holds(values) else default_collate(values)
+        if k not in out:
+            out[k] = default_collate([s[k] for s in samples])
     return out
-
-
-def gather(batch: dict) -> dict:
-    """A batch from the workers with its stored rows copied into tensors (a no-op for rows pinned or
-    collated in this process)."""
-    return {k: v.gather() if isinstance(v, StoredRows) else v for k, v in batch.items()}
-
-
-class StreamLoader(DataLoader):
-    """torch's DataLoader over a ``ShardStream``, batches made by ``collate`` and their stored rows
-    gathered in this process (``gather``). Every reader of stored targets iterates one of these."""
-
-    def __init__(self, dataset, **kwargs):
-        super().__init__(dataset, collate_fn=collate, **kwargs)
-
-    def __iter__(self):
-        return map(gather, super().__iter__())

@@ -180,40 +180,46 @@ def test_a_shard_opened_ahead_that_fails_unexpectedly_does_not_hide_the_run_stop
     assert _open_threads() == 0
 
 
-def _worker_spec(store_url):
-    s = Store.open(store_url)
-    return LoaderSpec(store_url=store_url, shards=tuple(s.complete_shards()), target_paths=("vit/cls", "vit/patch"),
-                      input_size=(32, 32), interpolation="bicubic", shuffle_buffer=4, seed=0, workers=1,
-                      decode=ReadOptions.from_dict(s.meta.corpus).decode)
+def _keys_and_targets(samples):
+    return [s["key"] for s in samples], [(s["image"], s["vit/cls"], s["vit/patch"]) for s in samples]
 
 
-def test_in_a_worker_a_batch_carries_its_blocks_once_and_gathers_to_the_stored_rows(vit_store, corpus):
-    from torch.utils.data import DataLoader
+def _same_samples(a, b):
+    ka, ta = _keys_and_targets(a)
+    kb, tb = _keys_and_targets(b)
+    assert ka == kb
+    assert all(torch.equal(x, y) for u, v in zip(ta, tb) for x, y in zip(u, v))
 
-    from kdcache.train.loader import StoredRows, StreamLoader, collate, gather
-    store = Store.open(vit_store)
-    where = {k: (name, row) for name in store.complete_shards() for row, k in enumerate(store.keys(name).tolist())}
-    stream = CachedStream(resolve_corpus(corpus), _worker_spec(vit_store))
-    raw = list(DataLoader(stream, batch_size=8, num_workers=1, collate_fn=collate))
-    assert len(raw) == 3
-    for batch in raw:
-        for p in ("vit/cls", "vit/patch"):
-            rows = batch[p]
-            assert isinstance(rows, StoredRows) and len(rows) == 8
-            # each block crossed once, in shared memory: a batch spans at most the 3 shards' blocks, never 8 copies
-            assert 1 <= len(rows.bases) <= 3 and all(b.is_shared() for b in rows.bases)
-        got = gather(batch)
-        for i, key in enumerate(got["key"]):  # against the arrays read with plain zarr
-            name, row = where[key]
-            view = int(got["view"][i])
-            for p in ("vit/cls", "vit/patch"):
-                np.testing.assert_array_equal(got[p][i].numpy(), store.root[f"shards/{name}/{p}"][row, view])
-        into = torch.full((8, *batch["vit/patch"].shape), -1.0, dtype=torch.float16)
-        assert batch["vit/patch"].gather(into) is into and torch.equal(into, got["vit/patch"])  # (pin_memory's path)
-    # the loader training iterates gives the same batches as this process streaming the same split
-    here = list(StreamLoader(CachedStream(resolve_corpus(corpus), _worker_spec(vit_store)), batch_size=8))
-    there = list(StreamLoader(CachedStream(resolve_corpus(corpus), _worker_spec(vit_store)), batch_size=8, num_workers=1))
-    assert [b["key"] for b in here] == [b["key"] for b in there]
-    for a, b in zip(here, there):
-        for k in ("image", "view", "label", "vit/cls", "vit/patch"):
-            assert isinstance(b[k], torch.Tensor) and torch.equal(a[k], b[k]), k
+
+def test_the_next_epochs_first_shard_is_opened_as_this_epoch_ends(vit_store, corpus):
+    from kdcache.data.partition import epoch_streams
+    shards = Store.open(vit_store).complete_shards()
+    first_of_1 = epoch_streams(shards, seed=0, epoch=1, world=1, workers=1)[0][0][0]
+    stream = _recorded(vit_store, corpus)
+    stream.set_epoch(0, following=1)
+    list(stream)
+    ends = [i for i, e in enumerate(stream.events) if e[0] == "end"]
+    opened_ahead = len(stream.events) - 1 - stream.events[::-1].index(("open", first_of_1))
+    assert len(ends) == 3 and ends[-2] < opened_ahead < ends[-1]  # while epoch 0's last shard streamed
+    assert stream._ahead[0] == first_of_1 and _open_threads() > 0  # kept open between the epochs
+    before = len(stream.events)
+    stream.set_epoch(1)  # the last epoch: nothing follows
+    got = list(stream)
+    opens = [name for what, name in stream.events[before:] if what == "open"]
+    assert len(opens) == 2 and first_of_1 not in opens  # epoch 1's first shard was not opened again
+    assert _open_threads() == 0 and stream._ahead is None
+    plain = _recorded(vit_store, corpus, read_ahead=False)
+    plain.set_epoch(1)
+    _same_samples(got, list(plain))
+
+
+def test_a_shard_opened_for_an_epoch_that_does_not_come_is_dropped(vit_store, corpus):
+    stream = _recorded(vit_store, corpus)
+    stream.set_epoch(0, following=1)
+    list(stream)
+    stream.set_epoch(5)  # not the epoch announced: its shards are opened as usual, the one opened ahead closed
+    got = list(stream)
+    plain = _recorded(vit_store, corpus, read_ahead=False)
+    plain.set_epoch(5)
+    _same_samples(got, list(plain))
+    assert _open_threads() == 0 and stream._ahead is None
