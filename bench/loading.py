@@ -5,7 +5,10 @@ bench starts, or a URL you give), beside the decode floor, all sides interleaved
 
 Each loader side streams one epoch of the real loader (corpus shard and store shard together,
 view replay, targets as stored bytes) through a DataLoader as training builds it (its workers
-persistent across epochs, as in ``train.fit``); MB/s counts the target bytes delivered. The **decode floor** is the same epoch with nothing but the corpus: the same shards,
+persistent across epochs, as in ``train.fit``); MB/s counts the target bytes delivered. Beside
+the fp16 summary and patch tokens: the same loader with no target arrays at all (the store's keys
+and views only: what the loader costs before it reads a target byte), and, when the store holds
+them (the store this bench builds keeps both, ``--codes``), the patch tokens as codes. The **decode floor** is the same epoch with nothing but the corpus: the same shards,
 workers, shuffle buffer and batches, each sample decoded and its view cut at the student's input
 (as the store records the decode), no store at all; the loader's share of it is what reading and
 checking the targets costs (target >= 0.9). Verification is the per-block CRC-32 and finiteness
@@ -34,12 +37,12 @@ from kdcache.data.corpus import DecodeOptions, ReadOptions, resolve_corpus
 from kdcache.data.demo_corpus import build_demo_corpus, photo_images
 from kdcache.data.pixels import Crop, replay_view, view_at, view_pixels
 from kdcache.data.walk import RawSample, record_to, screened
+from kdcache.errors import KdcacheError
 from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract
 from kdcache.store import Store
-from kdcache.store.meta import ViewPolicy
+from kdcache.store.meta import ViewPolicy, feature_path
 from kdcache.store.ops import copy_stores
-from kdcache.targets.decoding import TargetDecoder, stored_codebooks
 from kdcache.train.loader import CachedStream, LoaderSpec, ShardStream, collate
 
 from .harness import environment, header, limit_note, measure
@@ -99,12 +102,22 @@ def _epochs(stream: ShardStream, *, workers: int, batch_size: int):
     return next_epoch
 
 
-def _epoch(store_url: str, data: str, *, verify: bool, workers: int, batch_size: int):
+def target_paths(store: Store) -> dict[str, tuple[str, ...]]:
+    """The first teacher's summary and patch tokens as the store holds them: {"fp16": float
+    arrays, "codes": the patch codes}, each when present."""
+    teacher = next(iter(store.meta.teachers))
+    held = store.expected_arrays()
+    out = {}
+    for name, codes in (("fp16", False), ("codes", True)):
+        paths = (feature_path(teacher, "cls"), feature_path(teacher, "patch", codes=codes))
+        if all(p in held for p in paths):
+            out[name] = paths
+    return out
+
+
+def _epoch(store_url: str, data: str, *, paths: tuple[str, ...], verify: bool, workers: int, batch_size: int):
     store = Store.open(store_url)
     corpus = resolve_corpus(data, ReadOptions.from_dict(store.meta.corpus))
-    teacher = next(iter(store.meta.teachers))
-    paths = tuple(TargetDecoder(teacher, store.meta.teachers[teacher], codebooks=stored_codebooks(store, teacher),
-                                normalize="none", stats=None).paths.values())
     spec = _loader_spec(store_url, store, corpus, paths=paths, verify=verify, workers=workers)
 
     epochs = _epochs(CachedStream(corpus, spec), workers=workers, batch_size=batch_size)
@@ -126,7 +139,8 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
             data = f"{tmp}/corpus"
             build_demo_corpus(data, digits=0, photos=o.images, shard_size=o.shard_size)
             store = f"{tmp}/store.zarr"
-            extract(data, store, [o.teacher], ExtractOptions(progress=False, batch_size=16))
+            codes = None if o.codes == "none" else o.codes
+            extract(data, store, [o.teacher], ExtractOptions(progress=False, batch_size=16, quantize=codes, keep_float=True))
         locations = {"local": store}
         server = None
         note = ""
@@ -139,12 +153,20 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
         elif s3 != "off":
             copy_stores([store], s3, progress=False)
             locations["s3"] = s3
+        held = target_paths(Store.open(store))
+        if "fp16" not in held:
+            raise KdcacheError(f"--store {store}: its first teacher's float summary and patch tokens are not stored "
+                               f"(a store of codes only: extract it with --keep-float)")
         try:
-            sides = {FLOOR: _floor(store, data, workers=workers, batch_size=batch_size)}
+            one = dict(data=data, workers=workers, batch_size=batch_size)
+            sides = {FLOOR: _floor(store, data, workers=workers, batch_size=batch_size),
+                     NO_TARGETS: _epoch(store, paths=(), verify=True, **one)}
             for where, url in locations.items():
                 for verify in (True, False):
-                    sides[f"{where}, verification {'on' if verify else 'off'}"] = _epoch(url, data, verify=verify, workers=workers,
-                                                                                         batch_size=batch_size)
+                    sides[f"{where}, verification {'on' if verify else 'off'}"] = _epoch(url, paths=held["fp16"],
+                                                                                         verify=verify, **one)
+                if where == "local" and "codes" in held:
+                    sides[CODES] = _epoch(url, paths=held["codes"], verify=True, **one)
             m = measure(sides, repeat=repeat)
         finally:
             if server is not None:
@@ -153,18 +175,22 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
     env = environment()
     ratios = {where: m.ratio(f"{where}, verification on", f"{where}, verification off") for where in locations}
     of_floor = m.ratio("local, verification on", FLOOR)
+    shares = {name: m.ratio(name, FLOOR) for name in (NO_TARGETS, CODES) if name in sides}
     decodes = decode_table(o.decode_sizes, student=o.student_size, images=o.decode_images, repeat=repeat)
     if as_json:
         return json.dumps({"environment": env, "workers": workers, "batch_size": batch_size, "bytes_per_sample": per_sample,
                            "measurement": m.to_dict(), "verified_over_unverified": {w: r.to_dict() for w, r in ratios.items()},
-                           "loader_over_decode_floor": of_floor.to_dict(), "decode": decodes}, indent=2)
+                           "loader_over_decode_floor": of_floor.to_dict(),
+                           "over_decode_floor": {name: r.to_dict() for name, r in shares.items()}, "decode": decodes}, indent=2)
     lines = [header(f"bench load: one loader epoch per side, {workers} worker(s), batch {batch_size}, "
                     f"{per_sample / 1024:.1f} KiB of targets per sample", env, repeat=repeat, warmup=m.warmup),
              "", "| side | samples/s | target MB/s |", "|---|---|---|"]
     for name in sides:
-        lines.append(f"| {name} | {m.rate(name).fmt(1)} | {m.rate(name).fmt(2, per_sample / 1e6)} |")
+        lines.append(f"| {name} | {m.rate(name).fmt(1)} | {m.rate(name).fmt(2, getattr(sides[name], 'bytes_per_sample', 0) / 1e6)} |")
     lines.append("")
     lines.append(f"loader (local, verified) / decode floor = {of_floor.fmt(3)} (target >= 0.9)")
+    for name, r in shares.items():
+        lines.append(f"{name} / decode floor = {r.fmt(3)}")
     for where, r in ratios.items():
         lines.append(f"{where}: verified / unverified throughput = {r.fmt(3)} (target >= 0.95)")
         n = limit_note(r, f"{where} verified/unverified")
@@ -182,6 +208,8 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
 
 
 FLOOR = "decode floor (decode + view, no store)"
+NO_TARGETS = "local, no target arrays (keys and views only)"
+CODES = "local, patch codes, verification on"
 
 
 def _fmt(d: dict, digits: int = 0) -> str:

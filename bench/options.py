@@ -60,6 +60,9 @@ class LoadBench:
     s3: str = "auto"  # auto: also a loopback moto S3 server; off; or an s3:// URL
     repeat: int = REPEAT
     as_json: bool = False
+    # the store the bench builds also holds the patch tokens as codes (keeping the floats): the
+    # loader's share of the floor at 1/32 of the bytes; "none": floats only
+    codes: str = "opq:M=48"
     decode_sizes: tuple[int, ...] = (256, 500, 1000)  # long sides of the JPEGs of the decode table
     decode_images: int = 64  # JPEGs per side of the decode table
     student_size: int = 64  # the crop the decode table cuts
@@ -67,6 +70,9 @@ class LoadBench:
     def __post_init__(self):
         if self.store and not self.data:
             raise KdcacheError("--store needs --data (the corpus it was extracted from)")
+        if self.codes != "none":
+            from kdcache.quantize.quantizer_spec import QuantizerSpec
+            QuantizerSpec.parse(self.codes)  # a bad spec fails before the store is built
 
 
 SCALE_COMMANDS = ("info", "store ls", "verify --metadata-only", "train to step 1", "eval knn --store")

@@ -76,6 +76,8 @@ def bench_extract(**kw):
 @click.option("--workers", type=int, help="Loader workers." + L("workers"))
 @click.option("--batch-size", type=int, help="Samples per batch." + L("batch_size"))
 @click.option("--s3", help="auto: also a loopback moto S3 server; off; or an s3:// URL to copy the store to." + L("s3"))
+@click.option("--codes", help="Quantizer of the patch codes the built store also holds (a codes side); none: floats only."
+              + L("codes"))
 @click.option("--decode-sizes", help="Long sides (px) of the JPEGs of the full vs reduced decode table, comma-separated."
               + L("decode_sizes"))
 @click.option("--decode-images", type=click.IntRange(min=1), help="JPEGs per side of the decode table." + L("decode_images"))
@@ -83,12 +85,14 @@ def bench_extract(**kw):
 @with_bench_options
 @with_storage_options
 def bench_load(storage_options, decode_sizes, **kw):
-    """Loader samples/s and MB/s with verification on and off, local and on S3, against the
-    decode floor; full-size against reduced JPEG decodes per image size.
+    """Loader samples/s and MB/s with verification on and off, local and on S3, with no target
+    arrays and with codes, against the decode floor; full-size against reduced JPEG decodes per
+    image size.
 
     \b
     kdcache bench load
     kdcache bench load --store feats.zarr --data /data/shards --s3 off
+    kdcache bench load --codes pq:M=96 --images 4096
     kdcache bench load --decode-sizes 500,2000 --student-size 224
     """
     from kdcache.bench.loading import bench_load as run

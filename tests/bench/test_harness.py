@@ -85,20 +85,27 @@ def test_repeat_must_be_a_positive_integer(repeat):
 
 
 def test_bench_load_local_and_on_loopback_s3_with_verification_on_and_off(vit_spec):
-    out = run_cli("bench", "load", "-t", vit_spec, "--images", "32", "--workers", "1", "--repeat", "2",
+    # 96 images x 4 tokens: past the 256 training tokens a quantizer needs (a fifth is held out)
+    out = run_cli("bench", "load", "-t", vit_spec, "--images", "96", "--workers", "1", "--repeat", "2", "--codes", "pq:M=8",
                   "--decode-sizes", "100,500", "--decode-images", "4").stdout
     rows = _table_rows(out)
     assert [r.split("|")[1].strip() for r in rows] == [
-        "decode floor (decode + view, no store)", "local, verification on", "local, verification off",
+        "decode floor (decode + view, no store)", "local, no target arrays (keys and views only)", "local, verification on",
+        "local, verification off", "local, patch codes, verification on",
         "s3 (loopback moto), verification on", "s3 (loopback moto), verification off", "100 px", "500 px"]
-    assert all(len(SPREAD.findall(r)) == 2 for r in rows[:5]), out
-    assert all(len(SPREAD.findall(r)) == 5 for r in rows[5:]), out
+    assert all(len(SPREAD.findall(r)) == 2 for r in rows[:7]), out
+    assert all(len(SPREAD.findall(r)) == 5 for r in rows[7:]), out
+    mbs = {r.split("|")[1].strip(): float(r.split("|")[3].split()[0].replace(",", "")) for r in rows[:7]}
+    # target bytes per sample: none, 4 x 192 fp16 patch tokens + the summary, 4 x 8 one-byte codes + the summary
+    assert mbs["local, no target arrays (keys and views only)"] == 0 < mbs["local, patch codes, verification on"]
     assert SPREAD.search(out.split("local: verified / unverified throughput = ")[1])
     assert SPREAD.search(out.split("loader (local, verified) / decode floor = ")[1])
+    assert SPREAD.search(out.split("local, patch codes, verification on / decode floor = ")[1])
     d = json.loads(run_cli("bench", "load", "-t", vit_spec, "--images", "32", "--workers", "0", "--repeat", "1", "--s3", "off",
-                           "--decode-sizes", "500", "--decode-images", "4", "--json").stdout)
+                           "--codes", "none", "--decode-sizes", "500", "--decode-images", "4", "--json").stdout)
     m = d["measurement"]
     assert m["items"]["decode floor (decode + view, no store)"] == m["items"]["local, verification on"] == 32  # same samples
+    assert "local, patch codes, verification on" not in m["items"] and d["bytes_per_sample"] == (4 * 192 + 192) * 2
     [row] = d["decode"]
     assert row["long_side"] == 500 and row["reduced_over_full"]["median"] > 0 and row["reduced_over_pil_full"]["median"] > 0
     assert row["pil_full"]["median"] > 0 and row["full"]["median"] > 0
