@@ -61,7 +61,7 @@ class LoadBench:
     repeat: int = REPEAT
     as_json: bool = False
     # the store the bench builds also holds the patch tokens as codes (keeping the floats): the
-    # loader's share of the floor at 1/32 of the bytes; "none": floats only
+    # loader's share of the floor at 1/16 of the patch bytes; "none": floats only
     codes: str = "opq:M=48"
     decode_sizes: tuple[int, ...] = (256, 500, 1000)  # long sides of the JPEGs of the decode table
     decode_images: int = 64  # JPEGs per side of the decode table
