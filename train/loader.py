@@ -271,10 +271,9 @@ class CachedStream(ShardStream):
             for item in view_pixels(samples, views=this_epochs_view, crops=[spec.crop], decode=spec.decode,
                                     handler=changed_since_extraction(shard)):
                 s = item.sample
-                v = picked.pop(s.row, 0)
+                v = epoch + 1 if spec.dense_views else picked.pop(s.row)
                 extra = {}
                 if spec.dense_views:  # where the targets are cut from the dense map: the view's box, and its flip
-                    v = epoch + 1
                     extra = {"dense_box": torch.from_numpy(item.views[0, :4].copy()),
                              "dense_flip": torch.tensor(float(item.views[0, 4] >= 0.5))}
                 elif spec.sub_views:  # where the sub-box's targets are cut from the stored grid
