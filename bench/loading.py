@@ -8,8 +8,9 @@ view replay, targets as stored bytes) through a DataLoader as training builds it
 persistent across epochs, as in ``train.fit``); MB/s counts the target bytes delivered. Beside
 the fp16 summary and patch tokens: the same loader with no target arrays at all (the store's keys
 and views only: what the loader costs before it reads a target byte), and, when the store holds
-them (the store this bench builds keeps both, ``--codes``), the patch tokens as codes. The **decode floor** is the same epoch with nothing but the corpus: the same shards,
-workers, shuffle buffer and batches, each sample decoded and its view cut at the student's input
+them (the store this bench builds keeps both, ``--codes``), the patch tokens as codes. The
+**decode floor** is the same epoch with nothing but the corpus: the same shards, workers, shuffle
+buffer and batches, each sample decoded and its view cut at the student's input
 (as the store records the decode), no store at all; the loader's share of it is what reading and
 checking the targets costs (target >= 0.9). Verification is the per-block CRC-32 and finiteness
 check every training run does; the target is that it costs at most 5% of loader throughput.
@@ -159,8 +160,7 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
                                f"(a store of codes only: extract it with --keep-float)")
         try:
             one = dict(data=data, workers=workers, batch_size=batch_size)
-            sides = {FLOOR: _floor(store, data, workers=workers, batch_size=batch_size),
-                     NO_TARGETS: _epoch(store, paths=(), verify=True, **one)}
+            sides = {FLOOR: _floor(store, **one), NO_TARGETS: _epoch(store, paths=(), verify=True, **one)}
             for where, url in locations.items():
                 for verify in (True, False):
                     sides[f"{where}, verification {'on' if verify else 'off'}"] = _epoch(url, paths=held["fp16"],
@@ -185,8 +185,9 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
     lines = [header(f"bench load: one loader epoch per side, {workers} worker(s), batch {batch_size}, "
                     f"{per_sample / 1024:.1f} KiB of targets per sample", env, repeat=repeat, warmup=m.warmup),
              "", "| side | samples/s | target MB/s |", "|---|---|---|"]
-    for name in sides:
-        lines.append(f"| {name} | {m.rate(name).fmt(1)} | {m.rate(name).fmt(2, getattr(sides[name], 'bytes_per_sample', 0) / 1e6)} |")
+    for name, side in sides.items():
+        mb = getattr(side, "bytes_per_sample", 0) / 1e6  # (the floor reads no targets)
+        lines.append(f"| {name} | {m.rate(name).fmt(1)} | {m.rate(name).fmt(2, mb)} |")
     lines.append("")
     lines.append(f"loader (local, verified) / decode floor = {of_floor.fmt(3)} (target >= 0.9)")
     for name, r in shares.items():

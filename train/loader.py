@@ -136,13 +136,10 @@ class ShardStream(IterableDataset):
         if workers != max(1, spec.workers):
             raise LoaderError(f"the loader spec says {spec.workers} workers, the DataLoader runs {workers}")
         mine = epoch_streams(spec.shards, seed=spec.seed, epoch=epoch, world=self.world, workers=workers)[self.rank][worker]
-        following = self._following.value
-        if following >= 0:  # this worker's shards of the next epoch: its first one follows this epoch's last
-            then = epoch_streams(spec.shards, seed=spec.seed, epoch=following, world=self.world, workers=workers)
-            mine_next = then[self.rank][worker][:1]
-        else:
-            mine_next = []
-        ahead = [*mine[1:], *mine_next]  # the shard to open while each of mine streams
+        following = self._following.value  # this worker's first shard of the next epoch follows its last of this one
+        first_next = (epoch_streams(spec.shards, seed=spec.seed, epoch=following, world=self.world,
+                                    workers=workers)[self.rank][worker][:1] if following >= 0 else [])
+        ahead = [*mine[1:], *first_next]  # the shard to open while each of mine streams
         rng = random.Random(f"{spec.seed}/{epoch}/{self.rank}/{worker}")
         jitter = _color_jitter(spec.color_jitter)
         buffer = []
