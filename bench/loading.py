@@ -32,7 +32,6 @@ import tempfile
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from kdcache.data.corpus import DecodeOptions, ReadOptions, resolve_corpus
 from kdcache.data.demo_corpus import build_demo_corpus, photo_images
@@ -44,7 +43,7 @@ from kdcache.extract.run import extract
 from kdcache.store import Store
 from kdcache.store.meta import ViewPolicy, feature_path
 from kdcache.store.ops import copy_stores
-from kdcache.train.loader import CachedStream, LoaderSpec, ShardStream, collate
+from kdcache.train.loader import CachedStream, LoaderSpec, ShardStream, release_batch, training_loader
 
 from .harness import environment, header, limit_note, measure
 from .options import LoadBench
@@ -84,16 +83,20 @@ def _floor(store_url: str, data: str, *, workers: int, batch_size: int):
     epochs = _epochs(stream, workers=workers, batch_size=batch_size)
 
     def run():
-        return sum(len(b["key"]) for b in epochs())
+        n = 0
+        for batch in epochs():
+            n += len(batch["key"])
+            release_batch(batch)  # as training does after its step
+        return n
     return run
 
 
 def _epochs(stream: ShardStream, *, workers: int, batch_size: int):
-    """A side's epochs, one per call, as training streams them (``train.fit``): the workers kept from
-    epoch to epoch (a worker started per epoch would time the fork and its copy-on-write faults,
-    not the reads), each epoch told the one that follows (its first shard opened ahead)."""
-    loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                        persistent_workers=workers > 0)
+    """A side's epochs, one per call, through training's own DataLoader (``train.loader.training_loader``:
+    workers kept from epoch to epoch, batch buffers reused; a worker started per epoch would time
+    the fork and its copy-on-write faults, not the reads), each epoch told the one that follows
+    (its first shard opened ahead). Every sample counts: no batch is dropped."""
+    loader = training_loader(stream, batch_size=batch_size, workers=workers, drop_last=False)
     epoch = itertools.count()
 
     def next_epoch():
@@ -128,6 +131,7 @@ def _epoch(store_url: str, data: str, *, paths: tuple[str, ...], verify: bool, w
         for batch in epochs():
             n += len(batch["key"])
             nbytes += sum(batch[p].numel() * batch[p].element_size() for p in paths)
+            release_batch(batch)
         run.bytes_per_sample = nbytes / max(1, n)
         return n
     return run

@@ -19,14 +19,13 @@ import tempfile
 import time
 
 import torch
-from torch.utils.data import DataLoader
 
 from kdcache.data.demo_corpus import build_demo_corpus
 from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract
 from kdcache.train.config import TrainConfig
 from kdcache.train.fit import build_run
-from kdcache.train.loader import CachedStream, collate
+from kdcache.train.loader import CachedStream, release_batch, training_loader
 from kdcache.train.trainer import to_device
 
 from .harness import environment, header, limit_note, measure
@@ -63,9 +62,8 @@ def bench_train(o: TrainBench = TrainBench()) -> str:
             # epochs back to back in the same workers: this corpus is a few batches long, and a
             # worker start per epoch (which real epochs amortise) would dominate the timing
             spec = dataclasses.replace(source.dataset.spec, workers=workers)
-            yield from DataLoader(_Epochs(source.corpus, spec, epoch=epoch), batch_size=batch_size,
-                                  num_workers=workers, collate_fn=collate, drop_last=True, pin_memory=dev.type == "cuda",
-                                  prefetch_factor=4 if workers else None)
+            yield from training_loader(_Epochs(source.corpus, spec, epoch=epoch), batch_size=batch_size, workers=workers,
+                                       pin_memory=dev.type == "cuda")
 
         # (c) in-memory: one real batch, decoded targets held on the device
         fixed = to_device(next(batches()), dev)
@@ -88,7 +86,9 @@ def bench_train(o: TrainBench = TrainBench()) -> str:
             online.trainer.step(online_batch)  # the live teacher runs inside, as in `train --online`
 
         def cached():
-            trainer.step(next(it))
+            batch = next(it)
+            trainer.step(batch)
+            release_batch(batch)
 
         def student_only():
             t0 = time.perf_counter()
@@ -98,12 +98,14 @@ def bench_train(o: TrainBench = TrainBench()) -> str:
         def cached_accel():
             # (b') the same loader and device-side decoding, with the student step replaced by an
             # equal wait that leaves the CPU free: what an accelerator sees (its compute is elsewhere)
+            batch = next(it)
             with torch.no_grad():
-                trainer.decode(to_device(next(it), dev))
+                trainer.decode(to_device(batch, dev))
+            release_batch(batch)
             time.sleep(c_step[0])
 
         def loader_alone():
-            next(it_alone)
+            release_batch(next(it_alone))
 
         sides = {"a": side(online_step), "b": side(cached), "c": side(student_only), "b'": side(cached_accel),
                  "loader": side(loader_alone)}

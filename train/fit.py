@@ -30,7 +30,7 @@ from kdcache.models.device import resolve_device
 from kdcache.models.student import Student, create_student, with_classifier
 
 from .config import TrainConfig
-from .loader import collate, record_skip
+from .loader import record_skip, release_batch, training_loader
 from .metrics import MetricsLog, SkippedSamples, plot_losses, skipped_summary
 from .model import DistillModel, HeadSpec
 from .rundir import RunDir
@@ -53,9 +53,7 @@ class Run:
     def loader(self) -> DataLoader:
         """The run's DataLoader; its workers persist across epochs (``ShardStream`` epochs)."""
         cfg, cuda = self.trainer.cfg, self.trainer.device.type == "cuda"
-        return DataLoader(self.source.dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=collate,
-                          pin_memory=cuda, drop_last=True, prefetch_factor=4 if cfg.workers else None,
-                          persistent_workers=cfg.workers > 0)
+        return training_loader(self.source.dataset, batch_size=cfg.batch_size, workers=cfg.workers, pin_memory=cuda)
 
 
 def steps_per_epoch(counts: dict[str, int], shards, cfg: TrainConfig, epoch: int, world: int) -> int:
@@ -187,7 +185,7 @@ def fit(run: Run, *, progress: bool = True) -> dict:
             batches = iter(loader)
             first = start["step_in_epoch"] if epoch == start["epoch"] else 0
             for _ in range(first):  # replay the interrupted epoch's order up to the checkpoint
-                next(batches)
+                release_batch(next(batches))
             trainer.model.train()
             for i in range(first, run.epoch_steps[epoch]):
                 batch = _next_batch(batches, run)
@@ -197,6 +195,7 @@ def fit(run: Run, *, progress: bool = True) -> dict:
                                 run.epoch_steps[epoch])
                 else:
                     loss, parts = trainer.step(batch)
+                    release_batch(batch)  # its worker may stack a later batch into its memory
                     n_last += cfg.batch_size * trainer.world
                     bar.update(1)
                 done_epoch = short or i == run.epoch_steps[epoch] - 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, default_collate
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from kdcache.data.corpus import Corpus, DecodeOptions
 from kdcache.data.partition import current_worker, epoch_streams
@@ -384,3 +385,86 @@ def collate(samples: list[dict]) -> dict:
         if k not in out:
             out[k] = default_collate([s[k] for s in samples])
     return out
+
+
+@dataclass(frozen=True)
+class BatchSlot:
+    """Which of a worker's reused batch buffers a batch was collated into (``SharedBatches``),
+    with the worker's flags, shared with the trainer: 1 while the batch is out, 0 once released."""
+
+    flags: torch.Tensor  # int32, one per buffer, in shared memory
+    index: int
+
+
+def release_batch(batch: dict) -> None:
+    """Done with ``batch``: its worker may collate a later batch into the same shared memory.
+    Call once nothing reads the batch's host tensors any more (after the step that used them;
+    a pinned copy, as ``pin_memory`` makes, is the consumer's own). Once per batch: the slot is
+    taken out of the batch, so a second call does nothing. Batches without one (collated in the
+    trainer's process, or when every buffer was out) are left alone."""
+    slot = batch.pop("slot", None)
+    if isinstance(slot, BatchSlot):
+        slot.flags[slot.index] = 0
+
+
+class SharedBatches:
+    """The training DataLoader's ``collate_fn``: ``collate``, into shared memory each worker
+    reuses. ``default_collate`` stacks a worker's batch into a new shared-memory segment, which
+    the kernel zeroes and maps in page by page and frees when the trainer drops the batch: with
+    148 KiB of fp16 targets per sample (ViT-S/16) about 0.13 ms of kernel time per sample in the
+    worker, a fifth of decoding and cutting the image (measured: ``docs/benchmarks.md#loading``).
+    Here each worker keeps up to ``buffers`` batches of shared memory and stacks a batch's tensors
+    into one of the same shapes that the trainer has handed back with ``release_batch``; its
+    ``slot`` says which. A batch that finds none, and no room for another buffer (every one out:
+    a consumer that does not release), is collated as ``collate`` does. A buffer is written again
+    only after its release, so a batch kept is never overwritten. In the trainer's own process
+    (no workers) it is ``collate``: nothing crosses processes."""
+
+    def __init__(self, buffers: int = 8):
+        self.buffers = buffers
+        self._pid = None  # the worker process the buffers below belong to
+        self._flags: torch.Tensor | None = None
+        self._slots: list[tuple[dict, dict[str, torch.Tensor]]] = []  # (shapes, tensors) per buffer
+
+    def __call__(self, samples: list[dict]) -> dict:
+        if get_worker_info() is None:
+            return collate(samples)
+        if self._pid != os.getpid():  # first batch of this worker (a fork copies its parent's state)
+            self._pid, self._slots = os.getpid(), []
+            self._flags = torch.zeros(self.buffers, dtype=torch.int32).share_memory_()
+        stacked = {k: [s[k] for s in samples] for k in samples[0] if k not in ("key", "view")}
+        shapes = {k: (len(v), *v[0].shape, v[0].dtype) for k, v in stacked.items() if isinstance(v[0], torch.Tensor)}
+        index = self._free_slot(shapes, samples[0])
+        if index is None:
+            return collate(samples)
+        out = {"key": [s["key"] for s in samples], "view": torch.tensor([s["view"] for s in samples])}
+        slot = self._slots[index][1]
+        for k, values in stacked.items():
+            out[k] = torch.stack(values, out=slot[k]) if k in slot else default_collate(values)
+        out["slot"] = BatchSlot(self._flags, index)
+        return out
+
+    def _free_slot(self, shapes: dict, first: dict) -> int | None:
+        """A released buffer of these shapes, marked out; a new one while fewer than ``buffers``
+        exist; else None."""
+        flags = self._flags.numpy()
+        for i, (held, _) in enumerate(self._slots):
+            if flags[i] == 0 and held == shapes:
+                flags[i] = 1
+                return i
+        if len(self._slots) == self.buffers or not shapes:
+            return None
+        # as default_collate allocates in a worker: typed shared storage, then the batch's shape
+        self._slots.append((shapes, {k: first[k].new(first[k]._typed_storage()._new_shared(math.prod(shape[:-1])))
+                                     .resize_(shape[:-1]) for k, shape in shapes.items()}))
+        flags[len(self._slots) - 1] = 1
+        return len(self._slots) - 1
+
+
+def training_loader(dataset: IterableDataset, *, batch_size: int, workers: int, pin_memory: bool = False,
+                    drop_last: bool = True) -> DataLoader:
+    """The DataLoader training streams through (``train.fit``; ``kdcache bench load`` measures it):
+    workers kept from epoch to epoch, four batches ahead each, batches collated into reused shared
+    memory (``SharedBatches``): hand each back with ``release_batch`` once done with it."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=SharedBatches(), pin_memory=pin_memory,
+                      drop_last=drop_last, prefetch_factor=4 if workers else None, persistent_workers=workers > 0)

@@ -1,0 +1,124 @@
+"""Training batches collated into shared memory each worker reuses once the trainer releases it
+(``train.loader.SharedBatches``): the same batches as plain ``collate``, the memory reused, and a
+batch that is kept never overwritten."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kdcache.data.corpus import ReadOptions, resolve_corpus
+from kdcache.store import Store
+from kdcache.train.loader import BatchSlot, CachedStream, LoaderSpec, SharedBatches, collate, release_batch, training_loader
+
+TENSORS = ("image", "view", "label", "vit/cls", "vit/patch")
+
+
+def _stream(store_url, corpus, workers: int) -> CachedStream:
+    s = Store.open(store_url)
+    spec = LoaderSpec(store_url=store_url, shards=tuple(s.complete_shards()), target_paths=("vit/cls", "vit/patch"),
+                      input_size=(32, 32), interpolation="bicubic", shuffle_buffer=4, seed=0,
+                      decode=ReadOptions.from_dict(s.meta.corpus).decode, workers=workers)
+    return CachedStream(resolve_corpus(corpus), spec)
+
+
+def _expected(store_url, corpus, epoch: int, batch_size: int) -> list[dict]:
+    """The epoch's batches collated in this process from the same stream (one worker's split)."""
+    stream = _stream(store_url, corpus, workers=1)
+    stream.set_epoch(epoch)
+    samples = list(stream)
+    return [collate(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
+
+
+def _copy(batch: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _same(got: dict, want: dict) -> None:
+    assert got["key"] == want["key"]
+    for k in TENSORS:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+def test_released_batches_are_stacked_into_the_same_buffers_and_equal_plain_collate(vit_store, corpus):
+    stream = _stream(vit_store, corpus, workers=1)
+    loader = training_loader(stream, batch_size=2, workers=1, drop_last=False)
+    slots = []
+    for epoch in range(2):  # the workers persist: their buffers too
+        stream.set_epoch(epoch, following=epoch + 1 if epoch == 0 else None)
+        got = []
+        for batch in loader:
+            slot = batch["slot"]
+            assert isinstance(slot, BatchSlot) and int(slot.flags[slot.index]) == 1  # out while the trainer has it
+            got.append(_copy(batch))
+            slots.append(slot.index)
+            release_batch(batch)
+            assert "slot" not in batch and int(slot.flags[slot.index]) == 0
+        want = _expected(vit_store, corpus, epoch, 2)
+        assert len(got) == len(want) == 12
+        for g, w in zip(got, want):
+            _same(g, w)
+    # 24 batches through at most the batches in flight (4 ahead, one being read) plus one
+    assert len(set(slots)) <= 6 and set(slots) <= set(range(8))
+    assert len(slots) == 24
+
+
+def test_a_kept_batch_is_never_overwritten_and_the_rest_are_collated_as_before(vit_store, corpus):
+    stream = _stream(vit_store, corpus, workers=1)
+    loader = training_loader(stream, batch_size=2, workers=1, drop_last=False)
+    kept = list(loader)  # never released
+    want = _expected(vit_store, corpus, 0, 2)
+    assert len(kept) == len(want) == 12
+    for g, w in zip(kept, want):
+        _same(g, w)
+    with_slot = [b["slot"].index for b in kept if "slot" in b]
+    assert sorted(with_slot) == list(range(8))  # the eight buffers, each once; the other batches own memory
+    assert all(set(b) == {"key", *TENSORS} for b in kept if "slot" not in b)
+
+
+def test_a_shorter_last_batch_gets_a_buffer_of_its_own_shape(vit_store, corpus):
+    stream = _stream(vit_store, corpus, workers=1)
+    loader = training_loader(stream, batch_size=5, workers=1, drop_last=False)
+    got = []
+    for batch in loader:
+        got.append((_copy(batch), batch["slot"].index))
+        release_batch(batch)
+    want = _expected(vit_store, corpus, 0, 5)
+    assert [len(b["key"]) for b, _ in got] == [5, 5, 5, 5, 4]
+    for (g, _), w in zip(got, want):
+        _same(g, w)
+    assert got[-1][1] not in {i for _, i in got[:-1]}  # the 4-sample batch is not stacked into a 5-sample buffer
+
+
+def test_release_is_once_per_batch():
+    flags = torch.zeros(2, dtype=torch.int32)
+    flags[1] = 1
+    batch = {"key": ["a"], "slot": BatchSlot(flags, 1)}
+    release_batch(batch)
+    assert flags.tolist() == [0, 0]
+    flags[1] = 1  # the worker stacked a later batch into it
+    release_batch(batch)  # a second release of the first batch must not free the later one
+    assert flags.tolist() == [0, 1]
+    release_batch({"key": ["b"]})  # collated without a buffer: nothing to do
+
+
+def test_in_the_trainers_own_process_it_is_plain_collate():
+    samples = [{"key": f"k{i}", "view": i, "image": torch.full((3, 4, 4), i, dtype=torch.uint8), "label": i,
+                "vit/cls": torch.full((8,), float(i), dtype=torch.float16)} for i in range(3)]
+    got, want = SharedBatches()(samples), collate(samples)
+    assert set(got) == set(want) and "slot" not in got
+    for k in ("view", "image", "label", "vit/cls"):
+        assert torch.equal(got[k], want[k])
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_each_worker_has_its_own_buffers(vit_store, corpus, workers):
+    stream = _stream(vit_store, corpus, workers=workers)
+    loader = training_loader(stream, batch_size=2, workers=workers, drop_last=False)
+    flags, n = [], 0
+    for batch in loader:
+        flags.append(batch["slot"].flags)  # held: the trainer maps a worker's flags once, while they live
+        n += len(batch["key"])
+        release_batch(batch)
+    assert n == 24 and len({f.data_ptr() for f in flags}) == workers
