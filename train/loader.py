@@ -15,7 +15,8 @@ the student only. With full-size decodes (``--decode full``) they see the same p
 decodes (the default) cut each crop from the smallest JPEG scale that keeps its output size, so a
 student smaller than the teacher may be cut from a smaller decode (a few levels of 255 apart:
 ``data.pixels``).
-Targets leave the workers as stored bytes (fp16, bf16 bits as uint16, uint8 codes);
+Targets leave the workers as stored bytes (fp16, bf16 bits as uint16, uint8 codes), stacked
+into shared memory each worker reuses once the trainer releases the batch (``SharedBatches``);
 ``targets.decoding`` turns them into floats on the device.
 """
 from __future__ import annotations
