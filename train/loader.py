@@ -388,24 +388,46 @@ def collate(samples: list[dict]) -> dict:
     return out
 
 
-@dataclass(frozen=True)
 class BatchSlot:
-    """Which of a worker's reused batch buffers a batch was collated into (``SharedBatches``),
-    with the worker's flags, shared with the trainer: 1 while the batch is out, 0 once released."""
+    """Which of a worker's reused batch buffers a batch was collated into (``SharedBatches``), with
+    the worker's flags, shared with the trainer: 1 while the batch is out, 0 once released. The
+    copy the trainer receives releases the buffer once: when ``release_batch`` is called, or when
+    the batch (this slot, its ``"slot"``) is dropped, whichever comes first. A batch's tensors are
+    therefore the buffer's while the batch dict lives; a batch dropped unconsumed (the DataLoader
+    drops the batches in flight when an epoch is cut short, as a rank with more batches than the
+    others does) hands its buffer back."""
 
-    flags: torch.Tensor  # int32, one per buffer, in shared memory
-    index: int
+    def __init__(self, flags: torch.Tensor, index: int):
+        self.flags, self.index = flags, index  # int32 flags, one per buffer, in shared memory
+        self._receiver: int | None = None  # the process that received it: only there does it release
+
+    def __getstate__(self) -> dict:
+        return {"flags": self.flags, "index": self.index}
+
+    def __setstate__(self, state: dict) -> None:
+        self.flags, self.index, self._receiver = state["flags"], state["index"], os.getpid()
+
+    def release(self) -> None:
+        if self._receiver == os.getpid():  # not the worker's own copy, nor one a fork inherited
+            self._receiver = None
+            self.flags[self.index] = 0
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - at interpreter exit torch may be gone; the worker is then gone too
+            pass
 
 
 def release_batch(batch: dict) -> None:
     """Done with ``batch``: its worker may collate a later batch into the same shared memory.
     Call once nothing reads the batch's host tensors any more (after the step that used them;
-    a pinned copy, as ``pin_memory`` makes, is the consumer's own). Once per batch: the slot is
-    taken out of the batch, so a second call does nothing. Batches without one (collated in the
+    a pinned copy, as ``pin_memory`` makes, is the consumer's own); dropping the batch does the
+    same. Once per batch: a second call does nothing. Batches collated without a buffer (in the
     trainer's process, or when every buffer was out) are left alone."""
     slot = batch.pop("slot", None)
     if isinstance(slot, BatchSlot):
-        slot.flags[slot.index] = 0
+        slot.release()
 
 
 class SharedBatches:
@@ -415,11 +437,11 @@ class SharedBatches:
     148 KiB of fp16 targets per sample (ViT-S/16) about 0.13 ms of kernel time per sample in the
     worker, a fifth of decoding and cutting the image (measured: ``docs/benchmarks.md#loading``).
     Here each worker keeps up to ``buffers`` batches of shared memory and stacks a batch's tensors
-    into one of the same shapes that the trainer has handed back with ``release_batch``; its
-    ``slot`` says which. A batch that finds none, and no room for another buffer (every one out:
-    a consumer that does not release), is collated as ``collate`` does. A buffer is written again
-    only after its release, so a batch kept is never overwritten. In the trainer's own process
-    (no workers) it is ``collate``: nothing crosses processes."""
+    into one of the same shapes that the trainer has handed back (``release_batch``, or the batch
+    dropped: ``BatchSlot``); its ``slot`` says which. A batch that finds none, and no room for
+    another buffer (every one out: a consumer that keeps its batches), is collated as ``collate``
+    does. A buffer is written again only after its release, so a batch kept is never overwritten.
+    In the trainer's own process (no workers) it is ``collate``: nothing crosses processes."""
 
     def __init__(self, buffers: int = 8):
         self.buffers = buffers

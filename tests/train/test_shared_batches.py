@@ -32,7 +32,8 @@ def _expected(store_url, corpus, epoch: int, batch_size: int) -> list[dict]:
 
 
 def _copy(batch: dict) -> dict:
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's values, not its buffer: the copy does not hold the batch's ``slot``."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "slot"}
 
 
 def _same(got: dict, want: dict) -> None:
@@ -91,16 +92,48 @@ def test_a_shorter_last_batch_gets_a_buffer_of_its_own_shape(vit_store, corpus):
     assert got[-1][1] not in {i for _, i in got[:-1]}  # the 4-sample batch is not stacked into a 5-sample buffer
 
 
-def test_release_is_once_per_batch():
+def _received(flags, index) -> BatchSlot:
+    slot = BatchSlot.__new__(BatchSlot)
+    slot.__setstate__({"flags": flags, "index": index})  # as the trainer unpickles it
+    return slot
+
+
+def test_release_is_once_per_batch_and_only_where_the_batch_was_received():
     flags = torch.zeros(2, dtype=torch.int32)
     flags[1] = 1
-    batch = {"key": ["a"], "slot": BatchSlot(flags, 1)}
+    batch = {"key": ["a"], "slot": _received(flags, 1)}
     release_batch(batch)
     assert flags.tolist() == [0, 0]
     flags[1] = 1  # the worker stacked a later batch into it
     release_batch(batch)  # a second release of the first batch must not free the later one
     assert flags.tolist() == [0, 1]
     release_batch({"key": ["b"]})  # collated without a buffer: nothing to do
+    slot = _received(flags, 1)
+    slot.release()
+    flags[1] = 1
+    del slot  # dropped after its release: nothing more
+    assert flags.tolist() == [0, 1]
+    BatchSlot(flags, 1).release()  # the worker's own copy (never received) releases nothing
+    assert flags.tolist() == [0, 1]
+
+
+def test_a_batch_dropped_unreleased_hands_its_buffer_back(vit_store, corpus):
+    stream = _stream(vit_store, corpus, workers=1)
+    loader = training_loader(stream, batch_size=2, workers=1, drop_last=False)
+    for epoch in range(3):  # epochs cut short: the batches in flight are dropped by the DataLoader
+        stream.set_epoch(epoch)
+        batches = iter(loader)
+        assert "slot" in next(batches)
+    stream.set_epoch(3)
+    got, slots = [], []
+    for batch in loader:  # dropped as the loop moves on, never released
+        got.append(_copy(batch))
+        slots.append(batch["slot"].index if "slot" in batch else None)
+    assert None not in slots and len(set(slots)) <= 6  # every batch in a buffer handed back
+    want = _expected(vit_store, corpus, 3, 2)
+    assert len(got) == len(want) == 12
+    for g, w in zip(got, want):
+        _same(g, w)
 
 
 def test_in_the_trainers_own_process_it_is_plain_collate():
