@@ -3,8 +3,6 @@
 batch that is kept never overwritten."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
