@@ -435,7 +435,8 @@ class SharedBatches:
     reuses. ``default_collate`` stacks a worker's batch into a new shared-memory segment, which
     the kernel zeroes and maps in page by page and frees when the trainer drops the batch: with
     148 KiB of fp16 targets per sample (ViT-S/16) about 0.13 ms of kernel time per sample in the
-    worker, a fifth of decoding and cutting the image (measured: ``docs/benchmarks.md#loading``).
+    worker, over a quarter of what decoding and cutting a small image takes there (measured:
+    ``docs/benchmarks.md#loading``).
     Here each worker keeps up to ``buffers`` batches of shared memory and stacks a batch's tensors
     into one of the same shapes that the trainer has handed back (``release_batch``, or the batch
     dropped: ``BatchSlot``); its ``slot`` says which. A batch that finds none, and no room for
