@@ -74,20 +74,26 @@ def _loader_spec(store_url: str, store: Store, corpus, *, paths, verify: bool, w
                       decode=corpus.options.decode)
 
 
-def _floor(store_url: str, data: str, *, workers: int, batch_size: int):
+def _side(store_url: str, data: str, *, paths: tuple[str, ...], verify: bool, workers: int, batch_size: int,
+          floor: bool = False):
+    """One side's epoch, one per call: the cached loader reading ``paths`` (none: keys and views
+    only), or with ``floor`` the decode floor (the corpus alone); each batch released as training
+    releases it after its step. ``run.bytes_per_sample``: the target bytes it delivered."""
     store = Store.open(store_url)
     corpus = resolve_corpus(data, ReadOptions.from_dict(store.meta.corpus))
-    stream = DecodeFloorStream(corpus, _loader_spec(store_url, store, corpus, paths=(), verify=True, workers=workers),
-                               store.meta.view_policy)
-
+    spec = _loader_spec(store_url, store, corpus, paths=paths, verify=verify, workers=workers)
+    stream = DecodeFloorStream(corpus, spec, store.meta.view_policy) if floor else CachedStream(corpus, spec)
     epochs = _epochs(stream, workers=workers, batch_size=batch_size)
 
     def run():
-        n = 0
+        n = nbytes = 0
         for batch in epochs():
             n += len(batch["key"])
-            release_batch(batch)  # as training does after its step
+            nbytes += sum(batch[p].numel() * batch[p].element_size() for p in paths)
+            release_batch(batch)
+        run.bytes_per_sample = nbytes / max(1, n)
         return n
+    run.bytes_per_sample = 0.0
     return run
 
 
@@ -119,24 +125,6 @@ def target_paths(store: Store) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def _epoch(store_url: str, data: str, *, paths: tuple[str, ...], verify: bool, workers: int, batch_size: int):
-    store = Store.open(store_url)
-    corpus = resolve_corpus(data, ReadOptions.from_dict(store.meta.corpus))
-    spec = _loader_spec(store_url, store, corpus, paths=paths, verify=verify, workers=workers)
-
-    epochs = _epochs(CachedStream(corpus, spec), workers=workers, batch_size=batch_size)
-
-    def run():
-        n = nbytes = 0
-        for batch in epochs():
-            n += len(batch["key"])
-            nbytes += sum(batch[p].numel() * batch[p].element_size() for p in paths)
-            release_batch(batch)
-        run.bytes_per_sample = nbytes / max(1, n)
-        return n
-    return run
-
-
 def bench_load(o: LoadBench = LoadBench()) -> str:
     store, data, workers, batch_size, s3, repeat, as_json = o.store, o.data, o.workers, o.batch_size, o.s3, o.repeat, o.as_json
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,13 +152,14 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
                                f"(a store of codes only: extract it with --keep-float)")
         try:
             one = dict(data=data, workers=workers, batch_size=batch_size)
-            sides = {FLOOR: _floor(store, **one), NO_TARGETS: _epoch(store, paths=(), verify=True, **one)}
+            sides = {FLOOR: _side(store, paths=(), verify=True, floor=True, **one),
+                     NO_TARGETS: _side(store, paths=(), verify=True, **one)}
             for where, url in locations.items():
                 for verify in (True, False):
-                    sides[f"{where}, verification {'on' if verify else 'off'}"] = _epoch(url, paths=held["fp16"],
-                                                                                         verify=verify, **one)
+                    sides[f"{where}, verification {'on' if verify else 'off'}"] = _side(url, paths=held["fp16"], verify=verify,
+                                                                                        **one)
                 if where == "local" and "codes" in held:
-                    sides[CODES] = _epoch(url, paths=held["codes"], verify=True, **one)
+                    sides[CODES] = _side(url, paths=held["codes"], verify=True, **one)
             m = measure(sides, repeat=repeat)
         finally:
             if server is not None:
@@ -190,8 +179,7 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
                     f"{per_sample / 1024:.1f} KiB of targets per sample", env, repeat=repeat, warmup=m.warmup),
              "", "| side | samples/s | target MB/s |", "|---|---|---|"]
     for name, side in sides.items():
-        mb = getattr(side, "bytes_per_sample", 0) / 1e6  # (the floor reads no targets)
-        lines.append(f"| {name} | {m.rate(name).fmt(1)} | {m.rate(name).fmt(2, mb)} |")
+        lines.append(f"| {name} | {m.rate(name).fmt(1)} | {m.rate(name).fmt(2, side.bytes_per_sample / 1e6)} |")
     lines.append("")
     lines.append(f"loader (local, verified) / decode floor = {of_floor.fmt(3)} (target >= 0.9)")
     for name, r in shares.items():

@@ -377,14 +377,16 @@ def _color_jitter(strength: float):
     return v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength)
 
 
-def collate(samples: list[dict]) -> dict:
+def collate(samples: list[dict], into: dict[str, torch.Tensor] | None = None) -> dict:
     """Samples -> a batch. Tensors go through torch's ``default_collate``, which in a DataLoader
     worker stacks straight into shared memory: the batch then crosses to the trainer without a
-    second copy (a plain ``torch.stack`` is copied again when the worker sends it)."""
+    second copy (a plain ``torch.stack`` is copied again when the worker sends it). ``into``:
+    tensors of the batch's shapes to stack those fields into instead (``SharedBatches``)."""
     out = {"key": [s["key"] for s in samples], "view": torch.tensor([s["view"] for s in samples])}
     for k in samples[0]:
         if k not in out:
-            out[k] = default_collate([s[k] for s in samples])
+            values = [s[k] for s in samples]
+            out[k] = torch.stack(values, out=into[k]) if into and k in into else default_collate(values)
     return out
 
 
@@ -456,17 +458,13 @@ class SharedBatches:
         if self._pid != os.getpid():  # first batch of this worker (a fork copies its parent's state)
             self._pid, self._slots = os.getpid(), []
             self._flags = torch.zeros(self.buffers, dtype=torch.int32).share_memory_()
-        stacked = {k: [s[k] for s in samples] for k in samples[0] if k not in ("key", "view")}
-        shapes = {k: (len(v), *v[0].shape, v[0].dtype) for k, v in stacked.items() if isinstance(v[0], torch.Tensor)}
-        index = self._free_slot(shapes, samples[0])
+        first = samples[0]
+        shapes = {k: (len(samples), *v.shape, v.dtype) for k, v in first.items()
+                  if k not in ("key", "view") and isinstance(v, torch.Tensor)}
+        index = self._free_slot(shapes, first)
         if index is None:
             return collate(samples)
-        out = {"key": [s["key"] for s in samples], "view": torch.tensor([s["view"] for s in samples])}
-        slot = self._slots[index][1]
-        for k, values in stacked.items():
-            out[k] = torch.stack(values, out=slot[k]) if k in slot else default_collate(values)
-        out["slot"] = BatchSlot(self._flags, index)
-        return out
+        return {**collate(samples, into=self._slots[index][1]), "slot": BatchSlot(self._flags, index)}
 
     def _free_slot(self, shapes: dict, first: dict) -> int | None:
         """A released buffer of these shapes, marked out; a new one while fewer than ``buffers``
