@@ -378,15 +378,20 @@ def _color_jitter(strength: float):
 
 
 def collate(samples: list[dict], into: dict[str, torch.Tensor] | None = None) -> dict:
-    """Samples -> a batch. Tensors go through torch's ``default_collate``, which in a DataLoader
-    worker stacks straight into shared memory: the batch then crosses to the trainer without a
-    second copy (a plain ``torch.stack`` is copied again when the worker sends it). ``into``:
-    tensors of the batch's shapes to stack those fields into instead (``SharedBatches``)."""
-    out = {"key": [s["key"] for s in samples], "view": torch.tensor([s["view"] for s in samples])}
+    """Samples -> a batch: keys as a list, every other field through torch's ``default_collate``
+    (tensors stacked, ints and floats made one tensor), which in a DataLoader worker stacks
+    straight into shared memory. ``into``: tensors of the batch's shapes to put those fields in
+    instead (``SharedBatches``)."""
+    out = {"key": [s["key"] for s in samples]}
     for k in samples[0]:
-        if k not in out:
-            values = [s[k] for s in samples]
-            out[k] = torch.stack(values, out=into[k]) if into and k in into else default_collate(values)
+        if k in out:
+            continue
+        values = [s[k] for s in samples]
+        if into and k in into:
+            out[k] = (torch.stack(values, out=into[k]) if isinstance(values[0], torch.Tensor)
+                      else into[k].copy_(torch.tensor(values, dtype=into[k].dtype)))
+        else:
+            out[k] = default_collate(values)
     return out
 
 
@@ -399,9 +404,9 @@ class BatchSlot:
     drops the batches in flight when an epoch is cut short, as a rank with more batches than the
     others does) hands its buffer back."""
 
-    def __init__(self, flags: torch.Tensor, index: int):
+    def __init__(self, flags: torch.Tensor, index: int, *, receiver: int | None = None):
         self.flags, self.index = flags, index  # int32 flags, one per buffer, in shared memory
-        self._receiver: int | None = None  # the process that received it: only there does it release
+        self._receiver = receiver  # the process that received it: only there does it release
 
     def __getstate__(self) -> dict:
         return {"flags": self.flags, "index": self.index}
@@ -434,39 +439,46 @@ def release_batch(batch: dict) -> None:
 
 class SharedBatches:
     """The training DataLoader's ``collate_fn``: ``collate``, into shared memory each worker
-    reuses. ``default_collate`` stacks a worker's batch into a new shared-memory segment, which
-    the kernel zeroes and maps in page by page and frees when the trainer drops the batch: with
-    148 KiB of fp16 targets per sample (ViT-S/16) about 0.13 ms of kernel time per sample in the
-    worker, over a quarter of what decoding and cutting a small image takes there (measured:
-    ``docs/benchmarks.md#loading``).
-    Here each worker keeps up to ``buffers`` batches of shared memory and stacks a batch's tensors
-    into one of the same shapes that the trainer has handed back (``release_batch``, or the batch
-    dropped: ``BatchSlot``); its ``slot`` says which. A batch that finds none, and no room for
-    another buffer (every one out: a consumer that keeps its batches), is collated as ``collate``
-    does. A buffer is written again only after its release, so a batch kept is never overwritten.
-    In the trainer's own process (no workers) it is ``collate``: nothing crosses processes."""
+    reuses, sent to the trainer as a handle to memory it already maps.
+
+    ``default_collate`` stacks a worker's batch into new shared-memory segments, one per field,
+    which the kernel zeroes and maps in page by page and frees when the trainer drops the batch:
+    with 148 KiB of fp16 targets per sample (ViT-S/16) about 0.13 ms of kernel time per sample in
+    the worker, over a quarter of what decoding and cutting a small image takes there. And every
+    segment crosses to the trainer by its file descriptor, which torch passes over a connection
+    to a thread of the worker, one per field per batch (measured: ``docs/benchmarks.md#loading``).
+    Here each worker keeps up to ``buffers`` batches of shared memory (every field but the keys)
+    and collates a batch into one of the same shapes that the trainer has handed back
+    (``release_batch``, or the batch dropped: ``BatchSlot``); its ``slot`` says which. A buffer's
+    descriptors cross once, with the first batch in it; the trainer keeps that buffer mapped
+    (``_received_batch``), and every later batch in it crosses as (worker, buffer, keys). A batch
+    that finds no free buffer, and no room for another (every one out: a consumer that keeps its
+    batches), is collated as ``collate`` does. A buffer is written again only after its release,
+    so a batch kept is never overwritten. In the trainer's own process (no workers) it is
+    ``collate``: nothing crosses processes."""
 
     def __init__(self, buffers: int = 8):
         self.buffers = buffers
         self._pid = None  # the worker process the buffers below belong to
         self._flags: torch.Tensor | None = None
         self._slots: list[tuple[dict, dict[str, torch.Tensor]]] = []  # (shapes, tensors) per buffer
+        self._sent: set[int] = set()  # buffers whose memory the trainer has been sent
 
-    def __call__(self, samples: list[dict]) -> dict:
+    def __call__(self, samples: list[dict]):
         if get_worker_info() is None:
             return collate(samples)
         if self._pid != os.getpid():  # first batch of this worker (a fork copies its parent's state)
-            self._pid, self._slots = os.getpid(), []
+            self._pid, self._slots, self._sent = os.getpid(), [], set()
             self._flags = torch.zeros(self.buffers, dtype=torch.int32).share_memory_()
         first = samples[0]
-        shapes = {k: (len(samples), *v.shape, v.dtype) for k, v in first.items()
-                  if k not in ("key", "view") and isinstance(v, torch.Tensor)}
-        index = self._free_slot(shapes, first)
+        shapes = {k: _batch_shape(v, len(samples)) for k, v in first.items() if k != "key"}
+        shapes = {k: v for k, v in shapes.items() if v is not None}
+        index = self._free_slot(shapes)
         if index is None:
             return collate(samples)
-        return {**collate(samples, into=self._slots[index][1]), "slot": BatchSlot(self._flags, index)}
+        return _BufferedBatch(collate(samples, into=self._slots[index][1]), self, index)
 
-    def _free_slot(self, shapes: dict, first: dict) -> int | None:
+    def _free_slot(self, shapes: dict) -> int | None:
         """A released buffer of these shapes, marked out; a new one while fewer than ``buffers``
         exist; else None."""
         flags = self._flags.numpy()
@@ -476,11 +488,73 @@ class SharedBatches:
                 return i
         if len(self._slots) == self.buffers or not shapes:
             return None
-        # as default_collate allocates in a worker: typed shared storage, then the batch's shape
-        self._slots.append((shapes, {k: first[k].new(first[k]._typed_storage()._new_shared(math.prod(shape[:-1])))
-                                     .resize_(shape[:-1]) for k, shape in shapes.items()}))
+        self._slots.append((shapes, {k: _shared_empty(shape, dtype) for k, (shape, dtype) in shapes.items()}))
         flags[len(self._slots) - 1] = 1
         return len(self._slots) - 1
+
+
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """As ``default_collate`` allocates in a worker: typed shared storage, then the shape."""
+    like = torch.empty(0, dtype=dtype)
+    return like.new(like._typed_storage()._new_shared(math.prod(shape))).resize_(shape)
+
+
+def _batch_shape(value, batch: int) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """(shape, dtype) of a field of ``batch`` samples as ``collate`` makes it; None for a field
+    not kept in a buffer (not a tensor, int or float)."""
+    if isinstance(value, torch.Tensor):
+        return (batch, *value.shape), value.dtype
+    if isinstance(value, (int, float)):  # (bool included) default_collate's dtype: int64, float64, bool
+        return (batch,), default_collate([value]).dtype
+    return None
+
+
+class _BufferedBatch:
+    """A batch a worker collated into buffer ``index`` (``SharedBatches``), as it crosses to the
+    trainer: pickled (in the worker's queue thread, in the order batches are sent) with the
+    buffer's tensors and flags the first time, as just (worker, buffer) after that; the trainer
+    unpickles it into the batch dict (``_received_batch``)."""
+
+    def __init__(self, batch: dict, buffers: SharedBatches, index: int):
+        self.batch, self.buffers, self.index = batch, buffers, index
+
+    def __reduce__(self):
+        buffers, index = self.buffers, self.index
+        tensors = buffers._slots[index][1]
+        shared = None
+        if index not in buffers._sent:
+            buffers._sent.add(index)
+            shared = (tensors, buffers._flags)
+        fields = {k: v for k, v in self.batch.items() if k not in tensors}
+        return _received_batch, (buffers._pid, index, fields, shared)
+
+
+_MAPPED: dict[tuple[int, int], tuple[dict[str, torch.Tensor], torch.Tensor]] = {}  # (worker pid, buffer) -> (tensors, flags)
+
+
+def _received_batch(pid: int, index: int, fields: dict, shared) -> dict:
+    """The trainer's side of ``_BufferedBatch``: the batch dict over the buffer's tensors, mapped
+    here when its first batch came (``shared``) and kept while the worker lives."""
+    if shared is not None:
+        if not any(p == pid for p, _ in _MAPPED):  # a new worker: forget the buffers of those that exited
+            for gone in {p for p, _ in _MAPPED if not _alive(p)}:
+                for key in [k for k in _MAPPED if k[0] == gone]:
+                    del _MAPPED[key]
+        _MAPPED[(pid, index)] = shared
+    if (pid, index) not in _MAPPED:
+        raise LoaderError(f"a batch from worker {pid} names buffer {index}, whose memory never reached the trainer")
+    tensors, flags = _MAPPED[(pid, index)]
+    return {**fields, **tensors, "slot": BatchSlot(flags, index, receiver=os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def training_loader(dataset: IterableDataset, *, batch_size: int, workers: int, pin_memory: bool = False,

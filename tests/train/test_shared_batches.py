@@ -3,12 +3,19 @@
 batch that is kept never overwritten."""
 from __future__ import annotations
 
+import os
+import pickle
+import subprocess
+from multiprocessing import resource_sharer
+
 import pytest
 import torch
-
 from kdcache.data.corpus import ReadOptions, resolve_corpus
 from kdcache.store import Store
-from kdcache.train.loader import BatchSlot, CachedStream, LoaderSpec, SharedBatches, collate, release_batch, training_loader
+from kdcache.train import loader as loader_module
+from kdcache.train.loader import (BatchSlot, CachedStream, LoaderSpec,
+                                  SharedBatches, collate, release_batch,
+                                  training_loader)
 
 TENSORS = ("image", "view", "label", "vit/cls", "vit/patch")
 
@@ -153,3 +160,53 @@ def test_each_worker_has_its_own_buffers(vit_store, corpus, workers):
         n += len(batch["key"])
         release_batch(batch)
     assert n == 24 and len({f.data_ptr() for f in flags}) == workers
+
+
+def test_a_buffers_memory_crosses_once_then_its_batches_cross_as_handles(vit_store, corpus, monkeypatch):
+    """torch passes a shared tensor's memory by file descriptor, one connection per field per
+    batch; a buffer's descriptors cross with its first batch only, later batches name it."""
+    received = []
+    real = resource_sharer.DupFd.detach
+
+    def detach(self):  # the trainer takes one descriptor the worker passed
+        received.append(1)
+        return real(self)
+    monkeypatch.setattr(resource_sharer.DupFd, "detach", detach)
+    stream = _stream(vit_store, corpus, workers=1)
+    loader = training_loader(stream, batch_size=2, workers=1, drop_last=False)
+    mapped, n = {}, 0
+    for epoch in range(3):
+        stream.set_epoch(epoch)
+        for batch in loader:
+            index = batch["slot"].index
+            fields = {k: batch[k].data_ptr() for k in TENSORS}
+            assert mapped.setdefault(index, fields) == fields  # the trainer reads a buffer where it mapped it
+            n += 1
+            release_batch(batch)
+    buffers = len(mapped)
+    assert n == 36 and buffers <= 6
+    # each buffer's five fields and the worker's flags, once per buffer (torch's own cache may
+    # spare the flags' repeats): not 36 batches x 6
+    assert buffers * len(TENSORS) <= len(received) <= buffers * (len(TENSORS) + 1)
+
+
+def test_a_handle_is_small_and_names_an_unknown_buffer_with_a_clear_error():
+    message = pickle.dumps((loader_module._received_batch, (os.getpid() + 10**6, 3, {"key": ["a"]}, None)))
+    assert len(message) < 200
+    fn, args = pickle.loads(message)
+    with pytest.raises(loader_module.LoaderError, match="buffer 3"):
+        fn(*args)
+
+
+def test_the_trainer_forgets_the_buffers_of_workers_that_exited(monkeypatch):
+    monkeypatch.setattr(loader_module, "_MAPPED", {})
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # exited and reaped: its pid names no process
+    flags = torch.zeros(2, dtype=torch.int32)
+    tensors = {"image": torch.zeros(2, 3, 4, 4, dtype=torch.uint8)}
+    batch = loader_module._received_batch(gone.pid, 0, {"key": ["a", "b"]}, (tensors, flags))
+    assert batch["image"] is tensors["image"] and batch["key"] == ["a", "b"] and batch["slot"].index == 0
+    again = loader_module._received_batch(gone.pid, 0, {"key": ["c", "d"]}, None)  # a later batch: the handle alone
+    assert again["image"] is tensors["image"] and again["key"] == ["c", "d"]
+    loader_module._received_batch(os.getpid(), 1, {"key": ["e"]}, ({"image": torch.ones(1)}, flags))  # a new worker
+    assert set(loader_module._MAPPED) == {(os.getpid(), 1)}
