@@ -92,9 +92,11 @@ def test_bench_load_local_and_on_loopback_s3_with_verification_on_and_off(vit_sp
     assert [r.split("|")[1].strip() for r in rows] == [
         "decode floor (decode + view, no store)", "local, no target arrays (keys and views only)", "local, verification on",
         "local, verification off", "local, patch codes, verification on",
-        "s3 (loopback moto), verification on", "s3 (loopback moto), verification off", "100 px", "500 px"]
+        "s3 (loopback moto), verification on", "s3 (loopback moto), verification off", "100 px", "500 px",
+        "100 px", "500 px"]  # the stage, then the decode alone
     assert all(len(SPREAD.findall(r)) == 2 for r in rows[:7]), out
-    assert all(len(SPREAD.findall(r)) == 5 for r in rows[7:]), out
+    assert all(len(SPREAD.findall(r)) == 5 for r in rows[7:9]), out
+    assert all(len(SPREAD.findall(r)) == 4 for r in rows[9:]), out
     mbs = {r.split("|")[1].strip(): float(r.split("|")[3].split()[0].replace(",", "")) for r in rows[:7]}
     # target bytes per sample: none, 4 x 192 fp16 patch tokens + the summary, 4 x 8 one-byte codes + the summary
     assert mbs["local, no target arrays (keys and views only)"] == 0 < mbs["local, patch codes, verification on"]
@@ -109,6 +111,8 @@ def test_bench_load_local_and_on_loopback_s3_with_verification_on_and_off(vit_sp
     [row] = d["decode"]
     assert row["long_side"] == 500 and row["reduced_over_full"]["median"] > 0 and row["reduced_over_pil_full"]["median"] > 0
     assert row["pil_full"]["median"] > 0 and row["full"]["median"] > 0
+    assert row["reduced_decode_over_pil_full_decode"]["median"] > 0 and row["reduced_decode"]["median"] > 0
+    assert row["pil_full_decode"]["median"] > 0 and row["full_decode"]["median"] > 0
 
 
 def test_bench_extract_quantize_prints_encode_over_teacher_tokens(vit_spec):
