@@ -258,7 +258,7 @@ def crc32(rows: np.ndarray) -> int:
     zlib's CRC-32 (the gzip polynomial), computed by ISA-L (python-isal): the same value as
     ``zlib.crc32``, about 8x faster (0.57 against 4.55 ms for a 19 MB block, measured), on every
     block every reader reads."""
-    return isal_zlib.crc32(memoryview(np.ascontiguousarray(rows)).cast("B"))
+    return isal_zlib.crc32(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))  # (an empty block too)
 
 
 FINITE_LIMITS = {np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, 0x7F800000),

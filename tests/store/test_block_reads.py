@@ -3,6 +3,7 @@ zarr reads, for every codec kdcache writes, and a one-line error for bytes that 
 from __future__ import annotations
 
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import zarr
 import zarr.codecs
 
 from kdcache.store.layout import compressors
-from kdcache.store.reads import _block_in_one_request, _decode_shard
+from kdcache.store.reads import _block_in_one_request, _decode_shard, crc32
 
 BLOCK, CHUNK, ROWS = 8, 4, 13  # a full block, then a partial one ending inside an inner chunk
 
@@ -74,3 +75,12 @@ def test_a_layout_kdcache_does_not_write_is_left_to_zarr(tmp_path):
     a, rows = _array(tmp_path, "none", serializer=zarr.codecs.BytesCodec(endian="big"))
     assert _decode_shard(a, np.frombuffer(open(_shard_file(tmp_path, "none", 0), "rb").read(), np.uint8), BLOCK) is None
     np.testing.assert_array_equal(_block_in_one_request(a, 0, BLOCK), rows[:BLOCK])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "uint8"])
+def test_the_block_checksum_is_zlibs_crc32_of_the_c_order_bytes(dtype):
+    """Stores record zlib's CRC-32 (computed by ISA-L): the value any reader can recompute."""
+    rows = np.random.default_rng(1).standard_normal((7, 3, 33)).astype(dtype)
+    assert crc32(rows) == zlib.crc32(rows.tobytes())
+    assert crc32(rows[:, 1]) == zlib.crc32(np.ascontiguousarray(rows[:, 1]).tobytes())  # a strided view: its C-order bytes
+    assert crc32(rows[:0]) == zlib.crc32(b"") == 0
