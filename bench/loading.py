@@ -35,7 +35,7 @@ from PIL import Image
 
 from kdcache.data.corpus import DecodeOptions, ReadOptions, resolve_corpus
 from kdcache.data.demo_corpus import build_demo_corpus, photo_images
-from kdcache.data.pixels import Crop, crop_need, decode_sample, replay_view, view_at, view_pixels
+from kdcache.data.pixels import Crop, decoded, replay_view, view_at, view_pixels
 from kdcache.data.walk import RawSample, record_to, screened
 from kdcache.errors import KdcacheError
 from kdcache.extract.options import ExtractOptions
@@ -222,14 +222,14 @@ def decode_table(sizes, *, student: int, images: int, repeat: int) -> list[dict]
     crop = [Crop((student, student), "bilinear")]
     rows = []
     for size in sizes:
-        jpegs, needs = [], []
+        jpegs, stored = [], {}
         for i in range(images):
             img = Image.fromarray(photos[i % len(photos)])
             img = img.resize((size, round(size * img.height / img.width)), Image.BICUBIC)
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=90)
             jpegs.append(RawSample(key=f"p{i}", data=buf.getvalue(), label=None, fields=("jpg",)))
-            needs.append(crop_need(view_at(policy, f"p{i}", 1, img.height, img.width)[None], crop))
+            stored[f"p{i}"] = view_at(policy, f"p{i}", 1, img.height, img.width)[None]  # as a store holds it
 
         def side(reduced: bool):
             opts = DecodeOptions(reduced=reduced)
@@ -243,9 +243,8 @@ def decode_table(sizes, *, student: int, images: int, repeat: int) -> list[dict]
             opts = DecodeOptions(reduced=reduced)
 
             def run():
-                for s, need in zip(jpegs, needs):
-                    decode_sample(s, opts, need)
-                return len(jpegs)
+                return sum(1 for _ in decoded(jpegs, views=lambda s, h, w: stored[s.key], crops=crop, decode=opts,
+                                              handler=record_to([])))
             return run
 
         def pil(view: bool):

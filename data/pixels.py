@@ -332,6 +332,18 @@ def view_pixels(samples: Iterable[RawSample], *, views: ViewsOf, crops: Sequence
     ``whole``: also the whole image at each of these sizes (the dense maps of ``extract``)."""
     for c in (*crops, *whole):
         interpolation_mode(c.interpolation)
+    for s, chosen, rgb in decoded(samples, views=views, crops=crops, decode=decode, handler=handler, whole=whole):
+        image = torch.from_numpy(rgb).permute(2, 0, 1)
+        yield ViewPixels(s, chosen, [torch.stack([replay_view(image, v, c.size, c.interpolation) for v in chosen])
+                                     for c in crops],
+                         [replay_view(image, WHOLE_IMAGE[0], c.size, c.interpolation) for c in whole])
+
+
+def decoded(samples: Iterable[RawSample], *, views: ViewsOf, crops: Sequence[Crop], decode: DecodeOptions,
+            handler: Callable[[Skip], None], whole: Sequence[Crop] = ()) -> Iterator[tuple[RawSample, np.ndarray, np.ndarray]]:
+    """The stage's decode, nothing cut: (sample, its views (k, 5), the (h, w, 3) uint8 image decoded
+    as small as those views and ``crops`` allow). What ``view_pixels`` cuts from; ``kdcache bench
+    load`` also times it alone."""
     for s in samples:
         chosen = []
 
@@ -346,11 +358,7 @@ def view_pixels(samples: Iterable[RawSample], *, views: ViewsOf, crops: Sequence
         except BadImage as e:
             handler(Skip(s.key, str(e)))
             continue
-        chosen = chosen[0]
-        image = torch.from_numpy(rgb).permute(2, 0, 1)
-        yield ViewPixels(s, chosen, [torch.stack([replay_view(image, v, c.size, c.interpolation) for v in chosen])
-                                     for c in crops],
-                         [replay_view(image, WHOLE_IMAGE[0], c.size, c.interpolation) for c in whole])
+        yield s, chosen[0], rgb
 
 
 def decodable(samples: Iterable[RawSample], *, decode: DecodeOptions, handler: Callable[[Skip], None]) -> Iterator[RawSample]:

@@ -144,10 +144,11 @@ class Leases:
             return True
         # Same host: another owner under our own pid can only be a dead job whose pid we inherited
         # (pids are reused: a SIGKILLed run's pid may be the resuming run's).
-        return h.host == self.host and (h.pid == self.pid or not _alive(h.pid))
+        return h.host == self.host and (h.pid == self.pid or not pid_alive(h.pid))
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one we may not signal exists too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -27,6 +27,7 @@ import math
 import multiprocessing
 import os
 import random
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ from kdcache.data.pixels import Crop, sub_view, view_at, view_pixels
 from kdcache.data.walk import RawSample, align, changed_since_extraction
 from kdcache.errors import KdcacheError, StoreError, one_line
 from kdcache.store import Store, ViewPolicy
+from kdcache.store.lease import pid_alive
 from kdcache.store.meta import per_image
 
 from .config import VIEW_CHOICES
@@ -530,31 +532,25 @@ class _BufferedBatch:
 
 
 _MAPPED: dict[tuple[int, int], tuple[dict[str, torch.Tensor], torch.Tensor]] = {}  # (worker pid, buffer) -> (tensors, flags)
+_MAPPED_LOCK = threading.Lock()  # two DataLoaders may unpickle at once (a pin-memory thread each)
 
 
 def _received_batch(pid: int, index: int, fields: dict, shared) -> dict:
     """The trainer's side of ``_BufferedBatch``: the batch dict over the buffer's tensors, mapped
-    here when its first batch came (``shared``) and kept while the worker lives."""
-    if shared is not None:
-        if not any(p == pid for p, _ in _MAPPED):  # a new worker: forget the buffers of those that exited
-            for gone in {p for p, _ in _MAPPED if not _alive(p)}:
-                for key in [k for k in _MAPPED if k[0] == gone]:
+    here when its first batch came (``shared``) and kept while the worker lives (the buffers of
+    workers that have exited are forgotten when a new worker's first buffer arrives)."""
+    with _MAPPED_LOCK:
+        if shared is not None:
+            if not any(p == pid for p, _ in _MAPPED):
+                gone = {p for p, _ in _MAPPED if not pid_alive(p)}
+                for key in [k for k in _MAPPED if k[0] in gone]:
                     del _MAPPED[key]
-        _MAPPED[(pid, index)] = shared
-    if (pid, index) not in _MAPPED:
+            _MAPPED[(pid, index)] = shared
+        mapped = _MAPPED.get((pid, index))
+    if mapped is None:
         raise LoaderError(f"a batch from worker {pid} names buffer {index}, whose memory never reached the trainer")
-    tensors, flags = _MAPPED[(pid, index)]
+    tensors, flags = mapped
     return {**fields, **tensors, "slot": BatchSlot(flags, index, receiver=os.getpid())}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def training_loader(dataset: IterableDataset, *, batch_size: int, workers: int, pin_memory: bool = False,
