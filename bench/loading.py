@@ -21,6 +21,9 @@ PIL at full size (what timm's and torchvision's loaders do, and kdcache did), kd
 (``--decode full``: libjpeg-turbo through simplejpeg) and kdcache at the reduced scale the crop
 needs (``data.pixels``); target: reduced >= 2x PIL full for a 64-px student on 500-px JPEGs.
 Reduced over kdcache's own full decode is printed beside it: how much of the gain is the scale.
+A second table times the decode alone, the view given as a store holds it (``data.pixels.decoded``;
+PIL's ``open`` + ``convert("RGB")``): the view's drawing and cutting, the same work on either
+side, left out.
 """
 from __future__ import annotations
 
