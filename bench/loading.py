@@ -234,20 +234,12 @@ def decode_table(sizes, *, student: int, images: int, repeat: int) -> list[dict]
             jpegs.append(RawSample(key=f"p{i}", data=buf.getvalue(), label=None, fields=("jpg",)))
             stored[f"p{i}"] = view_at(policy, f"p{i}", 1, img.height, img.width)[None]  # as a store holds it
 
-        def side(reduced: bool):
-            opts = DecodeOptions(reduced=reduced)
+        def kdcache(reduced: bool, cut: bool):  # the stage (the view drawn and cut), or its decode alone
+            opts, stage = DecodeOptions(reduced=reduced), view_pixels if cut else decoded
+            views = (lambda s, h, w: view_at(policy, s.key, 1, h, w)[None]) if cut else (lambda s, h, w: stored[s.key])
 
             def run():
-                return sum(1 for _ in view_pixels(jpegs, views=lambda s, h, w: view_at(policy, s.key, 1, h, w)[None],
-                                                  crops=crop, decode=opts, handler=record_to([])))
-            return run
-
-        def decode_alone(reduced: bool):
-            opts = DecodeOptions(reduced=reduced)
-
-            def run():
-                return sum(1 for _ in decoded(jpegs, views=lambda s, h, w: stored[s.key], crops=crop, decode=opts,
-                                              handler=record_to([])))
+                return sum(1 for _ in stage(jpegs, views=views, crops=crop, decode=opts, handler=record_to([])))
             return run
 
         def pil(view: bool):
@@ -259,9 +251,9 @@ def decode_table(sizes, *, student: int, images: int, repeat: int) -> list[dict]
                                     crop[0].interpolation)
                 return len(jpegs)
             return run
-        m = measure({"pil_full": pil(True), "full": side(False), "reduced": side(True),
-                     "pil_full_decode": pil(False), "full_decode": decode_alone(False),
-                     "reduced_decode": decode_alone(True)}, repeat=repeat)
+        m = measure({"pil_full": pil(True), "full": kdcache(False, cut=True), "reduced": kdcache(True, cut=True),
+                     "pil_full_decode": pil(False), "full_decode": kdcache(False, cut=False),
+                     "reduced_decode": kdcache(True, cut=False)}, repeat=repeat)
         rows.append({"long_side": size, **{k: m.rate(k).to_dict() for k in m.seconds},
                      "reduced_over_pil_full": m.ratio("reduced", "pil_full").to_dict(),
                      "reduced_over_full": m.ratio("reduced", "full").to_dict(),

@@ -408,13 +408,7 @@ class BatchSlot:
 
     def __init__(self, flags: torch.Tensor, index: int, *, receiver: int | None = None):
         self.flags, self.index = flags, index  # int32 flags, one per buffer, in shared memory
-        self._receiver = receiver  # the process that received it: only there does it release
-
-    def __getstate__(self) -> dict:
-        return {"flags": self.flags, "index": self.index}
-
-    def __setstate__(self, state: dict) -> None:
-        self.flags, self.index, self._receiver = state["flags"], state["index"], os.getpid()
+        self._receiver = receiver  # the process that received it (``_received_batch``): only there does it release
 
     def release(self) -> None:
         if self._receiver == os.getpid():  # not the worker's own copy, nor one a fork inherited
@@ -480,6 +474,15 @@ class SharedBatches:
             return collate(samples)
         return _BufferedBatch(collate(samples, into=self._slots[index][1]), self, index)
 
+    def _crossing(self, batch: dict, index: int) -> tuple:
+        """What crosses to the trainer for a batch in buffer ``index``: (worker, buffer, the fields
+        not in it, the buffer's tensors and flags the first time it crosses, else None)."""
+        tensors, shared = self._slots[index][1], None
+        if index not in self._sent:
+            self._sent.add(index)
+            shared = (tensors, self._flags)
+        return self._pid, index, {k: v for k, v in batch.items() if k not in tensors}, shared
+
     def _free_slot(self, shapes: dict) -> int | None:
         """A released buffer of these shapes, marked out; a new one while fewer than ``buffers``
         exist; else None."""
@@ -506,8 +509,8 @@ def _batch_shape(value, batch: int) -> tuple[tuple[int, ...], torch.dtype] | Non
     not kept in a buffer (not a tensor, int or float)."""
     if isinstance(value, torch.Tensor):
         return (batch, *value.shape), value.dtype
-    if isinstance(value, (int, float)):  # (bool included) default_collate's dtype: int64, float64, bool
-        return (batch,), default_collate([value]).dtype
+    if isinstance(value, (int, float)):  # the dtypes default_collate gives them
+        return (batch,), torch.bool if isinstance(value, bool) else torch.int64 if isinstance(value, int) else torch.float64
     return None
 
 
@@ -521,14 +524,7 @@ class _BufferedBatch:
         self.batch, self.buffers, self.index = batch, buffers, index
 
     def __reduce__(self):
-        buffers, index = self.buffers, self.index
-        tensors = buffers._slots[index][1]
-        shared = None
-        if index not in buffers._sent:
-            buffers._sent.add(index)
-            shared = (tensors, buffers._flags)
-        fields = {k: v for k, v in self.batch.items() if k not in tensors}
-        return _received_batch, (buffers._pid, index, fields, shared)
+        return _received_batch, self.buffers._crossing(self.batch, self.index)
 
 
 _MAPPED: dict[tuple[int, int], tuple[dict[str, torch.Tensor], torch.Tensor]] = {}  # (worker pid, buffer) -> (tensors, flags)

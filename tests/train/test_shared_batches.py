@@ -98,9 +98,7 @@ def test_a_shorter_last_batch_gets_a_buffer_of_its_own_shape(vit_store, corpus):
 
 
 def _received(flags, index) -> BatchSlot:
-    slot = BatchSlot.__new__(BatchSlot)
-    slot.__setstate__({"flags": flags, "index": index})  # as the trainer unpickles it
-    return slot
+    return BatchSlot(flags, index, receiver=os.getpid())  # as the trainer builds it (_received_batch)
 
 
 def test_release_is_once_per_batch_and_only_where_the_batch_was_received():
