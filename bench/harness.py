@@ -130,3 +130,64 @@ def limit_note(ratio: Spread, what: str) -> str:
 def files_under(root: str) -> list[str]:
     """Every file below ``root`` (what a bench measures the bytes of, or evicts from the page cache)."""
     return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+
+
+BUSY_PERIOD = 0.01  # seconds per on-off cycle of a busy core: short against any side's run
+
+
+class BusyCore:
+    """A second core kept ``duty`` busy with pure computation (no memory traffic, no I/O, no lock
+    shared with anything) while a side runs inside ``with busy:``; idle, blocked, outside it.
+
+    It measures how much this machine's cores slow each other. A loader does some of its work
+    beside the decoding thread (reading, decompressing and checking blocks in a thread, the
+    trainer taking batches); on a machine whose cores share a physical core or a power budget (a
+    small cloud VM), any work on the other core slows the decodes, however it is scheduled. The
+    decode floor run beside a busy core is the floor for a loader that does that much work off its
+    main thread. One process of the ``spawn`` context (the bench's own threads are not forked), started
+    on first use and stopped by ``close``; it also stops when the bench process is gone."""
+
+    def __init__(self, duty: float):
+        if not 0 < duty <= 1:
+            raise ValueError(f"duty {duty!r} is not in (0, 1]")
+        self.duty = duty
+        self._process = self._busy = self._stop = None
+
+    def __enter__(self) -> "BusyCore":
+        if self._process is None:
+            import multiprocessing
+            ctx = multiprocessing.get_context("spawn")
+            self._busy, self._stop = ctx.Event(), ctx.Event()
+            self._process = ctx.Process(target=_spin, args=(self.duty, self._busy, self._stop, os.getpid()), daemon=True,
+                                        name="kdcache-busy-core")
+            self._process.start()
+        self._busy.set()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._busy.clear()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def close(self) -> None:
+        if self._process is not None:
+            self._stop.set()
+            self._busy.set()  # wake it to see the stop
+            self._process.join(10)
+            if self._process.is_alive():
+                self._process.kill()
+            self._process = None
+
+
+def _spin(duty: float, busy, stop, parent: int) -> None:
+    """The busy core's loop: ``duty`` of every BUSY_PERIOD multiplying floats, the rest asleep."""
+    while not stop.is_set() and os.getppid() == parent:
+        if not busy.wait(0.5):
+            continue
+        x, start = 1.0, time.perf_counter()
+        while time.perf_counter() - start < duty * BUSY_PERIOD:
+            for _ in range(100):
+                x *= 1.0000001
+        time.sleep((1 - duty) * BUSY_PERIOD)

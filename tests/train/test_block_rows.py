@@ -223,3 +223,21 @@ def test_a_shard_opened_for_an_epoch_that_does_not_come_is_dropped(vit_store, co
     plain.set_epoch(5)
     _same_samples(got, list(plain))
     assert _open_threads() == 0 and stream._ahead is None
+
+
+def test_every_shard_of_a_stream_is_read_in_one_thread_that_ends_with_the_stream(vit_store, corpus, monkeypatch):
+    readers = []
+    real = BlockRows._read
+
+    def recorded(self, index):
+        readers.append((self.shard, threading.current_thread()))
+        return real(self, index)
+
+    monkeypatch.setattr(BlockRows, "_read", recorded)
+    stream = _recorded(vit_store, corpus)
+    got = list(stream)
+    shards = {name for name, _ in readers}
+    assert len(got) == 24 and shards == set(Store.open(vit_store).complete_shards()) and len(shards) > 1
+    threads = {t for _, t in readers}
+    assert len(threads) == 1 and next(iter(threads)).name.startswith("kdcache-blocks")  # not one thread per shard
+    assert threading.main_thread() not in threads and _open_threads() == 0  # ended with the epoch
