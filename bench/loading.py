@@ -27,7 +27,6 @@ side, left out.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import json
@@ -49,7 +48,7 @@ from kdcache.store.meta import ViewPolicy, feature_path
 from kdcache.store.ops import copy_stores
 from kdcache.train.loader import CachedStream, LoaderSpec, ShardStream, release_batch, training_loader
 
-from .harness import BusyCore, environment, header, limit_note, measure
+from .harness import environment, header, limit_note, measure
 from .options import LoadBench
 
 
@@ -79,11 +78,10 @@ def _loader_spec(store_url: str, store: Store, corpus, *, paths, verify: bool, w
 
 
 def _side(store_url: str, data: str, *, paths: tuple[str, ...], verify: bool, workers: int, batch_size: int,
-          floor: bool = False, beside: BusyCore | None = None):
+          floor: bool = False):
     """One side's epoch, one per call: the cached loader reading ``paths`` (none: keys and views
     only), or with ``floor`` the decode floor (the corpus alone); each batch released as training
-    releases it after its step. ``beside``: a core kept busy while it runs. ``run.bytes_per_sample``:
-    the target bytes it delivered."""
+    releases it after its step. ``run.bytes_per_sample``: the target bytes it delivered."""
     store = Store.open(store_url)
     corpus = resolve_corpus(data, ReadOptions.from_dict(store.meta.corpus))
     spec = _loader_spec(store_url, store, corpus, paths=paths, verify=verify, workers=workers)
@@ -92,11 +90,10 @@ def _side(store_url: str, data: str, *, paths: tuple[str, ...], verify: bool, wo
 
     def run():
         n = nbytes = 0
-        with beside or contextlib.nullcontext():
-            for batch in epochs():
-                n += len(batch["key"])
-                nbytes += sum(batch[p].numel() * batch[p].element_size() for p in paths)
-                release_batch(batch)
+        for batch in epochs():
+            n += len(batch["key"])
+            nbytes += sum(batch[p].numel() * batch[p].element_size() for p in paths)
+            release_batch(batch)
         run.bytes_per_sample = nbytes / max(1, n)
         return n
     run.bytes_per_sample = 0.0
@@ -142,7 +139,6 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
             extract(data, store, [o.teacher], ExtractOptions(progress=False, batch_size=16, quantize=codes, keep_float=True))
         locations = {"local": store}
         server = None
-        busy = BusyCore(o.busy_duty)
         note = ""
         if s3 == "auto":
             server, remote = _loopback_s3(store)
@@ -160,7 +156,6 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
         try:
             one = dict(data=data, workers=workers, batch_size=batch_size)
             sides = {FLOOR: _side(store, paths=(), verify=True, floor=True, **one),
-                     busy_floor(o.busy_duty): _side(store, paths=(), verify=True, floor=True, beside=busy, **one),
                      NO_TARGETS: _side(store, paths=(), verify=True, **one)}
             for where, url in locations.items():
                 for verify in (True, False):
@@ -170,23 +165,18 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
                     sides[CODES] = _side(url, paths=held["codes"], verify=True, **one)
             m = measure(sides, repeat=repeat)
         finally:
-            busy.close()
             if server is not None:
                 server.stop()
     per_sample = sides["local, verification on"].bytes_per_sample
     env = environment()
     ratios = {where: m.ratio(f"{where}, verification on", f"{where}, verification off") for where in locations}
     of_floor = m.ratio("local, verification on", FLOOR)
-    busy_name = busy_floor(o.busy_duty)
-    busy_over_floor, of_busy_floor = m.ratio(busy_name, FLOOR), m.ratio("local, verification on", busy_name)
     shares = {name: m.ratio(name, FLOOR) for name in (NO_TARGETS, CODES) if name in sides}
     decodes = decode_table(o.decode_sizes, student=o.student_size, images=o.decode_images, repeat=repeat)
     if as_json:
         return json.dumps({"environment": env, "workers": workers, "batch_size": batch_size, "bytes_per_sample": per_sample,
                            "measurement": m.to_dict(), "verified_over_unverified": {w: r.to_dict() for w, r in ratios.items()},
-                           "loader_over_decode_floor": of_floor.to_dict(), "busy_duty": o.busy_duty,
-                           "busy_floor_over_decode_floor": busy_over_floor.to_dict(),
-                           "loader_over_busy_floor": of_busy_floor.to_dict(),
+                           "loader_over_decode_floor": of_floor.to_dict(),
                            "over_decode_floor": {name: r.to_dict() for name, r in shares.items()}, "decode": decodes}, indent=2)
     lines = [header(f"bench load: one loader epoch per side, {workers} worker(s), batch {batch_size}, "
                     f"{per_sample / 1024:.1f} KiB of targets per sample", env, repeat=repeat, warmup=m.warmup),
@@ -195,9 +185,6 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
         lines.append(f"| {name} | {m.rate(name).fmt(1)} | {m.rate(name).fmt(2, side.bytes_per_sample / 1e6)} |")
     lines.append("")
     lines.append(f"loader (local, verified) / decode floor = {of_floor.fmt(3)} (target >= 0.9)")
-    lines.append(f"decode floor beside a busy core / decode floor = {busy_over_floor.fmt(3)} (how much work on another "
-                 f"core slows the decodes on this machine)")
-    lines.append(f"loader (local, verified) / decode floor beside a busy core = {of_busy_floor.fmt(3)}")
     for name, r in shares.items():
         lines.append(f"{name} / decode floor = {r.fmt(3)}")
     for where, r in ratios.items():
@@ -223,10 +210,6 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
 FLOOR = "decode floor (decode + view, no store)"
 NO_TARGETS = "local, no target arrays (keys and views only)"
 CODES = "local, patch codes, verification on"
-
-
-def busy_floor(duty: float) -> str:
-    return f"decode floor, another core {duty:.0%} busy (compute only)"
 
 
 def _fmt(d: dict, digits: int = 0) -> str:

@@ -66,10 +66,6 @@ class LoadBench:
     decode_sizes: tuple[int, ...] = (256, 500, 1000)  # long sides of the JPEGs of the decode table
     decode_images: int = 64  # JPEGs per side of the decode table
     student_size: int = 64  # the crop the decode table cuts
-    # the decode floor again beside a core kept this busy (``harness.BusyCore``): the share of a
-    # core the fp16 loader's reading threads and the trainer took beyond the floor's, measured
-    # per thread from /proc (0.08-0.11 ms of CPU per sample at about 0.5 ms per sample)
-    busy_duty: float = 0.2
 
     def __post_init__(self):
         if self.store and not self.data:
