@@ -136,7 +136,8 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
             build_demo_corpus(data, digits=0, photos=o.images, shard_size=o.shard_size)
             store = f"{tmp}/store.zarr"
             codes = None if o.codes == "none" else o.codes
-            extract(data, store, [o.teacher], ExtractOptions(progress=False, batch_size=16, quantize=codes, keep_float=True))
+            extract(data, store, [o.teacher], ExtractOptions(progress=False, batch_size=16, quantize=codes, keep_float=True,
+                                                             views=o.views))
         locations = {"local": store}
         server = None
         note = ""
@@ -149,7 +150,8 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
         elif s3 != "off":
             copy_stores([store], s3, progress=False)
             locations["s3"] = s3
-        held = target_paths(Store.open(store))
+        opened = Store.open(store)
+        held, views = target_paths(opened), opened.meta.view_policy.views
         if "fp16" not in held:
             raise KdcacheError(f"--store {store}: its first teacher's float summary and patch tokens are not stored "
                                f"(a store of codes only: extract it with --keep-float)")
@@ -175,11 +177,13 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
     decodes = decode_table(o.decode_sizes, student=o.student_size, images=o.decode_images, repeat=repeat)
     if as_json:
         return json.dumps({"environment": env, "workers": workers, "batch_size": batch_size, "bytes_per_sample": per_sample,
+                           "stored_views": views,
                            "measurement": m.to_dict(), "verified_over_unverified": {w: r.to_dict() for w, r in ratios.items()},
                            "loader_over_decode_floor": of_floor.to_dict(),
                            "over_decode_floor": {name: r.to_dict() for name, r in shares.items()}, "decode": decodes}, indent=2)
     lines = [header(f"bench load: one loader epoch per side, {workers} worker(s), batch {batch_size}, "
-                    f"{per_sample / 1024:.1f} KiB of targets per sample", env, repeat=repeat, warmup=m.warmup),
+                    f"{per_sample / 1024:.1f} KiB of targets per sample, {views} stored view(s) per image (each read)",
+                    env, repeat=repeat, warmup=m.warmup),
              "", "| side | samples/s | target MB/s |", "|---|---|---|"]
     for name, side in sides.items():
         lines.append(f"| {name} | {m.rate(name).fmt(1)} | {m.rate(name).fmt(2, side.bytes_per_sample / 1e6)} |")

@@ -66,10 +66,15 @@ class LoadBench:
     decode_sizes: tuple[int, ...] = (256, 500, 1000)  # long sides of the JPEGs of the decode table
     decode_images: int = 64  # JPEGs per side of the decode table
     student_size: int = 64  # the crop the decode table cuts
+    # stored views per image of the store the bench builds: a block holds every view of its rows
+    # and the loader reads it whole, so each epoch reads K views per sample to deliver one
+    views: int = 1
 
     def __post_init__(self):
         if self.store and not self.data:
             raise KdcacheError("--store needs --data (the corpus it was extracted from)")
+        if self.views < 1:
+            raise KdcacheError(f"--views {self.views}: a store holds at least one view per image")
         if self.codes != "none":
             from kdcache.quantize.quantizer_spec import QuantizerSpec
             QuantizerSpec.parse(self.codes)  # a bad spec fails before the store is built

@@ -73,6 +73,8 @@ def bench_extract(**kw):
 @click.option("--images", type=int, help="Images in the store the bench builds." + L("images"))
 @click.option("--shard-size", type=click.IntRange(min=1), help="Images per corpus shard of the store the bench builds."
               + L("shard_size"))
+@click.option("--views", type=click.IntRange(min=1), help="Stored views per image of the store the bench builds (the "
+              "loader reads every view of a block to use one)." + L("views"))
 @click.option("--workers", type=int, help="Loader workers." + L("workers"))
 @click.option("--batch-size", type=int, help="Samples per batch." + L("batch_size"))
 @click.option("--s3", help="auto: also a loopback moto S3 server; off; or an s3:// URL to copy the store to." + L("s3"))
@@ -93,6 +95,7 @@ def bench_load(storage_options, decode_sizes, **kw):
     kdcache bench load
     kdcache bench load --store feats.zarr --data /data/shards --s3 off
     kdcache bench load --codes pq:M=96 --images 4096
+    kdcache bench load --views 4 --s3 off
     kdcache bench load --decode-sizes 500,2000 --student-size 224
     """
     from kdcache.bench.loading import bench_load as run
