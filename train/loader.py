@@ -186,8 +186,11 @@ class CachedStream(ShardStream):
         self._ahead: tuple[str, Future] | None = None
         self._opener: ThreadPoolExecutor | None = None
         self._block_reader: ThreadPoolExecutor | None = None  # every shard's block reads, in turn (BlockRows)
+        self._pid = os.getpid()  # the process the threads above run in
 
     def __iter__(self):
+        if self._pid != os.getpid():  # a fork (a DataLoader worker) inherits these objects, not their threads
+            self._pid, self._store, self._ahead, self._opener, self._block_reader = os.getpid(), None, None, None, None
         if self._store is None:  # opened here: in a DataLoader worker, after the fork
             self._store = Store.open(self.spec.store_url)
         if self._block_reader is None:

@@ -241,3 +241,19 @@ def test_every_shard_of_a_stream_is_read_in_one_thread_that_ends_with_the_stream
     threads = {t for _, t in readers}
     assert len(threads) == 1 and next(iter(threads)).name.startswith("kdcache-blocks")  # not one thread per shard
     assert threading.main_thread() not in threads and _open_threads() == 0  # ended with the epoch
+
+
+def test_a_stream_iterated_in_process_then_forked_into_a_worker_starts_its_own_threads(vit_store, corpus):
+    from torch.utils.data import DataLoader
+    stream = _recorded(vit_store, corpus)
+    stream.set_epoch(0, following=1)
+    assert len(list(stream)) == 24  # in process: its threads live on, the next epoch's first shard opened ahead
+    assert stream._ahead is not None and _open_threads() > 0
+    stream.set_epoch(1)
+    try:  # the worker inherits the thread pools and the shard opened ahead, not their threads
+        got = [s["key"] for s in DataLoader(stream, batch_size=None, num_workers=1, timeout=60)]
+    finally:
+        stream.close()
+    fresh = _recorded(vit_store, corpus)
+    fresh.set_epoch(1)
+    assert got == [s["key"] for s in fresh] and len(got) == 24
