@@ -188,7 +188,8 @@ def demo(no_progress, **kw):
 @click.option("--seed", type=int, help="Seed of the student init, shard order and views." + T("seed"))
 @click.option("--device", help="auto | cpu | cuda[:N]." + T("device"))
 @click.option("--view-choice", type=click.Choice(VIEW_CHOICES), help="Which stored view a "
-              "sample uses (epoch: each view once per K epochs; augmented: views 1..K-1 in turn, what --online sees)."
+              "sample uses (epoch: each view once per K epochs; augmented: views 1..K-1 in turn, what --online sees; "
+              "all: every view each epoch, each its own sample, from one decode and one read: repeated augmentation)."
               + T("view_choice"))
 @click.option("--shuffle-buffer", type=int, help="Samples shuffled in a buffer within each worker." + T("shuffle_buffer"))
 @click.option("--color-jitter", type=float, help="Student-only photometric augmentation strength." + T("color_jitter"))

@@ -19,7 +19,8 @@ from kdcache.targets.normalize import NORMALIZERS
 AMP = ("auto", "bf16", "none")  # auto: bf16 autocast on CUDA, none on a CPU (where bf16 matmuls are slow)
 TASK_LOSSES = ("none", "ce")
 LABELS = ("cls",)
-VIEW_CHOICES = ("epoch", "random", "first", "augmented")  # which stored view a sample takes (train.loader.pick_view)
+# which stored view a sample takes (train.loader.pick_view); all: every one, each its own sample (repeated augmentation)
+VIEW_CHOICES = ("epoch", "random", "first", "augmented", "all")
 HEAD_KINDS = ("mlp", "transformer", "model-token")  # projectors (train.model; model-token: train.spaces)
 BALANCES = ("static", "mgda", "dto")  # how objectives are weighed (train.balance)
 LOGITS_LOSSES = ("none", "kl")  # soft labels: KL of the teacher's (top-K) distribution to the student's
@@ -48,7 +49,7 @@ class TrainConfig:
     ema: float = 0.0  # EMA decay of the student, 0 = off
     seed: int = 0
     device: str = "auto"
-    view_choice: str = "epoch"  # epoch | random | first
+    view_choice: str = "epoch"  # epoch | random | first | augmented | all
     shuffle_buffer: int = 256
     color_jitter: float = 0.0  # student-only photometric augmentation strength
     decode: str = "auto"  # JPEGs at the scale the crop needs (reduced) or full size; auto: as the store records
@@ -158,6 +159,10 @@ class TrainConfig:
 
     def _check_derived_views(self) -> None:
         """Derived targets (targets.derive) that do not combine, refused in one line."""
+        if self.view_choice == "all" and (self.online or self.sub_views or self.dense_views):
+            other = "--online" if self.online else "--sub-views" if self.sub_views else "--dense-views"
+            raise ConfigError(f"--view-choice all delivers a store's K stored views of each image; {other} draws views of "
+                              f"its own: choose one")
         if self.sub_views and self.dense_views:
             raise ConfigError("--sub-views and --dense-views both give the student new views: choose one")
         if self.online and (self.sub_views or self.dense_views):

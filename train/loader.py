@@ -248,6 +248,7 @@ class CachedStream(ShardStream):
         here and is recorded (shard, array, reason, samples not delivered) in the skip log."""
         spec = self.spec
         delivered, attrs, blocks = 0, {}, None
+        every_view = spec.view_choice == "all"  # repeated augmentation: each image's K stored views, all this epoch
         opened = None
         if self._ahead is not None and self._ahead[0] == name:
             opened, self._ahead = self._ahead[1].result(), None
@@ -263,11 +264,14 @@ class CachedStream(ShardStream):
             k = stored_views.shape[1]
 
             sub_boxes: dict[int, np.ndarray] = {}  # --sub-views: each sample's box, drawn with its view
-            picked: dict[int, int] = {}  # each sample's stored view this epoch, picked once when it is decoded
+            picked: dict[int, list[int]] = {}  # each sample's stored views this epoch, picked once when it is decoded
 
             def stored(s: RawSample) -> np.ndarray:
-                picked[s.row] = pick_view(spec.view_choice, k, key=s.key, epoch=epoch, seed=spec.seed)
-                return stored_views[s.row, picked[s.row]]
+                if every_view:
+                    picked[s.row] = list(range(k))
+                    return stored_views[s.row]
+                picked[s.row] = [pick_view(spec.view_choice, k, key=s.key, epoch=epoch, seed=spec.seed)]
+                return stored_views[s.row, picked[s.row][0]]
 
             def this_epochs_view(s: RawSample, height: int, width: int) -> np.ndarray:
                 if spec.dense_views:  # a fresh view, as an online run draws it (data.pixels.view_at)
@@ -281,7 +285,13 @@ class CachedStream(ShardStream):
             for item in view_pixels(samples, views=this_epochs_view, crops=[spec.crop], decode=spec.decode,
                                     handler=changed_since_extraction(shard)):
                 s = item.sample
-                v = epoch + 1 if spec.dense_views else picked.pop(s.row)
+                if every_view:  # one decode, one block read: every stored view of the image leaves as a sample
+                    for i, v in enumerate(picked.pop(s.row)):
+                        yield {"key": s.key, "image": item.crops[0][i], "view": v, "label": sample_label(s),
+                               **blocks.row(s.row, v)}
+                        delivered += 1
+                    continue
+                v = epoch + 1 if spec.dense_views else picked.pop(s.row)[0]
                 extra = {}
                 if spec.dense_views:  # where the targets are cut from the dense map: the view's box, and its flip
                     extra = {"dense_box": torch.from_numpy(item.views[0, :4].copy()),
@@ -295,8 +305,10 @@ class CachedStream(ShardStream):
             if not spec.skip_log:
                 raise
             count = attrs.get("count", 0)
+            per_image = self._store.meta.view_policy.views if every_view else 1  # samples each stored image gives
             record_skip(spec.skip_log, {"epoch": epoch, "shard": name, "error": one_line(e),
-                                        "samples_skipped": max(0, count - delivered) if isinstance(count, int) else 0})
+                                        "samples_skipped": max(0, count * per_image - delivered) if isinstance(count, int)
+                                        else 0})
         finally:  # also when the run stops mid-shard (the generator is closed)
             if blocks is not None:
                 blocks.close()

@@ -161,6 +161,8 @@ def test_every_option_trains_and_the_derivations_are_measured(tmp_path, dense_st
     (["--sub-views", "0.5", "--dense-views"], "choose one"),
     (["--sub-views", "1.5"], "--sub-views"),
     (["--cutmix", "1", "--predict-codes"], "codes cannot be"),
+    (["--view-choice", "all", "--sub-views", "0.5"], "--view-choice all delivers a store's K stored views"),
+    (["--view-choice", "all", "--dense-views"], "--dense-views draws views of its own"),
 ])
 def test_derived_options_refused_in_one_line(tmp_path, vit_store, corpus, args, match):
     p = run_cli("train", "--store", vit_store, "--data", corpus, "--student", "resnet18,img_size=32", "--out",
