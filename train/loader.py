@@ -82,6 +82,11 @@ class LoaderSpec:
         return Crop(tuple(self.input_size), self.interpolation)
 
 
+def samples_per_image(choice: str, k: int) -> int:
+    """Samples an epoch takes from each stored image of K views: K with ``all``, else one."""
+    return k if choice == "all" else 1
+
+
 def pick_view(choice: str, k: int, *, key: str, epoch: int, seed: int) -> int:
     if choice == "first" or k == 1:
         return 0
@@ -248,7 +253,6 @@ class CachedStream(ShardStream):
         here and is recorded (shard, array, reason, samples not delivered) in the skip log."""
         spec = self.spec
         delivered, attrs, blocks = 0, {}, None
-        every_view = spec.view_choice == "all"  # repeated augmentation: each image's K stored views, all this epoch
         opened = None
         if self._ahead is not None and self._ahead[0] == name:
             opened, self._ahead = self._ahead[1].result(), None
@@ -266,18 +270,16 @@ class CachedStream(ShardStream):
             sub_boxes: dict[int, np.ndarray] = {}  # --sub-views: each sample's box, drawn with its view
             picked: dict[int, list[int]] = {}  # each sample's stored views this epoch, picked once when it is decoded
 
-            def stored(s: RawSample) -> np.ndarray:
-                if every_view:
-                    picked[s.row] = list(range(k))
-                    return stored_views[s.row]
-                picked[s.row] = [pick_view(spec.view_choice, k, key=s.key, epoch=epoch, seed=spec.seed)]
-                return stored_views[s.row, picked[s.row][0]]
+            def stored(s: RawSample) -> np.ndarray:  # (views, 5): one, or with --view-choice all every stored view
+                picked[s.row] = (list(range(k)) if spec.view_choice == "all"
+                                 else [pick_view(spec.view_choice, k, key=s.key, epoch=epoch, seed=spec.seed)])
+                return stored_views[s.row, picked[s.row]]
 
             def this_epochs_view(s: RawSample, height: int, width: int) -> np.ndarray:
                 if spec.dense_views:  # a fresh view, as an online run draws it (data.pixels.view_at)
                     return view_at(spec.policy, s.key, epoch + 1, height, width)
                 if spec.sub_views:
-                    view, sub_boxes[s.row] = sub_view(stored(s), spec.seed, s.key, epoch, spec.sub_views)
+                    view, sub_boxes[s.row] = sub_view(stored(s)[0], spec.seed, s.key, epoch, spec.sub_views)
                     return view
                 return stored(s)
 
@@ -285,27 +287,23 @@ class CachedStream(ShardStream):
             for item in view_pixels(samples, views=this_epochs_view, crops=[spec.crop], decode=spec.decode,
                                     handler=changed_since_extraction(shard)):
                 s = item.sample
-                if every_view:  # one decode, one block read: every stored view of the image leaves as a sample
-                    for i, v in enumerate(picked.pop(s.row)):
-                        yield {"key": s.key, "image": item.crops[0][i], "view": v, "label": sample_label(s),
-                               **blocks.row(s.row, v)}
-                        delivered += 1
-                    continue
-                v = epoch + 1 if spec.dense_views else picked.pop(s.row)[0]
+                chosen = [epoch + 1] if spec.dense_views else picked.pop(s.row)
                 extra = {}
                 if spec.dense_views:  # where the targets are cut from the dense map: the view's box, and its flip
                     extra = {"dense_box": torch.from_numpy(item.views[0, :4].copy()),
                              "dense_flip": torch.tensor(float(item.views[0, 4] >= 0.5))}
                 elif spec.sub_views:  # where the sub-box's targets are cut from the stored grid
                     extra = {"sub_box": torch.from_numpy(sub_boxes.pop(s.row))}
-                yield {"key": s.key, "image": item.crops[0][0], "view": v, "label": sample_label(s),
-                       **blocks.row(s.row, 0 if spec.dense_views else v), **extra}
-                delivered += 1
+                label = sample_label(s)
+                for i, v in enumerate(chosen):  # --view-choice all: every view, from this one decode and block read
+                    yield {"key": s.key, "image": item.crops[0][i], "view": v, "label": label,
+                           **blocks.row(s.row, 0 if spec.dense_views else v), **extra}
+                    delivered += 1
         except StoreError as e:
             if not spec.skip_log:
                 raise
             count = attrs.get("count", 0)
-            per_image = self._store.meta.view_policy.views if every_view else 1  # samples each stored image gives
+            per_image = samples_per_image(spec.view_choice, self._store.meta.view_policy.views)
             record_skip(spec.skip_log, {"epoch": epoch, "shard": name, "error": one_line(e),
                                         "samples_skipped": max(0, count * per_image - delivered) if isinstance(count, int)
                                         else 0})

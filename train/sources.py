@@ -28,7 +28,7 @@ from kdcache.targets.normalize import needs_stats
 from kdcache.targets.stats import reader_stats
 
 from .config import TrainConfig
-from .loader import CachedStream, LoaderSpec, ShardStream
+from .loader import CachedStream, LoaderSpec, ShardStream, samples_per_image
 from .model import TeacherTarget
 from .online import LiveTargets, OnlineStream, TeacherInput, count_samples, teacher_stats
 from .rundir import RunDir
@@ -131,8 +131,8 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
     recorded = ReadOptions.from_dict(store.meta.corpus)
     corpus = resolve_corpus(cfg.data, dataclasses.replace(recorded, decode=_decode(cfg, recorded.decode)))
     shards, counts, bad = check_store_fits_corpus(store, corpus, teachers, skip_corrupt=cfg.skip_corrupt)
-    if cfg.view_choice == "all":  # each image gives K samples an epoch: the schedule is that much longer
-        counts = {n: c * store.meta.view_policy.views for n, c in counts.items()}
+    per_image = samples_per_image(cfg.view_choice, store.meta.view_policy.views)  # --view-choice all: K
+    counts = {n: c * per_image for n, c in counts.items()}
     check_derived_views(cfg, store, teachers)
     soft = {t: store.meta.teachers[t].logits["classes"] for t in teachers if store.meta.teachers[t].logits}
     classes = _soft_label_classes(cfg, soft, where=f"{cfg.store}", remedy="extract with --logits K")
