@@ -151,7 +151,7 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
             copy_stores([store], s3, progress=False)
             locations["s3"] = s3
         opened = Store.open(store)
-        held, views = target_paths(opened), opened.meta.view_policy.views
+        held, views, fmt = target_paths(opened), opened.meta.view_policy.views, opened.meta.format
         if "fp16" not in held:
             raise KdcacheError(f"--store {store}: its first teacher's float summary and patch tokens are not stored "
                                f"(a store of codes only: extract it with --keep-float)")
@@ -177,12 +177,13 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
     decodes = decode_table(o.decode_sizes, student=o.student_size, images=o.decode_images, repeat=repeat)
     if as_json:
         return json.dumps({"environment": env, "workers": workers, "batch_size": batch_size, "bytes_per_sample": per_sample,
-                           "stored_views": views,
+                           "stored_views": views, "store_format": fmt,
                            "measurement": m.to_dict(), "verified_over_unverified": {w: r.to_dict() for w, r in ratios.items()},
                            "loader_over_decode_floor": of_floor.to_dict(),
                            "over_decode_floor": {name: r.to_dict() for name, r in shares.items()}, "decode": decodes}, indent=2)
     lines = [header(f"bench load: one loader epoch per side, {workers} worker(s), batch {batch_size}, "
-                    f"{per_sample / 1024:.1f} KiB of targets per sample, {views} stored view(s) per image (each read)",
+                    f"{per_sample / 1024:.1f} KiB of targets per sample, {views} stored view(s) per image, "
+                    f"{'one read per block and epoch' if fmt >= 2 else 'each read'} (store format {fmt})",
                     env, repeat=repeat, warmup=m.warmup),
              "", "| side | samples/s | target MB/s |", "|---|---|---|"]
     for name, side in sides.items():

@@ -73,18 +73,23 @@ def store_group():
 @store_group.command("copy")
 @click.argument("src")
 @click.argument("dst")
+@click.option("--format", "store_format", type=click.Choice(["1", "2"]),
+              help="Write DST in this store format: 2 stores each view of a block as a Zarr shard of its own (a loader "
+                   "reads only the view it uses); 1 as kdcache read stores before. [default: SRC's]")
 @click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
 @with_storage_options
-def store_copy(src, dst, no_progress, storage_options):
+def store_copy(src, dst, store_format, no_progress, storage_options):
     """Copy SRC to DST (local <-> remote) shard by shard; resumable, each shard verified after the copy.
 
     \b
     kdcache store copy s3://team-a/feats.zarr feats.zarr --storage-option endpoint_url=https://s3.example.org
     kdcache store copy feats.zarr s3://team-b/feats.zarr
+    kdcache store copy old-k4.zarr new-k4.zarr --format 2   # a format-1 store, one view read per block
     """
     from kdcache.store.ops import copy_stores
     apply_storage_options(storage_options, src, dst)
-    click.echo(json.dumps(copy_stores([src], dst, progress=not no_progress), indent=2))
+    click.echo(json.dumps(copy_stores([src], dst, progress=not no_progress,
+                                      store_format=int(store_format) if store_format else None), indent=2))
 
 
 @store_group.command("merge")

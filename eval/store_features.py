@@ -38,7 +38,7 @@ def labelled_store_features(url: str, data: str, *, teacher: str | None = None, 
             attrs = store.shard_attrs(shard.name) or {}
             if attrs.get("complete") is not True:
                 raise StoreError(f"{url}: shard {shard.name} is not complete")
-            x = store.read_features(shard.name, teacher, "cls")[:, 0]
+            x = store.read_features(shard.name, teacher, "cls", view=0)  # the eval view: in format 2 it alone is read
             samples = list(align(corpus, shard, store.keys(shard.name).tolist(), attrs.get("failed", [])))
         except StoreError as e:
             if not skip_corrupt:

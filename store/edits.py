@@ -11,8 +11,8 @@ import numpy as np
 from kdcache.errors import StoreError
 
 from .layout import ArrayDigest, append_rows, create_rows_array
-from .meta import SHARDS, quantizer_path, stats_path
-from .reads import crc32
+from .meta import SHARDS, per_image, quantizer_path, stats_path
+from .reads import block_crcs
 
 
 class ShardEdits:
@@ -35,12 +35,13 @@ class ShardEdits:
         if dst in group:
             del group[dst]  # left by an interrupted run
         block = self.block_rows(shard, src)
-        out = create_rows_array(group, dst, row_shape, dtype, block=block, codec=codec, attrs=attrs)
+        per_view = self.meta.view_shards and self.meta.views > 1 and not per_image(dst)  # as ShardWriter lays it out
+        out = create_rows_array(group, dst, row_shape, dtype, block=block, codec=codec, attrs=attrs, per_view=per_view)
         h, crcs = ArrayDigest(), []
         for source_rows in self.read_blocks(shard, src):
             rows = np.asarray(transform(source_rows), dtype=dtype)
             h.update(rows)
-            crcs.append(crc32(rows))
+            crcs += block_crcs(rows, per_view=per_view)
             append_rows(out, rows)
         digest[dst] = h.hexdigest()
         if not keep_source:

@@ -2,8 +2,10 @@
 
 One Zarr v3 shard (one file or object) holds ``block`` samples of an array; inner chunks hold
 a few samples, so a sequential read is a few large requests and a random read decodes one
-small chunk. Writers append whole blocks, so every Zarr shard is written exactly once. The
-checks a reader applies to every block it reads (CRC-32, finiteness) are in ``reads``.
+small chunk. In a format-2 store an array with a view axis (``per_view``) has one Zarr shard
+per (block, view): a loader that uses one view of a block reads that view's bytes only, in one
+request. Writers append whole blocks, so every Zarr shard is written exactly once. The checks a
+reader applies to every block it reads (CRC-32, finiteness) are in ``reads``.
 """
 from __future__ import annotations
 
@@ -44,17 +46,26 @@ def chunk_rows(sample_bytes: int, block: int) -> int:
 
 
 def create_rows_array(group, name: str, row_shape: tuple, dtype: str, *, block: int, codec: str,
-                      attrs: dict | None = None):
-    """An array of shape (0, *row_shape) that grows along axis 0 by whole blocks."""
-    sample_bytes = math.prod(row_shape) * np.dtype(dtype).itemsize if dtype != str else 64
+                      attrs: dict | None = None, per_view: bool = False):
+    """An array of shape (0, *row_shape) that grows along axis 0 by whole blocks; ``per_view``
+    (axis 1 is the view axis): one Zarr shard per (block, view)."""
+    shard_row = (1, *row_shape[1:]) if per_view and row_shape else tuple(row_shape)
+    sample_bytes = math.prod(shard_row) * np.dtype(dtype).itemsize if dtype != str else 64
     chunk = chunk_rows(sample_bytes, block)
-    kwargs = dict(shape=(0, *row_shape), dtype=dtype, chunks=(chunk, *row_shape), attributes=attrs or {})
+    kwargs = dict(shape=(0, *row_shape), dtype=dtype, chunks=(chunk, *shard_row), attributes=attrs or {})
     if dtype is str:
         kwargs["chunks"] = (block,)
     else:
-        kwargs["shards"] = (block, *row_shape)
+        kwargs["shards"] = (block, *shard_row)
         kwargs["compressors"] = compressors(codec)
     return group.create_array(name, **kwargs)
+
+
+def view_sharded(a) -> bool:
+    """Whether each view of an array's blocks is a Zarr shard of its own (format 2, K > 1): read
+    from the array's own metadata, so every reader reads what is there."""
+    shards = getattr(a, "shards", None)
+    return bool(shards) and a.ndim >= 2 and shards[1] == 1 and a.shape[1] > 1
 
 
 def append_rows(arr, rows: np.ndarray) -> None:

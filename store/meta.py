@@ -14,7 +14,8 @@ from kdcache.errors import StoreError
 
 from .dtypes import zarr_dtype
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each view of a block is its own Zarr shard (``view_shards``); 1: a block holds every view
+READABLE_FORMATS = (1, 2)
 CODECS = ("none", "lz4", "zstd")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # how crops are resized (torchvision's modes of these names)
 TOKEN_KINDS = ("cls", "patch")  # a teacher's stored token kinds: its summary vector, its patch tokens
@@ -129,6 +130,13 @@ class StoreMeta:
         return self.view_policy.views
 
     @property
+    def view_shards(self) -> bool:
+        """Whether writers store each view of a block as its own Zarr shard (format 2), so a
+        reader of one view reads 1/K of the bytes; a format-1 store keeps whole blocks, so the
+        kdcache that wrote it can still read every array added to it."""
+        return self.format >= 2
+
+    @property
     def seed(self) -> int:
         return self.view_policy.seed
 
@@ -149,8 +157,9 @@ class StoreMeta:
         if not isinstance(d, dict):
             raise StoreError(f"{where}: the 'kdcache' attribute is not a JSON object")
         fmt = d.get("format")
-        if fmt != FORMAT_VERSION:
-            raise StoreError(f"{where}: store format {fmt!r} is not supported (this kdcache reads format {FORMAT_VERSION})")
+        if fmt not in READABLE_FORMATS or isinstance(fmt, bool):
+            raise StoreError(f"{where}: store format {fmt!r} is not supported (this kdcache reads formats "
+                             f"{', '.join(map(str, READABLE_FORMATS))})")
         from .schema import check_root
         check_root(d, where)
         return cls(

@@ -18,7 +18,8 @@ from kdcache.errors import StoreError
 
 from .inspect import shard_nbytes, write_summary
 from .lease import new_owner
-from .meta import TOKEN_KINDS, StoreMeta, feature_path, has_teacher
+from .meta import TOKEN_KINDS, StoreMeta, feature_path, has_teacher, per_image
+from .reads import block_crcs
 from .remote import is_url, local_path
 from .store import Store, ensure_group
 from .verify import verify_shard
@@ -49,12 +50,15 @@ def compatible(a: StoreMeta, b: StoreMeta, *, a_name: str, b_name: str) -> None:
             differ(f"teacher {t}", {k: x[k] for k in keys}, {k: y.get(k) for k in keys})
 
 
-def copy_stores(sources: list[str], dst_url: str, *, shards: str | None = None, progress: bool = True) -> dict:
+def copy_stores(sources: list[str], dst_url: str, *, shards: str | None = None, progress: bool = True,
+                store_format: int | None = None) -> dict:
     """Copy the complete shards of ``sources`` (matching the glob ``shards``) into ``dst_url``.
 
     One source: ``copy`` (or ``subset`` with a pattern). Several: ``merge``: their shards must be
     disjoint, or identical (same digests); any other overlap is refused naming the shard,
-    before anything is written."""
+    before anything is written. ``store_format``: the destination's format (the sources' when
+    None); the arrays are laid out as it says, their digests unchanged, their checksums recomputed
+    from the verified rows."""
     srcs = [Store.open(u, index=False) for u in sources]  # copied from their own metadata
     for s in srcs[1:]:
         compatible(srcs[0].meta, s.meta, a_name=srcs[0].url, b_name=s.url)
@@ -70,7 +74,7 @@ def copy_stores(sources: list[str], dst_url: str, *, shards: str | None = None, 
             plan[name] = s
     if shards and not plan:
         raise StoreError(f"--shards {shards!r}: no complete shard of {', '.join(sources)} matches")
-    meta = srcs[0].meta
+    meta = srcs[0].meta if store_format is None else srcs[0].meta.replace(format=store_format)
     if shards:
         meta = meta.replace(corpus={**meta.corpus, "subset": shards})
     dst = _open_destination(dst_url, meta)
@@ -122,19 +126,27 @@ def _copy_shard(src: Store, dst: Store, name: str) -> None:
     attrs = src.shard_attrs(name)
     dst.delete_shard(name)
     group = ensure_group(dst.root, "shards").create_group(name, attributes={"complete": False})
+    crcs = {}
     for path in ["keys", "views", *[p for p in attrs["digest"] if p not in ("keys", "views")]]:
         a = src.array(name, path)
-        out = group.create_array(path, shape=a.shape, dtype=a.dtype, chunks=a.chunks, shards=getattr(a, "shards", None),
+        shards, chunks = getattr(a, "shards", None), a.chunks
+        per_view = bool(shards) and path != "views" and not per_image(path) and dst.meta.views > 1 and dst.meta.view_shards
+        if shards and path != "views" and not per_image(path):  # the destination format's layout
+            shards, chunks = ((shards[0], 1, *shards[2:]), (chunks[0], 1, *chunks[2:])) if per_view else \
+                ((shards[0], a.shape[1], *shards[2:]), (chunks[0], a.shape[1], *chunks[2:]))
+        out = group.create_array(path, shape=a.shape, dtype=a.dtype, chunks=chunks, shards=shards,
                                  compressors=a.compressors, attributes=dict(a.attrs))
         if path in ("keys", "views"):
             rows = src.keys(name) if path == "keys" else src.views(name)
             out[...] = rows
             continue
-        start = 0
+        start, crcs[path] = 0, []
         for rows in src.read_blocks(name, path):
             out[start:start + len(rows)] = rows
             start += len(rows)
-    group.attrs.put(dict(attrs))  # complete, count, failed, digests: last, in one write
+            crcs[path] += block_crcs(rows, per_view=per_view)
+    # complete, count, failed, digests (the rows' own: unchanged by the layout), checksums: last, in one write
+    group.attrs.put({**attrs, "block_crc32": crcs})
     problems = verify_shard(dst, name)
     if problems:
         raise StoreError(f"{dst.url}: shard {name} does not verify after the copy: {problems[0]}")

@@ -14,7 +14,7 @@ from isal import isal_zlib
 from kdcache.errors import CorruptShardError, StoreError, first_line
 
 from .dtypes import to_float32
-from .layout import ArrayDigest, digest_array
+from .layout import ArrayDigest, digest_array, view_sharded
 from .meta import SHARDS, feature_path
 
 MAX_BLOCK_BYTES = 1 << 31  # a block is read whole: bound what hostile array metadata can make us allocate
@@ -95,12 +95,12 @@ class VerifiedReads:
         ``array``: the array already opened (``array(shard, path)``), not opened again."""
         return _block_of(array if array is not None else self.array(shard, path))
 
-    def read_blocks(self, shard: str, path: str):
-        """Every block of an array in order, each checked by ``read_block``; the shard's attributes
-        and the array are opened once for all of them."""
+    def read_blocks(self, shard: str, path: str, *, view: int | None = None):
+        """Every block of an array in order, each checked by ``read_block`` (``view``: that view's
+        rows only); the shard's attributes and the array are opened once for all of them."""
         attrs, a = self.shard_attrs(shard) or {}, self.array(shard, path)
         for b in range(-(-a.shape[0] // _block_of(a))):
-            yield self.read_block(shard, path, b, attrs=attrs, array=a)
+            yield self.read_block(shard, path, b, attrs=attrs, array=a, view=view)
 
     def array_nbytes(self, shard: str) -> dict[str, int]:
         """Bytes stored per array of a shard (chunks and array metadata), one listing."""
@@ -110,40 +110,58 @@ class VerifiedReads:
             return {}
         return {path: a.nbytes_stored() for path, a in group.members(max_depth=None) if hasattr(a, "nbytes_stored")}
 
-    def read_features(self, shard: str, teacher: str, kind: str) -> np.ndarray:
-        """A whole shard's float ``cls``/``patch`` features as float32 (bf16 bits widened), verified."""
+    def read_features(self, shard: str, teacher: str, kind: str, *, view: int | None = None) -> np.ndarray:
+        """A whole shard's float ``cls``/``patch`` features as float32 (bf16 bits widened), verified:
+        (n, K, ...), or (n, ...) of one ``view`` (in a format-2 store only that view is read)."""
         if teacher not in self.meta.teachers:
             raise StoreError(f"{self.url}: no teacher {teacher!r} (teachers: {', '.join(self.meta.teachers)})")
         path = feature_path(teacher, kind)
-        rows = list(self.read_blocks(shard, path))
-        return to_float32(np.concatenate(rows) if rows else self.array(shard, path)[:0], self.meta.teachers[teacher].dtype)
+        rows = list(self.read_blocks(shard, path, view=view))
+        empty = self.array(shard, path)[:0]
+        return to_float32(np.concatenate(rows) if rows else (empty if view is None else empty[:, 0]),
+                          self.meta.teachers[teacher].dtype)
 
     def read_block(self, shard: str, path: str, index: int, *, attrs: dict | None = None, array=None,
-                   verify: bool = True) -> np.ndarray:
-        """Rows of block ``index`` (one Zarr shard) of an array, checked before they are returned:
-        readable, equal to the CRC-32 written with them (so a missing chunk read as fill values or
-        a flipped byte is caught), and finite. Anything else is a CorruptShardError naming shard
-        and array. Stores written before block checksums are checked against the whole-array
-        digest instead, once per array (``verify_array``)."""
+                   verify: bool = True, view: int | None = None) -> np.ndarray:
+        """Rows of block ``index`` of an array, checked before they are returned: readable, equal
+        to the CRC-32 written with them (so a missing chunk read as fill values or a flipped byte
+        is caught), and finite. Anything else is a CorruptShardError naming shard and array.
+        ``view``: that view's rows only, (rows, ...): in a format-2 store one Zarr shard, 1/K of the
+        block's bytes, read and checked alone; None: every view, (rows, K, ...). Stores written
+        before block checksums are checked against the whole-array digest instead, once per array
+        (``verify_array``)."""
         attrs = attrs if attrs is not None else (self.shard_attrs(shard) or {})
         a = array if array is not None else self.array(shard, path)
+        if not view_sharded(a):
+            rows = self._checked_shard(shard, path, a, index, None, attrs, verify)
+            return rows if view is None else rows[:, view]
+        if view is not None:
+            return self._checked_shard(shard, path, a, index, view, attrs, verify)[:, 0]
+        return np.concatenate([self._checked_shard(shard, path, a, index, v, attrs, verify) for v in range(a.shape[1])],
+                              axis=1)
+
+    def _checked_shard(self, shard: str, path: str, a, index: int, view: int | None, attrs: dict,
+                       verify: bool) -> np.ndarray:
+        """One Zarr shard: block ``index`` (``view`` None), or its view ``view`` (format 2), checked."""
         block = _block_of(a)
+        where = f"block {index}" + (f" view {view}" if view is not None else "")
         try:
-            rows = _block_in_one_request(a, index, block)
+            rows = _block_in_one_request(a, index, block, view or 0)
         except Exception as e:  # noqa: BLE001 - a truncated or garbled chunk fails inside the codec
-            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} unreadable "
+            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: {where} unreadable "
                                     f"({type(e).__name__}: {_printable(first_line(e))})", shard=shard) from None
         if not verify:  # only `kdcache bench load`, to measure what the checks cost
             return rows
         crcs = (attrs.get("block_crc32") or {}).get(path)
         if crcs is not None:
-            if index >= len(crcs) or crc32(rows) != crcs[index]:
-                raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} does not match the checksum "
+            at = index if view is None else index * a.shape[1] + view
+            if at >= len(crcs) or crc32(rows) != crcs[at]:
+                raise CorruptShardError(f"{self.url}: shard {shard}: {path}: {where} does not match the checksum "
                                         f"written with it (corrupt or missing chunk)", shard=shard)
-        elif index == 0:
+        elif index == 0 and not view:
             self.verify_array(shard, path, attrs=attrs, array=a)
         if not all_finite(rows):
-            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: block {index} holds NaN or infinite values",
+            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: {where} holds NaN or infinite values",
                                     shard=shard)
         return rows
 
@@ -161,8 +179,9 @@ class VerifiedReads:
                                     f"chunk)", shard=shard)
 
 
-def _block_in_one_request(a, index: int, block: int) -> np.ndarray:
-    """Rows of block ``index`` of a sharded array, its Zarr shard fetched whole in one request and
+def _block_in_one_request(a, index: int, block: int, view: int = 0) -> np.ndarray:
+    """Rows of block ``index`` of a sharded array (of its view ``view`` when each view is a Zarr
+    shard of its own: then (rows, 1, ...)), its Zarr shard fetched whole in one request and
     decoded from memory. zarr-python 3.1 fetches a shard whole only when the selection covers all
     its inner chunks; the last block of an array (every block of a small shard) does not, and is
     then read one inner chunk per request: 23 requests for a 64-row block, 1 here (measured on
@@ -174,7 +193,9 @@ def _block_in_one_request(a, index: int, block: int) -> np.ndarray:
     from zarr.core.sync import sync
     if not getattr(a, "shards", None):
         return np.asarray(a[index * block:(index + 1) * block])
-    key = a.metadata.encode_chunk_key((index,) + (0,) * (a.ndim - 1))
+    per_view = view_sharded(a)
+    where = (slice(index * block, (index + 1) * block),) + ((slice(view, view + 1),) if per_view else ())
+    key = a.metadata.encode_chunk_key((index, view if per_view else 0) + (0,) * (a.ndim - 2) if a.ndim > 1 else (index,))
     proto = default_buffer_prototype()
     # a range from byte 0 is the whole object in one GET (s3fs asks the size first for a plain read)
     raw = sync(a.store_path.store.get(f"{a.store_path.path}/{key}", prototype=proto, byte_range=OffsetByteRequest(0)))
@@ -185,7 +206,7 @@ def _block_in_one_request(a, index: int, block: int) -> np.ndarray:
     held = a.metadata.to_buffer_dict(proto)
     if raw is not None:
         held[key] = raw
-    return np.asarray(zarr.open_array(zarr.storage.MemoryStore(held), mode="r")[index * block:(index + 1) * block])
+    return np.asarray(zarr.open_array(zarr.storage.MemoryStore(held), mode="r")[where])
 
 
 EMPTY = 2**64 - 1  # a Zarr shard index's (offset, nbytes) of an inner chunk never written
@@ -195,7 +216,8 @@ def _decode_shard(a, raw: np.ndarray, rows: int) -> np.ndarray | None:
     """The first ``rows`` rows of one Zarr shard's bytes, decoded straight into one array, or
     None for a layout other than the one kdcache writes (then zarr decodes it).
 
-    kdcache writes one layout (``layout.create_rows_array``): inner chunks of whole rows, little-
+    kdcache writes one layout (``layout.create_rows_array``): inner chunks of whole rows (of one view
+    in format 2), little-
     endian bytes, optionally one Blosc codec, the index at the end with its CRC-32C. For it this
     is the Zarr v3 sharding format read directly: the index (its CRC-32C checked), then each
     inner chunk decompressed by numcodecs' Blosc into its place in the output. zarr-python decodes
@@ -211,7 +233,7 @@ def _decode_shard(a, raw: np.ndarray, rows: int) -> np.ndarray | None:
     little = inner and isinstance(inner[0], BytesCodec) and getattr(inner[0].endian, "value", "little") == "little"
     if (not little or len(inner) > 2 or not all(isinstance(c, BloscCodec) for c in inner[1:])
             or tuple(type(c) for c in sharding.index_codecs) != (BytesCodec, Crc32cCodec)
-            or sharding.index_location.value != "end" or tuple(sharding.chunk_shape[1:]) != tuple(a.shape[1:])
+            or sharding.index_location.value != "end" or tuple(sharding.chunk_shape[1:]) != tuple(a.shards[1:])
             or a.dtype.kind not in "fiub" or a.dtype.byteorder == ">"):
         return None
     import google_crc32c
@@ -225,7 +247,7 @@ def _decode_shard(a, raw: np.ndarray, rows: int) -> np.ndarray | None:
     if google_crc32c.value(index[:-4].tobytes()) != int.from_bytes(index[-4:].tobytes(), "little"):
         raise ValueError("the shard index does not match its CRC-32C")
     spans = index[:-4].view("<u8").reshape(chunks, 2)
-    out = np.empty((-(-rows // per_chunk) * per_chunk, *a.shape[1:]), dtype=a.dtype)
+    out = np.empty((-(-rows // per_chunk) * per_chunk, *a.shards[1:]), dtype=a.dtype)
     chunk_bytes = out[:per_chunk].nbytes
     data_end = raw.size - index_bytes
     for i in range(-(-rows // per_chunk)):
@@ -251,6 +273,12 @@ def _decode_shard(a, raw: np.ndarray, rows: int) -> np.ndarray | None:
 
 def _block_of(a) -> int:
     return int(a.shards[0] if getattr(a, "shards", None) else a.chunks[0])
+
+
+def block_crcs(rows: np.ndarray, *, per_view: bool) -> list[int]:
+    """The CRC-32s a writer records for one block of rows: one, or one per view (in view order)
+    when each view is a Zarr shard of its own (what ``read_block`` checks)."""
+    return [crc32(rows[:, v]) for v in range(rows.shape[1])] if per_view else [crc32(rows)]
 
 
 def crc32(rows: np.ndarray) -> int:

@@ -2,8 +2,8 @@
 
 A shard is written by exactly one process. Rows are buffered and written one Zarr shard
 (``block`` samples) at a time; each array's sha256 (``digest``, what ``verify`` checks) and a
-CRC-32 per block (``block_crc32``, what loaders check on every block they read: cheap enough
-for the hot path) are computed from the very bytes written, and the shard's attributes (count,
+CRC-32 per block, or per (block, view) when each view is a Zarr shard of its own
+(``block_crc32``, what loaders check on every block they read: cheap enough for the hot path) are computed from the very bytes written, and the shard's attributes (count,
 failed, digest, block_crc32, complete) are written in a single final metadata update, so a
 reader either sees a finished shard or an incomplete one.
 """
@@ -15,8 +15,8 @@ from kdcache.errors import StoreError
 
 from .dtypes import itemsize
 from .layout import ArrayDigest, append_rows, block_rows, create_rows_array
-from .meta import TeacherMeta, teacher_arrays
-from .reads import crc32
+from .meta import TeacherMeta, per_image, teacher_arrays
+from .reads import block_crcs
 
 
 class ShardWriter:
@@ -29,10 +29,12 @@ class ShardWriter:
         write_index: create ``keys``/``views`` too (a new shard) or only teacher arrays (adding
             teachers to a complete shard, whose keys and views are already there).
         expected_count: when adding teachers, the shard's existing row count to match.
+        view_shards: each view of a block of the teachers' per-view arrays in a Zarr shard of its
+            own (format 2: ``StoreMeta.view_shards``); off, a block holds every view (format 1).
     """
 
     def __init__(self, group, *, teachers: dict[str, TeacherMeta], views: int, write_index: bool = True,
-                 expected_count: int | None = None):
+                 expected_count: int | None = None, view_shards: bool = True):
         self.group = group
         self.write_index = write_index
         self.expected_count = expected_count
@@ -45,15 +47,20 @@ class ShardWriter:
         self._buffers: dict[str, list[np.ndarray]] = {}
         self._digests: dict[str, ArrayDigest] = {}
         self._crcs: dict[str, list[int]] = {}
+        self._per_view: set[str] = set()
         if write_index:
             self._add("keys", (), str, codec="none")
             self._add("views", (views, 5), "float32", codec="none")
         for name, t in teachers.items():
             for path, (row_shape, dtype, attrs) in teacher_arrays(name, t, views).items():
-                self._add(path, row_shape, dtype, codec=t.codec, attrs=attrs)
+                self._add(path, row_shape, dtype, codec=t.codec, attrs=attrs,
+                          per_view=view_shards and views > 1 and not per_image(path))
 
-    def _add(self, path, row_shape, dtype, *, codec, attrs=None):
-        self._arrays[path] = create_rows_array(self.group, path, row_shape, dtype, block=self.block, codec=codec, attrs=attrs)
+    def _add(self, path, row_shape, dtype, *, codec, attrs=None, per_view=False):
+        self._arrays[path] = create_rows_array(self.group, path, row_shape, dtype, block=self.block, codec=codec, attrs=attrs,
+                                               per_view=per_view)
+        if per_view:
+            self._per_view.add(path)
         self._buffers[path] = []
         self._digests[path] = ArrayDigest()
         self._crcs[path] = []
@@ -93,7 +100,8 @@ class ShardWriter:
                     head = np.asarray(head, dtype=str)
                 else:  # checksum the bytes as stored, in the array's dtype
                     head = np.asarray(head, dtype=self._arrays[path].dtype)
-                    self._crcs[path] += [crc32(head[i:i + self.block]) for i in range(0, len(head), self.block)]
+                    for i in range(0, len(head), self.block):
+                        self._crcs[path] += block_crcs(head[i:i + self.block], per_view=path in self._per_view)
                 self._digests[path].update(head)
                 append_rows(self._arrays[path], head)
             self._buffers[path] = [tail] if len(tail) else []

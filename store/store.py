@@ -325,7 +325,7 @@ class Store(VerifiedReads, ShardEdits):
         self._need_writable()
         self.delete_shard(name)
         group = ensure_group(self.root, SHARDS).create_group(name, attributes={"complete": False})
-        return ShardWriter(group, teachers=teachers, views=self.meta.views)
+        return ShardWriter(group, teachers=teachers, views=self.meta.views, view_shards=self.meta.view_shards)
 
     def extend_shard(self, name: str, teachers: dict[str, TeacherMeta]) -> ShardWriter:
         """Add teacher arrays to complete shard ``name`` (partial earlier attempts removed)."""
@@ -338,7 +338,7 @@ class Store(VerifiedReads, ShardEdits):
             if t in group:
                 del group[t]
         return ShardWriter(group, teachers=teachers, views=self.meta.views, write_index=False,
-                           expected_count=attrs["count"])
+                           expected_count=attrs["count"], view_shards=self.meta.view_shards)
 
     # -- quantizers and statistics -------------------------------------------------------
     def read_codebooks(self, teacher: str, kind: str) -> Codebooks | None:

@@ -87,15 +87,18 @@ def samples_per_image(choice: str, k: int) -> int:
     return k if choice == "all" else 1
 
 
-def pick_view(choice: str, k: int, *, key: str, epoch: int, seed: int) -> int:
+def pick_view(choice: str, k: int, *, shard: str, block: int, epoch: int, seed: int) -> int:
+    """The stored view the samples of block ``block`` of a store shard take this epoch. Drawn per
+    block, not per sample: in a format-2 store each view of a block is a Zarr shard of its own,
+    so the loader reads the one view it uses (1/K of the bytes) instead of all K to use one."""
     if choice == "first" or k == 1:
         return 0
     if choice == "augmented":  # views 1..K-1 in turn, never the eval view: what an online run sees (train.online)
         return 1 + epoch % (k - 1)
-    h = int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "little")
-    if choice == "epoch":  # every view once per K epochs, from a per-key offset
+    h = int.from_bytes(hashlib.sha256(f"{seed}\0{shard}\0{block}".encode()).digest()[:8], "little")
+    if choice == "epoch":  # every view once per K epochs, from a per-block offset
         return (epoch + h) % k
-    return random.Random(f"{seed}/{epoch}/{key}").randrange(k)
+    return random.Random(f"{seed}/{epoch}/{shard}/{block}").randrange(k)
 
 
 class ShardStream(IterableDataset):
@@ -104,7 +107,7 @@ class ShardStream(IterableDataset):
     ``CachedStream`` (stored targets) and ``train.online.OnlineStream`` (live teachers) share
     this order, so the same seed gives the same batches from either. A subclass defines
     ``_shard(name, epoch)``: the samples of one shard, as dicts; and may define
-    ``_read_ahead(name)``: start opening the shard that comes next (called once the current one
+    ``_read_ahead(name, epoch)``: start opening the shard that comes next (called once the current one
     has delivered its first sample; for the last shard of an epoch, the first shard of the epoch
     that follows, when ``set_epoch`` said which one does).
 
@@ -148,14 +151,14 @@ class ShardStream(IterableDataset):
         following = self._following.value  # this worker's first shard of the next epoch follows its last of this one
         first_next = (epoch_streams(spec.shards, seed=spec.seed, epoch=following, world=self.world,
                                     workers=workers)[self.rank][worker][:1] if following >= 0 else [])
-        ahead = [*mine[1:], *first_next]  # the shard to open while each of mine streams
+        ahead = [*((s, epoch) for s in mine[1:]), *((s, following) for s in first_next)]  # opened while each of mine streams
         rng = random.Random(f"{spec.seed}/{epoch}/{self.rank}/{worker}")
         jitter = _color_jitter(spec.color_jitter)
         buffer = []
         for i, shard in enumerate(mine):
             for n, sample in enumerate(self._shard(shard, epoch)):
                 if n == 0 and i < len(ahead):  # this shard is open (its first sample is here): prepare the next
-                    self._read_ahead(ahead[i])
+                    self._read_ahead(*ahead[i])
                 if jitter is not None:
                     torch.manual_seed(rng.getrandbits(63))
                     sample["image"] = jitter(sample["image"])
@@ -168,7 +171,7 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _read_ahead(self, name: str) -> None:
+    def _read_ahead(self, name: str, epoch: int) -> None:
         """Nothing to prepare by default (the corpus shard is streamed as it is read)."""
 
 
@@ -188,7 +191,7 @@ class CachedStream(ShardStream):
     def __init__(self, corpus: Corpus, spec: LoaderSpec, *, epoch: int = 0, rank: int = 0, world: int = 1):
         super().__init__(corpus, spec, epoch=epoch, rank=rank, world=world)
         self._store = None
-        self._ahead: tuple[str, Future] | None = None
+        self._ahead: tuple[tuple[str, int], Future] | None = None  # ((shard, epoch), its opening)
         self._opener: ThreadPoolExecutor | None = None
         self._block_reader: ThreadPoolExecutor | None = None  # every shard's block reads, in turn (BlockRows)
         self._pid = os.getpid()  # the process the threads above run in
@@ -217,11 +220,11 @@ class CachedStream(ShardStream):
                 pool.shutdown(wait=True, cancel_futures=True)
         self._opener = self._block_reader = None
 
-    def _read_ahead(self, name: str) -> None:
+    def _read_ahead(self, name: str, epoch: int) -> None:
         self._drop_ahead()
         if self._opener is None:
             self._opener = ThreadPoolExecutor(1, thread_name_prefix="kdcache-open")
-        self._ahead = (name, self._opener.submit(self._open, name))
+        self._ahead = ((name, epoch), self._opener.submit(self._open, name, epoch))
 
     def _drop_ahead(self) -> None:
         """Close a shard opened ahead and never streamed. Its own failure, if any, is dropped
@@ -232,9 +235,10 @@ class CachedStream(ShardStream):
             if isinstance(opened, OpenShard):
                 opened.blocks.close()
 
-    def _open(self, name: str) -> OpenShard | tuple[dict, StoreError]:
-        """A shard's attributes, keys, views and block reader (its first block being read), or
-        (the attributes read so far, the store's error): raised when the shard's turn comes."""
+    def _open(self, name: str, epoch: int) -> OpenShard | tuple[dict, StoreError]:
+        """A shard's attributes, keys, views and block reader (its first block being read: of the
+        view the epoch draws for it), or (the attributes read so far, the store's error): raised
+        when the shard's turn comes."""
         store, spec, attrs = self._store, self.spec, {}
         try:
             attrs = store.shard_attrs(name) or {}
@@ -244,9 +248,20 @@ class CachedStream(ShardStream):
                                  f"rewrites it)")
             keys, views = store.keys(name).tolist(), store.views(name)
             return OpenShard(attrs, keys, views, BlockRows(store, name, spec.target_paths, attrs, verify=spec.verify,
-                                                           reader=self._block_reader))
+                                                           reader=self._block_reader,
+                                                           view_of=self._block_views(name, epoch, views.shape[1])))
         except StoreError as e:
             return attrs, e
+
+    def _block_views(self, name: str, epoch: int, k: int):
+        """Block index -> the stored view its samples take this epoch (``pick_view``); None with
+        ``--view-choice all`` (every view). Fresh views (``--dense-views``) read per-image maps."""
+        spec = self.spec
+        if spec.view_choice == "all" and not spec.dense_views:
+            return None
+        if spec.dense_views:
+            return lambda block: 0
+        return lambda block: pick_view(spec.view_choice, k, shard=name, block=block, epoch=epoch, seed=spec.seed)
 
     def _shard(self, name: str, epoch: int):
         """The samples of one shard; a corrupt shard stops the run, or with ``skip_log`` ends
@@ -254,11 +269,11 @@ class CachedStream(ShardStream):
         spec = self.spec
         delivered, attrs, blocks = 0, {}, None
         opened = None
-        if self._ahead is not None and self._ahead[0] == name:
+        if self._ahead is not None and self._ahead[0] == (name, epoch):
             opened, self._ahead = self._ahead[1].result(), None
         else:  # (a shard opened ahead for an epoch that did not come: set_epoch chose another)
             self._drop_ahead()
-        opened = opened if opened is not None else self._open(name)
+        opened = opened if opened is not None else self._open(name, epoch)
         try:
             if not isinstance(opened, OpenShard):
                 attrs, error = opened
@@ -271,8 +286,7 @@ class CachedStream(ShardStream):
             picked: dict[int, list[int]] = {}  # each sample's stored views this epoch, picked once when it is decoded
 
             def stored(s: RawSample) -> np.ndarray:  # (views, 5): one, or with --view-choice all every stored view
-                picked[s.row] = (list(range(k)) if spec.view_choice == "all"
-                                 else [pick_view(spec.view_choice, k, key=s.key, epoch=epoch, seed=spec.seed)])
+                picked[s.row] = list(range(k)) if blocks.view_of is None else [blocks.view_of(s.row // blocks.block)]
                 return stored_views[s.row, picked[s.row]]
 
             def this_epochs_view(s: RawSample, height: int, width: int) -> np.ndarray:
@@ -331,38 +345,47 @@ class BlockRows:
     storage, the request's latency too). At most two blocks are held. ``reader``: the thread to
     read in, shared by the shards of a stream (``CachedStream``); a thread of its own, ended by
     ``close``, without it. A thread started and joined per shard cost the decoding thread about 2%
-    of its time in the join (sampled)."""
+    of its time in the join (sampled). ``view_of``: block index -> the one view its rows are asked
+    for (only that view is read: in a format-2 store 1/K of the block's bytes); None: every view."""
 
     def __init__(self, store: Store, shard: str, paths, attrs: dict, *, verify: bool = True, prefetch: bool = True,
-                 reader: ThreadPoolExecutor | None = None):
-        self.store, self.shard, self.attrs, self.verify = store, shard, attrs, verify
+                 reader: ThreadPoolExecutor | None = None, view_of=None):
+        self.store, self.shard, self.attrs, self.verify, self.view_of = store, shard, attrs, verify, view_of
         self.arrays = {p: store.array(shard, p) for p in paths}
         self.whole_image = {p for p in paths if per_image(p)}  # one row per image (dense maps), not per view
         self.block = store.block_rows(shard, paths[0], array=self.arrays[paths[0]]) if paths else 1
         count = attrs.get("count") if isinstance(attrs.get("count"), int) else 0
         self.blocks = -(-count // self.block) if paths else 0
-        self.index, self.rows = -1, {}
+        self.index, self.view, self.rows = -1, None, {}
         self._own = reader is None
         self._pool = ((ThreadPoolExecutor(1, thread_name_prefix="kdcache-blocks") if self._own else reader)
                       if prefetch and self.blocks else None)
         # the first block is read while the first samples are decoded
         self._next: tuple[int, Future] | None = (0, self._pool.submit(self._read, 0)) if self._pool else None
 
-    def _read(self, index: int) -> dict[str, np.ndarray]:
-        return {p: self.store.read_block(self.shard, p, index, attrs=self.attrs, array=a, verify=self.verify)
-                for p, a in self.arrays.items()}
+    def _read(self, index: int) -> tuple[int | None, dict[str, np.ndarray]]:
+        """(the view read, {path: rows}): per-view arrays as (rows, ...) of that view, or (rows, K, ...)."""
+        view = self.view_of(index) if self.view_of is not None else None
+        return view, {p: self.store.read_block(self.shard, p, index, attrs=self.attrs, array=a, verify=self.verify,
+                                               view=None if p in self.whole_image else view)
+                      for p, a in self.arrays.items()}
 
     def row(self, row: int, view: int) -> dict[str, torch.Tensor]:
         """{path: the stored bytes of view ``view`` of row ``row``} as tensors (bf16 bits as uint16)."""
         if row // self.block != self.index:
             self.index = row // self.block
             ahead, self._next = self._next, None
-            self.rows = ahead[1].result() if ahead is not None and ahead[0] == self.index else self._read(self.index)
+            self.view, self.rows = (ahead[1].result() if ahead is not None and ahead[0] == self.index
+                                    else self._read(self.index))
             if self._pool is not None and self.index + 1 < self.blocks:
                 self._next = (self.index + 1, self._pool.submit(self._read, self.index + 1))
+        if self.view is not None and view != self.view and any(p not in self.whole_image for p in self.rows):
+            raise LoaderError(f"shard {self.shard}: row {row} asked for view {view}, but its block was read for view "
+                              f"{self.view} (the view is drawn per block: train.loader.pick_view)")
         out = {}
         for p, b in self.rows.items():
-            a = b[row - self.index * self.block] if p in self.whole_image else b[row - self.index * self.block, view]
+            r = row - self.index * self.block
+            a = b[r] if p in self.whole_image or self.view is not None else b[r, view]
             out[p] = torch.from_numpy(np.ascontiguousarray(a) if a.ndim else np.array(a))  # (a log-sum-exp is 0-d)
         return out
 

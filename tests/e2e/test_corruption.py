@@ -25,11 +25,13 @@ def _copy(good, tmp_path):
     return dst
 
 
-def _chunk(store, shard, path):
+def _chunks(store, shard, path):
+    """The Zarr shard objects of an array of a one-block shard: one per stored view (format 2), so
+    a run reads one of them whichever view its epoch draws."""
     d = os.path.join(store, "shards", shard, path, "c")
-    files = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs]
-    assert len(files) == 1, files
-    return files[0]
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs)
+    assert len(files) == 2, files  # the K=2 test store
+    return files
 
 
 def _edit_json(path, fn):
@@ -41,20 +43,21 @@ def _edit_json(path, fn):
 
 
 def _flip(store):
-    p = _chunk(store, "demo-000001", "vit/patch")
-    b = bytearray(open(p, "rb").read())
-    b[len(b) // 3] ^= 0x40
-    open(p, "wb").write(bytes(b))
+    for p in _chunks(store, "demo-000001", "vit/patch"):
+        b = bytearray(open(p, "rb").read())
+        b[len(b) // 3] ^= 0x40
+        open(p, "wb").write(bytes(b))
 
 
 def _delete_cls(store):
-    os.remove(_chunk(store, "demo-000001", "vit/cls"))
+    for p in _chunks(store, "demo-000001", "vit/cls"):
+        os.remove(p)
 
 
 def _truncate(store):
-    p = _chunk(store, "demo-000001", "vit/patch")
-    data = open(p, "rb").read()
-    open(p, "wb").write(data[: len(data) // 2])
+    for p in _chunks(store, "demo-000001", "vit/patch"):
+        data = open(p, "rb").read()
+        open(p, "wb").write(data[: len(data) // 2])
 
 
 def _count(value):

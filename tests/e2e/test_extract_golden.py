@@ -114,7 +114,7 @@ def test_store_is_plain_zarr_with_provenance(tmp_path, corpus, vit_spec):
     extract(corpus, out, [vit_spec], ExtractOptions(views=2, codec="zstd", **OPTS))
     with open(os.path.join(out, "zarr.json")) as f:
         doc = json.load(f)["attributes"]["kdcache"]
-    assert doc["format"] == 1 and doc["views"] == 2 and doc["seed"] == 0
+    assert doc["format"] == 2 and doc["views"] == 2 and doc["seed"] == 0
     t = doc["teachers"]["vit"]
     for k in ("model", "weights_sha256", "input_size", "mean", "std", "interpolation", "patch_size", "grid", "dim",
               "tokens", "dtype", "codec"):
@@ -125,6 +125,7 @@ def test_store_is_plain_zarr_with_provenance(tmp_path, corpus, vit_spec):
     assert g.attrs["complete"] is True and g.attrs["count"] == 8 and g.attrs["failed"] == []
     assert set(g.attrs["digest"]) == {"keys", "views", "vit/cls", "vit/patch"}
     assert g["vit/patch"].shape == (8, 2, 4, 192) and g["vit/patch"].dtype == np.float16
+    assert g["vit/patch"].shards[1:] == (1, 4, 192) and g["vit/cls"].shards[1] == 1  # a Zarr shard per view
     assert g["views"].shape == (8, 2, 5) and g["keys"].shape == (8,)
 
 

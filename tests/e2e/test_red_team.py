@@ -17,33 +17,38 @@ STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
 SHARD = "demo-000001"
 
 
-def _chunk(store, path):
+def _chunks(store, path):
+    """The array's Zarr shard objects in the one-block shard: one, or one per view (format 2, K=2),
+    all damaged alike: whichever view a command reads is damaged."""
     d = os.path.join(store, "shards", SHARD, path, "c")
-    files = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs]
-    assert len(files) == 1, files
-    return files[0]
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs)
+    assert len(files) == (1 if path in ("keys", "views") else 2), files
+    return files
 
 
 def _flip(path):
     def damage(store):
-        p = _chunk(store, path)
-        b = bytearray(open(p, "rb").read())
-        for i in (20, len(b) // 3):  # in the first values (an uncompressed block padded to its full size holds
-            b[i] ^= 0x40             # them at the start) and inside a compressed stream
-        open(p, "wb").write(bytes(b))
+        for p in _chunks(store, path):
+            b = bytearray(open(p, "rb").read())
+            for i in (20, len(b) // 3):  # in the first values (an uncompressed block padded to its full size holds
+                b[i] ^= 0x40             # them at the start) and inside a compressed stream
+            open(p, "wb").write(bytes(b))
     return damage
 
 
 def _truncate(path):
     def damage(store):
-        p = _chunk(store, path)
-        data = open(p, "rb").read()
-        open(p, "wb").write(data[: len(data) // 2])
+        for p in _chunks(store, path):
+            data = open(p, "rb").read()
+            open(p, "wb").write(data[: len(data) // 2])
     return damage
 
 
 def _delete(path):
-    return lambda store: os.remove(_chunk(store, path))
+    def damage(store):
+        for p in _chunks(store, path):
+            os.remove(p)
+    return damage
 
 
 ARRAYS = {"keys": "keys", "views": "views", "cls": "vit/cls", "patch": "vit/patch", "codes": "vit/patch_codes",

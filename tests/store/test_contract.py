@@ -91,6 +91,32 @@ class StoreContract:
         with pytest.raises(StoreError, match="no array 't/patch'"):
             s.array("a", "t/patch")
         assert not s.derive_array("a", "t/patch", "t/patch_codes", **args)  # a rerun: nothing to do
+        codes = s.array("a", "t/patch_codes")  # laid out as the writer lays out a format-2 store: a Zarr shard per view
+        assert codes.shards[1] == 1 and len(s.shard_attrs("a")["block_crc32"]["t/patch_codes"]) == K  # one block
+        np.testing.assert_array_equal(next(s.read_blocks("a", "t/patch_codes", view=1)),
+                                      (rows["t/patch"][:, 1, ..., :1] > 0).astype(np.uint8))
+
+    def test_a_format_1_store_reads_and_grows_in_format_1(self, url):
+        """A store written before per-view Zarr shards (format 1) is read as it is, and what is added
+        to it keeps its layout (the kdcache that wrote it reads it still)."""
+        s = Store.create(url, _meta().replace(format=1))
+        rows = self._shard(s, "a")
+        s = Store.open(url)
+        assert s.meta.format == 1 and s.array("a", "t/patch").shards[1] == K
+        assert len(s.shard_attrs("a")["block_crc32"]["t/patch"]) == 1  # one CRC-32 per block, every view in it
+        np.testing.assert_array_equal(next(s.read_blocks("a", "t/patch", view=1)), rows["t/patch"][:, 1])
+        np.testing.assert_array_equal(s.read_features("a", "t", "cls"), rows["t/cls"].astype(np.float32))
+        s = Store.open(url, writable=True)
+        s.derive_array("a", "t/patch", "t/patch_codes", row_shape=(K, 4, 1), dtype="uint8", codec="lz4",
+                       transform=lambda r: (np.asarray(r, np.float32)[..., :1] > 0).astype(np.uint8))
+        assert s.array("a", "t/patch_codes").shards[1] == K and verify(Store.open(url)).problems == []
+
+    @pytest.mark.parametrize("fmt", [0, 3, True, "2"])
+    def test_a_format_this_kdcache_does_not_read_is_one_line(self, url, fmt):
+        s = Store.create(url, _meta())
+        s.root.attrs["kdcache"] = {**s.root.attrs["kdcache"], "format": fmt}
+        with pytest.raises(StoreError, match=r"store format .* is not supported \(this kdcache reads formats 1, 2\)"):
+            Store.open(url)
 
     def test_codebooks_and_stats(self, url):
         s = Store.create(url, _meta())

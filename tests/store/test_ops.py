@@ -91,3 +91,30 @@ def test_drop_teacher_stats_and_ls(tmp_path, two_teachers, corpus, monkeypatch, 
     assert "demo-000001" in out and "someone-" in out
     code, _, err = cli_call(monkeypatch, capsys, "store", "drop-teacher", s, "vit")
     assert code == 2 and "only teacher" in one_error_line(err)
+
+
+def test_copy_converts_between_formats_with_the_same_rows_and_digests(tmp_path, vit_store, monkeypatch, capsys):
+    """`store copy --format`: a format-2 store down to format 1 (a block holds every view) and back
+    up: every array's rows and digests as the source's (plain zarr), the layout and checksums of the
+    destination's format, verify clean, and one view read alone equal to plain zarr's slice."""
+    old, new = str(tmp_path / "f1.zarr"), str(tmp_path / "f2.zarr")
+    for src, dst, fmt in ((vit_store, old, "1"), (old, new, "2")):
+        code, out, err = cli_call(monkeypatch, capsys, "store", "copy", src, dst, "--format", fmt, "--no-progress")
+        assert code == 0 and json.loads(out)["shards_copied"] == 3, err
+    k = Store.open(vit_store).meta.views
+    assert k == 2 and Store.open(vit_store).meta.format == 2
+    for url, fmt in ((old, 1), (new, 2)):
+        assert_same_store(vit_store, url)
+        s = Store.open(url)
+        assert s.meta.format == fmt and verify_store(url).problems == []
+        g = zarr.open_group(url, mode="r")
+        for name in s.complete_shards():
+            attrs = s.shard_attrs(name)
+            assert attrs["digest"] == Store.open(vit_store).shard_attrs(name)["digest"]
+            for path in ("vit/cls", "vit/patch"):
+                a = g[f"shards/{name}/{path}"]
+                assert a.shards[1] == (k if fmt == 1 else 1)
+                assert len(attrs["block_crc32"][path]) == (1 if fmt == 1 else k)  # one block per shard here
+                np.testing.assert_array_equal(next(s.read_blocks(name, path, view=1)), a[:, 1])
+    code, out, err = cli_call(monkeypatch, capsys, "store", "copy", vit_store, old, "--no-progress")
+    assert code == 2 and "format differs" in one_error_line(err)  # an existing destination keeps its format

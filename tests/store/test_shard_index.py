@@ -197,4 +197,10 @@ def test_on_s3_opening_a_shard_costs_one_request_per_metadata_and_block(s3, tmp_
     teacher = next(iter(store.meta.teachers))
     s3.server.reset()
     blocks = list(store.read_blocks(shard, f"{teacher}/patch"))
-    assert len(blocks) == 1 and s3.server.requests() == 2  # a feature block the same way
+    # a feature block the same way, each of its K=2 views a Zarr shard of its own (format 2)
+    assert len(blocks) == 1 and s3.server.requests() == 3
+    np.testing.assert_array_equal(blocks[0], group[f"{teacher}/patch"][:])
+    s3.server.reset()
+    one_view = list(store.read_blocks(shard, f"{teacher}/patch", view=1))
+    assert s3.server.requests() == 2  # its metadata and that view's one Zarr shard: half the bytes
+    np.testing.assert_array_equal(one_view[0], group[f"{teacher}/patch"][:, 1])

@@ -13,18 +13,22 @@ import torch
 from kdcache.data.corpus import ReadOptions, resolve_corpus
 from kdcache.errors import CorruptShardError
 from kdcache.store import Store, StoreMeta, TeacherMeta, ViewPolicy
-from kdcache.train.loader import BlockRows, CachedStream, LoaderSpec, read_skips
+from kdcache.train.loader import BlockRows, CachedStream, LoaderError, LoaderSpec, pick_view, read_skips
 
 ROWS, K, T, D = 2500, 2, 4, 8  # tiny rows: blocks of 1,024 (layout.MAX_BLOCK), so three blocks
 
 
 @pytest.fixture(scope="module")
 def store_url(tmp_path_factory):
-    url = str(tmp_path_factory.mktemp("blocks") / "s.zarr")
+    return _store(str(tmp_path_factory.mktemp("blocks") / "s.zarr"), 2)
+
+
+def _store(url: str, fmt: int) -> str:
+    """A K=2 store of ROWS rows in format ``fmt`` (2: a Zarr shard per (block, view); 1: per block)."""
     t = TeacherMeta(model="m", weights_sha256="0" * 64, input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3,
                     interpolation="bicubic", crop_pct=0.9, patch_size=(16, 16), grid=(2, 2), dim=D, tokens=T,
                     prefix_tokens=1, summary="cls", dtype="float16", codec="lz4")
-    store = Store.create(url, StoreMeta(view_policy=ViewPolicy(views=K), teachers={"t": t},
+    store = Store.create(url, StoreMeta(view_policy=ViewPolicy(views=K), teachers={"t": t}, format=fmt,
                                         corpus={"spec": "x", "fingerprint": "f"}, created_by="test"))
     rng = np.random.default_rng(0)
     w = store.new_shard("a", store.meta.teachers)
@@ -60,6 +64,32 @@ def test_reading_ahead_gives_the_rows_plain_zarr_reads(store_url):
     np.testing.assert_array_equal(few[-1]["t/patch"], patch[ROWS - 1, (ROWS - 1) % K])
 
 
+def test_one_view_of_a_block_is_read_alone_and_a_format_1_store_still_reads(tmp_path):
+    """Format 2: the view a block is read for is its own Zarr shard, read alone (the other view's
+    objects deleted, every row still arrives, equal to plain zarr). Format 1 (a block holds every
+    view): the same rows, the whole block read."""
+    import shutil
+    for fmt in (2, 1):
+        url = _store(str(tmp_path / f"f{fmt}.zarr"), fmt)
+        patch = Store.open(url).root["shards/a/t/patch"]
+        assert patch.shards[1] == (1 if fmt == 2 else K) and Store.open(url).meta.format == fmt
+        if fmt == 2:
+            for path in ("cls", "patch"):
+                for b in range(3):
+                    os.remove(os.path.join(url, "shards", "a", "t", path, "c", str(b), "0", *["0"] * (path == "patch"), "0"))
+        want = patch[:]
+        store = Store.open(url)
+        blocks = BlockRows(store, "a", ("t/cls", "t/patch"), store.shard_attrs("a"), view_of=lambda block: 1)
+        try:
+            got = np.stack([blocks.row(r, 1)["t/patch"].numpy() for r in range(ROWS)])
+            np.testing.assert_array_equal(got, want[:, 1])
+            with pytest.raises(LoaderError, match="asked for view 0, but its block was read for view 1"):
+                blocks.row(ROWS - 1, 0)
+        finally:
+            blocks.close()
+        shutil.rmtree(url)
+
+
 def test_a_corrupt_block_read_ahead_fails_at_its_own_rows(store_url, tmp_path):
     import shutil
     url = str(tmp_path / "c.zarr")
@@ -87,16 +117,18 @@ class _Recorded(CachedStream):
         super().__init__(*a, **kw)
         self.events, self.read_ahead = [], read_ahead
 
-    def _open(self, name):
+    def _open(self, name, epoch):
         self.events.append(("open", name))
-        return super()._open(name)
+        return super()._open(name, epoch)
 
-    def _read_ahead(self, name):
+    def _read_ahead(self, name, epoch):
         if self.read_ahead:
-            super()._read_ahead(name)
+            super()._read_ahead(name, epoch)
 
     def _shard(self, name, epoch):
         yield from super()._shard(name, epoch)
+        if self._ahead is not None:  # the opening started while this shard streamed (its thread may not have run yet)
+            self._ahead[1].exception()
         self.events.append(("end", name))
 
 
@@ -142,7 +174,8 @@ def test_a_corrupt_shard_read_ahead_fails_at_its_own_turn(vit_store, corpus, tmp
     url = str(tmp_path / "c.zarr")
     shutil.copytree(vit_store, url)
     shards = Store.open(url).complete_shards()
-    obj = os.path.join(url, "shards", shards[1], "vit", "patch", "c", "0", "0", "0", "0")
+    view = pick_view("epoch", Store.open(url).meta.views, shard=shards[1], block=0, epoch=0, seed=0)  # the one read
+    obj = os.path.join(url, "shards", shards[1], "vit", "patch", "c", "0", str(view), "0", "0")
     data = bytearray(open(obj, "rb").read())
     data[100] ^= 0xFF
     open(obj, "wb").write(bytes(data))
@@ -162,10 +195,10 @@ def test_a_corrupt_shard_read_ahead_fails_at_its_own_turn(vit_store, corpus, tmp
 
 def test_a_shard_opened_ahead_that_fails_unexpectedly_does_not_hide_the_run_stopping(vit_store, corpus):
     class Failing(_Recorded):
-        def _open(self, name):
+        def _open(self, name, epoch):
             if self.events:  # every shard after the first: an error the store does not know (not a StoreError)
                 raise OSError(f"disk gone while opening {name}")
-            return super()._open(name)
+            return super()._open(name, epoch)
     s = Store.open(vit_store)
     spec = LoaderSpec(store_url=vit_store, shards=tuple(s.complete_shards()), target_paths=("vit/cls",),
                       input_size=(32, 32), interpolation="bicubic", shuffle_buffer=4, seed=0,
@@ -201,7 +234,7 @@ def test_the_next_epochs_first_shard_is_opened_as_this_epoch_ends(vit_store, cor
     ends = [i for i, e in enumerate(stream.events) if e[0] == "end"]
     opened_ahead = len(stream.events) - 1 - stream.events[::-1].index(("open", first_of_1))
     assert len(ends) == 3 and ends[-2] < opened_ahead < ends[-1]  # while epoch 0's last shard streamed
-    assert stream._ahead[0] == first_of_1 and _open_threads() > 0  # kept open between the epochs
+    assert stream._ahead[0] == (first_of_1, 1) and _open_threads() > 0  # kept open between the epochs
     before = len(stream.events)
     stream.set_epoch(1)  # the last epoch: nothing follows
     got = list(stream)

@@ -46,6 +46,9 @@ def test_a_directory_holding_a_run_needs_resume_or_overwrite(tmp_path, store, co
 def test_loader_workers_persist_across_epochs_and_see_each_epoch(tmp_path, store, corpus):
     run = build_run(_cfg(store, corpus, tmp_path / "run", workers=2, epochs=3))
     loader = run.loader()
+    s = Store.open(store)  # each key's (shard, block): the unit a view is drawn for
+    where = {k: (name, row // s.block_rows(name, "vit/patch")) for name in s.complete_shards()
+             for row, k in enumerate(s.keys(name).tolist())}
     pids, seen = [], []
     for epoch in range(3):
         run.source.dataset.set_epoch(epoch)
@@ -53,7 +56,7 @@ def test_loader_workers_persist_across_epochs_and_see_each_epoch(tmp_path, store
         assert len(batches) == run.epoch_steps[epoch]  # the step count comes from the loader's own split
         pids.append(sorted(w.pid for w in loader._iterator._workers))
         views = {k: int(v) for b in batches for k, v in zip(b["key"], b["view"])}
-        assert views == {k: pick_view("epoch", 3, key=k, epoch=epoch, seed=0) for k in views}
+        assert views == {k: pick_view("epoch", 3, shard=where[k][0], block=where[k][1], epoch=epoch, seed=0) for k in views}
         seen.append(views)
     assert pids[0] == pids[1] == pids[2]  # the same worker processes
     assert seen[0] != seen[1]  # ... and they used the new epoch's views
