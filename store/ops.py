@@ -126,7 +126,7 @@ def _copy_shard(src: Store, dst: Store, name: str) -> None:
     attrs = src.shard_attrs(name)
     dst.delete_shard(name)
     group = ensure_group(dst.root, "shards").create_group(name, attributes={"complete": False})
-    crcs = {}
+    crcs = {p: c for p, c in (attrs.get("block_crc32") or {}).items() if p == "views"}  # laid out as in the source
     for path in ["keys", "views", *[p for p in attrs["digest"] if p not in ("keys", "views")]]:
         a = src.array(name, path)
         shards, chunks = getattr(a, "shards", None), a.chunks

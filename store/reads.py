@@ -158,7 +158,10 @@ class VerifiedReads:
             if at >= len(crcs) or crc32(rows) != crcs[at]:
                 raise CorruptShardError(f"{self.url}: shard {shard}: {path}: {where} does not match the checksum "
                                         f"written with it (corrupt or missing chunk)", shard=shard)
-        elif index == 0 and not view:
+        elif view is not None:  # format 2 has always had block checksums: a per-view array without them was altered
+            raise CorruptShardError(f"{self.url}: shard {shard}: {path}: no block checksums, though each view is a Zarr "
+                                    f"shard of its own (format 2 writes them)", shard=shard)
+        elif index == 0:
             self.verify_array(shard, path, attrs=attrs, array=a)
         if not all_finite(rows):
             raise CorruptShardError(f"{self.url}: shard {shard}: {path}: {where} holds NaN or infinite values",

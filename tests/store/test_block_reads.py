@@ -41,6 +41,21 @@ def test_blocks_decode_to_what_zarr_reads(tmp_path, codec, dtype):
     np.testing.assert_array_equal(direct, rows[BLOCK:])
 
 
+@pytest.mark.parametrize("codec", ["none", "lz4"])
+def test_a_view_of_a_per_view_array_decodes_alone_to_what_zarr_reads(tmp_path, codec):
+    """Format 2: each view of a block is a Zarr shard of its own, decoded directly (not by zarr)."""
+    a, rows = _array(tmp_path, codec, chunks=(CHUNK, 1, 5), shards=(BLOCK, 1, 5))
+    for index in (0, 1):
+        for view in (0, 1):
+            got = _block_in_one_request(a, index, BLOCK, view)
+            assert got.shape == (min(BLOCK, ROWS - index * BLOCK), 1, 5)
+            np.testing.assert_array_equal(got[:, 0], rows[index * BLOCK:(index + 1) * BLOCK, view])
+    data = open(os.path.join(tmp_path, f"{codec}.zarr", "x", "c", "1", "1", "0"), "rb").read()
+    direct = _decode_shard(a, np.frombuffer(data, np.uint8), ROWS - BLOCK)
+    assert direct is not None
+    np.testing.assert_array_equal(direct[:, 0], rows[BLOCK:, 1])
+
+
 def _shard_file(tmp_path, codec, index):
     return os.path.join(tmp_path, f"{codec}.zarr", "x", "c", str(index), "0", "0")
 

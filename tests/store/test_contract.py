@@ -8,6 +8,7 @@ import uuid
 import numpy as np
 import pytest
 
+from kdcache.errors import CorruptShardError
 from kdcache.store import Codebooks, Store, StoreError, StoreMeta, TeacherMeta, ViewPolicy
 
 from kdcache.store.verify import verify
@@ -110,6 +111,28 @@ class StoreContract:
         s.derive_array("a", "t/patch", "t/patch_codes", row_shape=(K, 4, 1), dtype="uint8", codec="lz4",
                        transform=lambda r: (np.asarray(r, np.float32)[..., :1] > 0).astype(np.uint8))
         assert s.array("a", "t/patch_codes").shards[1] == K and verify(Store.open(url)).problems == []
+
+    def test_each_view_of_a_block_is_checked_alone_and_needs_its_checksums(self, url):
+        """Format 2: a damaged view's Zarr shard fails that view's read, naming block and view; the
+        other view reads; a per-view array whose checksums were removed is refused, not read
+        unchecked."""
+        s = Store.create(url, _meta())
+        rows = self._shard(s, "a")
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+        store, key = s.root.store_path.store, f"{s.root.store_path.path}/shards/a/t/patch/c/0/1/0/0".lstrip("/")
+        raw = bytearray(sync(store.get(key, prototype=default_buffer_prototype())).to_bytes())
+        raw[len(raw) // 3] ^= 0x40  # view 1's Zarr shard of block 0
+        sync(store.set(key, default_buffer_prototype().buffer.from_bytes(bytes(raw))))
+        s = Store.open(url)
+        np.testing.assert_array_equal(s.read_block("a", "t/patch", 0, view=0), rows["t/patch"][:, 0])
+        with pytest.raises(CorruptShardError, match=r"shard a: t/patch: block 0 view 1 (does not match|unreadable)"):
+            s.read_block("a", "t/patch", 0, view=1)
+        attrs = dict(s.shard_attrs("a"))
+        del attrs["block_crc32"]
+        Store.open(url, writable=True).root["shards/a"].attrs.put(attrs)
+        with pytest.raises(CorruptShardError, match=r"t/cls: no block checksums, though each view is a Zarr shard"):
+            Store.open(url).read_block("a", "t/cls", 0, view=0)
 
     @pytest.mark.parametrize("fmt", [0, 3, True, "2"])
     def test_a_format_this_kdcache_does_not_read_is_one_line(self, url, fmt):
