@@ -11,7 +11,7 @@ import numpy as np
 from kdcache.errors import StoreError
 
 from .layout import ArrayDigest, append_rows, create_rows_array
-from .meta import SHARDS, per_image, quantizer_path, stats_path
+from .meta import SHARDS, per_view_shards, quantizer_path, stats_path
 from .reads import block_crcs
 
 
@@ -35,7 +35,7 @@ class ShardEdits:
         if dst in group:
             del group[dst]  # left by an interrupted run
         block = self.block_rows(shard, src)
-        per_view = self.meta.view_shards and self.meta.views > 1 and not per_image(dst)  # as ShardWriter lays it out
+        per_view = per_view_shards(dst, views=self.meta.views, view_shards=self.meta.view_shards)
         out = create_rows_array(group, dst, row_shape, dtype, block=block, codec=codec, attrs=attrs, per_view=per_view)
         h, crcs = ArrayDigest(), []
         for source_rows in self.read_blocks(shard, src):

@@ -219,6 +219,12 @@ def dense_path(teacher: str, *, codes: bool = False) -> str:
     return f"{teacher}/dense_codes" if codes else f"{teacher}/dense"
 
 
+def per_view_shards(path: str, *, views: int, view_shards: bool) -> bool:
+    """Whether writers give array ``path`` one Zarr shard per (block, view): in a format-2 store
+    (``view_shards``) of K > 1 views, every array with a view axis (not keys, views, dense maps)."""
+    return view_shards and views > 1 and path not in ("keys", "views") and not per_image(path)
+
+
 def per_image(path: str) -> bool:
     """Whether an array has one row per image (a dense map) rather than one per stored view."""
     return path.rsplit("/", 1)[-1] in ("dense", "dense_codes")

@@ -18,7 +18,7 @@ from kdcache.errors import StoreError
 
 from .inspect import shard_nbytes, write_summary
 from .lease import new_owner
-from .meta import TOKEN_KINDS, StoreMeta, feature_path, has_teacher, per_image
+from .meta import TOKEN_KINDS, StoreMeta, feature_path, has_teacher, per_view_shards
 from .reads import block_crcs
 from .remote import is_url, local_path
 from .store import Store, ensure_group
@@ -130,10 +130,10 @@ def _copy_shard(src: Store, dst: Store, name: str) -> None:
     for path in ["keys", "views", *[p for p in attrs["digest"] if p not in ("keys", "views")]]:
         a = src.array(name, path)
         shards, chunks = getattr(a, "shards", None), a.chunks
-        per_view = bool(shards) and path != "views" and not per_image(path) and dst.meta.views > 1 and dst.meta.view_shards
-        if shards and path != "views" and not per_image(path):  # the destination format's layout
-            shards, chunks = ((shards[0], 1, *shards[2:]), (chunks[0], 1, *chunks[2:])) if per_view else \
-                ((shards[0], a.shape[1], *shards[2:]), (chunks[0], a.shape[1], *chunks[2:]))
+        per_view = bool(shards) and per_view_shards(path, views=dst.meta.views, view_shards=dst.meta.view_shards)
+        if shards and per_view_shards(path, views=dst.meta.views, view_shards=True):  # laid out as the destination's format
+            width = 1 if per_view else a.shape[1]
+            shards, chunks = (shards[0], width, *shards[2:]), (chunks[0], width, *chunks[2:])
         out = group.create_array(path, shape=a.shape, dtype=a.dtype, chunks=chunks, shards=shards,
                                  compressors=a.compressors, attributes=dict(a.attrs))
         if path in ("keys", "views"):

@@ -3,9 +3,10 @@
 A shard is written by exactly one process. Rows are buffered and written one Zarr shard
 (``block`` samples) at a time; each array's sha256 (``digest``, what ``verify`` checks) and a
 CRC-32 per block, or per (block, view) when each view is a Zarr shard of its own
-(``block_crc32``, what loaders check on every block they read: cheap enough for the hot path) are computed from the very bytes written, and the shard's attributes (count,
-failed, digest, block_crc32, complete) are written in a single final metadata update, so a
-reader either sees a finished shard or an incomplete one.
+(``block_crc32``, what loaders check on every block they read: cheap enough for the hot path)
+are computed from the very bytes written, and the shard's attributes (count, failed, digest,
+block_crc32, complete) are written in a single final metadata update, so a reader either sees
+a finished shard or an incomplete one.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from kdcache.errors import StoreError
 
 from .dtypes import itemsize
 from .layout import ArrayDigest, append_rows, block_rows, create_rows_array
-from .meta import TeacherMeta, per_image, teacher_arrays
+from .meta import TeacherMeta, per_view_shards, teacher_arrays
 from .reads import block_crcs
 
 
@@ -54,7 +55,7 @@ class ShardWriter:
         for name, t in teachers.items():
             for path, (row_shape, dtype, attrs) in teacher_arrays(name, t, views).items():
                 self._add(path, row_shape, dtype, codec=t.codec, attrs=attrs,
-                          per_view=view_shards and views > 1 and not per_image(path))
+                          per_view=per_view_shards(path, views=views, view_shards=view_shards))
 
     def _add(self, path, row_shape, dtype, *, codec, attrs=None, per_view=False):
         self._arrays[path] = create_rows_array(self.group, path, row_shape, dtype, block=self.block, codec=codec, attrs=attrs,
