@@ -219,10 +219,16 @@ def dense_path(teacher: str, *, codes: bool = False) -> str:
     return f"{teacher}/dense_codes" if codes else f"{teacher}/dense"
 
 
+def has_view_axis(path: str) -> bool:
+    """Whether a shard array's axis 1 is the view axis that format 2 splits: the teachers' per-view
+    arrays (not keys, the views' boxes, or dense maps)."""
+    return path not in ("keys", "views") and not per_image(path)
+
+
 def per_view_shards(path: str, *, views: int, view_shards: bool) -> bool:
     """Whether writers give array ``path`` one Zarr shard per (block, view): in a format-2 store
-    (``view_shards``) of K > 1 views, every array with a view axis (not keys, views, dense maps)."""
-    return view_shards and views > 1 and path not in ("keys", "views") and not per_image(path)
+    (``view_shards``) of K > 1 views, every array with a view axis."""
+    return view_shards and views > 1 and has_view_axis(path)
 
 
 def per_image(path: str) -> bool:

@@ -18,7 +18,7 @@ from kdcache.errors import StoreError
 
 from .inspect import shard_nbytes, write_summary
 from .lease import new_owner
-from .meta import TOKEN_KINDS, StoreMeta, feature_path, has_teacher, per_view_shards
+from .meta import TOKEN_KINDS, StoreMeta, feature_path, has_teacher, has_view_axis, per_view_shards
 from .reads import block_crcs
 from .remote import is_url, local_path
 from .store import Store, ensure_group
@@ -131,7 +131,7 @@ def _copy_shard(src: Store, dst: Store, name: str) -> None:
         a = src.array(name, path)
         shards, chunks = getattr(a, "shards", None), a.chunks
         per_view = bool(shards) and per_view_shards(path, views=dst.meta.views, view_shards=dst.meta.view_shards)
-        if shards and per_view_shards(path, views=dst.meta.views, view_shards=True):  # laid out as the destination's format
+        if shards and has_view_axis(path):  # laid out as the destination's format says
             width = 1 if per_view else a.shape[1]
             shards, chunks = (shards[0], width, *shards[2:]), (chunks[0], width, *chunks[2:])
         out = group.create_array(path, shape=a.shape, dtype=a.dtype, chunks=chunks, shards=shards,

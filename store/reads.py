@@ -117,9 +117,9 @@ class VerifiedReads:
             raise StoreError(f"{self.url}: no teacher {teacher!r} (teachers: {', '.join(self.meta.teachers)})")
         path = feature_path(teacher, kind)
         rows = list(self.read_blocks(shard, path, view=view))
-        empty = self.array(shard, path)[:0]
-        return to_float32(np.concatenate(rows) if rows else (empty if view is None else empty[:, 0]),
-                          self.meta.teachers[teacher].dtype)
+        if not rows:  # (an empty shard: its array opened once more for the shape)
+            rows = [self.array(shard, path)[:0] if view is None else self.array(shard, path)[:0, 0]]
+        return to_float32(np.concatenate(rows), self.meta.teachers[teacher].dtype)
 
     def read_block(self, shard: str, path: str, index: int, *, attrs: dict | None = None, array=None,
                    verify: bool = True, view: int | None = None) -> np.ndarray:

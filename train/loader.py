@@ -257,10 +257,10 @@ class CachedStream(ShardStream):
         """Block index -> the stored view its samples take this epoch (``pick_view``); None with
         ``--view-choice all`` (every view). Fresh views (``--dense-views``) read per-image maps."""
         spec = self.spec
-        if spec.view_choice == "all" and not spec.dense_views:
-            return None
         if spec.dense_views:
             return lambda block: 0
+        if spec.view_choice == "all":
+            return None
         return lambda block: pick_view(spec.view_choice, k, shard=name, block=block, epoch=epoch, seed=spec.seed)
 
     def _shard(self, name: str, epoch: int):
@@ -286,7 +286,7 @@ class CachedStream(ShardStream):
             picked: dict[int, list[int]] = {}  # each sample's stored views this epoch, picked once when it is decoded
 
             def stored(s: RawSample) -> np.ndarray:  # (views, 5): one, or with --view-choice all every stored view
-                picked[s.row] = list(range(k)) if blocks.view_of is None else [blocks.view_of(s.row // blocks.block)]
+                picked[s.row] = list(range(k)) if blocks.view_of is None else [blocks.block_view(s.row // blocks.block)]
                 return stored_views[s.row, picked[s.row]]
 
             def this_epochs_view(s: RawSample, height: int, width: int) -> np.ndarray:
@@ -353,6 +353,8 @@ class BlockRows:
         self.store, self.shard, self.attrs, self.verify, self.view_of = store, shard, attrs, verify, view_of
         self.arrays = {p: store.array(shard, p) for p in paths}
         self.whole_image = {p for p in paths if per_image(p)}  # one row per image (dense maps), not per view
+        self._per_view = any(p not in self.whole_image for p in paths)  # whether a view is asked of the rows read
+        self._views: dict[int, int] = {}  # block index -> its view this epoch, drawn once (``block_view``)
         self.block = store.block_rows(shard, paths[0], array=self.arrays[paths[0]]) if paths else 1
         count = attrs.get("count") if isinstance(attrs.get("count"), int) else 0
         self.blocks = -(-count // self.block) if paths else 0
@@ -363,9 +365,17 @@ class BlockRows:
         # the first block is read while the first samples are decoded
         self._next: tuple[int, Future] | None = (0, self._pool.submit(self._read, 0)) if self._pool else None
 
+    def block_view(self, index: int) -> int:
+        """The view block ``index`` is read for (``view_of``), drawn once per block: the samples
+        that ask for it and the read (in the reader thread) share the one draw."""
+        view = self._views.get(index)
+        if view is None:
+            view = self._views[index] = self.view_of(index)
+        return view
+
     def _read(self, index: int) -> tuple[int | None, dict[str, np.ndarray]]:
         """(the view read, {path: rows}): per-view arrays as (rows, ...) of that view, or (rows, K, ...)."""
-        view = self.view_of(index) if self.view_of is not None else None
+        view = self.block_view(index) if self.view_of is not None else None
         return view, {p: self.store.read_block(self.shard, p, index, attrs=self.attrs, array=a, verify=self.verify,
                                                view=None if p in self.whole_image else view)
                       for p, a in self.arrays.items()}
@@ -379,12 +389,11 @@ class BlockRows:
                                     else self._read(self.index))
             if self._pool is not None and self.index + 1 < self.blocks:
                 self._next = (self.index + 1, self._pool.submit(self._read, self.index + 1))
-        if self.view is not None and view != self.view and any(p not in self.whole_image for p in self.rows):
+        if self.view is not None and view != self.view and self._per_view:
             raise LoaderError(f"shard {self.shard}: row {row} asked for view {view}, but its block was read for view "
                               f"{self.view} (the view is drawn per block: train.loader.pick_view)")
-        out = {}
+        out, r = {}, row - self.index * self.block
         for p, b in self.rows.items():
-            r = row - self.index * self.block
             a = b[r] if p in self.whole_image or self.view is not None else b[r, view]
             out[p] = torch.from_numpy(np.ascontiguousarray(a) if a.ndim else np.array(a))  # (a log-sum-exp is 0-d)
         return out
