@@ -41,6 +41,20 @@ def _copy(batch: dict) -> dict:
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "slot"}
 
 
+class _Writes:
+    """A batch slot's shared flags with the trainer's writes to them recorded."""
+
+    def __init__(self, flags: torch.Tensor):
+        self.flags, self.writes = flags, []
+
+    def __getitem__(self, i):
+        return self.flags[i]
+
+    def __setitem__(self, i, value):
+        self.writes.append((i, value))
+        self.flags[i] = value
+
+
 def _same(got: dict, want: dict) -> None:
     assert got["key"] == want["key"]
     for k in TENSORS:
@@ -59,8 +73,11 @@ def test_released_batches_are_stacked_into_the_same_buffers_and_equal_plain_coll
             assert isinstance(slot, BatchSlot) and int(slot.flags[slot.index]) == 1  # out while the trainer has it
             got.append(_copy(batch))
             slots.append(slot.index)
+            # the release writes 0 to the shared flag: recorded here, since reading the flag back races the
+            # worker, which may take the freed buffer for its next batch at once (and set it to 1 again)
+            slot.flags = flags = _Writes(slot.flags)
             release_batch(batch)
-            assert "slot" not in batch and int(slot.flags[slot.index]) == 0
+            assert "slot" not in batch and flags.writes == [(slot.index, 0)]
         want = _expected(vit_store, corpus, epoch, 2)
         assert len(got) == len(want) == 12
         for g, w in zip(got, want):
