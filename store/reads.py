@@ -8,6 +8,10 @@ infinity is a ``CorruptShardError`` naming store, shard and array (and carrying 
 """
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import numpy as np
 from isal import isal_zlib
 
@@ -122,31 +126,31 @@ class VerifiedReads:
         return to_float32(np.concatenate(rows), self.meta.teachers[teacher].dtype)
 
     def read_block(self, shard: str, path: str, index: int, *, attrs: dict | None = None, array=None,
-                   verify: bool = True, view: int | None = None) -> np.ndarray:
+                   verify: bool = True, view: int | None = None, buffers: "BlockBuffers | None" = None) -> np.ndarray:
         """Rows of block ``index`` of an array, checked before they are returned: readable, equal
         to the CRC-32 written with them (so a missing chunk read as fill values or a flipped byte
         is caught), and finite. Anything else is a CorruptShardError naming shard and array.
         ``view``: that view's rows only, (rows, ...): in a format-2 store one Zarr shard, 1/K of the
         block's bytes, read and checked alone; None: every view, (rows, K, ...). Stores written
         before block checksums are checked against the whole-array digest instead, once per array
-        (``verify_array``)."""
+        (``verify_array``). ``buffers``: decode into reused memory (``BlockBuffers``)."""
         attrs = attrs if attrs is not None else (self.shard_attrs(shard) or {})
         a = array if array is not None else self.array(shard, path)
         if not view_sharded(a):
-            rows = self._checked_shard(shard, path, a, index, None, attrs, verify)
+            rows = self._checked_shard(shard, path, a, index, None, attrs, verify, buffers)
             return rows if view is None else rows[:, view]
         if view is not None:
-            return self._checked_shard(shard, path, a, index, view, attrs, verify)[:, 0]
+            return self._checked_shard(shard, path, a, index, view, attrs, verify, buffers)[:, 0]
         return np.concatenate([self._checked_shard(shard, path, a, index, v, attrs, verify) for v in range(a.shape[1])],
                               axis=1)
 
     def _checked_shard(self, shard: str, path: str, a, index: int, view: int | None, attrs: dict,
-                       verify: bool) -> np.ndarray:
+                       verify: bool, buffers: "BlockBuffers | None" = None) -> np.ndarray:
         """One Zarr shard: block ``index`` (``view`` None), or its view ``view`` (format 2), checked."""
         block = _block_of(a)
         where = f"block {index}" + (f" view {view}" if view is not None else "")
         try:
-            rows = _block_in_one_request(a, index, block, view or 0)
+            rows = _block_in_one_request(a, index, block, view or 0, buffers)
         except Exception as e:  # noqa: BLE001 - a truncated or garbled chunk fails inside the codec
             raise CorruptShardError(f"{self.url}: shard {shard}: {path}: {where} unreadable "
                                     f"({type(e).__name__}: {_printable(first_line(e))})", shard=shard) from None
@@ -182,7 +186,7 @@ class VerifiedReads:
                                     f"chunk)", shard=shard)
 
 
-def _block_in_one_request(a, index: int, block: int, view: int = 0) -> np.ndarray:
+def _block_in_one_request(a, index: int, block: int, view: int = 0, buffers: "BlockBuffers | None" = None) -> np.ndarray:
     """Rows of block ``index`` of a sharded array (of its view ``view`` when each view is a Zarr
     shard of its own: then (rows, 1, ...)), its Zarr shard fetched whole in one request and
     decoded from memory. zarr-python 3.1 fetches a shard whole only when the selection covers all
@@ -200,22 +204,93 @@ def _block_in_one_request(a, index: int, block: int, view: int = 0) -> np.ndarra
     where = (slice(index * block, (index + 1) * block),) + ((slice(view, view + 1),) if per_view else ())
     key = a.metadata.encode_chunk_key((index, view if per_view else 0) + (0,) * (a.ndim - 2) if a.ndim > 1 else (index,))
     proto = default_buffer_prototype()
-    # a range from byte 0 is the whole object in one GET (s3fs asks the size first for a plain read)
-    raw = sync(a.store_path.store.get(f"{a.store_path.path}/{key}", prototype=proto, byte_range=OffsetByteRequest(0)))
+    store = a.store_path.store
+    if isinstance(store, zarr.storage.LocalStore):
+        raw = _local_object(store.root / a.store_path.path / key)
+    else:  # a range from byte 0 is the whole object in one GET (s3fs asks the size first for a plain read)
+        got = sync(store.get(f"{a.store_path.path}/{key}", prototype=proto, byte_range=OffsetByteRequest(0)))
+        raw = None if got is None else got.as_numpy_array()
     if raw is not None:
-        rows = _decode_shard(a, raw.as_numpy_array(), min(block, a.shape[0] - index * block))
+        rows = _decode_shard(a, raw, min(block, a.shape[0] - index * block), buffers)  # (never a view of raw)
         if rows is not None:
             return rows
     held = a.metadata.to_buffer_dict(proto)
     if raw is not None:
-        held[key] = raw
+        held[key] = proto.buffer.from_bytes(raw.tobytes())  # a copy: a local read's buffer is reused by the next
     return np.asarray(zarr.open_array(zarr.storage.MemoryStore(held), mode="r")[where])
+
+
+def _local_object(path) -> np.ndarray | None:
+    """A local store's object, read with plain file reads into this thread's reused buffer (valid
+    until this thread's next read), or None when it is missing (as zarr's ``LocalStore.get``).
+
+    zarr's own read goes through its event-loop thread and a worker thread (``sync``,
+    ``asyncio.to_thread``): Python holding the GIL while the loader's decoding thread waits for it,
+    and a new bytes object per read, whose pages the kernel maps and zeroes on every read (24 ms
+    for a 38 MB block, 7 ms into a reused buffer; measured). Beside a decode loop in one process,
+    block reads with zarr's read cost the decode 0.78 of its speed, these 1.005."""
+    try:
+        f = open(path, "rb", buffering=0)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_BLOCK_BYTES + (1 << 24):  # the block bound (``array``) and room for a shard's index
+            raise ValueError(f"shard object of {size} bytes, more than a block kdcache reads at once")
+        scratch = getattr(_scratch, "buffer", None)
+        if scratch is None or scratch.size < size:
+            scratch = _scratch.buffer = np.empty(size, dtype=np.uint8)
+        view, got = memoryview(scratch), 0
+        while got < size:
+            n = f.readinto(view[got:size])
+            if not n:
+                break
+            got += n
+        return scratch[:got]
+
+
+_scratch = threading.local()  # per reading thread: the largest object it has read (a block: about 64 MiB at most)
+
+
+class BlockBuffers:
+    """Memory to decode blocks into, reused once no array made from it is alive.
+
+    A block is about 64 MB; a fresh array per block is a fresh mapping the kernel faults in page
+    by page as it is decoded, and unmaps when the block is dropped. In the training loader's
+    worker that is one thread mapping and another unmapping, about every 256 samples, while its
+    decoding thread allocates too: the process's memory map is locked for each, and its CPU time
+    went to the kernel (the reading thread's time was two-thirds kernel time, measured). A
+    buffer here is handed out again only when nothing refers to it but this pool: every array
+    made from it (a block, its rows, a tensor over a row) holds a reference to it, so the
+    reference count says when the last sample of a block has been copied into its batch. At most
+    ``keep`` free buffers are kept; more live at once (a shuffle buffer holding rows of many
+    blocks) are allocated and dropped as before."""
+
+    def __init__(self, keep: int = 6):
+        self.keep = keep
+        self._buffers: list[np.ndarray] = []
+        self._lock = threading.Lock()  # the reading thread and the decoding thread (a block not read ahead) both ask
+
+    def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        with self._lock:
+            free = [b for b in self._buffers if sys.getrefcount(b) <= _POOLED_REFS]
+            fit = min((b for b in free if b.size >= nbytes), key=lambda b: b.size, default=None)
+            if fit is None:
+                if len(free) >= self.keep:  # make room: drop the smallest free buffer
+                    self._buffers.remove(min(free, key=lambda b: b.size))
+                fit = np.empty(max(nbytes, 1), dtype=np.uint8)
+                self._buffers.append(fit)
+            return fit[:nbytes].view(dtype).reshape(shape)
+
+
+_POOLED_REFS = 3  # sys.getrefcount of a free pooled buffer: the pool's list, the comprehension's name, the call's argument
 
 
 EMPTY = 2**64 - 1  # a Zarr shard index's (offset, nbytes) of an inner chunk never written
 
 
-def _decode_shard(a, raw: np.ndarray, rows: int) -> np.ndarray | None:
+def _decode_shard(a, raw: np.ndarray, rows: int, buffers: "BlockBuffers | None" = None) -> np.ndarray | None:
     """The first ``rows`` rows of one Zarr shard's bytes, decoded straight into one array, or
     None for a layout other than the one kdcache writes (then zarr decodes it).
 
@@ -250,7 +325,8 @@ def _decode_shard(a, raw: np.ndarray, rows: int) -> np.ndarray | None:
     if google_crc32c.value(index[:-4].tobytes()) != int.from_bytes(index[-4:].tobytes(), "little"):
         raise ValueError("the shard index does not match its CRC-32C")
     spans = index[:-4].view("<u8").reshape(chunks, 2)
-    out = np.empty((-(-rows // per_chunk) * per_chunk, *a.shards[1:]), dtype=a.dtype)
+    shape = (-(-rows // per_chunk) * per_chunk, *a.shards[1:])
+    out = np.empty(shape, dtype=a.dtype) if buffers is None else buffers.empty(shape, a.dtype)
     chunk_bytes = out[:per_chunk].nbytes
     data_end = raw.size - index_bytes
     for i in range(-(-rows // per_chunk)):

@@ -43,6 +43,7 @@ from kdcache.errors import KdcacheError, StoreError, one_line
 from kdcache.store import Store, ViewPolicy
 from kdcache.store.lease import pid_alive
 from kdcache.store.meta import per_image
+from kdcache.store.reads import BlockBuffers
 
 from .config import VIEW_CHOICES
 
@@ -194,11 +195,13 @@ class CachedStream(ShardStream):
         self._ahead: tuple[tuple[str, int], Future] | None = None  # ((shard, epoch), its opening)
         self._opener: ThreadPoolExecutor | None = None
         self._block_reader: ThreadPoolExecutor | None = None  # every shard's block reads, in turn (BlockRows)
+        self._buffers = BlockBuffers()  # the memory blocks are decoded into, reused from block to block
         self._pid = os.getpid()  # the process the threads above run in
 
     def __iter__(self):
         if self._pid != os.getpid():  # a fork (a DataLoader worker) inherits these objects, not their threads
             self._pid, self._store, self._ahead, self._opener, self._block_reader = os.getpid(), None, None, None, None
+            self._buffers = BlockBuffers()
         if self._store is None:  # opened here: in a DataLoader worker, after the fork
             self._store = Store.open(self.spec.store_url)
         if self._block_reader is None:
@@ -248,7 +251,7 @@ class CachedStream(ShardStream):
                                  f"rewrites it)")
             keys, views = store.keys(name).tolist(), store.views(name)
             return OpenShard(attrs, keys, views, BlockRows(store, name, spec.target_paths, attrs, verify=spec.verify,
-                                                           reader=self._block_reader,
+                                                           reader=self._block_reader, buffers=self._buffers,
                                                            view_of=self._block_views(name, epoch, views.shape[1])))
         except StoreError as e:
             return attrs, e
@@ -346,11 +349,14 @@ class BlockRows:
     read in, shared by the shards of a stream (``CachedStream``); a thread of its own, ended by
     ``close``, without it. A thread started and joined per shard cost the decoding thread about 2%
     of its time in the join (sampled). ``view_of``: block index -> the one view its rows are asked
-    for (only that view is read: in a format-2 store 1/K of the block's bytes); None: every view."""
+    for (only that view is read: in a format-2 store 1/K of the block's bytes); None: every view.
+    ``buffers``: the memory blocks are decoded into, handed out again once no row of a block is
+    held (``store.reads.BlockBuffers``: shared by the shards of a stream)."""
 
     def __init__(self, store: Store, shard: str, paths, attrs: dict, *, verify: bool = True, prefetch: bool = True,
-                 reader: ThreadPoolExecutor | None = None, view_of=None):
+                 reader: ThreadPoolExecutor | None = None, view_of=None, buffers: BlockBuffers | None = None):
         self.store, self.shard, self.attrs, self.verify, self.view_of = store, shard, attrs, verify, view_of
+        self.buffers = buffers
         self.arrays = {p: store.array(shard, p) for p in paths}
         self.whole_image = {p for p in paths if per_image(p)}  # one row per image (dense maps), not per view
         self._per_view = any(p not in self.whole_image for p in paths)  # whether a view is asked of the rows read
@@ -377,7 +383,7 @@ class BlockRows:
         """(the view read, {path: rows}): per-view arrays as (rows, ...) of that view, or (rows, K, ...)."""
         view = self.block_view(index) if self.view_of is not None else None
         return view, {p: self.store.read_block(self.shard, p, index, attrs=self.attrs, array=a, verify=self.verify,
-                                               view=None if p in self.whole_image else view)
+                                               view=None if p in self.whole_image else view, buffers=self.buffers)
                       for p, a in self.arrays.items()}
 
     def row(self, row: int, view: int) -> dict[str, torch.Tensor]:

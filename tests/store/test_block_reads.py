@@ -11,7 +11,7 @@ import zarr
 import zarr.codecs
 
 from kdcache.store.layout import compressors
-from kdcache.store.reads import _block_in_one_request, _decode_shard, crc32
+from kdcache.store.reads import BlockBuffers, _block_in_one_request, _decode_shard, _local_object, crc32
 
 BLOCK, CHUNK, ROWS = 8, 4, 13  # a full block, then a partial one ending inside an inner chunk
 
@@ -99,3 +99,39 @@ def test_the_block_checksum_is_zlibs_crc32_of_the_c_order_bytes(dtype):
     assert crc32(rows) == zlib.crc32(rows.tobytes())
     assert crc32(rows[:, 1]) == zlib.crc32(np.ascontiguousarray(rows[:, 1]).tobytes())  # a strided view: its C-order bytes
     assert crc32(rows[:0]) == zlib.crc32(b"") == 0
+
+
+def test_a_local_object_is_read_into_the_threads_reused_buffer(tmp_path):
+    a, rows = _array(tmp_path, "lz4")
+    first = _local_object(_shard_file(tmp_path, "lz4", 0))
+    assert first.tobytes() == open(_shard_file(tmp_path, "lz4", 0), "rb").read()
+    second = _local_object(_shard_file(tmp_path, "lz4", 1))
+    assert second.tobytes() == open(_shard_file(tmp_path, "lz4", 1), "rb").read()
+    assert np.shares_memory(first, second)  # one buffer per thread: valid until the thread's next read
+    assert _local_object(os.path.join(tmp_path, "lz4.zarr", "x", "c", "9", "0", "0")) is None  # missing, as zarr says
+    # decoded blocks are new arrays, never views of that buffer: both blocks intact after both reads
+    got = [_block_in_one_request(a, i, BLOCK) for i in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate(got), rows)
+
+
+def test_an_object_larger_than_any_block_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from kdcache.store import reads
+    _array(tmp_path, "none")
+    monkeypatch.setattr(reads, "MAX_BLOCK_BYTES", 16 - (1 << 24))  # a bound below this object (a tampered one: above 2 GiB)
+    with pytest.raises(ValueError, match="more than a block kdcache reads at once"):
+        _local_object(_shard_file(tmp_path, "none", 0))
+
+
+def test_blocks_decoded_into_reused_buffers_keep_their_rows_while_any_is_alive(tmp_path):
+    a, rows = _array(tmp_path, "lz4")
+    pool = BlockBuffers(keep=1)
+    held = _block_in_one_request(a, 0, BLOCK, buffers=pool)[3]  # one row of block 0 kept, as a sample keeps it
+    second = _block_in_one_request(a, 1, BLOCK, buffers=pool)
+    assert len(pool._buffers) == 2 and not np.shares_memory(held, second)  # block 0's buffer was not handed out again
+    np.testing.assert_array_equal(held, rows[3])
+    np.testing.assert_array_equal(second, rows[BLOCK:])
+    before = {b.__array_interface__["data"][0] for b in pool._buffers}
+    del held, second
+    again = _block_in_one_request(a, 1, BLOCK, buffers=pool)  # nothing refers to either buffer now: one is reused
+    assert len(pool._buffers) == 2 and again.__array_interface__["data"][0] in before
+    np.testing.assert_array_equal(again, rows[BLOCK:])

@@ -13,6 +13,7 @@ import torch
 from kdcache.data.corpus import ReadOptions, resolve_corpus
 from kdcache.errors import CorruptShardError
 from kdcache.store import Store, StoreMeta, TeacherMeta, ViewPolicy
+from kdcache.store.reads import BlockBuffers
 from kdcache.train.loader import BlockRows, CachedStream, LoaderError, LoaderSpec, pick_view, read_skips
 
 ROWS, K, T, D = 2500, 2, 4, 8  # tiny rows: blocks of 1,024 (layout.MAX_BLOCK), so three blocks
@@ -290,3 +291,31 @@ def test_a_stream_iterated_in_process_then_forked_into_a_worker_starts_its_own_t
     fresh = _recorded(vit_store, corpus)
     fresh.set_epoch(1)
     assert got == [s["key"] for s in fresh] and len(got) == 24
+
+
+def test_blocks_decoded_into_reused_memory_never_change_a_row_still_held(store_url):
+    """The loader decodes blocks into memory it reuses (``BlockBuffers``): a row a sample still
+    holds (in the shuffle buffer, not yet collated) keeps its block's memory from being handed out
+    again, and rows copied as soon as they arrive let two or three buffers per array serve a shard."""
+    store = Store.open(store_url)
+    cls, patch = store.root["shards/a/t/cls"][:], store.root["shards/a/t/patch"][:]
+    pool = BlockBuffers(keep=2)
+
+    def rows(keep: bool):
+        blocks = BlockRows(store, "a", ("t/cls", "t/patch"), store.shard_attrs("a"), buffers=pool, view_of=lambda b: b % K)
+        try:
+            return [(r, out if keep else {p: t.clone() for p, t in out.items()})
+                    for r in range(ROWS) for out in [blocks.row(r, (r // 1024) % K)]]
+        finally:
+            blocks.close()
+    held = rows(keep=True)  # every row's tensor kept: all three blocks of both arrays stay alive
+    assert len(pool._buffers) >= 6
+    for r, out in held:
+        np.testing.assert_array_equal(out["t/cls"].numpy(), cls[r, (r // 1024) % K])
+        np.testing.assert_array_equal(out["t/patch"].numpy(), patch[r, (r // 1024) % K])
+    del held, out
+    count = len(pool._buffers)
+    copied = rows(keep=False)
+    assert len(pool._buffers) <= count  # nothing new allocated: freed buffers were handed out again
+    for r, out in copied[::97]:
+        np.testing.assert_array_equal(out["t/patch"].numpy(), patch[r, (r // 1024) % K])
