@@ -269,12 +269,16 @@ class BlockBuffers:
     def __init__(self, keep: int = 6):
         self.keep = keep
         self._buffers: list[np.ndarray] = []
+        self._probe = np.empty(0, dtype=np.uint8)  # held as a free buffer is held: its count is a free buffer's
         self._lock = threading.Lock()  # the reading thread and the decoding thread (a block not read ahead) both ask
 
     def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         with self._lock:
-            free = [b for b in self._buffers if sys.getrefcount(b) <= _POOLED_REFS]
+            # counted side by side with the probe, not against a constant: what the interpreter adds to a
+            # count (the argument, the loop's name; borrowed references in newer CPythons) is the same for both
+            counts = [sys.getrefcount(b) for b in (self._probe, *self._buffers)]
+            free = [b for b, n in zip(self._buffers, counts[1:]) if n <= counts[0]]
             fit = min((b for b in free if b.size >= nbytes), key=lambda b: b.size, default=None)
             if fit is None:
                 if len(free) >= self.keep:  # make room: drop the smallest free buffer
@@ -282,9 +286,6 @@ class BlockBuffers:
                 fit = np.empty(max(nbytes, 1), dtype=np.uint8)
                 self._buffers.append(fit)
             return fit[:nbytes].view(dtype).reshape(shape)
-
-
-_POOLED_REFS = 3  # sys.getrefcount of a free pooled buffer: the pool's list, the comprehension's name, the call's argument
 
 
 EMPTY = 2**64 - 1  # a Zarr shard index's (offset, nbytes) of an inner chunk never written
