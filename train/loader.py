@@ -187,7 +187,8 @@ class CachedStream(ShardStream):
     opens the first shard of the next one, which then stays open between the two epochs (a
     persistent worker's next epoch starts without a stall). At most three blocks are read and
     held here (about 64 MB each): two of this shard, the first of the next; rows are views into
-    their block, so a block also lives on while samples of it wait in the shuffle buffer."""
+    their block, so a block also lives on while samples of it wait in the shuffle buffer; its memory is
+    then kept for a later block (``store.reads.BlockBuffers``, at most six free)."""
 
     def __init__(self, corpus: Corpus, spec: LoaderSpec, *, epoch: int = 0, rank: int = 0, world: int = 1):
         super().__init__(corpus, spec, epoch=epoch, rank=rank, world=world)
