@@ -135,3 +135,27 @@ def test_blocks_decoded_into_reused_buffers_keep_their_rows_while_any_is_alive(t
     again = _block_in_one_request(a, 1, BLOCK, buffers=pool)  # nothing refers to either buffer now: one is reused
     assert len(pool._buffers) == 2 and again.__array_interface__["data"][0] in before
     np.testing.assert_array_equal(again, rows[BLOCK:])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, "bfloat16-bits"])
+def test_the_finiteness_check_agrees_with_numpy_in_every_slice(dtype):
+    """``all_finite`` tests the bits slice by slice: a non-finite value anywhere (first, last,
+    across a slice boundary) is found, and the largest finite values pass; against np.isfinite."""
+    from kdcache.store.reads import FINITE_SLICE, all_finite
+    n = 2 * FINITE_SLICE + 7  # three slices, the last a short one
+    rng = np.random.default_rng(0)
+    if dtype == "bfloat16-bits":  # bf16 as its stored uint16 bits: the top half of a float32
+        values = rng.standard_normal(n).astype(np.float32)
+        values[:3] = (3.38e38, -3.38e38, 1e-40)  # near bf16's largest finite magnitude, and a subnormal
+        as_bits = lambda v: (v.view(np.uint32) >> 16).astype(np.uint16)  # noqa: E731
+        rows, finite = as_bits(values), lambda r: np.isfinite((r.astype(np.uint32) << 16).view(np.float32)).all()
+    else:
+        rows = rng.standard_normal(n).astype(dtype)
+        rows[:2] = (np.finfo(dtype).max, np.finfo(dtype).min)
+        as_bits, finite = None, lambda r: np.isfinite(r).all()
+    assert all_finite(rows) and finite(rows)
+    for at in (0, FINITE_SLICE - 1, FINITE_SLICE, n - 1):
+        for bad in (np.nan, np.inf, -np.inf):
+            damaged = rows.copy()
+            damaged[at] = as_bits(np.array([bad], np.float32))[0] if as_bits else bad
+            assert not finite(damaged) and not all_finite(damaged), (at, bad)

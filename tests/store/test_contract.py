@@ -11,6 +11,7 @@ import pytest
 from kdcache.errors import CorruptShardError
 from kdcache.store import Codebooks, Store, StoreError, StoreMeta, TeacherMeta, ViewPolicy
 
+from kdcache.store.reads import block_crcs
 from kdcache.store.verify import verify
 from kdcache.store.codes import PRODUCT
 
@@ -133,6 +134,24 @@ class StoreContract:
         Store.open(url, writable=True).root["shards/a"].attrs.put(attrs)
         with pytest.raises(CorruptShardError, match=r"t/cls: no block checksums, though each view is a Zarr shard"):
             Store.open(url).read_block("a", "t/cls", 0, view=0)
+
+    @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+    def test_a_block_holding_a_non_finite_value_is_refused_though_its_checksum_matches(self, url, bad):
+        """Tampered, not damaged: a value replaced by NaN or infinity and the block's CRC-32 recomputed
+        to match (it is no secret) is still refused, naming shard, array and block."""
+        s = Store.create(url, _meta())
+        rows = self._shard(s, "a")
+        patch = rows["t/patch"].copy()
+        patch[-1, 0, -1, -1] = bad  # the block's last value
+        w = Store.open(url, writable=True)
+        w.root["shards/a/t/patch"][:] = patch
+        attrs = dict(w.shard_attrs("a"))
+        attrs["block_crc32"] = {**attrs["block_crc32"], "t/patch": block_crcs(patch, per_view=True)}
+        w.root["shards/a"].attrs.put(attrs)
+        s = Store.open(url)
+        np.testing.assert_array_equal(s.read_block("a", "t/patch", 0, view=1), rows["t/patch"][:, 1])  # its other view
+        with pytest.raises(CorruptShardError, match=r"shard a: t/patch: block 0 view 0 holds NaN or infinite values"):
+            s.read_block("a", "t/patch", 0, view=0)
 
     @pytest.mark.parametrize("fmt", [0, 3, True, "2"])
     def test_a_format_this_kdcache_does_not_read_is_one_line(self, url, fmt):
