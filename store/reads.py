@@ -141,8 +141,9 @@ class VerifiedReads:
             return rows if view is None else rows[:, view]
         if view is not None:
             return self._checked_shard(shard, path, a, index, view, attrs, verify, buffers)[:, 0]
-        return np.concatenate([self._checked_shard(shard, path, a, index, v, attrs, verify) for v in range(a.shape[1])],
-                              axis=1)
+        # every view (--view-choice all): each decoded into reused memory, free again once concatenated
+        return np.concatenate([self._checked_shard(shard, path, a, index, v, attrs, verify, buffers)
+                               for v in range(a.shape[1])], axis=1)
 
     def _checked_shard(self, shard: str, path: str, a, index: int, view: int | None, attrs: dict,
                        verify: bool, buffers: "BlockBuffers | None" = None) -> np.ndarray:
