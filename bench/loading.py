@@ -11,7 +11,8 @@ and views only: what the loader costs before it reads a target byte), and, when 
 them (the store this bench builds keeps both, ``--codes``), the patch tokens as codes. The
 **decode floor** is the same epoch with nothing but the corpus: the same shards, workers, shuffle
 buffer and batches, each sample decoded and its view cut at the student's input
-(as the store records the decode), no store at all; the loader's share of it is what reading and
+(``--student-size``, 64 px by default: the cheapest decode, so the largest share for the
+targets; as the store records the decode), no store at all; the loader's share of it is what reading and
 checking the targets costs (target >= 0.9). Verification is the per-block CRC-32 and finiteness
 check every training run does; the target is that it costs at most 5% of loader throughput.
 
@@ -71,20 +72,22 @@ class DecodeFloorStream(ShardStream):
             yield {"key": item.sample.key, "image": item.crops[0][0], "view": 0}
 
 
-def _loader_spec(store_url: str, store: Store, corpus, *, paths, verify: bool, workers: int) -> LoaderSpec:
-    return LoaderSpec(store_url=store_url, shards=tuple(store.complete_shards()), target_paths=paths, input_size=(64, 64),
+def _loader_spec(store_url: str, store: Store, corpus, *, paths, verify: bool, workers: int, input_size: int) -> LoaderSpec:
+    return LoaderSpec(store_url=store_url, shards=tuple(store.complete_shards()), target_paths=paths,
+                      input_size=(input_size, input_size),
                       interpolation="bilinear", shuffle_buffer=64, workers=workers, verify=verify,
                       decode=corpus.options.decode)
 
 
 def _side(store_url: str, data: str, *, paths: tuple[str, ...], verify: bool, workers: int, batch_size: int,
-          floor: bool = False):
+          input_size: int = 64, floor: bool = False):
     """One side's epoch, one per call: the cached loader reading ``paths`` (none: keys and views
-    only), or with ``floor`` the decode floor (the corpus alone); each batch released as training
-    releases it after its step. ``run.bytes_per_sample``: the target bytes it delivered."""
+    only), or with ``floor`` the decode floor (the corpus alone), each sample's view cut at the
+    student's ``input_size``; each batch released as training releases it after its step.
+    ``run.bytes_per_sample``: the target bytes it delivered; ``run.image_shape``: its images'."""
     store = Store.open(store_url)
     corpus = resolve_corpus(data, ReadOptions.from_dict(store.meta.corpus))
-    spec = _loader_spec(store_url, store, corpus, paths=paths, verify=verify, workers=workers)
+    spec = _loader_spec(store_url, store, corpus, paths=paths, verify=verify, workers=workers, input_size=input_size)
     stream = DecodeFloorStream(corpus, spec, store.meta.view_policy) if floor else CachedStream(corpus, spec)
     epochs = _epochs(stream, workers=workers, batch_size=batch_size)
 
@@ -93,10 +96,11 @@ def _side(store_url: str, data: str, *, paths: tuple[str, ...], verify: bool, wo
         for batch in epochs():
             n += len(batch["key"])
             nbytes += sum(batch[p].numel() * batch[p].element_size() for p in paths)
+            run.image_shape = tuple(batch["image"].shape[1:])
             release_batch(batch)
         run.bytes_per_sample = nbytes / max(1, n)
         return n
-    run.bytes_per_sample = 0.0
+    run.bytes_per_sample, run.image_shape = 0.0, None
     return run
 
 
@@ -156,7 +160,7 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
             raise KdcacheError(f"--store {store}: its first teacher's float summary and patch tokens are not stored "
                                f"(a store of codes only: extract it with --keep-float)")
         try:
-            one = dict(data=data, workers=workers, batch_size=batch_size)
+            one = dict(data=data, workers=workers, batch_size=batch_size, input_size=o.student_size)
             sides = {FLOOR: _side(store, paths=(), verify=True, floor=True, **one),
                      NO_TARGETS: _side(store, paths=(), verify=True, **one)}
             for where, url in locations.items():
@@ -177,12 +181,14 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
     decodes = decode_table(o.decode_sizes, student=o.student_size, images=o.decode_images, repeat=repeat)
     if as_json:
         return json.dumps({"environment": env, "workers": workers, "batch_size": batch_size, "bytes_per_sample": per_sample,
-                           "stored_views": views, "store_format": fmt,
+                           "stored_views": views, "store_format": fmt, "student_size": o.student_size,
+                           "image_shapes": {name: side.image_shape for name, side in sides.items()},
                            "measurement": m.to_dict(), "verified_over_unverified": {w: r.to_dict() for w, r in ratios.items()},
                            "loader_over_decode_floor": of_floor.to_dict(),
                            "over_decode_floor": {name: r.to_dict() for name, r in shares.items()}, "decode": decodes}, indent=2)
     lines = [header(f"bench load: one loader epoch per side, {workers} worker(s), batch {batch_size}, "
-                    f"{per_sample / 1024:.1f} KiB of targets per sample, {views} stored view(s) per image, "
+                    f"{o.student_size}-px student input, {per_sample / 1024:.1f} KiB of targets per sample, "
+                    f"{views} stored view(s) per image, "
                     f"{'one read per block and epoch' if fmt >= 2 else 'each read'} (store format {fmt})",
                     env, repeat=repeat, warmup=m.warmup),
              "", "| side | samples/s | target MB/s |", "|---|---|---|"]

@@ -65,7 +65,9 @@ class LoadBench:
     codes: str = "opq:M=48"
     decode_sizes: tuple[int, ...] = (256, 500, 1000)  # long sides of the JPEGs of the decode table
     decode_images: int = 64  # JPEGs per side of the decode table
-    student_size: int = 64  # the crop the decode table cuts
+    # the student's input: the view every loader side and the decode table cut (64: the cheapest decode, so the
+    # largest share of a sample's time for its targets)
+    student_size: int = 64
     # stored views per image of the store the bench builds: a block holds every view of its rows
     # and the loader reads it whole, so each epoch reads K views per sample to deliver one
     views: int = 1

@@ -83,7 +83,8 @@ def bench_extract(**kw):
 @click.option("--decode-sizes", help="Long sides (px) of the JPEGs of the full vs reduced decode table, comma-separated."
               + L("decode_sizes"))
 @click.option("--decode-images", type=click.IntRange(min=1), help="JPEGs per side of the decode table." + L("decode_images"))
-@click.option("--student-size", type=click.IntRange(min=1), help="The crop (px) the decode table cuts." + L("student_size"))
+@click.option("--student-size", type=click.IntRange(min=1),
+              help="The student's input (px): the view the loader sides and the decode table cut." + L("student_size"))
 @with_bench_options
 @with_storage_options
 def bench_load(storage_options, decode_sizes, **kw):
