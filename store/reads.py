@@ -206,18 +206,19 @@ def _block_in_one_request(a, index: int, block: int, view: int = 0, buffers: "Bl
     key = a.metadata.encode_chunk_key((index, view if per_view else 0) + (0,) * (a.ndim - 2) if a.ndim > 1 else (index,))
     proto = default_buffer_prototype()
     store = a.store_path.store
+    fetched = None  # zarr's buffer of the object, when zarr fetched it
     if isinstance(store, zarr.storage.LocalStore):
         raw = _local_object(store.root / a.store_path.path / key)
     else:  # a range from byte 0 is the whole object in one GET (s3fs asks the size first for a plain read)
-        got = sync(store.get(f"{a.store_path.path}/{key}", prototype=proto, byte_range=OffsetByteRequest(0)))
-        raw = None if got is None else got.as_numpy_array()
+        fetched = sync(store.get(f"{a.store_path.path}/{key}", prototype=proto, byte_range=OffsetByteRequest(0)))
+        raw = None if fetched is None else fetched.as_numpy_array()
     if raw is not None:
         rows = _decode_shard(a, raw, min(block, a.shape[0] - index * block), buffers)  # (never a view of raw)
         if rows is not None:
             return rows
     held = a.metadata.to_buffer_dict(proto)
-    if raw is not None:
-        held[key] = proto.buffer.from_bytes(raw.tobytes())  # a copy: a local read's buffer is reused by the next
+    if raw is not None:  # a local read's buffer is reused by the next read: copied; zarr's own buffer as it came
+        held[key] = fetched if fetched is not None else proto.buffer.from_bytes(raw.tobytes())
     return np.asarray(zarr.open_array(zarr.storage.MemoryStore(held), mode="r")[where])
 
 

@@ -90,6 +90,13 @@ def test_a_layout_kdcache_does_not_write_is_left_to_zarr(tmp_path):
     a, rows = _array(tmp_path, "none", serializer=zarr.codecs.BytesCodec(endian="big"))
     assert _decode_shard(a, np.frombuffer(open(_shard_file(tmp_path, "none", 0), "rb").read(), np.uint8), BLOCK) is None
     np.testing.assert_array_equal(_block_in_one_request(a, 0, BLOCK), rows[:BLOCK])
+    # not a local store (object storage, memory): the object zarr fetched is decoded by zarr as it came
+    m = zarr.open_group(zarr.storage.MemoryStore(), mode="w").create_array(
+        "x", shape=(ROWS, 2, 5), dtype=np.float16, chunks=(CHUNK, 2, 5), shards=(BLOCK, 2, 5),
+        serializer=zarr.codecs.BytesCodec(endian="big"))
+    m[:] = rows
+    for index in (0, 1):
+        np.testing.assert_array_equal(_block_in_one_request(m, index, BLOCK), rows[index * BLOCK:(index + 1) * BLOCK])
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "uint8"])
