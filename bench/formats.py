@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from kdcache.data.partition import current_worker, worker_share
 from kdcache.store import Store, feature_path
 from kdcache.store.inspect import info
+from kdcache.store.meta import ORIGIN
 
 from .harness import Spread, Timed, environment, files_under, header, measure
 from .options import FormatsBench
@@ -84,6 +85,9 @@ def read_features(url: str, teacher: str | None = None) -> Features:
     shards = {}
     for name in store.complete_shards([teacher]):
         d = {"keys": store.keys(name), "views": store.views(name)}
+        origin = store.origin(name)
+        if origin is not None:
+            d[ORIGIN] = origin
         for p in paths:
             d[p] = np.concatenate(list(store.read_blocks(name, p)))
         shards[name] = d

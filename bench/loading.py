@@ -40,43 +40,36 @@ from PIL import Image
 from kdcache.data.corpus import DecodeOptions, ReadOptions, resolve_corpus
 from kdcache.data.demo_corpus import build_demo_corpus, photo_images
 from kdcache.data.pixels import Crop, decoded, replay_view, view_at, view_pixels
-from kdcache.data.walk import RawSample, record_to, screened
+from kdcache.data.walk import RawSample, record_to
 from kdcache.errors import KdcacheError
 from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract
 from kdcache.store import Store
 from kdcache.store.meta import ViewPolicy, feature_path
 from kdcache.store.ops import copy_stores
-from kdcache.train.loader import CachedStream, LoaderSpec, ShardStream, release_batch, training_loader
+from kdcache.data.partition import ShardRows
+from kdcache.data.samples import corpus_places
+from kdcache.data.stream import SampleStream, StreamSpec, shard_rows
+from kdcache.data.transport import release_batch, training_loader
 
 from .harness import environment, header, limit_note, measure
 from .options import LoadBench
 
 
-class DecodeFloorStream(ShardStream):
-    """The loader's epoch without the store: each sample decoded and one view of it cut at the
-    student's input, through the same shard split, shuffle buffer and DataLoader."""
-
-    def __init__(self, corpus, spec: LoaderSpec, policy: ViewPolicy):
-        super().__init__(corpus, spec)
-        self.policy = policy
-
-    def _shard(self, name: str, epoch: int):
-        k = self.policy.views
-
-        def one_view(s: RawSample, h: int, w: int) -> np.ndarray:
-            return view_at(self.policy, s.key, 1 + epoch % max(1, k - 1) if k > 1 else 0, h, w)[None]
-
-        for item in view_pixels(screened(self.corpus, self.corpus.shard(name), record_to([])), views=one_view,
-                                crops=[self.spec.crop], decode=self.spec.decode, handler=record_to([])):
-            yield {"key": item.sample.key, "image": item.crops[0][0], "view": 0}
-
-
-def _loader_spec(store_url: str, store: Store, corpus, *, paths, verify: bool, workers: int, input_size: int) -> LoaderSpec:
-    return LoaderSpec(store_url=store_url, shards=tuple(store.complete_shards()), target_paths=paths,
-                      input_size=(input_size, input_size),
-                      interpolation="bilinear", shuffle_buffer=64, workers=workers, verify=verify,
-                      decode=corpus.options.decode)
+def _stream(store_url: str, store: Store, corpus, *, paths, verify: bool, workers: int, batch_size: int, input_size: int,
+            floor: bool = False) -> SampleStream:
+    """A side's stream, as training builds it: the store's shards, the student's crop, a window of 64.
+    ``floor``: the decode floor, the same epoch with nothing but the corpus: each sample's fresh view
+    cut at the student's input, its image's place from a walk of the corpus done here (no store)."""
+    places = corpus_places(corpus) if floor else None
+    shards = (tuple(ShardRows(n, len(p), store.shard_block(n)) for n, p in places.items()) if floor
+              else shard_rows(store, store.complete_shards()))
+    spec = StreamSpec(shards=shards,
+                      crops=(("image", Crop((input_size, input_size), "bilinear")),), decode=corpus.options.decode,
+                      views="fresh" if floor else "stored", stored_views=store.meta.views, policy=store.meta.view_policy,
+                      window=64, batch_size=batch_size, workers=workers, store_url=None if floor else store_url,
+                      target_paths=paths, verify=verify)
+    return SampleStream(spec, corpus, places=places)
 
 
 def _side(store_url: str, data: str, *, paths: tuple[str, ...], verify: bool, workers: int, batch_size: int,
@@ -87,8 +80,8 @@ def _side(store_url: str, data: str, *, paths: tuple[str, ...], verify: bool, wo
     ``run.bytes_per_sample``: the target bytes it delivered; ``run.image_shape``: its images'."""
     store = Store.open(store_url)
     corpus = resolve_corpus(data, ReadOptions.from_dict(store.meta.corpus))
-    spec = _loader_spec(store_url, store, corpus, paths=paths, verify=verify, workers=workers, input_size=input_size)
-    stream = DecodeFloorStream(corpus, spec, store.meta.view_policy) if floor else CachedStream(corpus, spec)
+    stream = _stream(store_url, store, corpus, paths=paths, verify=verify, workers=workers, batch_size=batch_size,
+                     input_size=input_size, floor=floor)
     epochs = _epochs(stream, workers=workers, batch_size=batch_size)
 
     def run():
@@ -104,17 +97,15 @@ def _side(store_url: str, data: str, *, paths: tuple[str, ...], verify: bool, wo
     return run
 
 
-def _epochs(stream: ShardStream, *, workers: int, batch_size: int):
-    """A side's epochs, one per call, through training's own DataLoader (``train.loader.training_loader``:
+def _epochs(stream: SampleStream, *, workers: int, batch_size: int):
+    """A side's epochs, one per call, through training's own DataLoader (``data.transport.training_loader``:
     workers kept from epoch to epoch, batch buffers reused; a worker started per epoch would time
-    the fork and its copy-on-write faults, not the reads), each epoch told the one that follows
-    (its first shard opened ahead). Every sample counts: no batch is dropped."""
-    loader = training_loader(stream, batch_size=batch_size, workers=workers, drop_last=False)
+    the fork and its copy-on-write faults, not the reads). Every sample counts."""
+    loader = training_loader(stream, batch_size=batch_size, workers=workers)
     epoch = itertools.count()
 
     def next_epoch():
-        e = next(epoch)
-        stream.set_epoch(e, following=e + 1)
+        stream.set_epoch(next(epoch))
         return iter(loader)
     return next_epoch
 

@@ -82,7 +82,27 @@ class LoadBench:
             QuantizerSpec.parse(self.codes)  # a bad spec fails before the store is built
 
 
-SCALE_COMMANDS = ("info", "store ls", "verify --metadata-only", "train to step 1", "eval knn --store")
+SCALE_COMMANDS = ("info", "store ls", "verify --metadata-only", "train to step 1", "train resume", "eval knn --store")
+
+
+@dataclass(frozen=True)
+class PlanBench:
+    """``kdcache bench scale --plan``: the share of an epoch a cluster delivers, by the trainer's split."""
+
+    layouts: tuple[tuple[int, int], ...] = ((147, 8700), (1282, 1000))  # (shards, samples per shard)
+    ranks: tuple[int, ...] = (8, 64, 256)
+    workers: int = 8
+    batch_size: int = 256
+    last_batch: str = "partial"
+    windows: tuple[int, ...] = (256, 1024, 4096)  # --shuffle-buffer values whose mixing is measured
+    as_json: bool = False
+
+    def __post_init__(self):
+        from kdcache.data.partition import LAST_BATCH
+        if self.last_batch not in LAST_BATCH:
+            raise KdcacheError(f"--last-batch {self.last_batch!r}: expected one of {', '.join(LAST_BATCH)}")
+        if self.workers < 0 or self.batch_size < 1 or not self.ranks or min(self.ranks) < 1:
+            raise KdcacheError("--plan: ranks >= 1, workers >= 0 and a batch size >= 1")
 
 
 @dataclass(frozen=True)

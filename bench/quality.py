@@ -169,12 +169,14 @@ def summarize(runs: list[dict], plan: QualityPlan) -> list[dict]:
         if variant != ONLINE:
             for key in ("knn", "linear"):
                 row[f"{key}_vs_online"] = paired(pick(seeds, key), pick(online, key))
-                row[f"{key}_over_online"] = row[key]["mean"] / spread(pick(online, key))["mean"]
+                base = spread(pick(online, key))["mean"]
+                row[f"{key}_over_online"] = row[key]["mean"] / base if base else None  # (a tiny study's probe may score 0)
             row["forwards_over_online"] = row["teacher_images"]["mean"] / spread(pick(online, "teacher_images"))["mean"]
             row["seconds_over_online"] = row["total_seconds"]["mean"] / spread(pick(online, "fit_seconds"))["mean"]
         fp16 = by.get((f"K={plan.option_views}", epochs))
         if variant.endswith("opq 1/32") and fp16:
-            row["knn_over_fp16"] = row["knn"]["mean"] / spread([fp16[s]["knn"] for s in common])["mean"]
+            base = spread([fp16[s]["knn"] for s in common])["mean"]
+            row["knn_over_fp16"] = row["knn"]["mean"] / base if base else None
             row["knn_vs_fp16"] = paired(pick(seeds, "knn"), [fp16[s]["knn"] for s in common])
         rows.append(row)
     return rows
@@ -203,7 +205,7 @@ def format_quality(r: dict) -> str:
     codes = [row for row in r["rows"] if "knn_over_fp16" in row]
     for row in codes:
         lines += ["", f"{row['variant']} at {row['epochs']} epochs / fp16 K={p['option_views']}: kNN "
-                      f"{row['knn_over_fp16']:.3f}x, difference {ci(row['knn_vs_fp16'])}"]
+                      f"{num(row['knn_over_fp16'], 3)}x, difference {ci(row['knn_vs_fp16'])}"]
     return "\n".join(lines)
 
 

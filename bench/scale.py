@@ -37,12 +37,86 @@ import numpy as np
 from kdcache.errors import KdcacheError
 
 from .harness import environment
-from .options import ScaleBench
+from .options import PlanBench, ScaleBench
 
 TEACHER = "vit=vit_tiny_patch16_224,pretrained=false,img_size=32,depth=1"
 STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
 COMMANDS = ("info", "store ls", "verify --metadata-only", "train to step 1", "eval knn --store")
-START_UP = ("info", "store ls", "train to step 1")  # what the start-up targets are about
+START_UP = ("info", "store ls", "train to step 1", "train resume")  # what the start-up targets are about
+
+
+def shard_split_share(shards: int, size: int, *, world: int, workers: int, batch_size: int) -> float:
+    """What the whole-shard split kdcache used before delivered of an epoch (for comparison): ranks
+    took every world-th shard, workers every workers-th of those, each worker dropped its last
+    partial batch, and an epoch ran to the smallest rank's batch count; 0 when a rank had none."""
+    per_rank = []
+    for r in range(world):
+        mine = list(range(r, shards, world))
+        per_rank.append(sum(len(mine[w::max(1, workers)]) * size // batch_size for w in range(max(1, workers))))
+    return min(per_rank) * batch_size * world / (shards * size)
+
+
+def mixing(shards: int, size: int, *, window: int, block: int = 443, pairs: int = 20000, seed: int = 0) -> dict:
+    """How close an epoch's order is to a global shuffle: the share of consecutive samples (what one
+    batch holds) that come from the same shard, for the order the trainer splits (blocks in a seeded
+    order, samples permuted within windows of ``window``), the whole-shard stream kdcache used before
+    (a worker's shards one after another through a shuffle buffer of ``window``, simulated) and a
+    true permutation (1 / shards for shards of one size)."""
+    import random
+
+    from kdcache.data.partition import EpochOrder, ShardRows
+    order = EpochOrder([ShardRows(f"s{i}", size, block) for i in range(shards)], seed=seed, epoch=0, window=window)
+    start = order.total // 3
+    ids = [order[p].shard for p in range(start, min(order.total, start + pairs + 1))]
+    now = sum(a == b for a, b in zip(ids, ids[1:])) / (len(ids) - 1)
+    rng, buffer, out = random.Random(seed), [], []
+    for shard in range(max(4, -(-4 * window // size) + 2)):  # the old ShardStream's reservoir: fill, then each
+        # arrival replaces a random slot (over enough shards for several buffers' worth to leave)
+        for _ in range(size):
+            if len(buffer) < window:
+                buffer.append(shard)
+                continue
+            j = rng.randrange(len(buffer))
+            buffer[j], leaving = shard, buffer[j]
+            out.append(leaving)
+    before = sum(a == b for a, b in zip(out, out[1:])) / (len(out) - 1)
+    return {"window": window, "same_shard": now, "same_shard_before": before, "same_shard_permutation": 1 / shards}
+
+
+def plan_table(o: PlanBench) -> dict:
+    """Per store layout and rank count: the trainer's own split (``data.partition``), counted; and
+    how close each layout's order is to a global shuffle, per window."""
+    from kdcache.data.partition import ShardRows, delivered_share
+    rows, mixes = [], []
+    for shards, size in o.layouts:
+        store = [ShardRows(f"s{i}", size, 443) for i in range(shards)]  # (ViT-S/16 fp16 blocks: 443 rows)
+        for world in o.ranks:
+            d = delivered_share(store, world=world, workers=o.workers, batch_size=o.batch_size, last_batch=o.last_batch)
+            rows.append({"shards": shards, "samples_per_shard": size, "ranks": world, **d,
+                         "shard_split_share": shard_split_share(shards, size, world=world, workers=o.workers,
+                                                                batch_size=o.batch_size)})
+        for window in o.windows:
+            mixes.append({"shards": shards, "samples_per_shard": size, **mixing(shards, size, window=window)})
+    return {"plan": asdict(o), "rows": rows, "mixing": mixes}
+
+
+def format_plan(d: dict) -> str:
+    p = d["plan"]
+    lines = [f"# bench scale --plan: the share of an epoch delivered, {p['workers']} workers per rank, batch "
+             f"{p['batch_size']} per rank, --last-batch {p['last_batch']} (the trainer's split, counted)", "",
+             "| store | ranks | steps | delivered (unique) | share | repeats | whole-shard split (before) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        before = "nothing (refused)" if r["shard_split_share"] == 0 else f"{r['shard_split_share']:.3f}"
+        lines.append(f"| {r['shards']:,} x {r['samples_per_shard']:,} | {r['ranks']} | {r['steps']:,} | "
+                     f"{r['delivered_unique']:,} of {r['samples']:,} | {r['share']:.4f} | {r['padded']} | {before} |")
+    lines += ["", "How close to a global shuffle: the share of consecutive samples (one batch) from the same shard",
+              "", "| store | --shuffle-buffer | this order | whole-shard stream (before) | a true permutation |",
+              "|---|---|---|---|---|"]
+    for m in d["mixing"]:
+        lines.append(f"| {m['shards']:,} x {m['samples_per_shard']:,} | {m['window']:,} | {m['same_shard']:.3f} | "
+                     f"{m['same_shard_before']:.3f} | {m['same_shard_permutation']:.4f} |")
+    return "\n".join(lines)
 
 
 def build_corpus(path: str, shards: int) -> str:
@@ -94,7 +168,31 @@ def command_line(command: str, store: str, corpus: str, run: str) -> list[str]:
             "train to step 1": ["train", "--store", store, "--data", corpus, "--student", STUDENT, "--out", run,
                                 "--epochs", "1", "--stop-at-step", "1", "--batch-size", "4", "--workers", "0",
                                 "--head-hidden", "8", "--warmup-steps", "0", "--overwrite", "--no-progress"],
+            "train resume": ["train", "--store", store, "--data", corpus, "--student", STUDENT, "--out", run, "--epochs", "1",
+                             "--resume", "--stop-at-step", str(RESUME_AT(shards_of(store)) + 1), "--batch-size", "4",
+                             "--workers", "0", "--head-hidden", "8", "--warmup-steps", "0", "--no-progress"],
             "eval knn --store": ["eval", "knn", "--store", store, "--data", corpus, "--json"]}[command]
+
+
+def RESUME_AT(shards: int) -> int:  # noqa: N802 - the step a "train resume" run was stopped at: 90% of its epoch
+    return max(1, (shards // 4) * 9 // 10)
+
+
+def shards_of(store: str) -> int:
+    """The shard count a bench store was built with (its name says: store-N.zarr)."""
+    return int(store.rstrip("/").rsplit("store-", 1)[1].split(".", 1)[0])
+
+
+def prepare_resume(store: str, corpus: str, run: str, extra: list[str], env: dict) -> str:
+    """A run stopped at 90% of its first epoch (built once per store, outside the timing); each timed
+    resume starts from a fresh copy of it."""
+    kept = run + ".stopped"
+    if not os.path.exists(os.path.join(kept, "checkpoints", "last", "state.json")):
+        shutil.rmtree(kept, ignore_errors=True)
+        args = command_line("train to step 1", store, corpus, kept)
+        args[args.index("--stop-at-step") + 1] = str(RESUME_AT(shards_of(store)))
+        _run(args + extra, env)
+    return kept
 
 
 def _hide_index(store: str, fs) -> tuple[bytes, bytes]:
@@ -151,9 +249,14 @@ def bench_scale(o: ScaleBench) -> dict:
                 run = os.path.join(o.out, f"run-{n}")
                 plan = [(c, True) for c in o.commands] + [(c, False) for c in o.commands if c in ("info", "store ls")]
                 results = {(c, idx): [] for c, idx in plan}
+                stopped = (prepare_resume(store, corpus, os.path.join(o.out, f"resume-{where[:5]}-{n}"), extra, env)
+                           if "train resume" in o.commands else None)
                 for _ in range(o.repeat):
                     for command, with_index in plan:
                         saved = None if with_index else _hide_index(store, fs)
+                        if command == "train resume":  # from the run stopped at 90% of its epoch, afresh each time
+                            shutil.rmtree(run, ignore_errors=True)
+                            shutil.copytree(stopped, run)
                         try:
                             if server is not None:
                                 server.reset()

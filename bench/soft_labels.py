@@ -160,7 +160,8 @@ def format_soft_labels(r: dict) -> str:
                   f"T={p['temperature']}, soft labels only", "",
                   "| variant | steps | top-1 agreement | / online | vs online | mean KL(teacher, student) | vs online |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {name} | {row['steps'][0]} | {f(row['mean'])} | {row['over_online']:.3f} | {d(row['vs_online'])} | "
+        lines += [f"| {name} | {row['steps'][0]} | {f(row['mean'])} | "
+                  f"{'-' if row['over_online'] is None else format(row['over_online'], '.3f')} | {d(row['vs_online'])} | "
                   f"{f(row['kl'])} | {d(row['kl_vs_online'])} |" for name, row in a["rows"].items()]
     if "digits" in r:
         g = r["digits"]

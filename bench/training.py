@@ -25,18 +25,21 @@ from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract
 from kdcache.train.config import TrainConfig
 from kdcache.train.fit import build_run
-from kdcache.train.loader import CachedStream, release_batch, training_loader
+from kdcache.data.stream import SampleStream
+from kdcache.data.transport import release_batch, training_loader
 from kdcache.train.trainer import to_device
 
 from .harness import environment, header, limit_note, measure
 from .options import TrainBench
 
 
-class _Epochs(CachedStream):
+class _Epochs(SampleStream):
+    """Epochs back to back, in one ``iter`` (the bench's corpus is a few batches long)."""
+
     def __iter__(self):
         while True:
             yield from super().__iter__()
-            self.epoch += 1
+            self.set_epoch(self.epoch + 1)
 
 
 def bench_train(o: TrainBench = TrainBench()) -> str:
@@ -62,7 +65,7 @@ def bench_train(o: TrainBench = TrainBench()) -> str:
             # epochs back to back in the same workers: this corpus is a few batches long, and a
             # worker start per epoch (which real epochs amortise) would dominate the timing
             spec = dataclasses.replace(source.dataset.spec, workers=workers)
-            yield from training_loader(_Epochs(source.corpus, spec, epoch=epoch), batch_size=batch_size, workers=workers,
+            yield from training_loader(_Epochs(spec, source.corpus, epoch=epoch), batch_size=batch_size, workers=workers,
                                        pin_memory=dev.type == "cuda")
 
         # (c) in-memory: one real batch, decoded targets held on the device

@@ -106,32 +106,66 @@ def bench_load(storage_options, decode_sizes, **kw):
 
 
 @bench.command("scale")
-@click.option("--out", required=True, help="Directory for the corpora and stores (built once, reused).")
+@click.option("--out", help="Directory for the corpora and stores (built once, reused; required unless --plan).")
 @click.option("--shards", help="Shard counts of the stores, comma-separated." + SC("shards"))
 @click.option("--s3", type=click.Choice(["auto", "off"]), help="auto: also on a loopback S3 server, requests counted."
               + SC("s3"))
 @click.option("--command", "commands", multiple=True, type=click.Choice(SCALE_COMMANDS),
               help="Only these commands (repeat)." + SC("commands"))
 @click.option("--repeat", type=click.IntRange(min=1), help="Runs of every command, interleaved." + SC("repeat"))
+@click.option("--plan", is_flag=True, help="Nothing run: the share of an epoch a cluster would deliver, for hypothetical "
+              "stores (--layouts) and rank counts (--ranks), by the trainer's own split. [default: off]")
+@click.option("--layouts", help="--plan: stores as SHARDSxSAMPLES, comma-separated. [default: 147x8700,1282x1000]")
+@click.option("--ranks", help="--plan: rank counts, comma-separated. [default: 8,64,256]")
+@click.option("--workers", type=click.IntRange(min=0), help="--plan: DataLoader workers per rank. [default: 8]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="--plan: samples per step and rank. [default: 256]")
+@click.option("--last-batch", type=click.Choice(["partial", "drop", "pad"]), help="--plan: the last global partial "
+              "batch (see train --help). [default: partial]")
 @click.option("--no-progress", is_flag=True, help="No progress bars while building. [default: off]")
 @click.option("--json", "as_json", is_flag=True, help="Every row as JSON. [default: off]")
-def bench_scale(out, shards, commands, no_progress, as_json, **kw):
-    """Seconds, requests and peak memory of info, store ls, verify --metadata-only, train start-up
-    and eval knn against the shard count (100, 1,000, 10,000 tiny shards), with and without the
-    shard index, local and on a loopback S3 server.
+def bench_scale(out, shards, commands, plan, layouts, ranks, workers, batch_size, last_batch, no_progress, as_json, **kw):
+    """Seconds, requests and peak memory of info, store ls, verify --metadata-only, train start-up,
+    train resume (at 90% of an epoch) and eval knn against the shard count (100, 1,000, 10,000
+    tiny shards), with and without the shard index, local and on a loopback S3 server. With
+    --plan: the share of an epoch delivered for stores and clusters you do not have.
 
     \b
     kdcache bench scale --out /tmp/scale
     kdcache bench scale --out /tmp/scale --shards 100,1000 --s3 off --command info --command "store ls"
+    kdcache bench scale --plan
+    kdcache bench scale --plan --layouts 147x8700 --ranks 256,512 --batch-size 128 --last-batch drop
     """
     import json
 
+    if plan:
+        from kdcache.bench.options import PlanBench
+        from kdcache.bench.scale import format_plan, plan_table
+        o = PlanBench(**drop_unset(layouts=parse_layouts(layouts), ranks=comma_ints("--ranks", ranks, low=1),
+                                   workers=workers, batch_size=batch_size, last_batch=last_batch))
+        r = plan_table(o)
+        click.echo(json.dumps(r, indent=2) if as_json else format_plan(r))
+        return
+    if not out:
+        raise click.UsageError("--out is required (or --plan)")
     from kdcache.bench.scale import bench_scale as run
     from kdcache.bench.scale import format_scale
     opts = ScaleBench(out=out, progress=not no_progress, **drop_unset(shards=comma_ints("--shards", shards, low=1),
                                                                       commands=tuple(commands) or None, **kw))
     r = run(opts)
     click.echo(json.dumps(r, indent=2) if as_json else format_scale(r))
+
+
+def parse_layouts(text: str | None):
+    """``147x8700,1282x1000`` -> ((147, 8700), (1282, 1000)); None when not given."""
+    if text is None:
+        return None
+    try:
+        out = tuple(tuple(int(x) for x in part.lower().split("x")) for part in text.split(",") if part.strip())
+    except ValueError:
+        out = ()
+    if not out or any(len(p) != 2 or min(p) < 1 for p in out):
+        raise click.BadParameter(f"{text!r}: expected SHARDSxSAMPLES[,SHARDSxSAMPLES...], e.g. 147x8700", param_hint="--layouts")
+    return out
 
 
 @bench.command("quantize")

@@ -12,8 +12,8 @@ from kdcache.quantize.quantizer_spec import METHODS, QuantizerSpec
 from kdcache.store.dtypes import STORAGE_DTYPES
 from kdcache.store.meta import CODECS
 from kdcache.targets.sample import SampleSpec
-from kdcache.train.config import (AMP, BALANCES, DECODES, HEAD_KINDS, LABEL_LOSSES, LOGITS_LOSSES, LOGITS_TAILS,
-                                  NORMALIZERS, VIEW_CHOICES, TrainConfig, parse_ladder)
+from kdcache.train.config import (AMP, BALANCES, DECODES, HEAD_KINDS, LABEL_LOSSES, LAST_BATCH, LOGITS_LOSSES,
+                                  LOGITS_TAILS, NORMALIZERS, VIEW_CHOICES, TrainConfig, parse_ladder)
 
 from .common import apply_storage_options, cli, defaults_of, drop_unset, with_storage_options
 
@@ -191,7 +191,13 @@ def demo(no_progress, **kw):
               "sample uses (epoch: each view once per K epochs; augmented: views 1..K-1 in turn, what --online sees; "
               "all: every view each epoch, each its own sample, from one decode and one read: repeated augmentation)."
               + T("view_choice"))
-@click.option("--shuffle-buffer", type=int, help="Samples shuffled in a buffer within each worker." + T("shuffle_buffer"))
+@click.option("--shuffle-buffer", type=int, help="Window of the epoch's order whose samples are shuffled together (the "
+              "blocks of every shard come in a seeded order; see the docs, Training: Many GPUs)." + T("shuffle_buffer"))
+@click.option("--last-batch", type=click.Choice(LAST_BATCH), help="The epoch's last global partial batch: partial (every "
+              "sample; the epoch padded with fewer than --world repeats, the last step of each rank smaller), drop (every "
+              "step full; fewer than world x batch samples left out), pad (every step full; repeats fill it)." + T("last_batch"))
+@click.option("--log-keys", is_flag=True, default=None, help="Write every key each rank delivers, per step, to "
+              "RUN/keys/rank<R>.jsonl (an audit of the data order). [default: off]")
 @click.option("--color-jitter", type=float, help="Student-only photometric augmentation strength." + T("color_jitter"))
 @click.option("--sub-views", type=float, help="New views of a finite store: a random box inside each stored view, of at "
               "least this share of its area; patch targets RoIAligned from the stored grid, the summary the view's "

@@ -29,6 +29,7 @@ that no longer decodes, ``counted_before`` passes over what an earlier pass alre
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -57,11 +58,13 @@ class RawSample:
     image-folder class), and, once aligned with a store shard, its ``row`` there."""
 
     key: str
-    data: bytes | None  # None when the sample has no image field
+    data: bytes | None  # None when the sample has no image field (or its bytes were not read: ``read_data``)
     label: int | None
     fields: tuple[str, ...] = ()
     error: str | None = None  # why the sample cannot be used at all (unreadable file, member without a key)
     row: int | None = None  # its row in the store shard (``align``)
+    offset: int = -1  # where its image bytes start in the shard's file (a tar member's data; 0 for a folder's file)
+    size: int = 0  # how many bytes they are
 
 
 @dataclass(frozen=True)
@@ -84,36 +87,80 @@ class Skip:
 
 # -- reading a shard -----------------------------------------------------------------------
 
-def shard_samples(corpus: Corpus, shard: CorpusShard) -> Iterator[RawSample | ShardReadError]:
-    """The shard's raw samples in corpus order (no key rules applied yet: ``screen``)."""
+def shard_samples(corpus: Corpus, shard: CorpusShard, *, read_data: bool = True) -> Iterator[RawSample | ShardReadError]:
+    """The shard's raw samples in corpus order (no key rules applied yet: ``screen``), each with
+    where its image bytes are (``offset``, ``size``). ``read_data`` off: the image bytes are not
+    read (a local tar's headers alone, seeking over the data: what a reader that only needs the
+    samples' places pays); labels are read either way."""
     if corpus.kind == "folder":
-        yield from _folder_samples(corpus, shard)
+        yield from _folder_samples(corpus, shard, read_data=read_data)
     else:
-        yield from _tar_samples(shard.url)
+        yield from _tar_samples(shard.url, read_data=read_data)
 
 
-def _folder_samples(corpus: Corpus, shard: CorpusShard) -> Iterator[RawSample]:
+def folder_label(corpus: Corpus, rel: str) -> int | None:
+    """An image folder's label of a file: the index of its top-level class folder, or None."""
+    top = rel.split("/", 1)[0] if "/" in rel else None
+    return corpus.classes.index(top) if top in corpus.classes else None
+
+
+def _folder_samples(corpus: Corpus, shard: CorpusShard, *, read_data: bool = True) -> Iterator[RawSample]:
     for rel in shard.members:
         key = os.path.splitext(rel)[0]
-        top = rel.split("/", 1)[0] if "/" in rel else None
-        label = corpus.classes.index(top) if top in corpus.classes else None
+        label = folder_label(corpus, rel)
+        path = os.path.join(shard.url, rel)
         try:
-            with open(os.path.join(shard.url, rel), "rb") as f:
-                data = f.read()
+            if read_data:
+                with open(path, "rb") as f:
+                    data = f.read()
+                size = len(data)
+            else:
+                data, size = None, os.stat(path).st_size
         except OSError as e:
             yield RawSample(key, None, label, error=f"unreadable file: {e.strerror}")
             continue
-        yield RawSample(key, data, label, (os.path.splitext(rel)[1][1:].lower(),))
+        yield RawSample(key, data, label, (os.path.splitext(rel)[1][1:].lower(),), offset=0, size=size)
 
 
-def _tar_samples(url: str) -> Iterator[RawSample | ShardReadError]:
+COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd: offsets are not the file's
+
+
+def _tar_samples(url: str, *, read_data: bool = True) -> Iterator[RawSample | ShardReadError]:
     import fsspec
-    import webdataset.tariterators as wds_tar
+    from webdataset.tariterators import base_plus_ext
     try:
         with fsspec.open(url, "rb") as stream:
-            yield from _group_members(wds_tar.tar_file_iterator(stream), wds_tar.base_plus_ext)
+            yield from _group_members(tar_members(stream, read_data=read_data), base_plus_ext)
     except Exception as e:  # tarfile.ReadError, EOFError, zlib errors...: the rest is lost
         yield ShardReadError(f"{url}: tar read error: {type(e).__name__}: {e.args[0] if e.args else e}")
+
+
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def tar_members(stream, *, read_data: bool = True) -> Iterator[dict]:
+    """A tar's regular members as webdataset's ``tar_file_iterator`` yields them ({fname, data},
+    its ``__meta__`` members skipped alike), plus where each member's data lies in the file
+    (``offset``, ``size``; offset -1 in a compressed tar, whose offsets are not the file's).
+    Written here because webdataset's iterator does not say where a member is, and a loader
+    that reads any sample of a shard needs exactly that. ``read_data`` off: the data is not
+    read (``data`` None; labels and other small fields still are), and a seekable file is walked
+    header by header."""
+    import tarfile
+    head = stream.read(6)
+    stream.seek(0)
+    compressed = any(head.startswith(m) for m in COMPRESSED)
+    seekable = not read_data and not compressed and getattr(stream, "seekable", lambda: False)()
+    tar = tarfile.open(fileobj=stream, mode="r:" if seekable else "r|*")
+    for info in tar:
+        name = info.name
+        if not info.isreg() or name is None or _META.match(name) or (
+                "/" not in name and name.startswith("__") and name.endswith("__")):
+            continue
+        image = name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS
+        data = tar.extractfile(info).read() if read_data or not image else None  # (labels are read either way)
+        yield {"fname": name, "data": data, "offset": -1 if compressed else info.offset_data, "size": info.size}
+        tar.members = []  # (webdataset's way: a stream's member list would grow with the shard)
 
 
 def _group_members(members, base_plus_ext) -> Iterator[RawSample]:
@@ -137,24 +184,27 @@ def _group_members(members, base_plus_ext) -> Iterator[RawSample]:
         if current is None or key != current["__key__"]:
             if current is not None:
                 yield _raw_sample(current)
-            current = {"__key__": key}
+            current = {"__key__": key, "__places__": {}}
         current[ext] = data
+        current["__places__"][ext] = (m.get("offset", -1), m.get("size", 0))
     if current is not None:
         yield _raw_sample(current)
 
 
 def _raw_sample(s: dict) -> RawSample:
     fields = tuple(k for k in s if not k.startswith("__"))
-    data = next((s[e] for e in IMAGE_EXTS if e in s), None)
+    image = next((e for e in IMAGE_EXTS if e in s), None)
     label = None
     for f in ("cls", "label"):
         if f in s:
             try:
-                label = int(s[f].decode().strip())
+                label = int(s[f].decode().strip()) if s[f] is not None else None
             except (ValueError, UnicodeDecodeError):
                 pass
             break
-    return RawSample(s["__key__"], data, label, fields, error=s.get("__error__"))
+    offset, size = s["__places__"].get(image, (-1, 0))
+    return RawSample(s["__key__"], None if image is None else s[image], label, fields, error=s.get("__error__"),
+                     offset=offset, size=size)
 
 
 # -- the key rules -------------------------------------------------------------------------
@@ -227,7 +277,7 @@ def align(corpus: Corpus, shard: CorpusShard, stored_keys: list[str], failed: It
             want = stored_keys[row] if row < len(stored_keys) else "(end of store shard)"
             raise AlignError(f"shard {shard.name}: corpus key {s.key!r} where the store has {want!r} at row {row}: "
                              f"the store was not extracted from this corpus")
-        yield RawSample(s.key, s.data, s.label, s.fields, s.error, row)  # (dataclasses.replace: 4x the time)
+        yield RawSample(s.key, s.data, s.label, s.fields, s.error, row, s.offset, s.size)  # (dataclasses.replace: 4x the time)
         row += 1
     if row != len(stored_keys):
         raise AlignError(f"shard {shard.name}: the corpus ended after {row} samples, the store has {len(stored_keys)}")

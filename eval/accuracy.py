@@ -4,8 +4,8 @@ and against its teacher.
 The run's student is rebuilt as timm loads the export (its classifier in the teacher's classes);
 its teacher is rebuilt live from what the run recorded (the store's teacher metadata: model,
 checkpoint, preprocessing, checked against the stored weights fingerprint; or an online run's
-spec). Every image of the corpus passes through the same walk and pixel stage as extraction, each
-model on its own eval view at its own input. Reported: agreement with the teacher (top-1, the
+spec). Every image of the corpus passes through the loader's stream (``data.stream``: the walk and
+pixel stage of extraction), each model on its own eval view at its own input, from one decode. Reported: agreement with the teacher (top-1, the
 teacher's top-1 within the student's top-5, mean KL(teacher || student) at T=1) on every image,
 and top-1/top-5 against the corpus labels for the images that have them. Give a corpus the run
 never trained on for held-out figures.
@@ -16,19 +16,23 @@ import json
 import os
 from dataclasses import replace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from torch.utils.data import DataLoader
+
 from kdcache.data.corpus import resolve_corpus
-from kdcache.data.pixels import Crop, view_at, view_pixels
-from kdcache.data.walk import record_to, screened
+from kdcache.data.partition import ShardRows
+from kdcache.data.pixels import Crop
+from kdcache.data.samples import corpus_places
+from kdcache.data.stream import SampleStream, StreamSpec
+from kdcache.data.transport import collate
 from kdcache.errors import KdcacheError
 from kdcache.models.teacher import Teacher, create_teacher, teacher_from_meta
 from kdcache.store.meta import TeacherMeta, ViewPolicy
 
-from .model_features import run_student
+from .model_features import EVAL_BLOCK, run_student
 
 
 def run_teacher(run: str, name: str | None = None) -> Teacher:
@@ -64,29 +68,23 @@ def accuracy(run: str, data: str, *, teacher: str | None = None, batch_size: int
     t_policy = ViewPolicy.for_input(t.data.crop_pct, t.data.hw)
     mean = torch.tensor(sdata.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(sdata.std).view(1, 3, 1, 1) * 255
-
-    def eval_views(s, height: int, width: int) -> np.ndarray:  # each model's own eval view
-        return np.stack([view_at(s_policy, s.key, 0, height, width), view_at(t_policy, s.key, 0, height, width)])
-
-    student_logits, teacher_logits, labels, skipped, batch = [], [], [], [], []
-
-    def flush():
-        if batch:
-            x = (torch.stack([b[0] for b in batch]).float() - mean) / std
-            student_logits.append(net(x).float())
-            teacher_logits.append(t.outputs(torch.stack([b[1] for b in batch]).to(t.device), logits=True)[2].cpu())
-            batch.clear()
-
-    crops = [Crop(sdata.hw, sdata.interpolation), Crop(t.input_hw, t.meta.interpolation)]
-    for shard in tqdm(corpus.shards, unit="shard", desc="accuracy", disable=not progress, dynamic_ncols=True):
-        for item in view_pixels(screened(corpus, shard, record_to(skipped)), views=eval_views, crops=crops,
-                                decode=replace(corpus.options.decode, reduced=False),  # judged as deployed: full-size decodes
-                                handler=record_to(skipped)):
-            batch.append((item.crops[0][0], item.crops[1][1]))
-            labels.append(-1 if item.sample.label is None else int(item.sample.label))
-            if len(batch) == batch_size:
-                flush()
-    flush()
+    places = corpus_places(corpus)
+    spec = StreamSpec(shards=tuple(ShardRows(n, len(p), EVAL_BLOCK) for n, p in places.items() if len(p)),
+                      crops=(("image", Crop(sdata.hw, sdata.interpolation)), ("teacher", Crop(t.input_hw, t.meta.interpolation))),
+                      decode=replace(corpus.options.decode, reduced=False),  # judged as deployed: full-size decodes
+                      views="eval", policy=s_policy, eval_policies=(s_policy, t_policy), shuffle=False, skip_bad=True)
+    stream = SampleStream(spec, corpus, places=places)  # each model on its own eval view, from one decode
+    student_logits, teacher_logits, labels = [], [], []
+    bar = tqdm(total=sum(s.count for s in spec.shards), unit="img", desc="accuracy", disable=not progress,
+               dynamic_ncols=True)
+    for batch in DataLoader(stream, batch_size=batch_size, collate_fn=collate):
+        x = (batch["image"].float() - mean) / std
+        student_logits.append(net(x).float())
+        teacher_logits.append(t.outputs(batch["teacher"].to(t.device), logits=True)[2].cpu())
+        labels += batch["label"].tolist()
+        bar.update(len(batch["key"]))
+    bar.close()
+    skipped = stream.skipped
     if not student_logits:
         raise KdcacheError(f"{data}: no image to evaluate")
     s_logits, t_logits, y = torch.cat(student_logits), torch.cat(teacher_logits), torch.tensor(labels)

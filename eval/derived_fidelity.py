@@ -24,7 +24,9 @@ from kdcache.models.teacher import teacher_from_meta
 from kdcache.store import Store
 from kdcache.targets.decoding import TargetDecoder, stored_codebooks
 from kdcache.targets.derive import draw_mix, mix_pixels, mix_targets
-from kdcache.train.loader import CachedStream, LoaderSpec, collate
+from kdcache.data.pixels import Crop
+from kdcache.data.stream import SampleStream, StreamSpec, shard_rows
+from kdcache.data.transport import collate
 
 DERIVED = ("stored", "sub-views", "cutmix", "mixup", "dense")
 
@@ -56,12 +58,12 @@ def derived_fidelity(url: str, data: str, *, options=DERIVED, teacher: str | Non
         dense = option == "dense"
         decoder = TargetDecoder(name, meta, codebooks=stored_codebooks(store, name), normalize="none", stats=None,
                                 dense=dense)
-        spec = LoaderSpec(store_url=url, shards=shards, target_paths=tuple(decoder.read_paths), input_size=live.input_hw,
-                          interpolation=meta.interpolation, view_choice="augmented" if store.meta.views > 1 else "first",
-                          shuffle_buffer=1, seed=seed, workers=0, decode=corpus.options.decode,
-                          sub_views=sub_views if option == "sub-views" else 0.0, dense_views=dense,
-                          policy=store.meta.view_policy)
-        stream = CachedStream(corpus, spec, epoch=epoch)
+        spec = StreamSpec(shards=shard_rows(store, shards), crops=(("image", Crop(live.input_hw, meta.interpolation)),),
+                          decode=corpus.options.decode, view_choice="augmented" if store.meta.views > 1 else "first",
+                          stored_views=store.meta.views, policy=store.meta.view_policy, seed=seed, shuffle=False,
+                          store_url=url, target_paths=tuple(decoder.read_paths),
+                          sub_views=sub_views if option == "sub-views" else 0.0, dense_views=dense)
+        stream = SampleStream(spec, corpus, epoch=epoch)
         sums = {"summary": [0.0, 0], "patch": [0.0, 0]}
         seen = 0
         for step, batch in enumerate(DataLoader(stream, batch_size=batch_size, collate_fn=collate)):

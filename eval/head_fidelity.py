@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from kdcache.errors import KdcacheError
 from kdcache.train.config import TrainConfig
 from kdcache.train.fit import build_run
-from kdcache.train.loader import collate
+from kdcache.data.transport import collate
 from kdcache.train.trainer import to_device
 
 
@@ -42,11 +42,11 @@ def fidelity(run: str, *, store: str | None = None, data: str | None = None, sha
     cfg = run_config(run, workers=0, **{k: v for k, v in (("store", store), ("data", data)) if v})
     run_ = build_run(cfg, evaluate=True, progress=False)
     trainer, source = run_.trainer, run_.source
-    chosen = [s for s in source.shards if shards is None or fnmatch.fnmatchcase(s, shards)]
+    chosen = [s for s in source.shards if shards is None or fnmatch.fnmatchcase(s.name, shards)]
     if not chosen:
         raise KdcacheError(f"--shards {shards!r}: no shard of {cfg.store or cfg.data} matches")
-    spec = dataclasses.replace(source.dataset.spec, shards=tuple(chosen), view_choice="first", shuffle_buffer=1,
-                               color_jitter=0.0, workers=0)
+    spec = dataclasses.replace(source.dataset.spec, shards=tuple(chosen), view_choice="first", shuffle=False,
+                               color_jitter=0.0, workers=0, sub_views=0.0, dense_views=False)
     sums = {t: {"summary": [0.0, 0.0], "patch": [0.0, 0.0], "summary_raw": [0.0, 0.0], "patch_raw": [0.0, 0.0]}
             for t in source.teachers}
     trainer.model.eval()
@@ -61,7 +61,7 @@ def fidelity(run: str, *, store: str | None = None, data: str | None = None, sha
                 _add(sums[t]["patch"], patches, target["patch"])
                 _add(sums[t]["patch_raw"], norm["patch"].inverse(patches), norm["patch"].inverse(target["patch"]))
     out = {t: {k: (v[0] / v[1] if v[1] else None) for k, v in parts.items()} for t, parts in sums.items()}
-    return {"run": run, "store": cfg.store or "online (teachers run live)", "shards": chosen, "view": 0,
+    return {"run": run, "store": cfg.store or "online (teachers run live)", "shards": [s.name for s in chosen], "view": 0,
             "teachers": {t: {"summary_cos": o["summary"], "patch_cos": o["patch"], "summary_cos_teacher_space": o["summary_raw"],
                              "patch_cos_teacher_space": o["patch_raw"]} for t, o in out.items()}}
 

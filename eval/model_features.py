@@ -1,8 +1,8 @@
 """Summary features of a model run live on a labelled corpus: a trained student (or its EMA), or
 any timm model (a teacher, a random-init baseline).
 
-Each image passes through the same walk as extraction (``data.walk.screened``) and the same
-pixel stage (``data.pixels.view_pixels``): decoded with the same limits, cut to its eval view
+Each image passes through the loader's stream (``data.stream``: the corpus's samples screened by
+the same walk as extraction, the same pixel stage): decoded with the same limits, cut to its eval view
 (the centred ``crop_pct`` box, view 0 of a store) and resized to the model's input, then
 normalised with the model's own data config; the feature is the model's summary vector
 (``models.taps``: ``forward_head(..., pre_logits=True)``). Samples that do not decode are
@@ -20,9 +20,14 @@ import timm
 import torch
 from tqdm import tqdm
 
+from torch.utils.data import DataLoader
+
 from kdcache.data.corpus import ReadOptions, resolve_corpus
-from kdcache.data.pixels import Crop, view_at, view_pixels
-from kdcache.data.walk import record_to, screened
+from kdcache.data.partition import ShardRows
+from kdcache.data.pixels import Crop
+from kdcache.data.samples import corpus_places
+from kdcache.data.stream import SampleStream, StreamSpec
+from kdcache.data.transport import collate
 from kdcache.errors import KdcacheError
 from kdcache.models.data_config import DataConfig, resolve_data_config
 from kdcache.models.spec import ModelSpec
@@ -32,6 +37,8 @@ from kdcache.store.meta import ViewPolicy
 
 from .options import ProbeOptions
 from .probes import probe
+
+EVAL_BLOCK = 256  # rows per block of a corpus shard read for evaluation (one ranged read of a tar each)
 
 
 def _provenance_student(run: str) -> dict:
@@ -78,41 +85,36 @@ def spec_model(text: str) -> tuple[torch.nn.Module, DataConfig, str]:
 @torch.inference_mode()
 def labelled_model_features(model: torch.nn.Module, data: DataConfig, corpus_spec: str, *, read: ReadOptions | None = None,
                             batch_size: int = 32, progress: bool = False) -> dict:
-    """{x (N, D) float32, y (N,), keys, skipped_samples} over the labelled samples of a corpus."""
+    """{x (N, D) float32, y (N,), keys, skipped_samples} over the labelled samples of a corpus, in
+    corpus order, through the loader's stream (``data.stream``: the eval view, full-size decodes)."""
     corpus = resolve_corpus(corpus_spec, read)
+    places = {}
+    for name, p in corpus_places(corpus).items():
+        places[name] = p.select(i for i in range(len(p)) if p.labels[i] >= 0)
+    if not any(len(p) for p in places.values()):
+        raise KdcacheError(f"{corpus_spec}: no labelled samples (webdataset 'cls' fields or image-folder classes)")
+    spec = StreamSpec(shards=tuple(ShardRows(n, len(p), EVAL_BLOCK) for n, p in places.items() if len(p)),
+                      crops=(("image", Crop(data.hw, data.interpolation)),),
+                      decode=replace(corpus.options.decode, reduced=False),  # judged as deployed: full-size decodes
+                      views="eval", policy=ViewPolicy.for_input(data.crop_pct, data.hw), shuffle=False, skip_bad=True)
+    stream = SampleStream(spec, corpus, places=places)
     tap = probe_tap(model, data.hw)
-    policy = ViewPolicy.for_input(data.crop_pct, data.hw)
     mean = torch.tensor(data.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(data.std).view(1, 3, 1, 1) * 255
-    xs, ys, keys, batch, skipped = [], [], [], [], []
-
-    def flush():
-        if batch:
-            x = (torch.stack(batch).float() - mean) / std
-            xs.append(tap(model, x)[0].float().numpy())
-            batch.clear()
-
-    def eval_view(s, height: int, width: int) -> np.ndarray:
-        return view_at(policy, s.key, 0, height, width)
-
-    bar = tqdm(total=len(corpus.shards), unit="shard", desc="features", disable=not progress, dynamic_ncols=True)
-    for shard in corpus.shards:
-        labelled = (s for s in screened(corpus, shard, record_to(skipped)) if s.label is not None)
-        for item in view_pixels(labelled, views=eval_view, crops=[Crop(data.hw, data.interpolation)],
-                                decode=replace(corpus.options.decode, reduced=False),  # judged as deployed: full-size decodes
-                                handler=record_to(skipped)):
-            batch.append(item.crops[0][0])
-            ys.append(item.sample.label)
-            keys.append(item.sample.key)
-            if len(batch) == batch_size:
-                flush()
-        bar.update(1)
-    flush()
+    xs, ys, keys = [], [], []
+    total = sum(s.count for s in spec.shards)
+    bar = tqdm(total=total, unit="img", desc="features", disable=not progress, dynamic_ncols=True)
+    for batch in DataLoader(stream, batch_size=batch_size, collate_fn=collate):
+        x = (batch["image"].float() - mean) / std
+        xs.append(tap(model, x)[0].float().numpy())
+        ys.append(batch["label"].numpy())
+        keys += batch["key"]
+        bar.update(len(batch["key"]))
     bar.close()
     if not xs:
-        raise KdcacheError(f"{corpus_spec}: no labelled samples (webdataset 'cls' fields or image-folder classes)")
-    return {"x": np.concatenate(xs).astype(np.float32), "y": np.asarray(ys, dtype=np.int64), "keys": keys,
-            "skipped_samples": len(skipped)}
+        raise KdcacheError(f"{corpus_spec}: no labelled sample decodes")
+    return {"x": np.concatenate(xs).astype(np.float32), "y": np.concatenate(ys).astype(np.int64), "keys": keys,
+            "skipped_samples": total - len(keys)}  # (the labelled images that do not decode)
 
 
 def probe_model(which: str, data: str, options: ProbeOptions = ProbeOptions(), *, run: str | None = None,

@@ -100,6 +100,23 @@ def _files_stamp(path: str) -> list:
                    os.stat(os.path.join(r, f)).st_mtime_ns] for r, _, fs in os.walk(path) for f in fs)
 
 
+def _epoch_rows(run: str) -> list[dict]:
+    """RUN/epochs.jsonl (a run from before it has none: no rows); a resumed epoch's later line wins."""
+    path = RunDir(run).epoch_log
+    if not os.path.exists(path):
+        return []
+    rows = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    rows[r["epoch"]] = r
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise KdcacheError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    return [rows[e] for e in sorted(rows)]
+
+
 def _bytes_rows(cfg: dict, prov: dict) -> list[dict]:
     """Per teacher: bytes per sample in fp32, fp16, and as this run's store holds them."""
     if prov.get("online"):
@@ -167,7 +184,7 @@ def report(run: str, *, data: str | None = None, knn: bool = True, seed: int = 0
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write(text)
-    return {"report": path, "files": files, "knn": knn_rows, "bytes": bytes_rows}
+    return {"report": path, "files": files, "knn": knn_rows, "bytes": bytes_rows, "epochs": _epoch_rows(run)}
 
 
 def _markdown(run, cfg, prov, metrics, teachers, knn_rows, bytes_rows, files, out) -> str:
@@ -187,6 +204,16 @@ def _markdown(run, cfg, prov, metrics, teachers, knn_rows, bytes_rows, files, ou
             lines.append(f"| {objective} | {sum(values) / len(values):.3f} | {values[0]:.3f} | {values[-1]:.3f} |")
     lines += ["", f"Total loss {float(metrics[0]['loss']):.4f} at step {metrics[0]['step']} -> {float(last['loss']):.4f} "
                   f"at step {last['step']}.", "", f"![losses]({os.path.relpath(files['losses'], out)})", ""]
+    epochs = _epoch_rows(run)
+    if epochs:  # RUN/epochs.jsonl: what every epoch delivered
+        lines += ["## Epochs", "", "Samples each finished epoch delivered (summed over ranks), as the split planned them "
+                  "(`--last-batch`: dropped or padded) and what corrupt data cost (skipped).", "",
+                  "| epoch | ranks x workers | steps | samples | delivered | dropped | padded | skipped | resumed with |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {e['epoch']} | {e['world']} x {e['workers']} | {e['steps']} | {e['samples']} | {e['delivered']} | "
+                  f"{e['dropped']} | {e['padded']} | {e['skipped']} | "
+                  f"{'-' if e['resumed_with'] is None else e['resumed_with']} |" for e in epochs]
+        lines.append("")
     if knn_rows:
         p = knn_rows[0]["protocol"]
         lines += ["## kNN", "",

@@ -1,7 +1,8 @@
 """A store's cached summary features with their corpus labels: the teacher's kNN ceiling, free.
 
-Labels come from the corpus (webdataset ``cls``, image-folder classes) through the same walk
-extraction used (``data.walk.align``); features are the stored summary (``cls``) of view 0,
+Labels are the corpus's (webdataset ``cls``, image-folder classes) as the store recorded them at
+extraction (``origin``; a store from before: through the same walk extraction used,
+``data.walk.align``); features are the stored summary (``cls``) of view 0,
 the teacher's eval view, read through the store's verified path (checksums, finiteness). A
 corrupt shard stops the evaluation with one line, or with ``skip_corrupt`` is left out and
 reported.
@@ -39,23 +40,33 @@ def labelled_store_features(url: str, data: str, *, teacher: str | None = None, 
             if attrs.get("complete") is not True:
                 raise StoreError(f"{url}: shard {shard.name} is not complete")
             x = store.read_features(shard.name, teacher, "cls", view=0)  # the eval view: in format 2 it alone is read
-            samples = list(align(corpus, shard, store.keys(shard.name).tolist(), attrs.get("failed", [])))
+            labels = stored_labels(store, corpus, shard, attrs)
         except StoreError as e:
             if not skip_corrupt:
                 raise
             skipped[shard.name] = one_line(e)
             continue
-        for s in samples:
-            if s.label is None:
+        for row, (key, label) in enumerate(labels):
+            if label is None:
                 unlabelled += 1
                 continue
-            xs.append(x[s.row])
-            ys.append(s.label)
-            keys.append(s.key)
+            xs.append(x[row])
+            ys.append(label)
+            keys.append(key)
     if not xs:
         raise KdcacheError(f"{data}: no labelled samples (webdataset 'cls' fields or image-folder classes)")
     return {"x": np.stack(xs).astype(np.float32), "y": np.asarray(ys, dtype=np.int64), "keys": keys, "teacher": teacher,
             "skipped": skipped, "unlabelled": unlabelled}
+
+
+def stored_labels(store: Store, corpus, shard, attrs: dict) -> list[tuple[str, int | None]]:
+    """(key, label or None) of every row of a store shard: from the store's ``origin`` (format 3),
+    else from the corpus's walk aligned with the stored keys."""
+    origin = store.origin(shard.name)
+    keys = store.keys(shard.name).tolist()
+    if origin is not None:
+        return [(k, None if label < 0 else int(label)) for k, label in zip(keys, origin[:, 3].tolist())]
+    return [(s.key, s.label) for s in align(corpus, shard, keys, attrs.get("failed", []))]
 
 
 def probe_store(url: str, data: str, options: ProbeOptions = ProbeOptions(), *, teacher: str | None = None,

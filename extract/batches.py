@@ -28,6 +28,7 @@ from kdcache.data.pixels import Crop, ViewPixels, sample_views, view_pixels
 from kdcache.data.walk import align, changed_since_extraction, record_to, screened, skip_handler
 from kdcache.store import Store, ViewPolicy
 from kdcache.store.lease import leases_for
+from kdcache.store.reads import bytes_crc32
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ViewBatch:
     crops: list[torch.Tensor]
     last: bool = False
     whole: list[torch.Tensor] = field(default_factory=list)  # per dense group: the whole images (n, 3, h, w) uint8
+    origin: np.ndarray | None = None  # (n, 4) int64: where each image's bytes are in the corpus shard, their CRC-32, label
     failed: list[dict] = field(default_factory=list)
     moved_on: str | None = None  # why this job leaves the shard to another (it holds the lease, or finished it)
 
@@ -129,6 +131,13 @@ class ShardBatches(IterableDataset):
         yield from batched(pixels, job.shard.name, self.batch_size, failed)
 
 
+def origin_rows(samples) -> np.ndarray:
+    """(n, 4) int64 ``origin`` rows of samples as read: their image's offset and length in the corpus
+    shard, the CRC-32 of those bytes (computed from the bytes in memory), the label (-1: none)."""
+    return np.array([(s.offset, s.size, bytes_crc32(s.data) if s.data is not None else -1,
+                      -1 if s.label is None else s.label) for s in samples], dtype=np.int64).reshape(-1, 4)
+
+
 def batched(items: Iterable[ViewPixels], shard: str, batch_size: int, failed: list[dict]) -> Iterator[ViewBatch]:
     """Group into ViewBatches; the last one (possibly empty) closes the shard with its failures."""
     group: list[ViewPixels] = []
@@ -138,7 +147,7 @@ def batched(items: Iterable[ViewPixels], shard: str, batch_size: int, failed: li
         whole = [torch.stack([p.whole[g] for p in group]) for g in range(len(group[0].whole))] if group else []
         views = np.stack([p.views for p in group]).astype(np.float32) if group else np.zeros((0, 0, 5), np.float32)
         return ViewBatch(shard, [p.sample.key for p in group], views, crops, last=last,
-                         failed=list(failed) if last else [], whole=whole)
+                         failed=list(failed) if last else [], whole=whole, origin=origin_rows([p.sample for p in group]))
 
     for item in items:
         group.append(item)

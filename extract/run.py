@@ -26,7 +26,7 @@ from kdcache.quantize.quantizer_spec import QuantizerSpec
 from kdcache.store import Store, StoreMeta, ViewPolicy, feature_path, has_teacher
 from kdcache.store.inspect import shard_nbytes, write_summary
 from kdcache.store.lease import Heartbeat, new_owner
-from kdcache.store.meta import TOKEN_KINDS, dense_path, logits_path
+from kdcache.store.meta import ORIGIN, TOKEN_KINDS, dense_path, logits_path
 from kdcache.store.remote import is_url, local_path
 from kdcache.store.shard_index import merge_entries
 from kdcache.targets.decoding import TORCH_DTYPES
@@ -272,7 +272,7 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
                 continue
             active.add(batch.shard)
             job = by_name[batch.shard]
-            rows, ready = _forward(batch, job, teachers, group_of, device, opts.dtype, encode)
+            rows, ready = _forward(batch, job, teachers, group_of, device, opts.dtype, encode, store.meta.records_origin)
             writer.put(batch.shard, rows, failed=batch.failed, last=batch.last, ready=ready)
             summary.images += len(batch)
             summary.failed += len(batch.failed)
@@ -309,7 +309,7 @@ def _store_rows(rows: dict, name: str, stored: torch.Tensor, encode: dict, *, de
     rows[dense_path(name)] = stored.to("cpu", non_blocking=True)
 
 
-def _forward(batch: ViewBatch, job: ShardJob, teachers, group_of, device, dtype, encode):
+def _forward(batch: ViewBatch, job: ShardJob, teachers, group_of, device, dtype, encode, origin: bool):
     """Teacher features of a batch as stored rows (path -> CPU tensor in the storage dtype, or
     uint8 codes for a quantized teacher's patches: ``encode`` maps it to (encoder, keep_float))."""
     if not len(batch):
@@ -319,6 +319,8 @@ def _forward(batch: ViewBatch, job: ShardJob, teachers, group_of, device, dtype,
     if job.replay is None:
         rows["keys"] = np.asarray(batch.keys, dtype=str)
         rows["views"] = batch.views
+        if origin:
+            rows[ORIGIN] = batch.origin
     for name in job.teachers:
         crops = batch.crops[group_of[name]]  # (n, K, 3, h, w) uint8
         k = crops.shape[1]

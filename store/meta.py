@@ -14,8 +14,13 @@ from kdcache.errors import StoreError
 
 from .dtypes import zarr_dtype
 
-FORMAT_VERSION = 2  # 2: each view of a block is its own Zarr shard (``view_shards``); 1: a block holds every view
-READABLE_FORMATS = (1, 2)
+# 3: each shard records where every sample's image is in its corpus shard (``origin``) and its rows per block;
+# 2: each view of a block is its own Zarr shard (``view_shards``); 1: a block holds every view
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
+ORIGIN = "origin"  # (n, 4) int64 per shard: image byte offset and length in the corpus shard, their CRC-32, label (-1: none)
+ORIGIN_COLUMNS = ("offset", "size", "crc32", "label")
+INDEX_ARRAYS = ("keys", "views", ORIGIN)  # a shard's own arrays, beside the teachers' (no view axis)
 CODECS = ("none", "lz4", "zstd")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # how crops are resized (torchvision's modes of these names)
 TOKEN_KINDS = ("cls", "patch")  # a teacher's stored token kinds: its summary vector, its patch tokens
@@ -137,6 +142,11 @@ class StoreMeta:
         return self.format >= 2
 
     @property
+    def records_origin(self) -> bool:
+        """Whether writers record each sample's place in its corpus shard (``origin``, format 3)."""
+        return self.format >= 3
+
+    @property
     def seed(self) -> int:
         return self.view_policy.seed
 
@@ -222,7 +232,7 @@ def dense_path(teacher: str, *, codes: bool = False) -> str:
 def has_view_axis(path: str) -> bool:
     """Whether a shard array's axis 1 is the view axis that format 2 splits: the teachers' per-view
     arrays (not keys, the views' boxes, or dense maps)."""
-    return path not in ("keys", "views") and not per_image(path)
+    return path not in INDEX_ARRAYS and not per_image(path)
 
 
 def per_view_shards(path: str, *, views: int, view_shards: bool) -> bool:

@@ -18,7 +18,7 @@ from kdcache.errors import StoreError
 
 from .inspect import shard_nbytes, write_summary
 from .lease import new_owner
-from .meta import TOKEN_KINDS, StoreMeta, feature_path, has_teacher, has_view_axis, per_view_shards
+from .meta import ORIGIN, TOKEN_KINDS, StoreMeta, feature_path, has_teacher, has_view_axis, per_view_shards
 from .reads import block_crcs
 from .remote import is_url, local_path
 from .store import Store, ensure_group
@@ -124,6 +124,9 @@ def _digests(store: Store, shard: str) -> dict:
 def _copy_shard(src: Store, dst: Store, name: str) -> None:
     """Arrays first, each block read through the source's checks; attributes (complete) last."""
     attrs = src.shard_attrs(name)
+    if not dst.meta.records_origin:  # a format before 3 has no origin (its readers would refuse the array)
+        attrs = {**{k: v for k, v in attrs.items() if k != "block"},
+                 "digest": {p: d for p, d in attrs["digest"].items() if p != ORIGIN}}
     dst.delete_shard(name)
     group = ensure_group(dst.root, "shards").create_group(name, attributes={"complete": False})
     crcs = {p: c for p, c in (attrs.get("block_crc32") or {}).items() if p == "views"}  # laid out as in the source
@@ -136,8 +139,8 @@ def _copy_shard(src: Store, dst: Store, name: str) -> None:
             shards, chunks = (shards[0], width, *shards[2:]), (chunks[0], width, *chunks[2:])
         out = group.create_array(path, shape=a.shape, dtype=a.dtype, chunks=chunks, shards=shards,
                                  compressors=a.compressors, attributes=dict(a.attrs))
-        if path in ("keys", "views"):
-            rows = src.keys(name) if path == "keys" else src.views(name)
+        if path in ("keys", "views", ORIGIN):
+            rows = src.keys(name) if path == "keys" else src.views(name) if path == "views" else src.origin(name)
             out[...] = rows
             continue
         start, crcs[path] = 0, []

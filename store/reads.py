@@ -19,7 +19,7 @@ from kdcache.errors import CorruptShardError, StoreError, first_line
 
 from .dtypes import to_float32
 from .layout import ArrayDigest, digest_array, view_sharded
-from .meta import SHARDS, feature_path
+from .meta import ORIGIN, ORIGIN_COLUMNS, SHARDS, feature_path
 
 MAX_BLOCK_BYTES = 1 << 31  # a block is read whole: bound what hostile array metadata can make us allocate
 
@@ -72,6 +72,20 @@ class VerifiedReads:
             raise CorruptShardError(f"{self.url}: shard {shard}: views holds NaN or infinite values", shard=shard)
         return views
 
+    def origin(self, shard: str) -> np.ndarray | None:
+        """The shard's (n, 4) int64 ``origin`` rows (each sample's image byte offset and length in its
+        corpus shard, their CRC-32, its label or -1), checked against their digest; None for a shard
+        written before they were recorded (store format 3)."""
+        attrs = self.shard_attrs(shard) or {}
+        if ORIGIN not in (attrs.get("digest") or {}):
+            return None
+        rows = np.asarray(self._read_whole(shard, ORIGIN), dtype=np.int64)
+        self._check_digest(shard, ORIGIN, rows)
+        if rows.ndim != 2 or rows.shape[1] != len(ORIGIN_COLUMNS) or (rows[:, :2] < -1).any() or (rows[:, 2] < -1).any() \
+                or (rows[:, 2] >= 1 << 32).any():
+            raise CorruptShardError(f"{self.url}: shard {shard}: {ORIGIN} holds values no writer records", shard=shard)
+        return rows
+
     def _read_whole(self, shard: str, path: str) -> np.ndarray:
         """A small array read whole, each of its blocks in one request (``_block_in_one_request``:
         zarr's own ``a[:]`` reads a partial shard, the usual case for keys and views, one inner
@@ -105,6 +119,19 @@ class VerifiedReads:
         attrs, a = self.shard_attrs(shard) or {}, self.array(shard, path)
         for b in range(-(-a.shape[0] // _block_of(a))):
             yield self.read_block(shard, path, b, attrs=attrs, array=a, view=view)
+
+    def read_span(self, shard: str, path: str, start: int, stop: int, *, attrs: dict | None = None, array=None,
+                  verify: bool = True, view: int | None = None, buffers: "BlockBuffers | None" = None) -> np.ndarray:
+        """Rows ``start:stop`` of an array, through ``read_block`` (every block they touch read whole and
+        checked): a view of the one block when they lie in one (the usual case: a loader's block is
+        the store's), else the blocks' rows joined."""
+        a = array if array is not None else self.array(shard, path)
+        block = _block_of(a)
+        first, last = start // block, (max(start, stop - 1)) // block
+        parts = [self.read_block(shard, path, b, attrs=attrs, array=a, verify=verify, view=view, buffers=buffers)
+                 for b in range(first, last + 1)]
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return rows[start - first * block:stop - first * block]
 
     def array_nbytes(self, shard: str) -> dict[str, int]:
         """Bytes stored per array of a shard (chunks and array metadata), one listing."""
@@ -361,6 +388,11 @@ def block_crcs(rows: np.ndarray, *, per_view: bool) -> list[int]:
     """The CRC-32s a writer records for one block of rows: one, or one per view (in view order)
     when each view is a Zarr shard of its own (what ``read_block`` checks)."""
     return [crc32(rows[:, v]) for v in range(rows.shape[1])] if per_view else [crc32(rows)]
+
+
+def bytes_crc32(data: bytes) -> int:
+    """CRC-32 of a corpus sample's encoded image bytes: what ``origin`` records and readers check."""
+    return isal_zlib.crc32(data)
 
 
 def crc32(rows: np.ndarray) -> int:

@@ -210,6 +210,8 @@ def check_shard_attrs(d, where: str, *, array_paths) -> dict:
     if not complete:
         return d
     f.int("count", 0, MAX_ROWS)
+    if "block" in d:  # rows per block (format 3)
+        f.int("block", 1, MAX_ROWS)
     failed = d.get("failed", [])
     if not isinstance(failed, list) or not all(
             isinstance(x, dict) and isinstance(x.get("key"), str) and isinstance(x.get("error"), str) for x in failed):

@@ -6,8 +6,8 @@ lists ``shards/`` (one request per 1,000 names on S3) and reads this one object;
 missing from the index are asked one by one.
 
 ``shard_index.json`` = ``{"format": 1, "written": ISO time, "shards": {name: entry}}``, one
-entry per complete shard: ``{count, failures, digest, nbytes}`` (``nbytes``: bytes stored per
-array); the root metadata, read on open anyway, records its sha256 (``kdcache_shard_index``),
+entry per complete shard: ``{count, failures, digest, nbytes, block}`` (``nbytes``: bytes stored
+per array; ``block``: rows per block, format 3); the root metadata, read on open anyway, records its sha256 (``kdcache_shard_index``),
 so an index changed on its own is known at once. It is written last, from the shards' own metadata, by whoever finishes a pass over the
 store (rank 0 at the end of an extraction or quantization, every ``store`` operation, ``store
 stats``); a job that completes shards merges their entries when it ends, under a short lease.
@@ -42,14 +42,18 @@ log = logging.getLogger("kdcache.store")
 
 def entry_of(attrs: dict, nbytes: dict[str, int]) -> dict:
     """The index entry of a complete shard, from its (validated) attributes."""
-    return {"count": int(attrs["count"]), "failures": len(attrs.get("failed", [])),
-            "digest": dict(attrs.get("digest", {})), "nbytes": {k: int(v) for k, v in nbytes.items()}}
+    entry = {"count": int(attrs["count"]), "failures": len(attrs.get("failed", [])),
+             "digest": dict(attrs.get("digest", {})), "nbytes": {k: int(v) for k, v in nbytes.items()}}
+    if "block" in attrs:  # rows per block (format 3): what a reader plans its reads with
+        entry["block"] = int(attrs["block"])
+    return entry
 
 
 def agrees(entry: dict, attrs: dict | None) -> bool:
     """Whether an index entry says what the shard's own metadata says."""
     return (attrs is not None and attrs.get("complete") is True and entry["count"] == attrs.get("count")
-            and entry["failures"] == len(attrs.get("failed", [])) and entry["digest"] == attrs.get("digest", {}))
+            and entry["failures"] == len(attrs.get("failed", [])) and entry["digest"] == attrs.get("digest", {})
+            and entry.get("block") == attrs.get("block"))
 
 
 def parse_index(raw: bytes, *, where: str, array_paths: set[str]) -> dict[str, dict]:
@@ -64,11 +68,12 @@ def parse_index(raw: bytes, *, where: str, array_paths: set[str]) -> dict[str, d
     for name, e in d["shards"].items():
         check_name(name, where, "shard")
         at = f"{where}: shard {name}"
-        if not isinstance(e, dict) or set(e) != {"count", "failures", "digest", "nbytes"}:
-            raise StoreError(f"{at}: expected an object with count, failures, digest, nbytes")
-        for key in ("count", "failures"):
-            v = e[key]
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 40:
+        if not isinstance(e, dict) or not {"count", "failures", "digest", "nbytes"} <= set(e) <= {
+                "count", "failures", "digest", "nbytes", "block"}:
+            raise StoreError(f"{at}: expected an object with count, failures, digest, nbytes (and block)")
+        for key in ("count", "failures", "block"):
+            v = e.get(key, 1)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 40 or (key == "block" and v < 1):
                 raise StoreError(f"{at}: {key} is {v!r}, expected a non-negative integer")
         for key in ("digest", "nbytes"):
             if not isinstance(e[key], dict) or not set(e[key]) <= array_paths:

@@ -16,7 +16,7 @@ from kdcache.errors import StoreError
 
 from .dtypes import itemsize
 from .layout import ArrayDigest, append_rows, block_rows, create_rows_array
-from .meta import TeacherMeta, per_view_shards, teacher_arrays
+from .meta import ORIGIN, ORIGIN_COLUMNS, TeacherMeta, per_view_shards, teacher_arrays
 from .reads import block_crcs
 
 
@@ -32,10 +32,15 @@ class ShardWriter:
         expected_count: when adding teachers, the shard's existing row count to match.
         view_shards: each view of a block of the teachers' per-view arrays in a Zarr shard of its
             own (format 2: ``StoreMeta.view_shards``); off, a block holds every view (format 1).
+        origin: a new shard also records where each sample's image is in its corpus shard (format 3:
+            ``append`` then takes ``origin`` rows: offset, size, CRC-32, label).
+        block: rows per block (Zarr shard); default from the teachers' bytes per sample. Teachers
+            added to a shard take the shard's own, so block i of every array holds the same rows.
     """
 
     def __init__(self, group, *, teachers: dict[str, TeacherMeta], views: int, write_index: bool = True,
-                 expected_count: int | None = None, view_shards: bool = True):
+                 expected_count: int | None = None, view_shards: bool = True, origin: bool = False,
+                 block: int | None = None):
         self.group = group
         self.write_index = write_index
         self.expected_count = expected_count
@@ -43,7 +48,7 @@ class ShardWriter:
         self.failed: list[dict] = []
         sample_bytes = max([1] + [t.tokens * t.dim * views * itemsize(t.dtype) for t in teachers.values()])
         # (float bytes even for codes: blocks then line up with those of an fp16 store)
-        self.block = block_rows(sample_bytes)
+        self.block = block or block_rows(sample_bytes)
         self._arrays: dict[str, object] = {}
         self._buffers: dict[str, list[np.ndarray]] = {}
         self._digests: dict[str, ArrayDigest] = {}
@@ -52,6 +57,8 @@ class ShardWriter:
         if write_index:
             self._add("keys", (), str, codec="none")
             self._add("views", (views, 5), "float32", codec="none")
+            if origin:
+                self._add(ORIGIN, (len(ORIGIN_COLUMNS),), "int64", codec="none")
         for name, t in teachers.items():
             for path, (row_shape, dtype, attrs) in teacher_arrays(name, t, views).items():
                 self._add(path, row_shape, dtype, codec=t.codec, attrs=attrs,
@@ -67,7 +74,11 @@ class ShardWriter:
         self._crcs[path] = []
 
     def append(self, rows: dict[str, np.ndarray]) -> None:
-        """Append the same number of rows to every array (``rows[path]``, path as in the store)."""
+        """Append the same number of rows to every array (``rows[path]``, path as in the store). A
+        writer that records ``origin`` and is given none (a store not extracted from a corpus: the
+        benchmarks' synthetic and text stores) records -1, unknown, for every column."""
+        if ORIGIN in self._arrays and ORIGIN not in rows and "keys" in rows:
+            rows = {**rows, ORIGIN: np.full((len(rows["keys"]), len(ORIGIN_COLUMNS)), -1, np.int64)}
         if set(rows) != set(self._arrays):
             raise StoreError(f"shard {self.group.path}: rows for {sorted(rows)} but arrays are {sorted(self._arrays)}")
         n = {len(v) for v in rows.values()}
@@ -116,7 +127,8 @@ class ShardWriter:
         crcs = {p: c for p, c in self._crcs.items() if p != "keys"}
         attrs = dict(self.group.attrs)
         if self.write_index:
-            attrs.update(count=self.count, failed=self.failed, digest=digests, block_crc32=crcs, complete=True)
+            attrs.update(count=self.count, failed=self.failed, digest=digests, block_crc32=crcs, block=self.block,
+                         complete=True)
         else:
             attrs["digest"] = {**attrs.get("digest", {}), **digests}
             if "block_crc32" in attrs:  # a store written before block checksums keeps verifying by digest

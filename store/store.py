@@ -17,9 +17,11 @@ from zarr.errors import ContainsGroupError
 from kdcache.errors import StoreError, first_line
 
 from .codes import Codebooks, read_codebooks, write_codebooks
+from .dtypes import itemsize
+from .layout import block_rows
 from .edits import ShardEdits
 from .lease import LEASE_SECONDS, Leases, leases_for
-from .meta import (LOGIT_ARRAYS, SHARDS, TOKEN_KINDS, StoreMeta, TeacherMeta, dense_path, feature_path, has_teacher, logits_path,
+from .meta import (INDEX_ARRAYS, LOGIT_ARRAYS, ORIGIN, ORIGIN_COLUMNS, SHARDS, TOKEN_KINDS, StoreMeta, TeacherMeta, dense_path, feature_path, has_teacher, logits_path,
                    quantizer_path, stats_path, teacher_arrays)
 from .reads import VerifiedReads
 from .remote import is_url, local_path
@@ -268,6 +270,16 @@ class Store(VerifiedReads, ShardEdits):
             return {"complete": False}
         return {"complete": True, **entry_of(a, {}), "nbytes": None, "indexed": False}
 
+    def shard_block(self, name: str) -> int:
+        """Rows per block of a complete shard, as a reader plans its reads: the shard's own record
+        (format 3, or its shard index entry), else what the writers of its format chose from the
+        teachers' bytes per sample (a plan only: reads follow each array's own blocks)."""
+        s = self.shard_summary(name) or {}
+        if isinstance(s.get("block"), int):
+            return s["block"]
+        m = self.meta
+        return block_rows(max([1] + [t.tokens * t.dim * m.views * itemsize(t.dtype) for t in m.teachers.values()]))
+
     def shard_nbytes(self, name: str) -> dict[str, int]:
         """Bytes stored per array of a shard: from the shard index when it has them, else measured."""
         s = self.shard_summary(name) if self.use_index else None
@@ -286,7 +298,7 @@ class Store(VerifiedReads, ShardEdits):
 
     def possible_arrays(self) -> set[str]:
         """Every array path a shard of this store may hold."""
-        out = {"keys", "views"}
+        out = set(INDEX_ARRAYS)
         for t in self.meta.teachers:
             out |= {feature_path(t, kind, codes=codes) for kind in TOKEN_KINDS for codes in (False, True)}
             out |= {logits_path(t, part) for part in LOGIT_ARRAYS}
@@ -296,7 +308,7 @@ class Store(VerifiedReads, ShardEdits):
     def expected_arrays(self) -> dict[str, tuple[tuple, str]]:
         """Array path -> (row shape, zarr dtype), as the teacher metadata declares them."""
         k = self.meta.views
-        out = {"views": ((k, 5), "float32")}
+        out = {"views": ((k, 5), "float32"), ORIGIN: ((len(ORIGIN_COLUMNS),), "int64")}
         for t, m in self.meta.teachers.items():
             out.update({p: (shape, dtype) for p, (shape, dtype, _) in teacher_arrays(t, m, k).items()})
         return out
@@ -325,7 +337,8 @@ class Store(VerifiedReads, ShardEdits):
         self._need_writable()
         self.delete_shard(name)
         group = ensure_group(self.root, SHARDS).create_group(name, attributes={"complete": False})
-        return ShardWriter(group, teachers=teachers, views=self.meta.views, view_shards=self.meta.view_shards)
+        return ShardWriter(group, teachers=teachers, views=self.meta.views, view_shards=self.meta.view_shards,
+                           origin=self.meta.records_origin)
 
     def extend_shard(self, name: str, teachers: dict[str, TeacherMeta]) -> ShardWriter:
         """Add teacher arrays to complete shard ``name`` (partial earlier attempts removed)."""
@@ -337,8 +350,10 @@ class Store(VerifiedReads, ShardEdits):
         for t in teachers:
             if t in group:
                 del group[t]
+        # the new arrays take the shard's own rows per block, so every array's block i holds the same rows
         return ShardWriter(group, teachers=teachers, views=self.meta.views, write_index=False,
-                           expected_count=attrs["count"], view_shards=self.meta.view_shards)
+                           expected_count=attrs["count"], view_shards=self.meta.view_shards,
+                           block=self.block_rows(name, "views"))
 
     # -- quantizers and statistics -------------------------------------------------------
     def read_codebooks(self, teacher: str, kind: str) -> Codebooks | None:

@@ -107,3 +107,19 @@ def metrics_rows(run) -> list[dict]:
     import os
     with open(os.path.join(run, "metrics.csv")) as f:
         return list(csv.DictReader(f))
+
+
+def store_stream(store_url, corpus, paths=(), *, epoch=0, rank=0, world=1, size=(32, 32), interpolation="bicubic",
+                 window=4, workers=0, **kw):
+    """The loader's stream over a store and its corpus as training builds it (``data.stream``): the
+    student's crop at ``size``, the store's decode, a window of ``window``, targets ``paths``."""
+    from kdcache.data.corpus import ReadOptions, resolve_corpus
+    from kdcache.data.pixels import Crop
+    from kdcache.data.stream import SampleStream, StreamSpec, shard_rows
+    from kdcache.store import Store
+    s = Store.open(store_url)
+    read = ReadOptions.from_dict(s.meta.corpus)
+    spec = StreamSpec(shards=shard_rows(s, s.complete_shards()), crops=(("image", Crop(tuple(size), interpolation)),),
+                      decode=read.decode, stored_views=s.meta.views, policy=s.meta.view_policy, window=window,
+                      store_url=store_url, target_paths=tuple(paths), workers=workers, **kw)
+    return SampleStream(spec, resolve_corpus(corpus, read), rank=rank, world=world, epoch=epoch)

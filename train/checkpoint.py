@@ -68,5 +68,31 @@ def load(run: RunDir, *, model, optimizer, scheduler, ema) -> dict | None:
         return json.load(f)
 
 
+def read_position(run: RunDir) -> dict | None:
+    """Where the last checkpoint stopped: {epoch, step_in_epoch, global_step, remaining} (remaining:
+    the positions of the interrupted epoch not yet delivered, or None at an epoch's end), without
+    loading any weights; None when the run has none. A checkpoint of an earlier kdcache (no
+    positions) restarts its interrupted epoch from the beginning, with a warning."""
+    if not run.has_checkpoint():
+        return None
+    path = run.checkpoint_file("state.json")
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        position = {k: state[k] for k in ("epoch", "step_in_epoch", "global_step")}
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in position.values()):
+            raise ValueError("epoch and steps are not non-negative integers")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise KdcacheError(f"--resume: {path}: not a checkpoint position ({e})") from None
+    position["remaining"] = state.get("remaining")
+    if position["remaining"] is None and position["step_in_epoch"]:
+        import logging
+        logging.getLogger("kdcache.train").warning(
+            "%s was written by an earlier kdcache, without the epoch's position: epoch %d restarts from its beginning",
+            path, position["epoch"])
+        position["step_in_epoch"] = 0
+    return position
+
+
 def _contiguous(sd: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}

@@ -13,14 +13,13 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from kdcache.data.partition import LAST_BATCH, VIEW_CHOICES  # which stored view a block takes; the last partial batch
 from kdcache.errors import KdcacheError
 from kdcache.targets.normalize import NORMALIZERS
 
 AMP = ("auto", "bf16", "none")  # auto: bf16 autocast on CUDA, none on a CPU (where bf16 matmuls are slow)
 TASK_LOSSES = ("none", "ce")
 LABELS = ("cls",)
-# which stored view a sample takes (train.loader.pick_view); all: every one, each its own sample (repeated augmentation)
-VIEW_CHOICES = ("epoch", "random", "first", "augmented", "all")
 HEAD_KINDS = ("mlp", "transformer", "model-token")  # projectors (train.model; model-token: train.spaces)
 BALANCES = ("static", "mgda", "dto")  # how objectives are weighed (train.balance)
 LOGITS_LOSSES = ("none", "kl")  # soft labels: KL of the teacher's (top-K) distribution to the student's
@@ -50,7 +49,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     view_choice: str = "epoch"  # epoch | random | first | augmented | all
-    shuffle_buffer: int = 256
+    shuffle_buffer: int = 256  # the window of the epoch's order whose samples are shuffled (data.partition)
+    last_batch: str = "partial"  # the last global partial batch: partial (a smaller last step) | drop | pad (repeats)
+    log_keys: bool = False  # write every delivered key per step to RUN/keys/rank<R>.jsonl
     color_jitter: float = 0.0  # student-only photometric augmentation strength
     decode: str = "auto"  # JPEGs at the scale the crop needs (reduced) or full size; auto: as the store records
     normalize: str = "standardize"  # standardize | phi-s | none
@@ -123,12 +124,12 @@ class TrainConfig:
         for name, allowed in (("amp", AMP), ("view_choice", VIEW_CHOICES), ("normalize", tuple(NORMALIZERS)),
                               ("head", HEAD_KINDS), ("balance", BALANCES), ("task_loss", TASK_LOSSES), ("labels", LABELS),
                               ("logits_loss", LOGITS_LOSSES), ("logits_tail", LOGITS_TAILS), ("label_loss", LABEL_LOSSES),
-                              ("decode", DECODES)):
+                              ("decode", DECODES), ("last_batch", LAST_BATCH)):
             _check(self, name, lambda v, allowed=allowed: v in allowed, f"one of {', '.join(allowed)}")
         _check(self, "ladder", lambda v: isinstance(v, tuple) and all(_integer(d) for d in v) and len(set(v)) == len(v),
                "distinct block indices (comma-separated integers; negative counts from the last)")
         for name in ("predict_codes", "resume", "overwrite", "skip_corrupt", "online", "shared_adapter", "dense_views",
-                     "frozen_backbone"):
+                     "frozen_backbone", "log_keys"):
             _check(self, name, lambda v: isinstance(v, bool), "true or false")
         if self.label_loss != "none" and self.logits_loss == "none":
             raise ConfigError("--label-loss trains the student's classifier in the teacher's class space: it goes with "

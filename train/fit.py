@@ -16,7 +16,9 @@ checkpoint decision per step.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -24,15 +26,17 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from kdcache.data.partition import epoch_streams, rank_and_world
+from kdcache.data.partition import check_remaining, epoch_split, rank_and_world, remaining_after
+from kdcache.data.stream import digests_hash, record_skip
+from kdcache.data.transport import release_batch, training_loader
 from kdcache.data.walk import label_classes
 from kdcache.models.device import resolve_device
 from kdcache.models.student import Student, create_student, with_classifier
 
 from .config import TrainConfig
-from .loader import record_skip, release_batch, training_loader
 from .metrics import MetricsLog, SkippedSamples, plot_losses, skipped_summary
 from .model import DistillModel, HeadSpec
+from .checkpoint import read_position
 from .rundir import RunDir
 from .sources import TargetSource, TrainError, open_source
 from .trainer import Trainer
@@ -47,21 +51,62 @@ class Run:
     trainer: Trainer
     source: TargetSource
     rundir: RunDir
-    epoch_steps: list[int]
-    start: dict  # {epoch, step_in_epoch, global_step}
+    epoch_steps: list[int]  # steps of every epoch at this world size (the first resumed one: of what is left of it)
+    start: dict  # {epoch, step_in_epoch, global_step, remaining}: remaining, the positions a resumed epoch has left
+    total_samples: int = 0  # samples in an epoch (images x samples per image)
 
     def loader(self) -> DataLoader:
-        """The run's DataLoader; its workers persist across epochs (``ShardStream`` epochs)."""
+        """The run's DataLoader; its workers persist across epochs (``SampleStream`` epochs)."""
         cfg, cuda = self.trainer.cfg, self.trainer.device.type == "cuda"
         return training_loader(self.source.dataset, batch_size=cfg.batch_size, workers=cfg.workers, pin_memory=cuda)
 
 
-def steps_per_epoch(counts: dict[str, int], shards, cfg: TrainConfig, epoch: int, world: int) -> int:
-    """Full batches every rank can deliver: each DataLoader worker batches its own shards (the
-    loader's very split, ``data.partition.epoch_streams``) and drops its own last partial
-    batch, so count per (rank, worker); the minimum over ranks."""
-    streams = epoch_streams(shards, seed=cfg.seed, epoch=epoch, world=world, workers=cfg.workers)
-    return min(sum(sum(counts[n] for n in worker) // cfg.batch_size for worker in rank) for rank in streams)
+def epoch_total(source: TargetSource) -> int:
+    """Samples in one epoch of a run: every image of every shard, times K with --view-choice all."""
+    return sum(s.count for s in source.shards) * source.dataset.spec.per_image
+
+
+def plan_steps(cfg: TrainConfig, total: int, world: int, epochs: range, *, resumed: tuple[int, list] | None = None):
+    """Steps of each epoch: the split's (``data.partition``), the same on every rank; a resumed
+    epoch counts the positions the checkpoint left."""
+    out = []
+    for e in epochs:
+        remaining = resumed[1] if resumed is not None and resumed[0] == e else None
+        out.append(epoch_split(total, world=world, workers=cfg.workers, batch_size=cfg.batch_size,
+                               last_batch=cfg.last_batch, remaining=remaining).steps)
+    return out
+
+
+def run_plan(source: TargetSource) -> dict:
+    """What a run's epochs are made of, kept in RUN/plan.json: a resume checks the store (or
+    corpus) still holds exactly this (shards, counts, their digests)."""
+    digests = {}
+    store = source.store
+    for s in source.shards:
+        digests[s.name] = digests_hash((store.shard_summary(s.name) or {}).get("digest", {}) if store is not None else {})
+    return {"samples_per_image": source.dataset.spec.per_image,
+            "shards": [[s.name, s.count, digests[s.name]] for s in source.shards]}
+
+
+def check_plan(kept: dict | None, now: dict, where: str) -> None:
+    """A resumed run's store must be the one it was checkpointed on: one line naming what changed."""
+    if kept is None:
+        return
+    if kept.get("samples_per_image") != now["samples_per_image"]:
+        raise TrainError(f"--resume: {where} was planned with {kept.get('samples_per_image')} samples per image, this "
+                         f"run has {now['samples_per_image']} (another --view-choice, or another store)")
+    old = {n: (c, d) for n, c, d in kept.get("shards", [])}
+    new = {n: (c, d) for n, c, d in now["shards"]}
+    for name in sorted(set(old) | set(new)):
+        if name not in new:
+            raise TrainError(f"--resume: shard {name} was in the run's store when it was checkpointed and is not now")
+        if name not in old:
+            raise TrainError(f"--resume: shard {name} is in the store now but was not when the run was checkpointed")
+        if old[name][0] != new[name][0]:
+            raise TrainError(f"--resume: shard {name} held {old[name][0]} samples when the run was checkpointed, "
+                             f"{new[name][0]} now")
+        if old[name][1] != new[name][1]:
+            raise TrainError(f"--resume: shard {name}'s digests changed since the run was checkpointed (rewritten)")
 
 
 def task_classes(cfg: TrainConfig, source: TargetSource) -> int:
@@ -103,25 +148,43 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: boo
                                   shared_adapter=cfg.shared_adapter, ladder=cfg.ladder,
                                   adapter_rank=cfg.adapter_rank if cfg.frozen_backbone else 0),
                          task_classes=classes, classify=bool(source.classes))
-    epoch_steps = [steps_per_epoch(source.counts, source.shards, cfg, e, world) for e in range(cfg.epochs)]
-    if min(epoch_steps) == 0:
-        raise TrainError(f"--batch-size {cfg.batch_size} is larger than one rank's share of the "
-                         f"{'corpus' if cfg.online else 'store'} ({min(source.counts.values())} samples in the smallest "
-                         f"shard); lower it")
-    trainer = Trainer(cfg, model, source.targets, steps=sum(epoch_steps), device=device, rank=rank, world=world)
-    start = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    total = epoch_total(source)
+    plan = run_plan(source)
+    start = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "remaining": None}
     if cfg.resume or evaluate:
-        start = trainer.load(rundir)
-        if start is None:
+        position = read_position(rundir)
+        if position is None:
             raise TrainError(f"--resume: no checkpoint in {rundir.checkpoint}")
-        if not evaluate and start["epoch"] >= cfg.epochs:
-            raise TrainError(f"--resume: {cfg.out} is finished ({start['global_step']} steps, {cfg.epochs} epochs); "
-                             f"nothing to train (pass a larger --epochs to train on)")
+        start = position
         if not evaluate:
-            log.info("resuming at epoch %d, step %d", start["epoch"], start["global_step"])
+            kept = rundir.read_plan()
+            check_plan(kept, plan, cfg.out)
+            if kept is not None and source.store is not None:  # each shard checked against it as it is opened
+                planned = {n: d for n, _, d in kept["shards"]}
+                source.dataset.spec = dataclasses.replace(source.dataset.spec, shards=tuple(
+                    dataclasses.replace(s, digest=planned[s.name]) for s in source.dataset.spec.shards))
+            if start["epoch"] >= cfg.epochs:
+                raise TrainError(f"--resume: {cfg.out} is finished ({start['global_step']} steps, {cfg.epochs} epochs); "
+                                 f"nothing to train (pass a larger --epochs to train on)")
+            if start["remaining"] is not None:
+                start["remaining"] = check_remaining(start["remaining"], total)
+                source.dataset.resume_at(start["epoch"], start["remaining"])
+    resumed = (start["epoch"], start["remaining"]) if start["remaining"] is not None else None
+    epoch_steps = [0] * start["epoch"] + plan_steps(cfg, total, world, range(start["epoch"], cfg.epochs), resumed=resumed)
+    if not evaluate and min(epoch_steps[start["epoch"]:], default=1) == 0:
+        raise TrainError(f"--last-batch drop: an epoch of {total} samples is less than one global batch (world {world} x "
+                         f"--batch-size {cfg.batch_size}); lower --batch-size or use --last-batch partial")
+    trainer = Trainer(cfg, model, source.targets, steps=start["global_step"] + sum(epoch_steps[start["epoch"]:]),
+                      device=device, rank=rank, world=world)
+    if cfg.resume or evaluate:
+        trainer.load(rundir)
+        if not evaluate:
+            log.info("resuming at epoch %d, step %d%s", start["epoch"], start["global_step"],
+                     "" if start["remaining"] is None else f" ({sum(e - s for s, e in start['remaining'])} samples of the "
+                                                           f"epoch left)")
     if writes:
-        write_run_dir(rundir, cfg, config_file, source, student, classes)
-    return Run(trainer=trainer, source=source, rundir=rundir, epoch_steps=epoch_steps, start=start)
+        write_run_dir(rundir, cfg, config_file, source, student, classes, plan)
+    return Run(trainer=trainer, source=source, rundir=rundir, epoch_steps=epoch_steps, start=start, total_samples=total)
 
 
 def provenance(cfg: TrainConfig, source: TargetSource, student: Student, classes: int) -> dict:
@@ -139,12 +202,14 @@ def provenance(cfg: TrainConfig, source: TargetSource, student: Student, classes
 
 
 def write_run_dir(rundir: RunDir, cfg: TrainConfig, config_file: str | None, source: TargetSource, student: Student,
-                  classes: int) -> None:
-    """Rank 0, once the run is built: the config, the provenance, the statistics computed for this
-    run, the samples and shards skipped before training."""
+                  classes: int, plan: dict) -> None:
+    """Rank 0, once the run is built: the config, the provenance, what the epochs are made of, the
+    statistics computed for this run, the samples and shards skipped before training."""
     rundir.prepare(resume=cfg.resume, overwrite=cfg.overwrite)
     rundir.write_config(cfg.to_json(), config_file)
     rundir.write_json("provenance.json", provenance(cfg, source, student, classes))
+    if not cfg.resume:
+        rundir.write_json("plan.json", plan)
     for (teacher, kind), st in source.computed_stats.items():
         rundir.save_stats(teacher, kind, st)
     for record in source.skipped:
@@ -170,35 +235,43 @@ def train(cfg: TrainConfig, *, config_file: str | None = None, progress: bool = 
 
 def fit(run: Run, *, progress: bool = True) -> dict:
     trainer, cfg, start, rank = run.trainer, run.trainer.cfg, run.start, run.trainer.rank
+    dataset = run.source.dataset
     metrics = None
     if rank == 0:
         metrics = MetricsLog(run.rundir, trainer.metric_columns(), keep_until=start["global_step"] if cfg.resume else None)
-    bar = tqdm(total=sum(run.epoch_steps), initial=start["global_step"], unit="step", desc="train",
-               disable=not progress or rank != 0, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=start["global_step"] + sum(run.epoch_steps[start["epoch"]:]), initial=start["global_step"],
+               unit="step", desc="train", disable=not progress or rank != 0, dynamic_ncols=True, mininterval=1.0)
     loader = run.loader()
     skipped_samples = SkippedSamples(run.rundir, logged=cfg.skip_corrupt or cfg.online)
+    keys_log = KeysLog(run.rundir, rank) if cfg.log_keys else None
     stopped = False
     t_last, n_last = time.perf_counter(), 0
     try:
         for epoch in range(start["epoch"], cfg.epochs):
-            run.source.dataset.set_epoch(epoch, following=epoch + 1 if epoch + 1 < cfg.epochs else None)
+            split = dataset.split(epoch)  # the positions of this epoch each stream delivers (what a resume left)
+            remaining = dataset.remaining(epoch)
+            dataset.set_epoch(epoch, following=epoch + 1 if epoch + 1 < cfg.epochs else None)
             batches = iter(loader)
-            first = start["step_in_epoch"] if epoch == start["epoch"] else 0
-            for _ in range(first):  # replay the interrupted epoch's order up to the checkpoint
-                release_batch(next(batches))
+            consumed = torch.zeros(split.world * split.workers, dtype=torch.int64)  # per stream: samples delivered
+            delivered = 0
             trainer.model.train()
-            for i in range(first, run.epoch_steps[epoch]):
+            steps = run.epoch_steps[epoch]
+            for i in range(steps):
                 batch = _next_batch(batches, run)
-                short = batch is None  # a skipped corrupt shard left this epoch short, on some rank
+                short = batch is None  # skipped corrupt blocks left this epoch short, on some rank
                 if short:
-                    log.warning("epoch %d ended after %d of %d steps: corrupt shards were skipped", epoch, i,
-                                run.epoch_steps[epoch])
+                    log.warning("epoch %d ended after %d of %d steps: corrupt data was skipped", epoch, i, steps)
                 else:
+                    stream, offset = int(batch["stream"][0]), int(batch["offset"].max()) + 1
+                    consumed[stream] = max(int(consumed[stream]), offset)
+                    delivered += len(batch["key"])
+                    if keys_log is not None:
+                        keys_log.write(epoch, trainer.global_step + 1, batch["key"])
                     loss, parts = trainer.step(batch)
                     release_batch(batch)  # its worker may stack a later batch into its memory
-                    n_last += cfg.batch_size * trainer.world
+                    n_last += len(batch["key"]) * trainer.world
                     bar.update(1)
-                done_epoch = short or i == run.epoch_steps[epoch] - 1
+                done_epoch = short or i == steps - 1
                 step = trainer.global_step
                 if not short and (step % cfg.log_every == 0 or done_epoch):
                     now = time.perf_counter()
@@ -209,13 +282,19 @@ def fit(run: Run, *, progress: bool = True) -> dict:
                         metrics.log(row)
                     t_last, n_last = now, 0
                 stopped = bool(cfg.stop_at_step and step >= cfg.stop_at_step)
-                # the one checkpoint decision: the end of an epoch (full or short), a stop, or every N steps
-                if rank == 0 and (done_epoch or stopped or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-                    position = {"epoch": epoch + 1 if done_epoch else epoch, "step_in_epoch": 0 if done_epoch else i + 1,
-                                "global_step": step}
-                    trainer.save(run.rundir, position)
+                # the one checkpoint decision (the same on every rank: each takes part in gathering the position)
+                if done_epoch or stopped or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                    position = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": step, "remaining": None}
+                    if not done_epoch:
+                        left = remaining_after(split, _all_max(consumed, trainer), remaining or [(0, run.total_samples)])
+                        position = {"epoch": epoch, "step_in_epoch": i + 1, "global_step": step,
+                                    "remaining": [list(r) for r in left]}
+                    if rank == 0:
+                        trainer.save(run.rundir, position)
                 if done_epoch or stopped:
                     break
+            if not stopped:
+                record_epoch(run, epoch, split, remaining, _all_sum(delivered, trainer))
             del batches
             if stopped:
                 break
@@ -223,6 +302,8 @@ def fit(run: Run, *, progress: bool = True) -> dict:
         bar.close()
         if metrics is not None:
             metrics.close()
+        if keys_log is not None:
+            keys_log.close()
         _stop_workers(loader)
     # live teachers' forward passes (online runs; statistics included), counted by the teachers themselves
     teacher_images = sum(getattr(getattr(m, "teacher", None), "images_seen", 0) for m in trainer.targets.values())
@@ -234,6 +315,52 @@ def fit(run: Run, *, progress: bool = True) -> dict:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return result
+
+
+def record_epoch(run: Run, epoch: int, split, remaining, delivered: int) -> None:
+    """Rank 0: one line of RUN/epochs.jsonl per finished epoch: what the split planned (samples
+    delivered in all, repeats included; the last partial batch dropped or padded), what the ranks
+    delivered (summed), and what was skipped (corrupt data)."""
+    if run.trainer.rank != 0:
+        return
+    run.rundir.append_jsonl(run.rundir.epoch_log, {
+        "epoch": epoch, "samples": run.total_samples, "steps": split.steps, "world": split.world,
+        "workers": split.workers, "batch_size": split.batch_size,
+        "resumed_with": None if remaining is None else sum(e - s for s, e in remaining),
+        "planned": split.planned, "delivered": delivered, "dropped": split.dropped, "padded": split.padded,
+        "skipped": max(0, split.planned - delivered)})
+
+
+def _all_max(values: torch.Tensor, trainer: Trainer) -> dict[int, int]:
+    """Per stream, the samples delivered: each rank knows its own streams; the maximum over ranks."""
+    if trainer.world > 1:
+        values = values.clone()
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return {i: int(v) for i, v in enumerate(values.tolist())}
+
+
+def _all_sum(value: int, trainer: Trainer) -> int:
+    if trainer.world > 1:
+        t = torch.tensor([value], dtype=torch.int64)
+        torch.distributed.all_reduce(t)
+        return int(t.item())
+    return value
+
+
+class KeysLog:
+    """``--log-keys``: every key this rank delivered, one JSON line per step (RUN/keys/rank<R>.jsonl):
+    an audit of the data order, and what the tests compare with the store's keys."""
+
+    def __init__(self, rundir: RunDir, rank: int):
+        self.path = rundir.keys_log(rank)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._file = open(self.path, "a")
+
+    def write(self, epoch: int, step: int, keys) -> None:
+        self._file.write(json.dumps({"epoch": epoch, "step": step, "keys": list(keys)}) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _stop_workers(loader: DataLoader) -> None:

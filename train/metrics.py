@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import os
 
-from .loader import read_skips
+from kdcache.data.stream import read_skips
+
 from .rundir import RunDir
 
 
@@ -92,7 +93,7 @@ def plot_losses(run: RunDir, teachers: list[str], path: str | None = None) -> st
 def skipped_summary(run: RunDir, *, logged: bool) -> dict:
     """Corrupt shards skipped (``--skip-corrupt``) and bad images (``--online``): unique per epoch,
     whatever resumes replayed. ``logged``: the run keeps a skip log."""
-    records = {(r["epoch"], r["shard"], r.get("key")): r for r in read_skips(run.skip_log if logged else None)}
+    records = {(r["epoch"], r["shard"], r.get("block"), r.get("key")): r for r in read_skips(run.skip_log if logged else None)}
     return {"shards": sorted({r["shard"] for r in records.values()}),
             "samples": sum(r["samples_skipped"] or 0 for r in records.values()),
             "errors": sorted({f"{r['shard']}: {r['error']}" for r in records.values()})}

@@ -2,7 +2,7 @@
 
 The baseline every cached run is measured against, and the fallback for users who cannot store
 features. Same student, heads, losses, normalisation and sample order as a cached run (the
-shuffle of ``loader.ShardStream``); only the source of the targets differs. In epoch ``e`` a
+stream and split of ``data.stream``); only the source of the targets differs. In epoch ``e`` a
 sample takes a fresh view, index ``e + 1`` of the store's view sequence
 (``data.pixels.view_at``: RandomResizedCrop + flip seeded by ``(seed, key, index)``), cropped
 at the student's input and at each teacher's, and the teachers run in the main process on the
@@ -10,16 +10,17 @@ training device. An online run of E epochs therefore sees exactly the views that
 extracted with ``--views E+1 --seed SEED`` holds and that a cached run with ``--view-choice
 augmented`` picks: the two runs differ only by the cache (a finite K, fp16 rounding).
 
-Before training, one pass over the corpus counts the decodable samples of every shard (the
-schedule's length; bad images are skipped, and recorded in ``RUN/skipped.jsonl`` once the run
-directory is written), and the teachers' normalisation statistics are taken from their
+Before training, one pass over the corpus counts the decodable samples of every shard and
+notes where each one's image bytes are (the schedule's length, and what lets any rank read any
+sample; bad images are skipped, and recorded in ``RUN/skipped.jsonl`` once the run directory is
+written), and the teachers' normalisation statistics are taken from their
 features on the first ``online_stats_images`` samples (kept in ``RUN/stats/``, so a resumed run
 normalises exactly as before).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,30 +28,25 @@ from torch import nn
 from tqdm import tqdm
 
 from kdcache.data.corpus import Corpus
-from kdcache.data.pixels import Crop, decodable, view_at, view_pixels
-from kdcache.data.walk import counted_before, record_to, screened
+from kdcache.data.pixels import decodable
+from kdcache.data.samples import ShardPlaces, folder_files
+from kdcache.data.stream import SampleStream
+from kdcache.data.walk import record_to, screened
 from kdcache.models.teacher import Teacher
-from kdcache.store.meta import TOKEN_KINDS, ViewPolicy
+from kdcache.store.meta import TOKEN_KINDS
 from kdcache.targets.decoding import normalizers
 from kdcache.targets.normalize import needs_stats
 from kdcache.targets.stats import STATS_TOKENS, moments
 
-from .loader import LoaderSpec, ShardStream, sample_label
-
 log = logging.getLogger("kdcache.train")
 
 
-@dataclass(frozen=True)
-class TeacherInput:
-    """One teacher's crop: its input size and interpolation."""
+ONLINE_BLOCK = 256  # rows per block of a corpus shard read by an online run (one ranged read of a tar each)
 
-    teacher: str
-    size: tuple[int, int]
-    interpolation: str
 
-    @property
-    def key(self) -> str:
-        return f"input/{self.teacher}"
+def teacher_input(teacher: str) -> str:
+    """The batch field of one live teacher's crop (cut from the student's view at its input size)."""
+    return f"input/{teacher}"
 
 
 def online_view_index(epoch: int, view_choice: str) -> int:
@@ -59,58 +55,31 @@ def online_view_index(epoch: int, view_choice: str) -> int:
     return 0 if view_choice == "first" else epoch + 1
 
 
-class OnlineStream(ShardStream):
-    """Yields dicts: key, image (student's crop), view, label, and ``input/<teacher>`` crops (uint8)."""
-
-    def __init__(self, corpus: Corpus, spec: LoaderSpec, policy: ViewPolicy, inputs: tuple[TeacherInput, ...], *,
-                 epoch: int = 0, rank: int = 0, world: int = 1):
-        super().__init__(corpus, spec, epoch=epoch, rank=rank, world=world)
-        self.policy, self.inputs = policy, inputs
-
-    def with_spec(self, spec: LoaderSpec) -> "OnlineStream":
-        return OnlineStream(self.corpus, spec, self.policy, self.inputs, rank=self.rank, world=self.world)
-
-    def _shard(self, name: str, epoch: int):
-        spec, policy = self.spec, self.policy
-        index = online_view_index(epoch, spec.view_choice)
-        crops = [spec.crop, *(Crop(t.size, t.interpolation) for t in self.inputs)]
-        shard = self.corpus.shard(name)
-
-        def fresh_view(s, height: int, width: int) -> np.ndarray:
-            return view_at(policy, s.key, index, height, width)
-
-        # samples that do not decode were counted out and recorded before training (count_samples)
-        for item in view_pixels(screened(self.corpus, shard, counted_before), views=fresh_view, crops=crops,
-                                decode=spec.decode, handler=counted_before):
-            out = {"key": item.sample.key, "image": item.crops[0][0], "view": index, "label": sample_label(item.sample)}
-            for t, crop in zip(self.inputs, item.crops[1:]):
-                out[t.key] = crop[0]
-            yield out
-
-
-def count_samples(corpus: Corpus, shards, decode, *, progress: bool = True) -> tuple[dict[str, int], list[dict]]:
-    """({shard: samples an online epoch delivers}, skip records): screened and decodable; the
+def count_samples(corpus: Corpus, decode, *, progress: bool = True) -> tuple[dict[str, ShardPlaces], list[dict]]:
+    """({shard: the places of the samples an online epoch delivers}, skip records): screened and
+    decodable, each with where its image bytes are (so any of them can be read on its own); the
     others recorded (shard, key, error) for the run's skip log."""
-    counts, records = {}, []
-    bar = tqdm(total=len(shards), unit="shard", desc="count samples", disable=not progress, dynamic_ncols=True)
-    for name in shards:
-        shard, skipped = corpus.shard(name), []
-        counts[name] = sum(1 for _ in decodable(screened(corpus, shard, record_to(skipped)), decode=decode,
-                                                handler=record_to(skipped)))
-        records += [{"epoch": None, "shard": name, "key": r["key"], "error": r["error"], "samples_skipped": 1}
+    places, records = {}, []
+    bar = tqdm(total=len(corpus.shards), unit="shard", desc="count samples", disable=not progress, dynamic_ncols=True)
+    for shard in corpus.shards:
+        skipped = []
+        good = list(decodable(screened(corpus, shard, record_to(skipped)), decode=decode, handler=record_to(skipped)))
+        places[shard.name] = ShardPlaces.from_samples(shard.name, good, files=folder_files(shard, [s.key for s in good])
+                                                      if corpus.kind == "folder" else ())
+        records += [{"epoch": None, "shard": shard.name, "key": r["key"], "error": r["error"], "samples_skipped": 1}
                     for r in skipped]
         bar.update(1)
     bar.close()
-    return counts, records
+    return places, records
 
 
 @torch.inference_mode()
-def online_stats(teacher: Teacher, stream: OnlineStream, images: int, *, seed: int) -> dict[str, dict]:
+def online_stats(teacher: Teacher, stream: SampleStream, images: int, *, seed: int) -> dict[str, dict]:
     """{'cls' | 'patch': {count, mean, covariance, source}} of the teacher's features on the
-    first ``images`` samples of epoch 0 (corpus order, no shuffle), in float64; patch tokens are
+    first ``images`` samples of epoch 0 in corpus order (no shuffle), in float64; patch tokens are
     a seeded uniform sample of at most ``STATS_TOKENS``."""
     rng = np.random.default_rng(seed)
-    key = f"input/{teacher.name}"
+    key = teacher_input(teacher.name)
     cls, patch, crops, seen = [], [], [], 0
     per_image = max(1, STATS_TOKENS // max(1, images))
 
@@ -122,23 +91,25 @@ def online_stats(teacher: Teacher, stream: OnlineStream, images: int, *, seed: i
         patch.extend(p[i, rng.choice(p.shape[1], take, replace=False)] for i in range(len(p)))
         crops.clear()
 
-    for shard in stream.spec.shards:
-        for sample in stream._shard(shard, 0):
-            crops.append(sample[key])
-            seen += 1
-            if len(crops) == 32:
-                flush()
-            if seen >= images:
-                break
+    spec = dataclasses.replace(stream.spec, shuffle=False, workers=0, color_jitter=0.0, last_batch="partial",
+                               batch_size=1)
+    first = SampleStream(spec, stream.corpus, places=stream.places)  # every rank: the same first images
+    first.set_epoch(0)
+    for sample in first:
+        crops.append(sample[key])
+        seen += 1
+        if len(crops) == 32:
+            flush()
         if seen >= images:
             break
+    first.close()
     if crops:
         flush()
     source = {"online": teacher.spec.model, "weights_sha256": teacher.meta.weights_sha256, "images": seen}
     return {kind: {**moments(np.concatenate(rows)), "source": source} for kind, rows in (("cls", cls), ("patch", patch))}
 
 
-def teacher_stats(teacher: Teacher, stream: OnlineStream, *, normalize: str, images: int, seed: int,
+def teacher_stats(teacher: Teacher, stream: SampleStream, *, normalize: str, images: int, seed: int,
                   kept: dict | None) -> tuple[dict | None, bool]:
     """(the run's statistics of one teacher, computed here): ``kept`` ones (resume, evaluation)
     when they come from these weights, else a fresh pass; None when ``normalize`` needs none."""
@@ -159,7 +130,7 @@ class LiveTargets(nn.Module):
         super().__init__()
         self.name = teacher.name
         self.teacher = teacher  # a plain attribute: frozen, never in the run's state dict or optimizer
-        self.key = f"input/{teacher.name}"
+        self.key = teacher_input(teacher.name)
         self.norm = normalizers(normalize, stats, teacher.meta.dim)
         self.gives_logits = logits
         self.grid = tuple(teacher.meta.grid)

@@ -3,7 +3,10 @@
 ```
 RUN/config.json            the resolved TrainConfig      RUN/config.yaml|toml  a copy of --config
 RUN/provenance.json        the store's metadata          RUN/metrics.csv, RUN/tb/, RUN/loss.png
-RUN/skipped.jsonl          corrupt shards skipped (--skip-corrupt), bad images (--online)
+RUN/skipped.jsonl          corrupt blocks and changed images skipped (--skip-corrupt), bad images (--online)
+RUN/plan.json              what the epochs are made of (shards, counts, digests): a resume checks it
+RUN/epochs.jsonl           per finished epoch: samples planned, delivered, dropped, padded, skipped
+RUN/keys/rank<R>.jsonl     --log-keys: every key each rank delivered, per step
 RUN/stats/                 target statistics computed for this run (the store had none, or stale ones;
                            an online run's teachers): <teacher>.<kind>.safetensors + .json
 RUN/checkpoints/last/      student.safetensors, heads.safetensors, ema.safetensors (with EMA),
@@ -46,6 +49,29 @@ class RunDir:
         return self.file("skipped.jsonl")
 
     @property
+    def epoch_log(self) -> str:
+        """One JSON line per finished epoch: samples planned, delivered, dropped, padded, skipped."""
+        return self.file("epochs.jsonl")
+
+    def keys_log(self, rank: int) -> str:
+        """``--log-keys``: the keys rank ``rank`` delivered, one JSON line per step."""
+        return os.path.join(self.path, "keys", f"rank{rank}.jsonl")
+
+    def read_plan(self) -> dict | None:
+        """RUN/plan.json (what the run's epochs are made of), or None for a run from before it."""
+        try:
+            with open(self.file("plan.json")) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise KdcacheError(f"{self.file('plan.json')}: unreadable ({e})") from None
+
+    def append_jsonl(self, path: str, record: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @property
     def tensorboard(self) -> str:
         return self.file("tb")
 
@@ -65,7 +91,7 @@ class RunDir:
         return self.has_checkpoint()
 
     RUN_FILES = ("checkpoints", "tb", "metrics.csv", "loss.png", "config.json", "provenance.json", "skipped.jsonl", "stats",
-                 "report")
+                 "report", "plan.json", "epochs.jsonl", "keys")
 
     def check(self, *, resume: bool, overwrite: bool) -> None:
         """Refuse to train over a started run unless asked (before anything is built)."""

@@ -18,6 +18,9 @@ import torch
 from torch import nn
 
 from kdcache.data.corpus import Corpus, DecodeOptions, ReadOptions, resolve_corpus
+from kdcache.data.partition import ShardRows
+from kdcache.data.pixels import Crop
+from kdcache.data.stream import SampleStream, StreamSpec
 from kdcache.errors import KdcacheError, StoreError, one_line
 from kdcache.models.student import Student
 from kdcache.models.teacher import create_teacher
@@ -28,9 +31,8 @@ from kdcache.targets.normalize import needs_stats
 from kdcache.targets.stats import reader_stats
 
 from .config import TrainConfig
-from .loader import CachedStream, LoaderSpec, ShardStream, samples_per_image
 from .model import TeacherTarget
-from .online import LiveTargets, OnlineStream, TeacherInput, count_samples, teacher_stats
+from .online import ONLINE_BLOCK, LiveTargets, count_samples, teacher_input, teacher_stats
 from .rundir import RunDir
 
 
@@ -44,11 +46,10 @@ class TargetSource:
 
     corpus: Corpus
     teachers: list[str]
-    shards: list[str]
-    counts: dict[str, int]  # samples per shard: the schedule's length
+    shards: list[ShardRows]  # the shards the epochs go through: name, images, rows per block
     targets: dict[str, nn.Module]  # teacher -> (batch -> normalised {'summary', 'patch' | 'codes'})
     heads: list[TeacherTarget]  # what each teacher's heads must output
-    dataset: ShardStream
+    dataset: SampleStream
     provenance: dict  # where the targets came from, for RUN/provenance.json
     store: Store | None = None  # None when online
     classes: int = 0  # the teachers' class count, when the student learns their soft labels (--logits-loss)
@@ -56,12 +57,16 @@ class TargetSource:
     skipped: list[dict] = field(default_factory=list)  # records for RUN/skipped.jsonl
 
 
-def loader_spec(cfg: TrainConfig, student: Student, shards, *, store_url: str = "", target_paths=(), decode=None,
-                skip_log: str | None = None, policy=None) -> LoaderSpec:
-    return LoaderSpec(store_url=store_url, shards=tuple(shards), target_paths=tuple(target_paths), input_size=student.data.hw,
-                      interpolation=student.data.interpolation, view_choice=cfg.view_choice, shuffle_buffer=cfg.shuffle_buffer,
-                      color_jitter=cfg.color_jitter, seed=cfg.seed, workers=cfg.workers, decode=decode or DecodeOptions(),
-                      skip_log=skip_log, sub_views=cfg.sub_views, dense_views=cfg.dense_views, policy=policy)
+def stream_spec(cfg: TrainConfig, student: Student, shards, *, views: str = "stored", stored_views: int = 1,
+                policy: ViewPolicy | None = None, store_url: str | None = None, target_paths=(), decode=None,
+                skip_log: str | None = None, crops=()) -> StreamSpec:
+    """The run's stream: its shards (name, count, rows per block), the student's crop first."""
+    return StreamSpec(shards=tuple(shards), crops=(("image", Crop(student.data.hw, student.data.interpolation)), *crops),
+                      decode=decode or DecodeOptions(), views=views, view_choice=cfg.view_choice, stored_views=stored_views,
+                      policy=policy, seed=cfg.seed, window=cfg.shuffle_buffer, batch_size=cfg.batch_size,
+                      last_batch=cfg.last_batch, workers=cfg.workers, store_url=store_url, target_paths=tuple(target_paths),
+                      skip_log=skip_log, color_jitter=cfg.color_jitter, sub_views=cfg.sub_views,
+                      dense_views=cfg.dense_views)
 
 
 def check_derived_views(cfg: TrainConfig, store: Store, teachers: list[str]) -> None:
@@ -87,12 +92,12 @@ def open_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, ru
 
 
 def check_store_fits_corpus(store: Store, corpus: Corpus, teachers, *, skip_corrupt: bool = False):
-    """(shards to train on, their counts, {bad shard: error}); a clear error when store and
+    """(the shards to train on as the plan sees them, {bad shard: error}); a clear error when store and
     corpus do not belong together. Planned from the shard index where it has the shard (no
     request per shard: 10,000 shards cost 7 s locally when each shard's metadata was read here);
     a shard the index does not name is asked itself, and a shard whose metadata is invalid stops
     the run, or with ``skip_corrupt`` is left out and reported. The loader checks every shard's
-    own metadata when it reads it (``train.loader``)."""
+    own metadata when it reads it (``data.stream``)."""
     fp = store.meta.corpus.get("fingerprint")
     if fp != corpus.fingerprint():
         raise TrainError(f"{store.url} was extracted from corpus {store.meta.corpus.get('spec')!r} (fingerprint {fp}); "
@@ -118,7 +123,7 @@ def check_store_fits_corpus(store: Store, corpus: Corpus, teachers, *, skip_corr
     shards = [n for n in names if n in counts]
     if not shards:
         raise TrainError(f"{store.url}: no usable shard left after skipping {len(bad)} corrupt one(s)")
-    return shards, counts, bad
+    return [ShardRows(n, counts[n], store.shard_block(n)) for n in shards], bad
 
 
 def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, kept: RunDir | None, skip_log: str,
@@ -130,9 +135,7 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
         raise TrainError(f"--teacher {unknown[0]}: not in {cfg.store} (teachers: {', '.join(store.meta.teachers)})")
     recorded = ReadOptions.from_dict(store.meta.corpus)
     corpus = resolve_corpus(cfg.data, dataclasses.replace(recorded, decode=_decode(cfg, recorded.decode)))
-    shards, counts, bad = check_store_fits_corpus(store, corpus, teachers, skip_corrupt=cfg.skip_corrupt)
-    per_image = samples_per_image(cfg.view_choice, store.meta.view_policy.views)  # --view-choice all: K
-    counts = {n: c * per_image for n, c in counts.items()}
+    shards, bad = check_store_fits_corpus(store, corpus, teachers, skip_corrupt=cfg.skip_corrupt)
     check_derived_views(cfg, store, teachers)
     soft = {t: store.meta.teachers[t].logits["classes"] for t in teachers if store.meta.teachers[t].logits}
     classes = _soft_label_classes(cfg, soft, where=f"{cfg.store}", remedy="extract with --logits K")
@@ -145,8 +148,8 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
         if needs_stats(cfg.normalize):
             stats = {}
             for kind in TOKEN_KINDS:
-                stats[kind], fresh = reader_stats(store, t, kind, shards=shards, kept=kept and kept.load_stats(t, kind),
-                                                  skip_corrupt=cfg.skip_corrupt)
+                stats[kind], fresh = reader_stats(store, t, kind, shards=[r.name for r in shards],
+                                                  kept=kept and kept.load_stats(t, kind), skip_corrupt=cfg.skip_corrupt)
                 if fresh:
                     computed[(t, kind)] = stats[kind]
         targets[t] = TargetDecoder(t, store.meta.teachers[t], codebooks=stored_codebooks(store, t), normalize=cfg.normalize,
@@ -154,11 +157,12 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
                                    logits_top=cfg.logits_top, dense=cfg.dense_views).to(device)
     metas = store.meta.teachers
     heads = [TeacherTarget(t, metas[t].dim, tuple(metas[t].grid), targets[t].codes_m) for t in teachers]
-    spec = loader_spec(cfg, student, shards, store_url=cfg.store, decode=corpus.options.decode,
+    spec = stream_spec(cfg, student, shards, stored_views=store.meta.views, policy=store.meta.view_policy,
+                       store_url=cfg.store, decode=corpus.options.decode,
                        target_paths=[p for t in teachers for p in targets[t].read_paths],
-                       skip_log=skip_log if cfg.skip_corrupt else None, policy=store.meta.view_policy)
-    return TargetSource(corpus=corpus, teachers=teachers, shards=shards, counts=counts, targets=targets, heads=heads,
-                        dataset=CachedStream(corpus, spec, rank=rank, world=world), store=store, classes=classes,
+                       skip_log=skip_log if cfg.skip_corrupt else None)
+    return TargetSource(corpus=corpus, teachers=teachers, shards=shards, targets=targets, heads=heads,
+                        dataset=SampleStream(spec, corpus, rank=rank, world=world), store=store, classes=classes,
                         provenance={"store": cfg.store, "store_meta": store.meta.to_dict()}, computed_stats=computed,
                         skipped=[{"epoch": None, "shard": n, "error": e, "samples_skipped": None} for n, e in bad.items()])
 
@@ -171,13 +175,13 @@ def online_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
     names = [t.name for t in teachers]
     if len(set(names)) != len(names):
         raise TrainError(f"--teacher: two teachers named {next(n for n in names if names.count(n) > 1)!r}")
-    shards = [s.name for s in corpus.shards]
-    counts, skipped = count_samples(corpus, shards, corpus.options.decode, progress=progress and rank == 0)
+    places, skipped = count_samples(corpus, corpus.options.decode, progress=progress and rank == 0)
+    shards = [ShardRows(n, len(p), ONLINE_BLOCK) for n, p in places.items()]
     first = teachers[0].data
     policy = ViewPolicy.for_input(first.crop_pct, first.hw, seed=cfg.seed)
-    inputs = tuple(TeacherInput(t.name, t.input_hw, t.meta.interpolation) for t in teachers)
-    dataset = OnlineStream(corpus, loader_spec(cfg, student, shards, decode=corpus.options.decode), policy, inputs,
-                           rank=rank, world=world)
+    inputs = tuple((teacher_input(t.name), Crop(t.input_hw, t.meta.interpolation)) for t in teachers)
+    spec = stream_spec(cfg, student, shards, views="fresh", policy=policy, decode=corpus.options.decode, crops=inputs)
+    dataset = SampleStream(spec, corpus, rank=rank, world=world, places=places)
     soft = {t.name: t.classes for t in teachers if t.classes}
     classes = _soft_label_classes(cfg, soft, where="--online", remedy="give teachers with a classifier head")
     targets, computed = {}, {}
@@ -188,7 +192,7 @@ def online_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
             computed.update({(t.name, kind): stats[kind] for kind in TOKEN_KINDS})
         targets[t.name] = LiveTargets(t, cfg.normalize, stats, logits=bool(classes) and t.name in soft).to(device)
     heads = [TeacherTarget(t.name, t.meta.dim, tuple(t.meta.grid)) for t in teachers]
-    return TargetSource(corpus=corpus, teachers=names, shards=shards, counts=counts, targets=targets, heads=heads,
+    return TargetSource(corpus=corpus, teachers=names, shards=shards, targets=targets, heads=heads,
                         dataset=dataset, computed_stats=computed, skipped=skipped, classes=classes,
                         provenance={"online": True, "view_policy": policy.to_dict(),
                                     "teachers": {t.name: t.meta.to_dict() for t in teachers}})

@@ -103,13 +103,13 @@ def test_bench_load_local_and_on_loopback_s3_with_verification_on_and_off(vit_sp
     assert SPREAD.search(out.split("local: verified / unverified throughput = ")[1])
     assert SPREAD.search(out.split("loader (local, verified) / decode floor = ")[1])
     assert SPREAD.search(out.split("local, patch codes, verification on / decode floor = ")[1])
-    assert "64-px student input" in out and "1 stored view(s) per image, one read per block and epoch (store format 2)" in out
+    assert "64-px student input" in out and "1 stored view(s) per image, one read per block and epoch (store format 3)" in out
     d = json.loads(run_cli("bench", "load", "-t", vit_spec, "--images", "32", "--workers", "0", "--repeat", "1", "--s3", "off",
                            "--codes", "none", "--decode-sizes", "500", "--decode-images", "4", "--views", "2",
                            "--student-size", "40", "--json").stdout)
     # every side, the floor too, delivered the student's input size
     assert d["student_size"] == 40 and set(map(tuple, d["image_shapes"].values())) == {(3, 40, 40)}, d["image_shapes"]
-    assert d["stored_views"] == 2 and d["store_format"] == 2  # two views per image, each its own Zarr shard; one per sample:
+    assert d["stored_views"] == 2 and d["store_format"] == 3  # two views per image, each its own Zarr shard; one per sample:
     m = d["measurement"]
     assert m["items"]["decode floor (decode + view, no store)"] == m["items"]["local, verification on"] == 32  # same samples
     assert "local, patch codes, verification on" not in m["items"] and d["bytes_per_sample"] == (4 * 192 + 192) * 2

@@ -114,7 +114,7 @@ def test_store_is_plain_zarr_with_provenance(tmp_path, corpus, vit_spec):
     extract(corpus, out, [vit_spec], ExtractOptions(views=2, codec="zstd", **OPTS))
     with open(os.path.join(out, "zarr.json")) as f:
         doc = json.load(f)["attributes"]["kdcache"]
-    assert doc["format"] == 2 and doc["views"] == 2 and doc["seed"] == 0
+    assert doc["format"] == 3 and doc["views"] == 2 and doc["seed"] == 0
     t = doc["teachers"]["vit"]
     for k in ("model", "weights_sha256", "input_size", "mean", "std", "interpolation", "patch_size", "grid", "dim",
               "tokens", "dtype", "codec"):
@@ -123,7 +123,19 @@ def test_store_is_plain_zarr_with_provenance(tmp_path, corpus, vit_spec):
     assert doc["corpus"]["spec"] == corpus and doc["summary"]["samples"] == 24
     g = zarr.open_group(out, mode="r")["shards/demo-000000"]
     assert g.attrs["complete"] is True and g.attrs["count"] == 8 and g.attrs["failed"] == []
-    assert set(g.attrs["digest"]) == {"keys", "views", "vit/cls", "vit/patch"}
+    assert set(g.attrs["digest"]) == {"keys", "views", "origin", "vit/cls", "vit/patch"}
+    # origin: where each image is in its tar, its bytes' CRC-32 and its label, as tarfile and zlib read them
+    import tarfile
+    import zlib
+    with tarfile.open(os.path.join(corpus, "demo-000000.tar")) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        want = []
+        for key in g["keys"][:].tolist():
+            image = next(m for n, m in members.items() if n.startswith(key + ".") and n.rsplit(".", 1)[1] in ("png", "jpg"))
+            label = int(tar.extractfile(members[key + ".cls"]).read()) if key + ".cls" in members else -1
+            want.append((image.offset_data, image.size, zlib.crc32(tar.extractfile(image).read()), label))
+    np.testing.assert_array_equal(g["origin"][:], np.array(want, dtype=np.int64))
+    assert g.attrs["block"] == g["vit/patch"].shards[0]
     assert g["vit/patch"].shape == (8, 2, 4, 192) and g["vit/patch"].dtype == np.float16
     assert g["vit/patch"].shards[1:] == (1, 4, 192) and g["vit/cls"].shards[1] == 1  # a Zarr shard per view
     assert g["views"].shape == (8, 2, 5) and g["keys"].shape == (8,)

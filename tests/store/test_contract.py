@@ -28,8 +28,10 @@ def _meta(dtype="float16") -> StoreMeta:
 
 def _rows(n, start=0, dtype=np.float16):
     rng = np.random.default_rng(start)
+    origin = np.array([(1000 * (start + i), 100 + i, i, i % 3 - 1) for i in range(n)], dtype=np.int64).reshape(-1, 4)
     return {"keys": np.asarray([f"k{start + i}" for i in range(n)]), "views": rng.random((n, K, 5)).astype(np.float32),
-            "t/cls": rng.standard_normal((n, K, D)).astype(dtype), "t/patch": rng.standard_normal((n, K, 4, D)).astype(dtype)}
+            "origin": origin, "t/cls": rng.standard_normal((n, K, D)).astype(dtype),
+            "t/patch": rng.standard_normal((n, K, 4, D)).astype(dtype)}
 
 
 class StoreContract:
@@ -42,6 +44,8 @@ class StoreContract:
     def _shard(self, store, name, n=5, start=0):
         w = store.new_shard(name, store.meta.teachers)
         rows = _rows(n, start)
+        if not store.meta.records_origin:  # (format 1 and 2 stores do not record the images' places)
+            rows.pop("origin")
         w.append(rows)
         w.add_failed("bad", "not an image")
         w.finish()
@@ -63,6 +67,8 @@ class StoreContract:
         assert s.shard_names() == ["a", "b"] and s.complete_shards() == ["a"] and not s.is_complete("b")
         np.testing.assert_array_equal(s.keys("a"), rows["keys"])
         np.testing.assert_array_equal(s.views("a"), rows["views"])
+        np.testing.assert_array_equal(s.origin("a"), rows["origin"])
+        assert s.shard_attrs("a")["block"] == s.block_rows("a", "t/patch") == s.shard_block("a")
         np.testing.assert_array_equal(s.read_features("a", "t", "patch"), rows["t/patch"].astype(np.float32))
         assert s.shard_attrs("a")["failed"] == [{"key": "bad", "error": "not an image"}] and s.shard_attrs("a")["count"] == 5
         assert s.block_rows("a", "t/patch") >= 5 and sum(s.array_nbytes("a").values()) > 0
@@ -153,11 +159,11 @@ class StoreContract:
         with pytest.raises(CorruptShardError, match=r"shard a: t/patch: block 0 view 0 holds NaN or infinite values"):
             s.read_block("a", "t/patch", 0, view=0)
 
-    @pytest.mark.parametrize("fmt", [0, 3, True, "2"])
+    @pytest.mark.parametrize("fmt", [0, 4, True, "2"])
     def test_a_format_this_kdcache_does_not_read_is_one_line(self, url, fmt):
         s = Store.create(url, _meta())
         s.root.attrs["kdcache"] = {**s.root.attrs["kdcache"], "format": fmt}
-        with pytest.raises(StoreError, match=r"store format .* is not supported \(this kdcache reads formats 1, 2\)"):
+        with pytest.raises(StoreError, match=r"store format .* is not supported \(this kdcache reads formats 1, 2, 3\)"):
             Store.open(url)
 
     def test_codebooks_and_stats(self, url):

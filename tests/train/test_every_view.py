@@ -10,20 +10,14 @@ import pytest
 import torch
 from conftest import run_cli
 
-from kdcache.data.corpus import ReadOptions, resolve_corpus
+from helpers import store_stream
+
 from kdcache.store import Store
 from kdcache.train.config import ConfigError, TrainConfig
-from kdcache.train.loader import CachedStream, LoaderSpec
 
 
 def _epoch(store_url, corpus, choice, epoch):
-    store = Store.open(store_url)
-    spec = LoaderSpec(store_url=store_url, shards=tuple(store.complete_shards()), target_paths=("vit/cls", "vit/patch"),
-                      input_size=(32, 32), interpolation="bicubic", view_choice=choice, shuffle_buffer=8, seed=0,
-                      decode=ReadOptions.from_dict(store.meta.corpus).decode)
-    stream = CachedStream(resolve_corpus(corpus), spec)
-    stream.set_epoch(epoch)
-    return list(stream)
+    return list(store_stream(store_url, corpus, ("vit/cls", "vit/patch"), view_choice=choice, window=8, epoch=epoch))
 
 
 def test_every_stored_view_leaves_once_an_epoch_with_its_own_pixels_and_rows(vit_store, corpus):

@@ -90,8 +90,15 @@ def test_online_stats_equal_an_independent_computation(tmp_path, corpus, vit_spe
     run = build_run(_cfg(tmp_path / "run", corpus, online=True, teachers=(vit_spec,)))
     teacher = run.trainer.targets["vit"].teacher
     st = online_stats(teacher, run.source.dataset, 6, seed=0)
-    first = sorted(run.source.shards)[0]
-    crops = torch.stack([s["input/vit"] for _, s in zip(range(6), run.source.dataset._shard(first, 0))])
+    import dataclasses
+    import itertools
+
+    from kdcache.data.stream import SampleStream
+    dataset = run.source.dataset  # the first six samples of epoch 0 in corpus order: the first shard's first six
+    plain = SampleStream(dataclasses.replace(dataset.spec, shuffle=False, workers=0), dataset.corpus, places=dataset.places)
+    first = list(itertools.islice(plain, 6))
+    assert [s["key"] for s in first] == list(dataset.places[run.source.shards[0].name].keys[:6])
+    crops = torch.stack([s["input/vit"] for s in first])
     summary, _ = teacher.features(crops)
     ref = summary.double().numpy()
     assert st["cls"]["count"] == 6

@@ -16,7 +16,7 @@ from kdcache.extract.run import extract
 from kdcache.store import KdcacheError, Store
 from kdcache.train.fit import build_run
 from kdcache.train.config import TrainConfig
-from kdcache.train.loader import pick_view
+from kdcache.data.partition import pick_view
 from kdcache.train.fit import fit, train
 
 STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
@@ -163,3 +163,44 @@ def test_a_run_directory_travels(tmp_path, store, corpus, monkeypatch, capsys):
     p = subprocess.run([sys.executable, "-c", f"import timm; m = {line}; print(type(m).__name__)"], capture_output=True,
                        text=True, cwd=str(tmp_path), timeout=300)  # yet another directory
     assert p.returncode == 0 and p.stdout.strip() == "VisionTransformer", p.stderr[-2000:]
+
+
+def test_a_resume_refuses_a_store_that_changed_and_a_position_past_the_epoch(tmp_path, store, corpus):
+    """The run's plan (shards, counts, digests) is kept; a resume on a changed store is one line
+    naming the shard and what changed; a checkpoint position past the epoch's end is refused."""
+    import json
+    copy = str(tmp_path / "s.zarr")
+    shutil.copytree(store, copy)
+    out = tmp_path / "run"
+    train(_cfg(copy, corpus, out, epochs=2, stop_at_step=3), progress=False)
+    state = out / "checkpoints" / "last" / "state.json"
+    position = json.loads(state.read_text())
+    assert position["epoch"] == 0 and sum(e - s for s, e in position["remaining"]) == 24 - 3 * 4
+    plan = json.loads((out / "plan.json").read_text())
+    assert [s[:2] for s in plan["shards"]] == [[n, 8] for n in Store.open(copy).complete_shards()]
+    g = zarr.open_group(copy, mode="r+")["shards/demo-000001"]
+    attrs = g.attrs.asdict()
+    g.attrs.put({**attrs, "digest": {**attrs["digest"], "vit/cls": "0" * 64}})  # rewritten since the checkpoint
+    with pytest.raises(KdcacheError, match=r"shard demo-000001: its digests are not those the run was planned with"):
+        train(_cfg(copy, corpus, out, epochs=2, resume=True), progress=False)
+    g.attrs.put(attrs)
+    state.write_text(json.dumps({**position, "remaining": [[20, 30]]}))
+    with pytest.raises(KdcacheError, match=r"position \[20, 30\) is past the end of the epoch \(24 samples\)"):
+        train(_cfg(copy, corpus, out, epochs=2, resume=True), progress=False)
+    state.write_text(json.dumps(position))
+    r = train(_cfg(copy, corpus, out, epochs=2, resume=True), progress=False)
+    assert r["steps"] == 12
+    epochs = [json.loads(line) for line in open(out / "epochs.jsonl")]
+    assert [(e["epoch"], e["delivered"], e["resumed_with"], e["steps"]) for e in epochs] == [(0, 12, 12, 3), (1, 24, None, 6)]
+    from kdcache.eval.report import report
+    rows = report(str(out), knn=False)["epochs"]
+    text = open(out / "report" / "report.md").read()
+    assert [e["epoch"] for e in rows] == [0, 1] and "## Epochs" in text and "| 1 | 1 x 1 | 6 | 24 | 24 | 0 | 0 | 0 | - |" in text
+
+
+def test_the_progress_bar_counts_the_steps_a_resume_has_left(tmp_path, store, corpus, capsys):
+    out = tmp_path / "run"
+    train(_cfg(store, corpus, out, epochs=2, stop_at_step=4), progress=False)
+    fit(build_run(_cfg(store, corpus, out, epochs=2, resume=True)), progress=True)
+    err = capsys.readouterr().err
+    assert "12/12" in err and "4/12" in err

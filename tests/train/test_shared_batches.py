@@ -1,5 +1,5 @@
 """Training batches collated into shared memory each worker reuses once the trainer releases it
-(``train.loader.SharedBatches``): the same batches as plain ``collate``, the memory reused, and a
+(``data.transport.SharedBatches``): the same batches as plain ``collate``, the memory reused, and a
 batch that is kept never overwritten."""
 from __future__ import annotations
 
@@ -10,22 +10,16 @@ from multiprocessing import resource_sharer
 
 import pytest
 import torch
-from kdcache.data.corpus import ReadOptions, resolve_corpus
-from kdcache.store import Store
-from kdcache.train import loader as loader_module
-from kdcache.train.loader import (BatchSlot, CachedStream, LoaderSpec,
-                                  SharedBatches, collate, release_batch,
-                                  training_loader)
+from helpers import store_stream
 
-TENSORS = ("image", "view", "label", "vit/cls", "vit/patch")
+from kdcache.data import transport as loader_module
+from kdcache.data.transport import BatchSlot, SharedBatches, collate, release_batch, training_loader
+
+TENSORS = ("image", "view", "label", "vit/cls", "vit/patch", "stream", "offset")
 
 
-def _stream(store_url, corpus, workers: int) -> CachedStream:
-    s = Store.open(store_url)
-    spec = LoaderSpec(store_url=store_url, shards=tuple(s.complete_shards()), target_paths=("vit/cls", "vit/patch"),
-                      input_size=(32, 32), interpolation="bicubic", shuffle_buffer=4, seed=0,
-                      decode=ReadOptions.from_dict(s.meta.corpus).decode, workers=workers)
-    return CachedStream(resolve_corpus(corpus), spec)
+def _stream(store_url, corpus, workers: int):
+    return store_stream(store_url, corpus, ("vit/cls", "vit/patch"), workers=workers)
 
 
 def _expected(store_url, corpus, epoch: int, batch_size: int) -> list[dict]:
@@ -63,7 +57,7 @@ def _same(got: dict, want: dict) -> None:
 
 def test_released_batches_are_stacked_into_the_same_buffers_and_equal_plain_collate(vit_store, corpus):
     stream = _stream(vit_store, corpus, workers=1)
-    loader = training_loader(stream, batch_size=2, workers=1, drop_last=False)
+    loader = training_loader(stream, batch_size=2, workers=1)
     slots = []
     for epoch in range(2):  # the workers persist: their buffers too
         stream.set_epoch(epoch, following=epoch + 1 if epoch == 0 else None)
@@ -89,7 +83,7 @@ def test_released_batches_are_stacked_into_the_same_buffers_and_equal_plain_coll
 
 def test_a_kept_batch_is_never_overwritten_and_the_rest_are_collated_as_before(vit_store, corpus):
     stream = _stream(vit_store, corpus, workers=1)
-    loader = training_loader(stream, batch_size=2, workers=1, drop_last=False)
+    loader = training_loader(stream, batch_size=2, workers=1)
     kept = list(loader)  # never released
     want = _expected(vit_store, corpus, 0, 2)
     assert len(kept) == len(want) == 12
@@ -102,7 +96,7 @@ def test_a_kept_batch_is_never_overwritten_and_the_rest_are_collated_as_before(v
 
 def test_a_shorter_last_batch_gets_a_buffer_of_its_own_shape(vit_store, corpus):
     stream = _stream(vit_store, corpus, workers=1)
-    loader = training_loader(stream, batch_size=5, workers=1, drop_last=False)
+    loader = training_loader(stream, batch_size=5, workers=1)
     got = []
     for batch in loader:
         got.append((_copy(batch), batch["slot"].index))
@@ -139,7 +133,7 @@ def test_release_is_once_per_batch_and_only_where_the_batch_was_received():
 
 def test_a_batch_dropped_unreleased_hands_its_buffer_back(vit_store, corpus):
     stream = _stream(vit_store, corpus, workers=1)
-    loader = training_loader(stream, batch_size=2, workers=1, drop_last=False)
+    loader = training_loader(stream, batch_size=2, workers=1)
     for epoch in range(3):  # epochs cut short: the batches in flight are dropped by the DataLoader
         stream.set_epoch(epoch)
         batches = iter(loader)
@@ -168,7 +162,7 @@ def test_in_the_trainers_own_process_it_is_plain_collate():
 @pytest.mark.parametrize("workers", [2])
 def test_each_worker_has_its_own_buffers(vit_store, corpus, workers):
     stream = _stream(vit_store, corpus, workers=workers)
-    loader = training_loader(stream, batch_size=2, workers=workers, drop_last=False)
+    loader = training_loader(stream, batch_size=2, workers=workers)
     flags, n = [], 0
     for batch in loader:
         flags.append(batch["slot"].flags)  # held: the trainer maps a worker's flags once, while they live
@@ -188,7 +182,7 @@ def test_a_buffers_memory_crosses_once_then_its_batches_cross_as_handles(vit_sto
         return real(self)
     monkeypatch.setattr(resource_sharer.DupFd, "detach", detach)
     stream = _stream(vit_store, corpus, workers=1)
-    loader = training_loader(stream, batch_size=2, workers=1, drop_last=False)
+    loader = training_loader(stream, batch_size=2, workers=1)
     mapped, n = {}, 0
     for epoch in range(3):
         stream.set_epoch(epoch)
@@ -209,7 +203,7 @@ def test_a_handle_is_small_and_names_an_unknown_buffer_with_a_clear_error():
     message = pickle.dumps((loader_module._received_batch, (os.getpid() + 10**6, 3, {"key": ["a"]}, None)))
     assert len(message) < 200
     fn, args = pickle.loads(message)
-    with pytest.raises(loader_module.LoaderError, match="buffer 3"):
+    with pytest.raises(loader_module.TransportError, match="buffer 3"):
         fn(*args)
 
 

@@ -15,19 +15,18 @@ import timm
 import torch
 import zarr
 from conftest import VIT
-from helpers import tar_images
+from helpers import store_stream, tar_images
 
 from kdcache.extract.options import ExtractOptions
 
 from kdcache.extract.run import extract
-from kdcache.data.corpus import ReadOptions, resolve_corpus
 from kdcache.quantize.convert_store import quantize_store
 from kdcache.quantize.methods import faiss_decode
 from kdcache.quantize.quantizer_spec import QuantizerSpec
 from kdcache.targets.sample import SampleSpec
 from kdcache.store import Store
 from kdcache.train.config import TrainConfig, build_config
-from kdcache.train.loader import CachedStream, LoaderSpec, collate
+from kdcache.data.transport import collate
 from kdcache.errors import StoreError
 from kdcache.train.sources import TrainError
 from kdcache.train.fit import train
@@ -58,11 +57,7 @@ def _cfg(store, corpus, out, **kw):
 
 
 def _stream(store, corpus, paths, *, epoch=0, rank=0, world=1, **kw):
-    s = Store.open(store)
-    spec = LoaderSpec(store_url=store, shards=tuple(s.complete_shards()), target_paths=paths, input_size=(32, 32),
-                      interpolation="bicubic", shuffle_buffer=kw.pop("shuffle_buffer", 4), seed=0,
-                      decode=ReadOptions.from_dict(s.meta.corpus).decode, **kw)  # as the store records
-    return CachedStream(resolve_corpus(corpus), spec, epoch=epoch, rank=rank, world=world)
+    return store_stream(store, corpus, paths, epoch=epoch, rank=rank, world=world, **kw)
 
 
 def test_loader_targets_equal_the_store_and_pixels_equal_the_teachers_crop(store, corpus, weights):
@@ -184,9 +179,10 @@ def test_key_mismatch_names_shard_and_key(tmp_path, store, corpus):
         members = tin.getmembers()
         for m in members[2:]:  # drop the first sample
             tout.addfile(m, tin.extractfile(m))
-    from kdcache.data.walk import AlignError  # the one walk every reader shares
-    with pytest.raises(AlignError, match=r"shard demo-000000: corpus key '.+' where the store has '.+' at row 0"):
-        list(_stream(store, str(other), ("vit/cls",)))
+    from kdcache.data.walk import AlignError
+    # the store records where each image is and its CRC-32: the first image read is no longer the one extracted
+    with pytest.raises(AlignError, match=r"shard demo-000000: sample '.+': its image bytes are not those extracted"):
+        list(_stream(store, str(other), ("vit/cls",), shuffle=False))
 
 
 def test_config_file_and_cli_override(tmp_path, store, corpus):
