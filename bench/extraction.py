@@ -6,7 +6,9 @@ dtype and moved to the host exactly as the pipeline moves them; (2) the ``kdcach
 pipeline loop (read tar, decode, crop in a DataLoader worker, forward, compress, write) into a
 fresh store. (2)/(1) per round is the fraction of the teacher's speed the pipeline keeps
 (target >= 0.90); it cannot exceed 1 except by noise, and the output says so when it does.
-With ``--quantize``: (3) the torch encoder that ``extract --quantize`` runs after each forward,
+With ``--decodes``: the pipeline with ``--decode reduced`` too, and each decode's store against
+the teacher recomputed from full-size decodes (``eval fidelity --store``): what the faster decode
+costs the targets. With ``--quantize``: (3) the torch encoder that ``extract --quantize`` runs after each forward,
 on the teacher's own patch features (on its device, a quantizer fit on them), in tokens/s;
 encode tok/s / teacher tok/s >= 1 means encoding never sets the pace.
 """
@@ -48,6 +50,12 @@ def _predecoded(corpus_dir: str, teacher) -> list[torch.Tensor]:
 
 
 ENCODE = "torch encoder on the teacher's patches"
+PIPELINE = "kdcache extract (pipeline loop)"
+REDUCED = "kdcache extract --decode reduced (pipeline loop)"
+
+
+def _worst(r: dict, kind: str) -> str:
+    return f"{min(v[f'{kind}_worst'] for v in r['views']):.4f}"
 SOFT = "kdcache extract --logits (pipeline loop)"
 
 
@@ -88,7 +96,7 @@ def _bench_extract(o, teacher, images, batch_size, workers, codec, quantize, rep
         t = create_teacher(teacher)
         crops = _predecoded(f"{tmp}/corpus", t)
         batches = [torch.stack(crops[i:i + batch_size]) for i in range(0, len(crops), batch_size)]
-        opts = ExtractOptions(batch_size=batch_size, workers=workers, codec=codec, progress=False)
+        opts = ExtractOptions(batch_size=batch_size, workers=workers, codec=codec, progress=False, views=o.views)
         dtype = TORCH_DTYPES[opts.dtype]
         runs = iter(range(1 << 30))
 
@@ -99,11 +107,21 @@ def _bench_extract(o, teacher, images, batch_size, workers, codec, quantize, rep
             return len(crops)
 
         def pipeline():
-            s = extract(f"{tmp}/corpus", os.path.join(tmp, f"store-{next(runs)}.zarr"), [teacher], opts)
+            last[PIPELINE] = os.path.join(tmp, f"store-{next(runs)}.zarr")
+            s = extract(f"{tmp}/corpus", last[PIPELINE], [teacher], opts)
             return Timed(s.images, s.seconds)
 
         sides = {"bare teacher forward": bare, "kdcache extract (pipeline loop)": pipeline}
         items = {"bare teacher forward": len(crops)}
+        last = {}  # side -> the store its last repetition wrote (--decodes: its fidelity)
+        if o.decodes:
+            reduced_opts = dataclasses.replace(opts, decode="reduced")
+
+            def reduced_pipeline():
+                last[REDUCED] = os.path.join(tmp, f"store-{next(runs)}.zarr")
+                s = extract(f"{tmp}/corpus", last[REDUCED], [teacher], reduced_opts)
+                return Timed(s.images, s.seconds)
+            sides[REDUCED] = reduced_pipeline
         if o.logits:
             soft_opts = dataclasses.replace(opts, logits=o.logits)
 
@@ -122,6 +140,12 @@ def _bench_extract(o, teacher, images, batch_size, workers, codec, quantize, rep
             sides[ENCODE] = encode
             items[ENCODE] = tokens
         m = measure(sides, repeat=repeat, items=items)
+        fidelity = {}
+        if o.decodes:  # the stores each decode wrote, against the teacher recomputed from full-size decodes
+            from kdcache.eval.teacher_fidelity import teacher_fidelity
+            for side in (PIPELINE, REDUCED):
+                r = teacher_fidelity(last[side], f"{tmp}/corpus", samples=o.fidelity_samples)
+                fidelity[side] = next(iter(r["teachers"].values()))
     env = environment(str(t.device))
     ratio = m.ratio("kdcache extract (pipeline loop)", "bare teacher forward")
     enc_line = []
@@ -133,6 +157,19 @@ def _bench_extract(o, teacher, images, batch_size, workers, codec, quantize, rep
                     f"{m.rate(ENCODE).fmt(0)} tok/s) | {m.rate(ENCODE).fmt(1, scale=1 / t.meta.tokens)} | "
                     f"encode/teacher {enc_ratio.fmt(2)} |",
                     "", f"encode tok/s / teacher tok/s {enc_ratio.fmt(2)} (target >= 1: encoding never sets the pace)"]
+    decode_lines = []
+    if o.decodes:
+        full, red = fidelity[PIPELINE], fidelity[REDUCED]
+        gain = m.ratio(REDUCED, PIPELINE)
+        decode_lines = [
+            "", f"extraction's decode against the teacher's own answer (every view of {o.fidelity_samples} images "
+                f"recomputed from PIL's full-size decode: eval fidelity --store)", "",
+            "| --decode | img/s | / bare forward | / --decode full | CLS cos worst | patch cos worst | mean cos |",
+            "|---|---|---|---|---|---|---|",
+            f"| full (default) | {m.rate(PIPELINE).fmt(1)} | {ratio.fmt(2)} | 1.00 | {_worst(full, 'cls')} | "
+            f"{_worst(full, 'patch')} | {full['mean']:.4f} |",
+            f"| reduced | {m.rate(REDUCED).fmt(1)} | {m.ratio(REDUCED, 'bare teacher forward').fmt(2)} | {gain.fmt(2)} | "
+            f"{_worst(red, 'cls')} | {_worst(red, 'patch')} | {red['mean']:.4f} |"]
     soft_line = []
     if o.logits:
         soft_ratio = m.ratio(SOFT, "kdcache extract (pipeline loop)")
@@ -144,13 +181,18 @@ def _bench_extract(o, teacher, images, batch_size, workers, codec, quantize, rep
                            "workers": workers, "codec": codec, "quantize": quantize, "logits": o.logits,
                            "measurement": m.to_dict(), "ratio": ratio.to_dict(),
                            "logits_over_plain": soft_ratio.to_dict() if o.logits else None,
+                           "decodes": {"reduced_over_full": m.ratio(REDUCED, PIPELINE).to_dict(),
+                                       "fidelity": {"full": fidelity[PIPELINE], "reduced": fidelity[REDUCED]}}
+                           if o.decodes else None,
                            "encode_over_teacher": enc_ratio.to_dict() if quantize else None}, indent=2)
     lines = [header(f"bench extract: {t.meta.model} {t.meta.input_size[1]}x{t.meta.input_size[2]}, {images} images, "
-                    f"batch {batch_size}, {workers} worker(s), codec {codec}", env, repeat=repeat, warmup=m.warmup), "",
+                    f"batch {batch_size}, {workers} worker(s), codec {codec}"
+                    + (f", {o.views} views per image on the pipeline sides" if o.views > 1 else ""), env, repeat=repeat,
+                    warmup=m.warmup), "",
              "| side | img/s | ratio to bare forward |", "|---|---|---|",
              f"| bare teacher forward (pre-decoded tensors, same output copies) | {m.rate('bare teacher forward').fmt(1)} | 1.00 |",
              f"| kdcache extract, pipeline loop | {m.rate('kdcache extract (pipeline loop)').fmt(1)} | {ratio.fmt(2)} |",
              *enc_line[:1], *soft_line[:1], "", f"ratio {ratio.fmt(2)} (target >= 0.90; ratios are round by round)",
-             *enc_line[2:], *soft_line[2:]]
+             *enc_line[2:], *soft_line[2:], *decode_lines]
     note = limit_note(ratio, "pipeline/bare")
     return "\n".join(lines + ([note] if note else []))

@@ -24,6 +24,9 @@ class ExtractBench:
     codec: str = "lz4"
     quantize: str | None = None  # also time the torch encoder on the teacher's patches
     logits: int = 0  # also time the pipeline storing the top-K soft labels: the cost they add
+    views: int = 1  # K views the pipeline sides store per image (the bare forward runs each image's eval view)
+    decodes: bool = False  # also the pipeline with --decode reduced, and each store's fidelity to its teacher
+    fidelity_samples: int = 16  # --decodes: images whose every view is recomputed (eval fidelity --store)
     threads: int = 0  # torch threads of the forward, both sides; 0 = the cores the decode workers leave (at least 1)
     repeat: int = REPEAT
     as_json: bool = False
@@ -193,7 +196,9 @@ QUALITY_METHODS = {"pq": "pq:m={m}", "opq": "opq:m={m},opq_iter=10", "rq": "rq:m
 
 # bench quality: the derived-view options, as the rows of the study -> train options
 QUALITY_OPTIONS = {"sub-views": {"sub_views": 0.25}, "cutmix": {"cutmix": 1.0}, "mixup": {"mixup": 0.8},
-                   "dense": {"dense_views": True}, "opq 1/32": {}}
+                   "dense": {"dense_views": True}, "opq 1/32": {}, "reduced decode": {"decode": "reduced"}}
+# options compared, seed by seed, with the plain run on the same K store too (not only with online)
+QUALITY_VS_STORE = ("opq 1/32", "reduced decode")
 
 
 @dataclass(frozen=True)

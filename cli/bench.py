@@ -49,6 +49,13 @@ def bench():
               "patch features (quantizer fit on them) and print encode tok/s / teacher tok/s. [default: none]")
 @click.option("--logits", type=int, help="Also time the pipeline storing the top-K soft labels (extract --logits K): "
               "the cost they add." + X("logits"))
+@click.option("--views", type=click.IntRange(min=1), help="K views the pipeline sides store per image (the bare forward "
+              "runs every image's eval view once: compare the pipeline sides with each other)." + X("views"))
+@click.option("--decodes", is_flag=True, default=None, help="Also the pipeline with --decode reduced, and each decode's "
+              "store against the teacher recomputed from full-size decodes (eval fidelity --store): the speed a reduced "
+              "decode buys and what it costs the targets. [default: off]")
+@click.option("--fidelity-samples", type=click.IntRange(min=1), help="--decodes: images whose every view is recomputed."
+              + X("fidelity_samples"))
 @click.option("--threads", type=click.IntRange(min=0), help="torch threads of the teacher forward on both sides; 0: the "
               "CPU cores the decode workers leave, so the two never fight over a core (on a GPU the forward needs none)."
               + X("threads"))
@@ -60,6 +67,7 @@ def bench_extract(**kw):
     kdcache bench extract
     kdcache bench extract -t cnn=resnet50,pretrained=false --images 64
     kdcache bench extract --logits 10
+    kdcache bench extract --decodes -t vit=vit_tiny_patch16_224,pretrained=false,img_size=64
     kdcache bench extract -t effnet=tf_efficientnet_lite0,checkpoint=lite0.safetensors --quantize rq:M=160,norm=1,beam=8,niter=4
     """
     from kdcache.bench.extraction import bench_extract as run

@@ -111,21 +111,36 @@ def eval_store(store, tokens, as_json, storage_options):
 @click.option("--derived", multiple=True, type=click.Choice(["stored", "sub-views", "cutmix", "mixup", "dense"]),
               help="Instead of a run: how close targets derived for new views (train --sub-views, --cutmix, --mixup, "
                    "--dense-views) come to the teacher run on the same pixels, on --store/--data (repeat). [default: none]")
-@click.option("--teacher", "-t", help="With --derived: the store's teacher. [default: the first]")
-@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True, help="With --derived: samples per option.")
+@click.option("--teacher", "-t", help="With --derived, or --store alone: the store's teacher. [default: --derived the "
+              "first, --store every one]")
+@click.option("--samples", type=click.IntRange(min=1), help="With --derived: samples per option [default: 256]; with "
+              "--store alone: images whose every stored view is recomputed [default: 32].")
+@click.option("--teacher-weights", help="With --store alone: the teacher's checkpoint here (when the path the store records "
+              "is another machine's); checked against the stored weights fingerprint. [default: as the store records]")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
 @with_storage_options
-def eval_fidelity(run_dir, store, data, shards, derived, teacher, samples, as_json, storage_options):
+def eval_fidelity(run_dir, store, data, shards, derived, teacher, samples, teacher_weights, as_json, storage_options):
     """Per teacher, mean cosine between the student's head outputs and the cached targets, summary
-    and patch tokens separately (normalised space and teacher space); or, with --derived, the
-    cosine between derived targets and the teacher run live on the same pixels.
+    and patch tokens separately (normalised space and teacher space); with --derived, the cosine
+    between derived targets and the teacher run live on the same pixels; with --store and --data
+    alone, the cosine between what the store holds and its teacher recomputed from full-size decodes
+    of the stored views (per view index, mean and worst).
 
     \b
     kdcache eval fidelity --run runs/r18
     kdcache eval fidelity --run runs/r18 --store heldout.zarr --data /data/heldout
+    kdcache eval fidelity --store feats.zarr --data /data/shards --samples 64
     kdcache eval fidelity --store heldout.zarr --data /data/heldout --derived stored --derived sub-views --derived dense
     """
     apply_storage_options(storage_options, store, data)
+    if not run_dir and not derived:
+        if not (store and data):
+            raise click.UsageError("--run, or --store and --data (the store against its teacher), or --derived")
+        from kdcache.eval.teacher_fidelity import format_teacher_fidelity, teacher_fidelity
+        r = teacher_fidelity(store, data, teacher=teacher, samples=samples or 32, weights=teacher_weights, progress=True)
+        click.echo(json.dumps(r, indent=2) if as_json else format_teacher_fidelity(r))
+        return
+    samples = samples or 256
     if derived:
         if run_dir or not (store and data):
             raise click.UsageError("--derived measures a store's targets: give --store and --data, not --run")

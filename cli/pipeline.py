@@ -40,9 +40,11 @@ E, T, Q, S, DEMO = (defaults_of(c) for c in (ExtractOptions, TrainConfig, Quanti
 @click.option("--folder-shard-size", type=int, help="Images per shard for image folders (recorded in the store)." + E("folder_shard_size"))
 @click.option("--max-pixels", type=int, help="Larger images are rejected as decompression bombs." + E("max_pixels"))
 @click.option("--min-size", type=int, help="Images with a smaller side are rejected." + E("min_size"))
-@click.option("--decode", type=click.Choice(DECODE_MODES), help="reduced: JPEGs decoded at the smallest scale (1/2, 1/4, "
-              "1/8) that still gives every crop its output size, the same boxes; full: always at full size (recorded in "
-              "the store; the trainer decodes the same way)." + E("decode"))
+@click.option("--decode", type=click.Choice(DECODE_MODES), help="full: every image decoded at full size, so the stored "
+              "features are the teacher's on its own preprocessing; reduced: JPEGs at the smallest scale (1/2, 1/4, 1/8) "
+              "that still gives every crop its output size (faster when decoding bounds extraction, but a view cut from "
+              "a small decode moves the targets: measure it with eval fidelity --store). Recorded in the store."
+              + E("decode"))
 @click.option("--quantize", help="METHOD[:M=..,beam=..]: train a quantizer on the first shards, store patch codes "
                                   "(pq, opq, pca, rq, sq8, sq4; see kdcache quantize). [default: none, floats]")
 @click.option("--quantize-sample", type=int, help="Tokens to train the quantizer on." + E("quantize_sample"))
@@ -209,8 +211,9 @@ def demo(no_progress, **kw):
 @click.option("--dense-views", is_flag=True, default=None, help="Fresh views every epoch, their patch targets cut from "
               "the store's dense maps (extract --dense-scale); a pooling teacher's summary is the cut patches' mean, a CLS "
               "teacher's is left out. [default: off]")
-@click.option("--decode", type=click.Choice(DECODES), help="JPEGs decoded at the scale the student's crop needs "
-              "(reduced) or at full size; auto: as the store records (online: reduced)." + T("decode"))
+@click.option("--decode", type=click.Choice(DECODES), help="The student's JPEGs decoded at the scale its crop needs "
+              "(reduced; auto is reduced: the targets are the store's either way, see the docs, Training) or at full "
+              "size (full)." + T("decode"))
 @click.option("--normalize", type=click.Choice(tuple(NORMALIZERS)), help="Target normalisation." + T("normalize"))
 @click.option("--head-hidden", type=int, help="Hidden width of each head MLP." + T("head_hidden"))
 @click.option("--head-depth", type=int, help="Hidden layers of each head MLP (0 = linear)." + T("head_depth"))

@@ -32,27 +32,42 @@ def info(store, as_json, storage_options):
                              "recorded). [default: store only]")
 @click.option("--metadata-only", is_flag=True, help="Check every shard's metadata, array shapes and the shard index, "
               "without reading the arrays' data (fast; digests unchecked). [default: off, everything]")
+@click.option("--teacher-check", type=click.IntRange(min=1), help="With --data: also recompute every stored view of N "
+              "sampled images with the teacher the store names (its weights must load here, and match the stored "
+              "fingerprint) and report the cosine; a float store whose worst view is below 0.99 is a mismatch. [default: off]")
+@click.option("--teacher-weights", help="With --teacher-check: the teacher's checkpoint here, when the path the store "
+              "records is another machine's. [default: as the store records]")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
 @with_storage_options
-def verify(store, data, metadata_only, as_json, storage_options):
+def verify(store, data, metadata_only, teacher_check, teacher_weights, as_json, storage_options):
     """Check every complete shard of STORE against its digest and counts, and the shard index
     against the shards; exit 1 on a mismatch.
 
     \b
     kdcache verify feats.zarr
     kdcache verify feats.zarr --data /data/shards
+    kdcache verify feats.zarr --data /data/shards --teacher-check 16
     kdcache verify s3://bucket/feats.zarr --metadata-only
     """
     apply_storage_options(storage_options, store, data)
+    if teacher_check and not data:
+        raise click.UsageError("--teacher-check recomputes views from the images: give --data")
     if data is None:  # the store alone: metadata and digests, no corpus code (and no torch) loaded
         from kdcache.store.verify import verify_store
         report = verify_store(store, progress=True, data=not metadata_only)
     else:
         from kdcache.data.corpus_keys import verify_with_corpus
         report = verify_with_corpus(store, data, progress=True, metadata_only=metadata_only)
+    fidelity = None
+    if teacher_check:
+        from kdcache.eval.teacher_fidelity import fidelity_problems, format_teacher_fidelity, teacher_fidelity
+        fidelity = teacher_fidelity(store, data, samples=teacher_check, weights=teacher_weights, progress=True)
+        report.problems += fidelity_problems(fidelity)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps({**report.to_dict(), **({"teacher_check": fidelity} if fidelity else {})}, indent=2))
     else:
+        if fidelity:
+            click.echo(format_teacher_fidelity(fidelity) + "\n")
         for p in report.problems:
             click.echo(f"MISMATCH {p}")
         click.echo(report.line())

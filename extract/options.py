@@ -38,7 +38,7 @@ class ExtractOptions:
     folder_shard_size: int = FOLDER_SHARD_SIZE
     max_pixels: int = MAX_PIXELS
     min_size: int = MIN_SIZE
-    decode: str = "reduced"  # reduced: JPEGs decoded at the scale the crops need (libjpeg's 1/2..1/8) | full
+    decode: str = "full"  # full: the teacher's own preprocessing | reduced: JPEGs at the scale the crops need (opt-in)
     progress: bool = True
     quantize: str | None = None  # e.g. "opq:M=48": train on the first shards, store codes
     quantize_sample: int = 65536  # training tokens (plus held-out tokens for the fidelity figures)

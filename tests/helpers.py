@@ -26,12 +26,24 @@ def tar_images(path) -> dict[str, np.ndarray]:
     return out
 
 
-def reference_features(model_name, model_kwargs, weights_path, image, view, meta):
-    """The teacher run directly with timm on the crop a stored view describes."""
+_MODELS: dict = {}
+
+
+def reference_model(model_name, model_kwargs, weights_path):
+    """timm's model with these weights, built once per test process."""
     import safetensors.torch
-    m = timm.create_model(model_name, pretrained=False, **model_kwargs)
-    m.load_state_dict(safetensors.torch.load_file(weights_path))
-    m.eval()
+    key = (model_name, tuple(sorted(model_kwargs.items())), weights_path)
+    if key not in _MODELS:
+        m = timm.create_model(model_name, pretrained=False, **model_kwargs)
+        m.load_state_dict(safetensors.torch.load_file(weights_path))
+        _MODELS[key] = m.eval()
+    return _MODELS[key]
+
+
+def reference_features(model_name, model_kwargs, weights_path, image, view, meta):
+    """The teacher run directly with timm on the crop a stored view describes (PIL's full-size
+    decode, torchvision's resized_crop)."""
+    m = reference_model(model_name, model_kwargs, weights_path)
     h, w = image.shape[:2]
     t, l, ch, cw, flip = view
     x = torch.from_numpy(image).permute(2, 0, 1)

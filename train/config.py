@@ -25,7 +25,7 @@ BALANCES = ("static", "mgda", "dto")  # how objectives are weighed (train.balanc
 LOGITS_LOSSES = ("none", "kl")  # soft labels: KL of the teacher's (top-K) distribution to the student's
 LOGITS_TAILS = ("spread", "renorm")  # top-K soft labels: the tail mass spread over the other classes, or renormalised
 LABEL_LOSSES = ("none", "ce")  # hard labels on the student's classifier (the teacher's class space)
-DECODES = ("auto", "reduced", "full")  # auto: as the store records (online runs: reduced); see data.corpus.DecodeOptions
+DECODES = ("auto", "reduced", "full")  # auto: reduced (the student's side only); see data.corpus.DecodeOptions
 REQUIRED = ("store", "data", "student", "out")  # --store may be left out with --online
 
 
@@ -53,7 +53,7 @@ class TrainConfig:
     last_batch: str = "partial"  # the last global partial batch: partial (a smaller last step) | drop | pad (repeats)
     log_keys: bool = False  # write every delivered key per step to RUN/keys/rank<R>.jsonl
     color_jitter: float = 0.0  # student-only photometric augmentation strength
-    decode: str = "auto"  # JPEGs at the scale the crop needs (reduced) or full size; auto: as the store records
+    decode: str = "auto"  # the student's JPEGs at the scale its crop needs (auto, reduced) or full size
     normalize: str = "standardize"  # standardize | phi-s | none
     head_hidden: int = 1024
     head_depth: int = 1

@@ -199,8 +199,11 @@ def online_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
 
 
 def _decode(cfg: TrainConfig, recorded: DecodeOptions) -> DecodeOptions:
-    """How the loader decodes: as the store records (or reduced, online) unless --decode says."""
-    return recorded if cfg.decode == "auto" else dataclasses.replace(recorded, reduced=cfg.decode == "reduced")
+    """How the loader decodes the student's images: at the scale its crop needs (``auto``: the
+    teacher's targets are what the store holds whatever the student's decode; a reduced decode is
+    a few levels of noise on the student's side only, measured in ``bench quality``), unless
+    --decode says; the store's limits (max pixels, min size) either way."""
+    return dataclasses.replace(recorded, reduced=cfg.decode != "full")
 
 
 def _soft_label_classes(cfg: TrainConfig, soft: dict[str, int], *, where: str, remedy: str) -> int:
