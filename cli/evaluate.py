@@ -29,7 +29,11 @@ def _eval_features(fn):
     """The features to evaluate (exactly one of --store, --run, --model) and the split: shared by
     every ``kdcache eval`` probe."""
     options = [
-        click.option("--data", required=True, help="The labelled corpus (webdataset cls fields or image-folder classes)."),
+        click.option("--data", help="The labelled corpus (webdataset cls fields or image-folder classes); optional with a "
+                                    "store that recorded its labels (--store) or keeps its views' pixels (--run: the run's "
+                                    "store; --images)."),
+        click.option("--images", help="With --run or --model and no --data: a store whose view-0 pixels are the images "
+                                      "(the teacher's eval crop, resized). [default: --run's store]"),
         click.option("--store", help="A store's cached summary features: the teacher's ceiling, free (one of --store, "
                                      "--run, --model is required)."),
         click.option("--run", "run_dir", help="The student of a training run, live (one of --store, --run, --model "
@@ -54,13 +58,13 @@ def _eval_features(fn):
     return fn
 
 
-def _evaluate(probe, data, store, run_dir, ema, model, teacher, val_fraction, val_data, val_store, seed, skip_corrupt, as_json,
-              out_file, storage_options, **knn):
+def _evaluate(probe, data, images, store, run_dir, ema, model, teacher, val_fraction, val_data, val_store, seed, skip_corrupt,
+              as_json, out_file, storage_options, **knn):
     from kdcache.eval.probes import evaluate, format_probe
-    apply_storage_options(storage_options, store, data, val_store, val_data)
+    apply_storage_options(storage_options, store, data, val_store, val_data, images)
     options = ProbeOptions(probe=probe, **drop_unset(val_fraction=val_fraction, seed=seed, **knn))
     r = evaluate(options, data, store=store, run=run_dir, ema=ema, model=model, teacher=teacher, val_data=val_data,
-                 val_store=val_store, skip_corrupt=skip_corrupt, progress=True)
+                 val_store=val_store, skip_corrupt=skip_corrupt, progress=True, images=images)
     if out_file:
         with open(out_file, "w") as f:
             json.dump(r, f, indent=2)
@@ -157,7 +161,8 @@ def eval_fidelity(run_dir, store, data, shards, derived, teacher, samples, teach
 
 @eval_group.command("accuracy")
 @click.option("--run", "run_dir", required=True, help="A run trained with --logits-loss (its student has a classifier).")
-@click.option("--data", required=True, help="The corpus to score on (held-out images for held-out figures).")
+@click.option("--data", help="The corpus to score on (held-out images for held-out figures). [default: the view-0 pixels "
+              "of the run's store, when it keeps them]")
 @click.option("--teacher", "-t", help="The teacher to agree with. [default: the first that gave soft labels]")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
 @with_storage_options

@@ -12,7 +12,7 @@ from kdcache.quantize.quantizer_spec import METHODS, QuantizerSpec
 from kdcache.store.dtypes import STORAGE_DTYPES
 from kdcache.store.meta import CODECS
 from kdcache.targets.sample import SampleSpec
-from kdcache.train.config import (AMP, BALANCES, DECODES, HEAD_KINDS, LABEL_LOSSES, LAST_BATCH, LOGITS_LOSSES,
+from kdcache.train.config import (AMP, BALANCES, DECODES, HEAD_KINDS, IMAGE_SOURCES, LABEL_LOSSES, LAST_BATCH, LOGITS_LOSSES,
                                   LOGITS_TAILS, NORMALIZERS, VIEW_CHOICES, TrainConfig, parse_ladder)
 
 from .common import apply_storage_options, cli, defaults_of, drop_unset, with_storage_options
@@ -55,8 +55,12 @@ E, T, Q, S, DEMO = (defaults_of(c) for c in (ExtractOptions, TrainConfig, Quanti
 @click.option("--dense-scale", type=int, help="Also one patch map per image: the whole image at this many times each "
               "teacher's input (ViTs at a dynamic size, CNNs natively), from which training cuts any view's patch targets "
               "(train --dense-views). [default: 0, none]")
-@click.option("--lease-seconds", type=float, help="A shard's lease lasts this long unless renewed (see README, "
-              "Sharing)." + E("lease_seconds"))
+@click.option("--pixels", help="Also store every view's pixels, [SIZE][:jpeg[QUALITY]|:raw]: the crop the teacher saw, "
+              "resized to SIZE (default: the largest teacher input), as a JPEG (quality 90 unless given) or raw uint8, so "
+              "students train from the store alone (train without --data). E.g. --pixels '' , 112, 64:raw, 224:jpeg95. "
+              "[default: none]")
+@click.option("--lease-seconds", type=float, help="A shard's lease lasts this long unless renewed (see the docs, "
+              "Extraction: leases)." + E("lease_seconds"))
 @click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
 @with_storage_options
 def extract(data, out, teachers, no_progress, storage_options, **kw):
@@ -73,6 +77,7 @@ def extract(data, out, teachers, no_progress, storage_options, **kw):
     kdcache extract imgs/ -o feats.zarr -t vit=vit_tiny_patch16_224,pretrained=false,img_size=64 --dtype bfloat16
     kdcache extract /data/shards -o feats.zarr -t effnet=tf_efficientnet_lite0 --views 8 --logits 10
     kdcache extract /data/shards -o feats.zarr -t dino=vit_small_patch14_dinov2.lvd142m --views 4 --dense-scale 2
+    kdcache extract /data/shards -o feats.zarr -t dino=vit_small_patch14_dinov2.lvd142m --views 4 --pixels 112
     torchrun --nproc_per_node=8 -m kdcache extract /data/shards -o feats.zarr -t dino=vit_large_patch14_dinov2
     """
     from kdcache.extract.run import extract as run
@@ -167,7 +172,11 @@ def demo(no_progress, **kw):
 @cli.command()
 @click.option("--config", "config_file", help="YAML or TOML file of options (CLI options override it). [default: none]")
 @click.option("--store", help="Store written by kdcache extract (required here or in --config, unless --online).")
-@click.option("--data", help="The corpus the store was extracted from (required here or in --config).")
+@click.option("--data", help="The corpus the store was extracted from (required here or in --config, unless the store "
+              "keeps its views' pixels: extract --pixels).")
+@click.option("--images", type=click.Choice(IMAGE_SOURCES), help="The student's images: store (the crops the store keeps "
+              "of every view: no corpus, a small decode), corpus (each view cut from its image), auto (the store's when "
+              "it keeps them and the student's input fits in them, else the corpus)." + T("images"))
 @click.option("--student", help="MODEL[,key=value...]: any timm model; pretrained=false unless given (required).")
 @click.option("--out", help="Run directory (required); one holding a run needs --resume or --overwrite.")
 @click.option("--teacher", "teachers", multiple=True, help="Teachers to distil (repeat): store teacher names; with "
@@ -276,6 +285,7 @@ def train(config_file, teacher_weights, teachers, no_progress, storage_options, 
 
     \b
     kdcache train --store feats.zarr --data /data/shards --student resnet18 --out runs/r18
+    kdcache train --store pixels.zarr --student resnet18,img_size=112 --out runs/r18   # a store with --pixels 112
     kdcache train --online --teacher dino=vit_small_patch14_dinov2.lvd142m --data /data/shards --student resnet18 --out runs/online
     kdcache train --config run.yaml --epochs 30
     kdcache train --store two.zarr --data D --student resnet50 --out runs/mt --balance mgda --head transformer --task-loss ce

@@ -76,10 +76,12 @@ def verify(store, data, metadata_only, teacher_check, teacher_weights, as_json, 
 
 @cli.group("store")
 def store_group():
-    """Operations on whole stores: copy, merge, subset, drop a teacher, statistics, list shards.
+    """Operations on whole stores: copy, merge, subset, add the views' pixels, drop a teacher,
+    statistics, list shards.
 
     \b
     kdcache store copy s3://team-a/feats.zarr feats.zarr
+    kdcache store pixels feats.zarr --data /data/shards
     kdcache store merge part-a.zarr part-b.zarr --out all.zarr
     kdcache store ls feats.zarr --json
     """
@@ -88,9 +90,11 @@ def store_group():
 @store_group.command("copy")
 @click.argument("src")
 @click.argument("dst")
-@click.option("--format", "store_format", type=click.Choice(["1", "2"]),
-              help="Write DST in this store format: 2 stores each view of a block as a Zarr shard of its own (a loader "
-                   "reads only the view it uses); 1 as kdcache read stores before. [default: SRC's]")
+@click.option("--format", "store_format", type=click.Choice(["1", "2", "3"]),
+              help="Write DST in this store format: 3 records each image's place in its corpus shard and may keep the "
+                   "views' pixels (what kdcache writes; a store copied up to 3 from an older one has no origin); 2 "
+                   "stores each view of a block as a Zarr shard of its own; 1 as kdcache read stores before. "
+                   "[default: SRC's]")
 @click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
 @with_storage_options
 def store_copy(src, dst, store_format, no_progress, storage_options):
@@ -138,6 +142,28 @@ def store_subset(store, shards, out, no_progress, storage_options):
     from kdcache.store.ops import copy_stores
     apply_storage_options(storage_options, store, out)
     click.echo(json.dumps(copy_stores([store], out, shards=shards, progress=not no_progress), indent=2))
+
+
+@store_group.command("pixels")
+@click.argument("store")
+@click.option("--data", required=True, help="The corpus the store was extracted from.")
+@click.option("--pixels", "pixels", help="[SIZE][:jpeg[QUALITY]|:raw] as for extract --pixels. [default: the largest "
+              "teacher input, JPEG quality 90; a store that keeps pixels keeps its own]")
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True, help="DataLoader processes that "
+              "decode and encode.")
+@click.option("--no-progress", is_flag=True, help="No progress bar. [default: off]")
+@with_storage_options
+def store_pixels(store, data, pixels, workers, no_progress, storage_options):
+    """Give STORE its views' pixels from its corpus (one decode pass, no teacher), so students train
+    from the store alone; shards that have them are skipped (re-running resumes).
+
+    \b
+    kdcache store pixels feats.zarr --data /data/shards
+    kdcache store pixels feats.zarr --data /data/shards --pixels 112:jpeg95 --workers 8
+    """
+    from kdcache.extract.pixels import add_pixels
+    apply_storage_options(storage_options, store, data)
+    click.echo(json.dumps(add_pixels(store, data, pixels, workers=workers, progress=not no_progress), indent=2))
 
 
 @store_group.command("drop-teacher")

@@ -58,6 +58,8 @@ def decode_sample(sample: RawSample, opts: DecodeOptions = DecodeOptions(), need
         raise BadImage(sample.error)
     if sample.data is None:
         raise BadImage(f"no image field (fields: {', '.join(sample.fields) or 'none'})")
+    if isinstance(sample.data, np.ndarray):  # pixels a store keeps raw (extract --pixels SIZE:raw): decoded already
+        return sample.data
     return decode_image(sample.data, opts, need)
 
 

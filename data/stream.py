@@ -46,6 +46,8 @@ from .samples import ShardPlaces, folder_files, read_rows, walked_places
 from .walk import AlignError, RawSample, Skip
 
 VIEW_SOURCES = ("stored", "fresh", "eval")  # the store's boxes (replayed), a fresh view of the policy, the eval view
+IMAGE_SOURCES = ("corpus", "pixels")  # the corpus's images (a view cut from each), or the store's own view pixels
+WHOLE = np.array([0.0, 0.0, 1.0, 1.0, 0.0], dtype=np.float32)  # a stored view's pixels: the whole crop, flipped already
 
 
 class StreamError(KdcacheError):
@@ -81,6 +83,7 @@ class StreamSpec:
     skip_log: str | None = None  # --skip-corrupt: a corrupt block or changed image is skipped and recorded here
     skip_bad: bool = False  # a corpus read without a store (evaluation): an image that does not decode is skipped, counted
     eval_policies: tuple[ViewPolicy, ...] = ()  # views "eval": each crop from its own model's eval box (one per crop)
+    source: str = "corpus"  # corpus: each view cut from its image | pixels: the store's own crop of each view
     color_jitter: float = 0.0
     sub_views: float = 0.0
     dense_views: bool = False
@@ -94,6 +97,10 @@ class StreamSpec:
             raise StreamError(f"views {self.views!r} draws from a view policy; none given")
         if self.eval_policies and (self.views != "eval" or len(self.eval_policies) != len(self.crops)):
             raise StreamError("eval_policies: one per crop, with views 'eval'")
+        if self.source not in IMAGE_SOURCES:
+            raise StreamError(f"source {self.source!r}: expected one of {', '.join(IMAGE_SOURCES)}")
+        if self.source == "pixels" and (self.views == "fresh" or self.dense_views or not self.store_url):
+            raise StreamError("the store's pixels hold its stored views: fresh views and dense maps need the corpus")
 
     @property
     def per_image(self) -> int:
@@ -288,13 +295,15 @@ class SampleStream(IterableDataset):
                 raise StoreError(f"{store.url}: shard {name}: its digests are not those the run was planned with "
                                  f"(RUN/plan.json): the store changed since the run was checkpointed")
             keys = tuple(store.keys(name).tolist())
-            views = store.views(name) if spec.views == "stored" else None
-            places = None
-            if corpus_shard is not None:
-                origin = store.origin(name)
-                files = folder_files(corpus_shard, keys) if self.corpus.kind == "folder" else ()
-                places = (ShardPlaces.from_origin(name, keys, origin, files=files) if origin is not None else
-                          walked_places(self.corpus, corpus_shard, keys, attrs.get("failed", [])))
+            views = store.views(name) if spec.views == "stored" or spec.source == "pixels" else None
+            origin = store.origin(name)
+            files = folder_files(corpus_shard, keys) if corpus_shard is not None and self.corpus.kind == "folder" else ()
+            places = ShardPlaces.from_origin(name, keys, origin, files=files) if origin is not None else None
+            if corpus_shard is not None and (places is None or spec.source == "pixels"):
+                # a store from before origin reads its images by the walk; a pixel store given its corpus checks
+                # that the corpus holds the stored keys (AlignError naming shard, row and key otherwise)
+                walked = walked_places(self.corpus, corpus_shard, keys, attrs.get("failed", []))
+                places = places or walked
             got = _Shard(attrs, keys, views, places)
         self._shards[index] = got
         while len(self._shards) > 32:
@@ -315,7 +324,15 @@ class SampleStream(IterableDataset):
         try:
             block.meta = shard = self._shard(index)
             handler = self._skip_handler(epoch, name)
-            if self.corpus is not None:
+            if spec.source == "pixels":  # the store's own crop of each view: one verified read per block and view
+                views = [view] if view is not None else list(range(spec.stored_views))
+                for v in views:
+                    got = self._store.read_pixels(name, start, stop, view=v, attrs=shard.attrs, verify=spec.verify)
+                    for r in plan.rows[key]:
+                        label = int(shard.places.labels[r]) if shard.places is not None else -1
+                        block.samples[(r, v)] = RawSample(shard.keys[r], got[r - start], None if label < 0 else label,
+                                                          row=r)
+            elif self.corpus is not None:
                 block.samples = read_rows(self.corpus, self.corpus.shard(name), shard.places, sorted(plan.rows[key]),
                                           handler=handler)
             if self._store is not None and spec.target_paths:
@@ -378,6 +395,9 @@ class SampleStream(IterableDataset):
                 yield waiting.pop((index, row, s.slot))
                 continue
             block = loaded[plan.key(s)]
+            if spec.source == "pixels":  # each view its own stored crop: decoded alone (at the scale it needs)
+                yield self._stored_view(s, block, crops, epoch)
+                continue
             raw = block.samples.get(row)
             if raw is None:  # skipped (recorded), or its block was
                 yield None
@@ -399,6 +419,24 @@ class SampleStream(IterableDataset):
                     waiting[(index, row, slot)] = (cut, view, self._extra(raw.key, block, row, view, item.views[i], epoch))
                 got = waiting.pop((index, row, s.slot))
             yield got
+
+    def _stored_view(self, s: Sample, block: _Block, crops, epoch: int):
+        """One sample from the view's pixels the store keeps: the whole crop, or its sub-box
+        (``--sub-views``: where its targets are cut from the stored grid, in the crop as stored),
+        resized to each crop field; None when its block was skipped."""
+        spec = self.spec
+        view = s.slot if block.view is None else block.view
+        raw = block.samples.get((s.row, view))
+        if raw is None:
+            return None
+        box, extra = WHOLE, {}
+        if spec.sub_views:
+            _, sub_box = sub_view(block.meta.views[s.row, view], spec.seed, raw.key, epoch, spec.sub_views)
+            box, extra = np.array([*sub_box, 0.0], dtype=np.float32), {"sub_box": torch.from_numpy(sub_box)}
+        for item in view_pixels([raw], views=lambda sample, h, w: box[None], crops=crops, decode=spec.decode,
+                                handler=self._skip_handler(epoch, spec.shards[s.shard].name)):
+            return [c[0] for c in item.crops], view, extra
+        return None
 
     def _view(self, key: str, block: _Block, row: int, slot: int, epoch: int):
         """(the view a sample delivers, (height, width) -> its box in image fractions)."""

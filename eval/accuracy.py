@@ -55,7 +55,7 @@ def run_teacher(run: str, name: str | None = None) -> Teacher:
 
 
 @torch.inference_mode()
-def accuracy(run: str, data: str, *, teacher: str | None = None, batch_size: int = 32, progress: bool = False) -> dict:
+def accuracy(run: str, data: str | None, *, teacher: str | None = None, batch_size: int = 32, progress: bool = False) -> dict:
     net, sdata, described = run_student(run)
     classes = int(getattr(net, "num_classes", 0) or 0)
     if not classes:
@@ -63,17 +63,21 @@ def accuracy(run: str, data: str, *, teacher: str | None = None, batch_size: int
     t = run_teacher(run, teacher)
     if t.classes != classes:
         raise KdcacheError(f"teacher {t.name} has {t.classes} classes, the student {classes}")
-    corpus = resolve_corpus(data)
     s_policy = ViewPolicy.for_input(sdata.crop_pct, sdata.hw)
     t_policy = ViewPolicy.for_input(t.data.crop_pct, t.data.hw)
     mean = torch.tensor(sdata.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(sdata.std).view(1, 3, 1, 1) * 255
-    places = corpus_places(corpus)
-    spec = StreamSpec(shards=tuple(ShardRows(n, len(p), EVAL_BLOCK) for n, p in places.items() if len(p)),
-                      crops=(("image", Crop(sdata.hw, sdata.interpolation)), ("teacher", Crop(t.input_hw, t.meta.interpolation))),
-                      decode=replace(corpus.options.decode, reduced=False),  # judged as deployed: full-size decodes
-                      views="eval", policy=s_policy, eval_policies=(s_policy, t_policy), shuffle=False, skip_bad=True)
-    stream = SampleStream(spec, corpus, places=places)  # each model on its own eval view, from one decode
+    crops = (("image", Crop(sdata.hw, sdata.interpolation)), ("teacher", Crop(t.input_hw, t.meta.interpolation)))
+    if data:
+        corpus = resolve_corpus(data)
+        places = corpus_places(corpus)
+        spec = StreamSpec(shards=tuple(ShardRows(n, len(p), EVAL_BLOCK) for n, p in places.items() if len(p)),
+                          crops=crops, decode=replace(corpus.options.decode, reduced=False),  # as deployed: full decodes
+                          views="eval", policy=s_policy, eval_policies=(s_policy, t_policy), shuffle=False, skip_bad=True)
+        stream = SampleStream(spec, corpus, places=places)  # each model on its own eval view, from one decode
+    else:  # the run's store keeps its views' pixels: both models on view 0 as stored (the teacher's eval crop)
+        stream = _store_pixels(run, crops)
+        data = f"{stream.spec.store_url} (view 0 pixels)"
     student_logits, teacher_logits, labels = [], [], []
     bar = tqdm(total=sum(s.count for s in spec.shards), unit="img", desc="accuracy", disable=not progress,
                dynamic_ncols=True)
@@ -107,6 +111,23 @@ def accuracy(run: str, data: str, *, teacher: str | None = None, batch_size: int
                 out[f"{who}_accuracy"] = {"top1": float((top5[:, 0] == y[has]).float().mean()),
                                           "top5": float((top5 == y[has][:, None]).any(-1).float().mean())}
     return out
+
+
+def _store_pixels(run: str, crops) -> SampleStream:
+    from kdcache.data.stream import shard_rows
+    from kdcache.data.corpus import ReadOptions
+    from kdcache.store import Store
+    from .model_features import run_config
+    url = run_config(run).get("store")
+    store = Store.open(url) if url else None
+    if store is None or store.meta.pixels is None:
+        raise KdcacheError(f"--data is required: {run}'s store {'(none: an online run) ' if not url else url + ' '}keeps "
+                           f"no pixels of its views")
+    spec = StreamSpec(shards=shard_rows(store, store.complete_shards()), crops=crops,
+                      decode=replace(ReadOptions.from_dict(store.meta.corpus).decode, reduced=False), view_choice="first",
+                      stored_views=store.meta.views, policy=store.meta.view_policy, shuffle=False, store_url=url,
+                      source="pixels")
+    return SampleStream(spec, None)
 
 
 def format_accuracy(r: dict) -> str:

@@ -41,6 +41,14 @@ from .probes import probe
 EVAL_BLOCK = 256  # rows per block of a corpus shard read for evaluation (one ranged read of a tar each)
 
 
+def run_config(run: str) -> dict:
+    try:
+        with open(os.path.join(run, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise KdcacheError(f"--run {run}: not a kdcache run directory ({e})") from None
+
+
 def _provenance_student(run: str) -> dict:
     prov = os.path.join(run, "provenance.json")
     if not os.path.exists(prov):
@@ -83,10 +91,14 @@ def spec_model(text: str) -> tuple[torch.nn.Module, DataConfig, str]:
 
 
 @torch.inference_mode()
-def labelled_model_features(model: torch.nn.Module, data: DataConfig, corpus_spec: str, *, read: ReadOptions | None = None,
-                            batch_size: int = 32, progress: bool = False) -> dict:
+def labelled_model_features(model: torch.nn.Module, data: DataConfig, corpus_spec: str | None, *,
+                            read: ReadOptions | None = None, batch_size: int = 32, progress: bool = False,
+                            images: str | None = None) -> dict:
     """{x (N, D) float32, y (N,), keys, skipped_samples} over the labelled samples of a corpus, in
-    corpus order, through the loader's stream (``data.stream``: the eval view, full-size decodes)."""
+    corpus order, through the loader's stream (``data.stream``: the eval view, full-size decodes);
+    without a corpus, of store ``images``: the pixels it keeps of view 0 (the teacher's eval view)."""
+    if corpus_spec is None:
+        return _store_pixel_features(model, data, images, batch_size=batch_size, progress=progress)
     corpus = resolve_corpus(corpus_spec, read)
     places = {}
     for name, p in corpus_places(corpus).items():
@@ -117,13 +129,53 @@ def labelled_model_features(model: torch.nn.Module, data: DataConfig, corpus_spe
             "skipped_samples": total - len(keys)}  # (the labelled images that do not decode)
 
 
-def probe_model(which: str, data: str, options: ProbeOptions = ProbeOptions(), *, run: str | None = None,
+def _store_pixel_features(model, data: DataConfig, url: str | None, *, batch_size: int, progress: bool) -> dict:
+    """Summary features of the labelled samples of a store that keeps its views' pixels: view 0's
+    crop (the teacher's eval view, as stored) resized to the model's input; labels as extraction
+    recorded them. The model's own eval crop may cut another box than the teacher's (crop_pct)."""
+    from kdcache.data.stream import shard_rows
+    from kdcache.store import Store
+    if not url:
+        raise KdcacheError("--data is required (or a store that keeps its views' pixels: --images STORE)")
+    store = Store.open(url)
+    if store.meta.pixels is None:
+        raise KdcacheError(f"--data is required: {url} keeps no pixels (extract --pixels, or kdcache store pixels)")
+    spec = StreamSpec(shards=shard_rows(store, store.complete_shards()), crops=(("image", Crop(data.hw, data.interpolation)),),
+                      decode=replace(ReadOptions.from_dict(store.meta.corpus).decode, reduced=False),
+                      view_choice="first", stored_views=store.meta.views, policy=store.meta.view_policy, shuffle=False,
+                      store_url=url, source="pixels")
+    tap = probe_tap(model, data.hw)
+    mean = torch.tensor(data.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(data.std).view(1, 3, 1, 1) * 255
+    xs, ys, keys = [], [], []
+    bar = tqdm(total=sum(s.count for s in spec.shards), unit="img", desc="features", disable=not progress,
+               dynamic_ncols=True)
+    for batch in DataLoader(SampleStream(spec, None), batch_size=batch_size, collate_fn=collate):
+        keep = batch["label"] >= 0
+        bar.update(len(batch["key"]))
+        if not bool(keep.any()):
+            continue
+        x = (batch["image"][keep].float() - mean) / std
+        xs.append(tap(model, x)[0].float().numpy())
+        ys.append(batch["label"][keep].numpy())
+        keys += [k for k, m in zip(batch["key"], keep.tolist()) if m]
+    bar.close()
+    if not xs:
+        raise KdcacheError(f"{url}: no labelled samples (its corpus had no cls fields or image-folder classes)")
+    return {"x": np.concatenate(xs).astype(np.float32), "y": np.concatenate(ys).astype(np.int64), "keys": keys,
+            "skipped_samples": 0, "images": f"{url} (view 0 pixels)"}
+
+
+def probe_model(which: str, data: str | None, options: ProbeOptions = ProbeOptions(), *, run: str | None = None,
                 ema: bool = False, model: str | None = None, read: ReadOptions | None = None,
-                val_data: str | None = None, progress: bool = False) -> dict:
+                val_data: str | None = None, progress: bool = False, images: str | None = None) -> dict:
     """``kdcache eval knn|linear --run RUN | --model SPEC``: the probe of a model's live summary
-    features; ``val_data``: a given validation corpus instead of the seeded split."""
+    features; ``val_data``: a given validation corpus instead of the seeded split. Without ``data``,
+    on the view pixels of store ``images`` (default: a run's own store)."""
     net, cfg, what = run_student(run, ema=ema) if which == "run" else spec_model(model)
-    f = labelled_model_features(net, cfg, data, read=read, progress=progress)
+    if data is None and images is None and which == "run":
+        images = run_config(run).get("store") or None
+    f = labelled_model_features(net, cfg, data, read=read, progress=progress, images=images)
     val, skipped = None, f["skipped_samples"]
     if val_data:
         v = labelled_model_features(net, cfg, val_data, read=read, progress=progress)

@@ -43,10 +43,12 @@ def probe(x: np.ndarray, y: np.ndarray, features: str, *, resolution, options: P
     return {"features": features, **result, "protocol": protocol, "skipped_shards": {}}
 
 
-def evaluate(options: ProbeOptions, data: str, *, store: str | None = None, run: str | None = None, ema: bool = False,
-             model: str | None = None, teacher: str | None = None, val_data: str | None = None,
-             val_store: str | None = None, skip_corrupt: bool = False, progress: bool = False) -> dict:
-    """The probe of exactly one of ``store``, ``run``, ``model`` on corpus ``data``."""
+def evaluate(options: ProbeOptions, data: str | None, *, store: str | None = None, run: str | None = None,
+             ema: bool = False, model: str | None = None, teacher: str | None = None, val_data: str | None = None,
+             val_store: str | None = None, skip_corrupt: bool = False, progress: bool = False,
+             images: str | None = None) -> dict:
+    """The probe of exactly one of ``store``, ``run``, ``model`` on corpus ``data`` (or without one: a
+    store's recorded labels, and for a live model the view pixels of store ``images``)."""
     if sum(x is not None for x in (store, run, model)) != 1:
         raise KdcacheError("give exactly one of --store, --run, --model")
     if val_store and not store:
@@ -57,7 +59,7 @@ def evaluate(options: ProbeOptions, data: str, *, store: str | None = None, run:
                            val_data=val_data, progress=progress)
     from .model_features import probe_model
     return probe_model("run" if run else "model", data, options, run=run, ema=ema, model=model, val_data=val_data,
-                       progress=progress)
+                       progress=progress, images=images)
 
 
 def format_probe(r: dict) -> str:

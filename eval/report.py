@@ -40,8 +40,10 @@ def _knn_rows(run: str, cfg: dict, prov: dict, data: str, *, seed: int, cache: s
     from .store_features import probe_store
     options = ProbeOptions(seed=seed)
 
+    images = None if data else cfg.get("store")  # no corpus: the run's store's view pixels
+
     def live(net, data_cfg, what):
-        f = labelled_model_features(net, data_cfg, data, progress=True)
+        f = labelled_model_features(net, data_cfg, data, progress=True, images=images)
         return probe(f["x"], f["y"], what, resolution=list(data_cfg.hw), options=options)
 
     def row(label, result):  # the short label for the table; the full description kept
@@ -59,7 +61,7 @@ def _knn_rows(run: str, cfg: dict, prov: dict, data: str, *, seed: int, cache: s
     if kept.get("key") == key:
         return kept["rows"] + teachers
     rows = [row("random-init student", live(*random_init_student(run))),
-            row("distilled student", probe_model("run", data, options, run=run, progress=True))]
+            row("distilled student", probe_model("run", data, options, run=run, progress=True, images=images))]
     if os.path.exists(os.path.join(run, "checkpoints", "last", "ema.safetensors")):
         rows.append(row("distilled student (EMA)", live(*run_student(run, ema=True))))
     if prov.get("online"):
@@ -79,9 +81,10 @@ def _knn_key(rundir: RunDir, cfg: dict, prov: dict, data: str, seed: int) -> str
 
     from kdcache.data.corpus import resolve_corpus
     parts = {"data": data, "seed": seed, "checkpoint": _files_stamp(rundir.checkpoint)}
-    corpus = resolve_corpus(data)
-    parts["corpus"] = [corpus.fingerprint(), *(_files_stamp(u) for u in sorted({s.url for s in corpus.shards})
-                                               if os.path.exists(u))]
+    if data:  # (no corpus: the images are the store's pixels, covered by its digests below)
+        corpus = resolve_corpus(data)
+        parts["corpus"] = [corpus.fingerprint(), *(_files_stamp(u) for u in sorted({s.url for s in corpus.shards})
+                                                   if os.path.exists(u))]
     if prov.get("online"):
         parts["teachers"] = {t: m.get("weights_sha256") for t, m in prov.get("teachers", {}).items()}
     else:
@@ -169,7 +172,7 @@ def report(run: str, *, data: str | None = None, knn: bool = True, seed: int = 0
 
     knn_rows = None
     if knn:
-        data = data or cfg["data"]
+        data = data or cfg.get("data") or None
         knn_rows = _knn_rows(run, cfg, prov, data, seed=seed, cache=os.path.join(out, "knn.json"))
         files["knn"] = _bar(os.path.join(out, "knn.png"), [r["features"] for r in knn_rows],
                             {"top-1": [r["top1"] for r in knn_rows], "top-5": [r["top5"] for r in knn_rows]},
@@ -191,8 +194,9 @@ def _markdown(run, cfg, prov, metrics, teachers, knn_rows, bytes_rows, files, ou
     last = metrics[-1]
     source = (f"online: teachers {', '.join(cfg['teachers'])} run live" if prov.get("online")
               else f"store `{cfg['store']}`")
+    images = cfg.get("data") or "the store's view pixels"
     lines = [f"# kdcache run `{run}`", "",
-             f"Student `{cfg['student']}` on `{cfg['data']}`; targets from the {source}. "
+             f"Student `{cfg['student']}` on `{images}`; targets from the {source}. "
              f"{last['step']} steps, {cfg['epochs']} epochs of batch {cfg['batch_size']}, lr {cfg['lr']}, "
              f"normalisation {cfg['normalize']}, seed {cfg['seed']}.", "",
              "## Losses", "", "| teacher | summary loss (last) | patch loss (last) |", "|---|---|---|"]

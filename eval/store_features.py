@@ -21,7 +21,7 @@ from .options import ProbeOptions
 from .probes import probe
 
 
-def labelled_store_features(url: str, data: str, *, teacher: str | None = None, skip_corrupt: bool = False,
+def labelled_store_features(url: str, data: str | None, *, teacher: str | None = None, skip_corrupt: bool = False,
                             progress: bool = False) -> dict:
     """{x (N, D) float32, y (N,) int, keys, skipped: {shard: error}} over the store's complete shards."""
     store = Store.open(url)
@@ -30,11 +30,12 @@ def labelled_store_features(url: str, data: str, *, teacher: str | None = None, 
         raise KdcacheError(f"--teacher {teacher}: not in {url} (teachers: {', '.join(store.meta.teachers)})")
     if (store.meta.teachers[teacher].quantizer or {}).get("cls") and not store.meta.teachers[teacher].quantizer["cls"].get("keep_float"):
         raise KdcacheError(f"{url}: teacher {teacher}'s summary features are stored as codes; eval reads float cls")
-    corpus = resolve_corpus(data, ReadOptions.from_dict(store.meta.corpus))
-    if store.meta.corpus.get("fingerprint") != corpus.fingerprint():
+    corpus = resolve_corpus(data, ReadOptions.from_dict(store.meta.corpus)) if data else None
+    if corpus is not None and store.meta.corpus.get("fingerprint") != corpus.fingerprint():
         raise KdcacheError(f"{url} was extracted from another corpus than --data {data}")
+    shards = corpus.shards if corpus is not None else [_Shard(n) for n in store.complete_shards()]
     xs, ys, keys, skipped, unlabelled = [], [], [], {}, 0
-    for shard in tqdm(corpus.shards, unit="shard", desc="cached features", disable=not progress, dynamic_ncols=True):
+    for shard in tqdm(shards, unit="shard", desc="cached features", disable=not progress, dynamic_ncols=True):
         try:
             attrs = store.shard_attrs(shard.name) or {}
             if attrs.get("complete") is not True:
@@ -66,7 +67,17 @@ def stored_labels(store: Store, corpus, shard, attrs: dict) -> list[tuple[str, i
     keys = store.keys(shard.name).tolist()
     if origin is not None:
         return [(k, None if label < 0 else int(label)) for k, label in zip(keys, origin[:, 3].tolist())]
+    if corpus is None:
+        raise KdcacheError(f"--data is required: {store.url} was written before stores recorded their labels "
+                           f"(store format {store.meta.format})")
     return [(s.key, s.label) for s in align(corpus, shard, keys, attrs.get("failed", []))]
+
+
+class _Shard:
+    """A store shard named without its corpus (the labels come from the store)."""
+
+    def __init__(self, name: str):
+        self.name = name
 
 
 def probe_store(url: str, data: str, options: ProbeOptions = ProbeOptions(), *, teacher: str | None = None,

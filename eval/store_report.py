@@ -48,6 +48,9 @@ def store_report(url: str, *, tokens: int = TOKENS) -> dict:
                             "raw_fp16_bytes_per_image": de["grid"][0] * de["grid"][1] * meta.dim * 2,
                             "stored_views_equivalent": t["dense"]["bytes_per_image"] / per_view if per_view else None}
         out["teachers"][name] = row
+    if d.get("pixels"):  # every view's crop (extract --pixels): what the store alone trains from
+        px = d["pixels"]
+        out["pixels"] = {**px, "raw_bytes_per_view": px["size"][0] * px["size"][1] * 3}
     return out
 
 
@@ -88,4 +91,10 @@ def format_store_report(r: dict) -> str:
                   f"{de['bytes_per_image'] / 1024:.1f} | {de['raw_fp16_bytes_per_image'] / 1024:.1f} | "
                   f"{'-' if de['stored_views_equivalent'] is None else format(de['stored_views_equivalent'], '.1f')} |"
                   for name, de in dense]
+    if r.get("pixels"):
+        px = r["pixels"]
+        lines += ["", "| view pixels | KiB/view stored | KiB/view raw uint8 | shards |", "|---|---|---|---|",
+                  f"| {px['size'][0]}x{px['size'][1]} {px['format']}{' q' + str(px['quality']) if px['format'] == 'jpeg' else ''}"
+                  f" | {px['bytes_per_view'] / 1024:.2f} | {px['raw_bytes_per_view'] / 1024:.2f} | "
+                  f"{px['shards_with_pixels']} |"]
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
+import simplejpeg
 import torch
 from torch.utils.data import IterableDataset
 
@@ -28,6 +29,7 @@ from kdcache.data.pixels import Crop, ViewPixels, sample_views, view_pixels
 from kdcache.data.walk import align, changed_since_extraction, record_to, screened, skip_handler
 from kdcache.store import Store, ViewPolicy
 from kdcache.store.lease import leases_for
+from kdcache.store.meta import PixelSpec, has_pixels
 from kdcache.store.reads import bytes_crc32
 
 
@@ -47,6 +49,7 @@ class ShardJob:
     shard: CorpusShard
     teachers: tuple[str, ...]
     replay: Replay | None = None
+    pixels: bool = False  # a complete shard gets its views' pixels (kdcache store pixels)
 
 
 @dataclass
@@ -61,6 +64,7 @@ class ViewBatch:
     last: bool = False
     whole: list[torch.Tensor] = field(default_factory=list)  # per dense group: the whole images (n, 3, h, w) uint8
     origin: np.ndarray | None = None  # (n, 4) int64: where each image's bytes are in the corpus shard, their CRC-32, label
+    pixels: list | np.ndarray | None = None  # extract --pixels: n lists of K JPEGs, or (n, K, H, W, 3) uint8 (raw)
     failed: list[dict] = field(default_factory=list)
     moved_on: str | None = None  # why this job leaves the shard to another (it holds the lease, or finished it)
 
@@ -89,8 +93,9 @@ class ShardBatches(IterableDataset):
 
     def __init__(self, corpus: Corpus, jobs: list[ShardJob], *, policy: ViewPolicy, groups: list[Crop],
                  batch_size: int, on_error: str = "skip", decode: DecodeOptions = DecodeOptions(),
-                 lease: LeaseSpec | None = None, dense_groups: list[Crop] = ()):
+                 lease: LeaseSpec | None = None, dense_groups: list[Crop] = (), pixels=None):
         self.corpus, self.jobs, self.policy, self.groups = corpus, jobs, policy, groups
+        self.pixels = pixels  # extract --pixels: (PixelSpec, the group whose crops they are), encoded here
         self.dense_groups = list(dense_groups)  # whole-image sizes of the teachers' dense maps
         self.batch_size, self.on_error, self.decode, self.lease = batch_size, on_error, decode, lease
 
@@ -106,7 +111,8 @@ class ShardBatches(IterableDataset):
                 holder = leases.acquire(job.shard.name)
                 if holder is not None:
                     reason = f"being written by {holder.describe()}"
-                elif store.is_complete(job.shard.name, job.teachers):  # finished by another job since we planned
+                elif store.is_complete(job.shard.name, job.teachers) and (  # finished by another job since we planned
+                        not job.pixels or has_pixels((store.shard_attrs(job.shard.name) or {}).get("digest", {}))):
                     leases.release(job.shard.name)
                     reason = "completed by another job"
             if reason is not None:
@@ -128,7 +134,8 @@ class ShardBatches(IterableDataset):
             views = lambda s, h, w: stored[s.row]  # noqa: E731
         pixels = view_pixels(samples, views=views, crops=self.groups, decode=self.decode, handler=handler,
                              whole=self.dense_groups)
-        yield from batched(pixels, job.shard.name, self.batch_size, failed)
+        encode = store_pixels(*self.pixels) if self.pixels is not None and (job.replay is None or job.pixels) else None
+        yield from batched(pixels, job.shard.name, self.batch_size, failed, encode=encode)
 
 
 def origin_rows(samples) -> np.ndarray:
@@ -138,8 +145,23 @@ def origin_rows(samples) -> np.ndarray:
                       -1 if s.label is None else s.label) for s in samples], dtype=np.int64).reshape(-1, 4)
 
 
-def batched(items: Iterable[ViewPixels], shard: str, batch_size: int, failed: list[dict]) -> Iterator[ViewBatch]:
-    """Group into ViewBatches; the last one (possibly empty) closes the shard with its failures."""
+def store_pixels(spec: PixelSpec, group: int):
+    """The views' pixels as the store keeps them, from the crops of group ``group`` (n, K, 3, h, w)
+    uint8: raw (n, K, h, w, 3), or n lists of K JPEGs of ``spec.quality`` (libjpeg-turbo, 4:2:0 as
+    libjpeg's default: what PIL writes too). In the DataLoader worker, off the teachers' path."""
+    def encode(crops: list[torch.Tensor]):
+        views = crops[group].permute(0, 1, 3, 4, 2).contiguous().numpy()  # (n, K, h, w, 3)
+        if spec.format == "raw":
+            return views
+        return [[simplejpeg.encode_jpeg(v, quality=spec.quality, colorspace="RGB", colorsubsampling="420") for v in row]
+                for row in views]
+    return encode
+
+
+def batched(items: Iterable[ViewPixels], shard: str, batch_size: int, failed: list[dict], *,
+            encode=None) -> Iterator[ViewBatch]:
+    """Group into ViewBatches; the last one (possibly empty) closes the shard with its failures.
+    ``encode``: each batch's crops -> the pixels the store keeps (``store_pixels``)."""
     group: list[ViewPixels] = []
 
     def emit(last: bool) -> ViewBatch:
@@ -147,7 +169,8 @@ def batched(items: Iterable[ViewPixels], shard: str, batch_size: int, failed: li
         whole = [torch.stack([p.whole[g] for p in group]) for g in range(len(group[0].whole))] if group else []
         views = np.stack([p.views for p in group]).astype(np.float32) if group else np.zeros((0, 0, 5), np.float32)
         return ViewBatch(shard, [p.sample.key for p in group], views, crops, last=last,
-                         failed=list(failed) if last else [], whole=whole, origin=origin_rows([p.sample for p in group]))
+                         failed=list(failed) if last else [], whole=whole, origin=origin_rows([p.sample for p in group]),
+                         pixels=encode(crops) if encode is not None and group else None)
 
     for item in items:
         group.append(item)

@@ -47,6 +47,7 @@ class ExtractOptions:
     lease_seconds: float = LEASE_SECONDS  # a shard's lease lasts this long unless renewed (store.lease)
     logits: int = 0  # store every teacher's top-K logits (and their log-sum-exp) per view; 0 = none
     dense_scale: int = 0  # also one patch map per image of the whole image at this many times the input; 0 = none
+    pixels: str | None = None  # also every view's crop: [SIZE][:jpeg[QUALITY]|:raw] (store.meta.PixelSpec); None = none
 
     def __post_init__(self):
         at_least = {"views": 1, "batch_size": 1, "workers": 0, "folder_shard_size": 1, "max_pixels": 1, "min_size": 1,
@@ -65,6 +66,12 @@ class ExtractOptions:
             raise ExtractError(f"--lease-seconds {self.lease_seconds!r}: need a number of seconds in 1..604800")
         if self.quantize is not None:
             QuantizerSpec.parse(self.quantize)  # a bad spec fails before any model is built
+        if self.pixels is not None:  # its size and format, checked before any model is built
+            from kdcache.store.meta import PixelSpec
+            try:
+                PixelSpec.parse(self.pixels, default_size=(224, 224), interpolation="bicubic")
+            except KdcacheError as e:
+                raise ExtractError(str(e)) from None
 
     @property
     def read_options(self) -> ReadOptions:

@@ -23,10 +23,10 @@ from kdcache.data.pixels import Crop
 from kdcache.models.device import resolve_device
 from kdcache.models.teacher import Teacher, create_teacher
 from kdcache.quantize.quantizer_spec import QuantizerSpec
-from kdcache.store import Store, StoreMeta, ViewPolicy, feature_path, has_teacher
+from kdcache.store import Store, StoreError, StoreMeta, ViewPolicy, feature_path, has_teacher
 from kdcache.store.inspect import shard_nbytes, write_summary
 from kdcache.store.lease import Heartbeat, new_owner
-from kdcache.store.meta import ORIGIN, TOKEN_KINDS, dense_path, logits_path
+from kdcache.store.meta import ORIGIN, PIXELS_JPEG, PIXELS_RAW, TOKEN_KINDS, PixelSpec, dense_path, logits_path
 from kdcache.store.remote import is_url, local_path
 from kdcache.store.shard_index import merge_entries
 from kdcache.targets.decoding import TORCH_DTYPES
@@ -156,14 +156,25 @@ def _open_or_create(out: str, corpus: Corpus, teachers: dict[str, Teacher], opts
     first = next(iter(teachers.values())).data
     policy = ViewPolicy.for_input(first.crop_pct, first.hw, views=opts.views, seed=opts.seed)
     corpus_desc = corpus.describe()
+    pixels = None
+    if opts.pixels is not None:  # default: the largest teacher input, the first teacher's interpolation
+        largest = max((t.input_hw for t in teachers.values()), key=lambda hw: hw[0] * hw[1])
+        try:
+            pixels = PixelSpec.parse(opts.pixels, default_size=largest, interpolation=first.interpolation)
+        except StoreError as e:
+            raise ExtractError(str(e)) from None
     if not Store.exists(out):
         _refuse_foreign_dir(out)
         from kdcache import __version__
         meta = StoreMeta(view_policy=policy, teachers={n: t.meta for n, t in teachers.items()},
-                         corpus=corpus_desc, created_by=f"kdcache {__version__}")
+                         corpus=corpus_desc, created_by=f"kdcache {__version__}", pixels=pixels)
         return Store.create(out, meta)
     store = Store.open(out, writable=True)
     old = store.meta
+    if pixels is not None and old.pixels != pixels:
+        raise ExtractError(f"{out}: the store keeps {'no pixels' if old.pixels is None else old.pixels.to_dict()}; this "
+                           f"run asks for --pixels {pixels.to_dict()} (add pixels to an existing store with kdcache store "
+                           f"pixels)")
     if (old.views, old.seed) != (opts.views, opts.seed):
         raise ExtractError(f"{out}: store was made with --views {old.views} --seed {old.seed}; this run asks for "
                            f"--views {opts.views} --seed {opts.seed} (views are never redrawn: pass the store's values)")
@@ -230,6 +241,10 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
     if not jobs:
         return summary
     groups = sorted({Crop(t.input_hw, t.meta.interpolation) for t in teachers.values()}, key=str)
+    pixels = store.meta.pixels
+    pixel_crop = Crop(pixels.size, pixels.interpolation) if pixels is not None else None
+    if pixel_crop is not None and pixel_crop not in groups:  # (a teacher's own crop when it is the same)
+        groups.append(pixel_crop)
     group_of = {n: groups.index(Crop(t.input_hw, t.meta.interpolation)) for n, t in teachers.items()}
     dense_groups = sorted({Crop(t.dense_hw, t.meta.interpolation) for t in teachers.values() if t.dense_hw}, key=str)
     for n, t in teachers.items():
@@ -239,6 +254,7 @@ def _run(store, corpus, teachers, jobs, device, opts, rank, encoders=None) -> Ex
     owner = new_owner()
     leases = store.leases(owner, seconds=opts.lease_seconds, pid=os.getpid())
     dataset = ShardBatches(corpus, jobs, policy=store.meta.view_policy, groups=groups, batch_size=opts.batch_size,
+                           pixels=(pixels, groups.index(pixel_crop)) if pixels is not None else None,
                            on_error=opts.on_error, decode=corpus.options.decode,
                            lease=LeaseSpec(store.url, owner, opts.lease_seconds, os.getpid()), dense_groups=dense_groups)
     cuda = device.type == "cuda"
@@ -321,6 +337,8 @@ def _forward(batch: ViewBatch, job: ShardJob, teachers, group_of, device, dtype,
         rows["views"] = batch.views
         if origin:
             rows[ORIGIN] = batch.origin
+        if batch.pixels is not None:  # every view's crop, as the worker encoded it (extract --pixels)
+            rows[PIXELS_RAW if isinstance(batch.pixels, np.ndarray) else PIXELS_JPEG] = batch.pixels
     for name in job.teachers:
         crops = batch.crops[group_of[name]]  # (n, K, 3, h, w) uint8
         k = crops.shape[1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from .meta import has_pixels
 from .shard_index import agrees, entry_of, index_lease
 from .store import Store
 
@@ -88,13 +89,20 @@ def info(store: Store) -> dict:
             soft = by_prefix(f"{name}/logits_")
             teachers[name]["logits"] = {**t.logits, "bytes": soft,
                                         "bytes_per_view": soft / (s["samples"] * meta.views) if s["samples"] else 0.0}
-    index_bytes = by_prefix("keys") + by_prefix("views")
+    index_bytes = by_prefix("keys") + by_prefix("views") + by_prefix("origin")
+    pixels = None
+    if meta.pixels is not None:  # every view's crop (extract --pixels): bytes per stored view
+        nbytes = by_prefix("pixels/")
+        with_pixels = sum(has_pixels(store.shard_summary(sh).get("digest", {})) for sh in s["complete"])
+        pixels = {**meta.pixels.to_dict(), "bytes": nbytes, "shards_with_pixels": with_pixels,
+                  "bytes_per_view": nbytes / (s["samples"] * meta.views) if s["samples"] and with_pixels else 0.0}
+        total += nbytes
     return {
         "store": store.url, "format": meta.format, "created_by": meta.created_by,
         "views": meta.views, "seed": meta.seed, "view_policy": meta.view_policy.to_dict(), "corpus": meta.corpus,
         "shards_complete": len(s["complete"]), "shards_incomplete": len(s["incomplete"]),
         "incomplete": s["incomplete"], "samples": s["samples"], "failed": s["failed"], "shards_from_index": indexed,
-        "bytes": total + index_bytes, "teachers": teachers,
+        "bytes": total + index_bytes, "teachers": teachers, "pixels": pixels,
     }
 
 
@@ -110,6 +118,12 @@ def format_info(d: dict) -> str:
     if d.get("shards_from_index"):
         lines.append(f"index      {d['shards_from_index']} of {d['shards_complete']} complete shards described by the shard "
                      f"index (one request; kdcache verify reads every shard)")
+    if d.get("pixels"):
+        px = d["pixels"]
+        how = f"JPEG quality {px['quality']}" if px["format"] == "jpeg" else "raw uint8"
+        lines.append(f"pixels     every view's crop at {px['size'][0]}x{px['size'][1]} ({how}, {px['interpolation']}), "
+                     f"{px['bytes_per_view'] / 1024:.1f} KiB/view, in {px['shards_with_pixels']}/{d['shards_complete']} "
+                     f"shards: trains without the corpus")
     lines.append("teachers")
     for n, t in d["teachers"].items():
         lines.append(f"  {n:<10} {t['model']}  dim={t['dim']} grid={t['grid'][0]}x{t['grid'][1]} (+{t['prefix_tokens']} prefix) "

@@ -61,6 +61,18 @@ def create_rows_array(group, name: str, row_shape: tuple, dtype: str, *, block: 
     return group.create_array(name, **kwargs)
 
 
+HEAP_SHARD = 16 << 20  # bytes per Zarr shard of a byte heap (the JPEG views): written whole, once each
+HEAP_CHUNK = 256 << 10  # bytes per inner chunk: a view's run of JPEGs is read in a few of them
+
+
+def create_heap_array(group, name: str):
+    """A 1-D uint8 array that grows by whole Zarr shards: JPEG bytes, placed by their spans. Blosc lz4
+    without shuffle: JPEG bytes do not compress (Blosc keeps them as they are, a copy), but the
+    padding of the array's last inner chunk, which zarr stores at full size, does."""
+    return group.create_array(name, shape=(0,), dtype="uint8", chunks=(HEAP_CHUNK,), shards=(HEAP_SHARD,),
+                              compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle"))
+
+
 def view_sharded(a) -> bool:
     """Whether each view of an array's blocks is a Zarr shard of its own (format 2, K > 1): read
     from the array's own metadata, so every reader reads what is there."""

@@ -119,6 +119,75 @@ class ViewPolicy:
         return cls(**d)
 
 
+PIXEL_FORMATS = ("jpeg", "raw")
+PIXELS_JPEG, PIXEL_SPANS, PIXELS_RAW = "pixels/jpeg", "pixels/spans", "pixels/raw"
+PIXEL_ARRAYS = (PIXELS_JPEG, PIXEL_SPANS, PIXELS_RAW)
+DEFAULT_JPEG_QUALITY = 90
+MAX_PIXEL_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class PixelSpec:
+    """How a store keeps its views' pixels (``extract --pixels``): every stored view's crop, as the
+    teacher saw it (cut, flipped, before normalisation), resized to ``size`` (height, width) with
+    ``interpolation``; as a JPEG of ``quality`` (``pixels/jpeg``, a byte heap, with each view's
+    ``pixels/spans``: offset and length in it) or raw (``pixels/raw``, (n, K, H, W, 3) uint8)."""
+
+    size: tuple[int, int]
+    format: str = "jpeg"
+    quality: int = DEFAULT_JPEG_QUALITY
+    interpolation: str = "bicubic"
+
+    def __post_init__(self):
+        if self.format not in PIXEL_FORMATS:
+            raise StoreError(f"pixels format {self.format!r}: expected one of {', '.join(PIXEL_FORMATS)}")
+        if not (len(self.size) == 2 and all(isinstance(x, int) and 8 <= x <= MAX_PIXEL_SIZE for x in self.size)):
+            raise StoreError(f"pixels size {self.size!r}: two integers in 8..{MAX_PIXEL_SIZE}")
+        if not (isinstance(self.quality, int) and 1 <= self.quality <= 100):
+            raise StoreError(f"pixels quality {self.quality!r}: an integer in 1..100")
+        if self.interpolation not in INTERPOLATIONS:
+            raise StoreError(f"pixels interpolation {self.interpolation!r}: one of {', '.join(INTERPOLATIONS)}")
+
+    def to_dict(self) -> dict:
+        return {"size": list(self.size), "format": self.format, "quality": self.quality,
+                "interpolation": self.interpolation}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PixelSpec":
+        return cls(size=tuple(d["size"]), format=d["format"], quality=d["quality"], interpolation=d["interpolation"])
+
+    @classmethod
+    def parse(cls, text: str, *, default_size: tuple[int, int], interpolation: str) -> "PixelSpec":
+        """``[SIZE][:jpeg[QUALITY]|:raw]``: ``224``, ``64:raw``, ``jpeg95``, ``:jpeg80``, ``""`` (the
+        first teacher's input, JPEG at the default quality)."""
+        size_text, _, fmt = (text or "").strip().partition(":")
+        if not fmt and size_text and not size_text[0].isdigit():  # ("jpeg95", "raw": no size given)
+            size_text, fmt = "", size_text
+        try:
+            size = (int(size_text), int(size_text)) if size_text else tuple(default_size)
+        except ValueError:
+            raise StoreError(f"--pixels {text!r}: expected [SIZE][:jpeg[QUALITY]|:raw], e.g. 224, 64:raw, 224:jpeg95")
+        fmt = fmt or "jpeg"
+        if fmt == "raw":
+            return cls(size=size, format="raw", interpolation=interpolation)
+        if not fmt.startswith("jpeg") or not (fmt[4:].isdigit() or fmt == "jpeg"):
+            raise StoreError(f"--pixels {text!r}: the format is jpeg[QUALITY] or raw, e.g. 224:jpeg95")
+        return cls(size=size, format="jpeg", quality=int(fmt[4:]) if fmt[4:] else DEFAULT_JPEG_QUALITY,
+                   interpolation=interpolation)
+
+    def arrays(self, views: int) -> dict[str, tuple[tuple, str]]:
+        """The row arrays a shard holds for them: path -> (row shape, zarr dtype); the JPEG heap
+        (``PIXELS_JPEG``, one byte per row of its own) comes beside ``PIXEL_SPANS``."""
+        if self.format == "raw":
+            return {PIXELS_RAW: ((views, *self.size, 3), "uint8")}
+        return {PIXEL_SPANS: ((views, 2), "int64")}
+
+
+def has_pixels(digest: dict) -> bool:
+    """A shard holds its views' pixels once their arrays are in its digest."""
+    return PIXELS_JPEG in digest or PIXELS_RAW in digest
+
+
 @dataclass(frozen=True)
 class StoreMeta:
     """The root description of a store (``attrs["kdcache"]`` of the root group)."""
@@ -129,6 +198,7 @@ class StoreMeta:
     created_by: str
     format: int = FORMAT_VERSION
     summary: dict = field(default_factory=dict)
+    pixels: PixelSpec | None = None  # extract --pixels: every view's crop is stored too (store format 3)
 
     @property
     def views(self) -> int:
@@ -160,6 +230,7 @@ class StoreMeta:
             "teachers": {n: t.to_dict() for n, t in self.teachers.items()},
             "corpus": _jsonable(self.corpus),
             "summary": _jsonable(self.summary),
+            **({"pixels": self.pixels.to_dict()} if self.pixels is not None else {}),
         }
 
     @classmethod
@@ -179,6 +250,7 @@ class StoreMeta:
             created_by=d.get("created_by", "?"),
             format=fmt,
             summary=d.get("summary", {}),
+            pixels=PixelSpec.from_dict(d["pixels"]) if d.get("pixels") is not None else None,
         )
 
     def replace(self, **changes) -> "StoreMeta":
@@ -232,7 +304,7 @@ def dense_path(teacher: str, *, codes: bool = False) -> str:
 def has_view_axis(path: str) -> bool:
     """Whether a shard array's axis 1 is the view axis that format 2 splits: the teachers' per-view
     arrays (not keys, the views' boxes, or dense maps)."""
-    return path not in INDEX_ARRAYS and not per_image(path)
+    return path not in INDEX_ARRAYS and path != PIXELS_JPEG and not per_image(path)
 
 
 def per_view_shards(path: str, *, views: int, view_shards: bool) -> bool:

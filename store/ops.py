@@ -18,7 +18,7 @@ from kdcache.errors import StoreError
 
 from .inspect import shard_nbytes, write_summary
 from .lease import new_owner
-from .meta import ORIGIN, TOKEN_KINDS, StoreMeta, feature_path, has_teacher, has_view_axis, per_view_shards
+from .meta import ORIGIN, PIXEL_ARRAYS, PIXELS_JPEG, TOKEN_KINDS, StoreMeta, has_pixels, feature_path, has_teacher, has_view_axis, per_view_shards
 from .reads import block_crcs
 from .remote import is_url, local_path
 from .store import Store, ensure_group
@@ -35,6 +35,8 @@ def compatible(a: StoreMeta, b: StoreMeta, *, a_name: str, b_name: str) -> None:
 
     if a.format != b.format:
         differ("format", a.format, b.format)
+    if a.pixels != b.pixels:
+        differ("pixels", a.pixels and a.pixels.to_dict(), b.pixels and b.pixels.to_dict())
     if a.view_policy != b.view_policy:
         x, y = a.view_policy.to_dict(), b.view_policy.to_dict()
         keys = [k for k in x if x[k] != y.get(k)]
@@ -75,6 +77,8 @@ def copy_stores(sources: list[str], dst_url: str, *, shards: str | None = None, 
     if shards and not plan:
         raise StoreError(f"--shards {shards!r}: no complete shard of {', '.join(sources)} matches")
     meta = srcs[0].meta if store_format is None else srcs[0].meta.replace(format=store_format)
+    if meta.format < 3:
+        meta = meta.replace(pixels=None)
     if shards:
         meta = meta.replace(corpus={**meta.corpus, "subset": shards})
     dst = _open_destination(dst_url, meta)
@@ -124,12 +128,14 @@ def _digests(store: Store, shard: str) -> dict:
 def _copy_shard(src: Store, dst: Store, name: str) -> None:
     """Arrays first, each block read through the source's checks; attributes (complete) last."""
     attrs = src.shard_attrs(name)
-    if not dst.meta.records_origin:  # a format before 3 has no origin (its readers would refuse the array)
+    if not dst.meta.records_origin:  # a format before 3 has no origin nor pixels (its readers would refuse them)
         attrs = {**{k: v for k, v in attrs.items() if k != "block"},
-                 "digest": {p: d for p, d in attrs["digest"].items() if p != ORIGIN}}
+                 "digest": {p: d for p, d in attrs["digest"].items() if p != ORIGIN and p not in PIXEL_ARRAYS},
+                 "block_crc32": {p: c for p, c in (attrs.get("block_crc32") or {}).items() if p not in PIXEL_ARRAYS}}
     dst.delete_shard(name)
     group = ensure_group(dst.root, "shards").create_group(name, attributes={"complete": False})
-    crcs = {p: c for p, c in (attrs.get("block_crc32") or {}).items() if p == "views"}  # laid out as in the source
+    # laid out as in the source: the views' boxes, and the JPEG heap's runs (one per block and view of its rows)
+    crcs = {p: c for p, c in (attrs.get("block_crc32") or {}).items() if p in ("views", PIXELS_JPEG)}
     for path in ["keys", "views", *[p for p in attrs["digest"] if p not in ("keys", "views")]]:
         a = src.array(name, path)
         shards, chunks = getattr(a, "shards", None), a.chunks
@@ -142,6 +148,10 @@ def _copy_shard(src: Store, dst: Store, name: str) -> None:
         if path in ("keys", "views", ORIGIN):
             rows = src.keys(name) if path == "keys" else src.views(name) if path == "views" else src.origin(name)
             out[...] = rows
+            continue
+        if path == PIXELS_JPEG:  # the JPEG heap, byte for byte, one Zarr shard at a time (its digest checked below)
+            for start in range(0, a.shape[0], a.shards[0]):
+                out[start:start + a.shards[0]] = a[start:start + a.shards[0]]
             continue
         start, crcs[path] = 0, []
         for rows in src.read_blocks(name, path):
@@ -188,6 +198,7 @@ def list_shards(url: str) -> dict:
         h = leases.get(name)
         rows.append({"shard": name, "state": "complete" if a.get("complete") is True else "incomplete",
                      "samples": a.get("count"), "failed": a.get("failures", 0), "bytes": shard_nbytes(store, name),
+                     "pixels": has_pixels(digest),
                      "teachers": [t for t in store.meta.teachers if has_teacher(digest, t)],
                      "lease": None if h is None else {"owner": h.owner, "host": h.host, "pid": h.pid,
                                                       "expires": h.expires, "expired": h.expires < time.time()}})
@@ -195,12 +206,13 @@ def list_shards(url: str) -> dict:
 
 
 def format_ls(d: dict) -> str:
-    lines = [f"{'shard':<24} {'state':<10} {'samples':>8} {'failed':>6} {'MiB':>9}  teachers  lease"]
+    lines = [f"{'shard':<24} {'state':<10} {'samples':>8} {'failed':>6} {'MiB':>9}  teachers  pixels  lease"]
     for r in d["shards"]:
         lease = "-" if r["lease"] is None else (f"{r['lease']['owner'][:8]} pid {r['lease']['pid']} on {r['lease']['host']}"
                                                 + (" (expired)" if r["lease"]["expired"] else ""))
         lines.append(f"{r['shard']:<24} {r['state']:<10} {r['samples'] if r['samples'] is not None else '-':>8} "
-                     f"{r['failed']:>6} {r['bytes'] / 2**20:>9.2f}  {','.join(r['teachers']) or '-'}  {lease}")
+                     f"{r['failed']:>6} {r['bytes'] / 2**20:>9.2f}  {','.join(r['teachers']) or '-'}  "
+                     f"{'yes' if r['pixels'] else '-':<6}  {lease}")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from kdcache.errors import CorruptShardError, StoreError, first_line
 
 from .dtypes import to_float32
 from .layout import ArrayDigest, digest_array, view_sharded
-from .meta import ORIGIN, ORIGIN_COLUMNS, SHARDS, feature_path
+from .meta import ORIGIN, ORIGIN_COLUMNS, PIXEL_SPANS, PIXELS_JPEG, PIXELS_RAW, SHARDS, feature_path
 
 MAX_BLOCK_BYTES = 1 << 31  # a block is read whole: bound what hostile array metadata can make us allocate
 
@@ -47,6 +47,8 @@ class VerifiedReads:
             want = self.expected_arrays().get(path)
             if path == "keys":
                 ok = tuple(a.shape) == (count,)
+            elif path == PIXELS_JPEG:  # a byte heap: its length is its JPEGs' (the spans say where each lies)
+                ok = a.ndim == 1 and np.dtype(a.dtype) == np.uint8
             elif want is not None:
                 ok = tuple(a.shape) == (count, *want[0]) and np.dtype(a.dtype) == np.dtype(want[1])
             else:
@@ -119,6 +121,54 @@ class VerifiedReads:
         attrs, a = self.shard_attrs(shard) or {}, self.array(shard, path)
         for b in range(-(-a.shape[0] // _block_of(a))):
             yield self.read_block(shard, path, b, attrs=attrs, array=a, view=view)
+
+    def read_pixels(self, shard: str, start: int, stop: int, *, view: int, attrs: dict | None = None,
+                    verify: bool = True, buffers: "BlockBuffers | None" = None):
+        """The stored pixels of view ``view`` of rows ``start:stop`` (``extract --pixels``): raw, an
+        (n, H, W, 3) uint8 array; JPEG, a list of n JPEG byte strings. Every block they touch is read
+        whole and checked: its spans (where each JPEG lies: contiguous, within the heap) and the
+        CRC-32 of its view's run of JPEG bytes, so a damaged JPEG is refused before it is decoded."""
+        if self.meta.pixels is None:
+            raise StoreError(f"{self.url}: the store holds no pixels (extract --pixels, or kdcache store pixels)")
+        attrs = attrs if attrs is not None else (self.shard_attrs(shard) or {})
+        if self.meta.pixels.format == "raw":
+            return self.read_span(shard, PIXELS_RAW, start, stop, attrs=attrs, verify=verify, view=view, buffers=buffers)
+        spans_array, heap = self.array(shard, PIXEL_SPANS), self.array(shard, PIXELS_JPEG)
+        block, k = _block_of(spans_array), spans_array.shape[1]
+        out = []
+        for b in range(start // block, (max(start, stop - 1)) // block + 1):
+            spans = self.read_block(shard, PIXEL_SPANS, b, attrs=attrs, array=spans_array, verify=verify, view=view)
+            run = self._jpeg_run(shard, heap, spans, b, view, k, attrs, verify)
+            first = b * block
+            for r in range(max(start, first), min(stop, first + len(spans))):
+                a = int(spans[r - first, 0] - spans[0, 0])
+                out.append(run[a:a + int(spans[r - first, 1])].tobytes())
+        return out
+
+    def _jpeg_run(self, shard: str, heap, spans: np.ndarray, block: int, view: int, k: int, attrs: dict,
+                  verify: bool) -> np.ndarray:
+        """The JPEG bytes of one (block, view), contiguous in the heap, read and checked."""
+        where = f"{self.url}: shard {shard}: {PIXELS_JPEG}: block {block} view {view}"
+        starts, lengths = spans[:, 0].astype(np.int64), spans[:, 1].astype(np.int64)
+        if len(spans) == 0:
+            return np.zeros(0, np.uint8)
+        ends = starts + lengths
+        if (lengths < 0).any() or starts[0] < 0 or (starts[1:] != ends[:-1]).any() or ends[-1] > heap.shape[0] or \
+                int(ends[-1] - starts[0]) > MAX_BLOCK_BYTES:
+            raise CorruptShardError(f"{where}: its spans are not a contiguous run inside the heap ({heap.shape[0]} "
+                                    f"bytes)", shard=shard)
+        try:
+            run = np.asarray(heap[int(starts[0]):int(ends[-1])])
+        except Exception as e:  # noqa: BLE001 - a truncated or garbled chunk fails inside the codec
+            raise CorruptShardError(f"{where}: unreadable ({type(e).__name__}: {_printable(first_line(e))})",
+                                    shard=shard) from None
+        if verify:
+            crcs = (attrs.get("block_crc32") or {}).get(PIXELS_JPEG)
+            at = block * k + view
+            if crcs is None or at >= len(crcs) or crc32(run) != crcs[at]:
+                raise CorruptShardError(f"{where} does not match the checksum written with it (corrupt or missing "
+                                        f"bytes)", shard=shard)
+        return run
 
     def read_span(self, shard: str, path: str, start: int, stop: int, *, attrs: dict | None = None, array=None,
                   verify: bool = True, view: int | None = None, buffers: "BlockBuffers | None" = None) -> np.ndarray:

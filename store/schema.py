@@ -14,7 +14,7 @@ import unicodedata
 from kdcache.errors import StoreError
 
 from .dtypes import STORAGE_DTYPES
-from .meta import CODECS, INDEX_DTYPES, INTERPOLATIONS, TOKEN_KINDS, index_dtype
+from .meta import CODECS, INDEX_DTYPES, INTERPOLATIONS, MAX_PIXEL_SIZE, PIXEL_FORMATS, TOKEN_KINDS, index_dtype
 
 MAX_VIEWS = 1024
 MAX_DIM = 1 << 16
@@ -25,7 +25,7 @@ MAX_DENSE_SCALE = 8  # extract --dense-scale: a whole-image map at up to 8x the 
 MAX_ROWS = 1 << 31
 MAX_SAMPLE_BYTES = 1 << 32  # 4 GiB of features per sample: beyond any real teacher
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
-RESERVED_NAMES = {"keys", "views", "shards", "quantizers", "stats", "leases"}
+RESERVED_NAMES = {"keys", "views", "origin", "pixels", "shards", "quantizers", "stats", "leases"}
 
 
 def name_problem(name) -> str | None:
@@ -136,6 +136,15 @@ def check_root(d, where: str) -> dict:
         check_teacher(t, f"{where}: teacher {name}", views)
     _Fields(f.dict("corpus", default={}), f"{where}: corpus")
     f.dict("summary", default={})
+    if d.get("pixels") is not None:
+        pf = _Fields(f.dict("pixels"), f"{where}: pixels")
+        pf.ints("size", 2, 8, MAX_PIXEL_SIZE)
+        pf.str("format", choices=PIXEL_FORMATS)
+        pf.int("quality", 1, 100)
+        pf.str("interpolation", choices=INTERPOLATIONS)
+        h, w = d["pixels"]["size"]
+        if views * h * w * 3 > MAX_SAMPLE_BYTES:
+            raise StoreError(f"{where}: pixels: {views} views of {h}x{w} are more bytes per sample than kdcache reads")
     return d
 
 

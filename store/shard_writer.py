@@ -15,9 +15,10 @@ import numpy as np
 from kdcache.errors import StoreError
 
 from .dtypes import itemsize
-from .layout import ArrayDigest, append_rows, block_rows, create_rows_array
-from .meta import ORIGIN, ORIGIN_COLUMNS, TeacherMeta, per_view_shards, teacher_arrays
-from .reads import block_crcs
+from .layout import ArrayDigest, append_rows, block_rows, create_heap_array, create_rows_array
+from .meta import (ORIGIN, ORIGIN_COLUMNS, PIXEL_SPANS, PIXELS_JPEG, PIXELS_RAW, PixelSpec, TeacherMeta, per_view_shards,
+                   teacher_arrays)
+from .reads import block_crcs, bytes_crc32
 
 
 class ShardWriter:
@@ -36,12 +37,16 @@ class ShardWriter:
             ``append`` then takes ``origin`` rows: offset, size, CRC-32, label).
         block: rows per block (Zarr shard); default from the teachers' bytes per sample. Teachers
             added to a shard take the shard's own, so block i of every array holds the same rows.
+        pixels: also every view's pixels (``extract --pixels``, ``kdcache store pixels``): ``append``
+            takes ``pixels/raw`` rows, or ``pixels/jpeg`` rows (n lists of K JPEG byte strings),
+            whose bytes are laid out per (block, view) in a heap and placed by ``pixels/spans``.
     """
 
     def __init__(self, group, *, teachers: dict[str, TeacherMeta], views: int, write_index: bool = True,
                  expected_count: int | None = None, view_shards: bool = True, origin: bool = False,
-                 block: int | None = None):
+                 block: int | None = None, pixels: PixelSpec | None = None):
         self.group = group
+        self.views = views
         self.write_index = write_index
         self.expected_count = expected_count
         self.count = 0
@@ -63,6 +68,16 @@ class ShardWriter:
             for path, (row_shape, dtype, attrs) in teacher_arrays(name, t, views).items():
                 self._add(path, row_shape, dtype, codec=t.codec, attrs=attrs,
                           per_view=per_view_shards(path, views=views, view_shards=view_shards))
+        self._heap = None  # the JPEG heap: (array, bytes not yet written, bytes in it so far)
+        if pixels is not None:
+            for path, (row_shape, dtype) in pixels.arrays(views).items():  # raw pixels, or the JPEGs' spans
+                self._add(path, row_shape, dtype, codec="lz4" if path == PIXELS_RAW else "none",
+                          per_view=per_view_shards(path, views=views, view_shards=view_shards))
+            if pixels.format == "jpeg":
+                self._heap = [create_heap_array(self.group, PIXELS_JPEG), bytearray(), 0]
+                self._buffers[PIXELS_JPEG] = []
+                self._digests[PIXELS_JPEG] = ArrayDigest()
+                self._crcs[PIXELS_JPEG] = []
 
     def _add(self, path, row_shape, dtype, *, codec, attrs=None, per_view=False):
         self._arrays[path] = create_rows_array(self.group, path, row_shape, dtype, block=self.block, codec=codec, attrs=attrs,
@@ -79,11 +94,18 @@ class ShardWriter:
         benchmarks' synthetic and text stores) records -1, unknown, for every column."""
         if ORIGIN in self._arrays and ORIGIN not in rows and "keys" in rows:
             rows = {**rows, ORIGIN: np.full((len(rows["keys"]), len(ORIGIN_COLUMNS)), -1, np.int64)}
-        if set(rows) != set(self._arrays):
-            raise StoreError(f"shard {self.group.path}: rows for {sorted(rows)} but arrays are {sorted(self._arrays)}")
+        given = set(self._arrays) - {PIXEL_SPANS} | ({PIXELS_JPEG} if self._heap else set())  # (spans: computed here)
+        if set(rows) != given:
+            raise StoreError(f"shard {self.group.path}: rows for {sorted(rows)} but arrays are {sorted(given)}")
         n = {len(v) for v in rows.values()}
         if len(n) != 1:
             raise StoreError(f"shard {self.group.path}: ragged append {({k: len(v) for k, v in rows.items()})}")
+        if self._heap is not None:
+            jpegs = rows[PIXELS_JPEG]
+            if any(len(r) != self.views for r in jpegs):
+                raise StoreError(f"shard {self.group.path}: {PIXELS_JPEG} rows must hold {self.views} JPEGs each")
+            self._buffers[PIXELS_JPEG].extend(jpegs)
+            rows = {p: v for p, v in rows.items() if p != PIXELS_JPEG}
         for path, v in rows.items():
             want = self._arrays[path].shape[1:]
             if path != "keys" and tuple(v.shape[1:]) != tuple(want):
@@ -97,12 +119,16 @@ class ShardWriter:
         self.failed.append({"key": key, "error": error})
 
     def _buffered(self) -> int:
+        if self._heap is not None:  # (the spans are made at a flush: the JPEGs waiting say how many rows do)
+            return len(self._buffers[PIXELS_JPEG])
         first = next(iter(self._buffers.values()), [])
         return sum(len(b) for b in first)
 
     def _flush(self, *, final: bool) -> None:
+        if self._heap is not None:
+            self._lay_out_jpegs(final=final)
         for path, bufs in self._buffers.items():
-            if not bufs:
+            if not bufs or path == PIXELS_JPEG:
                 continue
             rows = np.concatenate(bufs) if len(bufs) > 1 else bufs[0]
             cut = len(rows) if final else (len(rows) // self.block) * self.block
@@ -117,6 +143,39 @@ class ShardWriter:
                 self._digests[path].update(head)
                 append_rows(self._arrays[path], head)
             self._buffers[path] = [tail] if len(tail) else []
+
+    def _lay_out_jpegs(self, *, final: bool) -> None:
+        """The JPEGs of whole blocks (all of them when ``final``) into the heap, view by view: each
+        (block, view) one contiguous run, with its CRC-32 and its rows' spans (offset, length). The
+        heap is written one whole Zarr shard at a time, so every shard object is written once."""
+        jpegs, (heap, pending, length) = self._buffers[PIXELS_JPEG], self._heap
+        cut = len(jpegs) if final else (len(jpegs) // self.block) * self.block
+        spans = []
+        for b in range(0, cut, self.block):
+            rows = jpegs[b:b + self.block]
+            views = len(rows[0]) if rows else 0
+            block_spans = np.zeros((len(rows), views, 2), np.int64)
+            for v in range(views):
+                run = b"".join(bytes(r[v]) for r in rows)
+                self._crcs[PIXELS_JPEG].append(bytes_crc32(run))
+                offset = length
+                for i, r in enumerate(rows):
+                    block_spans[i, v] = (offset, len(r[v]))
+                    offset += len(r[v])
+                pending += run
+                length += len(run)
+            spans.append(block_spans)
+        if spans:
+            self._buffers[PIXEL_SPANS].append(np.concatenate(spans))
+        self._buffers[PIXELS_JPEG] = jpegs[cut:]
+        shard = heap.shards[0]
+        full = len(pending) if final else (len(pending) // shard) * shard
+        if full:
+            data = np.frombuffer(bytes(pending[:full]), dtype=np.uint8)
+            self._digests[PIXELS_JPEG].update(data)
+            append_rows(heap, data)
+            del pending[:full]
+        self._heap = [heap, pending, length]
 
     def finish(self) -> dict:
         """Write the remaining rows, then the shard attributes, ``complete`` included, last."""

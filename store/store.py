@@ -21,7 +21,7 @@ from .dtypes import itemsize
 from .layout import block_rows
 from .edits import ShardEdits
 from .lease import LEASE_SECONDS, Leases, leases_for
-from .meta import (INDEX_ARRAYS, LOGIT_ARRAYS, ORIGIN, ORIGIN_COLUMNS, SHARDS, TOKEN_KINDS, StoreMeta, TeacherMeta, dense_path, feature_path, has_teacher, logits_path,
+from .meta import (INDEX_ARRAYS, LOGIT_ARRAYS, ORIGIN, ORIGIN_COLUMNS, PIXEL_ARRAYS, SHARDS, TOKEN_KINDS, StoreMeta, TeacherMeta, dense_path, feature_path, has_teacher, logits_path,
                    quantizer_path, stats_path, teacher_arrays)
 from .reads import VerifiedReads
 from .remote import is_url, local_path
@@ -299,6 +299,8 @@ class Store(VerifiedReads, ShardEdits):
     def possible_arrays(self) -> set[str]:
         """Every array path a shard of this store may hold."""
         out = set(INDEX_ARRAYS)
+        if self.meta.pixels is not None:
+            out |= set(PIXEL_ARRAYS)
         for t in self.meta.teachers:
             out |= {feature_path(t, kind, codes=codes) for kind in TOKEN_KINDS for codes in (False, True)}
             out |= {logits_path(t, part) for part in LOGIT_ARRAYS}
@@ -309,6 +311,8 @@ class Store(VerifiedReads, ShardEdits):
         """Array path -> (row shape, zarr dtype), as the teacher metadata declares them."""
         k = self.meta.views
         out = {"views": ((k, 5), "float32"), ORIGIN: ((len(ORIGIN_COLUMNS),), "int64")}
+        if self.meta.pixels is not None:
+            out.update(self.meta.pixels.arrays(k))
         for t, m in self.meta.teachers.items():
             out.update({p: (shape, dtype) for p, (shape, dtype, _) in teacher_arrays(t, m, k).items()})
         return out
@@ -338,22 +342,23 @@ class Store(VerifiedReads, ShardEdits):
         self.delete_shard(name)
         group = ensure_group(self.root, SHARDS).create_group(name, attributes={"complete": False})
         return ShardWriter(group, teachers=teachers, views=self.meta.views, view_shards=self.meta.view_shards,
-                           origin=self.meta.records_origin)
+                           origin=self.meta.records_origin, pixels=self.meta.pixels)
 
-    def extend_shard(self, name: str, teachers: dict[str, TeacherMeta]) -> ShardWriter:
-        """Add teacher arrays to complete shard ``name`` (partial earlier attempts removed)."""
+    def extend_shard(self, name: str, teachers: dict[str, TeacherMeta], *, pixels: bool = False) -> ShardWriter:
+        """Add teacher arrays (or, with ``pixels``, the views' pixels: ``kdcache store pixels``) to
+        complete shard ``name`` (partial earlier attempts removed)."""
         self._need_writable()
         attrs = self.shard_attrs(name)
         if not attrs or not attrs.get("complete"):
             raise StoreError(f"{self.url}: shard {name} is not complete; cannot add teachers to it")
         group = self.root[f"{SHARDS}/{name}"]
-        for t in teachers:
+        for t in [*teachers, *(["pixels"] if pixels else [])]:
             if t in group:
                 del group[t]
         # the new arrays take the shard's own rows per block, so every array's block i holds the same rows
         return ShardWriter(group, teachers=teachers, views=self.meta.views, write_index=False,
                            expected_count=attrs["count"], view_shards=self.meta.view_shards,
-                           block=self.block_rows(name, "views"))
+                           block=self.block_rows(name, "views"), pixels=self.meta.pixels if pixels else None)
 
     # -- quantizers and statistics -------------------------------------------------------
     def read_codebooks(self, teacher: str, kind: str) -> Codebooks | None:

@@ -26,15 +26,16 @@ LOGITS_LOSSES = ("none", "kl")  # soft labels: KL of the teacher's (top-K) distr
 LOGITS_TAILS = ("spread", "renorm")  # top-K soft labels: the tail mass spread over the other classes, or renormalised
 LABEL_LOSSES = ("none", "ce")  # hard labels on the student's classifier (the teacher's class space)
 DECODES = ("auto", "reduced", "full")  # auto: reduced (the student's side only); see data.corpus.DecodeOptions
-REQUIRED = ("store", "data", "student", "out")  # --store may be left out with --online
+REQUIRED = ("store", "student", "out")  # --store may be left out with --online; --data with a store that keeps pixels
+IMAGE_SOURCES = ("auto", "store", "corpus")  # where the student's images come from (train.sources.image_source)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     store: str
-    data: str
     student: str
     out: str
+    data: str = ""  # the corpus; optional when the store keeps its views' pixels (extract --pixels)
     teachers: tuple[str, ...] = ()  # default: every teacher of the store
     teacher_weights: dict = field(default_factory=dict)  # lambda_t, default uniform 1
     epochs: int = 10
@@ -54,6 +55,7 @@ class TrainConfig:
     log_keys: bool = False  # write every delivered key per step to RUN/keys/rank<R>.jsonl
     color_jitter: float = 0.0  # student-only photometric augmentation strength
     decode: str = "auto"  # the student's JPEGs at the scale its crop needs (auto, reduced) or full size
+    images: str = "auto"  # auto: the store's view pixels when it keeps them and the student fits, else the corpus
     normalize: str = "standardize"  # standardize | phi-s | none
     head_hidden: int = 1024
     head_depth: int = 1
@@ -124,7 +126,7 @@ class TrainConfig:
         for name, allowed in (("amp", AMP), ("view_choice", VIEW_CHOICES), ("normalize", tuple(NORMALIZERS)),
                               ("head", HEAD_KINDS), ("balance", BALANCES), ("task_loss", TASK_LOSSES), ("labels", LABELS),
                               ("logits_loss", LOGITS_LOSSES), ("logits_tail", LOGITS_TAILS), ("label_loss", LABEL_LOSSES),
-                              ("decode", DECODES), ("last_batch", LAST_BATCH)):
+                              ("decode", DECODES), ("last_batch", LAST_BATCH), ("images", IMAGE_SOURCES)):
             _check(self, name, lambda v, allowed=allowed: v in allowed, f"one of {', '.join(allowed)}")
         _check(self, "ladder", lambda v: isinstance(v, tuple) and all(_integer(d) for d in v) and len(set(v)) == len(v),
                "distinct block indices (comma-separated integers; negative counts from the last)")
@@ -141,6 +143,14 @@ class TrainConfig:
         self._check_methods()
         if self.online:
             self._check_online()
+        _check(self, "data", lambda v: isinstance(v, str), "a corpus path or URL")
+        for needs, why in ((self.online, "--online cuts fresh views from the corpus"),
+                           (self.dense_views, "--dense-views cuts fresh views from the corpus"),
+                           (self.images == "corpus", "--images corpus reads the corpus")):
+            if needs and not self.data:
+                raise ConfigError(f"--data is required: {why}")
+        if self.online and self.images == "store":
+            raise ConfigError("--images store reads a store's pixels; --online has no store")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
         if os.path.exists(self.out) and not os.path.isdir(self.out):

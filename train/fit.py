@@ -115,11 +115,26 @@ def task_classes(cfg: TrainConfig, source: TargetSource) -> int:
         return 0
     if cfg.task_classes:
         return cfg.task_classes
-    classes = label_classes(source.corpus)
+    classes = label_classes(source.corpus) if source.corpus is not None else stored_label_classes(source)
     if classes == 0:
-        raise TrainError(f"--task-loss {cfg.task_loss}: {source.corpus.spec} has no labels (webdataset cls fields or "
-                         f"image-folder classes)")
+        where = source.corpus.spec if source.corpus is not None else source.store.url
+        raise TrainError(f"--task-loss {cfg.task_loss}: {where} has no labels (webdataset cls fields or image-folder "
+                         f"classes)")
     return classes
+
+
+def stored_label_classes(source: TargetSource) -> int:
+    """The classes of a store's labels, as extraction recorded them (``origin``): an image folder's
+    class count, else the largest label + 1; 0 when it has none."""
+    recorded = source.store.meta.corpus.get("classes") or []
+    if recorded:
+        return len(recorded)
+    top = -1
+    for s in source.shards:
+        origin = source.store.origin(s.name)
+        if origin is not None and len(origin):
+            top = max(top, int(origin[:, 3].max()))
+    return top + 1
 
 
 def _process_group(world: int) -> None:

@@ -25,7 +25,7 @@ from kdcache.errors import KdcacheError, StoreError, one_line
 from kdcache.models.student import Student
 from kdcache.models.teacher import create_teacher
 from kdcache.store import Store, ViewPolicy
-from kdcache.store.meta import TOKEN_KINDS
+from kdcache.store.meta import TOKEN_KINDS, has_pixels
 from kdcache.targets.decoding import TargetDecoder, stored_codebooks
 from kdcache.targets.normalize import needs_stats
 from kdcache.targets.stats import reader_stats
@@ -44,7 +44,7 @@ class TrainError(KdcacheError):
 class TargetSource:
     """A run's targets, as ``open_source`` found them."""
 
-    corpus: Corpus
+    corpus: Corpus | None  # None: a run from the store alone (its pixels)
     teachers: list[str]
     shards: list[ShardRows]  # the shards the epochs go through: name, images, rows per block
     targets: dict[str, nn.Module]  # teacher -> (batch -> normalised {'summary', 'patch' | 'codes'})
@@ -59,14 +59,14 @@ class TargetSource:
 
 def stream_spec(cfg: TrainConfig, student: Student, shards, *, views: str = "stored", stored_views: int = 1,
                 policy: ViewPolicy | None = None, store_url: str | None = None, target_paths=(), decode=None,
-                skip_log: str | None = None, crops=()) -> StreamSpec:
+                skip_log: str | None = None, crops=(), source: str = "corpus") -> StreamSpec:
     """The run's stream: its shards (name, count, rows per block), the student's crop first."""
     return StreamSpec(shards=tuple(shards), crops=(("image", Crop(student.data.hw, student.data.interpolation)), *crops),
                       decode=decode or DecodeOptions(), views=views, view_choice=cfg.view_choice, stored_views=stored_views,
                       policy=policy, seed=cfg.seed, window=cfg.shuffle_buffer, batch_size=cfg.batch_size,
                       last_batch=cfg.last_batch, workers=cfg.workers, store_url=store_url, target_paths=tuple(target_paths),
                       skip_log=skip_log, color_jitter=cfg.color_jitter, sub_views=cfg.sub_views,
-                      dense_views=cfg.dense_views)
+                      dense_views=cfg.dense_views, source=source)
 
 
 def check_derived_views(cfg: TrainConfig, store: Store, teachers: list[str]) -> None:
@@ -126,6 +126,45 @@ def check_store_fits_corpus(store: Store, corpus: Corpus, teachers, *, skip_corr
     return [ShardRows(n, counts[n], store.shard_block(n)) for n in shards], bad
 
 
+def store_shards(store: Store, teachers, *, skip_corrupt: bool = False):
+    """(the store's complete shards holding ``teachers`` as the plan sees them, {bad shard: error}):
+    a run from the store alone (its pixels), planned from the shard index where it has the shard."""
+    counts, bad = {}, {}
+    names = store.shard_names()
+    for n in names:
+        try:
+            if store.is_complete(n, teachers):
+                counts[n] = int(store.shard_summary(n)["count"])
+        except StoreError as e:
+            if not skip_corrupt:
+                raise
+            bad[n] = one_line(e)
+    if not counts:
+        raise TrainError(f"{store.url}: no complete shard holds every teacher of the run")
+    return [ShardRows(n, counts[n], store.shard_block(n)) for n in names if n in counts], bad
+
+
+def image_source(cfg: TrainConfig, store: Store, student: Student, shards) -> str:
+    """Where the student's images come from: ``pixels`` (the crops the store keeps of every view,
+    ``extract --pixels``) or ``corpus`` (each view cut from its image), as ``--images`` says; auto:
+    the store's pixels when every shard has them and the student's input fits in them."""
+    px = store.meta.pixels
+    have = px is not None and all(has_pixels(store.shard_summary(s.name).get("digest", {})) for s in shards)
+    fits = px is not None and student.data.hw[0] <= px.size[0] and student.data.hw[1] <= px.size[1]
+    if cfg.images == "corpus" or (cfg.images == "auto" and cfg.data and not (have and fits)):
+        return "corpus"
+    if px is None or not have:
+        what = ("keeps no pixels" if px is None else "has shards without pixels (first: "
+                f"{next(s.name for s in shards if not has_pixels(store.shard_summary(s.name).get('digest', {})))})")
+        raise TrainError(f"{'--images store' if cfg.images == 'store' else '--data is required'}: {store.url} {what} "
+                         f"(extract --pixels, or kdcache store pixels {store.url} --data DATA)")
+    if not fits:
+        h, w = student.data.hw
+        raise TrainError(f"the student's input {h}x{w} is larger than the {px.size[0]}x{px.size[1]} pixels {store.url} "
+                         f"keeps of each view; give --data (the corpus) or a student of at most {px.size[0]}x{px.size[1]}")
+    return "pixels"
+
+
 def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, kept: RunDir | None, skip_log: str,
                   device: torch.device) -> TargetSource:
     store = Store.open(cfg.store)
@@ -134,8 +173,13 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
     if unknown:
         raise TrainError(f"--teacher {unknown[0]}: not in {cfg.store} (teachers: {', '.join(store.meta.teachers)})")
     recorded = ReadOptions.from_dict(store.meta.corpus)
-    corpus = resolve_corpus(cfg.data, dataclasses.replace(recorded, decode=_decode(cfg, recorded.decode)))
-    shards, bad = check_store_fits_corpus(store, corpus, teachers, skip_corrupt=cfg.skip_corrupt)
+    decode = _decode(cfg, recorded.decode)
+    corpus = resolve_corpus(cfg.data, dataclasses.replace(recorded, decode=decode)) if cfg.data else None
+    if corpus is not None:
+        shards, bad = check_store_fits_corpus(store, corpus, teachers, skip_corrupt=cfg.skip_corrupt)
+    else:
+        shards, bad = store_shards(store, teachers, skip_corrupt=cfg.skip_corrupt)
+    images = image_source(cfg, store, student, shards)
     check_derived_views(cfg, store, teachers)
     soft = {t: store.meta.teachers[t].logits["classes"] for t in teachers if store.meta.teachers[t].logits}
     classes = _soft_label_classes(cfg, soft, where=f"{cfg.store}", remedy="extract with --logits K")
@@ -158,9 +202,9 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
     metas = store.meta.teachers
     heads = [TeacherTarget(t, metas[t].dim, tuple(metas[t].grid), targets[t].codes_m) for t in teachers]
     spec = stream_spec(cfg, student, shards, stored_views=store.meta.views, policy=store.meta.view_policy,
-                       store_url=cfg.store, decode=corpus.options.decode,
+                       store_url=cfg.store, decode=dataclasses.replace(recorded.decode, reduced=decode.reduced),
                        target_paths=[p for t in teachers for p in targets[t].read_paths],
-                       skip_log=skip_log if cfg.skip_corrupt else None)
+                       skip_log=skip_log if cfg.skip_corrupt else None, source=images)
     return TargetSource(corpus=corpus, teachers=teachers, shards=shards, targets=targets, heads=heads,
                         dataset=SampleStream(spec, corpus, rank=rank, world=world), store=store, classes=classes,
                         provenance={"store": cfg.store, "store_meta": store.meta.to_dict()}, computed_stats=computed,
