@@ -59,6 +59,8 @@ def decode_sample(sample: RawSample, opts: DecodeOptions = DecodeOptions(), need
     if sample.data is None:
         raise BadImage(f"no image field (fields: {', '.join(sample.fields) or 'none'})")
     if isinstance(sample.data, np.ndarray):  # pixels a store keeps raw (extract --pixels SIZE:raw): decoded already
+        if need is not None:
+            need(*sample.data.shape[:2])  # (the caller draws its views from the size)
         return sample.data
     return decode_image(sample.data, opts, need)
 

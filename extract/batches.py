@@ -147,13 +147,14 @@ def origin_rows(samples) -> np.ndarray:
 
 def store_pixels(spec: PixelSpec, group: int):
     """The views' pixels as the store keeps them, from the crops of group ``group`` (n, K, 3, h, w)
-    uint8: raw (n, K, h, w, 3), or n lists of K JPEGs of ``spec.quality`` (libjpeg-turbo, 4:2:0 as
-    libjpeg's default: what PIL writes too). In the DataLoader worker, off the teachers' path."""
+    uint8: raw (n, K, h, w, 3), or n lists of K JPEGs of ``spec.quality`` (libjpeg-turbo, chroma at full
+    resolution: 4:4:4 keeps a small crop's colour edges, for about 15% more bytes than 4:2:0; measured
+    in docs/store-format.md). In the DataLoader worker, off the teachers' path."""
     def encode(crops: list[torch.Tensor]):
         views = crops[group].permute(0, 1, 3, 4, 2).contiguous().numpy()  # (n, K, h, w, 3)
         if spec.format == "raw":
             return views
-        return [[simplejpeg.encode_jpeg(v, quality=spec.quality, colorspace="RGB", colorsubsampling="420") for v in row]
+        return [[simplejpeg.encode_jpeg(v, quality=spec.quality, colorspace="RGB", colorsubsampling="444") for v in row]
                 for row in views]
     return encode
 

@@ -134,4 +134,4 @@ def store_stream(store_url, corpus, paths=(), *, epoch=0, rank=0, world=1, size=
     spec = StreamSpec(shards=shard_rows(s, s.complete_shards()), crops=(("image", Crop(tuple(size), interpolation)),),
                       decode=read.decode, stored_views=s.meta.views, policy=s.meta.view_policy, window=window,
                       store_url=store_url, target_paths=tuple(paths), workers=workers, **kw)
-    return SampleStream(spec, resolve_corpus(corpus, read), rank=rank, world=world, epoch=epoch)
+    return SampleStream(spec, resolve_corpus(corpus, read) if corpus else None, rank=rank, world=world, epoch=epoch)

@@ -1,0 +1,161 @@
+"""A store that keeps its views' pixels (``extract --pixels``, ``kdcache store pixels``): the pixels
+are the teacher's crops (readable with plain zarr and simplejpeg), a student trains from the store
+alone with the same keys and targets as from the corpus, and damage or misuse is one line."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import simplejpeg
+import torch
+import torchvision.transforms.v2.functional as TF
+import zarr
+from helpers import cli_call, one_error_line, store_stream, tar_images
+from torchvision.transforms import InterpolationMode
+
+from kdcache.data.stream import read_skips
+from kdcache.errors import CorruptShardError
+from kdcache.extract.options import ExtractOptions
+from kdcache.extract.run import extract
+from kdcache.store import Store
+from kdcache.train.config import ConfigError, TrainConfig
+from kdcache.train.fit import train
+from kdcache.train.sources import TrainError
+
+STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, corpus, vit_spec):
+    d = tmp_path_factory.mktemp("pixels")
+    out = {}
+    for name, pixels in (("jpeg", ""), ("raw", "24:raw")):
+        out[name] = str(d / f"{name}.zarr")
+        extract(corpus, out[name], [vit_spec], ExtractOptions(views=2, pixels=pixels, progress=False, workers=0))
+    return out
+
+
+def _reference(image: np.ndarray, view, size, interpolation="bicubic") -> np.ndarray:
+    """The view's crop as an independent reader cuts it: PIL's decode, torchvision's resized_crop."""
+    h, w = image.shape[:2]
+    t, l, ch, cw, flip = (float(x) for x in view)
+    x = TF.resized_crop(torch.from_numpy(image).permute(2, 0, 1), round(t * h), round(l * w), round(ch * h), round(cw * w),
+                        list(size), interpolation=InterpolationMode(interpolation), antialias=True)
+    return (x.flip(-1) if flip >= 0.5 else x).permute(1, 2, 0).numpy()
+
+
+def test_the_stored_pixels_are_the_teachers_crops_read_with_plain_zarr(stores, corpus):
+    images = {}
+    for tar in glob.glob(os.path.join(corpus, "*.tar")):
+        images.update(tar_images(tar))
+    for kind in ("jpeg", "raw"):
+        root = zarr.open_group(stores[kind], mode="r")
+        px = root.attrs["kdcache"]["pixels"]
+        assert px["format"] == kind and px["size"] == ([32, 32] if kind == "jpeg" else [24, 24])
+        for name, g in root["shards"].groups():
+            keys, views = g["keys"][:].tolist(), g["views"][:]
+            for i, key in enumerate(keys):
+                for v in range(2):
+                    want = _reference(images[key], views[i, v], px["size"]).astype(np.int16)
+                    if kind == "raw":
+                        got = g["pixels/raw"][i, v]
+                        assert np.abs(got.astype(np.int16) - want).max() <= 1  # (the same resize, one rounding apart)
+                    else:  # the documented plain-zarr read: a JPEG's bytes are heap[offset:offset + length]
+                        offset, length = g["pixels/spans"][i, v]
+                        got = simplejpeg.decode_jpeg(g["pixels/jpeg"][offset:offset + length].tobytes()).astype(np.int16)
+                        # exactly the reference crop through JPEG at the store's quality (4:4:4), within rounding;
+                        # what JPEG itself costs a 32-px crop of a photo: a few levels of 255
+                        again = simplejpeg.decode_jpeg(simplejpeg.encode_jpeg(
+                            np.ascontiguousarray(want.astype(np.uint8)), quality=px["quality"], colorsubsampling="444"))
+                        assert np.abs(got - again).max() <= 2 and np.abs(got - want).mean() < 6.0, (key, v)
+    s = Store.open(stores["jpeg"])
+    name = s.complete_shards()[0]
+    assert len(s.read_pixels(name, 0, 8, view=1)) == 8
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "raw"])
+def test_a_run_from_the_store_alone_delivers_the_keys_and_targets_of_a_run_from_the_corpus(stores, corpus, kind):
+    size = (32, 32) if kind == "jpeg" else (24, 24)
+    for epoch in (0, 1):
+        a = list(store_stream(stores[kind], corpus, ("vit/cls", "vit/patch"), epoch=epoch, size=size, workers=0))
+        b = list(store_stream(stores[kind], corpus, ("vit/cls", "vit/patch"), epoch=epoch, size=size, source="pixels"))
+        c = list(store_stream(stores[kind], None, ("vit/cls", "vit/patch"), epoch=epoch, size=size, source="pixels"))
+        assert [x["key"] for x in a] == [x["key"] for x in b] == [x["key"] for x in c] and len(a) == 24
+        for x, y in zip(a, c):
+            assert x["view"] == y["view"] and x["label"] == y["label"]
+            assert torch.equal(x["vit/cls"], y["vit/cls"]) and torch.equal(x["vit/patch"], y["vit/patch"])
+            assert (x["image"].float() - y["image"].float()).abs().mean() < 6.0  # the stored crop, resized again
+
+
+def test_training_without_the_corpus_and_its_refusals(tmp_path, stores, corpus, vit_spec, monkeypatch, capsys):
+    out = train(TrainConfig(store=stores["jpeg"], student=STUDENT, out=str(tmp_path / "run"), epochs=1, batch_size=4,
+                            workers=0, head_hidden=16, amp="none", log_keys=True), progress=False)
+    assert out["steps"] == 6
+    keys = [k for line in open(tmp_path / "run" / "keys" / "rank0.jsonl") for k in json.loads(line)["keys"]]
+    assert sorted(keys) == sorted(k for n in Store.open(stores["jpeg"]).complete_shards()
+                                  for k in Store.open(stores["jpeg"]).keys(n).tolist())
+    with pytest.raises(TrainError, match=r"the student's input 48x48 is larger than the 32x32 pixels"):
+        train(TrainConfig(store=stores["jpeg"], student="vit_tiny_patch16_224,img_size=48,depth=1",
+                          out=str(tmp_path / "big"), epochs=1, workers=0), progress=False)
+    plain = str(tmp_path / "plain.zarr")
+    extract(corpus, plain, [vit_spec], ExtractOptions(views=2, progress=False, workers=0))
+    with pytest.raises(TrainError, match=r"--data is required: .* keeps no pixels \(extract --pixels, or kdcache store "
+                                         r"pixels"):
+        train(TrainConfig(store=plain, student=STUDENT, out=str(tmp_path / "none"), epochs=1, workers=0), progress=False)
+    with pytest.raises(ConfigError, match="--data is required: --dense-views cuts fresh views from the corpus"):
+        TrainConfig(store=stores["jpeg"], student=STUDENT, out=str(tmp_path / "d"), dense_views=True)
+    code, _, err = cli_call(monkeypatch, capsys, "train", "--online", "--teacher", "x=resnet18", "--student", STUDENT,
+                            "--out", str(tmp_path / "o"))
+    assert code == 2 and "--data is required: --online cuts fresh views from the corpus" in one_error_line(err)
+
+
+def _damage_jpeg_run(url: str) -> str:
+    """Flip a byte of the JPEG heap (inside the second shard's first run); return that shard."""
+    s = Store.open(url)
+    name = s.complete_shards()[1]
+    obj = glob.glob(os.path.join(url, "shards", name, "pixels", "jpeg", "c", "*"))[0]
+    data = bytearray(open(obj, "rb").read())
+    data[40] ^= 0xFF  # past Blosc's 16-byte header: a byte of the first JPEG
+    open(obj, "wb").write(bytes(data))
+    return name
+
+
+def test_a_damaged_pixel_block_is_refused_in_one_line_or_skipped_and_recorded(stores, tmp_path):
+    url = str(tmp_path / "d.zarr")
+    shutil.copytree(stores["jpeg"], url)
+    bad = _damage_jpeg_run(url)
+    with pytest.raises(CorruptShardError, match=rf"shard {bad}: pixels/jpeg: block 0 view \d does not match the checksum"):
+        list(store_stream(url, None, ("vit/cls",), source="pixels", view_choice="first"))
+    log = str(tmp_path / "skips.jsonl")
+    keys = [x["key"] for x in store_stream(url, None, ("vit/cls",), source="pixels", view_choice="first", skip_log=log)]
+    assert len(keys) == 16 and [(r["shard"], r["samples_skipped"]) for r in read_skips(log)] == [(bad, 8)]
+    from kdcache.store.verify import verify
+    assert any(bad in p and "pixels/jpeg" in p for p in verify(Store.open(url)).problems)
+
+
+def test_store_pixels_gives_a_store_its_pixels_as_extraction_would_and_copies_carry_them(tmp_path, corpus, vit_spec,
+                                                                                         stores, monkeypatch, capsys):
+    url = str(tmp_path / "later.zarr")
+    extract(corpus, url, [vit_spec], ExtractOptions(views=2, progress=False, workers=0))
+    code, out, err = cli_call(monkeypatch, capsys, "store", "pixels", url, "--data", corpus, "--workers", "0",
+                              "--no-progress")
+    assert code == 0 and json.loads(out)["shards_written"] == 3, err
+    a, b = Store.open(url), Store.open(stores["jpeg"])
+    for name in a.complete_shards():
+        assert a.read_pixels(name, 0, 8, view=1) == b.read_pixels(name, 0, 8, view=1)  # byte for byte
+    code, out, _ = cli_call(monkeypatch, capsys, "store", "pixels", url, "--data", corpus, "--no-progress")
+    assert code == 0 and json.loads(out)["shards_already_there"] == 3 and json.loads(out)["shards_written"] == 0
+    code, _, err = cli_call(monkeypatch, capsys, "store", "pixels", url, "--data", corpus, "--pixels", "16:raw")
+    assert code == 2 and "keeps pixels as" in one_error_line(err)
+    copy = str(tmp_path / "copy.zarr")
+    code, _, err = cli_call(monkeypatch, capsys, "store", "copy", url, copy, "--no-progress")
+    assert code == 0, err
+    c = Store.open(copy)
+    assert c.meta.pixels == a.meta.pixels and all(c.read_pixels(n, 0, 8, view=0) == a.read_pixels(n, 0, 8, view=0)
+                                                  for n in c.complete_shards())
+    code, out, _ = cli_call(monkeypatch, capsys, "info", copy)
+    assert "pixels     every view's crop at 32x32 (JPEG quality 90" in out
