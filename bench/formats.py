@@ -46,13 +46,16 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from kdcache.data.partition import current_worker, worker_share
 from kdcache.store import Store, feature_path
 from kdcache.store.inspect import info
-from kdcache.store.meta import ORIGIN
+from kdcache.store.meta import ORIGIN, PIXELS_JPEG
 
 from .harness import Spread, Timed, environment, files_under, header, measure
 from .options import FormatsBench
 from .peers import PEERS, litdata_dataset, litdata_loader, mds_dataset, peers_installed
 
 SHUFFLE = 64
+# the rows whose samples also hold every view's JPEG (extract --pixels), by kind
+PIXEL_ROWS = {"store": "kdcache store, fp16 + view JPEGs", "mds": "mosaic streaming (MDS), fp16 + view JPEGs",
+              "litdata": "litdata, fp16 + view JPEGs"}
 
 
 @dataclass
@@ -78,7 +81,9 @@ def _with_codec(feats: Features, codec: str) -> Features:
     return Features(feats.meta.replace(teachers={**feats.meta.teachers, feats.teacher: t}), feats.teacher, feats.shards)
 
 
-def read_features(url: str, teacher: str | None = None) -> Features:
+def read_features(url: str, teacher: str | None = None, *, pixels: bool = False) -> Features:
+    """The store's first teacher's arrays per shard (with ``pixels``, every view's JPEG too: the store
+    must keep them), and a copy of its metadata that describes exactly that."""
     store = Store.open(url)
     teacher = teacher or next(iter(store.meta.teachers))
     paths = [p for p in store.expected_arrays() if p.startswith(f"{teacher}/")]
@@ -88,10 +93,15 @@ def read_features(url: str, teacher: str | None = None) -> Features:
         origin = store.origin(name)
         if origin is not None:
             d[ORIGIN] = origin
+        if pixels:
+            n = len(d["keys"])
+            per_view = [store.read_pixels(name, 0, n, view=v) for v in range(store.meta.views)]
+            d[PIXELS_JPEG] = [[per_view[v][i] for v in range(store.meta.views)] for i in range(n)]
         for p in paths:
             d[p] = np.concatenate(list(store.read_blocks(name, p)))
         shards[name] = d
-    return Features(store.meta, teacher, shards)
+    meta = store.meta if pixels else store.meta.replace(pixels=None)
+    return Features(meta.replace(teachers={teacher: meta.teachers[teacher]}), teacher, shards)
 
 
 # ---- writers: (features, destination, source store) -> the files written; only the store uses the source
@@ -164,10 +174,11 @@ def drop_cache(files: list[str]) -> None:
 # ---- readers: the natural loader of each format ----------------------------------------------
 
 class StoreRows(IterableDataset):
-    """Whole samples from a store: verified block reads, shards split per worker, shuffle buffer."""
+    """Whole samples from a store: verified block reads, shards split per worker, shuffle buffer;
+    with ``pixels``, every view's JPEG bytes too (each block's runs read and checked)."""
 
-    def __init__(self, url: str, teacher: str):
-        self.url, self.teacher = url, teacher
+    def __init__(self, url: str, teacher: str, pixels: bool = False):
+        self.url, self.teacher, self.pixels = url, teacher, pixels
 
     def __iter__(self):
         store = Store.open(self.url)
@@ -176,9 +187,15 @@ class StoreRows(IterableDataset):
         buffer, rng = [], np.random.default_rng(worker)
         for name in worker_share(store.complete_shards([self.teacher]), worker, workers):
             blocks = {p: store.read_blocks(name, p) for p in paths}
-            for rows in zip(*blocks.values()):
+            block = store.block_rows(name, paths[0])
+            for b, rows in enumerate(zip(*blocks.values())):
+                views = ([store.read_pixels(name, b * block, b * block + len(rows[0]), view=v)
+                          for v in range(store.meta.views)] if self.pixels else None)
                 for i in range(len(rows[0])):
-                    buffer.append({p.split("/", 1)[1]: torch.from_numpy(r[i]) for p, r in zip(paths, rows)})
+                    sample = {p.split("/", 1)[1]: torch.from_numpy(r[i]) for p, r in zip(paths, rows)}
+                    if views is not None:
+                        sample["jpeg"] = [v[i] for v in views]
+                    buffer.append(sample)
                     if len(buffer) >= SHUFFLE:
                         yield buffer.pop(int(rng.integers(len(buffer))))
         rng.shuffle(buffer)
@@ -211,8 +228,20 @@ def _load_npy(path: str):
     return {"tokens": torch.from_numpy(np.load(path))}
 
 
+def _store_bytes_per_sample(url: str, teacher: str) -> float:
+    """A store's per-sample bytes: its teacher's arrays, and the view pixels it keeps."""
+    d = info(Store.open(url))
+    pixels = d["pixels"]["bytes"] / d["samples"] if d.get("pixels") and d["samples"] else 0.0
+    return d["teachers"][teacher]["bytes_per_sample"] + pixels
+
+
+def _samples(batch: list) -> list:
+    """The pixel rows' batches: their samples as they are (a list of JPEGs does not stack)."""
+    return batch
+
+
 def _epoch(dataset, *, workers: int, batch_size: int, shuffle: bool, files: list[str], cold: bool, first: list,
-           loader=None):
+           loader=None, collate=None):
     """One epoch: the samples after the first batch, timed from it (``Timed``), and the time to the
     first batch appended to ``first``. ``dataset`` may be a function making it (peers whose
     datasets are built per epoch); ``loader`` makes the loader (default: torch's DataLoader)."""
@@ -224,14 +253,14 @@ def _epoch(dataset, *, workers: int, batch_size: int, shuffle: bool, files: list
         t0 = time.perf_counter()
         ds = dataset() if callable(dataset) and not isinstance(dataset, (Dataset, IterableDataset)) else dataset
         make = loader or (lambda d: DataLoader(d, batch_size=batch_size, num_workers=workers, shuffle=shuffle,
-                                               persistent_workers=False))
+                                               persistent_workers=False, collate_fn=collate))
         n, t1 = 0, None
         for batch in make(ds):
             if t1 is None:
                 t1 = time.perf_counter()
                 first.append(t1 - t0)
                 continue
-            n += len(batch["key"] if "key" in batch else next(iter(batch.values())))
+            n += len(batch) if isinstance(batch, list) else len(batch["key"] if "key" in batch else next(iter(batch.values())))
         return Timed(n, time.perf_counter() - (t1 or t0))
     return run
 
@@ -240,7 +269,7 @@ def run_bench_formats(o: FormatsBench) -> str:
     """``kdcache bench formats``: on ``o.store``, or on the embedded corpus extracted with the shipped
     EfficientNet-Lite0 (``o.images`` images, K = ``o.views``) in a scratch directory."""
     kw = dict(quantize=o.quantize, fraction=o.fraction, teacher=o.teacher, workers=o.workers, batch_size=o.batch_size,
-              repeat=o.repeat, cold=not o.warm, tmp=o.tmp, as_json=o.as_json, peers=o.peers)
+              repeat=o.repeat, cold=not o.warm, tmp=o.tmp, as_json=o.as_json, peers=o.peers, pixels=o.pixels)
     if o.store is not None:
         return bench_formats(o.store, **kw)
     from kdcache.data.demo_corpus import build_demo_corpus
@@ -251,7 +280,8 @@ def run_bench_formats(o: FormatsBench) -> str:
     try:
         corpus, store = f"{scratch}/corpus", f"{scratch}/store.zarr"
         build_demo_corpus(corpus, digits=max(0, o.images - o.images // 4), photos=o.images // 4)
-        extract(corpus, store, [shipped_teacher(scratch)], ExtractOptions(views=o.views, progress=False))
+        extract(corpus, store, [shipped_teacher(scratch)], ExtractOptions(views=o.views, progress=False,
+                                                                          pixels="" if o.pixels else None))
         return bench_formats(store, **kw)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -259,12 +289,15 @@ def run_bench_formats(o: FormatsBench) -> str:
 
 def bench_formats(store: str, *, quantize: str | None = "opq", fraction: int = 32, teacher: str | None = None,
                   workers: int = 1, batch_size: int = 16, repeat: int = 5, cold: bool = True, tmp: str | None = None,
-                  as_json: bool = False, peers: bool = True) -> str:
+                  as_json: bool = False, peers: bool = True, pixels: bool = True) -> str:
     from kdcache.quantize.convert_store import quantize_store
     from kdcache.quantize.quantizer_spec import QuantizerSpec
     from kdcache.store.ops import copy_stores
     from kdcache.targets.sample import SampleSpec
     feats = read_features(store, teacher)
+    opened = Store.open(store)
+    pfeats = (read_features(store, teacher, pixels=True) if pixels and opened.meta.pixels is not None
+              and opened.meta.pixels.format == "jpeg" else None)
     t = feats.meta.teachers[feats.teacher]
     if t.quantizer:
         raise ValueError(f"--store {store}: teacher {feats.teacher} is quantized; give an fp16 store")
@@ -294,6 +327,11 @@ def bench_formats(store: str, *, quantize: str | None = "opq", fraction: int = 3
         for name, (kind, _, writer) in PEERS.items():
             if installed[name] and peers:
                 formats[name] = (kind, feats, writer, None)
+        if pfeats is not None:  # the same samples with every view's JPEG: the store and the peers at equal content
+            formats[PIXEL_ROWS["store"]] = ("store", pfeats, write_store, None)
+            for name, (kind, _, writer) in PEERS.items():
+                if installed[name] and peers:
+                    formats[PIXEL_ROWS[kind]] = (kind, pfeats, writer, None)
         written, writes = {}, {}
         for i, (name, (kind, f, writer, src)) in enumerate(formats.items()):
             dst = os.path.join(work, f"{i}-{kind}" + (".zarr" if kind == "store" else ""))
@@ -311,7 +349,7 @@ def bench_formats(store: str, *, quantize: str | None = "opq", fraction: int = 3
             root = os.path.join(work, f"{i}-{kind}" + (".zarr" if kind == "store" else ""))
             loader = None
             if kind == "store":
-                ds, shuffle = StoreRows(root, feats.teacher), False
+                ds, shuffle = StoreRows(root, feats.teacher, pixels=f is pfeats), False
             elif kind == "tars":
                 ds, shuffle = _tar_dataset(root), False
             elif kind == "torch":
@@ -321,15 +359,16 @@ def bench_formats(store: str, *, quantize: str | None = "opq", fraction: int = 3
             elif kind == "mds":
                 ds, shuffle = mds_dataset(root, batch_size), False
             else:
-                ds, shuffle, loader = litdata_dataset(root), False, litdata_loader(batch_size, workers)
+                ds, shuffle = litdata_dataset(root), False
+                loader = litdata_loader(batch_size, workers, collate=_samples if f is pfeats else None)
             reads[name] = _epoch(ds, workers=workers, batch_size=batch_size, shuffle=shuffle, files=files, cold=cold,
-                                 first=first[name], loader=loader)
+                                 first=first[name], loader=loader, collate=_samples if f is pfeats else None)
         mr = measure(reads, repeat=repeat)
         first = {name: times[-repeat:] for name, times in first.items()}  # the timed rounds (not the warm-up)
         totals = {name: sum(os.path.getsize(p) for p in files) for name, files in written.items()}
         # a store's per-sample bytes are its shards' teacher arrays; codebooks, statistics and
         # metadata are a fixed cost that a real corpus amortises (reported apart)
-        sizes = {name: (info(Store.open(os.path.join(work, f"{i}-store.zarr")))["teachers"][feats.teacher]["bytes_per_sample"]
+        sizes = {name: (_store_bytes_per_sample(os.path.join(work, f"{i}-store.zarr"), feats.teacher)
                         if formats[name][0] == "store" else totals[name] / feats.samples)
                  for i, name in enumerate(formats)}
         fixed = {name: totals[name] - sizes[name] * feats.samples for name in formats}
@@ -339,6 +378,8 @@ def bench_formats(store: str, *, quantize: str | None = "opq", fraction: int = 3
     fp16, tars = names[0], "safetensors in webdataset tars"
     peer_names = [n for n in names if n in PEERS]
     fastest_peer = max(peer_names, key=lambda n: mr.rate(n).median) if peer_names else None
+    pixel_peers = [n for n in names if n in (PIXEL_ROWS["mds"], PIXEL_ROWS["litdata"])]
+    fastest_pixel_peer = max(pixel_peers, key=lambda n: mr.rate(n).median) if pixel_peers else None
     missing = [n for n, ok in peers_installed().items() if not ok] if peers else []
     result = {"environment": environment(), "samples": feats.samples, "views": feats.meta.views, "teacher": feats.teacher,
               "fp16_feature_bytes_per_sample": feats.fp16_bytes() / feats.samples, "workers": workers, "batch_size": batch_size,
@@ -357,6 +398,9 @@ def bench_formats(store: str, *, quantize: str | None = "opq", fraction: int = 3
         if quantized:
             result["codes_over_fastest_peer_read"] = mr.ratio(quantized, fastest_peer).to_dict()
             result["fastest_peer_over_codes_bytes"] = sizes[fastest_peer] / sizes[quantized]
+    if fastest_pixel_peer and PIXEL_ROWS["store"] in names:
+        result["pixels_store_over_fastest_peer_read"] = mr.ratio(PIXEL_ROWS["store"], fastest_pixel_peer).to_dict()
+        result["fastest_pixel_peer"] = fastest_pixel_peer
     if quantized:  # against the features' raw fp16 bytes
         result["fp16_over_quantized_bytes"] = result["fp16_feature_bytes_per_sample"] / sizes[quantized]
     if as_json:
@@ -382,6 +426,9 @@ def bench_formats(store: str, *, quantize: str | None = "opq", fraction: int = 3
     if "fp16_over_quantized_bytes" in result:
         lines.append(f"{quantized}: {result['fp16_over_quantized_bytes']:.1f}x smaller than the raw fp16 features "
                      f"(target >= 16; the summary token stays fp16)")
+    if "pixels_store_over_fastest_peer_read" in result:
+        lines.append(f"{PIXEL_ROWS['store']} / {fastest_pixel_peer} (the same JPEGs and targets, each read by its own "
+                     f"loader): read {mr.ratio(PIXEL_ROWS['store'], fastest_pixel_peer).fmt(2)}x (target >= 1.0)")
     if missing:
         lines.append(f"not measured (not installed; pip install 'kdcache[peers]'): {', '.join(missing)}")
     return "\n".join(lines)

@@ -29,6 +29,7 @@ side, left out.
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 import itertools
 import json
 import tempfile
@@ -57,7 +58,7 @@ from .options import LoadBench
 
 
 def _stream(store_url: str, store: Store, corpus, *, paths, verify: bool, workers: int, batch_size: int, input_size: int,
-            floor: bool = False) -> SampleStream:
+            floor: bool = False, source: str = "corpus") -> SampleStream:
     """A side's stream, as training builds it: the store's shards, the student's crop, a window of 64.
     ``floor``: the decode floor, the same epoch with nothing but the corpus: each sample's fresh view
     cut at the student's input, its image's place from a walk of the corpus done here (no store)."""
@@ -65,23 +66,24 @@ def _stream(store_url: str, store: Store, corpus, *, paths, verify: bool, worker
     shards = (tuple(ShardRows(n, len(p), store.shard_block(n)) for n, p in places.items()) if floor
               else shard_rows(store, store.complete_shards()))
     spec = StreamSpec(shards=shards,
-                      crops=(("image", Crop((input_size, input_size), "bilinear")),), decode=corpus.options.decode,
+                      crops=(("image", Crop((input_size, input_size), "bilinear")),),
+                      decode=replace(ReadOptions.from_dict(store.meta.corpus).decode, reduced=True),  # as train --decode auto
                       views="fresh" if floor else "stored", stored_views=store.meta.views, policy=store.meta.view_policy,
                       window=64, batch_size=batch_size, workers=workers, store_url=None if floor else store_url,
-                      target_paths=paths, verify=verify)
+                      target_paths=paths, verify=verify, source=source)
     return SampleStream(spec, corpus, places=places)
 
 
-def _side(store_url: str, data: str, *, paths: tuple[str, ...], verify: bool, workers: int, batch_size: int,
-          input_size: int = 64, floor: bool = False):
+def _side(store_url: str, data: str | None, *, paths: tuple[str, ...], verify: bool, workers: int, batch_size: int,
+          input_size: int = 64, floor: bool = False, source: str = "corpus"):
     """One side's epoch, one per call: the cached loader reading ``paths`` (none: keys and views
     only), or with ``floor`` the decode floor (the corpus alone), each sample's view cut at the
     student's ``input_size``; each batch released as training releases it after its step.
     ``run.bytes_per_sample``: the target bytes it delivered; ``run.image_shape``: its images'."""
     store = Store.open(store_url)
-    corpus = resolve_corpus(data, ReadOptions.from_dict(store.meta.corpus))
+    corpus = resolve_corpus(data, ReadOptions.from_dict(store.meta.corpus)) if source == "corpus" else None
     stream = _stream(store_url, store, corpus, paths=paths, verify=verify, workers=workers, batch_size=batch_size,
-                     input_size=input_size, floor=floor)
+                     input_size=input_size, floor=floor, source=source)
     epochs = _epochs(stream, workers=workers, batch_size=batch_size)
 
     def run():
@@ -161,6 +163,7 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
                 if where == "local" and "codes" in held:
                     sides[CODES] = _side(url, paths=held["codes"], verify=True, **one)
             m = measure(sides, repeat=repeat)
+            pixels = pixel_table(store, data, tmp, o, held["fp16"]) if o.pixel_sizes else []
         finally:
             if server is not None:
                 server.stop()
@@ -176,7 +179,8 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
                            "image_shapes": {name: side.image_shape for name, side in sides.items()},
                            "measurement": m.to_dict(), "verified_over_unverified": {w: r.to_dict() for w, r in ratios.items()},
                            "loader_over_decode_floor": of_floor.to_dict(),
-                           "over_decode_floor": {name: r.to_dict() for name, r in shares.items()}, "decode": decodes}, indent=2)
+                           "over_decode_floor": {name: r.to_dict() for name, r in shares.items()}, "decode": decodes,
+                           "pixels": pixels}, indent=2)
     lines = [header(f"bench load: one loader epoch per side, {workers} worker(s), batch {batch_size}, "
                     f"{o.student_size}-px student input, {per_sample / 1024:.1f} KiB of targets per sample, "
                     f"{views} stored view(s) per image, "
@@ -196,6 +200,16 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
             lines.append(n)
     if note:
         lines.append(note)
+    if pixels:
+        lines += ["", "## The store's own view pixels (extract --pixels) against the corpus, per student input "
+                  "(fp16 targets; interleaved, one table)", "",
+                  "| student input | side | samples/s | / corpus loader | KiB per sample read (pixels + targets) |",
+                  "|---|---|---|---|---|"]
+        for row in pixels:
+            lines.append(f"| {row['size']} px | {row['side']} | {_fmt(row['rate'], 1)} | "
+                         f"{'-' if row['over_corpus'] is None else _fmt(row['over_corpus'], 2)} | "
+                         f"{row['kib_per_sample']:.1f} |")
+        lines.append("targets: stored 64-px JPEG views >= 5x the corpus loader, stored 224-px >= 2x")
     lines += ["", f"## JPEG decode + one {o.student_size}-px RandomResizedCrop view, one process, {o.decode_images} images "
               "per side, img/s", "", "| long side | PIL full | kdcache full | kdcache reduced | reduced / PIL full "
               "| reduced / kdcache full |", "|---|---|---|---|---|---|"]
@@ -207,6 +221,37 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
               f"| {_fmt(r['reduced_decode_over_pil_full_decode'], 2)} |" for r in decodes]
     lines.append("target: reduced >= 2x PIL full for a 64-px student on 500-px JPEGs")
     return "\n".join(lines)
+
+
+def pixel_table(store: str, data: str, tmp: str, o: LoadBench, paths) -> list[dict]:
+    """Per student input S of ``o.pixel_sizes``: the corpus loader (each view cut from its image), and
+    the store's own crops of every view at S, JPEG (quality 90) and raw (copies of the store given
+    their pixels by ``kdcache store pixels``: one decode pass, no teacher), all with the fp16
+    targets, interleaved in one measurement; with each side's bytes read per sample."""
+    from kdcache.extract.pixels import add_pixels
+    from kdcache.store.inspect import info
+    sides, meta = {}, {}
+    for size in o.pixel_sizes:
+        one = dict(data=data, paths=paths, verify=True, workers=o.workers, batch_size=o.batch_size, input_size=size)
+        sides[f"{size}/corpus"] = _side(store, **one)
+        meta[f"{size}/corpus"] = (size, "corpus loader (each view cut from its image)", 0.0)
+        for fmt in ("jpeg", "raw"):
+            url = f"{tmp}/pixels-{fmt}-{size}.zarr"
+            copy_stores([store], url, progress=False)
+            add_pixels(url, data, f"{size}:{fmt}", workers=o.workers, progress=False)
+            sides[f"{size}/{fmt}"] = _side(url, **{**one, "data": None}, source="pixels")
+            per_view = info(Store.open(url))["pixels"]["bytes_per_view"]
+            meta[f"{size}/{fmt}"] = (size, f"the store's {'JPEG (quality 90)' if fmt == 'jpeg' else 'raw'} view pixels",
+                                     per_view)
+    m = measure(sides, repeat=o.repeat)
+    rows = []
+    for name, side in sides.items():
+        size, label, px_bytes = meta[name]
+        corpus = f"{size}/corpus"
+        rows.append({"size": size, "side": label, "rate": m.rate(name).to_dict(),
+                     "over_corpus": None if name == corpus else m.ratio(name, corpus).to_dict(),
+                     "kib_per_sample": (px_bytes + side.bytes_per_sample) / 1024, "image_shape": side.image_shape})
+    return rows
 
 
 FLOOR = "decode floor (decode + view, no store)"

@@ -74,6 +74,9 @@ class LoadBench:
     # stored views per image of the store the bench builds: a block holds every view of its rows
     # and the loader reads it whole, so each epoch reads K views per sample to deliver one
     views: int = 1
+    # stored view pixels (extract --pixels): for each size, the corpus loader against the store's own JPEG and raw
+    # crops at that student input, in one table of its own; () = none
+    pixel_sizes: tuple[int, ...] = (64, 224)
 
     def __post_init__(self):
         if self.store and not self.data:
@@ -184,6 +187,7 @@ class FormatsBench:
     batch_size: int = 16
     warm: bool = False  # read from a warm page cache instead of dropping it
     peers: bool = True  # Mosaic streaming (MDS) and LitData rows, when installed (the peers extra)
+    pixels: bool = True  # rows whose samples also hold every view's JPEG (extract --pixels): the store and the peers
     tmp: str | None = None
     repeat: int = REPEAT
     as_json: bool = False
@@ -196,9 +200,10 @@ QUALITY_METHODS = {"pq": "pq:m={m}", "opq": "opq:m={m},opq_iter=10", "rq": "rq:m
 
 # bench quality: the derived-view options, as the rows of the study -> train options
 QUALITY_OPTIONS = {"sub-views": {"sub_views": 0.25}, "cutmix": {"cutmix": 1.0}, "mixup": {"mixup": 0.8},
-                   "dense": {"dense_views": True}, "opq 1/32": {}, "reduced decode": {"decode": "reduced"}}
+                   "dense": {"dense_views": True}, "opq 1/32": {}, "reduced decode": {"decode": "reduced"},
+                   "stored pixels": {"images": "store"}}
 # options compared, seed by seed, with the plain run on the same K store too (not only with online)
-QUALITY_VS_STORE = ("opq 1/32", "reduced decode")
+QUALITY_VS_STORE = ("opq 1/32", "reduced decode", "stored pixels")
 
 
 @dataclass(frozen=True)

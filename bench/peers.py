@@ -7,6 +7,7 @@ import os
 from typing import TYPE_CHECKING
 
 from kdcache.store import Store, feature_path
+from kdcache.store.meta import PIXELS_JPEG
 
 from .harness import files_under
 
@@ -20,10 +21,16 @@ def write_mds(feats: Features, root: str, source: Store | None = None) -> list[s
     cls, patch = feature_path(feats.teacher, "cls"), feature_path(feats.teacher, "patch")
     k, t = feats.meta.views, feats.meta.teachers[feats.teacher]
     columns = {"key": "str", "cls": f"ndarray:float16:{k},{t.dim}", "patch": f"ndarray:float16:{k},{t.tokens},{t.dim}"}
+    pixels = any(PIXELS_JPEG in a for a in feats.shards.values())
+    if pixels:  # every view's JPEG, one bytes column each
+        columns.update({f"jpeg{v}": "bytes" for v in range(k)})
     with MDSWriter(out=root, columns=columns, compression=None) as w:
         for arrays in feats.shards.values():
             for i, key in enumerate(arrays["keys"].tolist()):
-                w.write({"key": key, "cls": arrays[cls][i], "patch": arrays[patch][i]})
+                row = {"key": key, "cls": arrays[cls][i], "patch": arrays[patch][i]}
+                if pixels:
+                    row.update({f"jpeg{v}": arrays[PIXELS_JPEG][i][v] for v in range(k)})
+                w.write(row)
     return files_under(root)
 
 
@@ -39,7 +46,8 @@ def write_litdata(feats: Features, root: str, source: Store | None = None) -> li
 
     import litdata
     cls, patch = feature_path(feats.teacher, "cls"), feature_path(feats.teacher, "patch")
-    items = [{"key": key, "cls": arrays[cls][i], "patch": arrays[patch][i]}
+    items = [{"key": key, "cls": arrays[cls][i], "patch": arrays[patch][i],
+              **({f"jpeg{v}": jpegs for v, jpegs in enumerate(arrays[PIXELS_JPEG][i])} if PIXELS_JPEG in arrays else {})}
              for arrays in feats.shards.values() for i, key in enumerate(arrays["keys"].tolist())]
     import multiprocessing
     before = multiprocessing.get_start_method(allow_none=True)
@@ -75,8 +83,9 @@ def litdata_dataset(root: str):
     return make
 
 
-def litdata_loader(batch_size: int, workers: int):
+def litdata_loader(batch_size: int, workers: int, collate=None):
     def make(ds):
         import litdata
-        return litdata.StreamingDataLoader(ds, batch_size=batch_size, num_workers=workers)
+        return litdata.StreamingDataLoader(ds, batch_size=batch_size, num_workers=workers,
+                                           **({"collate_fn": collate} if collate else {}))
     return make

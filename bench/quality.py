@@ -15,9 +15,11 @@ the cached run reuses K stored draws of the augmentation:
 - **Long enough for views to repeat.** Each K and the online run at every schedule (epochs).
 - **Options.** At the longest schedule, on the K = ``option_views`` store: ``--sub-views``,
   ``--cutmix``, ``--mixup``, ``--dense-views`` (a store with ``--dense-scale``), the store's
-  patch tokens as OPQ codes at 1/32 of fp16, and the student's images from reduced decodes
-  (``--decode reduced``, what training's ``auto`` does; the targets the same full-size ones). The
-  codes and the reduced decode are also compared, seed by seed, with the plain run on the same store.
+  patch tokens as OPQ codes at 1/32 of fp16, the student's images from reduced decodes
+  (``--decode reduced``, what training's ``auto`` does; the targets the same full-size ones), and
+  the student's images from the JPEG view pixels the store keeps (``kdcache store pixels``,
+  ``--images store``: no corpus). The codes, the reduced decode and the stored pixels are also
+  compared, seed by seed, with the plain run on the same store.
 - **Decisive.** Every row over every seed: mean ± sd; the difference to the online run of the same
   seed and schedule (paired) with a 95% t-interval. Each student is scored on every labelled
   image: k-fold kNN (DINO's protocol) and a k-fold linear probe, the same folds for every run.
@@ -94,6 +96,25 @@ def _quantized(plan: QualityPlan, out: str, base: dict, seed: int, *, progress: 
     return record(os.path.join(out, "stores", f"opq-1of32-k{plan.option_views}-s{seed}.json"), make)
 
 
+def _with_pixels(plan: QualityPlan, out: str, base: dict, seed: int, *, progress: bool) -> dict:
+    """A copy of ``base`` given every view's pixels (``kdcache store pixels``: the teacher's input
+    size, JPEG at the default quality), so a student trains from the store alone."""
+    from kdcache.extract.pixels import add_pixels
+    path = os.path.join(out, "stores", f"pixels-k{plan.option_views}-s{seed}.zarr")
+
+    def make():
+        shutil.rmtree(path, ignore_errors=True)
+        t0 = time.perf_counter()
+        copy_stores([base["path"]], path, progress=False)
+        add_pixels(path, plan.corpus, None, workers=plan.workers, progress=progress)
+        d = info(Store.open(path))
+        return {"path": path, "extract_seconds": base["extract_seconds"] + time.perf_counter() - t0,
+                "teacher_images": base["teacher_images"],
+                "bytes_per_image": sum(t["bytes_per_sample"] for t in d["teachers"].values())
+                + d["pixels"]["bytes"] / max(1, d["samples"])}
+    return record(os.path.join(out, "stores", f"pixels-k{plan.option_views}-s{seed}.json"), make)
+
+
 def _defaults(plan: QualityPlan, out: str) -> QualityPlan:
     if plan.corpus is None:
         corpus = os.path.join(out, "corpus")
@@ -138,6 +159,8 @@ def quality_study(out: str, plan: QualityPlan = QualityPlan(), *, progress: bool
                 store = _store(plan, out, seed, plan.option_views, dense=True, progress=progress)
             elif option == "opq 1/32":
                 store = _quantized(plan, out, base, seed, progress=progress)
+            elif option == "stored pixels":
+                store = _with_pixels(plan, out, base, seed, progress=progress)
             else:
                 store = base
             train(f"K={plan.option_views} {option}", longest, seed, store, **QUALITY_OPTIONS[option])

@@ -93,12 +93,15 @@ def bench_extract(**kw):
 @click.option("--decode-images", type=click.IntRange(min=1), help="JPEGs per side of the decode table." + L("decode_images"))
 @click.option("--student-size", type=click.IntRange(min=1),
               help="The student's input (px): the view the loader sides and the decode table cut." + L("student_size"))
+@click.option("--pixel-sizes", help="Student inputs (px, comma-separated) at which the corpus loader is measured against "
+              "the store's own JPEG and raw view pixels (extract --pixels); 'none' leaves the table out."
+              + L("pixel_sizes"))
 @with_bench_options
 @with_storage_options
-def bench_load(storage_options, decode_sizes, **kw):
+def bench_load(storage_options, decode_sizes, pixel_sizes, **kw):
     """Loader samples/s and MB/s with verification on and off, local and on S3, with no target
-    arrays and with codes, against the decode floor; full-size against reduced JPEG decodes per
-    image size.
+    arrays and with codes, against the decode floor; the store's own view pixels (JPEG, raw) against
+    the corpus per student input; full-size against reduced JPEG decodes per image size.
 
     \b
     kdcache bench load
@@ -108,7 +111,9 @@ def bench_load(storage_options, decode_sizes, **kw):
     kdcache bench load --decode-sizes 500,2000 --student-size 224
     """
     from kdcache.bench.loading import bench_load as run
-    opts = LoadBench(**drop_unset(decode_sizes=comma_ints("--decode-sizes", decode_sizes, low=16), **kw))
+    sizes = () if (pixel_sizes or "").strip().lower() == "none" else comma_ints("--pixel-sizes", pixel_sizes, low=8)
+    opts = LoadBench(**drop_unset(decode_sizes=comma_ints("--decode-sizes", decode_sizes, low=16), pixel_sizes=sizes,
+                                  **kw))
     apply_storage_options(storage_options, opts.store, opts.data, opts.s3)
     click.echo(run(opts))
 
@@ -316,12 +321,16 @@ def bench_quality(out, schedules, views, options, no_options, seeds, as_json, **
 @click.option("--warm", is_flag=True, default=None, help="Read from a warm page cache instead of dropping it. [default: off]")
 @click.option("--no-peers", "peers", flag_value=False, default=None,
               help="Leave out Mosaic streaming (MDS) and LitData. [default: in, when installed: pip install 'kdcache[peers]']")
+@click.option("--no-pixels", "pixels", flag_value=False, default=None,
+              help="Leave out the rows whose samples also hold every view's JPEG (the store, MDS and LitData at equal "
+                   "content; the source store must keep JPEG pixels). [default: in]")
 @click.option("--tmp", help="Directory (disk) to write the formats in. [default: the system temp dir]")
 @with_bench_options
 def bench_formats(quantize, **kw):
     """The same features as a kdcache store (fp16, quantized), safetensors in webdataset tars, a
-    torch file and a .npy per sample, Mosaic streaming (MDS) and LitData: bytes/sample, write
-    MB/s, time to the first batch, read samples/s.
+    torch file and a .npy per sample, Mosaic streaming (MDS) and LitData, and the store, MDS and
+    LitData with every view's JPEG beside the targets: bytes/sample, write MB/s, time to the first
+    batch, read samples/s.
 
     \b
     kdcache bench formats

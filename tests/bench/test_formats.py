@@ -121,3 +121,24 @@ def test_bench_formats_prints_every_format_and_column(k8_store, monkeypatch, cap
     meta = Store.open(k8_store).meta.teachers["vit"]
     assert fp16 == 8 * (meta.tokens + 1) * meta.dim * 2
     assert r["formats"][".npy file per sample"]["bytes_per_sample"] == pytest.approx(fp16, rel=0.05)  # raw + a header
+
+
+def test_the_store_and_the_peers_holding_every_views_jpeg_are_compared_at_equal_content(tmp_path, corpus, vit_spec,
+                                                                                        monkeypatch, capsys):
+    from kdcache.bench.formats import PIXEL_ROWS, read_features
+    from kdcache.extract.options import ExtractOptions
+    from kdcache.extract.run import extract
+    url = str(tmp_path / "px.zarr")
+    extract(corpus, url, [vit_spec], ExtractOptions(views=2, pixels="", progress=False, workers=0))
+    feats = read_features(url, pixels=True)  # what every pixel row writes: the store's own JPEGs
+    s = Store.open(url)
+    name = s.complete_shards()[0]
+    assert [row[1] for row in feats.shards[name]["pixels/jpeg"]] == s.read_pixels(name, 0, 8, view=1)
+    code, out, err = cli_call(monkeypatch, capsys, "bench", "formats", "--store", url, "--repeat", "1", "--json",
+                              "--quantize", "none", "--workers", "0", "--batch-size", "8")
+    assert code == 0, err
+    r = json.loads(out)
+    assert set(PIXEL_ROWS.values()) <= set(r["formats"]) and r["fastest_pixel_peer"] in PIXEL_ROWS.values()
+    assert r["pixels_store_over_fastest_peer_read"]["median"] > 0
+    assert all(r["read"]["items"][n] == 16 for n in PIXEL_ROWS.values())  # every sample, JPEGs and targets
+    assert r["formats"][PIXEL_ROWS["store"]]["bytes_per_sample"] > r["formats"]["kdcache store, fp16"]["bytes_per_sample"]

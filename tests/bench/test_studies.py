@@ -13,7 +13,7 @@ def test_bench_quality_pairs_runs_by_seed_counts_teacher_forwards_and_scores_eve
     out = str(tmp_path / "q")
     args = ["bench", "quality", "--out", out, "--data", corpus, "--teacher", vit_spec, "--student", "resnet18,img_size=32",
             "--schedules", "1,2", "--views", "1,3", "--option-views", "3", "--option", "cutmix", "--option", "opq 1/32",
-            "--option", "reduced decode",
+            "--option", "reduced decode", "--option", "stored pixels",
             "--seeds", "0,1", "--folds", "3", "--batch-size", "4", "--train-tokens", "256", "--workers", "0"]
     code, text, err = cli_call(monkeypatch, capsys, *args)
     assert code == 0, err
@@ -23,7 +23,7 @@ def test_bench_quality_pairs_runs_by_seed_counts_teacher_forwards_and_scores_eve
     r = json.load(open(os.path.join(out, "quality.json")))
     runs = r["runs"]
     n = 24  # the corpus's images, every one labelled
-    assert len(runs) == 2 * (2 * 3 + 3)  # seeds x (schedules x (online + 2 K) + 3 options at the longest)
+    assert len(runs) == 2 * (2 * 3 + 4)  # seeds x (schedules x (online + 2 K) + 4 options at the longest)
     for run in runs:  # the same optimizer steps at each schedule; every labelled image scored once
         assert run["steps"] == run["epochs"] * (n // 4) and run["n"] == n and run["folds"] == 3
         cfg = json.load(open(os.path.join(run["run"], "config.json")))
@@ -51,6 +51,9 @@ def test_bench_quality_pairs_runs_by_seed_counts_teacher_forwards_and_scores_eve
     assert json.load(open(os.path.join(by[("K=3 reduced decode", 2, 0)]["run"], "config.json")))["decode"] == "reduced"
     assert json.load(open(os.path.join(by[("K=3", 2, 0)]["run"], "config.json")))["decode"] == "full"
     assert "K=3 reduced decode at 2 epochs against K=3 (the same store" in text
+    # the stored pixels: the same views' targets, the student's images from the store's JPEGs (no corpus read)
+    pixels = json.load(open(os.path.join(by[("K=3 stored pixels", 2, 0)]["run"], "config.json")))
+    assert pixels["images"] == "store" and "knn_vs_store" in rows[("K=3 stored pixels", 2)]
     assert open(os.path.join(out, "quality.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # a second run reuses every store, run and score
     code, again, err = cli_call(monkeypatch, capsys, *args)
