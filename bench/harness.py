@@ -102,13 +102,14 @@ def measure(sides: dict[str, Callable[[], object]], *, repeat: int = 5, warmup: 
 
 def environment(device: str = "cpu") -> dict:
     """What the numbers were measured on: printed as every bench's header."""
-    import faiss
     import timm
     import torch
     import zarr
+
+    from kdcache.quantize.methods import faiss
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
-            "torch": torch.__version__, "timm": timm.__version__, "zarr": zarr.__version__, "faiss": faiss.__version__,
+            "torch": torch.__version__, "timm": timm.__version__, "zarr": zarr.__version__, "faiss": faiss.__version__ if faiss else None,
             "load_1m_at_start": round(load[0], 2)}
 
 

@@ -1,7 +1,9 @@
 """``kdcache bench load``: the training loader's samples/s and MB/s, verification on and off,
 from a local store and the same store on an S3-compatible server (a loopback moto server the
 bench starts, or a URL you give), beside the decode floor, all sides interleaved
-(``bench.harness``); then full-size against reduced JPEG decodes per image size.
+(``bench.harness``); kdcache's block read (``store.zarr_shards``) against zarr's own ``Array``
+read of the same blocks, with the requests each makes on S3; the store's own view pixels against
+the corpus loader; then full-size against reduced JPEG decodes per image size.
 
 Each loader side streams one epoch of the real loader (corpus shard and store shard together,
 view replay, targets as stored bytes) through a DataLoader as training builds it (its workers
@@ -163,6 +165,7 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
                 if where == "local" and "codes" in held:
                     sides[CODES] = _side(url, paths=held["codes"], verify=True, **one)
             m = measure(sides, repeat=repeat)
+            reads = block_read_table(locations, held["fp16"], repeat=repeat, server=server)
             pixels = pixel_table(store, data, tmp, o, held["fp16"]) if o.pixel_sizes else []
         finally:
             if server is not None:
@@ -180,7 +183,7 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
                            "measurement": m.to_dict(), "verified_over_unverified": {w: r.to_dict() for w, r in ratios.items()},
                            "loader_over_decode_floor": of_floor.to_dict(),
                            "over_decode_floor": {name: r.to_dict() for name, r in shares.items()}, "decode": decodes,
-                           "pixels": pixels}, indent=2)
+                           "pixels": pixels, "block_reads": reads}, indent=2)
     lines = [header(f"bench load: one loader epoch per side, {workers} worker(s), batch {batch_size}, "
                     f"{o.student_size}-px student input, {per_sample / 1024:.1f} KiB of targets per sample, "
                     f"{views} stored view(s) per image, "
@@ -200,6 +203,15 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
             lines.append(n)
     if note:
         lines.append(note)
+    lines += ["", "## Every fp16 block of the store, one view at a time, unverified: kdcache's read (one request per "
+              "block, decoded by store.zarr_shards) against zarr's own Array read of the same rows", "",
+              "| where | kdcache MB/s | zarr Array MB/s | kdcache / zarr | requests per block, kdcache / zarr |",
+              "|---|---|---|---|---|"]
+    for r in reads:
+        req = "-" if r["requests_per_block"] is None else \
+            f"{r['requests_per_block']['kdcache']:.1f} / {r['requests_per_block']['zarr']:.1f}"
+        lines.append(f"| {r['where']} | {_fmt(r['kdcache_mb_s'], 1)} | {_fmt(r['zarr_mb_s'], 1)} | "
+                     f"{_fmt(r['kdcache_over_zarr'], 2)} | {req} |")
     if pixels:
         lines += ["", "## The store's own view pixels (extract --pixels) against the corpus, per student input "
                   "(fp16 targets; interleaved, one table)", "",
@@ -251,6 +263,48 @@ def pixel_table(store: str, data: str, tmp: str, o: LoadBench, paths) -> list[di
         rows.append({"size": size, "side": label, "rate": m.rate(name).to_dict(),
                      "over_corpus": None if name == corpus else m.ratio(name, corpus).to_dict(),
                      "kib_per_sample": (px_bytes + side.bytes_per_sample) / 1024, "image_shape": side.image_shape})
+    return rows
+
+
+def block_read_table(locations: dict[str, str], paths, *, repeat: int, server=None) -> list[dict]:
+    """Per location: every block of ``paths`` in every complete shard, one view at a time (as a
+    training worker reads them), by kdcache's read (``Store.read_block``: one request, the Zarr
+    shard decoded by ``store.zarr_shards``) and by zarr's own ``Array`` for the same rows;
+    checks off on both sides (the read alone). On the loopback S3 server, the requests each side
+    makes per block too (one untimed pass each)."""
+    rows = []
+    for where, url in locations.items():
+        store = Store.open(url)
+        work = []  # (shard, path, block, view, the array)
+        for shard in store.complete_shards():
+            for path in paths:
+                a = store.array(shard, path)
+                block = store.block_rows(shard, path, array=a)
+                views = a.shape[1] if a.ndim > 1 else 1
+                work += [(shard, path, b, v, a, block) for b in range(-(-a.shape[0] // block)) for v in range(views)]
+        nbytes = sum(min(blk, a.shape[0] - b * blk) * np.dtype(a.dtype).itemsize * int(np.prod(a.shape[2:]))
+                     for _, _, b, _, a, blk in work)
+
+        def ours():
+            for shard, path, b, v, a, _ in work:
+                store.read_block(shard, path, b, array=a, verify=False, view=v, attrs={})
+            return nbytes / 1e6
+
+        def zarrs():
+            for _, _, b, v, a, block in work:
+                np.asarray(a[b * block:(b + 1) * block, v])
+            return nbytes / 1e6
+        m = measure({"kdcache": ours, "zarr": zarrs}, repeat=repeat)
+        requests = None
+        if server is not None and where.startswith("s3"):
+            requests = {}
+            for name, fn in (("kdcache", ours), ("zarr", zarrs)):
+                server.reset()
+                fn()
+                requests[name] = server.requests() / max(1, len(work))
+        rows.append({"where": where, "blocks": len(work), "megabytes": nbytes / 1e6, "kdcache_mb_s": m.rate("kdcache").to_dict(),
+                     "zarr_mb_s": m.rate("zarr").to_dict(), "kdcache_over_zarr": m.ratio("kdcache", "zarr").to_dict(),
+                     "requests_per_block": requests})
     return rows
 
 

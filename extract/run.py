@@ -23,6 +23,7 @@ from kdcache.data.pixels import Crop
 from kdcache.models.device import resolve_device
 from kdcache.models.teacher import Teacher, create_teacher
 from kdcache.quantize.quantizer_spec import QuantizerSpec
+from kdcache.quantize.methods import require_faiss
 from kdcache.store import Store, StoreError, StoreMeta, ViewPolicy, feature_path, has_teacher
 from kdcache.store.inspect import shard_nbytes, write_summary
 from kdcache.store.lease import Heartbeat, new_owner
@@ -97,6 +98,7 @@ def extract(data: str, out: str, teacher_specs: list[str], opts: ExtractOptions 
         spec, sample = QuantizerSpec.parse(opts.quantize), sample_spec(opts)
         need = quantizers_to_train(store, teachers, spec, quantizers, keep_float=opts.keep_float)
         if need and rank == 0:
+            require_faiss()  # before the float prefix is extracted: the one line says what to install
             while True:
                 prefix = complete_prefix(store, corpus)
                 if len(prefix) == len(corpus.shards) or prefix_holds_sample(store, need, sample, prefix):

@@ -29,7 +29,7 @@ from kdcache.targets.sample import SampleSpec, draw, training_prefix
 from kdcache.targets.stats import compute_stats, write_stats
 
 from .encoder import TorchEncoder
-from .methods import fit
+from .methods import fit, require_faiss
 from .quantizer_spec import QuantizeError, QuantizerSpec
 from .reconstruction import measure
 
@@ -187,6 +187,7 @@ def run_quantize(url: str, teacher: str, qspec: QuantizerSpec, *, kind: str = "p
     """``kdcache quantize``: ``quantize_store`` with rank and world from --rank/--world-size or
     torchrun's environment (``data.partition``), and ``--device`` resolved (under torchrun, cuda
     is each rank's GPU)."""
+    require_faiss()  # before any shard is read
     rank, world = rank_and_world(rank, world_size)
     return quantize_store(url, teacher, qspec, kind=kind, keep_float=keep_float, sample=sample, progress=progress,
                           rank=rank, world_size=world, device=resolve_device(device))

@@ -28,13 +28,18 @@ import dataclasses
 import logging
 import time
 
-import faiss
 import numpy as np
 
 from kdcache.store.codes import ADDITIVE, PRODUCT, Codebooks
 
 from .quantizer_spec import QuantizeError, QuantizerSpec
 
+try:
+    import faiss
+except ImportError:  # the core install: training, evaluation and reading stores need no faiss
+    faiss = None
+
+INSTALL_FAISS = "pip install 'kdcache[cpu]' (or 'kdcache[gpu]' on a CUDA machine: one faiss build per environment)"
 FAISS_MIN_POINTS = 39  # faiss warns, once per k-means run (hundreds of lines for pq), below this per centroid
 log = logging.getLogger("kdcache.quantize")
 
@@ -46,8 +51,16 @@ def _quiet(cp) -> None:
         cp.min_points_per_centroid = 1  # only faiss's warning threshold: the clustering is the same
 
 
+def require_faiss() -> None:
+    """Quantizers are trained by faiss, an optional dependency: a QuantizeError saying what to
+    install when it is missing (encoding and decoding codes need no faiss)."""
+    if faiss is None:
+        raise QuantizeError(f"training a quantizer needs faiss, which is not installed: {INSTALL_FAISS}")
+
+
 def fit(spec: QuantizerSpec, x: np.ndarray, *, seed: int = 0) -> Codebooks:
     """Train on (N, D) float32 features; returns the stored form (attrs: train_seconds)."""
+    require_faiss()
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     m = spec.resolve_m(d) - spec.norm  # codebooks
@@ -139,6 +152,7 @@ def encode(cb: Codebooks, x, *, device="cpu", beam: int | None = None) -> np.nda
 def faiss_encode(cb: Codebooks, x: np.ndarray, *, batch: int = 65536) -> np.ndarray:
     """faiss's own encoding of (N, D) features: the reference the torch encoder is tested and
     benchmarked against."""
+    require_faiss()
     x = np.asarray(x, dtype=np.float32)
     if x.shape[-1] != cb.dim:
         raise QuantizeError(f"features have dim {x.shape[-1]}, quantizer {cb.method} expects {cb.dim}")
@@ -158,6 +172,7 @@ def faiss_encode(cb: Codebooks, x: np.ndarray, *, batch: int = 65536) -> np.ndar
 
 def faiss_decode(cb: Codebooks, codes: np.ndarray) -> np.ndarray:
     """faiss's own decode of our codes (the reference the torch decoder is tested against)."""
+    require_faiss()
     codes = np.asarray(codes, dtype=np.uint8)
     c = cb.n_codebooks
     y = _faiss_encoder(cb).decode(np.ascontiguousarray(codes[:, :c]))

@@ -1,14 +1,13 @@
 """The store's read verbs: arrays as the metadata declares them, and blocks checked as they are read.
 
-A mixin of ``Store`` (it uses ``url``, ``root``, ``meta``, ``shard_attrs`` and the array
-specs): everything a reader loads comes through here, so every reader checks the same way.
+A mixin of ``Store`` (it uses ``url``, ``root``, ``objects``, ``meta``, ``shard_attrs`` and the
+array specs): everything a reader loads comes through here, so every reader checks the same way.
 A block that cannot be decompressed, does not match the CRC-32 written with it, or holds NaN or
 infinity is a ``CorruptShardError`` naming store, shard and array (and carrying the shard);
 ``keys`` and ``views`` are checked against their digests. Writers record the CRC-32 defined here.
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
 
@@ -19,7 +18,9 @@ from kdcache.errors import CorruptShardError, StoreError, first_line
 
 from .dtypes import to_float32
 from .layout import ArrayDigest, digest_array, view_sharded
+from . import zarr_shards
 from .meta import ORIGIN, ORIGIN_COLUMNS, PIXEL_SPANS, PIXELS_JPEG, PIXELS_RAW, SHARDS, feature_path
+from .objects import Objects
 
 MAX_BLOCK_BYTES = 1 << 31  # a block is read whole: bound what hostile array metadata can make us allocate
 
@@ -89,13 +90,13 @@ class VerifiedReads:
         return rows
 
     def _read_whole(self, shard: str, path: str) -> np.ndarray:
-        """A small array read whole, each of its blocks in one request (``_block_in_one_request``:
+        """A small array read whole, each of its blocks in one request (``block_in_one_request``:
         zarr's own ``a[:]`` reads a partial shard, the usual case for keys and views, one inner
         chunk per request)."""
         a = self.array(shard, path)
         try:
             block = _block_of(a)
-            parts = [_block_in_one_request(a, b, block) for b in range(-(-a.shape[0] // block))]
+            parts = [block_in_one_request(self.objects, a, b, block) for b in range(-(-a.shape[0] // block))]
             return np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else a[:0])
         except Exception as e:  # noqa: BLE001 - a truncated or garbled chunk fails inside the codec
             raise CorruptShardError(f"{self.url}: shard {shard}: {path}: unreadable ({type(e).__name__}: "
@@ -228,7 +229,7 @@ class VerifiedReads:
         block = _block_of(a)
         where = f"block {index}" + (f" view {view}" if view is not None else "")
         try:
-            rows = _block_in_one_request(a, index, block, view or 0, buffers)
+            rows = block_in_one_request(self.objects, a, index, block, view or 0, buffers)
         except Exception as e:  # noqa: BLE001 - a truncated or garbled chunk fails inside the codec
             raise CorruptShardError(f"{self.url}: shard {shard}: {path}: {where} unreadable "
                                     f"({type(e).__name__}: {_printable(first_line(e))})", shard=shard) from None
@@ -264,71 +265,33 @@ class VerifiedReads:
                                     f"chunk)", shard=shard)
 
 
-def _block_in_one_request(a, index: int, block: int, view: int = 0, buffers: "BlockBuffers | None" = None) -> np.ndarray:
+def block_in_one_request(objects: Objects, a, index: int, block: int, view: int = 0,
+                         buffers: "BlockBuffers | None" = None) -> np.ndarray:
     """Rows of block ``index`` of a sharded array (of its view ``view`` when each view is a Zarr
-    shard of its own: then (rows, 1, ...)), its Zarr shard fetched whole in one request and
-    decoded from memory. zarr-python 3.1 fetches a shard whole only when the selection covers all
-    its inner chunks; the last block of an array (every block of a small shard) does not, and is
-    then read one inner chunk per request: 23 requests for a 64-row block, 1 here (measured on
-    the loopback S3 server; also faster on a local disk). A missing shard object reads as the
-    fill value, as zarr reads it, and fails the block's checksum."""
-    import zarr.storage
-    from zarr.abc.store import OffsetByteRequest
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
+    shard of its own: then (rows, 1, ...)), its Zarr shard fetched whole in one request
+    (``objects``: the store's objects) and decoded from memory by ``zarr_shards``, from the
+    array's published metadata. zarr-python 3.1 fetches a shard whole only when the selection
+    covers all its inner chunks; the last block of an array (every block of a small shard) does
+    not, and is then read one inner chunk per request: 23 requests for a 64-row block, 1 here
+    (measured on the loopback S3 server). A layout kdcache does not write, an unsharded array, or
+    a missing shard object is read by zarr's own ``Array`` (a missing object reads as the fill
+    value and fails the block's checksum)."""
+    where = (slice(index * block, (index + 1) * block),)
     if not getattr(a, "shards", None):
-        return np.asarray(a[index * block:(index + 1) * block])
+        return np.asarray(a[where])
     per_view = view_sharded(a)
-    where = (slice(index * block, (index + 1) * block),) + ((slice(view, view + 1),) if per_view else ())
-    key = a.metadata.encode_chunk_key((index, view if per_view else 0) + (0,) * (a.ndim - 2) if a.ndim > 1 else (index,))
-    proto = default_buffer_prototype()
-    store = a.store_path.store
-    fetched = None  # zarr's buffer of the object, when zarr fetched it
-    if isinstance(store, zarr.storage.LocalStore):
-        raw = _local_object(store.root / a.store_path.path / key)
-    else:  # a range from byte 0 is the whole object in one GET (s3fs asks the size first for a plain read)
-        fetched = sync(store.get(f"{a.store_path.path}/{key}", prototype=proto, byte_range=OffsetByteRequest(0)))
-        raw = None if fetched is None else fetched.as_numpy_array()
-    if raw is not None:
-        rows = _decode_shard(a, raw, min(block, a.shape[0] - index * block), buffers)  # (never a view of raw)
-        if rows is not None:
-            return rows
-    held = a.metadata.to_buffer_dict(proto)
-    if raw is not None:  # a local read's buffer is reused by the next read: copied; zarr's own buffer as it came
-        held[key] = fetched if fetched is not None else proto.buffer.from_bytes(raw.tobytes())
-    return np.asarray(zarr.open_array(zarr.storage.MemoryStore(held), mode="r")[where])
-
-
-def _local_object(path) -> np.ndarray | None:
-    """A local store's object, read with plain file reads into this thread's reused buffer (valid
-    until this thread's next read), or None when it is missing (as zarr's ``LocalStore.get``).
-
-    zarr's own read goes through its event-loop thread and a worker thread (``sync``,
-    ``asyncio.to_thread``): Python holding the GIL while the loader's decoding thread waits for it,
-    and a new bytes object per read, whose pages the kernel maps and zeroes on every read (24 ms
-    for a 38 MB block, 7 ms into a reused buffer; measured). Beside a decode loop in one process,
-    block reads with zarr's read cost the decode 0.78 of its speed, these 1.005."""
-    try:
-        f = open(path, "rb", buffering=0)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        if size > MAX_BLOCK_BYTES + (1 << 24):  # the block bound (``array``) and room for a shard's index
-            raise ValueError(f"shard object of {size} bytes, more than a block kdcache reads at once")
-        scratch = getattr(_scratch, "buffer", None)
-        if scratch is None or scratch.size < size:
-            scratch = _scratch.buffer = np.empty(size, dtype=np.uint8)
-        view, got = memoryview(scratch), 0
-        while got < size:
-            n = f.readinto(view[got:size])
-            if not n:
-                break
-            got += n
-        return scratch[:got]
-
-
-_scratch = threading.local()  # per reading thread: the largest object it has read (a block: about 64 MiB at most)
+    if per_view:
+        where += (slice(view, view + 1),)
+    meta = a.metadata.to_dict()
+    layout = zarr_shards.shard_layout(meta)
+    if layout is not None:
+        coords = (index, view if per_view else 0) + (0,) * (a.ndim - 2) if a.ndim > 1 else (index,)
+        raw = objects.get(f"{a.path}/{zarr_shards.chunk_key(meta, coords)}", limit=MAX_BLOCK_BYTES + (1 << 24),
+                          reuse=True)
+        if raw is not None:
+            rows = min(block, a.shape[0] - index * block)
+            return zarr_shards.decode(layout, raw, rows, None if buffers is None else buffers.empty)
+    return np.asarray(a[where])
 
 
 class BlockBuffers:
@@ -365,69 +328,6 @@ class BlockBuffers:
                 fit = np.empty(max(nbytes, 1), dtype=np.uint8)
                 self._buffers.append(fit)
             return fit[:nbytes].view(dtype).reshape(shape)
-
-
-EMPTY = 2**64 - 1  # a Zarr shard index's (offset, nbytes) of an inner chunk never written
-
-
-def _decode_shard(a, raw: np.ndarray, rows: int, buffers: "BlockBuffers | None" = None) -> np.ndarray | None:
-    """The first ``rows`` rows of one Zarr shard's bytes, decoded straight into one array, or
-    None for a layout other than the one kdcache writes (then zarr decodes it).
-
-    kdcache writes one layout (``layout.create_rows_array``): inner chunks of whole rows (of one view
-    in format 2), little-
-    endian bytes, optionally one Blosc codec, the index at the end with its CRC-32C. For it this
-    is the Zarr v3 sharding format read directly: the index (its CRC-32C checked), then each
-    inner chunk decompressed by numcodecs' Blosc into its place in the output. zarr-python decodes
-    the same bytes about 2.8x slower (its async pipeline per inner chunk, then a copy; measured:
-    6.7 against 2.8 ms for a 4.8 MB block); the loader reads every target through here. Bytes
-    that do not fit the index raise ValueError (the caller names store, shard and array)."""
-    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
-    codecs = a.metadata.codecs
-    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-        return None
-    sharding = codecs[0]
-    inner = tuple(sharding.codecs)
-    little = inner and isinstance(inner[0], BytesCodec) and getattr(inner[0].endian, "value", "little") == "little"
-    if (not little or len(inner) > 2 or not all(isinstance(c, BloscCodec) for c in inner[1:])
-            or tuple(type(c) for c in sharding.index_codecs) != (BytesCodec, Crc32cCodec)
-            or sharding.index_location.value != "end" or tuple(sharding.chunk_shape[1:]) != tuple(a.shards[1:])
-            or a.dtype.kind not in "fiub" or a.dtype.byteorder == ">"):
-        return None
-    import google_crc32c
-    import numcodecs.blosc
-    per_chunk = int(sharding.chunk_shape[0])
-    chunks = -(-int(a.shards[0]) // per_chunk)
-    index_bytes = chunks * 16 + 4
-    if raw.size < index_bytes:
-        raise ValueError(f"shard object of {raw.size} bytes is shorter than its index ({index_bytes} bytes)")
-    index = raw[raw.size - index_bytes:]
-    if google_crc32c.value(index[:-4].tobytes()) != int.from_bytes(index[-4:].tobytes(), "little"):
-        raise ValueError("the shard index does not match its CRC-32C")
-    spans = index[:-4].view("<u8").reshape(chunks, 2)
-    shape = (-(-rows // per_chunk) * per_chunk, *a.shards[1:])
-    out = np.empty(shape, dtype=a.dtype) if buffers is None else buffers.empty(shape, a.dtype)
-    chunk_bytes = out[:per_chunk].nbytes
-    data_end = raw.size - index_bytes
-    for i in range(-(-rows // per_chunk)):
-        offset, nbytes = (int(x) for x in spans[i])
-        dest = out[i * per_chunk:(i + 1) * per_chunk]
-        if offset == EMPTY and nbytes == EMPTY:
-            dest[...] = a.metadata.fill_value
-            continue
-        if offset + nbytes > data_end:
-            raise ValueError(f"inner chunk {i} at bytes {offset}+{nbytes} lies beyond the shard's data ({data_end} bytes)")
-        src = raw[offset:offset + nbytes]
-        if len(inner) == 1:
-            if nbytes != chunk_bytes:
-                raise ValueError(f"inner chunk {i} holds {nbytes} bytes, not {chunk_bytes}")
-            dest.reshape(-1).view(np.uint8)[:] = src
-            continue
-        # Blosc's header: uncompressed size at bytes 4-8, compressed size at 12-16
-        if nbytes < 16 or int(src[4:8].view("<u4")[0]) != chunk_bytes or int(src[12:16].view("<u4")[0]) != nbytes:
-            raise ValueError(f"inner chunk {i}: its Blosc header does not describe a {chunk_bytes}-byte chunk")
-        numcodecs.blosc.decompress(src, dest)
-    return out[:rows]
 
 
 def _block_of(a) -> int:

@@ -21,6 +21,7 @@ from .dtypes import itemsize
 from .layout import block_rows
 from .edits import ShardEdits
 from .lease import LEASE_SECONDS, Leases, leases_for
+from .objects import Objects
 from .meta import (INDEX_ARRAYS, LOGIT_ARRAYS, ORIGIN, ORIGIN_COLUMNS, PIXEL_ARRAYS, SHARDS, TOKEN_KINDS, StoreMeta, TeacherMeta, dense_path, feature_path, has_teacher, logits_path,
                    quantizer_path, stats_path, teacher_arrays)
 from .reads import VerifiedReads
@@ -65,15 +66,6 @@ def _one_request_reads(url: str) -> dict | None:
     return {"max_concurrency": 1}
 
 
-async def _list_dir(store, prefix: str) -> list[str]:
-    return [name async for name in store.list_dir(prefix)]
-
-
-def _sync(coro):
-    from zarr.core.sync import sync
-    return sync(coro)
-
-
 def _is_missing(e: Exception) -> bool:
     return isinstance(e, (FileNotFoundError, KeyError)) or type(e).__name__ in ("GroupNotFoundError", "NodeNotFoundError")
 
@@ -91,6 +83,7 @@ class Store(VerifiedReads, ShardEdits):
         self.root = root
         self.meta = meta
         self.writable = writable
+        self.objects = Objects(url)  # the few reads below an array's level: the index, the listing, whole blocks
         # A reader plans with the shard index and keeps what it has read: the listing, each shard's
         # attributes (shard_index.py). A writer always asks the shards themselves.
         self.use_index = use_index and not writable
@@ -168,7 +161,7 @@ class Store(VerifiedReads, ShardEdits):
         # reported for its own shard when read (shard_attrs), never while listing the others
         if self._names is not None:
             return list(self._names)
-        names = sorted(n for n in _sync(_list_dir(self.root.store, SHARDS)) if n != "zarr.json")
+        names = [n for n in self.objects.names(SHARDS) if n != "zarr.json"]
         for n in names:
             check_name(n, f"{self.url}: shards", "shard")
         if self.use_index:
@@ -209,17 +202,15 @@ class Store(VerifiedReads, ShardEdits):
         """The stored shard index's entries, validated and checked against the digest the root
         metadata records for it; None when there is none, or (with a warning) when it is
         unreadable, invalid or not the index the root names (tampered, or a write in progress)."""
-        from zarr.abc.store import RangeByteRequest
-        from zarr.core.buffer import default_buffer_prototype
         where = f"{self.url}: {INDEX_KEY}"
         try:
-            buf = _sync(self.root.store.get(INDEX_KEY, prototype=default_buffer_prototype(),
-                                            byte_range=RangeByteRequest(0, MAX_INDEX_BYTES + 1)))
-            if buf is None:
+            try:
+                got = self.objects.get(INDEX_KEY, limit=MAX_INDEX_BYTES)
+            except ValueError:
+                raise StoreError(f"{where}: larger than {MAX_INDEX_BYTES} bytes") from None
+            if got is None:
                 return None
-            raw = buf.to_bytes()
-            if len(raw) > MAX_INDEX_BYTES:
-                raise StoreError(f"{where}: larger than {MAX_INDEX_BYTES} bytes")
+            raw = got.tobytes()
             named = self._root_attrs().get(INDEX_ATTR)
             if not isinstance(named, dict) or named.get("sha256") != index_digest(raw):
                 raise StoreError(f"{where}: not the index the root metadata names (its sha256 differs: changed "
@@ -235,10 +226,9 @@ class Store(VerifiedReads, ShardEdits):
     def write_index(self, entries: dict[str, dict]) -> None:
         """The index object first, then its digest in the root metadata (a reader between the two
         finds them different and reads the shards themselves)."""
-        from zarr.core.buffer import cpu
         self._need_writable()
         raw = render_index(entries)
-        _sync(self.root.store.set(INDEX_KEY, cpu.Buffer.from_bytes(raw)))
+        self.objects.put(INDEX_KEY, raw)
         root = zarr.open_group(self.root.store, mode="r+", **V3)  # re-read: other jobs may have changed the root since
         root.attrs.put({**root.attrs.asdict(), INDEX_ATTR: {"sha256": index_digest(raw), "shards": len(entries)}})
         self.root = root

@@ -47,7 +47,8 @@ def test_ratio_spread_is_pairwise_and_an_impossible_gain_is_flagged():
 def _table_rows(text):
     return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| side")
             and not line.startswith("| codec") and not line.startswith("| method") and not line.startswith("| device")
-            and not line.startswith("| long side")]
+            and not line.startswith("| long side") and not line.startswith("| where")
+            and not line.startswith("| student input")]
 
 
 def test_bench_extract_and_train_end_to_end_print_medians_and_spreads(vit_spec):
@@ -87,16 +88,25 @@ def test_repeat_must_be_a_positive_integer(repeat):
 def test_bench_load_local_and_on_loopback_s3_with_verification_on_and_off(vit_spec):
     # 96 images x 4 tokens: past the 256 training tokens a quantizer needs (a fifth is held out)
     out = run_cli("bench", "load", "-t", vit_spec, "--images", "96", "--workers", "1", "--repeat", "2", "--codes", "pq:M=8",
-                  "--decode-sizes", "100,500", "--decode-images", "4").stdout
+                  "--decode-sizes", "100,500", "--decode-images", "4", "--pixel-sizes", "32").stdout
     rows = _table_rows(out)
     assert [r.split("|")[1].strip() for r in rows] == [
         "decode floor (decode + view, no store)", "local, no target arrays (keys and views only)", "local, verification on",
         "local, verification off", "local, patch codes, verification on",
-        "s3 (loopback moto), verification on", "s3 (loopback moto), verification off", "100 px", "500 px",
-        "100 px", "500 px"]  # the stage, then the decode alone
+        "s3 (loopback moto), verification on", "s3 (loopback moto), verification off",
+        "local", "s3 (loopback moto)",  # block reads: kdcache's against zarr's own
+        "32 px", "32 px", "32 px",  # the corpus loader, the store's JPEG and raw pixels
+        "100 px", "500 px", "100 px", "500 px"]  # the stage, then the decode alone
     assert all(len(SPREAD.findall(r)) == 2 for r in rows[:7]), out
-    assert all(len(SPREAD.findall(r)) == 5 for r in rows[7:9]), out
-    assert all(len(SPREAD.findall(r)) == 4 for r in rows[9:]), out
+    assert all(len(SPREAD.findall(r)) == 3 for r in rows[7:9]), out
+    # one request per block for kdcache's read; zarr's own reads at least one
+    requests = rows[8].split("|")[5].split("/")
+    assert float(requests[0]) == 1.0 and float(requests[1]) >= 1.0, rows[8]
+    assert [r.split("|")[2].strip() for r in rows[9:12]] == [
+        "corpus loader (each view cut from its image)", "the store's JPEG (quality 90) view pixels", "the store's raw view pixels"]
+    assert len(SPREAD.findall(rows[9])) == 1 and all(len(SPREAD.findall(r)) == 2 for r in rows[10:12]), out
+    assert all(len(SPREAD.findall(r)) == 5 for r in rows[12:14]), out
+    assert all(len(SPREAD.findall(r)) == 4 for r in rows[14:]), out
     mbs = {r.split("|")[1].strip(): float(r.split("|")[3].split()[0].replace(",", "")) for r in rows[:7]}
     # target bytes per sample: none, 4 x 192 fp16 patch tokens + the summary, 4 x 8 one-byte codes + the summary
     assert mbs["local, no target arrays (keys and views only)"] == 0 < mbs["local, patch codes, verification on"]
@@ -106,13 +116,17 @@ def test_bench_load_local_and_on_loopback_s3_with_verification_on_and_off(vit_sp
     assert "64-px student input" in out and "1 stored view(s) per image, one read per block and epoch (store format 3)" in out
     d = json.loads(run_cli("bench", "load", "-t", vit_spec, "--images", "32", "--workers", "0", "--repeat", "1", "--s3", "off",
                            "--codes", "none", "--decode-sizes", "500", "--decode-images", "4", "--views", "2",
-                           "--student-size", "40", "--json").stdout)
+                           "--student-size", "40", "--pixel-sizes", "none", "--json").stdout)
     # every side, the floor too, delivered the student's input size
     assert d["student_size"] == 40 and set(map(tuple, d["image_shapes"].values())) == {(3, 40, 40)}, d["image_shapes"]
     assert d["stored_views"] == 2 and d["store_format"] == 3  # two views per image, each its own Zarr shard; one per sample:
     m = d["measurement"]
     assert m["items"]["decode floor (decode + view, no store)"] == m["items"]["local, verification on"] == 32  # same samples
     assert "local, patch codes, verification on" not in m["items"] and d["bytes_per_sample"] == (4 * 192 + 192) * 2
+    assert d["pixels"] == []
+    [reads] = d["block_reads"]  # every fp16 block, by both reads: the same megabytes per pass
+    assert reads["where"] == "local" and reads["requests_per_block"] is None and reads["blocks"] == 2 * 2  # 2 arrays x 2 views
+    assert reads["megabytes"] == 32 * 2 * (4 * 192 + 192) * 2 / 1e6 and reads["kdcache_over_zarr"]["median"] > 0
     [row] = d["decode"]
     assert row["long_side"] == 500 and row["reduced_over_full"]["median"] > 0 and row["reduced_over_pil_full"]["median"] > 0
     assert row["pil_full"]["median"] > 0 and row["full"]["median"] > 0

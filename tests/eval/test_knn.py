@@ -52,6 +52,43 @@ def test_knn_equals_a_brute_force_vote():
     assert (r["top1"], r["top5"]) == pytest.approx(_brute(x[tr], y[tr], x[va], y[va]))
 
 
+@pytest.mark.parametrize("slice_bytes", [1 << 28, 4 * 300 * 7])  # one slice; slices of 7 queries (the last short)
+def test_the_search_is_faisss_exact_inner_product_search(monkeypatch, slice_bytes):
+    """The torch search returns what faiss's IndexFlatIP returns: the same neighbours in the same
+    order, the same similarities (to float32 rounding), sliced or not."""
+    faiss = pytest.importorskip("faiss")
+    from kdcache.eval import knn
+    monkeypatch.setattr(knn, "SEARCH_BYTES", slice_bytes)
+    rng = np.random.default_rng(5)
+    train, query = knn._unit(rng.standard_normal((300, 24))), knn._unit(rng.standard_normal((45, 24)))
+    index = faiss.IndexFlatIP(24)
+    index.add(train)
+    want_sims, want_idx = index.search(query, 20)
+    sims, idx = knn.nearest(train, query, 20)
+    assert sims.shape == idx.shape == (45, 20) and idx.dtype == np.int64
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(sims, want_sims, rtol=0, atol=1e-5)
+
+
+def test_knn_needs_no_faiss(monkeypatch):
+    """eval knn runs where faiss is not installed (the core install): importing it fails here."""
+    import builtins
+    import importlib
+    real = builtins.__import__
+
+    def no_faiss(name, *args, **kwargs):
+        if name == "faiss" or name.startswith("faiss."):
+            raise ImportError("No module named 'faiss'")
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    monkeypatch.delitem(__import__("sys").modules, "faiss", raising=False)
+    import kdcache.eval.knn as knn
+    knn = importlib.reload(knn)
+    y = np.arange(40) % 4
+    x = np.eye(4, 8)[y] + 0.01 * np.random.default_rng(0).standard_normal((40, 8))
+    assert knn.knn_classify(x[:30], y[:30], x[30:], y[30:], k=3)["top1"] == 1.0
+
+
 @pytest.fixture(scope="module")
 def store(vit_store):
     return vit_store

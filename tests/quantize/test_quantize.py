@@ -247,3 +247,26 @@ def test_quantize_leaves_a_shard_another_job_holds_and_a_rerun_finishes(tmp_path
     other.release("demo-000001")
     r = quantize_store(s, "vit", spec, sample=sample, progress=False)
     assert r["shards_converted"] == 1 and "vit/patch_codes" in Store.open(s).shard_attrs("demo-000001")["digest"]
+
+
+@pytest.mark.parametrize("command", ["quantize", "extract --quantize"])
+def test_without_faiss_quantization_says_in_one_line_what_to_install(tmp_path, vit_store, corpus, vit_spec, monkeypatch,
+                                                                     capsys, command):
+    """faiss is an extra ([cpu] or [gpu]): where none is installed, quantizing refuses before any
+    shard is touched, naming the install command; the store is left as it was."""
+    from helpers import cli_call, one_error_line
+
+    from kdcache.quantize import methods
+    monkeypatch.setattr(methods, "faiss", None)  # as a core install without the extra imports it
+    if command == "quantize":
+        import shutil
+        url = str(tmp_path / "s.zarr")
+        shutil.copytree(vit_store, url)
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        code, _, err = cli_call(monkeypatch, capsys, "quantize", url, "-t", "vit", "--method", "pq", "--m", "8")
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    else:
+        code, _, err = cli_call(monkeypatch, capsys, "extract", corpus, "--out", str(tmp_path / "q.zarr"), "-t", vit_spec,
+                                "--quantize", "pq:M=8", "--workers", "0", "--no-progress")
+    line = one_error_line(err)
+    assert code != 0 and "needs faiss" in line and "pip install 'kdcache[cpu]'" in line, line

@@ -1,5 +1,6 @@
-"""Block reads decode Zarr shards directly (``store.reads._decode_shard``): the same rows plain
-zarr reads, for every codec kdcache writes, and a one-line error for bytes that do not fit."""
+"""Block reads decode Zarr shards from the published format (``store.zarr_shards``), fetched whole
+(``store.objects``): the same rows zarr's own ``Array`` reads, for every layout and codec kdcache
+writes, on a local path and through fsspec; a one-line error for bytes that do not fit."""
 from __future__ import annotations
 
 import os
@@ -10,14 +11,20 @@ import pytest
 import zarr
 import zarr.codecs
 
+from kdcache.store import zarr_shards
 from kdcache.store.layout import compressors
-from kdcache.store.reads import BlockBuffers, _block_in_one_request, _decode_shard, _local_object, crc32
+from kdcache.store.objects import Objects
+from kdcache.store.reads import BlockBuffers, block_in_one_request, crc32
 
 BLOCK, CHUNK, ROWS = 8, 4, 13  # a full block, then a partial one ending inside an inner chunk
 
 
-def _array(tmp_path, codec: str, dtype=np.float16, **over):
-    root = zarr.open_group(str(tmp_path / f"{codec}.zarr"), mode="w")
+def _url(tmp_path, codec):
+    return str(tmp_path / f"{codec}.zarr")
+
+
+def _array(tmp_path, codec: str, dtype=np.float16, url=None, **over):
+    root = zarr.open_group(url or _url(tmp_path, codec), mode="w")
     kw = dict(shape=(ROWS, 2, 5), dtype=dtype, chunks=(CHUNK, 2, 5), shards=(BLOCK, 2, 5), compressors=compressors(codec))
     a = root.create_array("x", **{**kw, **over})
     rows = np.random.default_rng(0).standard_normal((ROWS, 2, 5)).astype(dtype)
@@ -25,18 +32,28 @@ def _array(tmp_path, codec: str, dtype=np.float16, **over):
     return a, rows
 
 
+def _read(url, a, index, view=0, buffers=None):
+    """A block as a store reads it: the group's objects, keys relative to it."""
+    return block_in_one_request(Objects(url), a, index, BLOCK, view, buffers)
+
+
+def _decode(a, data, rows):
+    layout = zarr_shards.shard_layout(a.metadata.to_dict())
+    return None if layout is None else zarr_shards.decode(layout, np.frombuffer(bytes(data), np.uint8), rows)
+
+
 @pytest.mark.parametrize("codec", ["none", "lz4", "zstd"])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint8])
 def test_blocks_decode_to_what_zarr_reads(tmp_path, codec, dtype):
     a, rows = _array(tmp_path, codec, dtype)
     for index in (0, 1):
-        got = _block_in_one_request(a, index, BLOCK)
+        got = _read(_url(tmp_path, codec), a, index)
         want = np.asarray(zarr.open_array(str(tmp_path / f"{codec}.zarr" / "x"), mode="r")[index * BLOCK:(index + 1) * BLOCK])
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(got, rows[index * BLOCK:(index + 1) * BLOCK])
     data = open(_shard_file(tmp_path, codec, 1), "rb").read()
-    direct = _decode_shard(a, np.frombuffer(data, np.uint8), ROWS - BLOCK)  # decoded here, not left to zarr
+    direct = _decode(a, data, ROWS - BLOCK)  # decoded here, not left to zarr
     assert direct is not None
     np.testing.assert_array_equal(direct, rows[BLOCK:])
 
@@ -47,11 +64,11 @@ def test_a_view_of_a_per_view_array_decodes_alone_to_what_zarr_reads(tmp_path, c
     a, rows = _array(tmp_path, codec, chunks=(CHUNK, 1, 5), shards=(BLOCK, 1, 5))
     for index in (0, 1):
         for view in (0, 1):
-            got = _block_in_one_request(a, index, BLOCK, view)
+            got = _read(_url(tmp_path, codec), a, index, view)
             assert got.shape == (min(BLOCK, ROWS - index * BLOCK), 1, 5)
             np.testing.assert_array_equal(got[:, 0], rows[index * BLOCK:(index + 1) * BLOCK, view])
     data = open(os.path.join(tmp_path, f"{codec}.zarr", "x", "c", "1", "1", "0"), "rb").read()
-    direct = _decode_shard(a, np.frombuffer(data, np.uint8), ROWS - BLOCK)
+    direct = _decode(a, data, ROWS - BLOCK)
     assert direct is not None
     np.testing.assert_array_equal(direct[:, 0], rows[BLOCK:, 1])
 
@@ -63,12 +80,12 @@ def _shard_file(tmp_path, codec, index):
 def test_a_missing_inner_chunk_reads_as_the_fill_value(tmp_path):
     a, rows = _array(tmp_path, "lz4")
     a[4:8] = 0  # zarr drops a chunk equal to the fill value: its index entry says "never written"
-    got = _block_in_one_request(a, 0, BLOCK)
+    got = _read(_url(tmp_path, "lz4"), a, 0)
     np.testing.assert_array_equal(got[4:8], np.zeros((4, 2, 5), np.float16))
     np.testing.assert_array_equal(got[:4], rows[:4])
 
 
-@pytest.mark.parametrize("where,match", [("index", "CRC-32C"), ("short", "shorter than its index"),
+@pytest.mark.parametrize("where,match", [("index", "CRC-32C"), ("short", "fewer than the shard index"),
                                          ("offset", "CRC-32C"), ("header", "Blosc header")])
 def test_bytes_that_do_not_fit_the_index_are_a_value_error(tmp_path, where, match):
     a, _ = _array(tmp_path, "lz4")
@@ -83,20 +100,47 @@ def test_bytes_that_do_not_fit_the_index_are_a_value_error(tmp_path, where, matc
     else:
         data[4] ^= 0x01  # the first chunk's Blosc header: its uncompressed size
     with pytest.raises(ValueError, match=match):
-        _decode_shard(a, np.frombuffer(bytes(data), np.uint8), BLOCK)
+        _decode(a, data, BLOCK)
 
 
 def test_a_layout_kdcache_does_not_write_is_left_to_zarr(tmp_path):
     a, rows = _array(tmp_path, "none", serializer=zarr.codecs.BytesCodec(endian="big"))
-    assert _decode_shard(a, np.frombuffer(open(_shard_file(tmp_path, "none", 0), "rb").read(), np.uint8), BLOCK) is None
-    np.testing.assert_array_equal(_block_in_one_request(a, 0, BLOCK), rows[:BLOCK])
-    # not a local store (object storage, memory): the object zarr fetched is decoded by zarr as it came
-    m = zarr.open_group(zarr.storage.MemoryStore(), mode="w").create_array(
-        "x", shape=(ROWS, 2, 5), dtype=np.float16, chunks=(CHUNK, 2, 5), shards=(BLOCK, 2, 5),
-        serializer=zarr.codecs.BytesCodec(endian="big"))
-    m[:] = rows
+    assert zarr_shards.shard_layout(a.metadata.to_dict()) is None
+    np.testing.assert_array_equal(_read(_url(tmp_path, "none"), a, 0), rows[:BLOCK])
+    # through fsspec (object storage's path) too
+    url = f"memory://{tmp_path.name}/big.zarr"
+    m, _ = _array(tmp_path, "none", url=url, serializer=zarr.codecs.BytesCodec(endian="big"))
     for index in (0, 1):
-        np.testing.assert_array_equal(_block_in_one_request(m, index, BLOCK), rows[index * BLOCK:(index + 1) * BLOCK])
+        np.testing.assert_array_equal(_read(url, m, index), rows[index * BLOCK:(index + 1) * BLOCK])
+
+
+@pytest.mark.parametrize("codec", ["none", "lz4", "zstd"])
+def test_blocks_read_through_fsspec_decode_to_what_zarr_reads(tmp_path, codec):
+    """The object-storage path (fsspec, one ranged GET per block): kdcache's decode, not zarr's."""
+    url = f"memory://{tmp_path.name}/{codec}.zarr"
+    a, rows = _array(tmp_path, codec, url=url, chunks=(CHUNK, 1, 5), shards=(BLOCK, 1, 5))
+    assert zarr_shards.shard_layout(a.metadata.to_dict()) is not None
+    for index in (0, 1):
+        for view in (0, 1):
+            np.testing.assert_array_equal(_read(url, a, index, view)[:, 0], rows[index * BLOCK:(index + 1) * BLOCK, view])
+    assert Objects(url).get("x/c/7/0/0", limit=1 << 20) is None  # a missing object, as zarr says
+
+
+def test_chunk_keys_follow_the_arrays_key_encoding():
+    assert zarr_shards.chunk_key({"chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}}}, (3, 1, 0)) == "c/3/1/0"
+    assert zarr_shards.chunk_key({"chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}}}, (3, 1)) == "c.3.1"
+    assert zarr_shards.chunk_key({"chunk_key_encoding": {"name": "v2", "configuration": {"separator": "."}}}, (3, 1)) == "3.1"
+    assert zarr_shards.chunk_key({}, (2,)) == "c/2"
+    with pytest.raises(ValueError, match="chunk key encoding 'odd'"):
+        zarr_shards.chunk_key({"chunk_key_encoding": {"name": "odd"}}, (1,))
+
+
+def test_the_decoded_key_is_the_one_zarr_writes(tmp_path):
+    """A dot-separated key encoding: the object kdcache fetches is the one zarr wrote (else every
+    block would read as missing and fail its checksum)."""
+    a, rows = _array(tmp_path, "lz4", chunk_key_encoding={"name": "default", "separator": "."})
+    assert os.path.exists(os.path.join(_url(tmp_path, "lz4"), "x", "c.1.0.0"))
+    np.testing.assert_array_equal(_read(_url(tmp_path, "lz4"), a, 1), rows[BLOCK:])
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "uint8"])
@@ -110,36 +154,41 @@ def test_the_block_checksum_is_zlibs_crc32_of_the_c_order_bytes(dtype):
 
 def test_a_local_object_is_read_into_the_threads_reused_buffer(tmp_path):
     a, rows = _array(tmp_path, "lz4")
-    first = _local_object(_shard_file(tmp_path, "lz4", 0))
+    objects = Objects(_url(tmp_path, "lz4"))
+    first = objects.get("x/c/0/0/0", limit=1 << 20, reuse=True)
     assert first.tobytes() == open(_shard_file(tmp_path, "lz4", 0), "rb").read()
-    second = _local_object(_shard_file(tmp_path, "lz4", 1))
+    second = objects.get("x/c/1/0/0", limit=1 << 20, reuse=True)
     assert second.tobytes() == open(_shard_file(tmp_path, "lz4", 1), "rb").read()
     assert np.shares_memory(first, second)  # one buffer per thread: valid until the thread's next read
-    assert _local_object(os.path.join(tmp_path, "lz4.zarr", "x", "c", "9", "0", "0")) is None  # missing, as zarr says
+    assert objects.get("x/c/9/0/0", limit=1 << 20) is None  # missing, as zarr says
     # decoded blocks are new arrays, never views of that buffer: both blocks intact after both reads
-    got = [_block_in_one_request(a, i, BLOCK) for i in (0, 1)]
+    got = [_read(_url(tmp_path, "lz4"), a, i) for i in (0, 1)]
     np.testing.assert_array_equal(np.concatenate(got), rows)
 
 
-def test_an_object_larger_than_any_block_is_refused_before_it_is_read(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["local", "fsspec"])
+def test_an_object_larger_than_its_limit_is_refused_before_it_is_read(tmp_path, monkeypatch, where):
     from kdcache.store import reads
-    _array(tmp_path, "none")
+    url = _url(tmp_path, "none") if where == "local" else f"memory://{tmp_path.name}/limit.zarr"
+    a, _ = _array(tmp_path, "none", url=url)
+    with pytest.raises(ValueError, match="more than"):
+        Objects(url).get("x/c/0/0/0", limit=16)
     monkeypatch.setattr(reads, "MAX_BLOCK_BYTES", 16 - (1 << 24))  # a bound below this object (a tampered one: above 2 GiB)
-    with pytest.raises(ValueError, match="more than a block kdcache reads at once"):
-        _local_object(_shard_file(tmp_path, "none", 0))
+    with pytest.raises(ValueError, match="more than"):
+        _read(url, a, 0)
 
 
 def test_blocks_decoded_into_reused_buffers_keep_their_rows_while_any_is_alive(tmp_path):
     a, rows = _array(tmp_path, "lz4")
     pool = BlockBuffers(keep=1)
-    held = _block_in_one_request(a, 0, BLOCK, buffers=pool)[3]  # one row of block 0 kept, as a sample keeps it
-    second = _block_in_one_request(a, 1, BLOCK, buffers=pool)
+    held = _read(_url(tmp_path, "lz4"), a, 0, buffers=pool)[3]  # one row of block 0 kept, as a sample keeps it
+    second = _read(_url(tmp_path, "lz4"), a, 1, buffers=pool)
     assert len(pool._buffers) == 2 and not np.shares_memory(held, second)  # block 0's buffer was not handed out again
     np.testing.assert_array_equal(held, rows[3])
     np.testing.assert_array_equal(second, rows[BLOCK:])
     before = {b.__array_interface__["data"][0] for b in pool._buffers}
     del held, second
-    again = _block_in_one_request(a, 1, BLOCK, buffers=pool)  # nothing refers to either buffer now: one is reused
+    again = _read(_url(tmp_path, "lz4"), a, 1, buffers=pool)  # nothing refers to either buffer now: one is reused
     assert len(pool._buffers) == 2 and again.__array_interface__["data"][0] in before
     np.testing.assert_array_equal(again, rows[BLOCK:])
 
