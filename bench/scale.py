@@ -35,6 +35,7 @@ from dataclasses import asdict
 import numpy as np
 
 from kdcache.errors import KdcacheError
+from kdcache.train.rundir import RunDir
 
 from .harness import environment
 from .options import PlanBench, ScaleBench
@@ -187,7 +188,7 @@ def prepare_resume(store: str, corpus: str, run: str, extra: list[str], env: dic
     """A run stopped at 90% of its first epoch (built once per store, outside the timing); each timed
     resume starts from a fresh copy of it."""
     kept = run + ".stopped"
-    if not os.path.exists(os.path.join(kept, "checkpoints", "last", "state.json")):
+    if not RunDir(kept).has_checkpoint():
         shutil.rmtree(kept, ignore_errors=True)
         args = command_line("train to step 1", store, corpus, kept)
         args[args.index("--stop-at-step") + 1] = str(RESUME_AT(shards_of(store)))

@@ -20,7 +20,6 @@ Results land in ``OUT/softlabels.json`` and ``OUT/softlabels.md``; finished runs
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 
@@ -31,6 +30,7 @@ from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract
 from kdcache.models.convert_weights import shipped_teacher
 from kdcache.store import Store
+from kdcache.train.rundir import kept_json
 
 from .harness import environment
 from .options import SoftLabelsPlan
@@ -49,12 +49,7 @@ def _store(out: str, corpus: str, teacher: str, *, views: int, k: int, progress:
 
 def _scored(run: str, data: str, key: tuple[str, ...]) -> float:
     """The run's figure on ``data`` (kept beside the run: a resumed study does not score twice)."""
-    done = os.path.join(run, "softlabels-eval.json")
-    if os.path.exists(done):
-        r = json.load(open(done))
-    else:
-        r = accuracy(run, data)
-        json.dump(r, open(done, "w"))
+    r = kept_json(os.path.join(run, "softlabels-eval.json"), lambda: accuracy(run, data))
     for part in key:
         r = r[part]
     return float(r)

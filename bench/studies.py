@@ -11,33 +11,24 @@ import numpy as np
 from kdcache.errors import KdcacheError
 from kdcache.train.config import TrainConfig
 from kdcache.train.fit import build_run, fit
+from kdcache.train.rundir import kept_json
 
 
 def train_variant(out: str, *, progress: bool, **config) -> dict:
     """Train one variant (or reuse the finished run in ``out``) and time its training loop
     (``fit``, without building: statistics, counting passes)."""
-    done = os.path.join(out, "quality-run.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            return json.load(f)
-    run = build_run(TrainConfig(out=out, overwrite=True, **config), progress=progress)
-    t0 = time.perf_counter()
-    result = fit(run, progress=progress)
-    r = {"steps": result["steps"], "fit_seconds": time.perf_counter() - t0, "teacher_images": result["teacher_images"]}
-    with open(done, "w") as f:
-        json.dump(r, f)
-    return r
+    def run() -> dict:
+        built = build_run(TrainConfig(out=out, overwrite=True, **config), progress=progress)
+        t0 = time.perf_counter()
+        result = fit(built, progress=progress)
+        return {"steps": result["steps"], "fit_seconds": time.perf_counter() - t0, "teacher_images": result["teacher_images"]}
+    os.makedirs(out, exist_ok=True)
+    return kept_json(os.path.join(out, "quality-run.json"), run)
 
 
 def record(path: str, make) -> dict:
     """The JSON kept at ``path``, or ``make()`` written there (a resumed study does not redo it)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    r = make()
-    with open(path, "w") as f:
-        json.dump(r, f)
-    return r
+    return kept_json(path, make)
 
 
 def kfold_scores(x: np.ndarray, y: np.ndarray, *, folds: int, seed: int = 0) -> dict:

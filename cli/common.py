@@ -28,12 +28,15 @@ def drop_unset(**kwargs) -> dict:
 
 def defaults_of(cls):
     """``D = defaults_of(Options)``; ``D("name")`` is the help text's ' [default: X]' for a field of an
-    options dataclass: the one place the default lives."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    options dataclass (or of a mapping of defaults): the one place the default lives."""
+    fields = {} if isinstance(cls, dict) else {f.name: f for f in dataclasses.fields(cls)}
 
     def default(name: str) -> str:
-        f = fields[name]
-        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(cls, dict):
+            value = cls[name]
+        else:
+            f = fields[name]
+            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if isinstance(value, tuple):
             value = ",".join(map(str, value))
         return f" [default: {'none' if value is None else value}]"

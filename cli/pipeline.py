@@ -13,11 +13,11 @@ from kdcache.store.dtypes import STORAGE_DTYPES
 from kdcache.store.meta import CODECS
 from kdcache.targets.sample import SampleSpec
 from kdcache.train.config import (AMP, BALANCES, DECODES, HEAD_KINDS, IMAGE_SOURCES, LABEL_LOSSES, LAST_BATCH, LOGITS_LOSSES,
-                                  LOGITS_TAILS, NORMALIZERS, VIEW_CHOICES, TrainConfig, parse_ladder)
+                                  LOGITS_TAILS, NORMALIZERS, SCHEDULES, VIEW_CHOICES, DEFAULTS, parse_ladder)
 
 from .common import apply_storage_options, cli, defaults_of, drop_unset, with_storage_options
 
-E, T, Q, S, DEMO = (defaults_of(c) for c in (ExtractOptions, TrainConfig, QuantizerSpec, SampleSpec, DemoOptions))
+E, T, Q, S, DEMO = (defaults_of(c) for c in (ExtractOptions, DEFAULTS, QuantizerSpec, SampleSpec, DemoOptions))
 
 
 @cli.command()
@@ -170,7 +170,7 @@ def demo(no_progress, **kw):
 
 
 @cli.command()
-@click.option("--config", "config_file", help="YAML or TOML file of options (CLI options override it). [default: none]")
+@click.option("--config", "config_file", help="YAML or TOML file of options, in sections as RUN/config.json holds them (optimisation, objectives, heads, balance, data, online) or flat; CLI options override it. [default: none]")
 @click.option("--store", help="Store written by kdcache extract (required here or in --config, unless --online).")
 @click.option("--data", help="The corpus the store was extracted from (required here or in --config, unless the store "
               "keeps its views' pixels: extract --pixels).")
@@ -189,9 +189,21 @@ def demo(no_progress, **kw):
 @click.option("--epochs", type=int, help="Passes over the store." + T("epochs"))
 @click.option("--batch-size", type=int, help="Samples per step and rank." + T("batch_size"))
 @click.option("--workers", type=int, help="DataLoader processes per rank (persist across epochs)." + T("workers"))
-@click.option("--lr", type=float, help="AdamW learning rate (peak)." + T("lr"))
-@click.option("--weight-decay", type=float, help="AdamW weight decay." + T("weight_decay"))
-@click.option("--warmup-steps", type=int, help="Linear warmup before the cosine decay." + T("warmup_steps"))
+@click.option("--lr", type=float, help="Learning rate (peak)." + T("lr"))
+@click.option("--weight-decay", type=float, help="Weight decay (every trained parameter)." + T("weight_decay"))
+@click.option("--opt", help="Optimizer: any timm name (timm.optim.create_optimizer_v2: adamw is torch's AdamW; sgd, "
+              "lamb, lion, adopt, ...)." + T("opt"))
+@click.option("--momentum", type=float, help="Momentum of SGD-like optimizers (timm's option)." + T("momentum"))
+@click.option("--opt-eps", type=float, help="The optimizer's epsilon (0 = its own default)." + T("opt_eps"))
+@click.option("--sched", type=click.Choice(SCHEDULES), help="Learning-rate schedule, per step: warmup-cosine (linear "
+              "warmup, then a cosine to 0) or a timm schedule (timm.scheduler.create_scheduler_v2, counted in steps)."
+              + T("sched"))
+@click.option("--warmup-steps", type=int, help="Linear warmup steps (at most half the run)." + T("warmup_steps"))
+@click.option("--warmup-lr", type=float, help="timm schedules: the rate warmup starts from." + T("warmup_lr"))
+@click.option("--min-lr", type=float, help="timm schedules: the floor." + T("min_lr"))
+@click.option("--decay-steps", type=int, help="--sched step: steps between decays (0 = a third of the run)."
+              + T("decay_steps"))
+@click.option("--decay-rate", type=float, help="--sched step: the factor of each decay." + T("decay_rate"))
 @click.option("--clip-grad", type=float, help="Gradient norm clip (0 = off)." + T("clip_grad"))
 @click.option("--amp", type=click.Choice(AMP), help="Autocast: auto is bf16 on CUDA and off on a CPU, where bf16 "
               "matmuls are slow." + T("amp"))
@@ -264,6 +276,9 @@ def demo(no_progress, **kw):
               "cross-entropy on the corpus labels, which must be in the teachers' classes (with --logits-loss kl)."
               + T("label_loss"))
 @click.option("--label-weight", type=float, help="Static weight of the label loss." + T("label_weight"))
+@click.option("--summary-loss", help="The summary token's loss, by name (train.losses: cosine, cos-smoothl1, ...)."
+              + T("summary_loss"))
+@click.option("--patch-loss", help="The patch tokens' loss, by name (train.losses)." + T("patch_loss"))
 @click.option("--alpha", type=float, help="Patch loss: weight of 1-cos (rest: SmoothL1)." + T("alpha"))
 @click.option("--beta", type=float, help="SmoothL1 beta." + T("beta"))
 @click.option("--summary-weight", type=float, help="Weight of the summary (CLS) loss." + T("summary_weight"))
@@ -287,7 +302,8 @@ def train(config_file, teacher_weights, teachers, no_progress, storage_options, 
     kdcache train --store feats.zarr --data /data/shards --student resnet18 --out runs/r18
     kdcache train --store pixels.zarr --student resnet18,img_size=112 --out runs/r18   # a store with --pixels 112
     kdcache train --online --teacher dino=vit_small_patch14_dinov2.lvd142m --data /data/shards --student resnet18 --out runs/online
-    kdcache train --config run.yaml --epochs 30
+    kdcache train --config run.yaml --epochs 30                       # a file of sections (docs: Training)
+    kdcache train --store feats.zarr --data D --student resnet18 --out runs/sgd --opt sgd --lr 0.05 --sched step
     kdcache train --store two.zarr --data D --student resnet50 --out runs/mt --balance mgda --head transformer --task-loss ce
     kdcache train --store two.zarr --data D --student resnet50 --out runs/mt --head model-token --ladder 2,3 --balance dto --task-loss ce
     kdcache train --store two.zarr --data D --student tf_efficientnet_lite0,pretrained=true --out runs/ki --frozen-backbone
@@ -298,7 +314,7 @@ def train(config_file, teacher_weights, teachers, no_progress, storage_options, 
     from kdcache.train.fit import train as run
     cfg = build_config(config_file, teachers=tuple(teachers) or None,
                        teacher_weights=parse_teacher_weights(teacher_weights), **kw)
-    apply_storage_options(storage_options, cfg.store, cfg.data)
+    apply_storage_options(storage_options, cfg.store, cfg.data.corpus)
     click.echo(json.dumps(run(cfg, config_file=config_file, progress=not no_progress), indent=2))
 
 

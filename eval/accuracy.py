@@ -12,8 +12,6 @@ never trained on for held-out figures.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import replace
 
 import torch
@@ -29,6 +27,7 @@ from kdcache.data.samples import corpus_places
 from kdcache.data.stream import SampleStream, StreamSpec
 from kdcache.data.transport import collate
 from kdcache.errors import KdcacheError
+from kdcache.train.rundir import RunDir
 from kdcache.models.teacher import Teacher, create_teacher, teacher_from_meta
 from kdcache.store.meta import TeacherMeta, ViewPolicy
 
@@ -37,11 +36,10 @@ from .model_features import EVAL_BLOCK, run_student
 
 def run_teacher(run: str, name: str | None = None) -> Teacher:
     """The teacher whose soft labels the run learnt, live, as the run recorded it."""
-    with open(os.path.join(run, "provenance.json")) as f:
-        prov = json.load(f)
+    rundir = RunDir(run)
+    prov = rundir.read_provenance()
     if prov.get("online"):
-        with open(os.path.join(run, "config.json")) as f:
-            specs = {s.split("=", 1)[0]: s for s in json.load(f)["teachers"]}
+        specs = {s.split("=", 1)[0]: s for s in rundir.read_config().teachers}
         name = name or next(iter(specs))
         if name not in specs:
             raise KdcacheError(f"--teacher {name}: not a teacher of {run} ({', '.join(specs)})")
@@ -117,8 +115,7 @@ def _store_pixels(run: str, crops) -> SampleStream:
     from kdcache.data.stream import shard_rows
     from kdcache.data.corpus import ReadOptions
     from kdcache.store import Store
-    from .model_features import run_config
-    url = run_config(run).get("store")
+    url = RunDir(run).read_config().store
     store = Store.open(url) if url else None
     if store is None or store.meta.pixels is None:
         raise KdcacheError(f"--data is required: {run}'s store {'(none: an online run) ' if not url else url + ' '}keeps "

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import json
-import os
 
 import torch
 import torch.nn.functional as F
@@ -22,18 +20,14 @@ from torch.utils.data import DataLoader
 from kdcache.errors import KdcacheError
 from kdcache.train.config import TrainConfig
 from kdcache.train.fit import build_run
+from kdcache.train.rundir import RunDir
 from kdcache.data.transport import collate
 from kdcache.train.trainer import to_device
 
 
 def run_config(run: str, **changes) -> TrainConfig:
-    try:
-        with open(os.path.join(run, "config.json")) as f:
-            d = json.load(f)
-    except (OSError, ValueError) as e:
-        raise KdcacheError(f"--run {run}: not a kdcache run directory ({e})") from None
-    d["teachers"], d["ladder"] = tuple(d.get("teachers", ())), tuple(d.get("ladder", ()))
-    return TrainConfig(**{**d, "out": run, "resume": False, "overwrite": False, **changes})
+    """The run's config as it trained, to rebuild its model and targets (``changes``: options)."""
+    return RunDir(run).read_config().replace(out=run, resume=False, overwrite=False, **changes)
 
 
 @torch.inference_mode()
@@ -44,7 +38,7 @@ def fidelity(run: str, *, store: str | None = None, data: str | None = None, sha
     trainer, source = run_.trainer, run_.source
     chosen = [s for s in source.shards if shards is None or fnmatch.fnmatchcase(s.name, shards)]
     if not chosen:
-        raise KdcacheError(f"--shards {shards!r}: no shard of {cfg.store or cfg.data} matches")
+        raise KdcacheError(f"--shards {shards!r}: no shard of {cfg.store or cfg.data.corpus} matches")
     spec = dataclasses.replace(source.dataset.spec, shards=tuple(chosen), view_choice="first", shuffle=False,
                                color_jitter=0.0, workers=0, sub_views=0.0, dense_views=False)
     sums = {t: {"summary": [0.0, 0.0], "patch": [0.0, 0.0], "summary_raw": [0.0, 0.0], "patch_raw": [0.0, 0.0]}

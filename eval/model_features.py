@@ -10,7 +10,6 @@ skipped and counted in the result.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 
@@ -29,6 +28,7 @@ from kdcache.data.samples import corpus_places
 from kdcache.data.stream import SampleStream, StreamSpec
 from kdcache.data.transport import collate
 from kdcache.errors import KdcacheError
+from kdcache.train.rundir import RunDir
 from kdcache.models.data_config import DataConfig, resolve_data_config
 from kdcache.models.spec import ModelSpec
 from kdcache.models.student import create_student
@@ -41,20 +41,11 @@ from .probes import probe
 EVAL_BLOCK = 256  # rows per block of a corpus shard read for evaluation (one ranged read of a tar each)
 
 
-def run_config(run: str) -> dict:
-    try:
-        with open(os.path.join(run, "config.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise KdcacheError(f"--run {run}: not a kdcache run directory ({e})") from None
-
-
 def _provenance_student(run: str) -> dict:
-    prov = os.path.join(run, "provenance.json")
-    if not os.path.exists(prov):
-        raise KdcacheError(f"--run {run}: not a kdcache run directory ({prov} missing)")
-    with open(prov) as f:
-        return json.load(f)["student"]
+    student = RunDir(run).read_provenance().get("student")
+    if not isinstance(student, dict) or "model" not in student:
+        raise KdcacheError(f"--run {run}: provenance.json does not name the student; was the run made by this kdcache?")
+    return student
 
 
 def _student_data(student: dict, model: torch.nn.Module) -> DataConfig:
@@ -174,7 +165,7 @@ def probe_model(which: str, data: str | None, options: ProbeOptions = ProbeOptio
     on the view pixels of store ``images`` (default: a run's own store)."""
     net, cfg, what = run_student(run, ema=ema) if which == "run" else spec_model(model)
     if data is None and images is None and which == "run":
-        images = run_config(run).get("store") or None
+        images = RunDir(run).read_config().store or None
     f = labelled_model_features(net, cfg, data, read=read, progress=progress, images=images)
     val, skipped = None, f["skipped_samples"]
     if val_data:

@@ -16,31 +16,21 @@ import os
 
 from kdcache.errors import KdcacheError
 from kdcache.train.metrics import logged_weights, plot_losses, read_metrics
-from kdcache.train.rundir import RunDir
+from kdcache.train.rundir import RunDir, kept_json
 
 
-def _read_json(path: str, what: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise KdcacheError(f"{path}: cannot read the run's {what} ({type(e).__name__}: {e})") from None
-
-
-def _knn_rows(run: str, cfg: dict, prov: dict, data: str, *, seed: int, cache: str) -> list[dict]:
+def _knn_rows(run: str, cfg, prov: dict, data: str, *, seed: int, cache: str) -> list[dict]:
     """kNN of the random-init student, the distilled student, and each teacher. The teachers'
     cached features are read (verified) every time: a damaged store stops the report before any
     model runs. The models' rows, which cost a forward pass over the corpus, are kept in
     ``cache`` and reused while everything they depend on is unchanged (``_knn_key``)."""
-    from kdcache.models.teacher import create_teacher
-
-    from .model_features import labelled_model_features, probe_model, random_init_student, run_student
+    from .model_features import labelled_model_features
     from .options import ProbeOptions
     from .probes import probe
     from .store_features import probe_store
     options = ProbeOptions(seed=seed)
 
-    images = None if data else cfg.get("store")  # no corpus: the run's store's view pixels
+    images = None if data else (cfg.store or None)  # no corpus: the run's store's view pixels
 
     def live(net, data_cfg, what):
         f = labelled_model_features(net, data_cfg, data, progress=True, images=images)
@@ -51,29 +41,31 @@ def _knn_rows(run: str, cfg: dict, prov: dict, data: str, *, seed: int, cache: s
 
     teachers = []
     if not prov.get("online"):
-        for t in cfg.get("teachers") or prov["store_meta"]["teachers"]:
-            teachers.append(row(f"teacher {t} (cached)", probe_store(cfg["store"], data, options, teacher=t, progress=True)))
+        for t in cfg.teachers or prov["store_meta"]["teachers"]:
+            teachers.append(row(f"teacher {t} (cached)", probe_store(cfg.store, data, options, teacher=t, progress=True)))
     key = _knn_key(RunDir(run), cfg, prov, data, seed)
-    try:
-        kept = json.load(open(cache)) if os.path.exists(cache) else {}
-    except ValueError:  # a half-written or foreign file: recompute
-        kept = {}
-    if kept.get("key") == key:
-        return kept["rows"] + teachers
+    rows = kept_json(cache, lambda: _model_rows(run, cfg, prov, data, options, images, live, row), key=key)
+    return rows + teachers
+
+
+def _model_rows(run, cfg, prov, data, options, images, live, row) -> list[dict]:
+    """The rows that cost a forward pass over the corpus: the random-init and distilled students
+    (and the EMA's), an online run's live teachers."""
+    from kdcache.models.teacher import create_teacher
+
+    from .model_features import probe_model, random_init_student, run_student
     rows = [row("random-init student", live(*random_init_student(run))),
             row("distilled student", probe_model("run", data, options, run=run, progress=True, images=images))]
     if os.path.exists(os.path.join(run, "checkpoints", "last", "ema.safetensors")):
         rows.append(row("distilled student (EMA)", live(*run_student(run, ema=True))))
     if prov.get("online"):
-        for spec in cfg["teachers"]:
+        for spec in cfg.teachers:
             t = create_teacher(spec)
             rows.append(row(f"teacher {t.name} (live)", live(t.model, t.data, f"teacher {t.name}, live")))
-    with open(cache, "w") as f:
-        json.dump({"key": key, "rows": rows}, f, indent=2)
-    return rows + teachers
+    return rows
 
 
-def _knn_key(rundir: RunDir, cfg: dict, prov: dict, data: str, seed: int) -> str:
+def _knn_key(rundir: RunDir, cfg, prov: dict, data: str, seed: int) -> str:
     """sha256 of everything the kNN rows depend on: the checkpoint's weights files (names, sizes,
     times), the corpus's shard files, the seed, and the store's shard digests (a damaged or
     replaced store changes them) or, for an online run, its teachers' weights."""
@@ -89,7 +81,7 @@ def _knn_key(rundir: RunDir, cfg: dict, prov: dict, data: str, seed: int) -> str
         parts["teachers"] = {t: m.get("weights_sha256") for t, m in prov.get("teachers", {}).items()}
     else:
         from kdcache.store import Store
-        store = Store.open(cfg["store"])
+        store = Store.open(cfg.store)
         parts["store"] = {name: (store.shard_attrs(name) or {}).get("digest") for name in store.shard_names()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -103,31 +95,14 @@ def _files_stamp(path: str) -> list:
                    os.stat(os.path.join(r, f)).st_mtime_ns] for r, _, fs in os.walk(path) for f in fs)
 
 
-def _epoch_rows(run: str) -> list[dict]:
-    """RUN/epochs.jsonl (a run from before it has none: no rows); a resumed epoch's later line wins."""
-    path = RunDir(run).epoch_log
-    if not os.path.exists(path):
-        return []
-    rows = {}
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    r = json.loads(line)
-                    rows[r["epoch"]] = r
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise KdcacheError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    return [rows[e] for e in sorted(rows)]
-
-
-def _bytes_rows(cfg: dict, prov: dict) -> list[dict]:
+def _bytes_rows(cfg, prov: dict) -> list[dict]:
     """Per teacher: bytes per sample in fp32, fp16, and as this run's store holds them."""
     if prov.get("online"):
         metas, views, stored = prov["teachers"], 1, {}
     else:
         from kdcache.store import Store
         from kdcache.store.inspect import info
-        r = info(Store.open(cfg["store"]))
+        r = info(Store.open(cfg.store))
         metas, views = prov["store_meta"]["teachers"], r["views"]
         stored = {t: row["bytes_per_sample"] for t, row in r["teachers"].items()}
     rows = []
@@ -158,8 +133,7 @@ def _bar(path: str, labels: list[str], series: dict[str, list[float]], *, ylabel
 
 def report(run: str, *, data: str | None = None, knn: bool = True, seed: int = 0, out: str | None = None) -> dict:
     rundir = RunDir(run)
-    cfg = _read_json(rundir.config, "config")
-    prov = _read_json(rundir.file("provenance.json"), "provenance")
+    cfg, prov = rundir.read_config(), rundir.read_provenance()
     if not os.path.exists(rundir.metrics):
         raise KdcacheError(f"{rundir.metrics}: the run has no metrics yet (train it first)")
     metrics = read_metrics(rundir)
@@ -172,7 +146,7 @@ def report(run: str, *, data: str | None = None, knn: bool = True, seed: int = 0
 
     knn_rows = None
     if knn:
-        data = data or cfg.get("data") or None
+        data = data or cfg.data.corpus or None
         knn_rows = _knn_rows(run, cfg, prov, data, seed=seed, cache=os.path.join(out, "knn.json"))
         files["knn"] = _bar(os.path.join(out, "knn.png"), [r["features"] for r in knn_rows],
                             {"top-1": [r["top1"] for r in knn_rows], "top-5": [r["top5"] for r in knn_rows]},
@@ -187,18 +161,19 @@ def report(run: str, *, data: str | None = None, knn: bool = True, seed: int = 0
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write(text)
-    return {"report": path, "files": files, "knn": knn_rows, "bytes": bytes_rows, "epochs": _epoch_rows(run)}
+    return {"report": path, "files": files, "knn": knn_rows, "bytes": bytes_rows, "epochs": rundir.read_epochs()}
 
 
 def _markdown(run, cfg, prov, metrics, teachers, knn_rows, bytes_rows, files, out) -> str:
     last = metrics[-1]
-    source = (f"online: teachers {', '.join(cfg['teachers'])} run live" if prov.get("online")
-              else f"store `{cfg['store']}`")
-    images = cfg.get("data") or "the store's view pixels"
+    source = (f"online: teachers {', '.join(cfg.teachers)} run live" if prov.get("online")
+              else f"store `{cfg.store}`")
+    images = cfg.data.corpus or "the store's view pixels"
     lines = [f"# kdcache run `{run}`", "",
-             f"Student `{cfg['student']}` on `{images}`; targets from the {source}. "
-             f"{last['step']} steps, {cfg['epochs']} epochs of batch {cfg['batch_size']}, lr {cfg['lr']}, "
-             f"normalisation {cfg['normalize']}, seed {cfg['seed']}.", "",
+             f"Student `{cfg.student}` on `{images}`; targets from the {source}. "
+             f"{last['step']} steps, {cfg.optimisation.epochs} epochs of batch {cfg.data.batch_size}, "
+             f"{cfg.optimisation.opt} at lr {cfg.optimisation.lr} ({cfg.optimisation.sched}), "
+             f"normalisation {cfg.objectives.normalize}, seed {cfg.seed}.", "",
              "## Losses", "", "| teacher | summary loss (last) | patch loss (last) |", "|---|---|---|"]
     lines += [f"| {t} | {float(last[f'{t}/summary']):.4f} | {float(last[f'{t}/patch']):.4f} |" for t in teachers]
     weights = logged_weights(metrics)
@@ -208,7 +183,7 @@ def _markdown(run, cfg, prov, metrics, teachers, knn_rows, bytes_rows, files, ou
             lines.append(f"| {objective} | {sum(values) / len(values):.3f} | {values[0]:.3f} | {values[-1]:.3f} |")
     lines += ["", f"Total loss {float(metrics[0]['loss']):.4f} at step {metrics[0]['step']} -> {float(last['loss']):.4f} "
                   f"at step {last['step']}.", "", f"![losses]({os.path.relpath(files['losses'], out)})", ""]
-    epochs = _epoch_rows(run)
+    epochs = RunDir(run).read_epochs()
     if epochs:  # RUN/epochs.jsonl: what every epoch delivered
         lines += ["## Epochs", "", "Samples each finished epoch delivered (summed over ranks), as the split planned them "
                   "(`--last-batch`: dropped or padded) and what corrupt data cost (skipped).", "",

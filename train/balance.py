@@ -1,4 +1,12 @@
-"""How the objectives of one step are weighted: static weights, MGDA, teacher dropping.
+"""How the objectives of one step are weighted: static weights, MGDA, DTO-KD, teacher dropping.
+
+Every way is a ``Balancer``: ``weigh(losses, static, step) -> (weights, logged)`` from the step's
+objective losses (name -> scalar tensor, in the order the objectives were computed) and their
+static weights; an objective left out of ``weights`` weighs 0 (its parameters stay in the graph
+with zero gradients: DDP needs every parameter used). ``varies``: the weights change per step
+(the trainer logs them as ``weight/<objective>``); ``columns``: what ``logged`` adds to
+metrics.csv. ``create_balancer`` builds the run's from ``--balance`` and ``--teacher-drop``
+(teacher dropping wraps any of the others).
 
 **MGDA** (``--balance mgda``; Sener & Koltun's MGDA-UB, as DTO-KD uses it for distillation):
 each objective's gradient is taken with respect to the student's shared representation (its
@@ -27,6 +35,8 @@ is kept and every other one is dropped with probability P, from a generator seed
 step): the same on every rank and after a resume.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -129,3 +139,78 @@ def teachers_kept(losses: dict[str, float], drop: float, *, seed: int, step: int
 
 def hash_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
+
+
+# -- balancers: one small interface ------------------------------------------------------------
+
+class Balancer:
+    """Static weights: each objective at its ``--teacher-weight`` / ``--*-weight``."""
+    varies = False
+    columns: tuple[str, ...] = ()
+
+    def weigh(self, losses: dict[str, torch.Tensor], static: dict[str, float], step: int):
+        return {o: static[o] for o in losses}, {}
+
+
+class MinNormBalancer(Balancer):
+    """MGDA: the min-norm point of the objectives' gradients w.r.t. the representation, times n
+    (uniform weights give back the plain sum); one objective keeps its static weight."""
+    varies = True
+
+    def __init__(self, representation: Callable[[], tuple], *, world: int = 1):
+        self.representation, self.world = representation, world
+
+    def weigh(self, losses, static, step):
+        if len(losses) < 2:
+            return super().weigh(losses, static, step)
+        names = list(losses)
+        alpha = min_norm_weights(representation_gram([losses[o] for o in names], self.representation(),
+                                                     world=self.world)).tolist()
+        return {o: len(names) * a for o, a in zip(names, alpha)}, {}
+
+
+class TaskTradeoffBalancer(Balancer):
+    """DTO-KD: the task loss against the distillation loss (the other objectives at their static
+    weights), weighed in closed form from their gradients w.r.t. the representation."""
+    varies = True
+    columns = ("dto/cos",)
+
+    def __init__(self, representation: Callable[[], tuple], *, world: int = 1):
+        self.representation, self.world = representation, world
+
+    def weigh(self, losses, static, step):
+        distill = [o for o in losses if o != "task"]
+        kd = sum(static[o] * losses[o] for o in distill)
+        gram = representation_gram([losses["task"], kd], self.representation(), world=self.world)
+        a_task, a_kd, cos = dto_weights(gram)
+        return {"task": 2 * a_task, **{o: 2 * a_kd * static[o] for o in distill}}, {"dto/cos": cos}
+
+
+class TeacherDropBalancer(Balancer):
+    """UNIC's teacher dropping around another balancer: the max-loss teacher stays, each other one
+    leaves with probability ``drop`` (seeded by seed and step: the same on every rank); the inner
+    balancer weighs what is left."""
+    varies = True
+
+    def __init__(self, inner: Balancer, teachers: list[str], drop: float, *, seed: int, world: int = 1):
+        self.inner, self.teachers, self.drop, self.seed, self.world = inner, list(teachers), drop, seed, world
+        self.columns = inner.columns
+
+    def weigh(self, losses, static, step):
+        mean = torch.stack([losses[t].detach() for t in self.teachers])
+        if self.world > 1:
+            mean = mean.clone()
+            torch.distributed.all_reduce(mean)
+            mean /= self.world
+        kept = teachers_kept(dict(zip(self.teachers, mean.tolist())), self.drop, seed=self.seed, step=step)
+        return self.inner.weigh({o: v for o, v in losses.items() if kept.get(o, True)}, static, step)
+
+
+def create_balancer(method: str, *, teacher_drop: float, teachers: list[str], representation: Callable[[], tuple],
+                    seed: int, world: int) -> Balancer:
+    """``--balance`` static | mgda | dto, wrapped by teacher dropping when ``--teacher-drop`` > 0."""
+    inner = {"static": Balancer, "mgda": MinNormBalancer, "dto": TaskTradeoffBalancer}[method]
+    balancer = inner() if inner is Balancer else inner(representation, world=world)
+    if teacher_drop > 0:
+        balancer = TeacherDropBalancer(balancer, teachers, teacher_drop, seed=seed, world=world)
+    return balancer

@@ -8,7 +8,6 @@ The kwargs are the ones timm accepted when the run built its student (recorded i
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -36,9 +35,7 @@ def export(run: str, out: str | None = None, *, ema: bool = False, heads: bool =
 
 
 def _student(rundir: RunDir) -> dict:
-    try:
-        with open(rundir.file("provenance.json")) as f:
-            return json.load(f)["student"]
-    except (OSError, ValueError, KeyError) as e:
-        raise KdcacheError(f"{rundir.path}: provenance.json does not name the student ({type(e).__name__}); "
-                           f"was the run made by this kdcache?") from None
+    student = rundir.read_provenance().get("student")
+    if not isinstance(student, dict) or "model" not in student or "timm_kwargs" not in student:
+        raise KdcacheError(f"{rundir.path}: provenance.json does not name the student; was the run made by this kdcache?")
+    return student

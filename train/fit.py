@@ -58,7 +58,7 @@ class Run:
     def loader(self) -> DataLoader:
         """The run's DataLoader; its workers persist across epochs (``SampleStream`` epochs)."""
         cfg, cuda = self.trainer.cfg, self.trainer.device.type == "cuda"
-        return training_loader(self.source.dataset, batch_size=cfg.batch_size, workers=cfg.workers, pin_memory=cuda)
+        return training_loader(self.source.dataset, batch_size=cfg.data.batch_size, workers=cfg.data.workers, pin_memory=cuda)
 
 
 def epoch_total(source: TargetSource) -> int:
@@ -72,8 +72,8 @@ def plan_steps(cfg: TrainConfig, total: int, world: int, epochs: range, *, resum
     out = []
     for e in epochs:
         remaining = resumed[1] if resumed is not None and resumed[0] == e else None
-        out.append(epoch_split(total, world=world, workers=cfg.workers, batch_size=cfg.batch_size,
-                               last_batch=cfg.last_batch, remaining=remaining).steps)
+        out.append(epoch_split(total, world=world, workers=cfg.data.workers, batch_size=cfg.data.batch_size,
+                               last_batch=cfg.data.last_batch, remaining=remaining).steps)
     return out
 
 
@@ -111,14 +111,14 @@ def check_plan(kept: dict | None, now: dict, where: str) -> None:
 
 def task_classes(cfg: TrainConfig, source: TargetSource) -> int:
     """0 without a task loss; else --task-classes, or the largest label of the corpus + 1."""
-    if cfg.task_loss == "none":
+    if cfg.objectives.task_loss == "none":
         return 0
-    if cfg.task_classes:
-        return cfg.task_classes
+    if cfg.objectives.task_classes:
+        return cfg.objectives.task_classes
     classes = label_classes(source.corpus) if source.corpus is not None else stored_label_classes(source)
     if classes == 0:
         where = source.corpus.spec if source.corpus is not None else source.store.url
-        raise TrainError(f"--task-loss {cfg.task_loss}: {where} has no labels (webdataset cls fields or image-folder "
+        raise TrainError(f"--task-loss {cfg.objectives.task_loss}: {where} has no labels (webdataset cls fields or image-folder "
                          f"classes)")
     return classes
 
@@ -159,9 +159,9 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: boo
     classes = task_classes(cfg, source)
     student = with_classifier(student, source.classes)  # soft labels: the student's own head, in the teachers' classes
     model = DistillModel(student.model, student.data, source.heads,
-                         HeadSpec(hidden=cfg.head_hidden, depth=cfg.head_depth, kind=cfg.head, heads=cfg.head_heads,
-                                  shared_adapter=cfg.shared_adapter, ladder=cfg.ladder,
-                                  adapter_rank=cfg.adapter_rank if cfg.frozen_backbone else 0),
+                         HeadSpec(hidden=cfg.heads.head_hidden, depth=cfg.heads.head_depth, kind=cfg.heads.head, heads=cfg.heads.head_heads,
+                                  shared_adapter=cfg.heads.shared_adapter, ladder=cfg.heads.ladder,
+                                  adapter_rank=cfg.heads.adapter_rank if cfg.heads.frozen_backbone else 0),
                          task_classes=classes, classify=bool(source.classes))
     total = epoch_total(source)
     plan = run_plan(source)
@@ -178,17 +178,17 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: boo
                 planned = {n: d for n, _, d in kept["shards"]}
                 source.dataset.spec = dataclasses.replace(source.dataset.spec, shards=tuple(
                     dataclasses.replace(s, digest=planned[s.name]) for s in source.dataset.spec.shards))
-            if start["epoch"] >= cfg.epochs:
-                raise TrainError(f"--resume: {cfg.out} is finished ({start['global_step']} steps, {cfg.epochs} epochs); "
+            if start["epoch"] >= cfg.optimisation.epochs:
+                raise TrainError(f"--resume: {cfg.out} is finished ({start['global_step']} steps, {cfg.optimisation.epochs} epochs); "
                                  f"nothing to train (pass a larger --epochs to train on)")
             if start["remaining"] is not None:
                 start["remaining"] = check_remaining(start["remaining"], total)
                 source.dataset.resume_at(start["epoch"], start["remaining"])
     resumed = (start["epoch"], start["remaining"]) if start["remaining"] is not None else None
-    epoch_steps = [0] * start["epoch"] + plan_steps(cfg, total, world, range(start["epoch"], cfg.epochs), resumed=resumed)
+    epoch_steps = [0] * start["epoch"] + plan_steps(cfg, total, world, range(start["epoch"], cfg.optimisation.epochs), resumed=resumed)
     if not evaluate and min(epoch_steps[start["epoch"]:], default=1) == 0:
         raise TrainError(f"--last-batch drop: an epoch of {total} samples is less than one global batch (world {world} x "
-                         f"--batch-size {cfg.batch_size}); lower --batch-size or use --last-batch partial")
+                         f"--batch-size {cfg.data.batch_size}); lower --batch-size or use --last-batch partial")
     trainer = Trainer(cfg, model, source.targets, steps=start["global_step"] + sum(epoch_steps[start["epoch"]:]),
                       device=device, rank=rank, world=world)
     if cfg.resume or evaluate:
@@ -205,15 +205,15 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: boo
 def provenance(cfg: TrainConfig, source: TargetSource, student: Student, classes: int) -> dict:
     """RUN/provenance.json: where the targets came from, the student as timm built it (what
     ``export`` needs to print a load line that rebuilds it), and how it was distilled."""
-    return {**source.provenance, "data": cfg.data,
+    return {**source.provenance, "data": cfg.data.corpus,
             "student": {"model": student.spec.model, "timm_kwargs": student.kwargs, "data": dataclasses.asdict(student.data)},
-            "method": {"head": cfg.head, "head_depth": cfg.head_depth, "head_hidden": cfg.head_hidden,
-                       "shared_adapter": cfg.shared_adapter, "ladder": list(cfg.ladder),
-                       "frozen_backbone": cfg.frozen_backbone, "adapter_rank": cfg.adapter_rank if cfg.frozen_backbone else 0,
-                       "normalize": cfg.normalize, "balance": cfg.balance,
-                       "teacher_drop": cfg.teacher_drop, "task_loss": cfg.task_loss, "task_classes": classes,
-                       "logits_loss": cfg.logits_loss, "temperature": cfg.temperature, "logits_tail": cfg.logits_tail,
-                       "label_loss": cfg.label_loss, "classes": source.classes, "teachers": source.teachers}}
+            "method": {"head": cfg.heads.head, "head_depth": cfg.heads.head_depth, "head_hidden": cfg.heads.head_hidden,
+                       "shared_adapter": cfg.heads.shared_adapter, "ladder": list(cfg.heads.ladder),
+                       "frozen_backbone": cfg.heads.frozen_backbone, "adapter_rank": cfg.heads.adapter_rank if cfg.heads.frozen_backbone else 0,
+                       "normalize": cfg.objectives.normalize, "balance": cfg.balance.method,
+                       "teacher_drop": cfg.balance.teacher_drop, "task_loss": cfg.objectives.task_loss, "task_classes": classes,
+                       "logits_loss": cfg.objectives.logits_loss, "temperature": cfg.objectives.temperature, "logits_tail": cfg.objectives.logits_tail,
+                       "label_loss": cfg.objectives.label_loss, "classes": source.classes, "teachers": source.teachers}}
 
 
 def write_run_dir(rundir: RunDir, cfg: TrainConfig, config_file: str | None, source: TargetSource, student: Student,
@@ -257,15 +257,15 @@ def fit(run: Run, *, progress: bool = True) -> dict:
     bar = tqdm(total=start["global_step"] + sum(run.epoch_steps[start["epoch"]:]), initial=start["global_step"],
                unit="step", desc="train", disable=not progress or rank != 0, dynamic_ncols=True, mininterval=1.0)
     loader = run.loader()
-    skipped_samples = SkippedSamples(run.rundir, logged=cfg.skip_corrupt or cfg.online)
-    keys_log = KeysLog(run.rundir, rank) if cfg.log_keys else None
+    skipped_samples = SkippedSamples(run.rundir, logged=cfg.data.skip_corrupt or cfg.online.enabled)
+    keys_log = KeysLog(run.rundir, rank) if cfg.data.log_keys else None
     stopped = False
     t_last, n_last = time.perf_counter(), 0
     try:
-        for epoch in range(start["epoch"], cfg.epochs):
+        for epoch in range(start["epoch"], cfg.optimisation.epochs):
             split = dataset.split(epoch)  # the positions of this epoch each stream delivers (what a resume left)
             remaining = dataset.remaining(epoch)
-            dataset.set_epoch(epoch, following=epoch + 1 if epoch + 1 < cfg.epochs else None)
+            dataset.set_epoch(epoch, following=epoch + 1 if epoch + 1 < cfg.optimisation.epochs else None)
             batches = iter(loader)
             consumed = torch.zeros(split.world * split.workers, dtype=torch.int64)  # per stream: samples delivered
             delivered = 0
@@ -323,7 +323,7 @@ def fit(run: Run, *, progress: bool = True) -> dict:
     # live teachers' forward passes (online runs; statistics included), counted by the teachers themselves
     teacher_images = sum(getattr(getattr(m, "teacher", None), "images_seen", 0) for m in trainer.targets.values())
     result = {"run": cfg.out, "steps": trainer.global_step, "stopped_early": stopped, "teacher_images": teacher_images,
-              "skipped": skipped_summary(run.rundir, logged=cfg.skip_corrupt or cfg.online)}
+              "skipped": skipped_summary(run.rundir, logged=cfg.data.skip_corrupt or cfg.online.enabled)}
     if rank == 0:
         result["loss_plot"] = plot_losses(run.rundir, trainer.teachers)
     if trainer.world > 1:

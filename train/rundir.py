@@ -24,6 +24,26 @@ import numpy as np
 from kdcache.errors import KdcacheError
 
 
+def kept_json(path: str, make, *, key: str | None = None):
+    """The JSON kept at ``path`` (beside a run, or a study's), or ``make()`` written there first:
+    a report or a resumed study does not redo what it has. ``key``: what the value depends on; a
+    file kept under another key (or half-written, or foreign) is recomputed. Written through a
+    temporary file renamed into place."""
+    try:
+        with open(path) as f:
+            kept = json.load(f)
+        if isinstance(kept, dict) and kept.get("key") == key and "value" in kept:
+            return kept["value"]
+    except (OSError, ValueError):
+        pass
+    value = make()
+    tmp = f"{path}.{os.getpid()}.partial"
+    with open(tmp, "w") as f:
+        json.dump({"key": key, "value": value}, f, indent=2)
+    os.replace(tmp, path)
+    return value
+
+
 class RunDir:
     def __init__(self, path: str):
         self.path = path
@@ -123,12 +143,47 @@ class RunDir:
         with open(self.file(name), "w") as f:
             json.dump(obj, f, indent=2)
 
-    def read_config(self) -> dict:
+    # -- readers: every command that reads a run reads it through these ------------------------
+    def read_json(self, name: str, what: str) -> dict:
+        """RUN/<name> as JSON; a one-line error naming the run when it is missing or unreadable."""
+        path = self.file(name)
         try:
-            with open(self.config) as f:
+            with open(path) as f:
                 return json.load(f)
+        except FileNotFoundError:
+            raise KdcacheError(f"{self.path}: not a kdcache run directory ({name} missing)") from None
         except (OSError, ValueError) as e:
-            raise KdcacheError(f"{self.path}: not a kdcache run directory ({self.config}: {e})") from None
+            raise KdcacheError(f"{path}: cannot read the run's {what} ({type(e).__name__}: {e})") from None
+
+    def read_config(self):
+        """RUN/config.json as the ``TrainConfig`` it was written from (sections; or flat, a run
+        written before them)."""
+        from .config import ConfigError, TrainConfig
+        d = self.read_json("config.json", "config")
+        try:
+            return TrainConfig.from_dict(d if isinstance(d, dict) else {}, where=self.config)
+        except ConfigError as e:
+            raise KdcacheError(f"{self.config}: not a config this kdcache reads ({e})") from None
+
+    def read_provenance(self) -> dict:
+        """RUN/provenance.json: the store's metadata or the live teachers, the student as built."""
+        return self.read_json("provenance.json", "provenance")
+
+    def read_epochs(self) -> list[dict]:
+        """RUN/epochs.jsonl, one record per epoch (a resumed epoch's later line wins); none for a run
+        from before it."""
+        if not os.path.exists(self.epoch_log):
+            return []
+        rows = {}
+        try:
+            with open(self.epoch_log) as f:
+                for line in f:
+                    if line.strip():
+                        r = json.loads(line)
+                        rows[r["epoch"]] = r
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise KdcacheError(f"{self.epoch_log}: unreadable ({type(e).__name__}: {e})") from None
+        return [rows[e] for e in sorted(rows)]
 
     # -- statistics computed for this run ---------------------------------------------------
     def _stats_files(self, teacher: str, kind: str) -> tuple[str, str]:

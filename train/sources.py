@@ -62,22 +62,22 @@ def stream_spec(cfg: TrainConfig, student: Student, shards, *, views: str = "sto
                 skip_log: str | None = None, crops=(), source: str = "corpus") -> StreamSpec:
     """The run's stream: its shards (name, count, rows per block), the student's crop first."""
     return StreamSpec(shards=tuple(shards), crops=(("image", Crop(student.data.hw, student.data.interpolation)), *crops),
-                      decode=decode or DecodeOptions(), views=views, view_choice=cfg.view_choice, stored_views=stored_views,
-                      policy=policy, seed=cfg.seed, window=cfg.shuffle_buffer, batch_size=cfg.batch_size,
-                      last_batch=cfg.last_batch, workers=cfg.workers, store_url=store_url, target_paths=tuple(target_paths),
-                      skip_log=skip_log, color_jitter=cfg.color_jitter, sub_views=cfg.sub_views,
-                      dense_views=cfg.dense_views, source=source)
+                      decode=decode or DecodeOptions(), views=views, view_choice=cfg.data.view_choice, stored_views=stored_views,
+                      policy=policy, seed=cfg.seed, window=cfg.data.shuffle_buffer, batch_size=cfg.data.batch_size,
+                      last_batch=cfg.data.last_batch, workers=cfg.data.workers, store_url=store_url, target_paths=tuple(target_paths),
+                      skip_log=skip_log, color_jitter=cfg.data.color_jitter, sub_views=cfg.data.sub_views,
+                      dense_views=cfg.data.dense_views, source=source)
 
 
 def check_derived_views(cfg: TrainConfig, store: Store, teachers: list[str]) -> None:
     """What --sub-views, --cutmix/--mixup and --dense-views need of the store's teachers, or one line."""
     for t in teachers:
         meta = store.meta.teachers[t]
-        if (cfg.sub_views or cfg.cutmix or cfg.dense_views) and meta.tokens < 2:
-            option = "--sub-views" if cfg.sub_views else "--cutmix" if cfg.cutmix else "--dense-views"
+        if (cfg.data.sub_views or cfg.data.cutmix or cfg.data.dense_views) and meta.tokens < 2:
+            option = "--sub-views" if cfg.data.sub_views else "--cutmix" if cfg.data.cutmix else "--dense-views"
             raise TrainError(f"{option}: teacher {t} of {store.url} has a {meta.grid[0]}x{meta.grid[1]} patch grid; "
                              f"boxes need a grid to cut (a teacher whose patch targets have at least 2 tokens)")
-        if cfg.dense_views and not meta.dense:
+        if cfg.data.dense_views and not meta.dense:
             raise TrainError(f"--dense-views: teacher {t} of {store.url} has no dense maps (extract it with --dense-scale S)")
 
 
@@ -86,7 +86,7 @@ def open_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, ru
     """The run's targets; ``rundir`` is only read: with ``reuse_stats`` (resuming, evaluating) the
     statistics the run kept are used while still fresh, so it normalises exactly as before."""
     kept = rundir if reuse_stats else None
-    if cfg.online:
+    if cfg.online.enabled:
         return online_source(cfg, student, rank=rank, world=world, kept=kept, device=device, progress=progress)
     return cached_source(cfg, student, rank=rank, world=world, kept=kept, skip_log=rundir.skip_log, device=device)
 
@@ -151,12 +151,12 @@ def image_source(cfg: TrainConfig, store: Store, student: Student, shards) -> st
     px = store.meta.pixels
     have = px is not None and all(has_pixels(store.shard_summary(s.name).get("digest", {})) for s in shards)
     fits = px is not None and student.data.hw[0] <= px.size[0] and student.data.hw[1] <= px.size[1]
-    if cfg.images == "corpus" or (cfg.images == "auto" and cfg.data and not (have and fits)):
+    if cfg.data.images == "corpus" or (cfg.data.images == "auto" and cfg.data.corpus and not (have and fits)):
         return "corpus"
     if px is None or not have:
         what = ("keeps no pixels" if px is None else "has shards without pixels (first: "
                 f"{next(s.name for s in shards if not has_pixels(store.shard_summary(s.name).get('digest', {})))})")
-        raise TrainError(f"{'--images store' if cfg.images == 'store' else '--data is required'}: {store.url} {what} "
+        raise TrainError(f"{'--images store' if cfg.data.images == 'store' else '--data is required'}: {store.url} {what} "
                          f"(extract --pixels, or kdcache store pixels {store.url} --data DATA)")
     if not fits:
         h, w = student.data.hw
@@ -174,37 +174,37 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
         raise TrainError(f"--teacher {unknown[0]}: not in {cfg.store} (teachers: {', '.join(store.meta.teachers)})")
     recorded = ReadOptions.from_dict(store.meta.corpus)
     decode = _decode(cfg, recorded.decode)
-    corpus = resolve_corpus(cfg.data, dataclasses.replace(recorded, decode=decode)) if cfg.data else None
+    corpus = resolve_corpus(cfg.data.corpus, dataclasses.replace(recorded, decode=decode)) if cfg.data.corpus else None
     if corpus is not None:
-        shards, bad = check_store_fits_corpus(store, corpus, teachers, skip_corrupt=cfg.skip_corrupt)
+        shards, bad = check_store_fits_corpus(store, corpus, teachers, skip_corrupt=cfg.data.skip_corrupt)
     else:
-        shards, bad = store_shards(store, teachers, skip_corrupt=cfg.skip_corrupt)
+        shards, bad = store_shards(store, teachers, skip_corrupt=cfg.data.skip_corrupt)
     images = image_source(cfg, store, student, shards)
     check_derived_views(cfg, store, teachers)
     soft = {t: store.meta.teachers[t].logits["classes"] for t in teachers if store.meta.teachers[t].logits}
     classes = _soft_label_classes(cfg, soft, where=f"{cfg.store}", remedy="extract with --logits K")
     stored_k = min((store.meta.teachers[t].logits["k"] for t in soft), default=0)
-    if classes and cfg.logits_top > stored_k:
-        raise TrainError(f"--logits-top {cfg.logits_top}: the store keeps the top {stored_k} logits only")
+    if classes and cfg.objectives.logits_top > stored_k:
+        raise TrainError(f"--logits-top {cfg.objectives.logits_top}: the store keeps the top {stored_k} logits only")
     targets, computed = {}, {}
     for t in teachers:
         stats = None
-        if needs_stats(cfg.normalize):
+        if needs_stats(cfg.objectives.normalize):
             stats = {}
             for kind in TOKEN_KINDS:
                 stats[kind], fresh = reader_stats(store, t, kind, shards=[r.name for r in shards],
-                                                  kept=kept and kept.load_stats(t, kind), skip_corrupt=cfg.skip_corrupt)
+                                                  kept=kept and kept.load_stats(t, kind), skip_corrupt=cfg.data.skip_corrupt)
                 if fresh:
                     computed[(t, kind)] = stats[kind]
-        targets[t] = TargetDecoder(t, store.meta.teachers[t], codebooks=stored_codebooks(store, t), normalize=cfg.normalize,
-                                   stats=stats, predict_codes=cfg.predict_codes, logits=bool(classes) and t in soft,
-                                   logits_top=cfg.logits_top, dense=cfg.dense_views).to(device)
+        targets[t] = TargetDecoder(t, store.meta.teachers[t], codebooks=stored_codebooks(store, t), normalize=cfg.objectives.normalize,
+                                   stats=stats, predict_codes=cfg.objectives.predict_codes, logits=bool(classes) and t in soft,
+                                   logits_top=cfg.objectives.logits_top, dense=cfg.data.dense_views).to(device)
     metas = store.meta.teachers
     heads = [TeacherTarget(t, metas[t].dim, tuple(metas[t].grid), targets[t].codes_m) for t in teachers]
     spec = stream_spec(cfg, student, shards, stored_views=store.meta.views, policy=store.meta.view_policy,
                        store_url=cfg.store, decode=dataclasses.replace(recorded.decode, reduced=decode.reduced),
                        target_paths=[p for t in teachers for p in targets[t].read_paths],
-                       skip_log=skip_log if cfg.skip_corrupt else None, source=images)
+                       skip_log=skip_log if cfg.data.skip_corrupt else None, source=images)
     return TargetSource(corpus=corpus, teachers=teachers, shards=shards, targets=targets, heads=heads,
                         dataset=SampleStream(spec, corpus, rank=rank, world=world), store=store, classes=classes,
                         provenance={"store": cfg.store, "store_meta": store.meta.to_dict()}, computed_stats=computed,
@@ -213,7 +213,7 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
 
 def online_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, kept: RunDir | None,
                   device: torch.device, progress: bool = True) -> TargetSource:
-    corpus = resolve_corpus(cfg.data, ReadOptions(decode=_decode(cfg, DecodeOptions())))
+    corpus = resolve_corpus(cfg.data.corpus, ReadOptions(decode=_decode(cfg, DecodeOptions())))
     with torch.random.fork_rng(devices=[]):  # building teachers must not move the student's and heads' init
         teachers = [create_teacher(spec, device=device) for spec in cfg.teachers]
     names = [t.name for t in teachers]
@@ -230,11 +230,11 @@ def online_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
     classes = _soft_label_classes(cfg, soft, where="--online", remedy="give teachers with a classifier head")
     targets, computed = {}, {}
     for t in teachers:
-        stats, fresh = teacher_stats(t, dataset, normalize=cfg.normalize, images=cfg.online_stats_images, seed=cfg.seed,
+        stats, fresh = teacher_stats(t, dataset, normalize=cfg.objectives.normalize, images=cfg.online.stats_images, seed=cfg.seed,
                                      kept=kept and {kind: kept.load_stats(t.name, kind) for kind in TOKEN_KINDS})
         if fresh:
             computed.update({(t.name, kind): stats[kind] for kind in TOKEN_KINDS})
-        targets[t.name] = LiveTargets(t, cfg.normalize, stats, logits=bool(classes) and t.name in soft).to(device)
+        targets[t.name] = LiveTargets(t, cfg.objectives.normalize, stats, logits=bool(classes) and t.name in soft).to(device)
     heads = [TeacherTarget(t.name, t.meta.dim, tuple(t.meta.grid)) for t in teachers]
     return TargetSource(corpus=corpus, teachers=names, shards=shards, targets=targets, heads=heads,
                         dataset=dataset, computed_stats=computed, skipped=skipped, classes=classes,
@@ -247,19 +247,19 @@ def _decode(cfg: TrainConfig, recorded: DecodeOptions) -> DecodeOptions:
     teacher's targets are what the store holds whatever the student's decode; a reduced decode is
     a few levels of noise on the student's side only, measured in ``bench quality``), unless
     --decode says; the store's limits (max pixels, min size) either way."""
-    return dataclasses.replace(recorded, reduced=cfg.decode != "full")
+    return dataclasses.replace(recorded, reduced=cfg.data.decode != "full")
 
 
 def _soft_label_classes(cfg: TrainConfig, soft: dict[str, int], *, where: str, remedy: str) -> int:
     """The class count of the teachers whose soft labels the student learns (0 without
     ``--logits-loss``); they share the student's one classifier, so they must agree."""
-    if cfg.logits_loss == "none":
+    if cfg.objectives.logits_loss == "none":
         return 0
     if not soft:
-        raise TrainError(f"--logits-loss {cfg.logits_loss}: no teacher in {where} gives soft labels ({remedy})")
+        raise TrainError(f"--logits-loss {cfg.objectives.logits_loss}: no teacher in {where} gives soft labels ({remedy})")
     counts = set(soft.values())
     if len(counts) > 1:
-        raise TrainError(f"--logits-loss {cfg.logits_loss}: the teachers' class counts differ "
+        raise TrainError(f"--logits-loss {cfg.objectives.logits_loss}: the teachers' class counts differ "
                          f"({', '.join(f'{t}: {c}' for t, c in soft.items())}); the student has one classifier: "
                          f"distil one class space (--teacher)")
     return counts.pop()

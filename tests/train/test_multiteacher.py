@@ -15,7 +15,7 @@ from helpers import metrics_rows, multiteacher_cfg
 from kdcache.train.balance import min_norm_weights, teachers_kept
 from kdcache.train.config import ConfigError
 from kdcache.train.fit import train
-from kdcache.train.trainer import task_loss
+from kdcache.train.losses import task_loss
 
 STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
 
@@ -120,7 +120,7 @@ def test_mgda_and_task_loss_are_logged_and_recorded(tmp_path, two_teachers, corp
         assert float(r["task"]) > 0
     assert len({r["weight/vit"] for r in rows}) > 1  # chosen per step
     cfg = json.load(open(os.path.join(run, "config.json")))
-    assert cfg["balance"] == "mgda" and cfg["task_loss"] == "ce"
+    assert cfg["balance"]["method"] == "mgda" and cfg["objectives"]["task_loss"] == "ce"
     from kdcache.eval.report import report  # the report shows the weights over time
     text = open(report(run, knn=False)["report"]).read()
     assert "| objective | mean weight | first | last |" in text and "| task |" in text and "| cnn |" in text

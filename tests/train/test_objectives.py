@@ -74,3 +74,57 @@ if __name__ == "__main__" and sys.argv[1:] == ["--record"]:  # the fixtures' sto
     with open(RECORDED, "w") as f:
         json.dump({"recorded_at": commit, "variants": runs}, f, indent=1)
     print(f"{RECORDED}: {len(runs)} variants recorded at {commit}")
+
+
+def test_a_loss_registered_by_name_is_what_the_objective_pays():
+    """Adding a loss is a function registered in train.losses: --patch-loss NAME then uses it
+    (here against F.mse_loss computed directly); an unknown name is one line naming the option."""
+    import torch.nn.functional as F
+
+    from kdcache.errors import KdcacheError
+    from kdcache.train import losses
+    from kdcache.train.objectives import Features, StepOutputs
+
+    @losses.feature_loss("test-mse")
+    def mse(pred, target, spec):
+        return F.mse_loss(pred.float(), target.float())
+    try:
+        g = torch.Generator().manual_seed(0)
+        pred = (torch.randn(3, 192, generator=g), torch.randn(3, 4, 192, generator=g))
+        target = {"summary": torch.randn(3, 192, generator=g), "patch": torch.randn(3, 4, 192, generator=g)}
+        spec = losses.LossSpec(summary_weight=0.5, patch_weight=2.0)
+        step = StepOutputs({"vit": pred}, {"vit": target}, None, None, None)
+        value, parts = Features("vit", 1.0, spec, summary_loss="cosine", patch_loss="test-mse").loss(step)
+        want_patch = F.mse_loss(pred[1], target["patch"])
+        want_summary = (1 - F.cosine_similarity(pred[0], target["summary"], dim=-1)).mean()
+        assert parts["vit/patch"] == pytest.approx(float(want_patch), rel=1e-6)
+        assert float(value) == pytest.approx(float(0.5 * want_summary + 2.0 * want_patch), rel=1e-6)
+        with pytest.raises(KdcacheError, match="--patch-loss 'nope': expected one of cosine, cos-smoothl1, codes-ce"):
+            Features("vit", 1.0, spec, patch_loss="nope").loss(step)
+    finally:
+        del losses.LOSSES["test-mse"]
+
+
+def test_timms_optimizer_and_schedule_by_name(two_teachers, corpus, tmp_path, monkeypatch, capsys):
+    """--opt and --sched build timm's optimizer and schedule (counted in steps): SGD with momentum,
+    the step schedule's rate at every logged step equal to timm's StepLRScheduler run directly;
+    an unknown optimizer is one line."""
+    from timm.scheduler import StepLRScheduler
+    from helpers import cli_call, one_error_line
+
+    from kdcache.train.fit import build_run
+    run = build_run(multiteacher_cfg(two_teachers, corpus, tmp_path / "b", student=STUDENT, opt="sgd", momentum=0.8,
+                                     sched="step", warmup_steps=2, decay_steps=3, decay_rate=0.5), progress=False)
+    assert type(run.trainer.optimizer).__name__ == "SGD" and run.trainer.optimizer.defaults["momentum"] == 0.8
+    rows = run_variant(two_teachers, corpus, str(tmp_path / "run"),
+                       {"opt": "sgd", "momentum": 0.8, "sched": "step", "warmup_steps": 2, "decay_steps": 3,
+                        "decay_rate": 0.5})
+    reference = StepLRScheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-3), decay_t=3, decay_rate=0.5,
+                                warmup_t=2, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    for r in rows:  # a row is logged after its step (1-based): the rate the next step uses
+        reference.step_update(num_updates=int(r["step"]))
+        assert r["lr"] == pytest.approx(reference.optimizer.param_groups[0]["lr"], rel=1e-6), r["step"]
+    assert len({round(r["lr"], 9) for r in rows}) > 2
+    code, _, err = cli_call(monkeypatch, capsys, "train", "--store", two_teachers, "--data", corpus, "--student", STUDENT,
+                            "--out", str(tmp_path / "bad"), "--opt", "adamww", "--workers", "0", "--no-progress")
+    assert code == 2 and "--opt 'adamww': not a timm optimizer" in one_error_line(err)

@@ -40,7 +40,7 @@ def test_first_online_step_equals_a_cached_step_on_the_same_views(tmp_path, vit_
     # full-size decodes on both sides, as the store was extracted: a reduced decode's scale depends on
     # the crops it serves (the online run cuts the teacher's crop too), so pixels agree only within a few levels
     online = build_run(_cfg(tmp_path / "online", corpus, online=True, teachers=(vit_spec,), decode="full"))
-    cached = build_run(_cfg(tmp_path / "cached", corpus, store=vit_store, view_choice="augmented"))
+    cached = build_run(_cfg(tmp_path / "cached", corpus, store=vit_store, view_choice="augmented", decode="full"))
     for a, b in zip(online.trainer.model.state_dict().values(), cached.trainer.model.state_dict().values()):
         assert torch.equal(a, b)  # the same student and heads, whatever building the teacher drew
     b_on, t_on, loss_on, parts_on, g_on = _first_step(online)
@@ -139,7 +139,7 @@ def test_cli_train_online(tmp_path, corpus, vit_spec, monkeypatch, capsys):
                                "--online-stats-images", "8", "--no-progress")
     assert code == 0, err
     assert json.loads(text)["steps"] == 3
-    assert json.load(open(os.path.join(out, "config.json")))["online"] is True
+    assert json.load(open(os.path.join(out, "config.json")))["online"]["enabled"] is True
     code, _, err = cli_call(monkeypatch, capsys, "train", "--online", "--data", corpus, "--student", STUDENT, "--out",
                             str(tmp_path / "r2"))
     assert code == 2 and "--online needs at least one --teacher" in one_error_line(err)

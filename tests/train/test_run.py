@@ -150,7 +150,7 @@ def test_a_run_directory_travels(tmp_path, store, corpus, monkeypatch, capsys):
                             "--head-hidden", "16", "--no-progress")
     assert code == 0, err
     cfg = json.load(open(work / "run" / "config.json"))
-    assert all(os.path.isabs(cfg[k]) for k in ("store", "data", "out"))
+    assert all(os.path.isabs(p) for p in (cfg["store"], cfg["data"]["corpus"], cfg["out"]))
     shutil.move(str(work / "run"), str(tmp_path / "moved"))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

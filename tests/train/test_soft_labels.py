@@ -24,7 +24,7 @@ from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract
 from kdcache.train.config import TrainConfig
 from kdcache.train.fit import train
-from kdcache.train.trainer import soft_label_loss
+from kdcache.train.losses import soft_label_loss
 
 STUDENT = "resnet18,img_size=32"
 OPTS = dict(progress=False, workers=0, batch_size=5, decode="full")  # full: compared with timm on full-size decodes

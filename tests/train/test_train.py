@@ -2,6 +2,9 @@
 loss falls, resume is exact, errors are clear, the export loads in timm."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import glob
 import os
 import shutil
@@ -25,13 +28,13 @@ from kdcache.quantize.methods import faiss_decode
 from kdcache.quantize.quantizer_spec import QuantizerSpec
 from kdcache.targets.sample import SampleSpec
 from kdcache.store import Store
-from kdcache.train.config import TrainConfig, build_config
+from kdcache.train.config import Optimisation, TrainConfig, build_config
 from kdcache.data.transport import collate
 from kdcache.errors import StoreError
 from kdcache.train.sources import TrainError
 from kdcache.train.fit import train
 from kdcache.targets.decoding import TargetDecoder, stored_codebooks
-from kdcache.train.trainer import LossSpec, codes_loss
+from kdcache.train.losses import LossSpec, codes_loss
 
 STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
 
@@ -189,12 +192,49 @@ def test_config_file_and_cli_override(tmp_path, store, corpus):
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(f"store: {store}\ndata: {corpus}\nstudent: {STUDENT}\nout: {tmp_path / 'run'}\nepochs: 3\nbatch-size: 8\n")
     cfg = build_config(str(cfg_file), epochs=1, lr=None)
-    assert (cfg.epochs, cfg.batch_size, cfg.lr) == (1, 8, TrainConfig.lr)
+    assert (cfg.optimisation.epochs, cfg.data.batch_size, cfg.optimisation.lr) == (1, 8, Optimisation.lr)
     bad = tmp_path / "bad.yaml"
     bad.write_text("store: x\nlearning_rate: 3\n")
     from kdcache.store import KdcacheError
     with pytest.raises(KdcacheError, match="unknown option.*learning_rate"):
         build_config(str(bad))
+
+
+def test_a_config_file_mirrors_the_sections_and_config_json_reads_back(tmp_path, store, corpus):
+    """YAML and TOML files hold the sections as TrainConfig does; the CLI overrides them; a key
+    outside its section's fields is one line naming section and key; RUN/config.json (to_dict)
+    reads back to the same config, and so does a run directory's flat config.json of before."""
+    yaml_file, toml_file = tmp_path / "run.yaml", tmp_path / "run.toml"
+    yaml_file.write_text(f"store: {store}\nstudent: {STUDENT}\nout: {tmp_path / 'run'}\nseed: 3\n"
+                         f"optimisation:\n  lr: 0.003\n  opt: sgd\n  sched: step\n"
+                         f"data:\n  corpus: {corpus}\n  batch-size: 8\n"
+                         f"balance:\n  method: mgda\n  teacher-weights: {{vit: 2.0}}\n"
+                         f"objectives:\n  patch-loss: cosine\n")
+    toml_file.write_text(f'store = "{store}"\nstudent = "{STUDENT}"\nout = "{tmp_path / "run"}"\nseed = 3\n'
+                         f'[optimisation]\nlr = 0.003\nopt = "sgd"\nsched = "step"\n'
+                         f'[data]\ncorpus = "{corpus}"\nbatch_size = 8\n'
+                         f'[balance]\nbalance = "mgda"\nteacher_weights = {{vit = 2.0}}\n'
+                         f'[objectives]\npatch_loss = "cosine"\n')
+    a, b = build_config(str(yaml_file)), build_config(str(toml_file))
+    assert a == b
+    assert (a.optimisation.lr, a.optimisation.opt, a.optimisation.sched, a.data.batch_size, a.data.corpus) == \
+        (0.003, "sgd", "step", 8, corpus)
+    assert (a.balance.method, a.balance.teacher_weights, a.objectives.patch_loss, a.seed) == \
+        ("mgda", {"vit": 2.0}, "cosine", 3)
+    assert build_config(str(yaml_file), lr=0.01, balance="static").optimisation.lr == 0.01
+    assert TrainConfig.from_dict(json.loads(a.to_json())) == a  # RUN/config.json
+    assert TrainConfig.from_dict(a.options()) == a  # a flat config.json (a run from before the sections)
+    assert set(json.loads(a.to_json())) == {"store", "student", "out", "teachers", "seed", "device", "log_every",
+                                            "checkpoint_every", "stop_at_step", "resume", "overwrite", "optimisation",
+                                            "objectives", "heads", "balance", "data", "online"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"store: {store}\nstudent: x\nout: o\noptimisation:\n  batch_size: 8\n")
+    from kdcache.store import KdcacheError
+    with pytest.raises(KdcacheError, match=r"optimisation.batch_size: not an option of section 'optimisation'"):
+        build_config(str(bad))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.seed = 4
+    assert a.replace(seed=4).seed == 4 and a.seed == 3
 
 
 def test_code_logits_loss_prefers_the_true_codes():
@@ -205,7 +245,7 @@ def test_code_logits_loss_prefers_the_true_codes():
 
 def test_autocast_is_bf16_on_cuda_and_off_on_a_cpu_by_default(tmp_path, store, corpus):
     from kdcache.train.fit import build_run
-    assert TrainConfig.__dataclass_fields__["amp"].default == "auto"
+    assert Optimisation.amp == "auto"
     for amp, on_cpu in (("auto", False), ("bf16", True), ("none", False)):
         run = build_run(_cfg(store, corpus, tmp_path / amp, amp=amp, epochs=1))
         assert run.trainer.autocast is on_cpu
