@@ -42,3 +42,28 @@ def one_line(e: BaseException) -> str:
         name, sep, rest = last.partition(": ")
         msg = rest if sep and "." in name or sep and name.endswith("Error") else last
     return " ".join(msg.split("\n"))
+
+
+def check_output(path: str, *, kind: str, option: str = "--out") -> str:
+    """A local output checked before any work starts, as one ``KdcacheError`` naming the option:
+    ``kind`` "file" (it must not be a directory, and its directory must exist and take a new
+    file) or "dir" (it must not be a file, and it, or the directory it would be made in, must
+    take a new file). Writability is tried, not guessed from permission bits (root passes those,
+    /proc does not take files). Returns the path."""
+    import os
+    import tempfile
+    if kind == "file" and os.path.isdir(path):
+        raise KdcacheError(f"{option} {path}: is a directory; give a file name")
+    if kind == "dir" and os.path.exists(path) and not os.path.isdir(path):
+        raise KdcacheError(f"{option} {path}: exists and is not a directory")
+    probe = path if kind == "dir" and os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    while kind == "dir" and not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)  # the nearest directory that exists: it makes the rest
+    if not os.path.isdir(probe):
+        raise KdcacheError(f"{option} {path}: its directory {probe} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".kdcache-probe-"):
+            pass
+    except OSError as e:
+        raise KdcacheError(f"{option} {path}: cannot write in {probe} ({e.strerror or type(e).__name__})") from None
+    return path

@@ -51,7 +51,7 @@ from kdcache.store import Store
 from kdcache.store.meta import ViewPolicy, feature_path
 from kdcache.store.ops import copy_stores
 from kdcache.data.partition import ShardRows
-from kdcache.data.samples import corpus_places
+from kdcache.data.pixels import corpus_places
 from kdcache.data.stream import SampleStream, StreamSpec, shard_rows
 from kdcache.data.transport import release_batch, training_loader
 
@@ -240,7 +240,7 @@ def pixel_table(store: str, data: str, tmp: str, o: LoadBench, paths) -> list[di
     the store's own crops of every view at S, JPEG (quality 90) and raw (copies of the store given
     their pixels by ``kdcache store pixels``: one decode pass, no teacher), all with the fp16
     targets, interleaved in one measurement; with each side's bytes read per sample."""
-    from kdcache.extract.pixels import add_pixels
+    from kdcache.extract.store_pixels import add_pixels
     from kdcache.store.inspect import info
     sides, meta = {}, {}
     for size in o.pixel_sizes:

@@ -99,7 +99,7 @@ def _quantized(plan: QualityPlan, out: str, base: dict, seed: int, *, progress: 
 def _with_pixels(plan: QualityPlan, out: str, base: dict, seed: int, *, progress: bool) -> dict:
     """A copy of ``base`` given every view's pixels (``kdcache store pixels``: the teacher's input
     size, JPEG at the default quality), so a student trains from the store alone."""
-    from kdcache.extract.pixels import add_pixels
+    from kdcache.extract.store_pixels import add_pixels
     path = os.path.join(out, "stores", f"pixels-k{plan.option_views}-s{seed}.zarr")
 
     def make():

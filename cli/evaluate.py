@@ -31,7 +31,7 @@ def _eval_features(fn):
     options = [
         click.option("--data", help="The labelled corpus (webdataset cls fields or image-folder classes); optional with a "
                                     "store that recorded its labels (--store) or keeps its views' pixels (--run: the run's "
-                                    "store; --images)."),
+                                    "store; --images). [default: the store's labels, or its pixels]"),
         click.option("--images", help="With --run or --model and no --data: a store whose view-0 pixels are the images "
                                       "(the teacher's eval crop, resized). [default: --run's store]"),
         click.option("--store", help="A store's cached summary features: the teacher's ceiling, free (one of --store, "
@@ -60,7 +60,10 @@ def _eval_features(fn):
 
 def _evaluate(probe, data, images, store, run_dir, ema, model, teacher, val_fraction, val_data, val_store, seed, skip_corrupt,
               as_json, out_file, storage_options, **knn):
+    from kdcache.errors import check_output
     from kdcache.eval.probes import evaluate, format_probe
+    if out_file:
+        check_output(out_file, kind="file")  # before the probe runs
     apply_storage_options(storage_options, store, data, val_store, val_data, images)
     options = ProbeOptions(probe=probe, **drop_unset(val_fraction=val_fraction, seed=seed, **knn))
     r = evaluate(options, data, store=store, run=run_dir, ema=ema, model=model, teacher=teacher, val_data=val_data,

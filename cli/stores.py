@@ -11,18 +11,21 @@ from .common import apply_storage_options, cli, with_storage_options
 
 @cli.command()
 @click.argument("store")
+@click.option("--check", is_flag=True, help="Read every shard's own metadata instead of the shard index (one request per "
+              "shard) and flag the shards a reader would refuse. [default: off, the index]")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
 @with_storage_options
-def info(store, as_json, storage_options):
-    """Describe STORE: teachers, views, shards, samples, failures, bytes.
+def info(store, check, as_json, storage_options):
+    """Describe STORE: teachers, views, shards, samples, failures, bytes, the digest that pins it.
 
     \b
     kdcache info feats.zarr
+    kdcache info feats.zarr --check             # every shard's own metadata, not the index's word
     kdcache info s3://bucket/feats --json | jq .teachers
     """
     from kdcache.store.inspect import describe_store
     apply_storage_options(storage_options, store)
-    d = describe_store(store)
+    d = describe_store(store, check=check)
     click.echo(json.dumps(d, indent=2) if as_json else d["text"])
 
 
@@ -37,15 +40,20 @@ def info(store, as_json, storage_options):
               "fingerprint) and report the cosine; a float store whose worst view is below 0.99 is a mismatch. [default: off]")
 @click.option("--teacher-weights", help="With --teacher-check: the teacher's checkpoint here, when the path the store "
               "records is another machine's. [default: as the store records]")
+@click.option("--pin", help="SHA256 the store must still be (kdcache info's 'pin' line, taken where the store was "
+              "trusted): its shard index unchanged, listing exactly its complete shards, each with its binding. "
+              "[default: none]")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output. [default: off]")
 @with_storage_options
-def verify(store, data, metadata_only, teacher_check, teacher_weights, as_json, storage_options):
-    """Check every complete shard of STORE against its digest and counts, and the shard index
-    against the shards; exit 1 on a mismatch.
+def verify(store, data, metadata_only, teacher_check, teacher_weights, pin, as_json, storage_options):
+    """Run on every shard of STORE every check its readers make (bindings, digests, block checksums,
+    finiteness, counts), and the shard index against the shards; with --data every image against
+    the bytes extracted; exit 1 on a mismatch.
 
     \b
     kdcache verify feats.zarr
     kdcache verify feats.zarr --data /data/shards
+    kdcache verify feats.zarr --pin 3f2a...e9     # the digest kdcache info printed where the store was made
     kdcache verify feats.zarr --data /data/shards --teacher-check 16
     kdcache verify s3://bucket/feats.zarr --metadata-only
     """
@@ -54,10 +62,10 @@ def verify(store, data, metadata_only, teacher_check, teacher_weights, as_json, 
         raise click.UsageError("--teacher-check recomputes views from the images: give --data")
     if data is None:  # the store alone: metadata and digests, no corpus code (and no torch) loaded
         from kdcache.store.verify import verify_store
-        report = verify_store(store, progress=True, data=not metadata_only)
+        report = verify_store(store, progress=True, data=not metadata_only, pin=pin)
     else:
         from kdcache.data.corpus_keys import verify_with_corpus
-        report = verify_with_corpus(store, data, progress=True, metadata_only=metadata_only)
+        report = verify_with_corpus(store, data, progress=True, metadata_only=metadata_only, pin=pin)
     fidelity = None
     if teacher_check:
         from kdcache.eval.teacher_fidelity import fidelity_problems, format_teacher_fidelity, teacher_fidelity
@@ -161,7 +169,7 @@ def store_pixels(store, data, pixels, workers, no_progress, storage_options):
     kdcache store pixels feats.zarr --data /data/shards
     kdcache store pixels feats.zarr --data /data/shards --pixels 112:jpeg95 --workers 8
     """
-    from kdcache.extract.pixels import add_pixels
+    from kdcache.extract.store_pixels import add_pixels
     apply_storage_options(storage_options, store, data)
     click.echo(json.dumps(add_pixels(store, data, pixels, workers=workers, progress=not no_progress), indent=2))
 

@@ -154,6 +154,10 @@ def resolve_corpus(spec: str, options: ReadOptions | None = None) -> Corpus:
     if not os.path.exists(path):
         raise CorpusError(f"{spec}: no such file or directory")
     if os.path.isfile(path):
+        import tarfile
+        if not tarfile.is_tarfile(path):
+            raise CorpusError(f"{spec}: a file that is not a tar; a corpus is a directory of webdataset tars, one tar, a "
+                              f"brace pattern or glob of tars, or an image folder")
         return _tar_corpus(spec, [path], options)
     tars = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".tar"))
     if tars:

@@ -214,6 +214,14 @@ class Split:
     def run(self, rank: int, worker: int) -> Ranges:
         return list(self.runs[rank][worker])
 
+    @property
+    def smallest_batch(self) -> int:
+        """The fewest samples any batch of this epoch holds (a DataLoader worker's last batch may be
+        partial); the batch size when every stream is empty."""
+        sizes = [n % self.batch_size or self.batch_size
+                 for rank in self.runs for run in rank if (n := sum(e - s for s, e in run))]
+        return min(sizes, default=self.batch_size)
+
     def stream_id(self, rank: int, worker: int) -> int:
         return rank * self.workers + worker
 

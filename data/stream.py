@@ -4,7 +4,7 @@ Every sample of an epoch passes the same stages, whoever reads (a cached or an o
 run, evaluation, the benchmarks):
 
     split     (``data.partition``: this stream's positions of the epoch's order)
-    -> source (``data.samples``: the corpus bytes of the rows of a block, one ranged read per block)
+    -> source (``data.pixels``: the corpus bytes of the rows of a block, one ranged read per block)
     -> rows   (``store.reads``: the block's target rows, one verified read per array and view)
     -> pixels (``data.pixels``: decoded once per image, its view replayed at each crop's size)
     -> order  (the window's samples in the epoch's order: the shuffle is part of the plan)
@@ -41,8 +41,7 @@ from kdcache.store.reads import BlockBuffers
 from .corpus import Corpus, DecodeOptions
 from .partition import (VIEW_CHOICES, EpochOrder, Ranges, Sample, ShardRows, current_worker, pick_view, split_epoch,
                         samples_per_image)
-from .pixels import Crop, sub_view, view_at, view_pixels
-from .samples import ShardPlaces, folder_files, read_rows, walked_places
+from .pixels import Crop, ShardPlaces, folder_files, read_rows, sub_view, view_at, view_pixels, walked_places
 from .walk import AlignError, RawSample, Skip
 
 VIEW_SOURCES = ("stored", "fresh", "eval")  # the store's boxes (replayed), a fresh view of the policy, the eval view
@@ -334,7 +333,7 @@ class SampleStream(IterableDataset):
                                                           row=r)
             elif self.corpus is not None:
                 block.samples = read_rows(self.corpus, self.corpus.shard(name), shard.places, sorted(plan.rows[key]),
-                                          handler=handler)
+                                          handler=handler, verify=spec.verify)
             if self._store is not None and spec.target_paths:
                 views = [view] if view is not None else list(range(spec.stored_views))
                 for v in views:

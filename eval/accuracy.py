@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from kdcache.data.corpus import resolve_corpus
 from kdcache.data.partition import ShardRows
 from kdcache.data.pixels import Crop
-from kdcache.data.samples import corpus_places
+from kdcache.data.pixels import corpus_places
 from kdcache.data.stream import SampleStream, StreamSpec
 from kdcache.data.transport import collate
 from kdcache.errors import KdcacheError

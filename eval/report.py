@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, check_output
 from kdcache.train.metrics import logged_weights, plot_losses, read_metrics
 from kdcache.train.rundir import RunDir, kept_json
 
@@ -139,7 +139,7 @@ def report(run: str, *, data: str | None = None, knn: bool = True, seed: int = 0
     metrics = read_metrics(rundir)
     if not metrics:
         raise KdcacheError(f"{rundir.metrics}: no rows (train it first)")
-    out = out or rundir.file("report")
+    out = check_output(out or rundir.file("report"), kind="dir")
     os.makedirs(out, exist_ok=True)
     teachers = [c[: -len("/summary")] for c in metrics[0] if c.endswith("/summary")]
     files = {"losses": plot_losses(rundir, teachers, os.path.join(out, "losses.png"))}

@@ -25,7 +25,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from kdcache.data.corpus import ReadOptions, resolve_corpus
-from kdcache.data.samples import ShardPlaces, folder_files, read_rows, walked_places
+from kdcache.data.pixels import ShardPlaces, folder_files, read_rows, walked_places
 from kdcache.data.walk import AlignError
 from kdcache.errors import KdcacheError
 from kdcache.models.spec import ModelSpecError

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import KdcacheError, StoreError
+from kdcache.store.dtypes import STORAGE
 
 
 class WriteError(StoreError):
@@ -92,6 +93,7 @@ def tensor_to_stored(t) -> np.ndarray:
     bfloat16: bf16 values are written as their uint16 bits (``store.dtypes``)."""
     if not isinstance(t, torch.Tensor):
         return t
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.uint16).numpy()
+    held = STORAGE.get(str(t.dtype).removeprefix("torch."))
+    if held is not None and held.as_bits:  # bfloat16: its uint16 bits
+        return t.view(getattr(torch, held.zarr)).numpy()
     return t.numpy()

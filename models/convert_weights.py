@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from kdcache.errors import check_output
+
 from .create import read_state_dict
 from .spec import ModelSpecError
 
@@ -65,6 +67,8 @@ def convert_known(name: str, out: str, *, source: str | None = None) -> dict:
     model_name = KNOWN[name][0] if name in KNOWN else None
     if model_name is None:
         raise ModelSpecError(f"convert {name!r}: known sources are {', '.join(KNOWN)}")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    check_output(out, kind="file")  # before the conversion
     path = source or source_file(name)
     model = timm.create_model(model_name, pretrained=False)
     state = convert_by_order(read_state_dict(path, f"convert {name}"), model, what=f"{path}")

@@ -1,32 +1,55 @@
-"""Storage dtypes, in numpy.
+"""Storage dtypes: the one table of what a feature dtype is on every side.
 
 Zarr (and numpy) have no bfloat16, so bf16 features are stored as their raw uint16 bits with
-``attrs.logical_dtype = "bfloat16"``. The store reads and writes numpy only: ``zarr_dtype`` says
-which zarr dtype holds a logical one, ``to_float32`` widens stored rows for code that reads
-arrays directly (statistics, quantizer samples, evaluation). On the torch side, extraction
-hands the writer bf16 tensors as their bits (``extract.writer``) and ``targets.decoding`` views
-the bits as bfloat16 again on the training device.
+``attrs.logical_dtype = "bfloat16"``. ``STORAGE`` says, per logical dtype, which zarr dtype holds
+it, its bytes per value and the torch dtype it is computed in; everything else is derived from
+it: the store's ``zarr_dtype`` and ``to_float32`` (code that reads arrays directly: statistics,
+quantizer samples, evaluation), extraction's cast and its hand-over of bf16 tensors as their bits
+(``extract.writer``), and ``targets.decoding``'s view of the bits as bfloat16 again on the
+training device. Light on purpose: torch dtypes are named here, looked up by the torch side.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from kdcache.errors import StoreError
 
-STORAGE_DTYPES = ("float16", "bfloat16", "float32")
-_ZARR_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+
+@dataclass(frozen=True)
+class StorageDtype:
+    name: str  # the logical dtype, as --dtype and the metadata name it
+    zarr: str  # the dtype of the zarr array that holds it
+    itemsize: int  # bytes per value
+    torch: str  # ``getattr(torch, torch)``: the dtype extraction casts to and decoding widens from
+
+    @property
+    def as_bits(self) -> bool:
+        """Held as the raw bits of another dtype (bfloat16 as uint16)."""
+        return self.zarr != self.name
 
 
-def zarr_dtype(dtype: str) -> str:
-    """Logical storage dtype -> the dtype of the zarr array that holds it."""
+STORAGE = {d.name: d for d in (StorageDtype("float16", "float16", 2, "float16"),
+                               StorageDtype("bfloat16", "uint16", 2, "bfloat16"),
+                               StorageDtype("float32", "float32", 4, "float32"))}
+STORAGE_DTYPES = tuple(STORAGE)
+
+
+def storage_dtype(dtype: str) -> StorageDtype:
     try:
-        return _ZARR_DTYPE[dtype]
+        return STORAGE[dtype]
     except KeyError:
         raise StoreError(f"dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}") from None
 
 
+def zarr_dtype(dtype: str) -> str:
+    """Logical storage dtype -> the dtype of the zarr array that holds it."""
+    return storage_dtype(dtype).zarr
+
+
 def itemsize(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
+    return storage_dtype(dtype).itemsize
 
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -36,4 +59,4 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
 
 def to_float32(rows: np.ndarray, dtype: str) -> np.ndarray:
     """Stored feature rows of logical ``dtype`` (float16, float32, or bfloat16 bits) -> float32."""
-    return bf16_bits_to_float32(rows) if dtype == "bfloat16" else np.asarray(rows, dtype=np.float32)
+    return bf16_bits_to_float32(rows) if storage_dtype(dtype).as_bits else np.asarray(rows, dtype=np.float32)

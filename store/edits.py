@@ -10,7 +10,7 @@ import numpy as np
 
 from kdcache.errors import StoreError
 
-from .layout import ArrayDigest, append_rows, create_rows_array
+from .layout import ArrayDigest, append_rows, create_rows_array, sealed
 from .meta import SHARDS, per_view_shards, quantizer_path, stats_path
 from .reads import block_crcs
 
@@ -49,7 +49,7 @@ class ShardEdits:
         new_attrs = {**attrs_now, "digest": digest}
         if "block_crc32" in attrs_now:
             new_attrs["block_crc32"] = {**{p: c for p, c in attrs_now["block_crc32"].items() if p in digest}, dst: crcs}
-        group.attrs.put(new_attrs)  # the switch: one atomic metadata write
+        group.attrs.put(_resealed(shard, new_attrs))  # the switch: one atomic metadata write
         self._drop_unlisted(group, digest, src)
         return True
 
@@ -65,7 +65,7 @@ class ShardEdits:
         attrs["digest"] = {p: d for p, d in attrs.get("digest", {}).items() if p not in paths}
         if "block_crc32" in attrs:
             attrs["block_crc32"] = {p: c for p, c in attrs["block_crc32"].items() if p not in paths}
-        group.attrs.put(attrs)
+        group.attrs.put(_resealed(shard, attrs))
         for p in present:
             if p in group:
                 del group[p]
@@ -86,3 +86,9 @@ class ShardEdits:
     def _drop_unlisted(group, digest, path):
         if path not in digest and path in group:
             del group[path]
+
+
+def _resealed(shard: str, attrs: dict) -> dict:
+    """A complete shard's changed record bound again (``layout.shard_binding``): the edit was made
+    from verified rows, so the new binding vouches for what the old one did."""
+    return sealed(shard, attrs) if attrs.get("complete") is True else attrs

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import time
 
+from kdcache.errors import StoreError, one_line
+
 from .meta import has_pixels
-from .shard_index import agrees, entry_of, index_lease
+from .shard_index import INDEX_ATTR, agrees, entry_of, index_lease
 from .store import Store
 
 
@@ -19,17 +21,23 @@ def shard_nbytes(store: Store, shard: str) -> int:
 
 def scan(store: Store) -> dict:
     """Counts over all shards: complete / incomplete, samples, failures (a reader asks the shard
-    index, one request for all of them; a writer each shard)."""
-    complete, incomplete, samples, failed = [], [], 0, 0
+    index, one request for all of them; a writer, or a store opened without the index, each
+    shard); ``broken``: shards whose own metadata a reader refuses, with why (found where the
+    shard's own metadata was read)."""
+    complete, incomplete, broken, samples, failed = [], [], {}, 0, 0
     for name in store.shard_names():
-        a = store.shard_summary(name) or {}
+        try:
+            a = store.shard_summary(name) or {}
+        except StoreError as e:
+            broken[name] = one_line(e)
+            continue
         if a.get("complete") is True:
             complete.append(name)
             samples += a["count"]
             failed += a["failures"]
         else:
             incomplete.append(name)
-    return {"complete": complete, "incomplete": incomplete, "samples": samples, "failed": failed}
+    return {"complete": complete, "incomplete": incomplete, "broken": broken, "samples": samples, "failed": failed}
 
 
 def write_summary(store: Store) -> dict:
@@ -41,7 +49,10 @@ def write_summary(store: Store) -> dict:
     names = store.shard_names()
     entries = {}
     for name in names:
-        a = store.shard_attrs(name)
+        try:
+            a = store.shard_attrs(name)
+        except StoreError:  # refused by every reader: left out of the index (readers then ask it, and refuse it)
+            continue
         if a and a.get("complete") is True:
             entries[name] = (old[name] if name in old and agrees(old[name], a) else entry_of(a, store.array_nbytes(name)))
     with index_lease(store):
@@ -101,7 +112,9 @@ def info(store: Store) -> dict:
         "store": store.url, "format": meta.format, "created_by": meta.created_by,
         "views": meta.views, "seed": meta.seed, "view_policy": meta.view_policy.to_dict(), "corpus": meta.corpus,
         "shards_complete": len(s["complete"]), "shards_incomplete": len(s["incomplete"]),
-        "incomplete": s["incomplete"], "samples": s["samples"], "failed": s["failed"], "shards_from_index": indexed,
+        "incomplete": s["incomplete"], "broken": s["broken"], "samples": s["samples"], "failed": s["failed"],
+        "shards_from_index": indexed, "checked": not store.use_index,
+        "root_digest": (store.root.attrs.get(INDEX_ATTR) or {}).get("sha256"),
         "bytes": total + index_bytes, "teachers": teachers, "pixels": pixels,
     }
 
@@ -111,13 +124,19 @@ def format_info(d: dict) -> str:
         f"store      {d['store']}  (format {d['format']}, {d['created_by']})",
         f"corpus     {d['corpus'].get('spec')}  ({d['corpus'].get('kind')}, {d['corpus'].get('shards')} shards, fingerprint {d['corpus'].get('fingerprint')})",
         f"views      K={d['views']} seed={d['seed']} ({d['view_policy']['kind']}, view 0 crop_pct={d['view_policy']['crop_pct']})",
-        f"shards     {d['shards_complete']} complete, {d['shards_incomplete']} incomplete",
+        f"shards     {d['shards_complete']} complete, {d['shards_incomplete']} incomplete"
+        + (f", {len(d['broken'])} whose own metadata every reader refuses (first: {next(iter(d['broken'].items()))[1]})"
+           if d.get("broken") else ""),
         f"samples    {d['samples']} ({d['failed']} failed at extraction)",
         f"on disk    {_mib(d['bytes'])}",
     ]
     if d.get("shards_from_index"):
         lines.append(f"index      {d['shards_from_index']} of {d['shards_complete']} complete shards described by the shard "
-                     f"index (one request; kdcache verify reads every shard)")
+                     f"index alone (one request; info --check reads every shard's own metadata, kdcache verify every byte)")
+    elif d.get("checked"):
+        lines.append("index      not used: every shard's own metadata read (--check)")
+    if d.get("root_digest"):
+        lines.append(f"pin        {d['root_digest']}  (the shard index's sha256: kdcache verify --pin checks a copy against it)")
     if d.get("pixels"):
         px = d["pixels"]
         how = f"JPEG quality {px['quality']}" if px["format"] == "jpeg" else "raw uint8"
@@ -149,7 +168,8 @@ def _mib(b: float) -> str:
     return f"{b / 2**20:.2f} MiB"
 
 
-def describe_store(url: str) -> dict:
-    """``kdcache info``: ``info`` of the store at ``url`` plus its text rendering under ``text``."""
-    d = info(Store.open(url))
+def describe_store(url: str, *, check: bool = False) -> dict:
+    """``kdcache info``: ``info`` of the store at ``url`` plus its text rendering under ``text``;
+    ``check``: from every shard's own metadata, not the shard index (a request per shard)."""
+    d = info(Store.open(url, index=not check))
     return {**d, "text": format_info(d)}

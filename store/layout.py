@@ -10,6 +10,7 @@ reader applies to every block it reads (CRC-32, finiteness) are in ``reads``.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 
 import numpy as np
@@ -18,18 +19,20 @@ import zarr.codecs
 
 from kdcache.errors import StoreError
 
+from .meta import CODEC_REGISTRY
+
 BLOCK_BYTES = 64 << 20  # one Zarr shard of the largest array: few requests, bounded memory
 CHUNK_BYTES = 1 << 20  # inner chunk: a random read decodes about this much
 MAX_BLOCK = 1024
 
 
 def compressors(codec: str):
-    """Codec name -> zarr v3 compressors. Byte-shuffle first: it groups fp16 exponent bytes."""
-    if codec == "none":
-        return None
-    if codec in ("lz4", "zstd"):
-        return zarr.codecs.BloscCodec(cname=codec, clevel=5 if codec == "lz4" else 3, shuffle="shuffle")
-    raise StoreError(f"codec {codec!r} is not one of none, lz4, zstd")
+    """Codec name (``meta.CODEC_REGISTRY``) -> zarr v3 compressors."""
+    try:
+        c = CODEC_REGISTRY[codec]
+    except KeyError:
+        raise StoreError(f"codec {codec!r} is not one of {', '.join(CODEC_REGISTRY)}") from None
+    return None if c.blosc is None else zarr.codecs.BloscCodec(cname=c.blosc, clevel=c.level, shuffle=c.shuffle)
 
 
 def block_rows(sample_bytes: int) -> int:
@@ -84,6 +87,40 @@ def append_rows(arr, rows: np.ndarray) -> None:
     n = arr.shape[0]
     arr.resize((n + rows.shape[0], *arr.shape[1:]))
     arr[n:] = rows
+
+
+def json_sha256(obj) -> str:
+    """sha256 of an object's canonical JSON (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def record_digests(attrs: dict) -> dict:
+    """The digests of the parts of a shard's record too long for the shard index: its block
+    checksums and its failures (the index keeps these two digests beside the rest)."""
+    return {"checksums": json_sha256(attrs.get("block_crc32")), "failed": json_sha256(attrs.get("failed", []))}
+
+
+def binding_of(name: str, count, block, digest, checksums: str, failed: str) -> str:
+    return json_sha256({"shard": name, "count": count, "block": block, "digest": digest, "checksums": checksums,
+                        "failed": failed})
+
+
+def shard_binding(name: str, attrs: dict) -> str:
+    """sha256 of a complete shard's record bound to its name: its count, rows per block, every
+    array's sha256 (the keys' among them), every block's CRC-32 and its failures. Arrays swapped
+    between shards with their digests, a shard duplicated or renamed, a digest or checksum entry
+    removed: the record no longer hashes to the binding written with it. The shard index keeps
+    each shard's binding with the parts it hashes, so an entry is checked on its own too; the
+    root metadata records the index's sha256, so that one digest pins every shard of a store.
+    (Anyone who rewrites data, digests and bindings alike forges a store; pinning is the answer.)"""
+    parts = record_digests(attrs)
+    return binding_of(name, attrs.get("count"), attrs.get("block"), attrs.get("digest"), parts["checksums"],
+                      parts["failed"])
+
+
+def sealed(name: str, attrs: dict) -> dict:
+    """A complete shard's attributes with their binding (every writer's last step)."""
+    return {**attrs, "binding": shard_binding(name, attrs)}
 
 
 class ArrayDigest:

@@ -16,12 +16,26 @@ from .dtypes import zarr_dtype
 
 # 3: each shard records where every sample's image is in its corpus shard (``origin``) and its rows per block;
 # 2: each view of a block is its own Zarr shard (``view_shards``); 1: a block holds every view
-FORMAT_VERSION = 3
-READABLE_FORMATS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_FORMATS = (1, 2, 3, 4)
 ORIGIN = "origin"  # (n, 4) int64 per shard: image byte offset and length in the corpus shard, their CRC-32, label (-1: none)
 ORIGIN_COLUMNS = ("offset", "size", "crc32", "label")
 INDEX_ARRAYS = ("keys", "views", ORIGIN)  # a shard's own arrays, beside the teachers' (no view axis)
-CODECS = ("none", "lz4", "zstd")
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A lossless codec of the store's arrays (``--codec``): Blosc's compressor at a level, after a
+    byte shuffle (it groups fp16 exponent bytes); ``none`` stores raw bytes. ``layout.compressors``
+    turns it into zarr's codec."""
+    name: str
+    blosc: str | None = None  # Blosc's compressor name; None: no compression
+    level: int = 0
+    shuffle: str = "shuffle"
+
+
+CODEC_REGISTRY = {c.name: c for c in (Codec("none"), Codec("lz4", "lz4", 5), Codec("zstd", "zstd", 3))}
+CODECS = tuple(CODEC_REGISTRY)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # how crops are resized (torchvision's modes of these names)
 TOKEN_KINDS = ("cls", "patch")  # a teacher's stored token kinds: its summary vector, its patch tokens
 LOGIT_ARRAYS = ("logits_values", "logits_indices", "logits_lse")  # a classifier teacher's top-K soft labels
@@ -215,6 +229,12 @@ class StoreMeta:
     def records_origin(self) -> bool:
         """Whether writers record each sample's place in its corpus shard (``origin``, format 3)."""
         return self.format >= 3
+
+    @property
+    def binds_shards(self) -> bool:
+        """Whether every complete shard's record is bound to its name (``binding``, format 4): a
+        reader then refuses a complete shard without one."""
+        return self.format >= 4
 
     @property
     def seed(self) -> int:

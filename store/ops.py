@@ -17,6 +17,7 @@ from tqdm import tqdm
 from kdcache.errors import StoreError
 
 from .inspect import shard_nbytes, write_summary
+from .layout import sealed
 from .lease import new_owner
 from .meta import ORIGIN, PIXEL_ARRAYS, PIXELS_JPEG, TOKEN_KINDS, StoreMeta, has_pixels, feature_path, has_teacher, has_view_axis, per_view_shards
 from .reads import block_crcs
@@ -61,6 +62,9 @@ def copy_stores(sources: list[str], dst_url: str, *, shards: str | None = None, 
     before anything is written. ``store_format``: the destination's format (the sources' when
     None); the arrays are laid out as it says, their digests unchanged, their checksums recomputed
     from the verified rows."""
+    for u in sources:
+        if same_place(u, dst_url):
+            raise StoreError(f"--out {dst_url}: the destination is the source store {u}; copy to another place")
     srcs = [Store.open(u, index=False) for u in sources]  # copied from their own metadata
     for s in srcs[1:]:
         compatible(srcs[0].meta, s.meta, a_name=srcs[0].url, b_name=s.url)
@@ -125,8 +129,21 @@ def _digests(store: Store, shard: str) -> dict:
     return (store.shard_attrs(shard) or {}).get("digest", {})
 
 
+def same_place(a: str, b: str) -> bool:
+    """Whether two store locations are one (local paths resolved; URLs compared as written)."""
+    if is_url(a) or is_url(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(local_path(a)) == os.path.realpath(local_path(b))
+
+
 def _copy_shard(src: Store, dst: Store, name: str) -> None:
-    """Arrays first, each block read through the source's checks; attributes (complete) last."""
+    """Arrays first, each block read through the source's checks; attributes (complete) last. A
+    shard a reader would refuse is refused before anything is written: its record checked as
+    ``verify`` checks it (binding, a digest and checksums for every array), its data block by
+    block as it is read, the copy verified in full."""
+    problems = verify_shard(src, name, data=False)
+    if problems:
+        raise StoreError(f"{src.url}: {problems[0]}; not copied (kdcache verify lists every problem)")
     attrs = src.shard_attrs(name)
     if not dst.meta.records_origin:  # a format before 3 has no origin nor pixels (its readers would refuse them)
         attrs = {**{k: v for k, v in attrs.items() if k != "block"},
@@ -135,7 +152,7 @@ def _copy_shard(src: Store, dst: Store, name: str) -> None:
     dst.delete_shard(name)
     group = ensure_group(dst.root, "shards").create_group(name, attributes={"complete": False})
     # laid out as in the source: the views' boxes, and the JPEG heap's runs (one per block and view of its rows)
-    crcs = {p: c for p, c in (attrs.get("block_crc32") or {}).items() if p in ("views", PIXELS_JPEG)}
+    crcs = {p: c for p, c in (attrs.get("block_crc32") or {}).items() if p in ("views", ORIGIN, PIXELS_JPEG)}
     for path in ["keys", "views", *[p for p in attrs["digest"] if p not in ("keys", "views")]]:
         a = src.array(name, path)
         shards, chunks = getattr(a, "shards", None), a.chunks
@@ -159,7 +176,7 @@ def _copy_shard(src: Store, dst: Store, name: str) -> None:
             start += len(rows)
             crcs[path] += block_crcs(rows, per_view=per_view)
     # complete, count, failed, digests (the rows' own: unchanged by the layout), checksums: last, in one write
-    group.attrs.put({**attrs, "block_crc32": crcs})
+    group.attrs.put(sealed(name, {**attrs, "block_crc32": crcs}))  # bound anew, from rows read verified
     problems = verify_shard(dst, name)
     if problems:
         raise StoreError(f"{dst.url}: shard {name} does not verify after the copy: {problems[0]}")

@@ -231,6 +231,8 @@ def check_shard_attrs(d, where: str, *, array_paths) -> dict:
             raise StoreError(f"{where}: digest names {_short(path)}, which is not an array of this store")
         if not isinstance(h, str) or not HEX64.match(h):
             raise StoreError(f"{where}: digest of {path} is {_short(h)}, expected 64 hex digits")
+    if "binding" in d and not (isinstance(d["binding"], str) and HEX64.match(d["binding"])):
+        f._bad("binding", "64 hex digits")
     blocks = d.get("block_crc32")
     if blocks is not None:
         bf = _Fields(blocks, f"{where}: block_crc32")

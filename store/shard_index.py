@@ -6,8 +6,11 @@ lists ``shards/`` (one request per 1,000 names on S3) and reads this one object;
 missing from the index are asked one by one.
 
 ``shard_index.json`` = ``{"format": 1, "written": ISO time, "shards": {name: entry}}``, one
-entry per complete shard: ``{count, failures, digest, nbytes, block}`` (``nbytes``: bytes stored
-per array; ``block``: rows per block, format 3); the root metadata, read on open anyway, records its sha256 (``kdcache_shard_index``),
+entry per complete shard: ``{count, failures, digest, nbytes, block, checksums, failed, binding}``
+(``nbytes``: bytes stored per array; ``block``: rows per block, format 3; ``checksums``, ``failed``
+and ``binding``, format 4: the sha256 of its block checksums and of its failures, and the shard's
+binding, ``layout.shard_binding``, which the other fields hash to: an entry edited on its own is
+ignored with a warning); the root metadata, read on open anyway, records its sha256 (``kdcache_shard_index``),
 so an index changed on its own is known at once. It is written last, from the shards' own metadata, by whoever finishes a pass over the
 store (rank 0 at the end of an extraction or quantization, every ``store`` operation, ``store
 stats``); a job that completes shards merges their entries when it ends, under a short lease.
@@ -28,8 +31,9 @@ import time
 
 from kdcache.errors import StoreError
 
+from .layout import binding_of, record_digests
 from .lease import new_owner
-from .schema import check_name
+from .schema import HEX64, check_name
 
 INDEX_KEY = "shard_index.json"
 INDEX_ATTR = "kdcache_shard_index"  # root attribute: {sha256, shards} of the index object (beside ``kdcache``)
@@ -46,14 +50,24 @@ def entry_of(attrs: dict, nbytes: dict[str, int]) -> dict:
              "digest": dict(attrs.get("digest", {})), "nbytes": {k: int(v) for k, v in nbytes.items()}}
     if "block" in attrs:  # rows per block (format 3): what a reader plans its reads with
         entry["block"] = int(attrs["block"])
+    if "binding" in attrs:  # format 4: the shard's binding and the two parts of its record the entry lacks
+        entry.update(record_digests(attrs), binding=attrs["binding"])
     return entry
+
+
+def entry_is_bound(name: str, entry: dict) -> bool:
+    """Whether an entry hashes to the binding it records (always true of an entry without one)."""
+    if "binding" not in entry:
+        return True
+    return binding_of(name, entry["count"], entry.get("block"), entry["digest"], entry.get("checksums"),
+                      entry.get("failed")) == entry["binding"]
 
 
 def agrees(entry: dict, attrs: dict | None) -> bool:
     """Whether an index entry says what the shard's own metadata says."""
     return (attrs is not None and attrs.get("complete") is True and entry["count"] == attrs.get("count")
             and entry["failures"] == len(attrs.get("failed", [])) and entry["digest"] == attrs.get("digest", {})
-            and entry.get("block") == attrs.get("block"))
+            and entry.get("block") == attrs.get("block") and entry.get("binding") == attrs.get("binding"))
 
 
 def parse_index(raw: bytes, *, where: str, array_paths: set[str]) -> dict[str, dict]:
@@ -69,8 +83,12 @@ def parse_index(raw: bytes, *, where: str, array_paths: set[str]) -> dict[str, d
         check_name(name, where, "shard")
         at = f"{where}: shard {name}"
         if not isinstance(e, dict) or not {"count", "failures", "digest", "nbytes"} <= set(e) <= {
-                "count", "failures", "digest", "nbytes", "block"}:
-            raise StoreError(f"{at}: expected an object with count, failures, digest, nbytes (and block)")
+                "count", "failures", "digest", "nbytes", "block", "checksums", "failed", "binding"}:
+            raise StoreError(f"{at}: expected an object with count, failures, digest, nbytes (and block, checksums, "
+                             f"failed, binding)")
+        for key in ("checksums", "failed", "binding"):
+            if key in e and not (isinstance(e[key], str) and HEX64.match(e[key])):
+                raise StoreError(f"{at}: {key} is not a sha256 hex digest")
         for key in ("count", "failures", "block"):
             v = e.get(key, 1)
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 40 or (key == "block" and v < 1):

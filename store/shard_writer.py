@@ -15,7 +15,7 @@ import numpy as np
 from kdcache.errors import StoreError
 
 from .dtypes import itemsize
-from .layout import ArrayDigest, append_rows, block_rows, create_heap_array, create_rows_array
+from .layout import ArrayDigest, append_rows, block_rows, create_heap_array, create_rows_array, sealed
 from .meta import (ORIGIN, ORIGIN_COLUMNS, PIXEL_SPANS, PIXELS_JPEG, PIXELS_RAW, PixelSpec, TeacherMeta, per_view_shards,
                    teacher_arrays)
 from .reads import block_crcs, bytes_crc32
@@ -192,6 +192,8 @@ class ShardWriter:
             attrs["digest"] = {**attrs.get("digest", {}), **digests}
             if "block_crc32" in attrs:  # a store written before block checksums keeps verifying by digest
                 attrs["block_crc32"] = {**attrs["block_crc32"], **crcs}
+        if attrs.get("complete") is True:  # bound to its name, over everything above (layout.shard_binding)
+            attrs = sealed(self.group.path.rsplit("/", 1)[-1], attrs)
         # One metadata write: zarr's local store replaces zarr.json atomically.
         self.group.attrs.put(attrs)
         return attrs

@@ -14,11 +14,11 @@ import zarr
 import zarr.storage
 from zarr.errors import ContainsGroupError
 
-from kdcache.errors import StoreError, first_line
+from kdcache.errors import CorruptShardError, KdcacheError, StoreError, check_output, first_line
 
 from .codes import Codebooks, read_codebooks, write_codebooks
 from .dtypes import itemsize
-from .layout import block_rows
+from .layout import block_rows, shard_binding
 from .edits import ShardEdits
 from .lease import LEASE_SECONDS, Leases, leases_for
 from .objects import Objects
@@ -27,8 +27,8 @@ from .meta import (INDEX_ARRAYS, LOGIT_ARRAYS, ORIGIN, ORIGIN_COLUMNS, PIXEL_ARR
 from .reads import VerifiedReads
 from .remote import is_url, local_path
 from .schema import check_name, check_shard_attrs
-from .shard_index import (INDEX_ATTR, INDEX_KEY, MAX_INDEX_BYTES, agrees, entry_of, index_digest, parse_index,
-                          render_index)
+from .shard_index import (INDEX_ATTR, INDEX_KEY, MAX_INDEX_BYTES, agrees, entry_is_bound, entry_of, index_digest,
+                          parse_index, render_index)
 from .shard_writer import ShardWriter
 
 log = logging.getLogger("kdcache.store")
@@ -47,11 +47,13 @@ def zarr_store(url: str, *, read_only: bool):
         raise StoreError(f"{path}: no store here (not a directory)")
     if not read_only:
         try:
+            check_output(path, kind="dir", option="store")  # a file there, or nowhere to write: one line, before any write
+        except KdcacheError as e:
+            raise StoreError(str(e)) from None
+        try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:
             raise StoreError(f"{path}: cannot create the store directory: {e.strerror}") from None
-        if not os.access(path, os.W_OK):
-            raise StoreError(f"{path}: the store directory is not writable")
     return zarr.storage.LocalStore(path, read_only=read_only)
 
 
@@ -135,6 +137,10 @@ class Store(VerifiedReads, ShardEdits):
             ensure_group(root, SHARDS)
         except PermissionError as e:
             raise StoreError(f"{url}: not writable: {e}") from None
+        except Exception as e:  # noqa: BLE001 - object storage out of reach (endpoint, credentials, bucket): one line
+            if isinstance(e, KdcacheError):
+                raise
+            raise StoreError(f"{url}: cannot create the store ({type(e).__name__}: {first_line(e)})") from None
         return cls(url, root, meta, writable=True)
 
     def write_meta(self, meta: StoreMeta) -> None:
@@ -187,6 +193,7 @@ class Store(VerifiedReads, ShardEdits):
                                  f"{first_line(e)})") from None
         if attrs is not None:
             attrs = check_shard_attrs(attrs, f"{self.url}: shard {name}", array_paths=self.possible_arrays())
+            self._check_binding(name, attrs)
         if self.use_index:
             self._attrs[name] = attrs
             entry = (self._index or {}).get(name)
@@ -196,6 +203,22 @@ class Store(VerifiedReads, ShardEdits):
                             self.url, name)
                 del self._index[name]
         return attrs
+
+    def _check_binding(self, name: str, attrs: dict) -> None:
+        """A complete shard's record must hash to the binding written with it (``layout.shard_binding``);
+        in a store of format 4 every complete shard has one."""
+        if attrs.get("complete") is not True:
+            return
+        where = f"{self.url}: shard {name}"
+        if "binding" not in attrs:
+            if self.meta.binds_shards:
+                raise CorruptShardError(f"{where}: no binding, though store format {self.meta.format} binds every "
+                                        f"complete shard to its name (its metadata was edited)", shard=name)
+            return
+        if shard_binding(name, attrs) != attrs["binding"]:
+            raise CorruptShardError(f"{where}: its record does not hash to its binding: digests, checksums or count "
+                                    f"edited, or the shard swapped, duplicated or renamed (it was written as another)",
+                                    shard=name)
 
     # -- the shard index (shard_index.py) -----------------------------------------------------
     def stored_index(self, *, warn: bool = True) -> dict[str, dict] | None:
@@ -215,7 +238,13 @@ class Store(VerifiedReads, ShardEdits):
             if not isinstance(named, dict) or named.get("sha256") != index_digest(raw):
                 raise StoreError(f"{where}: not the index the root metadata names (its sha256 differs: changed "
                                  f"outside kdcache, or written while this store was opened)")
-            return parse_index(raw, where=where, array_paths=self.possible_arrays())
+            entries = parse_index(raw, where=where, array_paths=self.possible_arrays())
+            unbound = [n for n, e in entries.items() if not entry_is_bound(n, e)]
+            if unbound and warn:
+                log.warning("%s: %d entr%s (first: shard %s) do not hash to the binding they record (edited on their "
+                            "own); ignored: those shards' own metadata is read instead", where, len(unbound),
+                            "y" if len(unbound) == 1 else "ies", unbound[0])
+            return {n: e for n, e in entries.items() if n not in unbound}
         except (StoreError, OSError) as e:
             if isinstance(e, FileNotFoundError):
                 return None
@@ -316,6 +345,14 @@ class Store(VerifiedReads, ShardEdits):
             a = self.shard_summary(name, indexed=False)
             ok = bool(a) and a.get("complete") is True and all(has_teacher(a["digest"], t) for t in (teachers or ()))
         return ok
+
+    def stored_rows(self, name: str) -> int | None:
+        """How many rows a shard's keys array holds, read without the shard's own metadata: what a
+        shard refused for its metadata held (a run that skips it counts them); None if unreadable."""
+        try:
+            return int(self.root[f"{SHARDS}/{check_name(name, self.url, 'shard')}/keys"].shape[0])
+        except Exception:  # noqa: BLE001 - anything: the count is then unknown
+            return None
 
     def complete_shards(self, teachers=None) -> list[str]:
         return [n for n in self.shard_names() if self.is_complete(n, teachers)]

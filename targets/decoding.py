@@ -16,18 +16,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcache.store.codes import ADDITIVE, Codebooks
+from kdcache.store.dtypes import STORAGE
 from kdcache.store.meta import LOGIT_ARRAYS, TOKEN_KINDS, TeacherMeta, dense_path, feature_path, logits_path
 
 from .derive import dense_targets, sub_view_targets
 from .normalize import NormalizerParams, normalizer_params
 
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+TORCH_DTYPES = {name: getattr(torch, d.torch) for name, d in STORAGE.items()}  # store.dtypes: the one table
 
 
 def to_float(raw: torch.Tensor, dtype: str) -> torch.Tensor:
     """Stored rows of logical ``dtype`` as they left the loader (bf16: uint16 bits) -> float32."""
-    if dtype == "bfloat16":
-        return raw.view(torch.bfloat16).float()
+    if STORAGE[dtype].as_bits:
+        return raw.view(TORCH_DTYPES[dtype]).float()
     return raw.float()
 
 

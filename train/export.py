@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, check_output
 
 from .rundir import RunDir
 
@@ -22,7 +22,10 @@ def export(run: str, out: str | None = None, *, ema: bool = False, heads: bool =
     if not os.path.exists(src):
         raise KdcacheError(f"{run}: no {'EMA ' if ema else ''}checkpoint ({src} missing)")
     student = _student(rundir)
-    out = os.path.abspath(out or rundir.file("student.safetensors"))  # the printed line works from anywhere
+    out = os.path.abspath(check_output(out or rundir.file("student.safetensors"), kind="file"))  # (the printed line
+    # works from anywhere)
+    if heads:
+        check_output(out.replace(".safetensors", "") + ".heads.safetensors", kind="file")
     shutil.copyfile(src, out)
     result = {"student": out, "model": student["model"]}
     if heads:

@@ -66,15 +66,31 @@ def epoch_total(source: TargetSource) -> int:
     return sum(s.count for s in source.shards) * source.dataset.spec.per_image
 
 
-def plan_steps(cfg: TrainConfig, total: int, world: int, epochs: range, *, resumed: tuple[int, list] | None = None):
+def plan_steps(cfg: TrainConfig, total: int, world: int, epochs: range, *, resumed: tuple[int, list] | None = None,
+               batchnorm: bool = False):
     """Steps of each epoch: the split's (``data.partition``), the same on every rank; a resumed
-    epoch counts the positions the checkpoint left."""
+    epoch counts the positions the checkpoint left. ``batchnorm``: the student normalises by batch
+    statistics, which a batch of one sample cannot give: refused here, before training starts."""
     out = []
     for e in epochs:
         remaining = resumed[1] if resumed is not None and resumed[0] == e else None
-        out.append(epoch_split(total, world=world, workers=cfg.data.workers, batch_size=cfg.data.batch_size,
-                               last_batch=cfg.data.last_batch, remaining=remaining).steps)
+        split = epoch_split(total, world=world, workers=cfg.data.workers, batch_size=cfg.data.batch_size,
+                            last_batch=cfg.data.last_batch, remaining=remaining)
+        if batchnorm and split.steps and split.smallest_batch == 1:
+            why = ("--batch-size 1" if cfg.data.batch_size == 1 else
+                   f"the last partial batch of a DataLoader worker holds 1 sample (epoch {e}: {total} samples, world "
+                   f"{world} x {max(1, cfg.data.workers)} worker(s) x batch {cfg.data.batch_size})")
+            raise TrainError(f"{why}, and the student {cfg.student!r} has BatchNorm layers, which need more than one "
+                             f"sample per step: a larger --batch-size" + ("" if cfg.data.batch_size == 1 else
+                                                                         ", or --last-batch drop or pad"))
+        out.append(split.steps)
     return out
+
+
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    """Whether a model normalises by batch statistics in training (a BatchNorm that is trained)."""
+    kinds = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+    return any(isinstance(m, kinds) and m.training for m in model.modules())
 
 
 def run_plan(source: TargetSource) -> dict:
@@ -185,7 +201,8 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: boo
                 start["remaining"] = check_remaining(start["remaining"], total)
                 source.dataset.resume_at(start["epoch"], start["remaining"])
     resumed = (start["epoch"], start["remaining"]) if start["remaining"] is not None else None
-    epoch_steps = [0] * start["epoch"] + plan_steps(cfg, total, world, range(start["epoch"], cfg.optimisation.epochs), resumed=resumed)
+    epoch_steps = [0] * start["epoch"] + plan_steps(cfg, total, world, range(start["epoch"], cfg.optimisation.epochs),
+                                                    resumed=resumed, batchnorm=not evaluate and has_batchnorm(student.model))
     if not evaluate and min(epoch_steps[start["epoch"]:], default=1) == 0:
         raise TrainError(f"--last-batch drop: an epoch of {total} samples is less than one global batch (world {world} x "
                          f"--batch-size {cfg.data.batch_size}); lower --batch-size or use --last-batch partial")

@@ -94,9 +94,13 @@ def skipped_summary(run: RunDir, *, logged: bool) -> dict:
     """Corrupt shards skipped (``--skip-corrupt``) and bad images (``--online``): unique per epoch,
     whatever resumes replayed. ``logged``: the run keeps a skip log."""
     records = {(r["epoch"], r["shard"], r.get("block"), r.get("key")): r for r in read_skips(run.skip_log if logged else None)}
-    return {"shards": sorted({r["shard"] for r in records.values()}),
-            "samples": sum(r["samples_skipped"] or 0 for r in records.values()),
-            "errors": sorted({f"{r['shard']}: {r['error']}" for r in records.values()})}
+    out = {"shards": sorted({r["shard"] for r in records.values()}),
+           "samples": sum(r["samples_skipped"] or 0 for r in records.values()),
+           "errors": sorted({f"{r['shard']}: {r['error']}" for r in records.values()})}
+    unknown = sorted({r["shard"] for r in records.values() if r["samples_skipped"] is None})
+    if unknown:  # a shard skipped whole whose size nothing readable says: counted as unknown, never as 0
+        out["shards_of_unknown_size"] = unknown
+    return out
 
 
 class SkippedSamples:

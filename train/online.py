@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from kdcache.data.corpus import Corpus
 from kdcache.data.pixels import decodable
-from kdcache.data.samples import ShardPlaces, folder_files
+from kdcache.data.pixels import ShardPlaces, folder_files
 from kdcache.data.stream import SampleStream
 from kdcache.data.walk import record_to, screened
 from kdcache.models.teacher import Teacher

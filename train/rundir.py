@@ -21,7 +21,7 @@ import shutil
 
 import numpy as np
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import KdcacheError, check_output
 
 
 def kept_json(path: str, make, *, key: str | None = None):
@@ -114,7 +114,12 @@ class RunDir:
                  "report", "plan.json", "epochs.jsonl", "keys")
 
     def check(self, *, resume: bool, overwrite: bool) -> None:
-        """Refuse to train over a started run unless asked (before anything is built)."""
+        """Refuse to train over a started run unless asked, into a store, or where nothing can be
+        written (before anything is built)."""
+        check_output(self.path, kind="dir")
+        if os.path.exists(self.file("zarr.json")):
+            raise KdcacheError(f"--out {self.path}: a Zarr store (kdcache's or another's), not a run directory; train "
+                               f"into another directory")
         if resume and not self.has_checkpoint():
             raise KdcacheError(f"--resume: no checkpoint in {self.checkpoint}")
         if self.holds_run() and not (resume or overwrite):

@@ -208,7 +208,8 @@ def cached_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, 
     return TargetSource(corpus=corpus, teachers=teachers, shards=shards, targets=targets, heads=heads,
                         dataset=SampleStream(spec, corpus, rank=rank, world=world), store=store, classes=classes,
                         provenance={"store": cfg.store, "store_meta": store.meta.to_dict()}, computed_stats=computed,
-                        skipped=[{"epoch": None, "shard": n, "error": e, "samples_skipped": None} for n, e in bad.items()])
+                        skipped=[{"epoch": None, "shard": n, "error": e, "samples_skipped": store.stored_rows(n)}
+                                 for n, e in bad.items()])
 
 
 def online_source(cfg: TrainConfig, student: Student, *, rank: int, world: int, kept: RunDir | None,

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import statistics
-import time
 
 import numpy as np
 import pytest
@@ -16,10 +15,19 @@ from kdcache.bench.harness import Spread, Timed, limit_note, measure
 SPREAD = re.compile(r"[\d,.]+ \([\d,.]+-[\d,.]+\)")  # "median (min-max)"
 
 
-def test_two_sleeps_of_known_ratio():
-    m = measure({"fast": lambda: time.sleep(0.010), "slow": lambda: time.sleep(0.020)}, repeat=7)
-    assert abs(m.ratio("fast", "slow").median - 2.0) < 0.2  # rate ratio: fast does twice the work per second
-    assert abs(m.ratio("slow", "fast", of="time").median - 2.0) < 0.2
+def test_two_sides_of_known_ratio_on_a_clock_they_advance():
+    """No wall clock: each side advances a fake clock by its cost (slow: twice fast's, with a
+    little noise), so the ratios are known exactly."""
+    now = [0.0]
+    noise = iter([1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 1.0, 1.02] * 4)
+
+    def cost(seconds):
+        def side():
+            now[0] += seconds * next(noise)
+        return side
+    m = measure({"fast": cost(0.010), "slow": cost(0.020)}, repeat=7, clock=lambda: now[0])
+    assert m.ratio("fast", "slow").median == pytest.approx(2.0, rel=0.15)  # rate ratio: twice the work per second
+    assert m.ratio("slow", "fast", of="time").median == pytest.approx(2.0, rel=0.15)
     assert m.time("fast").low <= m.time("fast").median <= m.time("fast").high
 
 
@@ -113,13 +121,13 @@ def test_bench_load_local_and_on_loopback_s3_with_verification_on_and_off(vit_sp
     assert SPREAD.search(out.split("local: verified / unverified throughput = ")[1])
     assert SPREAD.search(out.split("loader (local, verified) / decode floor = ")[1])
     assert SPREAD.search(out.split("local, patch codes, verification on / decode floor = ")[1])
-    assert "64-px student input" in out and "1 stored view(s) per image, one read per block and epoch (store format 3)" in out
+    assert "64-px student input" in out and "1 stored view(s) per image, one read per block and epoch (store format 4)" in out
     d = json.loads(run_cli("bench", "load", "-t", vit_spec, "--images", "32", "--workers", "0", "--repeat", "1", "--s3", "off",
                            "--codes", "none", "--decode-sizes", "500", "--decode-images", "4", "--views", "2",
                            "--student-size", "40", "--pixel-sizes", "none", "--json").stdout)
     # every side, the floor too, delivered the student's input size
     assert d["student_size"] == 40 and set(map(tuple, d["image_shapes"].values())) == {(3, 40, 40)}, d["image_shapes"]
-    assert d["stored_views"] == 2 and d["store_format"] == 3  # two views per image, each its own Zarr shard; one per sample:
+    assert d["stored_views"] == 2 and d["store_format"] == 4  # two views per image, each its own Zarr shard; one per sample:
     m = d["measurement"]
     assert m["items"]["decode floor (decode + view, no store)"] == m["items"]["local, verification on"] == 32  # same samples
     assert "local, patch codes, verification on" not in m["items"] and d["bytes_per_sample"] == (4 * 192 + 192) * 2

@@ -5,6 +5,8 @@ import json
 import os
 
 import pytest
+
+from kdcache.train.rundir import RunDir
 from helpers import cli_call
 
 
@@ -26,12 +28,12 @@ def test_bench_quality_pairs_runs_by_seed_counts_teacher_forwards_and_scores_eve
     assert len(runs) == 2 * (2 * 3 + 4)  # seeds x (schedules x (online + 2 K) + 4 options at the longest)
     for run in runs:  # the same optimizer steps at each schedule; every labelled image scored once
         assert run["steps"] == run["epochs"] * (n // 4) and run["n"] == n and run["folds"] == 3
-        cfg = json.load(open(os.path.join(run["run"], "config.json")))
-        assert cfg["seed"] == run["seed"] and cfg["epochs"] == run["epochs"]
+        cfg = RunDir(run["run"]).read_config()
+        assert cfg.seed == run["seed"] and cfg.optimisation.epochs == run["epochs"]
         if run["variant"] != "online":  # each seed's stores are drawn with that seed: the online run's views
-            assert cfg["view_choice"] == "augmented" and cfg["store"].endswith(f"-s{run['seed']}.zarr")
+            assert cfg.data.view_choice == "augmented" and cfg.store.endswith(f"-s{run['seed']}.zarr")
             import zarr
-            assert zarr.open_group(cfg["store"], mode="r").attrs["kdcache"]["view_policy"]["seed"] == run["seed"]
+            assert zarr.open_group(cfg.store, mode="r").attrs["kdcache"]["view_policy"]["seed"] == run["seed"]
     by = {(x["variant"], x["epochs"], x["seed"]): x for x in runs}
     # teacher forwards, counted by the teachers: extraction is views x images; an online epoch is every image
     assert by[("K=1", 1, 0)]["teacher_images"] == n and by[("K=3", 2, 1)]["teacher_images"] == 3 * n
@@ -97,7 +99,7 @@ def test_bench_teachers_scores_every_image_over_seeds_with_paired_differences(tm
     assert len(r["runs"]) == 2 * len(variants)
     for run in r["runs"]:  # every labelled image scored once; seeds are the students' own
         assert run["n"] == 24 and run["folds"] == 3
-        assert json.load(open(os.path.join(run["run"], "config.json")))["seed"] == run["seed"]
+        assert RunDir(run["run"]).read_config().seed == run["seed"]
     rows = {x["variant"]: x for x in r["rows"]}
     dto = rows["task loss + --balance dto"]
     for ref in ("static weights", "task loss (static, weight 1)"):
@@ -106,8 +108,7 @@ def test_bench_teachers_scores_every_image_over_seeds_with_paired_differences(tm
     assert dto["knn"]["n"] == 2 and set(dto["fidelity"]) == {"effnet", "vit"}
     frozen = rows["EfficientNet-Lite0 frozen + adapters on vit"]
     assert set(frozen["fidelity"]) == {"vit"}  # it learns the second teacher only
-    assert json.load(open(os.path.join(by[("EfficientNet-Lite0 frozen + adapters on vit", 0)]["run"], "config.json")))[
-        "frozen_backbone"] is True
+    assert RunDir(by[("EfficientNet-Lite0 frozen + adapters on vit", 0)]["run"]).read_config().heads.frozen_backbone is True
     assert 0 < rows["task loss + --balance dto"]["weights"]["task"] < 2  # the logged DTO-KD weights, averaged
     code, again, err = cli_call(monkeypatch, capsys, *args)  # a second run reuses every run and score
     assert code == 0 and again == text

@@ -68,7 +68,7 @@ def _count(value):
 
 CORRUPTIONS = {"flipped byte in patch": (_flip, "vit/patch"), "deleted cls chunk": (_delete_cls, "vit/cls"),
                "truncated patch chunk": (_truncate, "vit/patch"), "count -5": (_count(-5), "count"),
-               "count 'x'": (_count("x"), "count"), "count larger": (_count(9), "has shape (8,), but the shard's count (9)")}
+               "count 'x'": (_count("x"), "count"), "count larger": (_count(9), "does not hash to its binding")}
 
 
 class _Run:
@@ -168,10 +168,18 @@ def test_hostile_metadata_is_one_line_for_every_reader(tmp_path, good, corpus, n
     if name in SHARD_LEVEL:  # info answers from the shard index, says so, and reads no shard; without the index it does
         p = cli("info", store)
         assert p.returncode == 0 and "3 of 3 complete shards described by the shard index" in p.stdout, p.stderr[-1500:]
+        p = cli("info", store, "--check")  # every shard's own metadata: the broken one flagged, the rest described
+        assert p.returncode == 0 and "1 whose own metadata every reader refuses" in p.stdout and match in p.stdout, p.stdout
+        for args in (["verify", store], ["verify", store, "--data", corpus]):  # a finding, listed with the others
+            p = cli(*args)
+            assert p.returncode == 1 and f"MISMATCH shard demo-000000: " in p.stdout and match in p.stdout, p.stdout
         os.remove(os.path.join(store, "shard_index.json"))
-    for args in (["info", store], ["info", store, "--json"], ["verify", store], ["verify", store, "--data", corpus]):
-        p = cli(*args)
-        assert p.returncode == 2 and match in _one_line(p), (args, p.stderr[-1500:])
+        p = cli("info", store)  # no index: every shard asked, the broken one flagged
+        assert p.returncode == 0 and "1 whose own metadata every reader refuses" in p.stdout, p.stdout
+    else:
+        for args in (["info", store], ["info", store, "--json"], ["verify", store], ["verify", store, "--data", corpus]):
+            p = cli(*args)
+            assert p.returncode == 2 and match in _one_line(p), (args, p.stderr[-1500:])
     p = cli.train(store, corpus, tmp_path / "run")  # (a stray shard name is refused too: names are checked on open)
     assert p.returncode == 2 and match in _one_line(p)
 

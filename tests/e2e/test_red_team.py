@@ -180,7 +180,7 @@ HOSTILE = {
                                                        os.path.join(s, "shards", "..evil")), "shard name '..evil'"),
     "count -5": (lambda s: _edit_attrs(s, count=-5), "field 'count'"),
     "count 'x'": (lambda s: _edit_attrs(s, count="x"), "field 'count'"),
-    "count larger": (lambda s: _edit_attrs(s, count=9), "but the shard's count (9)"),
+    "count larger": (lambda s: _edit_attrs(s, count=9), "does not hash to its binding"),
 }
 
 

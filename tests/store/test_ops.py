@@ -53,7 +53,8 @@ def test_merge_of_rank_stores_equals_one_store_and_refuses_a_conflict(tmp_path, 
     cls[0] = cls[0] + 1
     d = ArrayDigest()
     d.update(np.asarray(cls[:]))
-    g.attrs.put({**g.attrs.asdict(), "digest": {**g.attrs["digest"], "vit/cls": d.hexdigest()}})
+    from kdcache.store.layout import sealed
+    g.attrs.put(sealed("demo-000001", {**g.attrs.asdict(), "digest": {**g.attrs["digest"], "vit/cls": d.hexdigest()}}))
     code, _, err = cli_call(monkeypatch, capsys, "store", "merge", ref, b, "--out", str(tmp_path / "c.zarr"), "--no-progress")
     assert code == 2 and "shard demo-000001: in" in one_error_line(err) and "different data" in err
     assert not Store.exists(str(tmp_path / "c.zarr"))
@@ -103,7 +104,7 @@ def test_copy_converts_between_formats_with_the_same_rows_and_digests(tmp_path, 
         code, out, err = cli_call(monkeypatch, capsys, "store", "copy", src, dst, "--format", fmt, "--no-progress")
         assert code == 0 and json.loads(out)["shards_copied"] == 3, err
     k = Store.open(vit_store).meta.views
-    assert k == 2 and Store.open(vit_store).meta.format == 3
+    assert k == 2 and Store.open(vit_store).meta.format == 4
     source = {name: a for name, a in store_arrays(vit_store).items() if not name.endswith("/origin")}
     for url, fmt in ((old, 1), (new, 2)):
         got = store_arrays(url)

@@ -1,4 +1,4 @@
-"""Multi-teacher methods, second round: the model token across teacher spaces, a frozen backbone
+"""Multi-teacher methods: the model token across teacher spaces, a frozen backbone
 with adapters, the UNIC ladder, DTO-KD's trade-off; each resumable, each exporting a timm student."""
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ def test_dto_weights_are_logged_every_step_and_resume_exactly(tmp_path, two_teac
     assert "| task |" in text
 
 
-def test_round_two_options_are_validated(tmp_path, corpus):
+def test_model_token_adapter_and_ladder_options_are_validated(tmp_path, corpus):
     for kw, msg in [(dict(balance="dto"), "--balance dto weighs the task loss"),
                     (dict(balance="dto", task_loss="ce", logits_loss="kl", label_loss="ce"), "drop it"),
                     (dict(head="model-token", shared_adapter=True), "drop --shared-adapter"),

@@ -13,7 +13,7 @@ from helpers import cli_call, one_error_line
 from kdcache import __version__
 from kdcache.cli import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/ is one level below the root
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/cli/ is two levels below
 
 
 def _readme_commands():

@@ -121,7 +121,7 @@ def test_store_is_plain_zarr_with_provenance(tmp_path, corpus, vit_spec):
     extract(corpus, out, [vit_spec], ExtractOptions(views=2, codec="zstd", **OPTS))
     with open(os.path.join(out, "zarr.json")) as f:
         doc = json.load(f)["attributes"]["kdcache"]
-    assert doc["format"] == 3 and doc["views"] == 2 and doc["seed"] == 0
+    assert doc["format"] == 4 and doc["views"] == 2 and doc["seed"] == 0
     t = doc["teachers"]["vit"]
     for k in ("model", "weights_sha256", "input_size", "mean", "std", "interpolation", "patch_size", "grid", "dim",
               "tokens", "dtype", "codec"):
