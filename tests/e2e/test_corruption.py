@@ -172,7 +172,7 @@ def test_hostile_metadata_is_one_line_for_every_reader(tmp_path, good, corpus, n
         assert p.returncode == 0 and "1 whose own metadata every reader refuses" in p.stdout and match in p.stdout, p.stdout
         for args in (["verify", store], ["verify", store, "--data", corpus]):  # a finding, listed with the others
             p = cli(*args)
-            assert p.returncode == 1 and f"MISMATCH shard demo-000000: " in p.stdout and match in p.stdout, p.stdout
+            assert p.returncode == 1 and "MISMATCH shard demo-000000: " in p.stdout and match in p.stdout, p.stdout
         os.remove(os.path.join(store, "shard_index.json"))
         p = cli("info", store)  # no index: every shard asked, the broken one flagged
         assert p.returncode == 0 and "1 whose own metadata every reader refuses" in p.stdout, p.stdout

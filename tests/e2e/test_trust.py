@@ -16,7 +16,6 @@ import pytest
 import zarr
 from helpers import cli_call, one_error_line
 
-from kdcache.store import Store
 from kdcache.store.layout import sealed
 
 STUDENT = "vit_tiny_patch16_224,img_size=32,depth=1"
