@@ -143,9 +143,19 @@ class SharedBatches:
 
 
 def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """As ``default_collate`` allocates in a worker: typed shared storage, then the shape."""
+    """As ``default_collate`` allocates in a worker: typed shared storage, then the shape. Out of
+    shared memory (``/dev/shm`` full: a container's 64 MB default) is one line saying what to do."""
     like = torch.empty(0, dtype=dtype)
-    return like.new(like._typed_storage()._new_shared(math.prod(shape))).resize_(shape)
+    try:
+        return like.new(like._typed_storage()._new_shared(math.prod(shape))).resize_(shape)
+    except (RuntimeError, OSError) as e:
+        text = str(e)
+        if "No space left" not in text and "unable to write to file" not in text and "Cannot allocate" not in text:
+            raise
+        mb = math.prod(shape) * like.element_size() / 2**20
+        raise TransportError(f"out of shared memory (/dev/shm) for a {mb:.0f} MB part of a batch: a DataLoader worker "
+                             f"keeps up to 8 batches there; make /dev/shm larger (docker --shm-size, --ipc=host) or "
+                             f"lower --workers or --batch-size") from None
 
 
 def _batch_shape(value, batch: int) -> tuple[tuple[int, ...], torch.dtype] | None:

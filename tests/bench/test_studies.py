@@ -50,12 +50,12 @@ def test_bench_quality_pairs_runs_by_seed_counts_teacher_forwards_and_scores_eve
     reduced = rows[("K=3 reduced decode", 2)]
     diffs = [by[("K=3 reduced decode", 2, s)]["knn"] - by[("K=3", 2, s)]["knn"] for s in (0, 1)]
     assert abs(reduced["knn_vs_store"]["mean"] - sum(diffs) / 2) < 1e-12
-    assert json.load(open(os.path.join(by[("K=3 reduced decode", 2, 0)]["run"], "config.json")))["decode"] == "reduced"
-    assert json.load(open(os.path.join(by[("K=3", 2, 0)]["run"], "config.json")))["decode"] == "full"
+    assert RunDir(by[("K=3 reduced decode", 2, 0)]["run"]).read_config().data.decode == "reduced"
+    assert RunDir(by[("K=3", 2, 0)]["run"]).read_config().data.decode == "full"
     assert "K=3 reduced decode at 2 epochs against K=3 (the same store" in text
     # the stored pixels: the same views' targets, the student's images from the store's JPEGs (no corpus read)
-    pixels = json.load(open(os.path.join(by[("K=3 stored pixels", 2, 0)]["run"], "config.json")))
-    assert pixels["images"] == "store" and "knn_vs_store" in rows[("K=3 stored pixels", 2)]
+    pixels = RunDir(by[("K=3 stored pixels", 2, 0)]["run"]).read_config()
+    assert pixels.data.images == "store" and "knn_vs_store" in rows[("K=3 stored pixels", 2)]
     assert open(os.path.join(out, "quality.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # a second run reuses every store, run and score
     code, again, err = cli_call(monkeypatch, capsys, *args)

@@ -208,6 +208,8 @@ def test_verify_pin_holds_a_store_to_the_digest_it_was_trusted_at(tmp_path, stor
 
 
 def test_every_output_path_and_unreachable_endpoint_is_one_line(tmp_path, store, corpus, vit_spec, monkeypatch, capsys):
+    import fsspec.config  # --storage-option goes into fsspec's configuration: restored for the tests after this one
+    monkeypatch.setattr(fsspec.config, "conf", {k: dict(v) for k, v in fsspec.config.conf.items()})
     run = str(tmp_path / "run")
     assert _train(monkeypatch, capsys, store, corpus, run)[0] == 0
     a_dir, a_file = tmp_path / "dir", tmp_path / "file.txt"

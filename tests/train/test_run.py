@@ -180,7 +180,8 @@ def test_a_resume_refuses_a_store_that_changed_and_a_position_past_the_epoch(tmp
     assert [s[:2] for s in plan["shards"]] == [[n, 8] for n in Store.open(copy).complete_shards()]
     g = zarr.open_group(copy, mode="r+")["shards/demo-000001"]
     attrs = g.attrs.asdict()
-    g.attrs.put({**attrs, "digest": {**attrs["digest"], "vit/cls": "0" * 64}})  # rewritten since the checkpoint
+    from kdcache.store.layout import sealed  # rewritten since the checkpoint (and bound anew, as a writer binds it)
+    g.attrs.put(sealed("demo-000001", {**attrs, "digest": {**attrs["digest"], "vit/cls": "0" * 64}}))
     with pytest.raises(KdcacheError, match=r"shard demo-000001: its digests are not those the run was planned with"):
         train(_cfg(copy, corpus, out, epochs=2, resume=True), progress=False)
     g.attrs.put(attrs)

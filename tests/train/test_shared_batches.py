@@ -219,3 +219,25 @@ def test_the_trainer_forgets_the_buffers_of_workers_that_exited(monkeypatch):
     assert again["image"] is tensors["image"] and again["key"] == ["c", "d"]
     loader_module._received_batch(os.getpid(), 1, {"key": ["e"]}, ({"image": torch.ones(1)}, flags))  # a new worker
     assert set(loader_module._MAPPED) == {(os.getpid(), 1)}
+
+
+def test_out_of_shared_memory_is_one_line_saying_what_to_do(monkeypatch):
+    """A full /dev/shm (torch's own error, as a DataLoader worker meets it) becomes a TransportError
+    naming /dev/shm and the options that lower what a worker keeps there; other errors pass."""
+    import torch
+
+    from kdcache.data import transport
+    real = torch.storage.TypedStorage._new_shared
+
+    def full(self, size, *args, **kwargs):
+        raise RuntimeError("unable to write to file </torch_123_456_0>: No space left on device (28)")
+    monkeypatch.setattr(torch.storage.TypedStorage, "_new_shared", full)
+    with pytest.raises(transport.TransportError, match=r"out of shared memory \(/dev/shm\) for a 4 MB part of a batch.*"
+                                                        r"--shm-size.*--workers or --batch-size"):
+        transport._shared_empty((256, 4096), torch.float32)
+    monkeypatch.setattr(torch.storage.TypedStorage, "_new_shared", lambda self, size, *a, **k: (_ for _ in ()).throw(
+        RuntimeError("something else")))
+    with pytest.raises(RuntimeError, match="something else"):
+        transport._shared_empty((4,), torch.float32)
+    monkeypatch.setattr(torch.storage.TypedStorage, "_new_shared", real)
+    assert transport._shared_empty((3, 2), torch.float32).shape == (3, 2)
