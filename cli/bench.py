@@ -414,3 +414,21 @@ def bench_softlabels(out, parts, seeds, as_json, **kw):
     plan = SoftLabelsPlan(**drop_unset(parts=tuple(parts) or None, seeds=comma_ints("--seeds", seeds, low=0), **kw))
     r = soft_labels_study(out, plan)
     click.echo(json.dumps(r, indent=2) if as_json else format_soft_labels(r))
+
+
+@bench.command("plot")
+@click.argument("kind", type=click.Choice(["load", "scale", "quantize"]))
+@click.argument("source")
+@click.option("--out", required=True, help="The PNG to write.")
+def bench_plot(kind, source, out):
+    """Draw the figure of KIND from SOURCE, the JSON a `kdcache bench KIND --json` wrote: load (the
+    loader per student input and source), scale (start-up against the shard count), quantize
+    (held-out fidelity against bytes per token).
+
+    \b
+    kdcache bench load --json > load.json && kdcache bench plot load load.json --out loader.png
+    kdcache bench plot scale scale.json --out scale.png
+    """
+    from kdcache.bench.plots import plot
+    from kdcache.errors import check_output
+    click.echo(plot(kind, source, check_output(out, kind="file")))

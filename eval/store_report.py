@@ -21,7 +21,8 @@ from .options import STORE_REPORT_TOKENS as TOKENS
 def store_report(url: str, *, tokens: int = TOKENS) -> dict:
     store = Store.open(url)
     d = info(store)
-    out = {"store": url, "samples": d["samples"], "views": d["views"], "teachers": {}}
+    out = {"store": url, "samples": d["samples"], "views": d["views"], "teachers": {},
+           "shards_from_index": d["shards_from_index"], "shards_complete": d["shards_complete"], "broken": d["broken"]}
     for name, t in d["teachers"].items():
         meta = store.meta.teachers[name]
         fp32 = d["views"] * (meta.tokens + 1) * meta.dim * 4
@@ -68,8 +69,14 @@ def _float_and_decoded(store: Store, teacher: str, kind: str, cb, tokens: int):
 
 
 def format_store_report(r: dict) -> str:
-    lines = [f"# store {r['store']}: {r['samples']} samples, K={r['views']} views", "",
-             "| teacher | model | KiB/sample stored | KiB/sample fp32 | fp32 / stored | quantized | relMSE | mean cos | p5 cos |",
+    lines = [f"# store {r['store']}: {r['samples']} samples, K={r['views']} views", ""]
+    if r.get("shards_from_index"):  # (what the index says is what every shard says, until a shard is read)
+        lines += [f"Counts of {r['shards_from_index']} of {r['shards_complete']} complete shards from the shard index "
+                  f"alone; `kdcache info --check` reads every shard's own metadata.", ""]
+    if r.get("broken"):
+        lines += [f"{len(r['broken'])} shard(s) whose own metadata every reader refuses (first: "
+                  f"{next(iter(r['broken'].values()))}).", ""]
+    lines += ["| teacher | model | KiB/sample stored | KiB/sample fp32 | fp32 / stored | quantized | relMSE | mean cos | p5 cos |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, t in r["teachers"].items():
         q = t["quantized"] or {"-": {}}

@@ -189,7 +189,11 @@ def test_info_check_flags_a_shard_whose_metadata_is_garbage_and_skip_corrupt_cou
     assert code == 0 and "described by the shard index alone" in out and "info --check" in out
     code, out, _ = _run(monkeypatch, capsys, "info", store, "--check")
     assert code == 0 and "1 whose own metadata every reader refuses" in out and B in out, out
+    code, out, _ = _run(monkeypatch, capsys, "eval", "store", store)
+    assert code == 0 and "complete shards from the shard index alone; `kdcache info --check`" in out, out
     os.remove(os.path.join(store, "shard_index.json"))  # planned from the shards: this one refused at plan time
+    code, out, _ = _run(monkeypatch, capsys, "eval", "store", store)
+    assert code == 0 and "1 shard(s) whose own metadata every reader refuses" in out, out
     code, out, err = _train(monkeypatch, capsys, store, corpus, tmp_path / "run", "--skip-corrupt")
     r = json.loads(out)
     assert code == 0 and r["skipped"]["shards"] == [B] and r["skipped"]["samples"] == 8, err

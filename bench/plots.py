@@ -1,0 +1,103 @@
+"""``kdcache bench plot``: the figures of the docs, drawn from a bench's own ``--json`` output.
+
+Where a curve says more than a table: the loader against the corpus per student input and source
+(``bench load``), start-up against the shard count (``bench scale``), held-out fidelity against
+bytes per token per quantizer (``bench quantize``). Each reads the JSON as the bench wrote it, so
+a figure is redrawn from a rerun with one command; ``bench quality`` draws its own
+(``quality.png``). Medians with min-max bars, as every table of the benches.
+"""
+from __future__ import annotations
+
+import json
+
+from kdcache.errors import KdcacheError
+
+KINDS = ("load", "scale", "quantize")
+
+
+def plot(kind: str, source: str, out: str) -> str:
+    """Draw ``kind`` from the bench JSON at ``source`` into the PNG ``out``; returns ``out``."""
+    try:
+        with open(source) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise KdcacheError(f"{source}: not a bench's JSON output ({type(e).__name__}: {e})") from None
+    draw = {"load": _load, "scale": _scale, "quantize": _quantize}.get(kind)
+    if draw is None:
+        raise KdcacheError(f"bench plot {kind!r}: expected one of {', '.join(KINDS)}")
+    try:
+        fig = draw(d)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise KdcacheError(f"{source}: not the JSON of `kdcache bench {kind} --json` ({type(e).__name__}: {e})") from None
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return out
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _bar(ax, x, spread: dict, width: float, label: str):
+    med = spread["median"]
+    ax.bar(x, med, width, label=label, yerr=[[med - spread["min"]], [spread["max"] - med]], capsize=3)
+
+
+def _load(d: dict):
+    """Samples/s of the corpus loader and the store's own view pixels (JPEG, raw), per student input."""
+    rows = d["pixels"]
+    if not rows:
+        raise ValueError("no pixel rows (bench load --pixel-sizes)")
+    plt = _pyplot()
+    sizes = sorted({r["size"] for r in rows})
+    sides = list(dict.fromkeys(r["side"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / len(sides)
+    for i, side in enumerate(sides):
+        for j, size in enumerate(sizes):
+            r = next(x for x in rows if x["size"] == size and x["side"] == side)
+            _bar(ax, j + i * width, r["rate"], width, side if j == 0 else None)
+    ax.set_xticks([j + width * (len(sides) - 1) / 2 for j in range(len(sizes))], [f"{s} px student" for s in sizes])
+    ax.set(ylabel="samples/s (1 worker)", title="The training loader: the corpus vs the store's own view pixels")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _scale(d: dict):
+    """Seconds to each command's end against the store's shard count, one line per (where, command, index)."""
+    rows = d["rows"]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    keys = list(dict.fromkeys((r["where"], r["command"], r["index"]) for r in rows))
+    for where, command, index in keys:
+        pts = sorted((r["shards"], r["seconds"]) for r in rows
+                     if (r["where"], r["command"], r["index"]) == (where, command, index))
+        xs = [p[0] for p in pts]
+        med = [p[1]["median"] for p in pts]
+        err = [[m - p[1]["min"] for m, p in zip(med, pts)], [p[1]["max"] - m for m, p in zip(med, pts)]]
+        ax.errorbar(xs, med, yerr=err, marker="o", capsize=3,
+                    label=f"{where}: {command}" + ("" if index else " (no shard index)"))
+    ax.set(xscale="log", yscale="log", xlabel="shards in the store", ylabel="seconds (fresh process)",
+           title="Start-up against the shard count")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _quantize(d: dict):
+    """Held-out mean cosine against bytes per token, one line per method."""
+    rows = d["rows"]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["m"], r["mean_cos"]) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax.set(xscale="log", xlabel="bytes per token (one-byte codes)", ylabel="held-out mean cosine",
+           title=f"Fidelity per byte: {d.get('features', '')}"[:80])
+    ax.axhline(0.95, color="grey", lw=0.8, ls="--")
+    ax.legend(fontsize=8)
+    return fig
