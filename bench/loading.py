@@ -12,7 +12,8 @@ the fp16 summary and patch tokens: the same loader with no target arrays at all 
 and views only: what the loader costs before it reads a target byte), and, when the store holds
 them (the store this bench builds keeps both, ``--codes``), the patch tokens as codes. The
 **decode floor** is the same epoch with nothing but the corpus: the same shards, workers, shuffle
-buffer and batches, each sample decoded and its view cut at the student's input
+buffer and batches, each sample decoded and its view cut at the student's input (the loader's own
+crops: a store of one view holds view 0, which replays from key and size; ``_floor_views``)
 (``--student-size``, 64 px by default: the cheapest decode, so the largest share for the
 targets; as the store records the decode), no store at all; the loader's share of it is what reading and
 checking the targets costs (target >= 0.9). Verification is the per-block CRC-32 and finiteness
@@ -31,10 +32,11 @@ side, left out.
 from __future__ import annotations
 
 import io
-from dataclasses import replace
 import itertools
 import json
+import os
 import tempfile
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -70,10 +72,20 @@ def _stream(store_url: str, store: Store, corpus, *, paths, verify: bool, worker
     spec = StreamSpec(shards=shards,
                       crops=(("image", Crop((input_size, input_size), "bilinear")),),
                       decode=replace(ReadOptions.from_dict(store.meta.corpus).decode, reduced=True),  # as train --decode auto
-                      views="fresh" if floor else "stored", stored_views=store.meta.views, policy=store.meta.view_policy,
+                      views=_floor_views(store) if floor else "stored", stored_views=store.meta.views,
+                      policy=store.meta.view_policy,
                       window=64, batch_size=batch_size, workers=workers, store_url=None if floor else store_url,
                       target_paths=paths, verify=verify, source=source)
     return SampleStream(spec, corpus, places=places)
+
+
+def _floor_views(store: Store) -> str:
+    """The floor's views, the same boxes as the loader's where the store allows: a store of one view
+    holds view 0, the eval view, which replays from key and image size alone ("eval"), so the floor
+    decodes and cuts exactly the loader's crops; with K > 1 the loader's view changes per block and
+    epoch, and the floor cuts fresh views of the same policy (their crops' sizes, and so the decode
+    scale, then differ from the loader's)."""
+    return "eval" if store.meta.views == 1 else "fresh"
 
 
 def _side(store_url: str, data: str | None, *, paths: tuple[str, ...], verify: bool, workers: int, batch_size: int,
@@ -166,7 +178,7 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
                     sides[CODES] = _side(url, paths=held["codes"], verify=True, **one)
             m = measure(sides, repeat=repeat)
             reads = block_read_table(locations, held["fp16"], repeat=repeat, server=server)
-            pixels = pixel_table(store, data, tmp, o, held["fp16"]) if o.pixel_sizes else []
+            pixels = pixel_table(tmp, o) if o.pixel_sizes else []
         finally:
             if server is not None:
                 server.stop()
@@ -213,12 +225,12 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
         lines.append(f"| {r['where']} | {_fmt(r['kdcache_mb_s'], 1)} | {_fmt(r['zarr_mb_s'], 1)} | "
                      f"{_fmt(r['kdcache_over_zarr'], 2)} | {req} |")
     if pixels:
-        lines += ["", "## The store's own view pixels (extract --pixels) against the corpus, per student input "
-                  "(fp16 targets; interleaved, one table)", "",
-                  "| student input | side | samples/s | / corpus loader | KiB per sample read (pixels + targets) |",
-                  "|---|---|---|---|---|"]
+        lines += ["", f"## The store's own view pixels (extract --pixels) against the corpus: {o.pixel_images} photos at "
+                  f"{o.pixel_long_side} px, per workers, student input and targets (interleaved per worker count)", "",
+                  "| workers | student input | targets | side | samples/s | / corpus loader | KiB per sample read |",
+                  "|---|---|---|---|---|---|---|"]
         for row in pixels:
-            lines.append(f"| {row['size']} px | {row['side']} | {_fmt(row['rate'], 1)} | "
+            lines.append(f"| {row['workers']} | {row['size']} px | {row['targets']} | {row['side']} | {_fmt(row['rate'], 1)} | "
                          f"{'-' if row['over_corpus'] is None else _fmt(row['over_corpus'], 2)} | "
                          f"{row['kib_per_sample']:.1f} |")
         lines.append("targets: stored 64-px JPEG views >= 5x the corpus loader, stored 224-px >= 2x")
@@ -235,34 +247,76 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
     return "\n".join(lines)
 
 
-def pixel_table(store: str, data: str, tmp: str, o: LoadBench, paths) -> list[dict]:
-    """Per student input S of ``o.pixel_sizes``: the corpus loader (each view cut from its image), and
-    the store's own crops of every view at S, JPEG (quality 90) and raw (copies of the store given
-    their pixels by ``kdcache store pixels``: one decode pass, no teacher), all with the fp16
-    targets, interleaved in one measurement; with each side's bytes read per sample."""
+def photo_corpus(out: str, *, images: int, long_side: int, shard_size: int = 64, seed: int = 0) -> str:
+    """A corpus of camera-size JPEGs: random crops (at least half of each side) of scikit-learn's and
+    scikit-image's photos, resized to ``long_side`` px, quality 92, in tars of ``shard_size``."""
+    from kdcache.data.demo_corpus import photo_images, write_tar
+    photos, rng, samples = photo_images("all"), np.random.default_rng(seed), []
+    for i in range(images):
+        img = photos[i % len(photos)]
+        h, w = img.shape[:2]
+        ch, cw = int(rng.integers(h // 2, h + 1)), int(rng.integers(w // 2, w + 1))
+        t, l = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        crop = Image.fromarray(img[t:t + ch, l:l + cw])
+        scale = long_side / max(ch, cw)
+        crop = crop.resize((max(1, round(cw * scale)), max(1, round(ch * scale))), Image.BICUBIC)
+        samples.append((f"photo_{i:05d}", np.asarray(crop), i % len(photos), "jpg"))
+    os.makedirs(out, exist_ok=True)
+    for s in range(0, len(samples), shard_size):
+        write_tar(os.path.join(out, f"photos-{s // shard_size:06d}.tar"), samples[s:s + shard_size])
+    return out
+
+
+def pixel_table(tmp: str, o: LoadBench) -> list[dict]:
+    """The student's images from the store's own crops against the corpus, on camera-size JPEGs.
+
+    A corpus of ``o.pixel_images`` photos at ``o.pixel_long_side`` px (``photo_corpus``; the main
+    store's small crops decode too cheaply to say what a real corpus costs), extracted with the
+    bench's teacher and codes; then, per worker count of ``o.pixel_workers``, per student input S
+    of ``o.pixel_sizes`` and per target kind (fp16 summary and patches, or the patch codes): the
+    corpus loader (each view cut from its image), the decode floor at S, and the store's own crops
+    at S as JPEG (quality 90) and raw (copies given their pixels by ``kdcache store pixels``: one
+    decode pass, no teacher). One interleaved measurement per worker count; each row with its bytes
+    read per sample."""
     from kdcache.extract.store_pixels import add_pixels
     from kdcache.store.inspect import info
-    sides, meta = {}, {}
+    data = photo_corpus(f"{tmp}/photos", images=o.pixel_images, long_side=o.pixel_long_side)
+    store = f"{tmp}/photos.zarr"
+    codes = None if o.codes == "none" else o.codes
+    extract(data, store, [o.teacher], ExtractOptions(progress=False, batch_size=16, quantize=codes, keep_float=True,
+                                                     views=1))
+    held = target_paths(Store.open(store))
+    copies = {}
     for size in o.pixel_sizes:
-        one = dict(data=data, paths=paths, verify=True, workers=o.workers, batch_size=o.batch_size, input_size=size)
-        sides[f"{size}/corpus"] = _side(store, **one)
-        meta[f"{size}/corpus"] = (size, "corpus loader (each view cut from its image)", 0.0)
         for fmt in ("jpeg", "raw"):
-            url = f"{tmp}/pixels-{fmt}-{size}.zarr"
+            url = copies[(size, fmt)] = f"{tmp}/photos-{fmt}-{size}.zarr"
             copy_stores([store], url, progress=False)
-            add_pixels(url, data, f"{size}:{fmt}", workers=o.workers, progress=False)
-            sides[f"{size}/{fmt}"] = _side(url, **{**one, "data": None}, source="pixels")
-            per_view = info(Store.open(url))["pixels"]["bytes_per_view"]
-            meta[f"{size}/{fmt}"] = (size, f"the store's {'JPEG (quality 90)' if fmt == 'jpeg' else 'raw'} view pixels",
-                                     per_view)
-    m = measure(sides, repeat=o.repeat)
+            add_pixels(url, data, f"{size}:{fmt}", workers=max(o.pixel_workers), progress=False)
     rows = []
-    for name, side in sides.items():
-        size, label, px_bytes = meta[name]
-        corpus = f"{size}/corpus"
-        rows.append({"size": size, "side": label, "rate": m.rate(name).to_dict(),
-                     "over_corpus": None if name == corpus else m.ratio(name, corpus).to_dict(),
-                     "kib_per_sample": (px_bytes + side.bytes_per_sample) / 1024, "image_shape": side.image_shape})
+    for workers in o.pixel_workers:
+        sides, meta = {}, {}
+        for size in o.pixel_sizes:
+            base = dict(verify=True, workers=workers, batch_size=o.batch_size, input_size=size)
+            sides[f"{size}/floor"] = _side(store, data=data, paths=(), floor=True, **base)
+            meta[f"{size}/floor"] = (size, "-", "decode floor (decode + view, no store)", 0.0)
+            for kind, paths in (("fp16", held["fp16"]), ("codes", held.get("codes"))):
+                if not paths:
+                    continue
+                sides[f"{size}/{kind}/corpus"] = _side(store, data=data, paths=paths, **base)
+                meta[f"{size}/{kind}/corpus"] = (size, kind, "corpus loader (each view cut from its image)", 0.0)
+                for fmt in ("jpeg", "raw"):
+                    url = copies[(size, fmt)]
+                    sides[f"{size}/{kind}/{fmt}"] = _side(url, data=None, paths=paths, source="pixels", **base)
+                    per_view = info(Store.open(url))["pixels"]["bytes_per_view"]
+                    meta[f"{size}/{kind}/{fmt}"] = (size, kind, f"the store's {'JPEG (quality 90)' if fmt == 'jpeg' else 'raw'} "
+                                                                f"view pixels", per_view)
+        m = measure(sides, repeat=o.repeat)
+        for name, side in sides.items():
+            size, kind, label, px_bytes = meta[name]
+            corpus = f"{size}/{kind}/corpus"
+            rows.append({"workers": workers, "size": size, "targets": kind, "side": label, "rate": m.rate(name).to_dict(),
+                         "over_corpus": None if name == corpus or kind == "-" else m.ratio(name, corpus).to_dict(),
+                         "kib_per_sample": (px_bytes + side.bytes_per_sample) / 1024, "image_shape": side.image_shape})
     return rows
 
 

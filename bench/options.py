@@ -77,6 +77,9 @@ class LoadBench:
     # stored view pixels (extract --pixels): for each size, the corpus loader against the store's own JPEG and raw
     # crops at that student input, in one table of its own; () = none
     pixel_sizes: tuple[int, ...] = (64, 224)
+    pixel_images: int = 256  # photos of the pixel table's own corpus (camera-size JPEGs: bench.loading.photo_corpus)
+    pixel_long_side: int = 500  # their long side, px
+    pixel_workers: tuple[int, ...] = (1, 2)  # DataLoader workers of the pixel table's sides: one measurement each
 
     def __post_init__(self):
         if self.store and not self.data:

@@ -96,9 +96,14 @@ def bench_extract(**kw):
 @click.option("--pixel-sizes", help="Student inputs (px, comma-separated) at which the corpus loader is measured against "
               "the store's own JPEG and raw view pixels (extract --pixels); 'none' leaves the table out."
               + L("pixel_sizes"))
+@click.option("--pixel-images", type=click.IntRange(min=8), help="Photos of the pixel table's own corpus." + L("pixel_images"))
+@click.option("--pixel-long-side", type=click.IntRange(min=32), help="Their long side (px): camera-size JPEGs, what a "
+              "corpus loader really decodes." + L("pixel_long_side"))
+@click.option("--pixel-workers", help="DataLoader workers of the pixel table, comma-separated: one measurement each."
+              + L("pixel_workers"))
 @with_bench_options
 @with_storage_options
-def bench_load(storage_options, decode_sizes, pixel_sizes, **kw):
+def bench_load(storage_options, decode_sizes, pixel_sizes, pixel_workers, **kw):
     """Loader samples/s and MB/s with verification on and off, local and on S3, with no target
     arrays and with codes, against the decode floor; kdcache's block reads against zarr's own; the
     store's own view pixels (JPEG, raw) against the corpus per student input; full-size against
@@ -114,7 +119,7 @@ def bench_load(storage_options, decode_sizes, pixel_sizes, **kw):
     from kdcache.bench.loading import bench_load as run
     sizes = () if (pixel_sizes or "").strip().lower() == "none" else comma_ints("--pixel-sizes", pixel_sizes, low=8)
     opts = LoadBench(**drop_unset(decode_sizes=comma_ints("--decode-sizes", decode_sizes, low=16), pixel_sizes=sizes,
-                                  **kw))
+                                  pixel_workers=comma_ints("--pixel-workers", pixel_workers, low=0), **kw))
     apply_storage_options(storage_options, opts.store, opts.data, opts.s3)
     click.echo(run(opts))
 

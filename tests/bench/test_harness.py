@@ -56,7 +56,7 @@ def _table_rows(text):
     return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| side")
             and not line.startswith("| codec") and not line.startswith("| method") and not line.startswith("| device")
             and not line.startswith("| long side") and not line.startswith("| where")
-            and not line.startswith("| student input")]
+            and not line.startswith("| student input") and not line.startswith("| workers")]
 
 
 def test_bench_extract_and_train_end_to_end_print_medians_and_spreads(vit_spec):
@@ -96,25 +96,29 @@ def test_repeat_must_be_a_positive_integer(repeat):
 def test_bench_load_local_and_on_loopback_s3_with_verification_on_and_off(vit_spec):
     # 96 images x 4 tokens: past the 256 training tokens a quantizer needs (a fifth is held out)
     out = run_cli("bench", "load", "-t", vit_spec, "--images", "96", "--workers", "1", "--repeat", "2", "--codes", "pq:M=8",
-                  "--decode-sizes", "100,500", "--decode-images", "4", "--pixel-sizes", "32").stdout
+                  "--decode-sizes", "100,500", "--decode-images", "4", "--pixel-sizes", "32", "--pixel-images", "96",
+                  "--pixel-long-side", "64", "--pixel-workers", "1").stdout
     rows = _table_rows(out)
     assert [r.split("|")[1].strip() for r in rows] == [
         "decode floor (decode + view, no store)", "local, no target arrays (keys and views only)", "local, verification on",
         "local, verification off", "local, patch codes, verification on",
         "s3 (loopback moto), verification on", "s3 (loopback moto), verification off",
         "local", "s3 (loopback moto)",  # block reads: kdcache's against zarr's own
-        "32 px", "32 px", "32 px",  # the corpus loader, the store's JPEG and raw pixels
+        *["1"] * 7,  # pixels, 1 worker: the floor, then per target kind the corpus loader, the store's JPEG and raw
         "100 px", "500 px", "100 px", "500 px"]  # the stage, then the decode alone
     assert all(len(SPREAD.findall(r)) == 2 for r in rows[:7]), out
     assert all(len(SPREAD.findall(r)) == 3 for r in rows[7:9]), out
     # one request per block for kdcache's read; zarr's own reads at least one
     requests = rows[8].split("|")[5].split("/")
     assert float(requests[0]) == 1.0 and float(requests[1]) >= 1.0, rows[8]
-    assert [r.split("|")[2].strip() for r in rows[9:12]] == [
-        "corpus loader (each view cut from its image)", "the store's JPEG (quality 90) view pixels", "the store's raw view pixels"]
-    assert len(SPREAD.findall(rows[9])) == 1 and all(len(SPREAD.findall(r)) == 2 for r in rows[10:12]), out
-    assert all(len(SPREAD.findall(r)) == 5 for r in rows[12:14]), out
-    assert all(len(SPREAD.findall(r)) == 4 for r in rows[14:]), out
+    cells = [[c.strip() for c in r.split("|")[2:5]] for r in rows[9:16]]
+    assert cells == [["32 px", "-", "decode floor (decode + view, no store)"],
+                     *[["32 px", kind, side] for kind in ("fp16", "codes") for side in (
+                         "corpus loader (each view cut from its image)", "the store's JPEG (quality 90) view pixels",
+                         "the store's raw view pixels")]], cells
+    assert all(len(SPREAD.findall(rows[i])) == (1 if i in (9, 10, 13) else 2) for i in range(9, 16)), out
+    assert all(len(SPREAD.findall(r)) == 5 for r in rows[16:18]), out
+    assert all(len(SPREAD.findall(r)) == 4 for r in rows[18:]), out
     mbs = {r.split("|")[1].strip(): float(r.split("|")[3].split()[0].replace(",", "")) for r in rows[:7]}
     # target bytes per sample: none, 4 x 192 fp16 patch tokens + the summary, 4 x 8 one-byte codes + the summary
     assert mbs["local, no target arrays (keys and views only)"] == 0 < mbs["local, patch codes, verification on"]
