@@ -43,28 +43,36 @@ def _pyplot():
     return plt
 
 
-def _bar(ax, x, spread: dict, width: float, label: str):
+def _bar(ax, x, spread: dict, width: float, label: str | None, color: str):
     med = spread["median"]
-    ax.bar(x, med, width, label=label, yerr=[[med - spread["min"]], [spread["max"] - med]], capsize=3)
+    ax.bar(x, med, width, label=label, color=color, yerr=[[med - spread["min"]], [spread["max"] - med]], capsize=3)
 
 
 def _load(d: dict):
-    """Samples/s of the corpus loader and the store's own view pixels (JPEG, raw), per student input."""
+    """Samples/s of the decode floor, the corpus loader and the store's own view pixels (JPEG, raw)
+    per student input: a panel per (workers, target kind) of the pixel table."""
     rows = d["pixels"]
     if not rows:
         raise ValueError("no pixel rows (bench load --pixel-sizes)")
     plt = _pyplot()
-    sizes = sorted({r["size"] for r in rows})
-    sides = list(dict.fromkeys(r["side"] for r in rows))
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    width = 0.8 / len(sides)
-    for i, side in enumerate(sides):
-        for j, size in enumerate(sizes):
-            r = next(x for x in rows if x["size"] == size and x["side"] == side)
-            _bar(ax, j + i * width, r["rate"], width, side if j == 0 else None)
-    ax.set_xticks([j + width * (len(sides) - 1) / 2 for j in range(len(sizes))], [f"{s} px student" for s in sizes])
-    ax.set(ylabel="samples/s (1 worker)", title="The training loader: the corpus vs the store's own view pixels")
-    ax.legend(fontsize=8)
+    workers = sorted({r.get("workers", 1) for r in rows})
+    kinds = [k for k in dict.fromkeys(r.get("targets", "fp16") for r in rows) if k != "-"] or ["fp16"]
+    fig, axes = plt.subplots(len(workers), len(kinds), figsize=(5.5 * len(kinds), 3.6 * len(workers)), squeeze=False)
+    for (w, kind), ax in zip([(w, k) for w in workers for k in kinds], axes.flat):
+        panel = [r for r in rows if r.get("workers", 1) == w and r.get("targets", "fp16") in (kind, "-")]
+        sizes = sorted({r["size"] for r in panel})
+        sides = list(dict.fromkeys(r["side"] for r in panel))
+        width = 0.8 / len(sides)
+        for i, side in enumerate(sides):
+            for j, size in enumerate(sizes):
+                r = next((x for x in panel if x["size"] == size and x["side"] == side), None)
+                if r is not None:
+                    _bar(ax, j + i * width, r["rate"], width, side if j == 0 else None, f"C{i}")
+        ax.set_xticks([j + width * (len(sides) - 1) / 2 for j in range(len(sizes))], [f"{s} px student" for s in sizes])
+        ax.set(ylabel="samples/s", title=f"{kind} targets, {w} worker{'s' if w > 1 else ''}")
+        ax.legend(fontsize=7)
+    fig.suptitle("The training loader: the corpus vs the store's own view pixels")
+    fig.tight_layout()
     return fig
 
 

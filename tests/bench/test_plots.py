@@ -14,8 +14,11 @@ def _spread(m):
 
 
 SAMPLES = {
-    "load": {"pixels": [{"size": s, "side": side, "rate": _spread(r), "over_corpus": None, "kib_per_sample": 1.0}
-                        for s in (64, 224) for side, r in (("corpus loader", 900), ("store JPEG", 4000), ("store raw", 6000))]},
+    "load": {"pixels": [{"workers": w, "size": s, "targets": t, "side": side, "rate": _spread(r), "over_corpus": None,
+                         "kib_per_sample": 1.0}
+                        for w in (1, 2) for s in (64, 224)
+                        for t, side, r in (("-", "decode floor", 1000), ("fp16", "corpus loader", 900), ("fp16", "store JPEG", 4000),
+                                           ("codes", "corpus loader", 950), ("codes", "store raw", 6000))]},
     "scale": {"rows": [{"where": w, "shards": n, "command": c, "index": True, "seconds": _spread(0.4 + n / 1e4),
                         "requests": None, "peak_mib": 100.0}
                        for w in ("local", "s3") for n in (10, 1000, 10000) for c in ("info", "train to step 1")]},
