@@ -31,6 +31,7 @@ side, left out.
 """
 from __future__ import annotations
 
+import gc
 import io
 import itertools
 import json
@@ -317,6 +318,10 @@ def pixel_table(tmp: str, o: LoadBench) -> list[dict]:
             rows.append({"workers": workers, "size": size, "targets": kind, "side": label, "rate": m.rate(name).to_dict(),
                          "over_corpus": None if name == corpus or kind == "-" else m.ratio(name, corpus).to_dict(),
                          "kib_per_sample": (px_bytes + side.bytes_per_sample) / 1024, "image_shape": side.image_shape})
+        # this worker count's loaders end here, their workers shut down by this process: left to a
+        # later collection, a forked worker of the next count would collect them and fail to
+        sides.clear()
+        gc.collect()
     return rows
 
 

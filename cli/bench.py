@@ -82,7 +82,7 @@ def bench_extract(**kw):
 @click.option("--shard-size", type=click.IntRange(min=1), help="Images per corpus shard of the store the bench builds."
               + L("shard_size"))
 @click.option("--views", type=click.IntRange(min=1), help="Stored views per image of the store the bench builds (the "
-              "loader reads every view of a block to use one)." + L("views"))
+              "loader reads the one view of a block it uses)." + L("views"))
 @click.option("--workers", type=int, help="Loader workers." + L("workers"))
 @click.option("--batch-size", type=int, help="Samples per batch." + L("batch_size"))
 @click.option("--s3", help="auto: also a loopback moto S3 server; off; or an s3:// URL to copy the store to." + L("s3"))

@@ -305,7 +305,9 @@ def replay_view(image: torch.Tensor, view: np.ndarray, size: tuple[int, int], in
     every sample of every epoch. A box over the edge (rounding) is padded by torchvision."""
     height, width = image.shape[-2], image.shape[-1]
     top, left, h, w, flip = view_box(view, height, width)
-    if interpolation in ("bilinear", "bicubic") and image.ndim == 3 and top + h <= height and left + w <= width:
+    if (top, left, h, w) == (0, 0, height, width) and tuple(size) == (height, width):
+        out = image  # a stored view's own crop at its own size: resampling at scale 1 returns the same pixels (tested)
+    elif interpolation in ("bilinear", "bicubic") and image.ndim == 3 and top + h <= height and left + w <= width:
         crop = image[None, :, top:top + h, left:left + w]
         out = torch.nn.functional.interpolate(crop, size=list(size), mode=interpolation, antialias=True, align_corners=False)[0]
     else:

@@ -41,3 +41,14 @@ def test_a_box_over_the_edge_is_padded_as_torchvision_pads_it(interpolation):
     assert top + h > 10 and left + w > 10
     got = replay_view(image, view, (8, 8), interpolation)
     assert torch.equal(got, _expected(image, view, (8, 8), interpolation))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+def test_a_whole_view_at_its_own_size_is_its_own_pixels_as_torchvision_gives_them(interpolation):
+    """A stored view's crop read back at its own size skips the resample: torchvision's result is the same pixels."""
+    rng = np.random.default_rng(1)
+    for height, width in ((64, 64), (37, 91), (224, 224)):
+        image = torch.from_numpy(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).permute(2, 0, 1)
+        whole = np.array([0.0, 0.0, 1.0, 1.0, 0.0], dtype=np.float32)
+        got = replay_view(image, whole, (height, width), interpolation)
+        assert torch.equal(got, image) and torch.equal(got, _expected(image, whole, (height, width), interpolation))
