@@ -236,8 +236,18 @@ def _store_bytes_per_sample(url: str, teacher: str) -> float:
 
 
 def _samples(batch: list) -> list:
-    """The pixel rows' batches: their samples as they are (a list of JPEGs does not stack)."""
-    return batch
+    """The pixel rows' batches: their samples as they are (a list of JPEGs does not stack), each
+    JPEG as bytes: LitData hands out views of its memory-mapped chunks, which a worker cannot send
+    (a consumer decoding them elsewhere copies them too)."""
+    def plain(x):
+        if isinstance(x, memoryview):
+            return x.tobytes()
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(plain(v) for v in x)
+        return x
+    return [plain(sample) for sample in batch]
 
 
 def _epoch(dataset, *, workers: int, batch_size: int, shuffle: bool, files: list[str], cold: bool, first: list,
