@@ -41,7 +41,7 @@ import numpy as np
 import safetensors.torch
 import torch
 from safetensors.torch import load as tensors_from_bytes  # safetensors: tensors only, no pickle
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from kdcache.data.partition import current_worker, worker_share
 from kdcache.store import Store, feature_path
@@ -235,19 +235,22 @@ def _store_bytes_per_sample(url: str, teacher: str) -> float:
     return d["teachers"][teacher]["bytes_per_sample"] + pixels
 
 
-def _samples(batch: list) -> list:
-    """The pixel rows' batches: their samples as they are (a list of JPEGs does not stack), each
-    JPEG as bytes: LitData hands out views of its memory-mapped chunks, which a worker cannot send
-    (a consumer decoding them elsewhere copies them too)."""
+def _samples(batch: list) -> dict:
+    """The pixel rows' batches, alike for every format: the arrays stacked as torch's default
+    collation stacks them (one buffer per field), the JPEGs of each ``jpeg*`` field a list of
+    bytes (JPEGs of different lengths do not stack). LitData hands out views of its memory-mapped
+    chunks, which a DataLoader worker cannot send: they become bytes (a consumer decoding them
+    elsewhere copies them too)."""
     def plain(x):
         if isinstance(x, memoryview):
             return x.tobytes()
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
-            return type(x)(plain(v) for v in x)
+            return [plain(v) for v in x]
         return x
-    return [plain(sample) for sample in batch]
+    jpegs = [k for k in batch[0] if k.startswith("jpeg")]
+    out = default_collate([{k: v for k, v in sample.items() if k not in jpegs} for sample in batch])
+    out.update({k: [plain(sample[k]) for sample in batch] for k in jpegs})
+    return out
 
 
 def _epoch(dataset, *, workers: int, batch_size: int, shuffle: bool, files: list[str], cold: bool, first: list,

@@ -19,6 +19,11 @@ from kdcache.data.demo_corpus import build_demo_corpus
 VIT = dict(model="vit_tiny_patch16_224", kwargs="img_size=32,depth=2")
 CNN = dict(model="resnet18", kwargs="img_size=32")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two test workers on a 2-core machine: one thread each, so in-process torch does not
+    # oversubscribe the cores (the processes tests start keep their own defaults)
+    torch.set_num_threads(1)
+
 
 def _save(model_name, path, **kw):
     torch.manual_seed(0)
