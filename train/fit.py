@@ -216,6 +216,10 @@ def build_run(cfg: TrainConfig, *, config_file: str | None = None, evaluate: boo
                                                            f"epoch left)")
     if writes:
         write_run_dir(rundir, cfg, config_file, source, student, classes, plan)
+    if world > 1 and not evaluate:
+        # no rank writes into the run directory (its keys log, its skip records) before rank 0 has
+        # prepared it: a fresh start clears what an earlier start left, a file opened before included
+        torch.distributed.barrier()
     return Run(trainer=trainer, source=source, rundir=rundir, epoch_steps=epoch_steps, start=start, total_samples=total)
 
 
