@@ -9,6 +9,7 @@ a figure is redrawn from a rerun with one command; ``bench quality`` draws its o
 from __future__ import annotations
 
 import json
+import textwrap
 
 from kdcache.errors import KdcacheError
 
@@ -105,7 +106,8 @@ def _quantize(d: dict):
         pts = sorted((r["m"], r["mean_cos"]) for r in rows if r["method"] == method)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
     ax.set(xscale="log", xlabel="bytes per token (one-byte codes)", ylabel="held-out mean cosine",
-           title=f"Fidelity per byte: {d.get('features', '')}"[:80])
+           title="\n".join(textwrap.wrap(f"Fidelity per byte: {d.get('features', '')}", 70)[:2]))
+    ax.title.set_fontsize(9)
     ax.axhline(0.95, color="grey", lw=0.8, ls="--")
     ax.legend(fontsize=8)
     return fig
