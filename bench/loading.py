@@ -31,7 +31,6 @@ side, left out.
 """
 from __future__ import annotations
 
-import gc
 import io
 import itertools
 import json
@@ -56,7 +55,7 @@ from kdcache.store.ops import copy_stores
 from kdcache.data.partition import ShardRows
 from kdcache.data.pixels import corpus_places
 from kdcache.data.stream import SampleStream, StreamSpec, shard_rows
-from kdcache.data.transport import release_batch, training_loader
+from kdcache.data.transport import release_batch, stop_workers, training_loader
 
 from .harness import environment, header, limit_note, measure
 from .options import LoadBench
@@ -110,7 +109,7 @@ def _side(store_url: str, data: str | None, *, paths: tuple[str, ...], verify: b
             release_batch(batch)
         run.bytes_per_sample = nbytes / max(1, n)
         return n
-    run.bytes_per_sample, run.image_shape = 0.0, None
+    run.bytes_per_sample, run.image_shape, run.loader = 0.0, None, epochs.loader
     return run
 
 
@@ -124,6 +123,7 @@ def _epochs(stream: SampleStream, *, workers: int, batch_size: int):
     def next_epoch():
         stream.set_epoch(next(epoch))
         return iter(loader)
+    next_epoch.loader = loader
     return next_epoch
 
 
@@ -318,10 +318,8 @@ def pixel_table(tmp: str, o: LoadBench) -> list[dict]:
             rows.append({"workers": workers, "size": size, "targets": kind, "side": label, "rate": m.rate(name).to_dict(),
                          "over_corpus": None if name == corpus or kind == "-" else m.ratio(name, corpus).to_dict(),
                          "kib_per_sample": (px_bytes + side.bytes_per_sample) / 1024, "image_shape": side.image_shape})
-        # this worker count's loaders end here, their workers shut down by this process: left to a
-        # later collection, a forked worker of the next count would collect them and fail to
-        sides.clear()
-        gc.collect()
+        for side in sides.values():  # this worker count's loaders end here (data.transport.stop_workers)
+            stop_workers(side.loader)
     return rows
 
 

@@ -8,6 +8,7 @@ DataLoader every training run, evaluation and benchmark streams through.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -17,6 +18,8 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from kdcache.errors import KdcacheError
 from kdcache.store.lease import pid_alive
+
+log = logging.getLogger("kdcache.data")
 
 
 class TransportError(KdcacheError):
@@ -211,3 +214,19 @@ def training_loader(dataset: IterableDataset, *, batch_size: int, workers: int, 
     which the split has already decided to keep, pad or drop."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=SharedBatches(), pin_memory=pin_memory,
                       drop_last=False, prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
+
+
+def stop_workers(loader: DataLoader) -> None:
+    """Shut the loader's persistent workers down now, in this process. After an error, the live
+    iterator would otherwise stay referenced by the traceback and its workers be reaped later, with
+    timeouts; a loader merely dropped is collected whenever, possibly inside a worker another loader
+    forked meanwhile, which cannot shut them down."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        try:
+            iterator._shutdown_workers()
+        except RuntimeError as e:
+            # a worker that dies while being shut down (after another one's error: torch's SIGCHLD
+            # handler raises mid-join) must not replace the error that stopped the run
+            log.debug("loader shutdown: %s", e)
+    loader._iterator = None

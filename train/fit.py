@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from kdcache.data.partition import check_remaining, epoch_split, rank_and_world, remaining_after
 from kdcache.data.stream import digests_hash, record_skip
-from kdcache.data.transport import release_batch, training_loader
+from kdcache.data.transport import release_batch, stop_workers, training_loader
 from kdcache.data.walk import label_classes
 from kdcache.models.device import resolve_device
 from kdcache.models.student import Student, create_student, with_classifier
@@ -340,7 +340,7 @@ def fit(run: Run, *, progress: bool = True) -> dict:
             metrics.close()
         if keys_log is not None:
             keys_log.close()
-        _stop_workers(loader)
+        stop_workers(loader)
     # live teachers' forward passes (online runs; statistics included), counted by the teachers themselves
     teacher_images = sum(getattr(getattr(m, "teacher", None), "images_seen", 0) for m in trainer.targets.values())
     result = {"run": cfg.out, "steps": trainer.global_step, "stopped_early": stopped, "teacher_images": teacher_images,
@@ -397,17 +397,3 @@ class KeysLog:
 
     def close(self) -> None:
         self._file.close()
-
-
-def _stop_workers(loader: DataLoader) -> None:
-    """Shut the loader's persistent workers down now. After an error, the live iterator would
-    otherwise stay referenced by the traceback and its workers be reaped later, with timeouts."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        try:
-            iterator._shutdown_workers()
-        except RuntimeError as e:
-            # a worker that dies while being shut down (after another one's error: torch's SIGCHLD
-            # handler raises mid-join) must not replace the error that stopped the run
-            log.debug("loader shutdown: %s", e)
-    loader._iterator = None
