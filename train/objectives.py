@@ -105,11 +105,8 @@ class Labels:
     def loss(self, step: StepOutputs):
         if step.labels is None:
             return None
-
-        def labelled(y):
-            return task_loss(step.model.student_logits, y, option="--label-loss",
-                             fix="the labels must be in the teacher's class space")
-        value = labelled(step.labels) if step.mix is None else mixed_loss(labelled, step.labels, step.mix)
+        value = _on_labels(step, step.model.student_logits, option="--label-loss",
+                           fix="the labels must be in the teacher's class space")
         return value, {"labels": value.item()}
 
 
@@ -123,11 +120,15 @@ class Task:
     def loss(self, step: StepOutputs):
         if step.labels is None or step.model.task_logits is None:
             return None
-
-        def tasked(y):
-            return task_loss(step.model.task_logits, y)
-        value = tasked(step.labels) if step.mix is None else mixed_loss(tasked, step.labels, step.mix)
+        value = _on_labels(step, step.model.task_logits)
         return value, {"task": value.item()}
+
+
+def _on_labels(step: StepOutputs, logits, **refusal):
+    """Cross-entropy of ``logits`` against the corpus labels, mixed as the batch was (CutMix, MixUp)."""
+    def loss(y):
+        return task_loss(logits, y, **refusal)
+    return loss(step.labels) if step.mix is None else mixed_loss(loss, step.labels, step.mix)
 
 
 def build_objectives(cfg: TrainConfig, teachers: list[str], *, soft_teachers: list[str], task: bool) -> list[Objective]:
