@@ -13,7 +13,8 @@ from kdcache.store.dtypes import STORAGE_DTYPES
 from kdcache.store.meta import CODECS
 from kdcache.targets.sample import SampleSpec
 from kdcache.train.config import (AMP, BALANCES, DECODES, HEAD_KINDS, IMAGE_SOURCES, LABEL_LOSSES, LAST_BATCH, LOGITS_LOSSES,
-                                  LOGITS_TAILS, NORMALIZERS, SCHEDULES, VIEW_CHOICES, DEFAULTS, parse_ladder)
+                                  LOGITS_TAILS, NORMALIZERS, SCHEDULES, VIEW_CHOICES, DEFAULTS)
+from kdcache.train.config_files import parse_ladder
 
 from .common import apply_storage_options, cli, defaults_of, drop_unset, with_storage_options
 
@@ -310,7 +311,7 @@ def train(config_file, teacher_weights, teachers, no_progress, storage_options, 
     kdcache train --store soft.zarr --data D --student resnet18 --out runs/kd --logits-loss kl --temperature 2 --label-loss ce
     torchrun --nproc_per_node=8 -m kdcache train --config run.yaml
     """
-    from kdcache.train.config import build_config, parse_teacher_weights
+    from kdcache.train.config_files import build_config, parse_teacher_weights
     from kdcache.train.fit import train as run
     cfg = build_config(config_file, teachers=tuple(teachers) or None,
                        teacher_weights=parse_teacher_weights(teacher_weights), **kw)

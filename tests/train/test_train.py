@@ -28,7 +28,8 @@ from kdcache.quantize.methods import faiss_decode
 from kdcache.quantize.quantizer_spec import QuantizerSpec
 from kdcache.targets.sample import SampleSpec
 from kdcache.store import Store
-from kdcache.train.config import Optimisation, TrainConfig, build_config
+from kdcache.train.config import Optimisation, TrainConfig
+from kdcache.train.config_files import build_config
 from kdcache.data.transport import collate
 from kdcache.errors import StoreError
 from kdcache.train.sources import TrainError
