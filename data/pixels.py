@@ -398,6 +398,112 @@ def decodable(samples: Iterable[RawSample], *, decode: DecodeOptions, handler: C
         yield s
 
 
+# -- a store's own view pixels, decoded into their batch -------------------------------------------
+
+@dataclass
+class StoredView:
+    """A sample's stored view pixels (``extract --pixels``) as the stream delivers them: not decoded
+    yet. The batch decodes them (``decode_views``), a batch at a time, into its own memory: a
+    stored view at the student's size (the usual case) is decoded by libjpeg-turbo straight into
+    the batch, with nothing else done per sample. ``pixels``: the JPEG bytes, or an (h, w, 3)
+    uint8 crop (raw, or a JPEG only PIL reads, decoded when the stream checked it); ``box``: the
+    sub-box to cut and resize (``--sub-views``), None for the whole crop; ``jitter``: the colour
+    jitter and the seed it is drawn with (the same whoever delivers the sample)."""
+
+    key: str
+    pixels: bytes | np.ndarray
+    crop: Crop
+    decode: DecodeOptions
+    box: np.ndarray | None = None
+    jitter: Callable[[torch.Tensor], torch.Tensor] | None = None
+    seed: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (3, *self.crop.size)
+
+    def tensor(self) -> torch.Tensor:
+        """This view alone, (3, h, w) uint8 (what its batch holds for it)."""
+        return decode_views([self])[0]
+
+
+class StoredViewError(KdcacheError):
+    """Stored view pixels that pass their checksum but do not decode (a hostile or mis-written store)."""
+
+
+def stored_views(sample: RawSample, crops: Sequence[Crop], decode: DecodeOptions, box: np.ndarray | None, *,
+                 handler: Callable[[Skip], None]) -> list[StoredView] | None:
+    """A sample's stored view, one ``StoredView`` per crop, as the stream delivers them: a JPEG
+    stays bytes until its batch decodes it (its block's checksum has been checked; bytes that
+    still do not decode stop the batch, ``StoredViewError``), raw pixels that are no (h, w, 3)
+    uint8 crop go to ``handler`` (None is returned), as in ``view_pixels``."""
+    data = sample.data
+    if isinstance(data, np.ndarray) and (data.ndim != 3 or data.shape[2] != 3 or data.dtype != np.uint8):
+        handler(Skip(sample.key, f"stored pixels of shape {data.shape} {data.dtype}, not (h, w, 3) uint8"))
+        return None
+    if not isinstance(data, (bytes, bytearray, np.ndarray)):
+        handler(Skip(sample.key, "no stored pixels"))
+        return None
+    return [StoredView(sample.key, data, c, decode, box) for c in crops]
+
+
+_STAGING: dict[tuple[int, int], np.ndarray] = {}  # per process and crop size: the batch's views as decoded, (n, h, w, 3)
+
+
+def decode_views(views: Sequence[StoredView], out: torch.Tensor | None = None) -> torch.Tensor:
+    """The views' pixels as one (n, 3, h, w) uint8 batch (in ``out`` when given). A JPEG of the
+    crop's own size and no sub-box is decoded by libjpeg-turbo into a reused (n, h, w, 3) buffer,
+    moved to channels-first once for the whole batch; any other view goes through the stage's
+    decode (the smallest JPEG scale that keeps the crop's size) and ``replay_view``, the same
+    pixels a corpus view would get from the same bytes. Stored bytes that pass their checksum and
+    still do not decode are a ``StoredViewError`` naming the sample."""
+    n = len(views)
+    h, w = views[0].crop.size
+    if out is None:
+        out = torch.empty((n, 3, h, w), dtype=torch.uint8)
+    staging = _STAGING.get((h, w))
+    if staging is None or len(staging) < n:
+        staging = _STAGING[(h, w)] = np.empty((max(n, 1), h, w, 3), dtype=np.uint8)
+    for i, v in enumerate(views):
+        if v.crop.size != (h, w):
+            raise StoredViewError(f"a batch of {h}x{w} views holds one of {v.crop.size[0]}x{v.crop.size[1]} ({v.key!r})")
+        if v.box is None and _into(v.pixels, staging[i]):
+            continue
+        box = WHOLE_IMAGE[0] if v.box is None else v.box
+        try:
+            image = decode_sample(RawSample(v.key, v.pixels, None), v.decode, crop_need(box[None], [v.crop]))
+        except BadImage as e:
+            raise StoredViewError(f"sample {v.key!r}: its stored view pixels do not decode ({e})") from None
+        staging[i] = replay_view(torch.from_numpy(image).permute(2, 0, 1), box, v.crop.size,
+                                 v.crop.interpolation).permute(1, 2, 0).numpy()
+    out.copy_(torch.from_numpy(staging[:n]).permute(0, 3, 1, 2))
+    for i, v in enumerate(views):
+        if v.jitter is not None:
+            torch.manual_seed(v.seed)
+            out[i] = v.jitter(out[i])
+    return out
+
+
+def _into(pixels: bytes | np.ndarray, target: np.ndarray) -> bool:
+    """Stored pixels of exactly ``target``'s (h, w) put there (a JPEG decoded into it by
+    libjpeg-turbo, no header read first: a call that releases the GIL for a microsecond can wait
+    milliseconds to take it back from the loader's reading thread); False when they are of
+    another size, or a JPEG libjpeg-turbo refuses (the stage's decode then decides)."""
+    h, w = target.shape[:2]
+    if isinstance(pixels, np.ndarray):
+        if pixels.shape[:2] != (h, w):
+            return False
+        target[...] = pixels
+        return True
+    if pixels[:3] != b"\xff\xd8\xff":
+        return False
+    try:  # a larger JPEG does not fit the buffer (ValueError); a smaller one decodes into its start
+        got = simplejpeg.decode_jpeg(pixels, "RGB", buffer=target)
+    except ValueError:
+        return False
+    return got.shape == (h, w, 3)
+
+
 # -- reading: a corpus shard's samples by row, where they lie ------------------------------------
 
 GAP = 1 << 20  # rows whose bytes are at most this far apart are read in one request (tar headers, label members)

@@ -27,7 +27,7 @@ import multiprocessing
 import os
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -41,12 +41,12 @@ from kdcache.store.reads import BlockBuffers
 from .corpus import Corpus, DecodeOptions
 from .partition import (VIEW_CHOICES, EpochOrder, Ranges, Sample, ShardRows, current_worker, pick_view, split_epoch,
                         samples_per_image)
-from .pixels import Crop, ShardPlaces, folder_files, read_rows, sub_view, view_at, view_pixels, walked_places
+from .pixels import (Crop, ShardPlaces, StoredView, folder_files, read_rows, stored_views, sub_view, view_at,
+                     view_pixels, walked_places)
 from .walk import AlignError, RawSample, Skip
 
 VIEW_SOURCES = ("stored", "fresh", "eval")  # the store's boxes (replayed), a fresh view of the policy, the eval view
 IMAGE_SOURCES = ("corpus", "pixels")  # the corpus's images (a view cut from each), or the store's own view pixels
-WHOLE = np.array([0.0, 0.0, 1.0, 1.0, 0.0], dtype=np.float32)  # a stored view's pixels: the whole crop, flipped already
 
 
 class StreamError(KdcacheError):
@@ -245,8 +245,12 @@ class SampleStream(IterableDataset):
                 if item is not None:
                     sample = self._sample(s, block, item)
                     if jitter is not None:
-                        torch.manual_seed(_sample_seed(spec.seed, epoch, s.position, s.slot))
-                        sample["image"] = jitter(sample["image"])
+                        seed = _sample_seed(spec.seed, epoch, s.position, s.slot)
+                        if isinstance(sample["image"], StoredView):  # jittered once its batch decodes it
+                            sample["image"] = replace(sample["image"], jitter=jitter, seed=seed)
+                        else:
+                            torch.manual_seed(seed)
+                            sample["image"] = jitter(sample["image"])
                     yield {**sample, "stream": sid, "offset": offset}
                 offset += 1
             for key in blocks.last.get(c, ()):
@@ -420,22 +424,21 @@ class SampleStream(IterableDataset):
             yield got
 
     def _stored_view(self, s: Sample, block: _Block, crops, epoch: int):
-        """One sample from the view's pixels the store keeps: the whole crop, or its sub-box
-        (``--sub-views``: where its targets are cut from the stored grid, in the crop as stored),
-        resized to each crop field; None when its block was skipped."""
+        """One sample from the view's pixels the store keeps, left for its batch to decode
+        (``data.pixels.StoredView``): the whole crop, or its sub-box (``--sub-views``: where its
+        targets are cut from the stored grid, in the crop as stored), at each crop field's size;
+        None when its block was skipped, or its pixels are not an image (the skip policy)."""
         spec = self.spec
         view = s.slot if block.view is None else block.view
         raw = block.samples.get((s.row, view))
         if raw is None:
             return None
-        box, extra = WHOLE, {}
+        box, extra = None, {}
         if spec.sub_views:
             _, sub_box = sub_view(block.meta.views[s.row, view], spec.seed, raw.key, epoch, spec.sub_views)
             box, extra = np.array([*sub_box, 0.0], dtype=np.float32), {"sub_box": torch.from_numpy(sub_box)}
-        for item in view_pixels([raw], views=lambda sample, h, w: box[None], crops=crops, decode=spec.decode,
-                                handler=self._skip_handler(epoch, spec.shards[s.shard].name)):
-            return [c[0] for c in item.crops], view, extra
-        return None
+        got = stored_views(raw, crops, spec.decode, box, handler=self._skip_handler(epoch, spec.shards[s.shard].name))
+        return None if got is None else (got, view, extra)
 
     def _view(self, key: str, block: _Block, row: int, slot: int, epoch: int):
         """(the view a sample delivers, (height, width) -> its box in image fractions)."""

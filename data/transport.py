@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from kdcache.errors import KdcacheError
 from kdcache.store.lease import pid_alive
 
+from .pixels import StoredView, decode_views
+
 log = logging.getLogger("kdcache.data")
 
 
@@ -27,7 +29,8 @@ class TransportError(KdcacheError):
 
 
 def collate(samples: list[dict], into: dict[str, torch.Tensor] | None = None) -> dict:
-    """Samples -> a batch: keys as a list, every other field through torch's ``default_collate``
+    """Samples -> a batch: keys as a list, a store's view pixels decoded into the batch
+    (``data.pixels.decode_views``), every other field through torch's ``default_collate``
     (tensors stacked, ints and floats made one tensor), which in a DataLoader worker stacks
     straight into shared memory. ``into``: tensors of the batch's shapes to put those fields in
     instead (``SharedBatches``)."""
@@ -36,7 +39,9 @@ def collate(samples: list[dict], into: dict[str, torch.Tensor] | None = None) ->
         if k in out:
             continue
         values = [s[k] for s in samples]
-        if into and k in into:
+        if isinstance(values[0], StoredView):  # a store's view pixels: decoded here, into the batch
+            out[k] = decode_views(values, into.get(k) if into else None)
+        elif into and k in into:
             out[k] = (torch.stack(values, out=into[k]) if isinstance(values[0], torch.Tensor)
                       else into[k].copy_(torch.tensor(values, dtype=into[k].dtype)))
         else:
@@ -166,6 +171,8 @@ def _batch_shape(value, batch: int) -> tuple[tuple[int, ...], torch.dtype] | Non
     not kept in a buffer (not a tensor, int or float)."""
     if isinstance(value, torch.Tensor):
         return (batch, *value.shape), value.dtype
+    if isinstance(value, StoredView):
+        return (batch, *value.shape), torch.uint8
     if isinstance(value, (int, float)):  # the dtypes default_collate gives them
         return (batch,), torch.bool if isinstance(value, bool) else torch.int64 if isinstance(value, int) else torch.float64
     return None

@@ -53,6 +53,27 @@ class Objects:
             raise ValueError(f"object {key} holds more than {limit} bytes")
         return np.frombuffer(data, dtype=np.uint8)
 
+    def get_range(self, key: str, start: int, end: int | None = None) -> np.ndarray | None:
+        """Bytes ``start:end`` of an object as uint8, in one read (one ranged GET); a negative
+        ``start`` with no ``end``: its last ``-start`` bytes (a suffix range: no size asked first).
+        None when the object does not exist; fewer bytes when it is shorter."""
+        if self.local is not None:
+            try:
+                f = open(os.path.join(self.local, key), "rb", buffering=0)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return None
+            with f:
+                if start < 0:
+                    size = os.fstat(f.fileno()).st_size
+                    start, end = max(0, size + start), size
+                return np.frombuffer(os.pread(f.fileno(), max(0, end - start), start), dtype=np.uint8)
+        fs, root = self._remote()
+        try:
+            data = fs.cat_file(f"{root}/{key}", start=start, end=end)
+        except FileNotFoundError:
+            return None
+        return np.frombuffer(data, dtype=np.uint8)
+
     def put(self, key: str, data: bytes) -> None:
         """Write an object whole: locally through a temporary file renamed into place (a reader sees
         the old object or the new one), on object storage in one PUT."""

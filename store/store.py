@@ -24,7 +24,7 @@ from .lease import LEASE_SECONDS, Leases, leases_for
 from .objects import Objects
 from .meta import (INDEX_ARRAYS, LOGIT_ARRAYS, ORIGIN, ORIGIN_COLUMNS, PIXEL_ARRAYS, SHARDS, TOKEN_KINDS, StoreMeta, TeacherMeta, dense_path, feature_path, has_teacher, logits_path,
                    quantizer_path, stats_path, teacher_arrays)
-from .reads import VerifiedReads
+from .reads import OpenedArrays, VerifiedReads
 from .remote import is_url, local_path
 from .schema import check_name, check_shard_attrs
 from .shard_index import (INDEX_ATTR, INDEX_KEY, MAX_INDEX_BYTES, agrees, entry_is_bound, entry_of, index_digest,
@@ -92,6 +92,7 @@ class Store(VerifiedReads, ShardEdits):
         self._index: dict[str, dict] | None = None
         self._names: list[str] | None = None
         self._attrs: dict[str, dict | None] = {}
+        self._opened = OpenedArrays()  # a reader's arrays of the shards it reads last (reads.VerifiedReads.array)
 
     # -- opening ------------------------------------------------------------------------
     @classmethod

@@ -66,26 +66,50 @@ def shard_layout(meta: dict) -> dict | None:
             "fill_value": meta.get("fill_value", 0)}
 
 
+def index_size(layout: dict) -> int:
+    """Bytes of a shard's index (at its end): 16 per inner chunk, and its CRC-32C."""
+    return -(-int(layout["shard_shape"][0]) // layout["per_chunk"]) * 16 + 4
+
+
+def read_index(layout: dict, tail: np.ndarray) -> np.ndarray:
+    """The (chunks, 2) uint64 (offset, nbytes) of a shard's inner chunks from the shard's last
+    ``index_size`` bytes, checked against the index's CRC-32C (ValueError)."""
+    import crc32c
+    size = index_size(layout)
+    if tail.size < size:
+        raise ValueError(f"{tail.size} bytes, fewer than the shard index's {size}")
+    index = tail[tail.size - size:]
+    if crc32c.crc32c(index[:-4].tobytes()) != int.from_bytes(index[-4:].tobytes(), "little"):
+        raise ValueError("the shard index does not match its CRC-32C")
+    return index[:-4].view("<u8").reshape(-1, 2)
+
+
+def _decode_chunk(layout: dict, i: int, src: np.ndarray, dest: np.ndarray) -> None:
+    """Inner chunk ``i``'s stored bytes ``src`` into ``dest`` (its rows), Blosc's header checked first."""
+    import numcodecs.blosc
+    chunk_bytes = dest.nbytes
+    nbytes = src.size
+    if not layout["blosc"]:
+        if nbytes != chunk_bytes:
+            raise ValueError(f"inner chunk {i} holds {nbytes} bytes, not {chunk_bytes}")
+        dest.reshape(-1).view(np.uint8)[:] = src
+        return
+    # Blosc's header: uncompressed size at bytes 4-8, compressed size at 12-16
+    if nbytes < 16 or int(src[4:8].view("<u4")[0]) != chunk_bytes or int(src[12:16].view("<u4")[0]) != nbytes:
+        raise ValueError(f"inner chunk {i}: its Blosc header does not describe a {chunk_bytes}-byte chunk")
+    numcodecs.blosc.decompress(src, dest)
+
+
 def decode(layout: dict, raw: np.ndarray, rows: int, empty=None) -> np.ndarray:
     """The first ``rows`` rows of one Zarr shard's bytes ``raw`` (uint8), decoded into one array
     (``empty(shape, dtype)`` provides its memory; never a view of ``raw``). Bytes that do not fit
     the index raise ValueError: the index's CRC-32C, each inner chunk's place and size, and Blosc's
     own header are checked before anything is decompressed into the output."""
-    import crc32c
-    import numcodecs.blosc
     per_chunk, shard_shape, dtype = layout["per_chunk"], layout["shard_shape"], layout["dtype"]
-    chunks = -(-int(shard_shape[0]) // per_chunk)
-    index_bytes = chunks * 16 + 4
-    if raw.size < index_bytes:
-        raise ValueError(f"{raw.size} bytes, fewer than the shard index's {index_bytes}")
-    index = raw[raw.size - index_bytes:]
-    if crc32c.crc32c(index[:-4].tobytes()) != int.from_bytes(index[-4:].tobytes(), "little"):
-        raise ValueError("the shard index does not match its CRC-32C")
-    spans = index[:-4].view("<u8").reshape(chunks, 2)
+    spans = read_index(layout, raw)
     shape = (-(-rows // per_chunk) * per_chunk, *shard_shape[1:])
     out = np.empty(shape, dtype=dtype) if empty is None else empty(shape, dtype)
-    chunk_bytes = out[:per_chunk].nbytes
-    data_end = raw.size - index_bytes
+    data_end = raw.size - index_size(layout)
     for i in range(-(-rows // per_chunk)):
         offset, nbytes = (int(x) for x in spans[i])
         dest = out[i * per_chunk:(i + 1) * per_chunk]
@@ -94,14 +118,41 @@ def decode(layout: dict, raw: np.ndarray, rows: int, empty=None) -> np.ndarray:
             continue
         if offset + nbytes > data_end:
             raise ValueError(f"inner chunk {i} at bytes {offset}+{nbytes} lies beyond the shard's data ({data_end} bytes)")
-        src = raw[offset:offset + nbytes]
-        if not layout["blosc"]:
-            if nbytes != chunk_bytes:
-                raise ValueError(f"inner chunk {i} holds {nbytes} bytes, not {chunk_bytes}")
-            dest.reshape(-1).view(np.uint8)[:] = src
-            continue
-        # Blosc's header: uncompressed size at bytes 4-8, compressed size at 12-16
-        if nbytes < 16 or int(src[4:8].view("<u4")[0]) != chunk_bytes or int(src[12:16].view("<u4")[0]) != nbytes:
-            raise ValueError(f"inner chunk {i}: its Blosc header does not describe a {chunk_bytes}-byte chunk")
-        numcodecs.blosc.decompress(src, dest)
+        _decode_chunk(layout, i, raw[offset:offset + nbytes], dest)
     return out[:rows]
+
+
+def decode_rows(layout: dict, spans: np.ndarray, read, lo: int, hi: int) -> np.ndarray:
+    """Rows ``lo:hi`` of one Zarr shard without fetching the rest of it: ``spans`` its index
+    (``read_index``), ``read(start, end)`` a ranged read of the shard object. The inner chunks
+    holding those rows are fetched in one read when they lie together (as a shard written whole
+    lays them out), else one read each, and decoded as ``decode`` does (ValueError likewise).
+    What a reader of a few rows of a large shard needs: a block's JPEG views in the byte heap."""
+    per_chunk, shard_shape, dtype = layout["per_chunk"], layout["shard_shape"], layout["dtype"]
+    if not 0 <= lo < hi <= int(shard_shape[0]):
+        raise ValueError(f"rows {lo}:{hi} outside the shard's {shard_shape[0]}")
+    first, last = lo // per_chunk, (hi - 1) // per_chunk
+    out = np.empty(((last - first + 1) * per_chunk, *shard_shape[1:]), dtype=dtype)
+    wanted = [(i, int(spans[i, 0]), int(spans[i, 1])) for i in range(first, last + 1)]
+    stored = [(i, o, n) for i, o, n in wanted if not (o == EMPTY and n == EMPTY)]
+    together = all(a[1] + a[2] == b[1] for a, b in zip(stored, stored[1:]))
+    if stored and together:
+        start, end = stored[0][1], stored[-1][1] + stored[-1][2]
+        got = read(start, end)
+        if got is None or got.size != end - start:
+            raise ValueError(f"inner chunks {stored[0][0]}-{stored[-1][0]} at bytes {start}-{end} lie beyond the shard")
+        parts = {i: got[o - start:o - start + n] for i, o, n in stored}
+    else:
+        parts = {}
+        for i, o, n in stored:
+            got = read(o, o + n)
+            if got is None or got.size != n:
+                raise ValueError(f"inner chunk {i} at bytes {o}+{n} lies beyond the shard")
+            parts[i] = got
+    for i, _, _ in wanted:
+        dest = out[(i - first) * per_chunk:(i - first + 1) * per_chunk]
+        if i in parts:
+            _decode_chunk(layout, i, parts[i], dest)
+        else:
+            dest[...] = layout["fill_value"]
+    return out[lo - first * per_chunk:hi - first * per_chunk]

@@ -215,3 +215,40 @@ def test_the_finiteness_check_agrees_with_numpy_in_every_slice(dtype):
             damaged = rows.copy()
             damaged[at] = as_bits(np.array([bad], np.float32))[0] if as_bits else bad
             assert not finite(damaged) and not all_finite(damaged), (at, bad)
+
+
+@pytest.mark.parametrize("where", ["local", "fsspec"])
+def test_rows_of_a_shard_read_by_range_are_what_zarr_reads(tmp_path, where):
+    """``decode_rows``: a JPEG heap's few bytes without its whole Zarr shard (the index by a suffix
+    read, the inner chunks holding them in one ranged read), any range, across inner chunks and
+    shards; a tampered index or a chunk beyond the object is a ValueError."""
+    url = str(tmp_path / "heap.zarr") if where == "local" else f"memory://{tmp_path.name}/heap.zarr"
+    root = zarr.open_group(url, mode="w")
+    heap = root.create_array("h", shape=(5000,), dtype="uint8", chunks=(256,), shards=(2048,),
+                             compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle"))
+    data = np.random.default_rng(1).integers(0, 256, 5000).astype(np.uint8)
+    heap[:] = data
+    objects = Objects(url)
+    meta = heap.metadata.to_dict()
+    layout = zarr_shards.shard_layout(meta)
+    rng = np.random.default_rng(2)
+    for lo, hi in [(0, 1), (0, 2048), (255, 257), (1000, 2048), *(sorted(rng.integers(0, 2048, 2)) for _ in range(20))]:
+        if lo == hi:
+            continue
+        for k in range(3):
+            key = f"h/{zarr_shards.chunk_key(meta, (k,))}"
+            spans = zarr_shards.read_index(layout, objects.get_range(key, -zarr_shards.index_size(layout)))
+            stop = min(hi, 5000 - k * 2048)
+            if lo >= stop:
+                continue
+            got = zarr_shards.decode_rows(layout, spans, lambda s, e, key=key: objects.get_range(key, s, e), lo, stop)
+            np.testing.assert_array_equal(got, data[k * 2048 + lo:k * 2048 + stop])
+    key = f"h/{zarr_shards.chunk_key(meta, (0,))}"
+    tail = objects.get_range(key, -zarr_shards.index_size(layout)).copy()
+    tail[0] ^= 1
+    with pytest.raises(ValueError, match="does not match its CRC-32C"):
+        zarr_shards.read_index(layout, tail)
+    spans = zarr_shards.read_index(layout, objects.get_range(key, -zarr_shards.index_size(layout))).copy()
+    spans[0, 0] += 10 ** 9
+    with pytest.raises(ValueError, match="beyond the shard"):
+        zarr_shards.decode_rows(layout, spans, lambda s, e: objects.get_range(key, s, e), 0, 10)

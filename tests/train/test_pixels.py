@@ -18,7 +18,7 @@ from helpers import cli_call, one_error_line, store_stream, tar_images
 from torchvision.transforms import InterpolationMode
 
 from kdcache.data.stream import read_skips
-from kdcache.errors import CorruptShardError
+from kdcache.errors import CorruptShardError, KdcacheError
 from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract
 from kdcache.store import Store
@@ -88,7 +88,118 @@ def test_a_run_from_the_store_alone_delivers_the_keys_and_targets_of_a_run_from_
         for x, y in zip(a, c):
             assert x["view"] == y["view"] and x["label"] == y["label"]
             assert torch.equal(x["vit/cls"], y["vit/cls"]) and torch.equal(x["vit/patch"], y["vit/patch"])
-            assert (x["image"].float() - y["image"].float()).abs().mean() < 6.0  # the stored crop, resized again
+            assert (x["image"].float() - y["image"].tensor().float()).abs().mean() < 6.0  # the stored crop, resized again
+
+
+def _stored_decodes(url: str) -> dict:
+    """{(key, view): the stored view's pixels, (h, w, 3)}: read with plain zarr, decoded by simplejpeg."""
+    out = {}
+    for _, g in zarr.open_group(url, mode="r")["shards"].groups():
+        keys, spans, heap = g["keys"][:].tolist(), g["pixels/spans"][:], g["pixels/jpeg"][:]
+        for i, key in enumerate(keys):
+            for v in range(spans.shape[1]):
+                offset, length = spans[i, v]
+                out[(key, v)] = simplejpeg.decode_jpeg(heap[offset:offset + length].tobytes())
+    return out
+
+
+def _batches(stream, batch_size=5):
+    from kdcache.data.transport import collate
+    samples = list(stream)
+    return [collate(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
+
+
+def test_stored_views_are_decoded_into_their_batch_as_plain_simplejpeg_and_torchvision_would(stores):
+    from kdcache.data.pixels import decode_views
+    plain = _stored_decodes(stores["jpeg"])
+    for size in ((32, 32), (24, 24)):  # the stored size (decoded into the batch), and a smaller student (resized)
+        batches = _batches(store_stream(stores["jpeg"], None, ("vit/cls",), size=size, source="pixels", epoch=1))
+        assert sum(len(b["key"]) for b in batches) == 24
+        for b in batches:
+            assert b["image"].shape[1:] == (3, *size) and b["image"].dtype == torch.uint8 and b["image"].is_contiguous()
+            for key, view, image in zip(b["key"], b["view"].tolist(), b["image"]):
+                want = torch.from_numpy(plain[(key, view)]).permute(2, 0, 1)
+                if size != (32, 32):
+                    want = TF.resize(want, list(size), interpolation=InterpolationMode.BICUBIC, antialias=True)
+                assert torch.equal(image, want), (key, view, size)
+    # a view alone is what its batch holds for it; views of two sizes are not one batch
+    one = next(iter(store_stream(stores["jpeg"], None, (), source="pixels")))["image"]
+    assert torch.equal(one.tensor(), decode_views([one])[0])
+    other = next(iter(store_stream(stores["jpeg"], None, (), size=(24, 24), source="pixels")))["image"]
+    with pytest.raises(KdcacheError, match=r"a batch of 32x32 views holds one of 24x24"):
+        decode_views([one, other])
+
+
+def test_sub_views_colour_jitter_and_every_view_work_on_stored_pixels(stores):
+    from torchvision.transforms import v2
+
+    from kdcache.data.pixels import sub_view
+    from kdcache.data.stream import _sample_seed
+    s = Store.open(stores["jpeg"])
+    boxes = {k: s.views(n)[i] for n in s.complete_shards() for i, k in enumerate(s.keys(n).tolist())}
+    plain = _stored_decodes(stores["jpeg"])
+    # --sub-views: the sub-box of the stored crop, resized to the student's input; its box in the sample
+    for b in _batches(store_stream(stores["jpeg"], None, (), size=(24, 24), source="pixels", sub_views=0.5, epoch=2)):
+        for key, view, image, box in zip(b["key"], b["view"].tolist(), b["image"], b["sub_box"]):
+            _, want_box = sub_view(boxes[key][view], 0, key, 2, 0.5)
+            np.testing.assert_allclose(box.numpy(), want_box)
+            want = _reference(plain[(key, view)], [*want_box, 0.0], (24, 24))
+            assert np.abs(image.permute(1, 2, 0).numpy().astype(np.int16) - want.astype(np.int16)).max() <= 1, key
+    # --color-jitter: each sample jittered with its own seed, the same with a DataLoader worker as without
+    plain_run = _batches(store_stream(stores["jpeg"], None, (), source="pixels", epoch=1))
+    jitter = v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)
+    for workers in (0, 1):
+        stream = store_stream(stores["jpeg"], None, (), source="pixels", epoch=1, color_jitter=0.4, workers=workers)
+        loader = torch.utils.data.DataLoader(stream, batch_size=5, num_workers=workers, collate_fn=_collate)
+        order = stream.spec.order(1)
+        position = {order[i].position: order[i] for i in range(order.total)}  # (every position's sample)
+        got = list(loader)
+        assert [k for b in got for k in b["key"]] == [k for b in plain_run for k in b["key"]]
+        changed = 0
+        for b, p in zip(got, plain_run):
+            for i, off in enumerate(b["offset"].tolist()):
+                sample = position[off]  # (one stream: offsets are positions)
+                torch.manual_seed(_sample_seed(0, 1, sample.position, sample.slot))
+                want = jitter(p["image"][i])
+                assert torch.equal(b["image"][i], want)
+                changed += int(not torch.equal(want, p["image"][i]))
+        assert changed > 0
+    # --view-choice all: every stored view of every image, each its own stored crop
+    got = _batches(store_stream(stores["jpeg"], None, (), source="pixels", view_choice="all"))
+    seen = sorted((k, v) for b in got for k, v in zip(b["key"], b["view"].tolist()))
+    assert seen == sorted(plain)
+    for b in got:
+        for key, view, image in zip(b["key"], b["view"].tolist(), b["image"]):
+            assert torch.equal(image, torch.from_numpy(plain[(key, view)]).permute(2, 0, 1))
+
+
+def _collate(samples):
+    from kdcache.data.transport import collate
+    return collate(samples)
+
+
+def test_a_stored_jpeg_that_passes_its_checksum_but_does_not_decode_is_one_line(stores, tmp_path):
+    """A store written wrong (or by someone else) with a consistent checksum: the batch names the sample."""
+    from kdcache.data.pixels import StoredView, decode_views
+    from kdcache.data.corpus import DecodeOptions
+    from kdcache.data.pixels import Crop
+    bad = StoredView("k1", b"\xff\xd8\xff" + b"\x00" * 40, Crop((32, 32), "bicubic"), DecodeOptions())
+    with pytest.raises(KdcacheError, match=r"^sample 'k1': its stored view pixels do not decode \("):
+        decode_views([bad])
+    bomb = StoredView("k2", simplejpeg.encode_jpeg(np.zeros((64, 64, 3), np.uint8)), Crop((32, 32), "bicubic"),
+                      DecodeOptions(max_pixels=1000))
+    with pytest.raises(KdcacheError, match=r"sample 'k2': .*decompression bomb"):
+        decode_views([bomb])
+
+
+def test_training_from_stored_pixels_with_every_student_augmentation(tmp_path, stores):
+    out = train(TrainConfig(store=stores["jpeg"], student=STUDENT, out=str(tmp_path / "aug"), epochs=1, batch_size=4,
+                            workers=1, head_hidden=16, amp="none", color_jitter=0.4, sub_views=0.5, cutmix=0.5,
+                            mixup=0.2, log_every=1), progress=False)
+    import csv
+    with open(tmp_path / "aug" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert out["steps"] == 6 and len(rows) == 6 and all(np.isfinite(float(r["loss"])) for r in rows)
 
 
 def test_training_without_the_corpus_and_its_refusals(tmp_path, stores, corpus, vit_spec, monkeypatch, capsys):
