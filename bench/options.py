@@ -77,7 +77,10 @@ class LoadBench:
     # stored view pixels (extract --pixels): for each size, the corpus loader against the store's own JPEG and raw
     # crops at that student input, in one table of its own; () = none
     pixel_sizes: tuple[int, ...] = (64, 224)
-    pixel_images: int = 256  # photos of the pixel table's own corpus (camera-size JPEGs: bench.loading.photo_corpus)
+    # photos of the pixel table's own corpus (camera-size JPEGs: bench.loading.photo_corpus): each repetition is
+    # one epoch, and an epoch's start (the first block read before a batch leaves, the DataLoader's prefetch
+    # filling) is paid once per epoch; at 256 photos it was a tenth or more of the store's fastest sides' epoch
+    pixel_images: int = 1024
     pixel_long_side: int = 500  # their long side, px
     pixel_workers: tuple[int, ...] = (1, 2)  # DataLoader workers of the pixel table's sides: one measurement each
 
