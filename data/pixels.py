@@ -33,6 +33,13 @@ online loader (a fresh view), model-feature evaluation (the eval view) and the b
 chain it after the walk (``data.walk``). A sample that does not decode goes to the ``handler``
 the caller passes (webdataset's ``handler=`` idea; ``data.walk`` has them): it records the
 skip and the stage moves on, or it raises. No other module catches ``BadImage``.
+
+**A store's own view pixels** (``extract --pixels``) are the crops already cut: the stream
+delivers each as a ``StoredView`` (its JPEG bytes), and the batch decodes them
+(``decode_views``, called by ``data.transport.collate``): at the student's size, libjpeg-turbo
+writes each straight into the batch's memory; any other size or a sub-box goes through the same
+decode and ``replay_view`` as a corpus image. FFCV's idea (the pixels stored at the training
+resolution, decoded into the batch), on the store's own blocks.
 """
 from __future__ import annotations
 
