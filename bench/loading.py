@@ -36,6 +36,7 @@ import itertools
 import json
 import os
 import tempfile
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -102,15 +103,40 @@ def _side(store_url: str, data: str | None, *, paths: tuple[str, ...], verify: b
 
     def run():
         n = nbytes = 0
+        before = _cpu_seconds(epochs.loader)
         for batch in epochs():
             n += len(batch["key"])
             nbytes += sum(batch[p].numel() * batch[p].element_size() for p in paths)
             run.image_shape = tuple(batch["image"].shape[1:])
             release_batch(batch)
         run.bytes_per_sample = nbytes / max(1, n)
+        after = _cpu_seconds(epochs.loader)
+        if before is not None and after is not None:
+            run.cpu_seconds += after - before
+            run.cpu_samples += n
         return n
     run.bytes_per_sample, run.image_shape, run.loader = 0.0, None, epochs.loader
+    run.cpu_seconds, run.cpu_samples = 0.0, 0
     return run
+
+
+def _cpu_seconds(loader) -> float | None:
+    """CPU seconds used so far by this process (every thread) and the loader's live workers (Linux's
+    ``/proc``; None elsewhere, or before the workers started). A side's CPU per sample is what it
+    costs on a machine with a core for every worker and thread: the ratio that a 2-core machine's
+    samples/s cannot show once one worker keeps both cores busy."""
+    workers = getattr(getattr(loader, "_iterator", None), "_workers", None)
+    if loader.num_workers and not workers:
+        return None
+    total = time.process_time()
+    for w in workers or ():
+        try:
+            with open(f"/proc/{w.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _epochs(stream: SampleStream, *, workers: int, batch_size: int):
@@ -228,11 +254,13 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
     if pixels:
         lines += ["", f"## The store's own view pixels (extract --pixels) against the corpus: {o.pixel_images} photos at "
                   f"{o.pixel_long_side} px, per workers, student input and targets (interleaved per worker count)", "",
-                  "| workers | student input | targets | side | samples/s | / corpus loader | KiB per sample read |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| workers | student input | targets | side | samples/s | / corpus loader | CPU us per sample "
+                  "| corpus loader's CPU / this | KiB per sample read |", "|---|---|---|---|---|---|---|---|---|"]
         for row in pixels:
+            cpu, per = row.get("cpu_us_per_sample"), row.get("cpu_over_corpus")
             lines.append(f"| {row['workers']} | {row['size']} px | {row['targets']} | {row['side']} | {_fmt(row['rate'], 1)} | "
                          f"{'-' if row['over_corpus'] is None else _fmt(row['over_corpus'], 2)} | "
+                         f"{'-' if cpu is None else f'{cpu:,.0f}'} | {'-' if per is None else f'{per:.2f}'} | "
                          f"{row['kib_per_sample']:.1f} |")
         lines.append("targets: stored 64-px JPEG views >= 5x the corpus loader, stored 224-px >= 2x")
     lines += ["", f"## JPEG decode + one {o.student_size}-px RandomResizedCrop view, one process, {o.decode_images} images "
@@ -315,9 +343,16 @@ def pixel_table(tmp: str, o: LoadBench) -> list[dict]:
         for name, side in sides.items():
             size, kind, label, px_bytes = meta[name]
             corpus = f"{size}/{kind}/corpus"
+            cpu = side.cpu_seconds / side.cpu_samples * 1e6 if side.cpu_samples else None
             rows.append({"workers": workers, "size": size, "targets": kind, "side": label, "rate": m.rate(name).to_dict(),
                          "over_corpus": None if name == corpus or kind == "-" else m.ratio(name, corpus).to_dict(),
-                         "kib_per_sample": (px_bytes + side.bytes_per_sample) / 1024, "image_shape": side.image_shape})
+                         "kib_per_sample": (px_bytes + side.bytes_per_sample) / 1024, "image_shape": side.image_shape,
+                         "cpu_us_per_sample": cpu})
+        for row in rows[-len(sides):]:  # each side's CPU per sample against its corpus loader's: what a core buys
+            base = next((r["cpu_us_per_sample"] for r in rows[-len(sides):] if r["size"] == row["size"]
+                         and r["targets"] == row["targets"] and r["side"].startswith("corpus loader")), None)
+            row["cpu_over_corpus"] = (base / row["cpu_us_per_sample"] if base and row["cpu_us_per_sample"]
+                                      and not row["side"].startswith("corpus loader") and row["targets"] != "-" else None)
         for side in sides.values():  # this worker count's loaders end here (data.transport.stop_workers)
             stop_workers(side.loader)
     return rows

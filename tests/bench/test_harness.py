@@ -117,6 +117,11 @@ def test_bench_load_local_and_on_loopback_s3_with_verification_on_and_off(vit_sp
                          "corpus loader (each view cut from its image)", "the store's JPEG (quality 90) view pixels",
                          "the store's raw view pixels")]], cells
     assert all(len(SPREAD.findall(rows[i])) == (1 if i in (9, 10, 13) else 2) for i in range(9, 16)), out
+    # every side's CPU per sample (this process and its loader's workers), and the corpus loader's against each store side's
+    cpu = [[c.strip() for c in r.split("|")[7:9]] for r in rows[9:16]]
+    assert all(float(c[0].replace(",", "")) > 0 for c in cpu), cpu
+    assert [c[1] == "-" for c in cpu] == [True, True, False, False, True, False, False], cpu
+    assert all(float(c[1]) > 0 for c in cpu if c[1] != "-"), cpu
     assert all(len(SPREAD.findall(r)) == 5 for r in rows[16:18]), out
     assert all(len(SPREAD.findall(r)) == 4 for r in rows[18:]), out
     mbs = {r.split("|")[1].strip(): float(r.split("|")[3].split()[0].replace(",", "")) for r in rows[:7]}
