@@ -270,3 +270,23 @@ def test_store_pixels_gives_a_store_its_pixels_as_extraction_would_and_copies_ca
                                                   for n in c.complete_shards())
     code, out, _ = cli_call(monkeypatch, capsys, "info", copy)
     assert "pixels     every view's crop at 32x32 (JPEG quality 90" in out
+
+
+def test_stored_pixels_on_s3_are_read_by_range_in_few_requests_and_equal_the_local_ones(stores, s3):
+    """A block's view JPEGs on object storage: its spans in one request, the heap shard's index once
+    per reader (a suffix range), the run itself in one ranged GET; the same bytes as locally, and
+    the same batches."""
+    bucket = s3.bucket()
+    s3.fs.put(stores["jpeg"], f"{bucket}/p.zarr", recursive=True)
+    url = f"s3://{bucket}/p.zarr"
+    local, remote = Store.open(stores["jpeg"]), Store.open(url)
+    name = local.complete_shards()[0]
+    remote.read_pixels(name, 0, 8, view=0)  # (the arrays' metadata and the heap's index: read once per reader)
+    s3.server.reset()
+    for view in (0, 1):
+        assert remote.read_pixels(name, 0, 8, view=view) == local.read_pixels(name, 0, 8, view=view)
+    assert s3.server.requests() == 4  # per view: its spans block, its JPEG run
+    a = _batches(store_stream(stores["jpeg"], None, ("vit/cls",), source="pixels", epoch=1))
+    b = _batches(store_stream(url, None, ("vit/cls",), source="pixels", epoch=1))
+    assert [x["key"] for x in a] == [x["key"] for x in b]
+    assert all(torch.equal(x["image"], y["image"]) and torch.equal(x["vit/cls"], y["vit/cls"]) for x, y in zip(a, b))
