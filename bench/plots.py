@@ -71,7 +71,8 @@ def _load(d: dict):
                     _bar(ax, j + i * width, r["rate"], width, side if j == 0 else None, f"C{i}")
         ax.set_xticks([j + width * (len(sides) - 1) / 2 for j in range(len(sizes))], [f"{s} px student" for s in sizes])
         ax.set(ylabel="samples/s", title=f"{kind} targets, {w} worker{'s' if w > 1 else ''}")
-        ax.legend(fontsize=7)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.45)  # room above the tallest bar for the legend
+        ax.legend(fontsize=7, loc="upper left")
     fig.suptitle("The training loader: the corpus vs the store's own view pixels")
     fig.tight_layout()
     return fig
