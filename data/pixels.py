@@ -412,10 +412,10 @@ class StoredView:
     """A sample's stored view pixels (``extract --pixels``) as the stream delivers them: not decoded
     yet. The batch decodes them (``decode_views``), a batch at a time, into its own memory: a
     stored view at the student's size (the usual case) is decoded by libjpeg-turbo straight into
-    the batch, with nothing else done per sample. ``pixels``: the JPEG bytes, or an (h, w, 3)
-    uint8 crop (raw, or a JPEG only PIL reads, decoded when the stream checked it); ``box``: the
-    sub-box to cut and resize (``--sub-views``), None for the whole crop; ``jitter``: the colour
-    jitter and the seed it is drawn with (the same whoever delivers the sample)."""
+    the batch, with nothing else done per sample. ``pixels``: the JPEG bytes, or the (h, w, 3)
+    uint8 crop a raw store keeps; ``box``: the sub-box to cut and resize (``--sub-views``), None
+    for the whole crop; ``jitter``: the colour jitter and the seed it is drawn with (the same
+    whoever delivers the sample)."""
 
     key: str
     pixels: bytes | np.ndarray
@@ -493,9 +493,9 @@ def decode_views(views: Sequence[StoredView], out: torch.Tensor | None = None) -
 
 def _into(pixels: bytes | np.ndarray, target: np.ndarray) -> bool:
     """Stored pixels of exactly ``target``'s (h, w) put there (a JPEG decoded into it by
-    libjpeg-turbo, no header read first: a call that releases the GIL for a microsecond can wait
-    milliseconds to take it back from the loader's reading thread); False when they are of
-    another size, or a JPEG libjpeg-turbo refuses (the stage's decode then decides)."""
+    libjpeg-turbo, strictly; the decode itself says whether it fits, no header is read first);
+    False when they are of another size, or a JPEG libjpeg-turbo refuses (the stage's decode,
+    with its checks and PIL behind it, then decides)."""
     h, w = target.shape[:2]
     if isinstance(pixels, np.ndarray):
         if pixels.shape[:2] != (h, w):
