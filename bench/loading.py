@@ -306,7 +306,7 @@ def pixel_table(tmp: str, o: LoadBench) -> list[dict]:
     corpus loader (each view cut from its image), the decode floor at S, and the store's own crops
     at S as JPEG (quality 90) and raw (copies given their pixels by ``kdcache store pixels``: one
     decode pass, no teacher). One interleaved measurement per worker count; each row with its bytes
-    read per sample."""
+    read per sample and its CPU per sample (``_cpu_seconds``)."""
     from kdcache.extract.store_pixels import add_pixels
     from kdcache.store.inspect import info
     data = photo_corpus(f"{tmp}/photos", images=o.pixel_images, long_side=o.pixel_long_side)

@@ -106,8 +106,8 @@ def bench_extract(**kw):
 def bench_load(storage_options, decode_sizes, pixel_sizes, pixel_workers, **kw):
     """Loader samples/s and MB/s with verification on and off, local and on S3, with no target
     arrays and with codes, against the decode floor; kdcache's block reads against zarr's own; the
-    store's own view pixels (JPEG, raw) against the corpus per student input; full-size against
-    reduced JPEG decodes per image size.
+    store's own view pixels (JPEG, raw) against the corpus per student input, with each side's CPU
+    per sample; full-size against reduced JPEG decodes per image size.
 
     \b
     kdcache bench load
