@@ -340,19 +340,16 @@ def pixel_table(tmp: str, o: LoadBench) -> list[dict]:
                     meta[f"{size}/{kind}/{fmt}"] = (size, kind, f"the store's {'JPEG (quality 90)' if fmt == 'jpeg' else 'raw'} "
                                                                 f"view pixels", per_view)
         m = measure(sides, repeat=o.repeat)
+        cpu = {name: side.cpu_seconds / side.cpu_samples * 1e6 if side.cpu_samples else None for name, side in sides.items()}
         for name, side in sides.items():
             size, kind, label, px_bytes = meta[name]
             corpus = f"{size}/{kind}/corpus"
-            cpu = side.cpu_seconds / side.cpu_samples * 1e6 if side.cpu_samples else None
+            store_side = name != corpus and kind != "-"
             rows.append({"workers": workers, "size": size, "targets": kind, "side": label, "rate": m.rate(name).to_dict(),
-                         "over_corpus": None if name == corpus or kind == "-" else m.ratio(name, corpus).to_dict(),
+                         "over_corpus": m.ratio(name, corpus).to_dict() if store_side else None,
                          "kib_per_sample": (px_bytes + side.bytes_per_sample) / 1024, "image_shape": side.image_shape,
-                         "cpu_us_per_sample": cpu})
-        for row in rows[-len(sides):]:  # each side's CPU per sample against its corpus loader's: what a core buys
-            base = next((r["cpu_us_per_sample"] for r in rows[-len(sides):] if r["size"] == row["size"]
-                         and r["targets"] == row["targets"] and r["side"].startswith("corpus loader")), None)
-            row["cpu_over_corpus"] = (base / row["cpu_us_per_sample"] if base and row["cpu_us_per_sample"]
-                                      and not row["side"].startswith("corpus loader") and row["targets"] != "-" else None)
+                         "cpu_us_per_sample": cpu[name],  # the corpus loader's over it: what a core buys
+                         "cpu_over_corpus": cpu[corpus] / cpu[name] if store_side and cpu[corpus] and cpu[name] else None})
         for side in sides.values():  # this worker count's loaders end here (data.transport.stop_workers)
             stop_workers(side.loader)
     return rows

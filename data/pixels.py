@@ -438,22 +438,6 @@ class StoredViewError(KdcacheError):
     """Stored view pixels that pass their checksum but do not decode (a hostile or mis-written store)."""
 
 
-def stored_views(sample: RawSample, crops: Sequence[Crop], decode: DecodeOptions, box: np.ndarray | None, *,
-                 handler: Callable[[Skip], None]) -> list[StoredView] | None:
-    """A sample's stored view, one ``StoredView`` per crop, as the stream delivers them: a JPEG
-    stays bytes until its batch decodes it (its block's checksum has been checked; bytes that
-    still do not decode stop the batch, ``StoredViewError``), raw pixels that are no (h, w, 3)
-    uint8 crop go to ``handler`` (None is returned), as in ``view_pixels``."""
-    data = sample.data
-    if isinstance(data, np.ndarray) and (data.ndim != 3 or data.shape[2] != 3 or data.dtype != np.uint8):
-        handler(Skip(sample.key, f"stored pixels of shape {data.shape} {data.dtype}, not (h, w, 3) uint8"))
-        return None
-    if not isinstance(data, (bytes, bytearray, np.ndarray)):
-        handler(Skip(sample.key, "no stored pixels"))
-        return None
-    return [StoredView(sample.key, data, c, decode, box) for c in crops]
-
-
 _STAGING: dict[tuple[int, int], np.ndarray] = {}  # per process and crop size: the batch's views as decoded, (n, h, w, 3)
 
 

@@ -41,7 +41,7 @@ from kdcache.store.reads import BlockBuffers
 from .corpus import Corpus, DecodeOptions
 from .partition import (VIEW_CHOICES, EpochOrder, Ranges, Sample, ShardRows, current_worker, pick_view, split_epoch,
                         samples_per_image)
-from .pixels import (Crop, ShardPlaces, StoredView, folder_files, read_rows, stored_views, sub_view, view_at,
+from .pixels import (Crop, ShardPlaces, StoredView, folder_files, read_rows, sub_view, view_at,
                      view_pixels, walked_places)
 from .walk import AlignError, RawSample, Skip
 
@@ -427,7 +427,8 @@ class SampleStream(IterableDataset):
         """One sample from the view's pixels the store keeps, left for its batch to decode
         (``data.pixels.StoredView``): the whole crop, or its sub-box (``--sub-views``: where its
         targets are cut from the stored grid, in the crop as stored), at each crop field's size;
-        None when its block was skipped, or its pixels are not an image (the skip policy)."""
+        None when its block was skipped (its bytes were checked with the block: the JPEGs a store
+        writes, or (h, w, 3) uint8 rows of the shape the store declares)."""
         spec = self.spec
         view = s.slot if block.view is None else block.view
         raw = block.samples.get((s.row, view))
@@ -437,8 +438,7 @@ class SampleStream(IterableDataset):
         if spec.sub_views:
             _, sub_box = sub_view(block.meta.views[s.row, view], spec.seed, raw.key, epoch, spec.sub_views)
             box, extra = np.array([*sub_box, 0.0], dtype=np.float32), {"sub_box": torch.from_numpy(sub_box)}
-        got = stored_views(raw, crops, spec.decode, box, handler=self._skip_handler(epoch, spec.shards[s.shard].name))
-        return None if got is None else (got, view, extra)
+        return [StoredView(raw.key, raw.data, c, spec.decode, box) for c in crops], view, extra
 
     def _view(self, key: str, block: _Block, row: int, slot: int, epoch: int):
         """(the view a sample delivers, (height, width) -> its box in image fractions)."""

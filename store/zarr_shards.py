@@ -125,8 +125,8 @@ def decode(layout: dict, raw: np.ndarray, rows: int, empty=None) -> np.ndarray:
 def decode_rows(layout: dict, spans: np.ndarray, read, lo: int, hi: int) -> np.ndarray:
     """Rows ``lo:hi`` of one Zarr shard without fetching the rest of it: ``spans`` its index
     (``read_index``), ``read(start, end)`` a ranged read of the shard object. The inner chunks
-    holding those rows are fetched in one read when they lie together (as a shard written whole
-    lays them out), else one read each, and decoded as ``decode`` does (ValueError likewise).
+    holding those rows are fetched in one read (from the first's start to the last's end: together
+    in a shard written whole) and decoded as ``decode`` does (ValueError likewise).
     What a reader of a few rows of a large shard needs: a block's JPEG views in the byte heap."""
     per_chunk, shard_shape, dtype = layout["per_chunk"], layout["shard_shape"], layout["dtype"]
     if not 0 <= lo < hi <= int(shard_shape[0]):
@@ -135,20 +135,13 @@ def decode_rows(layout: dict, spans: np.ndarray, read, lo: int, hi: int) -> np.n
     out = np.empty(((last - first + 1) * per_chunk, *shard_shape[1:]), dtype=dtype)
     wanted = [(i, int(spans[i, 0]), int(spans[i, 1])) for i in range(first, last + 1)]
     stored = [(i, o, n) for i, o, n in wanted if not (o == EMPTY and n == EMPTY)]
-    together = all(a[1] + a[2] == b[1] for a, b in zip(stored, stored[1:]))
-    if stored and together:
-        start, end = stored[0][1], stored[-1][1] + stored[-1][2]
+    parts = {}
+    if stored:  # one read from the first chunk's start to the last one's end (a shard written whole: no gaps)
+        start, end = min(o for _, o, _ in stored), max(o + n for _, o, n in stored)
         got = read(start, end)
         if got is None or got.size != end - start:
             raise ValueError(f"inner chunks {stored[0][0]}-{stored[-1][0]} at bytes {start}-{end} lie beyond the shard")
         parts = {i: got[o - start:o - start + n] for i, o, n in stored}
-    else:
-        parts = {}
-        for i, o, n in stored:
-            got = read(o, o + n)
-            if got is None or got.size != n:
-                raise ValueError(f"inner chunk {i} at bytes {o}+{n} lies beyond the shard")
-            parts[i] = got
     for i, _, _ in wanted:
         dest = out[(i - first) * per_chunk:(i - first + 1) * per_chunk]
         if i in parts:

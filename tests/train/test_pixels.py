@@ -18,6 +18,7 @@ from helpers import cli_call, one_error_line, store_stream, tar_images
 from torchvision.transforms import InterpolationMode
 
 from kdcache.data.stream import read_skips
+from kdcache.data.transport import collate
 from kdcache.errors import CorruptShardError, KdcacheError
 from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract
@@ -104,7 +105,6 @@ def _stored_decodes(url: str) -> dict:
 
 
 def _batches(stream, batch_size=5):
-    from kdcache.data.transport import collate
     samples = list(stream)
     return [collate(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
 
@@ -150,7 +150,7 @@ def test_sub_views_colour_jitter_and_every_view_work_on_stored_pixels(stores):
     jitter = v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)
     for workers in (0, 1):
         stream = store_stream(stores["jpeg"], None, (), source="pixels", epoch=1, color_jitter=0.4, workers=workers)
-        loader = torch.utils.data.DataLoader(stream, batch_size=5, num_workers=workers, collate_fn=_collate)
+        loader = torch.utils.data.DataLoader(stream, batch_size=5, num_workers=workers, collate_fn=collate)
         order = stream.spec.order(1)
         position = {order[i].position: order[i] for i in range(order.total)}  # (every position's sample)
         got = list(loader)
@@ -171,11 +171,6 @@ def test_sub_views_colour_jitter_and_every_view_work_on_stored_pixels(stores):
     for b in got:
         for key, view, image in zip(b["key"], b["view"].tolist(), b["image"]):
             assert torch.equal(image, torch.from_numpy(plain[(key, view)]).permute(2, 0, 1))
-
-
-def _collate(samples):
-    from kdcache.data.transport import collate
-    return collate(samples)
 
 
 def test_a_stored_jpeg_that_passes_its_checksum_but_does_not_decode_is_one_line(stores, tmp_path):
