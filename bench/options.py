@@ -21,7 +21,7 @@ class ExtractBench:
     images: int = 96
     batch_size: int = 16
     workers: int = 1
-    codec: str = "lz4"
+    codec: str = "auto"
     quantize: str | None = None  # also time the torch encoder on the teacher's patches
     logits: int = 0  # also time the pipeline storing the top-K soft labels: the cost they add
     views: int = 1  # K views the pipeline sides store per image (the bare forward runs each image's eval view)

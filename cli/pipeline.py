@@ -31,7 +31,8 @@ E, T, Q, S, DEMO = (defaults_of(c) for c in (ExtractOptions, DEFAULTS, Quantizer
 @click.option("--views", type=int, help="K views stored per image (view 0 = eval view)." + E("views"))
 @click.option("--seed", type=int, help="Seed of the view generator." + E("seed"))
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES), help="Storage dtype." + E("dtype"))
-@click.option("--codec", type=click.Choice(CODECS), help="Lossless codec (see the docs, Extraction)." + E("codec"))
+@click.option("--codec", type=click.Choice(CODECS), help="Lossless codec; auto: per array, lz4 where it saves 5% of the first block, "
+              "else none (dense transformer features are read without a decompression pass)." + E("codec"))
 @click.option("--device", help="auto | cpu | cuda[:N]." + E("device"))
 @click.option("--batch-size", type=int, help="Images per forward batch (times K views)." + E("batch_size"))
 @click.option("--workers", type=int, help="DataLoader processes that read, decode and crop (0 = in process)." + E("workers"))

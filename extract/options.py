@@ -28,7 +28,7 @@ class ExtractOptions:
     views: int = 1
     seed: int = 0
     dtype: str = "float16"
-    codec: str = "lz4"
+    codec: str = "auto"
     device: str = "auto"
     batch_size: int = 32
     workers: int = 1

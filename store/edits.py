@@ -10,7 +10,7 @@ import numpy as np
 
 from kdcache.errors import StoreError
 
-from .layout import ArrayDigest, append_rows, create_rows_array, sealed
+from .layout import ArrayDigest, append_rows, create_rows_array, resolved_codec, sealed
 from .meta import SHARDS, per_view_shards, quantizer_path, stats_path
 from .reads import block_crcs
 
@@ -36,13 +36,18 @@ class ShardEdits:
             del group[dst]  # left by an interrupted run
         block = self.block_rows(shard, src)
         per_view = per_view_shards(dst, views=self.meta.views, view_shards=self.meta.view_shards)
-        out = create_rows_array(group, dst, row_shape, dtype, block=block, codec=codec, attrs=attrs, per_view=per_view)
-        h, crcs = ArrayDigest(), []
+        h, crcs, out = ArrayDigest(), [], None
         for source_rows in self.read_blocks(shard, src):
             rows = np.asarray(transform(source_rows), dtype=dtype)
             h.update(rows)
             crcs += block_crcs(rows, per_view=per_view)
+            if out is None:  # (created with the first block: an ``auto`` codec is chosen from it)
+                out = create_rows_array(group, dst, row_shape, dtype, block=block, codec=resolved_codec(codec, rows),
+                                        attrs=attrs, per_view=per_view)
             append_rows(out, rows)
+        if out is None:
+            create_rows_array(group, dst, row_shape, dtype, block=block, codec=resolved_codec(codec, None), attrs=attrs,
+                              per_view=per_view)
         digest[dst] = h.hexdigest()
         if not keep_source:
             digest.pop(src)

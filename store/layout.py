@@ -19,7 +19,7 @@ import zarr.codecs
 
 from kdcache.errors import StoreError
 
-from .meta import CODEC_REGISTRY
+from .meta import AUTO_CODEC, CODEC_REGISTRY
 
 BLOCK_BYTES = 64 << 20  # one Zarr shard of the largest array: few requests, bounded memory
 CHUNK_BYTES = 1 << 20  # inner chunk: a random read decodes about this much
@@ -29,10 +29,34 @@ MAX_BLOCK = 1024
 def compressors(codec: str):
     """Codec name (``meta.CODEC_REGISTRY``) -> zarr v3 compressors."""
     try:
-        c = CODEC_REGISTRY[codec]
+        c = CODEC_REGISTRY[codec]  # (``auto`` is resolved per array first: ``resolved_codec``)
     except KeyError:
         raise StoreError(f"codec {codec!r} is not one of {', '.join(CODEC_REGISTRY)}") from None
     return None if c.blosc is None else zarr.codecs.BloscCodec(cname=c.blosc, clevel=c.level, shuffle=c.shuffle)
+
+
+AUTO_KEEPS = 0.95  # ``auto`` compresses an array whose first block lz4 stores in at most this share of its bytes
+AUTO_PROBE = 4 << 20  # bytes of that block it tries
+
+
+def resolved_codec(codec: str, first_rows: np.ndarray | None) -> str:
+    """The codec an array is written with: ``codec``, or for ``auto`` lz4 (Blosc, byte shuffle) when
+    it stores the array's first block (its first 4 MiB) in at most 95% of the bytes, else none. Dense
+    transformer features do not compress (lz4 keeps 99.9% of MiniLM's token features) and lz4 would
+    cost every reader a decompression pass for nothing: a ViT-S/16 sample (148 KiB) read and checked
+    in 15 us stored raw, where it is used in the memory it was read into, against 38 us through lz4
+    (measured: ``docs/benchmarks.md#codec``). Post-ReLU CNN maps and sparse arrays do compress
+    (EfficientNet-Lite0's to about a quarter). No rows (an empty shard): none."""
+    if codec != AUTO_CODEC:
+        return codec
+    if first_rows is None or first_rows.size == 0 or first_rows.dtype.kind not in "fiub":
+        return "none"
+    import numcodecs.blosc
+    data = np.ascontiguousarray(first_rows).reshape(-1).view(np.uint8)[:AUTO_PROBE]
+    c = CODEC_REGISTRY["lz4"]
+    shuffle = numcodecs.blosc.SHUFFLE if c.shuffle == "shuffle" else numcodecs.blosc.NOSHUFFLE
+    packed = numcodecs.blosc.compress(data, c.blosc.encode(), c.level, shuffle, first_rows.dtype.itemsize)
+    return "lz4" if len(packed) <= AUTO_KEEPS * data.size else "none"
 
 
 def block_rows(sample_bytes: int) -> int:

@@ -35,7 +35,8 @@ class Codec:
 
 
 CODEC_REGISTRY = {c.name: c for c in (Codec("none"), Codec("lz4", "lz4", 5), Codec("zstd", "zstd", 3))}
-CODECS = tuple(CODEC_REGISTRY)
+AUTO_CODEC = "auto"  # per array, from its first block: lz4 where it saves, else none (``layout.resolved_codec``)
+CODECS = (AUTO_CODEC, *CODEC_REGISTRY)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # how crops are resized (torchvision's modes of these names)
 TOKEN_KINDS = ("cls", "patch")  # a teacher's stored token kinds: its summary vector, its patch tokens
 LOGIT_ARRAYS = ("logits_values", "logits_indices", "logits_lse")  # a classifier teacher's top-K soft labels

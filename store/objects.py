@@ -37,12 +37,13 @@ class Objects:
             self._pid = os.getpid()
         return self._fs, self._root
 
-    def get(self, key: str, *, limit: int, reuse: bool = False) -> np.ndarray | None:
+    def get(self, key: str, *, limit: int, reuse: bool = False, into=None) -> np.ndarray | None:
         """The object's bytes as uint8 (a view of this thread's reused buffer with ``reuse``, valid
-        until its next ``get``), or None when it does not exist. An object larger than ``limit``
+        until its next ``get``; with ``into``, a local object is read into ``into((size,), uint8)``,
+        memory the caller keeps), or None when it does not exist. An object larger than ``limit``
         bytes is refused before it is read (ValueError): hostile metadata cannot size a read."""
         if self.local is not None:
-            return _read_local(os.path.join(self.local, key), limit, reuse)
+            return _read_local(os.path.join(self.local, key), limit, reuse, into)
         fs, root = self._remote()
         path = f"{root}/{key}"
         try:  # a range from byte 0: the whole object in one GET (a plain read asks its size first)
@@ -102,8 +103,9 @@ class Objects:
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
 
-def _read_local(path: str, limit: int, reuse: bool) -> np.ndarray | None:
-    """A local object with plain file reads; with ``reuse`` into this thread's reused buffer.
+def _read_local(path: str, limit: int, reuse: bool, into=None) -> np.ndarray | None:
+    """A local object with plain file reads; with ``reuse`` into this thread's reused buffer, with
+    ``into`` into the memory it provides.
 
     zarr's own read of a local object goes through its event-loop thread and a worker thread
     (Python holding the GIL while a loader's decoding thread waits for it) and makes a new bytes
@@ -117,11 +119,14 @@ def _read_local(path: str, limit: int, reuse: bool) -> np.ndarray | None:
         size = os.fstat(f.fileno()).st_size
         if size > limit:
             raise ValueError(f"object of {size} bytes, more than the {limit} kdcache reads at once")
-        if not reuse:
+        if into is not None:
+            scratch = into((size,), np.uint8)
+        elif not reuse:
             return np.frombuffer(f.read(), dtype=np.uint8)
-        scratch = getattr(_scratch, "buffer", None)
-        if scratch is None or scratch.size < size:
-            scratch = _scratch.buffer = np.empty(size, dtype=np.uint8)
+        else:
+            scratch = getattr(_scratch, "buffer", None)
+            if scratch is None or scratch.size < size:
+                scratch = _scratch.buffer = np.empty(size, dtype=np.uint8)
         view, got = memoryview(scratch), 0
         while got < size:
             n = f.readinto(view[got:size])

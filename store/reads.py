@@ -346,11 +346,14 @@ def block_in_one_request(objects: Objects, a, index: int, block: int, view: int 
     layout = zarr_shards.shard_layout(meta)
     if layout is not None:
         coords = (index, view if per_view else 0) + (0,) * (a.ndim - 2) if a.ndim > 1 else (index,)
+        # rows stored uncompressed are used where they were read (into memory the buffers track), not copied
+        in_place = buffers is not None and not layout["blosc"]
         raw = objects.get(f"{a.path}/{zarr_shards.chunk_key(meta, coords)}", limit=MAX_BLOCK_BYTES + (1 << 24),
-                          reuse=True)
+                          reuse=True, into=buffers.empty if in_place else None)
         if raw is not None:
             rows = min(block, a.shape[0] - index * block)
-            return zarr_shards.decode(layout, raw, rows, None if buffers is None else buffers.empty)
+            return zarr_shards.decode(layout, raw, rows, None if buffers is None else buffers.empty,
+                                      in_place=in_place and raw.flags.writeable)
     return np.asarray(a[where])
 
 

@@ -15,9 +15,10 @@ import numpy as np
 from kdcache.errors import StoreError
 
 from .dtypes import itemsize
-from .layout import ArrayDigest, append_rows, block_rows, create_heap_array, create_rows_array, sealed
-from .meta import (ORIGIN, ORIGIN_COLUMNS, PIXEL_SPANS, PIXELS_JPEG, PIXELS_RAW, PixelSpec, TeacherMeta, per_view_shards,
-                   teacher_arrays)
+from .layout import (ArrayDigest, append_rows, block_rows, create_heap_array, create_rows_array, resolved_codec,
+                     sealed)
+from .meta import (AUTO_CODEC, ORIGIN, ORIGIN_COLUMNS, PIXEL_SPANS, PIXELS_JPEG, PIXELS_RAW, PixelSpec, TeacherMeta,
+                   per_view_shards, teacher_arrays)
 from .reads import block_crcs, bytes_crc32
 
 
@@ -54,7 +55,8 @@ class ShardWriter:
         sample_bytes = max([1] + [t.tokens * t.dim * views * itemsize(t.dtype) for t in teachers.values()])
         # (float bytes even for codes: blocks then line up with those of an fp16 store)
         self.block = block or block_rows(sample_bytes)
-        self._arrays: dict[str, object] = {}
+        self._arrays: dict[str, object] = {}  # path -> zarr array (an ``auto`` codec's: once its first block is known)
+        self._specs: dict[str, tuple] = {}  # path -> (row shape, dtype, codec, attrs, per view)
         self._buffers: dict[str, list[np.ndarray]] = {}
         self._digests: dict[str, ArrayDigest] = {}
         self._crcs: dict[str, list[int]] = {}
@@ -80,13 +82,21 @@ class ShardWriter:
                 self._crcs[PIXELS_JPEG] = []
 
     def _add(self, path, row_shape, dtype, *, codec, attrs=None, per_view=False):
-        self._arrays[path] = create_rows_array(self.group, path, row_shape, dtype, block=self.block, codec=codec, attrs=attrs,
-                                               per_view=per_view)
+        self._specs[path] = (tuple(row_shape), dtype, codec, attrs, per_view)
+        if codec != AUTO_CODEC:
+            self._create(path, None)
         if per_view:
             self._per_view.add(path)
         self._buffers[path] = []
         self._digests[path] = ArrayDigest()
         self._crcs[path] = []
+
+    def _create(self, path: str, first_rows: np.ndarray | None):
+        """The array ``path``, created now: with an ``auto`` codec, the one its first block calls for."""
+        row_shape, dtype, codec, attrs, per_view = self._specs[path]
+        self._arrays[path] = create_rows_array(self.group, path, row_shape, dtype, block=self.block, attrs=attrs,
+                                               codec=resolved_codec(codec, first_rows), per_view=per_view)
+        return self._arrays[path]
 
     def append(self, rows: dict[str, np.ndarray]) -> None:
         """Append the same number of rows to every array (``rows[path]``, path as in the store). A
@@ -94,7 +104,7 @@ class ShardWriter:
         benchmarks' synthetic and text stores) records -1, unknown, for every column."""
         if ORIGIN in self._arrays and ORIGIN not in rows and "keys" in rows:
             rows = {**rows, ORIGIN: np.full((len(rows["keys"]), len(ORIGIN_COLUMNS)), -1, np.int64)}
-        given = set(self._arrays) - {PIXEL_SPANS} | ({PIXELS_JPEG} if self._heap else set())  # (spans: computed here)
+        given = set(self._specs) - {PIXEL_SPANS} | ({PIXELS_JPEG} if self._heap else set())  # (spans: computed here)
         if set(rows) != given:
             raise StoreError(f"shard {self.group.path}: rows for {sorted(rows)} but arrays are {sorted(given)}")
         n = {len(v) for v in rows.values()}
@@ -107,7 +117,7 @@ class ShardWriter:
             self._buffers[PIXELS_JPEG].extend(jpegs)
             rows = {p: v for p, v in rows.items() if p != PIXELS_JPEG}
         for path, v in rows.items():
-            want = self._arrays[path].shape[1:]
+            want = self._specs[path][0]
             if path != "keys" and tuple(v.shape[1:]) != tuple(want):
                 raise StoreError(f"shard {self.group.path}: {path} rows have shape {tuple(v.shape[1:])}, store expects {tuple(want)}")
             self._buffers[path].append(v)
@@ -137,11 +147,12 @@ class ShardWriter:
                 if path == "keys":
                     head = np.asarray(head, dtype=str)
                 else:  # checksum the bytes as stored, in the array's dtype
-                    head = np.asarray(head, dtype=self._arrays[path].dtype)
+                    head = np.asarray(head, dtype=self._specs[path][1])
                     for i in range(0, len(head), self.block):
                         self._crcs[path] += block_crcs(head[i:i + self.block], per_view=path in self._per_view)
                 self._digests[path].update(head)
-                append_rows(self._arrays[path], head)
+                array = self._arrays.get(path)
+                append_rows(self._create(path, head[:self.block]) if array is None else array, head)
             self._buffers[path] = [tail] if len(tail) else []
 
     def _lay_out_jpegs(self, *, final: bool) -> None:
@@ -180,6 +191,8 @@ class ShardWriter:
     def finish(self) -> dict:
         """Write the remaining rows, then the shard attributes, ``complete`` included, last."""
         self._flush(final=True)
+        for path in self._specs.keys() - self._arrays.keys():  # an ``auto`` array that got no rows
+            self._create(path, None)
         if self.expected_count is not None and self.count != self.expected_count:
             raise StoreError(f"shard {self.group.path}: wrote {self.count} rows for a shard of {self.expected_count}")
         digests = {p: d.hexdigest() for p, d in self._digests.items()}

@@ -16,6 +16,8 @@ kdcache writes both ways and compares (``tests/store/test_zarr_shards.py``).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 EMPTY = 2**64 - 1  # a shard index's (offset, nbytes) of an inner chunk never written
@@ -100,17 +102,26 @@ def _decode_chunk(layout: dict, i: int, src: np.ndarray, dest: np.ndarray) -> No
     numcodecs.blosc.decompress(src, dest)
 
 
-def decode(layout: dict, raw: np.ndarray, rows: int, empty=None) -> np.ndarray:
+def decode(layout: dict, raw: np.ndarray, rows: int, empty=None, *, in_place: bool = False) -> np.ndarray:
     """The first ``rows`` rows of one Zarr shard's bytes ``raw`` (uint8), decoded into one array
-    (``empty(shape, dtype)`` provides its memory; never a view of ``raw``). Bytes that do not fit
-    the index raise ValueError: the index's CRC-32C, each inner chunk's place and size, and Blosc's
-    own header are checked before anything is decompressed into the output."""
+    (``empty(shape, dtype)`` provides its memory). Bytes that do not fit the index raise
+    ValueError: the index's CRC-32C, each inner chunk's place and size, and Blosc's own header are
+    checked before anything is decompressed into the output. ``in_place``: when the rows are
+    stored uncompressed and in order (codec ``none``, a shard written whole), a view of ``raw``
+    itself, nothing copied: the caller owns ``raw`` and keeps it for as long as the rows live."""
     per_chunk, shard_shape, dtype = layout["per_chunk"], layout["shard_shape"], layout["dtype"]
     spans = read_index(layout, raw)
-    shape = (-(-rows // per_chunk) * per_chunk, *shard_shape[1:])
-    out = np.empty(shape, dtype=dtype) if empty is None else empty(shape, dtype)
+    chunks = -(-rows // per_chunk)
+    shape = (chunks * per_chunk, *shard_shape[1:])
     data_end = raw.size - index_size(layout)
-    for i in range(-(-rows // per_chunk)):
+    if in_place and not layout["blosc"] and chunks:
+        chunk_bytes = per_chunk * math.prod(shard_shape[1:]) * dtype.itemsize
+        laid = np.arange(chunks, dtype=np.uint64) * np.uint64(chunk_bytes)
+        if (spans[:chunks, 0] == laid).all() and (spans[:chunks, 1] == chunk_bytes).all() and \
+                chunks * chunk_bytes <= data_end:
+            return raw[:chunks * chunk_bytes].view(dtype).reshape(shape)[:rows]
+    out = np.empty(shape, dtype=dtype) if empty is None else empty(shape, dtype)
+    for i in range(chunks):
         offset, nbytes = (int(x) for x in spans[i])
         dest = out[i * per_chunk:(i + 1) * per_chunk]
         if offset == EMPTY and nbytes == EMPTY:

@@ -2,6 +2,7 @@
 directory, memory://, and S3 on a loopback server."""
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import numpy as np
@@ -74,6 +75,29 @@ class StoreContract:
         assert verify(Store.open(url)).problems == []
         s.delete_shard("b")
         assert s.shard_names() == ["a"]
+
+    def test_the_auto_codec_compresses_what_lz4_shrinks_and_stores_the_rest_as_it_is(self, url):
+        """``--codec auto`` (the default): per array, from its first block. Dense features (random
+        normal, as transformer features are to lz4) are stored without Blosc, rows that lz4 shrinks
+        (post-ReLU: half zeros) with it; both read back as written, plain zarr and the store alike; an
+        array that got no rows (an empty shard) exists, uncompressed."""
+        s = Store.create(url, _meta().replace(teachers={"t": dataclasses.replace(_meta().teachers["t"], codec="auto")}))
+        rows = _rows(200)  # (a few KiB: Blosc leaves smaller buffers as they are)
+        rows["t/cls"] = np.maximum(rows["t/cls"], 0)  # half zeros
+        w = s.new_shard("a", s.meta.teachers)
+        w.append(rows)
+        w.finish()
+        s.new_shard("empty", s.meta.teachers).finish()
+
+        def blosc(shard, path):
+            inner = s.array(shard, path).metadata.to_dict()["codecs"][0]["configuration"]["codecs"]
+            return [c["configuration"]["cname"] for c in inner if c["name"] == "blosc"]
+        assert blosc("a", "t/patch") == [] and blosc("a", "t/cls") == ["lz4"]
+        assert blosc("empty", "t/patch") == [] and s.array("empty", "t/patch").shape[0] == 0
+        for path in ("t/patch", "t/cls"):
+            np.testing.assert_array_equal(np.asarray(s.root[f"shards/a/{path}"][:]), rows[path])
+            np.testing.assert_array_equal(s.read_features("a", "t", path[2:]), rows[path].astype(np.float32))
+        assert verify(Store.open(url)).problems == []
 
     def test_adding_a_teacher_to_a_complete_shard(self, url):
         s = Store.create(url, _meta())

@@ -38,7 +38,7 @@ def test_info_reports_counts_and_bytes(tmp_path, corpus, vit_spec):
     p = run_cli("info", out, "--json")
     assert json.loads(p.stdout)["samples"] == 24
     text = run_cli("info", out).stdout
-    assert "3 complete, 0 incomplete" in text and "vit_tiny_patch16_224" in text and "float16/lz4" in text
+    assert "3 complete, 0 incomplete" in text and "vit_tiny_patch16_224" in text and "float16/auto" in text
 
 
 def test_verify_passes_then_finds_silent_corruption(tmp_path, corpus, vit_spec):

@@ -178,19 +178,35 @@ def test_an_object_larger_than_its_limit_is_refused_before_it_is_read(tmp_path, 
         _read(url, a, 0)
 
 
-def test_blocks_decoded_into_reused_buffers_keep_their_rows_while_any_is_alive(tmp_path):
-    a, rows = _array(tmp_path, "lz4")
+@pytest.mark.parametrize("codec", ["lz4", "none"])  # decoded into a buffer; used in the buffer it was read into
+def test_blocks_decoded_into_reused_buffers_keep_their_rows_while_any_is_alive(tmp_path, codec):
+    a, rows = _array(tmp_path, codec)
     pool = BlockBuffers(keep=1)
-    held = _read(_url(tmp_path, "lz4"), a, 0, buffers=pool)[3]  # one row of block 0 kept, as a sample keeps it
-    second = _read(_url(tmp_path, "lz4"), a, 1, buffers=pool)
+    held = _read(_url(tmp_path, codec), a, 0, buffers=pool)[3]  # one row of block 0 kept, as a sample keeps it
+    second = _read(_url(tmp_path, codec), a, 1, buffers=pool)
     assert len(pool._buffers) == 2 and not np.shares_memory(held, second)  # block 0's buffer was not handed out again
+    assert all(any(np.shares_memory(r, b) for b in pool._buffers) for r in (held, second))
     np.testing.assert_array_equal(held, rows[3])
     np.testing.assert_array_equal(second, rows[BLOCK:])
     before = {b.__array_interface__["data"][0] for b in pool._buffers}
     del held, second
-    again = _read(_url(tmp_path, "lz4"), a, 1, buffers=pool)  # nothing refers to either buffer now: one is reused
+    again = _read(_url(tmp_path, codec), a, 1, buffers=pool)  # nothing refers to either buffer now: one is reused
     assert len(pool._buffers) == 2 and again.__array_interface__["data"][0] in before
     np.testing.assert_array_equal(again, rows[BLOCK:])
+
+
+def test_uncompressed_rows_are_a_view_of_the_bytes_read_only_when_laid_out_in_order(tmp_path):
+    a, rows = _array(tmp_path, "none")
+    data = np.frombuffer(bytearray(open(_shard_file(tmp_path, "none", 0), "rb").read()), np.uint8)
+    layout = zarr_shards.shard_layout(a.metadata.to_dict())
+    got = zarr_shards.decode(layout, data, BLOCK, in_place=True)
+    assert np.shares_memory(got, data)  # nothing copied
+    np.testing.assert_array_equal(got, rows[:BLOCK])
+    a[4:8] = 0  # an inner chunk equal to the fill value is not written: the rows are no longer one run
+    data = np.frombuffer(bytearray(open(_shard_file(tmp_path, "none", 0), "rb").read()), np.uint8)
+    got = zarr_shards.decode(layout, data, BLOCK, in_place=True)
+    assert not np.shares_memory(got, data)
+    np.testing.assert_array_equal(got, np.concatenate([rows[:4], np.zeros((4, 2, 5), np.float16)]))
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, "bfloat16-bits"])
