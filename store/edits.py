@@ -10,7 +10,7 @@ import numpy as np
 
 from kdcache.errors import StoreError
 
-from .layout import ArrayDigest, append_rows, create_rows_array, resolved_codec, sealed
+from .layout import ArrayDigest, append_rows, create_rows_array, sealed
 from .meta import SHARDS, per_view_shards, quantizer_path, stats_path
 from .reads import block_crcs
 
@@ -42,12 +42,11 @@ class ShardEdits:
             h.update(rows)
             crcs += block_crcs(rows, per_view=per_view)
             if out is None:  # (created with the first block: an ``auto`` codec is chosen from it)
-                out = create_rows_array(group, dst, row_shape, dtype, block=block, codec=resolved_codec(codec, rows),
-                                        attrs=attrs, per_view=per_view)
+                out = create_rows_array(group, dst, row_shape, dtype, block=block, codec=codec, attrs=attrs,
+                                        per_view=per_view, first_rows=rows)
             append_rows(out, rows)
         if out is None:
-            create_rows_array(group, dst, row_shape, dtype, block=block, codec=resolved_codec(codec, None), attrs=attrs,
-                              per_view=per_view)
+            create_rows_array(group, dst, row_shape, dtype, block=block, codec=codec, attrs=attrs, per_view=per_view)
         digest[dst] = h.hexdigest()
         if not keep_source:
             digest.pop(src)

@@ -39,24 +39,29 @@ AUTO_KEEPS = 0.95  # ``auto`` compresses an array whose first block lz4 stores i
 AUTO_PROBE = 4 << 20  # bytes of that block it tries
 
 
-def resolved_codec(codec: str, first_rows: np.ndarray | None) -> str:
+def resolved_codec(codec: str, first_rows: np.ndarray | None, *, chunk: int = 1) -> str:
     """The codec an array is written with: ``codec``, or for ``auto`` lz4 (Blosc, byte shuffle) when
-    it stores the array's first block (its first 4 MiB) in at most 95% of the bytes, else none. Dense
-    transformer features do not compress (lz4 keeps 99.9% of MiniLM's token features) and lz4 would
-    cost every reader a decompression pass for nothing: a ViT-S/16 sample (148 KiB) read and checked
-    in 15 us stored raw, where it is used in the memory it was read into, against 38 us through lz4
-    (measured: ``docs/benchmarks.md#codec``). Post-ReLU CNN maps and sparse arrays do compress
-    (EfficientNet-Lite0's to about a quarter). No rows (an empty shard): none."""
+    it stores the array's first block in at most 95% of what the block takes uncompressed, else
+    none. Uncompressed, zarr stores a partial last inner chunk (``chunk`` rows) at full size: a
+    shard smaller than one block pays that padding, which lz4 would compress away, so it counts.
+    Dense transformer features do not compress (lz4 keeps 99.9% of MiniLM's token features) and lz4
+    would cost every reader a decompression pass for nothing: a ViT-S/16 sample (148 KiB) read and
+    checked in 15 us stored raw, where it is used in the memory it was read into, against 38 us
+    through lz4 (measured: ``docs/benchmarks.md#codec``). Post-ReLU CNN maps and sparse arrays do
+    compress (EfficientNet-Lite0's to about a quarter). No rows (an empty shard): none. (lz4 is
+    tried on the block's first 4 MiB.)"""
     if codec != AUTO_CODEC:
         return codec
     if first_rows is None or first_rows.size == 0 or first_rows.dtype.kind not in "fiub":
         return "none"
     import numcodecs.blosc
-    data = np.ascontiguousarray(first_rows).reshape(-1).view(np.uint8)[:AUTO_PROBE]
+    rows = np.ascontiguousarray(first_rows)
+    data = rows.reshape(-1).view(np.uint8)[:AUTO_PROBE]
     c = CODEC_REGISTRY["lz4"]
     shuffle = numcodecs.blosc.SHUFFLE if c.shuffle == "shuffle" else numcodecs.blosc.NOSHUFFLE
-    packed = numcodecs.blosc.compress(data, c.blosc.encode(), c.level, shuffle, first_rows.dtype.itemsize)
-    return "lz4" if len(packed) <= AUTO_KEEPS * data.size else "none"
+    packed = numcodecs.blosc.compress(data, c.blosc.encode(), c.level, shuffle, rows.dtype.itemsize)
+    uncompressed = -(-len(rows) // chunk) * chunk * (rows.nbytes // len(rows))
+    return "lz4" if len(packed) / data.size * rows.nbytes <= AUTO_KEEPS * uncompressed else "none"
 
 
 def block_rows(sample_bytes: int) -> int:
@@ -73,12 +78,14 @@ def chunk_rows(sample_bytes: int, block: int) -> int:
 
 
 def create_rows_array(group, name: str, row_shape: tuple, dtype: str, *, block: int, codec: str,
-                      attrs: dict | None = None, per_view: bool = False):
+                      attrs: dict | None = None, per_view: bool = False, first_rows: np.ndarray | None = None):
     """An array of shape (0, *row_shape) that grows along axis 0 by whole blocks; ``per_view``
-    (axis 1 is the view axis): one Zarr shard per (block, view)."""
+    (axis 1 is the view axis): one Zarr shard per (block, view). A ``codec`` of ``auto`` is
+    resolved from ``first_rows``, the array's first block (``resolved_codec``)."""
     shard_row = (1, *row_shape[1:]) if per_view and row_shape else tuple(row_shape)
     sample_bytes = math.prod(shard_row) * np.dtype(dtype).itemsize if dtype != str else 64
     chunk = chunk_rows(sample_bytes, block)
+    codec = resolved_codec(codec, first_rows, chunk=chunk)
     kwargs = dict(shape=(0, *row_shape), dtype=dtype, chunks=(chunk, *shard_row), attributes=attrs or {})
     if dtype is str:
         kwargs["chunks"] = (block,)

@@ -15,8 +15,7 @@ import numpy as np
 from kdcache.errors import StoreError
 
 from .dtypes import itemsize
-from .layout import (ArrayDigest, append_rows, block_rows, create_heap_array, create_rows_array, resolved_codec,
-                     sealed)
+from .layout import ArrayDigest, append_rows, block_rows, create_heap_array, create_rows_array, sealed
 from .meta import (AUTO_CODEC, ORIGIN, ORIGIN_COLUMNS, PIXEL_SPANS, PIXELS_JPEG, PIXELS_RAW, PixelSpec, TeacherMeta,
                    per_view_shards, teacher_arrays)
 from .reads import block_crcs, bytes_crc32
@@ -95,7 +94,7 @@ class ShardWriter:
         """The array ``path``, created now: with an ``auto`` codec, the one its first block calls for."""
         row_shape, dtype, codec, attrs, per_view = self._specs[path]
         self._arrays[path] = create_rows_array(self.group, path, row_shape, dtype, block=self.block, attrs=attrs,
-                                               codec=resolved_codec(codec, first_rows), per_view=per_view)
+                                               codec=codec, per_view=per_view, first_rows=first_rows)
         return self._arrays[path]
 
     def append(self, rows: dict[str, np.ndarray]) -> None:

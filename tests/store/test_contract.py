@@ -78,25 +78,34 @@ class StoreContract:
 
     def test_the_auto_codec_compresses_what_lz4_shrinks_and_stores_the_rest_as_it_is(self, url):
         """``--codec auto`` (the default): per array, from its first block. Dense features (random
-        normal, as transformer features are to lz4) are stored without Blosc, rows that lz4 shrinks
-        (post-ReLU: half zeros) with it; both read back as written, plain zarr and the store alike; an
-        array that got no rows (an empty shard) exists, uncompressed."""
+        normal, as transformer features are to lz4) filling whole inner chunks are stored without
+        Blosc, rows that lz4 shrinks (post-ReLU: half zeros) with it; a shard smaller than its
+        inner chunk, which zarr stores at full size uncompressed, with lz4 (the padding counts);
+        all read back as written, plain zarr and the store alike; an array that got no rows (an
+        empty shard) exists, uncompressed."""
         s = Store.create(url, _meta().replace(teachers={"t": dataclasses.replace(_meta().teachers["t"], codec="auto")}))
-        rows = _rows(200)  # (a few KiB: Blosc leaves smaller buffers as they are)
-        rows["t/cls"] = np.maximum(rows["t/cls"], 0)  # half zeros
-        w = s.new_shard("a", s.meta.teachers)
-        w.append(rows)
-        w.finish()
+        full = s.new_shard("full", s.meta.teachers)
+        block = full.block
+        written = {}
+        for name, n in (("full", block), ("small", 5)):
+            rows = _rows(n)
+            rows["t/cls"] = np.maximum(rows["t/cls"], 0)  # half zeros
+            w = full if name == "full" else s.new_shard(name, s.meta.teachers)
+            w.append(rows)
+            w.finish()
+            written[name] = rows
         s.new_shard("empty", s.meta.teachers).finish()
 
         def blosc(shard, path):
             inner = s.array(shard, path).metadata.to_dict()["codecs"][0]["configuration"]["codecs"]
             return [c["configuration"]["cname"] for c in inner if c["name"] == "blosc"]
-        assert blosc("a", "t/patch") == [] and blosc("a", "t/cls") == ["lz4"]
+        assert blosc("full", "t/patch") == [] and blosc("full", "t/cls") == ["lz4"]
+        assert blosc("small", "t/patch") == ["lz4"]  # 5 rows of a chunk of many: the padding would be most of it
         assert blosc("empty", "t/patch") == [] and s.array("empty", "t/patch").shape[0] == 0
-        for path in ("t/patch", "t/cls"):
-            np.testing.assert_array_equal(np.asarray(s.root[f"shards/a/{path}"][:]), rows[path])
-            np.testing.assert_array_equal(s.read_features("a", "t", path[2:]), rows[path].astype(np.float32))
+        for name, rows in written.items():
+            for path in ("t/patch", "t/cls"):
+                np.testing.assert_array_equal(np.asarray(s.root[f"shards/{name}/{path}"][:]), rows[path])
+                np.testing.assert_array_equal(s.read_features(name, "t", path[2:]), rows[path].astype(np.float32))
         assert verify(Store.open(url)).problems == []
 
     def test_adding_a_teacher_to_a_complete_shard(self, url):
