@@ -429,10 +429,6 @@ class StoredView:
     def shape(self) -> tuple[int, int, int]:
         return (3, *self.crop.size)
 
-    def tensor(self) -> torch.Tensor:
-        """This view alone, (3, h, w) uint8 (what its batch holds for it)."""
-        return decode_views([self])[0]
-
 
 class StoredViewError(KdcacheError):
     """Stored view pixels that pass their checksum but do not decode (a hostile or mis-written store)."""

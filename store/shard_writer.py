@@ -16,8 +16,8 @@ from kdcache.errors import StoreError
 
 from .dtypes import itemsize
 from .layout import ArrayDigest, append_rows, block_rows, create_heap_array, create_rows_array, sealed
-from .meta import (AUTO_CODEC, ORIGIN, ORIGIN_COLUMNS, PIXEL_SPANS, PIXELS_JPEG, PIXELS_RAW, PixelSpec, TeacherMeta,
-                   per_view_shards, teacher_arrays)
+from .meta import (ORIGIN, ORIGIN_COLUMNS, PIXEL_SPANS, PIXELS_JPEG, PIXELS_RAW, PixelSpec, TeacherMeta, per_view_shards,
+                   teacher_arrays)
 from .reads import block_crcs, bytes_crc32
 
 
@@ -54,7 +54,7 @@ class ShardWriter:
         sample_bytes = max([1] + [t.tokens * t.dim * views * itemsize(t.dtype) for t in teachers.values()])
         # (float bytes even for codes: blocks then line up with those of an fp16 store)
         self.block = block or block_rows(sample_bytes)
-        self._arrays: dict[str, object] = {}  # path -> zarr array (an ``auto`` codec's: once its first block is known)
+        self._arrays: dict[str, object] = {}  # path -> zarr array, once its first block is written (``auto`` reads it)
         self._specs: dict[str, tuple] = {}  # path -> (row shape, dtype, codec, attrs, per view)
         self._buffers: dict[str, list[np.ndarray]] = {}
         self._digests: dict[str, ArrayDigest] = {}
@@ -81,9 +81,7 @@ class ShardWriter:
                 self._crcs[PIXELS_JPEG] = []
 
     def _add(self, path, row_shape, dtype, *, codec, attrs=None, per_view=False):
-        self._specs[path] = (tuple(row_shape), dtype, codec, attrs, per_view)
-        if codec != AUTO_CODEC:
-            self._create(path, None)
+        self._specs[path] = (tuple(row_shape), dtype, codec, attrs, per_view)  # created with its first block
         if per_view:
             self._per_view.add(path)
         self._buffers[path] = []
@@ -91,7 +89,7 @@ class ShardWriter:
         self._crcs[path] = []
 
     def _create(self, path: str, first_rows: np.ndarray | None):
-        """The array ``path``, created now: with an ``auto`` codec, the one its first block calls for."""
+        """The array ``path``, created now, with its first block (an ``auto`` codec is chosen from it)."""
         row_shape, dtype, codec, attrs, per_view = self._specs[path]
         self._arrays[path] = create_rows_array(self.group, path, row_shape, dtype, block=self.block, attrs=attrs,
                                                codec=codec, per_view=per_view, first_rows=first_rows)
@@ -101,7 +99,7 @@ class ShardWriter:
         """Append the same number of rows to every array (``rows[path]``, path as in the store). A
         writer that records ``origin`` and is given none (a store not extracted from a corpus: the
         benchmarks' synthetic and text stores) records -1, unknown, for every column."""
-        if ORIGIN in self._arrays and ORIGIN not in rows and "keys" in rows:
+        if ORIGIN in self._specs and ORIGIN not in rows and "keys" in rows:
             rows = {**rows, ORIGIN: np.full((len(rows["keys"]), len(ORIGIN_COLUMNS)), -1, np.int64)}
         given = set(self._specs) - {PIXEL_SPANS} | ({PIXELS_JPEG} if self._heap else set())  # (spans: computed here)
         if set(rows) != given:
@@ -190,7 +188,7 @@ class ShardWriter:
     def finish(self) -> dict:
         """Write the remaining rows, then the shard attributes, ``complete`` included, last."""
         self._flush(final=True)
-        for path in self._specs.keys() - self._arrays.keys():  # an ``auto`` array that got no rows
+        for path in self._specs.keys() - self._arrays.keys():  # an array that got no rows (an empty shard)
             self._create(path, None)
         if self.expected_count is not None and self.count != self.expected_count:
             raise StoreError(f"shard {self.group.path}: wrote {self.count} rows for a shard of {self.expected_count}")
