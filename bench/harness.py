@@ -131,3 +131,22 @@ def limit_note(ratio: Spread, what: str) -> str:
 def files_under(root: str) -> list[str]:
     """Every file below ``root`` (what a bench measures the bytes of, or evicts from the page cache)."""
     return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+
+
+def loader_cpu_seconds(loader) -> float | None:
+    """CPU seconds used so far by this process (every thread) and the loader's live workers (Linux's
+    ``/proc``; None elsewhere, or before the workers started). A side's CPU per sample is what it
+    costs on a machine with a core for every worker and thread: the ratio that a 2-core machine's
+    samples/s cannot show once one worker keeps both cores busy."""
+    workers = getattr(getattr(loader, "_iterator", None), "_workers", None)
+    if loader.num_workers and not workers:
+        return None
+    total = time.process_time()
+    for w in workers or ():
+        try:
+            with open(f"/proc/{w.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total

@@ -36,7 +36,6 @@ import itertools
 import json
 import os
 import tempfile
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -58,7 +57,7 @@ from kdcache.data.pixels import corpus_places
 from kdcache.data.stream import SampleStream, StreamSpec, shard_rows
 from kdcache.data.transport import release_batch, stop_workers, training_loader
 
-from .harness import environment, header, limit_note, measure
+from .harness import environment, header, limit_note, loader_cpu_seconds, measure
 from .options import LoadBench
 
 
@@ -103,14 +102,14 @@ def _side(store_url: str, data: str | None, *, paths: tuple[str, ...], verify: b
 
     def run():
         n = nbytes = 0
-        before = _cpu_seconds(epochs.loader)
+        before = loader_cpu_seconds(epochs.loader)
         for batch in epochs():
             n += len(batch["key"])
             nbytes += sum(batch[p].numel() * batch[p].element_size() for p in paths)
             run.image_shape = tuple(batch["image"].shape[1:])
             release_batch(batch)
         run.bytes_per_sample = nbytes / max(1, n)
-        after = _cpu_seconds(epochs.loader)
+        after = loader_cpu_seconds(epochs.loader)
         if before is not None and after is not None:
             run.cpu_seconds += after - before
             run.cpu_samples += n
@@ -118,25 +117,6 @@ def _side(store_url: str, data: str | None, *, paths: tuple[str, ...], verify: b
     run.bytes_per_sample, run.image_shape, run.loader = 0.0, None, epochs.loader
     run.cpu_seconds, run.cpu_samples = 0.0, 0
     return run
-
-
-def _cpu_seconds(loader) -> float | None:
-    """CPU seconds used so far by this process (every thread) and the loader's live workers (Linux's
-    ``/proc``; None elsewhere, or before the workers started). A side's CPU per sample is what it
-    costs on a machine with a core for every worker and thread: the ratio that a 2-core machine's
-    samples/s cannot show once one worker keeps both cores busy."""
-    workers = getattr(getattr(loader, "_iterator", None), "_workers", None)
-    if loader.num_workers and not workers:
-        return None
-    total = time.process_time()
-    for w in workers or ():
-        try:
-            with open(f"/proc/{w.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 def _epochs(stream: SampleStream, *, workers: int, batch_size: int):
@@ -306,7 +286,7 @@ def pixel_table(tmp: str, o: LoadBench) -> list[dict]:
     corpus loader (each view cut from its image), the decode floor at S, and the store's own crops
     at S as JPEG (quality 90) and raw (copies given their pixels by ``kdcache store pixels``: one
     decode pass, no teacher). One interleaved measurement per worker count; each row with its bytes
-    read per sample and its CPU per sample (``_cpu_seconds``)."""
+    read per sample and its CPU per sample (``harness.loader_cpu_seconds``)."""
     from kdcache.extract.store_pixels import add_pixels
     from kdcache.store.inspect import info
     data = photo_corpus(f"{tmp}/photos", images=o.pixel_images, long_side=o.pixel_long_side)
