@@ -434,41 +434,47 @@ class StoredViewError(KdcacheError):
     """Stored view pixels that pass their checksum but do not decode (a hostile or mis-written store)."""
 
 
-_STAGING: dict[tuple[int, int], np.ndarray] = {}  # per process and crop size: the batch's views as decoded, (n, h, w, 3)
-
-
 def decode_views(views: Sequence[StoredView], out: torch.Tensor | None = None) -> torch.Tensor:
-    """The views' pixels as one (n, 3, h, w) uint8 batch (in ``out`` when given). A JPEG of the
-    crop's own size and no sub-box is decoded by libjpeg-turbo into a reused (n, h, w, 3) buffer,
-    moved to channels-first once for the whole batch; any other view goes through the stage's
-    decode (the smallest JPEG scale that keeps the crop's size) and ``replay_view``, the same
-    pixels a corpus view would get from the same bytes. Stored bytes that pass their checksum and
-    still do not decode are a ``StoredViewError`` naming the sample."""
+    """The views' pixels as one (n, 3, h, w) uint8 batch, channels-last in memory (in ``out`` when
+    given; ``batch_buffer`` makes one), as FFCV delivers images: each view is decoded straight
+    into its place, and nothing moves the channels (a channels-first batch took a strided copy of
+    every pixel: 3.4 µs per 64-px view, 39 per 224-px one, measured). A JPEG of the crop's own size
+    and no sub-box is decoded there by libjpeg-turbo; any other view goes through the stage's decode
+    (the smallest JPEG scale that keeps the crop's size) and ``replay_view``, the same pixels a
+    corpus view would get from the same bytes. Stored bytes that pass their checksum and still do
+    not decode are a ``StoredViewError`` naming the sample. An ``out`` that is not channels-last
+    is filled through a copy."""
     n = len(views)
     h, w = views[0].crop.size
-    if out is None:
-        out = torch.empty((n, 3, h, w), dtype=torch.uint8)
-    staging = _STAGING.get((h, w))
-    if staging is None or len(staging) < n:
-        staging = _STAGING[(h, w)] = np.empty((max(n, 1), h, w, 3), dtype=np.uint8)
+    out = batch_buffer(n, h, w) if out is None else out
+    hwc = out.permute(0, 2, 3, 1)  # (n, h, w, 3): where each view's pixels go
+    target = hwc.numpy() if hwc.is_contiguous() else np.empty((n, h, w, 3), dtype=np.uint8)
     for i, v in enumerate(views):
         if v.crop.size != (h, w):
             raise StoredViewError(f"a batch of {h}x{w} views holds one of {v.crop.size[0]}x{v.crop.size[1]} ({v.key!r})")
-        if v.box is None and _into(v.pixels, staging[i]):
+        if v.box is None and _into(v.pixels, target[i]):
             continue
         box = WHOLE_IMAGE[0] if v.box is None else v.box
         try:
             image = decode_sample(RawSample(v.key, v.pixels, None), v.decode, crop_need(box[None], [v.crop]))
         except BadImage as e:
             raise StoredViewError(f"sample {v.key!r}: its stored view pixels do not decode ({e})") from None
-        staging[i] = replay_view(torch.from_numpy(image).permute(2, 0, 1), box, v.crop.size,
-                                 v.crop.interpolation).permute(1, 2, 0).numpy()
-    out.copy_(torch.from_numpy(staging[:n]).permute(0, 3, 1, 2))
+        target[i] = replay_view(torch.from_numpy(image).permute(2, 0, 1), box, v.crop.size,
+                                v.crop.interpolation).permute(1, 2, 0).numpy()
+    if not hwc.is_contiguous():
+        hwc.copy_(torch.from_numpy(target))
     for i, v in enumerate(views):
         if v.jitter is not None:
             torch.manual_seed(v.seed)
             out[i] = v.jitter(out[i])
     return out
+
+
+def batch_buffer(n: int, h: int, w: int, empty: Callable[[tuple[int, ...]], torch.Tensor] | None = None) -> torch.Tensor:
+    """An (n, 3, h, w) uint8 batch of stored views, channels-last in memory (``decode_views``);
+    ``empty``: how to allocate its (n, h, w, 3) memory (shared memory in a DataLoader worker)."""
+    memory = empty((n, h, w, 3)) if empty is not None else torch.empty((n, h, w, 3), dtype=torch.uint8)
+    return memory.permute(0, 3, 1, 2)
 
 
 def _into(pixels: bytes | np.ndarray, target: np.ndarray) -> bool:

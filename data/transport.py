@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from kdcache.errors import KdcacheError
 from kdcache.store.lease import pid_alive
 
-from .pixels import StoredView, decode_views
+from .pixels import StoredView, batch_buffer, decode_views
 
 log = logging.getLogger("kdcache.data")
 
@@ -145,9 +145,17 @@ class SharedBatches:
                 return i
         if len(self._slots) == self.buffers or not shapes:
             return None
-        self._slots.append((shapes, {k: _shared_empty(shape, dtype) for k, (shape, dtype) in shapes.items()}))
+        self._slots.append((shapes, {k: _shared_buffer(*spec) for k, spec in shapes.items()}))
         flags[len(self._slots) - 1] = 1
         return len(self._slots) - 1
+
+
+def _shared_buffer(shape: tuple[int, ...], dtype: torch.dtype, views: bool) -> torch.Tensor:
+    """A field's buffer: ``views``, a batch of stored views (channels-last: ``data.pixels.batch_buffer``)."""
+    if views:
+        n, _, h, w = shape
+        return batch_buffer(n, h, w, lambda hwc: _shared_empty(hwc, dtype))
+    return _shared_empty(shape, dtype)
 
 
 def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -166,15 +174,16 @@ def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
                              f"lower --workers or --batch-size") from None
 
 
-def _batch_shape(value, batch: int) -> tuple[tuple[int, ...], torch.dtype] | None:
-    """(shape, dtype) of a field of ``batch`` samples as ``collate`` makes it; None for a field
-    not kept in a buffer (not a tensor, int or float)."""
+def _batch_shape(value, batch: int) -> tuple[tuple[int, ...], torch.dtype, bool] | None:
+    """(shape, dtype, a batch of stored views) of a field of ``batch`` samples as ``collate`` makes
+    it; None for a field not kept in a buffer (not a tensor, int or float)."""
     if isinstance(value, torch.Tensor):
-        return (batch, *value.shape), value.dtype
+        return (batch, *value.shape), value.dtype, False
     if isinstance(value, StoredView):
-        return (batch, *value.shape), torch.uint8
+        return (batch, *value.shape), torch.uint8, True
     if isinstance(value, (int, float)):  # the dtypes default_collate gives them
-        return (batch,), torch.bool if isinstance(value, bool) else torch.int64 if isinstance(value, int) else torch.float64
+        dtype = torch.bool if isinstance(value, bool) else torch.int64 if isinstance(value, int) else torch.float64
+        return (batch,), dtype, False
     return None
 
 

@@ -4,6 +4,7 @@ alone with the same keys and targets as from the corpus, and damage or misuse is
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import shutil
@@ -116,7 +117,9 @@ def test_stored_views_are_decoded_into_their_batch_as_plain_simplejpeg_and_torch
         batches = _batches(store_stream(stores["jpeg"], None, ("vit/cls",), size=size, source="pixels", epoch=1))
         assert sum(len(b["key"]) for b in batches) == 24
         for b in batches:
-            assert b["image"].shape[1:] == (3, *size) and b["image"].dtype == torch.uint8 and b["image"].is_contiguous()
+            assert b["image"].shape[1:] == (3, *size) and b["image"].dtype == torch.uint8
+            # channels-last in memory: each view decoded in place, no channel move
+            assert b["image"].is_contiguous(memory_format=torch.channels_last) and not b["image"].is_contiguous()
             for key, view, image in zip(b["key"], b["view"].tolist(), b["image"]):
                 want = torch.from_numpy(plain[(key, view)]).permute(2, 0, 1)
                 if size != (32, 32):
@@ -127,6 +130,11 @@ def test_stored_views_are_decoded_into_their_batch_as_plain_simplejpeg_and_torch
     other = next(iter(store_stream(stores["jpeg"], None, (), size=(24, 24), source="pixels")))["image"]
     with pytest.raises(KdcacheError, match=r"a batch of 32x32 views holds one of 24x24"):
         decode_views([one, other])
+    # a channels-first buffer given gets the same pixels, through a copy
+    views = [s["image"] for s in itertools.islice(store_stream(stores["jpeg"], None, (), source="pixels"), 4)]
+    into = torch.zeros((4, 3, 32, 32), dtype=torch.uint8)
+    assert decode_views(views, into) is into and into.is_contiguous()
+    assert torch.equal(into, decode_views(views))
 
 
 def test_sub_views_colour_jitter_and_every_view_work_on_stored_pixels(stores):
