@@ -9,6 +9,7 @@ keeps every repetition and the order they ran in.
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -69,6 +70,29 @@ class Measurement:
         return {"warmup": self.warmup, "repeat": len(next(iter(self.seconds.values()))), "order": self.order,
                 "seconds": self.seconds, "items": self.items,
                 "rate": {s: self.rate(s).to_dict() for s in self.seconds}}
+
+
+def lasting(run: Callable[[], float], seconds: float) -> Callable[[], float]:
+    """``run`` (one pass, e.g. one epoch, returning the items it processed) repeated within each
+    call until a call lasts about ``seconds``: the count is set on the first call (``measure``'s
+    warm-up), from its second pass (its first also starts what persists: a DataLoader's workers),
+    and every later call makes exactly that many passes, so each timed run of a side does the same
+    work. What a pass pays once (an epoch's first blocks before its first batch, the prefetch
+    filling and draining) is then the share of a timed run it is of a long training run, not most
+    of a 60 ms epoch (measured: ``docs/benchmarks.md#loading``)."""
+    passes: list[int] = []
+
+    def call() -> float:
+        if passes:
+            return sum(run() for _ in range(passes[0]))
+        n = run()
+        t0 = time.perf_counter()
+        n += run()
+        took = time.perf_counter() - t0
+        passes.append(max(1, math.ceil(seconds / max(took, 1e-9))))
+        return n
+    call.passes = passes  # (read by tests and reports: [count] once set)
+    return call
 
 
 def measure(sides: dict[str, Callable[[], object]], *, repeat: int = 5, warmup: int = 1,

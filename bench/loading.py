@@ -57,7 +57,7 @@ from kdcache.data.pixels import corpus_places
 from kdcache.data.stream import SampleStream, StreamSpec, shard_rows
 from kdcache.data.transport import release_batch, stop_workers, training_loader
 
-from .harness import environment, header, limit_note, loader_cpu_seconds, measure
+from .harness import environment, header, lasting, limit_note, loader_cpu_seconds, measure
 from .options import LoadBench
 
 
@@ -183,7 +183,8 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
                                                                                         **one)
                 if where == "local" and "codes" in held:
                     sides[CODES] = _side(url, paths=held["codes"], verify=True, **one)
-            m = measure(sides, repeat=repeat)
+            timed = {name: lasting(side, o.seconds) for name, side in sides.items()}
+            m = measure(timed, repeat=repeat)
             reads = block_read_table(locations, held["fp16"], repeat=repeat, server=server)
             pixels = pixel_table(tmp, o) if o.pixel_sizes else []
         finally:
@@ -199,11 +200,14 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
         return json.dumps({"environment": env, "workers": workers, "batch_size": batch_size, "bytes_per_sample": per_sample,
                            "stored_views": views, "store_format": fmt, "student_size": o.student_size,
                            "image_shapes": {name: side.image_shape for name, side in sides.items()},
+                           "seconds": o.seconds, "epochs_per_run": {name: t.passes[0] for name, t in timed.items()},
                            "measurement": m.to_dict(), "verified_over_unverified": {w: r.to_dict() for w, r in ratios.items()},
                            "loader_over_decode_floor": of_floor.to_dict(),
                            "over_decode_floor": {name: r.to_dict() for name, r in shares.items()}, "decode": decodes,
                            "pixels": pixels, "block_reads": reads}, indent=2)
-    lines = [header(f"bench load: one loader epoch per side, {workers} worker(s), batch {batch_size}, "
+    epochs = sorted({t.passes[0] for t in timed.values()})
+    lines = [header(f"bench load: whole loader epochs per side, each timed run at least {o.seconds:g} s "
+                    f"({'-'.join(map(str, epochs[::max(1, len(epochs) - 1)]))} epochs), {workers} worker(s), batch {batch_size}, "
                     f"{o.student_size}-px student input, {per_sample / 1024:.1f} KiB of targets per sample, "
                     f"{views} stored view(s) per image, "
                     f"{'one read per block and epoch' if fmt >= 2 else 'each read'} (store format {fmt})",
@@ -232,8 +236,11 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
         lines.append(f"| {r['where']} | {_fmt(r['kdcache_mb_s'], 1)} | {_fmt(r['zarr_mb_s'], 1)} | "
                      f"{_fmt(r['kdcache_over_zarr'], 2)} | {req} |")
     if pixels:
+        runs = sorted({row["epochs_per_run"] for row in pixels})
         lines += ["", f"## The store's own view pixels (extract --pixels) against the corpus: {o.pixel_images} photos at "
-                  f"{o.pixel_long_side} px, per workers, student input and targets (interleaved per worker count)", "",
+                  f"{o.pixel_long_side} px, per workers, student input and targets (interleaved per worker count; each "
+                  f"timed run whole epochs lasting at least {o.seconds:g} s: {'-'.join(map(str, runs[::max(1, len(runs) - 1)]))} "
+                  f"epochs)", "",
                   "| workers | student input | targets | side | samples/s | / corpus loader | CPU us per sample "
                   "| corpus loader's CPU / this | KiB per sample read |", "|---|---|---|---|---|---|---|---|---|"]
         for row in pixels:
@@ -319,7 +326,8 @@ def pixel_table(tmp: str, o: LoadBench) -> list[dict]:
                     per_view = info(Store.open(url))["pixels"]["bytes_per_view"]
                     meta[f"{size}/{kind}/{fmt}"] = (size, kind, f"the store's {'JPEG (quality 90)' if fmt == 'jpeg' else 'raw'} "
                                                                 f"view pixels", per_view)
-        m = measure(sides, repeat=o.repeat)
+        timed = {name: lasting(side, o.seconds) for name, side in sides.items()}
+        m = measure(timed, repeat=o.repeat)
         cpu = {name: side.cpu_seconds / side.cpu_samples * 1e6 if side.cpu_samples else None for name, side in sides.items()}
         for name, side in sides.items():
             size, kind, label, px_bytes = meta[name]
@@ -328,6 +336,7 @@ def pixel_table(tmp: str, o: LoadBench) -> list[dict]:
             rows.append({"workers": workers, "size": size, "targets": kind, "side": label, "rate": m.rate(name).to_dict(),
                          "over_corpus": m.ratio(name, corpus).to_dict() if store_side else None,
                          "kib_per_sample": (px_bytes + side.bytes_per_sample) / 1024, "image_shape": side.image_shape,
+                         "epochs_per_run": timed[name].passes[0],
                          "cpu_us_per_sample": cpu[name],  # the corpus loader's over it: what a core buys
                          "cpu_over_corpus": cpu[corpus] / cpu[name] if store_side and cpu[corpus] and cpu[name] else None})
         for side in sides.values():  # this worker count's loaders end here (data.transport.stop_workers)

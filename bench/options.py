@@ -77,16 +77,22 @@ class LoadBench:
     # stored view pixels (extract --pixels): for each size, the corpus loader against the store's own JPEG and raw
     # crops at that student input, in one table of its own; () = none
     pixel_sizes: tuple[int, ...] = (64, 224)
-    # photos of the pixel table's own corpus (camera-size JPEGs: bench.loading.photo_corpus): each repetition is
-    # one epoch, and an epoch's start (the first block read before a batch leaves, the DataLoader's prefetch
-    # filling) is paid once per epoch; at 256 photos it was a tenth or more of the store's fastest sides' epoch
+    # photos of the pixel table's own corpus (camera-size JPEGs: bench.loading.photo_corpus): an epoch's start
+    # (the first block read before a batch leaves, the DataLoader's prefetch filling) is paid once per epoch
+    # (and a timed run is several epochs of the fast sides: ``seconds``)
     pixel_images: int = 1024
     pixel_long_side: int = 500  # their long side, px
     pixel_workers: tuple[int, ...] = (1, 2)  # DataLoader workers of the pixel table's sides: one measurement each
+    # each timed run of a loader side: whole epochs, as many as last this long (harness.lasting). One epoch of the
+    # pixel table's fastest sides is ~60 ms, of which its start (first blocks, prefetch filling and draining)
+    # was a large share; a training epoch pays it once in thousands of batches
+    seconds: float = 1.0
 
     def __post_init__(self):
         if self.store and not self.data:
             raise KdcacheError("--store needs --data (the corpus it was extracted from)")
+        if not self.seconds >= 0:
+            raise KdcacheError(f"--seconds {self.seconds}: must be >= 0")
         if self.views < 1:
             raise KdcacheError(f"--views {self.views}: a store holds at least one view per image")
         if self.codes != "none":

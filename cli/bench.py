@@ -101,6 +101,8 @@ def bench_extract(**kw):
               "corpus loader really decodes." + L("pixel_long_side"))
 @click.option("--pixel-workers", help="DataLoader workers of the pixel table, comma-separated: one measurement each."
               + L("pixel_workers"))
+@click.option("--seconds", type=click.FloatRange(min=0), help="Each timed run of a loader side: whole epochs, as many as "
+              "last this long." + L("seconds"))
 @with_bench_options
 @with_storage_options
 def bench_load(storage_options, decode_sizes, pixel_sizes, pixel_workers, **kw):

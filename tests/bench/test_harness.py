@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from kdcache.bench.harness import Spread, Timed, limit_note, measure
+from kdcache.bench.harness import Spread, Timed, lasting, limit_note, measure
 
 SPREAD = re.compile(r"[\d,.]+ \([\d,.]+-[\d,.]+\)")  # "median (min-max)"
 
@@ -29,6 +29,26 @@ def test_two_sides_of_known_ratio_on_a_clock_they_advance():
     assert m.ratio("fast", "slow").median == pytest.approx(2.0, rel=0.15)  # rate ratio: twice the work per second
     assert m.ratio("slow", "fast", of="time").median == pytest.approx(2.0, rel=0.15)
     assert m.time("fast").low <= m.time("fast").median <= m.time("fast").high
+
+
+def test_a_lasting_side_makes_the_same_passes_every_timed_run_counted_from_its_warm_up(monkeypatch):
+    """``lasting``: the warm-up makes two passes and times the second (the first also starts what
+    persists: here it costs 10x), then every call makes ceil(seconds / pass) passes."""
+    import kdcache.bench.harness as harness
+    now, passes = [0.0], []
+
+    def epoch():
+        passes.append(1)
+        now[0] += 0.5 if len(passes) == 1 else 0.05  # a slow first pass (workers starting), then 50 ms each
+        return 10
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: now[0])
+    side = lasting(epoch, 0.32)
+    m = measure({"a": side}, repeat=3, clock=lambda: now[0])
+    assert side.passes == [7]  # ceil(0.32 / 0.05), not ceil(0.32 / 0.5) from the first pass
+    assert len(passes) == 2 + 3 * 7 and m.items["a"] == 70
+    assert m.seconds["a"] == pytest.approx([0.35] * 3) and m.rate("a").median == pytest.approx(200)
+    zero = lasting(lambda: 1, 0)  # seconds 0: one pass per timed run, after the warm-up's two
+    assert zero() == 2 and zero.passes == [1] and zero() == 1
 
 
 def test_sides_interleave_after_warm_up_and_every_repetition_is_kept():
@@ -98,7 +118,7 @@ def test_bench_load_local_and_on_loopback_s3_with_verification_on_and_off(vit_sp
     # 96 images x 4 tokens: past the 256 training tokens a quantizer needs (a fifth is held out)
     out = run_cli("bench", "load", "-t", vit_spec, "--images", "96", "--workers", "1", "--repeat", "2", "--codes", "pq:M=8",
                   "--decode-sizes", "100,500", "--decode-images", "4", "--pixel-sizes", "32", "--pixel-images", "96",
-                  "--pixel-long-side", "64", "--pixel-workers", "1").stdout
+                  "--pixel-long-side", "64", "--pixel-workers", "1", "--seconds", "0").stdout
     rows = _table_rows(out)
     assert [r.split("|")[1].strip() for r in rows] == [
         "decode floor (decode + view, no store)", "local, no target arrays (keys and views only)", "local, verification on",
@@ -134,12 +154,15 @@ def test_bench_load_local_and_on_loopback_s3_with_verification_on_and_off(vit_sp
     assert "64-px student input" in out and "1 stored view(s) per image, one read per block and epoch (store format 4)" in out
     d = json.loads(run_cli("bench", "load", "-t", vit_spec, "--images", "32", "--workers", "0", "--repeat", "1", "--s3", "off",
                            "--codes", "none", "--decode-sizes", "500", "--decode-images", "4", "--views", "2",
-                           "--student-size", "40", "--pixel-sizes", "none", "--json").stdout)
+                           "--student-size", "40", "--pixel-sizes", "none", "--seconds", "0.05", "--json").stdout)
     # every side, the floor too, delivered the student's input size
     assert d["student_size"] == 40 and set(map(tuple, d["image_shapes"].values())) == {(3, 40, 40)}, d["image_shapes"]
     assert d["stored_views"] == 2 and d["store_format"] == 4  # two views per image, each its own Zarr shard; one per sample:
     m = d["measurement"]
-    assert m["items"]["decode floor (decode + view, no store)"] == m["items"]["local, verification on"] == 32  # same samples
+    # each timed run: whole epochs of 32 samples, as many as last 0.05 s (counted per side in its warm-up)
+    assert d["seconds"] == 0.05 and all(m["items"][name] == 32 * n for name, n in d["epochs_per_run"].items())
+    assert m["items"]["decode floor (decode + view, no store)"] / d["epochs_per_run"]["decode floor (decode + view, no store)"] \
+        == m["items"]["local, verification on"] / d["epochs_per_run"]["local, verification on"] == 32  # same samples
     assert "local, patch codes, verification on" not in m["items"] and d["bytes_per_sample"] == (4 * 192 + 192) * 2
     assert d["pixels"] == []
     [reads] = d["block_reads"]  # every fp16 block, by both reads: the same megabytes per pass
