@@ -72,27 +72,32 @@ class Measurement:
                 "rate": {s: self.rate(s).to_dict() for s in self.seconds}}
 
 
-def lasting(run: Callable[[], float], seconds: float) -> Callable[[], float]:
-    """``run`` (one pass, e.g. one epoch, returning the items it processed) repeated within each
-    call until a call lasts about ``seconds``: the count is set on the first call (``measure``'s
-    warm-up), from its second pass (its first also starts what persists: a DataLoader's workers),
-    and every later call makes exactly that many passes, so each timed run of a side does the same
-    work. What a pass pays once (an epoch's first blocks before its first batch, the prefetch
-    filling and draining) is then the share of a timed run it is of a long training run, not most
-    of a 60 ms epoch (measured: ``docs/benchmarks.md#loading``)."""
+def lasting(run: Callable[[], object], seconds: float) -> Callable[[], object]:
+    """``run`` (one pass, e.g. one epoch, returning the items it processed, or a ``Timed``)
+    repeated within each call until a call lasts about ``seconds``: the count is set on the first
+    call (``measure``'s warm-up), from its second pass (its first also starts what persists: a
+    DataLoader's workers), and every later call makes exactly that many passes, so each timed run
+    of a side does the same work; ``Timed`` passes add up. Short passes (a 60 ms epoch) are then
+    not timed one by one against a clock and a machine's hiccups."""
     passes: list[int] = []
 
-    def call() -> float:
+    def call():
         if passes:
-            return sum(run() for _ in range(passes[0]))
-        n = run()
+            return _summed([run() for _ in range(passes[0])])
+        first = run()
         t0 = time.perf_counter()
-        n += run()
-        took = time.perf_counter() - t0
+        second = run()
+        took = second.seconds if isinstance(second, Timed) else time.perf_counter() - t0
         passes.append(max(1, math.ceil(seconds / max(took, 1e-9))))
-        return n
-    call.passes = passes  # (read by tests and reports: [count] once set)
+        return _summed([first, second])
+    call.passes = passes  # (read by reports: [count] once set)
     return call
+
+
+def _summed(results: list):
+    if results and all(isinstance(r, Timed) for r in results):
+        return Timed(sum(r.items for r in results), sum(r.seconds for r in results))
+    return sum(r for r in results if isinstance(r, (int, float)))
 
 
 def measure(sides: dict[str, Callable[[], object]], *, repeat: int = 5, warmup: int = 1,

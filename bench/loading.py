@@ -36,6 +36,7 @@ import itertools
 import json
 import os
 import tempfile
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -57,7 +58,7 @@ from kdcache.data.pixels import corpus_places
 from kdcache.data.stream import SampleStream, StreamSpec, shard_rows
 from kdcache.data.transport import release_batch, stop_workers, training_loader
 
-from .harness import environment, header, lasting, limit_note, loader_cpu_seconds, measure
+from .harness import Spread, Timed, environment, header, lasting, limit_note, loader_cpu_seconds, measure
 from .options import LoadBench
 
 
@@ -92,29 +93,42 @@ def _side(store_url: str, data: str | None, *, paths: tuple[str, ...], verify: b
           input_size: int = 64, floor: bool = False, source: str = "corpus"):
     """One side's epoch, one per call: the cached loader reading ``paths`` (none: keys and views
     only), or with ``floor`` the decode floor (the corpus alone), each sample's view cut at the
-    student's ``input_size``; each batch released as training releases it after its step.
-    ``run.bytes_per_sample``: the target bytes it delivered; ``run.image_shape``: its images'."""
+    student's ``input_size``; each batch released as training releases it after its step. Timed
+    from the epoch's first batch to its last (``Timed``: the samples after the first batch): an
+    epoch's start (its workers' first blocks read and decoded before a batch leaves) is paid once
+    per epoch, which the bench's epochs of a thousand samples would pay every 64 batches and a
+    training epoch once in thousands; it is kept apart, ``run.starts`` (seconds to each epoch's
+    first batch). ``run.bytes_per_sample``: the target bytes it delivered; ``run.image_shape``:
+    its images'."""
     store = Store.open(store_url)
     corpus = resolve_corpus(data, ReadOptions.from_dict(store.meta.corpus)) if source == "corpus" else None
     stream = _stream(store_url, store, corpus, paths=paths, verify=verify, workers=workers, batch_size=batch_size,
                      input_size=input_size, floor=floor, source=source)
     epochs = _epochs(stream, workers=workers, batch_size=batch_size)
 
-    def run():
+    def run() -> Timed:
         n = nbytes = 0
         before = loader_cpu_seconds(epochs.loader)
+        t0 = time.perf_counter()
+        first = None  # (when the epoch's first batch came, samples in it)
         for batch in epochs():
+            if first is None:
+                first = (time.perf_counter(), len(batch["key"]))
             n += len(batch["key"])
             nbytes += sum(batch[p].numel() * batch[p].element_size() for p in paths)
             run.image_shape = tuple(batch["image"].shape[1:])
             release_batch(batch)
+        end = time.perf_counter()
         run.bytes_per_sample = nbytes / max(1, n)
         after = loader_cpu_seconds(epochs.loader)
         if before is not None and after is not None:
             run.cpu_seconds += after - before
             run.cpu_samples += n
-        return n
-    run.bytes_per_sample, run.image_shape, run.loader = 0.0, None, epochs.loader
+        if first is None or first[1] == n:  # no batch, or one: the whole epoch
+            return Timed(n, end - t0)
+        run.starts.append(first[0] - t0)
+        return Timed(n - first[1], end - first[0])  # the samples after the first batch, in the time after it
+    run.bytes_per_sample, run.image_shape, run.loader, run.starts = 0.0, None, epochs.loader, []
     run.cpu_seconds, run.cpu_samples = 0.0, 0
     return run
 
@@ -201,20 +215,23 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
                            "stored_views": views, "store_format": fmt, "student_size": o.student_size,
                            "image_shapes": {name: side.image_shape for name, side in sides.items()},
                            "seconds": o.seconds, "epochs_per_run": {name: t.passes[0] for name, t in timed.items()},
+                           "first_batch_ms": {name: _start_ms(side) for name, side in sides.items()},
                            "measurement": m.to_dict(), "verified_over_unverified": {w: r.to_dict() for w, r in ratios.items()},
                            "loader_over_decode_floor": of_floor.to_dict(),
                            "over_decode_floor": {name: r.to_dict() for name, r in shares.items()}, "decode": decodes,
                            "pixels": pixels, "block_reads": reads}, indent=2)
     epochs = sorted({t.passes[0] for t in timed.values()})
-    lines = [header(f"bench load: whole loader epochs per side, each timed run at least {o.seconds:g} s "
-                    f"({'-'.join(map(str, epochs[::max(1, len(epochs) - 1)]))} epochs), {workers} worker(s), batch {batch_size}, "
+    lines = [header(f"bench load: samples/s from each epoch's first batch to its last, whole epochs per timed run, at "
+                    f"least {o.seconds:g} s ({'-'.join(map(str, epochs[::max(1, len(epochs) - 1)]))} epochs), "
+                    f"{workers} worker(s), batch {batch_size}, "
                     f"{o.student_size}-px student input, {per_sample / 1024:.1f} KiB of targets per sample, "
                     f"{views} stored view(s) per image, "
                     f"{'one read per block and epoch' if fmt >= 2 else 'each read'} (store format {fmt})",
                     env, repeat=repeat, warmup=m.warmup),
-             "", "| side | samples/s | target MB/s |", "|---|---|---|"]
+             "", "| side | samples/s | target MB/s | ms to an epoch's first batch |", "|---|---|---|---|"]
     for name, side in sides.items():
-        lines.append(f"| {name} | {m.rate(name).fmt(1)} | {m.rate(name).fmt(2, side.bytes_per_sample / 1e6)} |")
+        lines.append(f"| {name} | {m.rate(name).fmt(1)} | {m.rate(name).fmt(2, side.bytes_per_sample / 1e6)} | "
+                     f"{_fmt_ms(_start_ms(side))} |")
     lines.append("")
     lines.append(f"loader (local, verified) / decode floor = {of_floor.fmt(3)} (target >= 0.9)")
     for name, r in shares.items():
@@ -242,13 +259,14 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
                   f"timed run whole epochs lasting at least {o.seconds:g} s: {'-'.join(map(str, runs[::max(1, len(runs) - 1)]))} "
                   f"epochs)", "",
                   "| workers | student input | targets | side | samples/s | / corpus loader | CPU us per sample "
-                  "| corpus loader's CPU / this | KiB per sample read |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| corpus loader's CPU / this | KiB per sample read | ms to first batch |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for row in pixels:
             cpu, per = row.get("cpu_us_per_sample"), row.get("cpu_over_corpus")
             lines.append(f"| {row['workers']} | {row['size']} px | {row['targets']} | {row['side']} | {_fmt(row['rate'], 1)} | "
                          f"{'-' if row['over_corpus'] is None else _fmt(row['over_corpus'], 2)} | "
                          f"{'-' if cpu is None else f'{cpu:,.0f}'} | {'-' if per is None else f'{per:.2f}'} | "
-                         f"{row['kib_per_sample']:.1f} |")
+                         f"{row['kib_per_sample']:.1f} | {_fmt_ms(row['first_batch_ms'])} |")
         lines.append("targets: stored 64-px JPEG views >= 5x the corpus loader, stored 224-px >= 2x")
     lines += ["", f"## JPEG decode + one {o.student_size}-px RandomResizedCrop view, one process, {o.decode_images} images "
               "per side, img/s", "", "| long side | PIL full | kdcache full | kdcache reduced | reduced / PIL full "
@@ -261,6 +279,15 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
               f"| {_fmt(r['reduced_decode_over_pil_full_decode'], 2)} |" for r in decodes]
     lines.append("target: reduced >= 2x PIL full for a 64-px student on 500-px JPEGs")
     return "\n".join(lines)
+
+
+def _start_ms(side) -> dict | None:
+    """A side's milliseconds from an epoch's start to its first batch: median, min, max."""
+    return Spread.of([s * 1e3 for s in side.starts]).to_dict() if side.starts else None
+
+
+def _fmt_ms(spread: dict | None) -> str:
+    return "-" if spread is None else _fmt(spread, 1)
 
 
 def photo_corpus(out: str, *, images: int, long_side: int, shard_size: int = 64, seed: int = 0) -> str:
@@ -336,7 +363,7 @@ def pixel_table(tmp: str, o: LoadBench) -> list[dict]:
             rows.append({"workers": workers, "size": size, "targets": kind, "side": label, "rate": m.rate(name).to_dict(),
                          "over_corpus": m.ratio(name, corpus).to_dict() if store_side else None,
                          "kib_per_sample": (px_bytes + side.bytes_per_sample) / 1024, "image_shape": side.image_shape,
-                         "epochs_per_run": timed[name].passes[0],
+                         "epochs_per_run": timed[name].passes[0], "first_batch_ms": _start_ms(side),
                          "cpu_us_per_sample": cpu[name],  # the corpus loader's over it: what a core buys
                          "cpu_over_corpus": cpu[corpus] / cpu[name] if store_side and cpu[corpus] and cpu[name] else None})
         for side in sides.values():  # this worker count's loaders end here (data.transport.stop_workers)
