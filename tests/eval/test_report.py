@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
 from helpers import cli_call, one_error_line
 
 from kdcache.eval.model_features import probe_model
