@@ -42,11 +42,12 @@ def bench_codec(x: np.ndarray, *, what: str, codecs=("none", "lz4", "zstd"), rep
             return lambda: np.asarray(zarr.open_array(f"{d}/{codec}/x", mode="r")[...])
 
         def loader_read(codec):  # the block read every training step's targets go through, checked
-            buffers, opened = BlockBuffers(), []
+            buffers, opened = BlockBuffers(), {}
 
-            def run():  # (the array opened once, as a loader keeps the arrays it reads: store.reads.OpenedArrays)
-                opened[:] = opened or [zarr.open_group(f"{d}/{codec}", mode="r")["x"]]  # (its path relative to the group)
-                rows = block_in_one_request(Objects(f"{d}/{codec}"), opened[0], 0, len(x), 0, buffers)
+            def run():
+                if "x" not in opened:  # once, after the first write: a loader keeps the arrays it reads (OpenedArrays)
+                    opened["x"] = zarr.open_group(f"{d}/{codec}", mode="r")["x"]  # (its path relative to the group)
+                rows = block_in_one_request(Objects(f"{d}/{codec}"), opened["x"], 0, len(x), 0, buffers)
                 assert crc32(rows) >= 0 and all_finite(rows)
             return run
 

@@ -3,11 +3,13 @@ from a local store and the same store on an S3-compatible server (a loopback mot
 bench starts, or a URL you give), beside the decode floor, all sides interleaved
 (``bench.harness``); kdcache's block read (``store.zarr_shards``) against zarr's own ``Array``
 read of the same blocks, with the requests each makes on S3; the store's own view pixels against
-the corpus loader; then full-size against reduced JPEG decodes per image size.
+the corpus loader; then full-size against reduced JPEG decodes per image size (``bench.jpeg_decodes``).
 
-Each loader side streams one epoch of the real loader (corpus shard and store shard together,
+Each loader side streams epochs of the real loader (corpus shard and store shard together,
 view replay, targets as stored bytes) through a DataLoader as training builds it (its workers
-persistent across epochs, as in ``train.fit``); MB/s counts the target bytes delivered. Beside
+persistent across epochs, as in ``train.fit``): a timed run is whole epochs lasting at least
+``--seconds`` (``harness.lasting``), timed from each epoch's first batch to its last (``_side``);
+MB/s counts the target bytes delivered. Beside
 the fp16 summary and patch tokens: the same loader with no target arrays at all (the store's keys
 and views only: what the loader costs before it reads a target byte), and, when the store holds
 them (the store this bench builds keeps both, ``--codes``), the patch tokens as codes. The
@@ -19,19 +21,9 @@ targets; as the store records the decode), no store at all; the loader's share o
 checking the targets costs (target >= 0.9). Verification is the per-block CRC-32 and finiteness
 check every training run does; the target is that it costs at most 5% of loader throughput.
 
-The **decode table** times one process decoding and cutting one RandomResizedCrop view per image
-at the student's input from in-memory JPEGs of each size (scikit-learn's two photos, resized):
-PIL at full size (what timm's and torchvision's loaders do, and kdcache did), kdcache at full size
-(``--decode full``: libjpeg-turbo through simplejpeg) and kdcache at the reduced scale the crop
-needs (``data.pixels``); target: reduced >= 2x PIL full for a 64-px student on 500-px JPEGs.
-Reduced over kdcache's own full decode is printed beside it: how much of the gain is the scale.
-A second table times the decode alone, the view given as a store holds it (``data.pixels.decoded``;
-PIL's ``open`` + ``convert("RGB")``): the view's drawing and cutting, the same work on either
-side, left out.
 """
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
@@ -40,24 +32,22 @@ import time
 from dataclasses import replace
 
 import numpy as np
-import torch
 from PIL import Image
 
-from kdcache.data.corpus import DecodeOptions, ReadOptions, resolve_corpus
-from kdcache.data.demo_corpus import build_demo_corpus, photo_images
-from kdcache.data.pixels import Crop, decoded, replay_view, view_at, view_pixels
-from kdcache.data.walk import RawSample, record_to
+from kdcache.data.corpus import ReadOptions, resolve_corpus
+from kdcache.data.demo_corpus import build_demo_corpus, photo_images, write_tar
+from kdcache.data.partition import ShardRows
+from kdcache.data.pixels import Crop, corpus_places
+from kdcache.data.stream import SampleStream, StreamSpec, shard_rows
+from kdcache.data.transport import release_batch, stop_workers, training_loader
 from kdcache.errors import KdcacheError
 from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract
 from kdcache.store import Store
-from kdcache.store.meta import ViewPolicy, feature_path
+from kdcache.store.meta import feature_path
 from kdcache.store.ops import copy_stores
-from kdcache.data.partition import ShardRows
-from kdcache.data.pixels import corpus_places
-from kdcache.data.stream import SampleStream, StreamSpec, shard_rows
-from kdcache.data.transport import release_batch, stop_workers, training_loader
 
+from .jpeg_decodes import decode_table
 from .harness import Spread, Timed, environment, header, lasting, limit_note, loader_cpu_seconds, measure
 from .options import LoadBench
 
@@ -220,9 +210,8 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
                            "loader_over_decode_floor": of_floor.to_dict(),
                            "over_decode_floor": {name: r.to_dict() for name, r in shares.items()}, "decode": decodes,
                            "pixels": pixels, "block_reads": reads}, indent=2)
-    epochs = sorted({t.passes[0] for t in timed.values()})
     lines = [header(f"bench load: samples/s from each epoch's first batch to its last, whole epochs per timed run, at "
-                    f"least {o.seconds:g} s ({'-'.join(map(str, epochs[::max(1, len(epochs) - 1)]))} epochs), "
+                    f"least {o.seconds:g} s ({_span(t.passes[0] for t in timed.values())} epochs), "
                     f"{workers} worker(s), batch {batch_size}, "
                     f"{o.student_size}-px student input, {per_sample / 1024:.1f} KiB of targets per sample, "
                     f"{views} stored view(s) per image, "
@@ -253,10 +242,9 @@ def bench_load(o: LoadBench = LoadBench()) -> str:
         lines.append(f"| {r['where']} | {_fmt(r['kdcache_mb_s'], 1)} | {_fmt(r['zarr_mb_s'], 1)} | "
                      f"{_fmt(r['kdcache_over_zarr'], 2)} | {req} |")
     if pixels:
-        runs = sorted({row["epochs_per_run"] for row in pixels})
         lines += ["", f"## The store's own view pixels (extract --pixels) against the corpus: {o.pixel_images} photos at "
                   f"{o.pixel_long_side} px, per workers, student input and targets (interleaved per worker count; each "
-                  f"timed run whole epochs lasting at least {o.seconds:g} s: {'-'.join(map(str, runs[::max(1, len(runs) - 1)]))} "
+                  f"timed run whole epochs lasting at least {o.seconds:g} s: {_span(row['epochs_per_run'] for row in pixels)} "
                   f"epochs)", "",
                   "| workers | student input | targets | side | samples/s | / corpus loader | CPU us per sample "
                   "| corpus loader's CPU / this | KiB per sample read | ms to first batch |",
@@ -288,6 +276,12 @@ def _start_ms(side) -> dict | None:
     return Spread.of([s * 1e3 for s in starts]).to_dict() if starts else None
 
 
+def _span(counts) -> str:
+    """``a-b``: the fewest and most of ``counts`` (``a`` when they are one)."""
+    low, high = min(counts := list(counts)), max(counts)
+    return f"{low}" if low == high else f"{low}-{high}"
+
+
 def _fmt_ms(spread: dict | None) -> str:
     return "-" if spread is None else _fmt(spread, 1)
 
@@ -295,7 +289,6 @@ def _fmt_ms(spread: dict | None) -> str:
 def photo_corpus(out: str, *, images: int, long_side: int, shard_size: int = 64, seed: int = 0) -> str:
     """A corpus of camera-size JPEGs: random crops (at least half of each side) of scikit-learn's and
     scikit-image's photos, resized to ``long_side`` px, quality 92, in tars of ``shard_size``."""
-    from kdcache.data.demo_corpus import photo_images, write_tar
     photos, rng, samples = photo_images("all"), np.random.default_rng(seed), []
     for i in range(images):
         img = photos[i % len(photos)]
@@ -422,51 +415,6 @@ CODES = "local, patch codes, verification on"
 
 def _fmt(d: dict, digits: int = 0) -> str:
     return f"{d['median']:,.{digits}f} ({d['min']:,.{digits}f}-{d['max']:,.{digits}f})"
-
-
-def decode_table(sizes, *, student: int, images: int, repeat: int) -> list[dict]:
-    """Full-size against reduced decodes of in-memory JPEGs whose long side is each of ``sizes``:
-    the stage (decode, then one RandomResizedCrop view drawn and cut) and the decode alone (the
-    view given, as the cached loader reads it from the store)."""
-    photos = photo_images("sklearn")
-    policy = ViewPolicy.for_input(0.875, (student, student), views=2)
-    crop = [Crop((student, student), "bilinear")]
-    rows = []
-    for size in sizes:
-        jpegs, stored = [], {}
-        for i in range(images):
-            img = Image.fromarray(photos[i % len(photos)])
-            img = img.resize((size, round(size * img.height / img.width)), Image.BICUBIC)
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=90)
-            jpegs.append(RawSample(key=f"p{i}", data=buf.getvalue(), label=None, fields=("jpg",)))
-            stored[f"p{i}"] = view_at(policy, f"p{i}", 1, img.height, img.width)[None]  # as a store holds it
-
-        def kdcache(reduced: bool, cut: bool):  # the stage (the view drawn and cut), or its decode alone
-            opts, stage = DecodeOptions(reduced=reduced), view_pixels if cut else decoded
-            views = (lambda s, h, w: view_at(policy, s.key, 1, h, w)[None]) if cut else (lambda s, h, w: stored[s.key])
-
-            def run():
-                return sum(1 for _ in stage(jpegs, views=views, crops=crop, decode=opts, handler=record_to([])))
-            return run
-
-        def pil(view: bool):
-            def run():
-                for s in jpegs:  # timm's and torchvision's loaders: PIL, full size, RGB, then the crop
-                    image = torch.from_numpy(np.array(Image.open(io.BytesIO(s.data)).convert("RGB"))).permute(2, 0, 1)
-                    if view:
-                        replay_view(image, view_at(policy, s.key, 1, image.shape[1], image.shape[2]), crop[0].size,
-                                    crop[0].interpolation)
-                return len(jpegs)
-            return run
-        m = measure({"pil_full": pil(True), "full": kdcache(False, cut=True), "reduced": kdcache(True, cut=True),
-                     "pil_full_decode": pil(False), "full_decode": kdcache(False, cut=False),
-                     "reduced_decode": kdcache(True, cut=False)}, repeat=repeat)
-        rows.append({"long_side": size, **{k: m.rate(k).to_dict() for k in m.seconds},
-                     "reduced_over_pil_full": m.ratio("reduced", "pil_full").to_dict(),
-                     "reduced_over_full": m.ratio("reduced", "full").to_dict(),
-                     "reduced_decode_over_pil_full_decode": m.ratio("reduced_decode", "pil_full_decode").to_dict()})
-    return rows
 
 
 def _loopback_s3(store: str):
