@@ -16,7 +16,8 @@ import zarr
 
 from kdcache.store.layout import CHUNK_BYTES, compressors, resolved_codec
 from kdcache.store.objects import Objects
-from kdcache.store.reads import BlockBuffers, all_finite, block_in_one_request, crc32
+from kdcache.store.checks import all_finite, crc32
+from kdcache.store.reads import BlockBuffers, block_in_one_request
 
 from .harness import environment, header, measure
 from .options import CodecBench

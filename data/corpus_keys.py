@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from kdcache.store import Store, StoreError
-from kdcache.store.reads import bytes_crc32
+from kdcache.store.checks import bytes_crc32
 from kdcache.store.verify import VerifyReport, verify
 
 from .corpus import Corpus, CorpusShard, ReadOptions, resolve_corpus

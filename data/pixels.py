@@ -62,7 +62,7 @@ from torchvision.transforms import InterpolationMode
 from kdcache.errors import KdcacheError
 from kdcache.store.meta import INTERPOLATIONS, ViewPolicy
 
-from kdcache.store.reads import bytes_crc32
+from kdcache.store.checks import bytes_crc32
 from kdcache.store.remote import is_url
 
 from .corpus import Corpus, CorpusShard, DecodeOptions

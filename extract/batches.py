@@ -30,7 +30,7 @@ from kdcache.data.walk import align, changed_since_extraction, record_to, screen
 from kdcache.store import Store, ViewPolicy
 from kdcache.store.lease import leases_for
 from kdcache.store.meta import PixelSpec, has_pixels
-from kdcache.store.reads import bytes_crc32
+from kdcache.store.checks import bytes_crc32
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from kdcache.errors import StoreError
 
 from .layout import ArrayDigest, append_rows, create_rows_array, sealed
 from .meta import SHARDS, per_view_shards, quantizer_path, stats_path
-from .reads import block_crcs
+from .checks import block_crcs
 
 
 class ShardEdits:

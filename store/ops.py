@@ -20,7 +20,7 @@ from .inspect import shard_nbytes, write_summary
 from .layout import sealed
 from .lease import new_owner
 from .meta import ORIGIN, PIXEL_ARRAYS, PIXELS_JPEG, TOKEN_KINDS, StoreMeta, has_pixels, feature_path, has_teacher, has_view_axis, per_view_shards
-from .reads import block_crcs
+from .checks import block_crcs
 from .remote import is_url, local_path
 from .store import Store, ensure_group
 from .verify import verify_shard

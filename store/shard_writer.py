@@ -18,7 +18,7 @@ from .dtypes import itemsize
 from .layout import ArrayDigest, append_rows, block_rows, create_heap_array, create_rows_array, sealed
 from .meta import (ORIGIN, ORIGIN_COLUMNS, PIXEL_SPANS, PIXELS_JPEG, PIXELS_RAW, PixelSpec, TeacherMeta, per_view_shards,
                    teacher_arrays)
-from .reads import block_crcs, bytes_crc32
+from .checks import block_crcs, bytes_crc32
 
 
 class ShardWriter:

@@ -75,7 +75,7 @@ def test_an_array_whose_digest_and_checksums_were_removed_is_refused_by_verify_c
 
 def test_nan_written_with_every_checksum_and_the_binding_recomputed_is_found_by_verify(store, corpus, monkeypatch,
                                                                                         capsys):
-    from kdcache.store.reads import block_crcs
+    from kdcache.store.checks import block_crcs
     g = zarr.open_group(store, mode="r+")[f"shards/{B}"]
     cls = np.asarray(g["vit/cls"][:])
     cls[2, 1, 5] = np.nan

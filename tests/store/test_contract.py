@@ -11,7 +11,7 @@ import pytest
 from kdcache.errors import CorruptShardError
 from kdcache.store import Codebooks, Store, StoreError, StoreMeta, TeacherMeta, ViewPolicy
 
-from kdcache.store.reads import block_crcs
+from kdcache.store.checks import block_crcs
 from kdcache.store.verify import verify
 from kdcache.store.codes import PRODUCT
 

@@ -14,7 +14,8 @@ import zarr.codecs
 from kdcache.store import zarr_shards
 from kdcache.store.layout import compressors
 from kdcache.store.objects import Objects
-from kdcache.store.reads import BlockBuffers, block_in_one_request, crc32
+from kdcache.store.checks import crc32
+from kdcache.store.reads import BlockBuffers, block_in_one_request
 
 BLOCK, CHUNK, ROWS = 8, 4, 13  # a full block, then a partial one ending inside an inner chunk
 
@@ -213,7 +214,7 @@ def test_uncompressed_rows_are_a_view_of_the_bytes_read_only_when_laid_out_in_or
 def test_the_finiteness_check_agrees_with_numpy_in_every_slice(dtype):
     """``all_finite`` tests the bits slice by slice: a non-finite value anywhere (first, last,
     across a slice boundary) is found, and the largest finite values pass; against np.isfinite."""
-    from kdcache.store.reads import FINITE_SLICE, all_finite
+    from kdcache.store.checks import FINITE_SLICE, all_finite
     n = 2 * FINITE_SLICE + 7  # three slices, the last a short one
     rng = np.random.default_rng(0)
     if dtype == "bfloat16-bits":  # bf16 as its stored uint16 bits: the top half of a float32
