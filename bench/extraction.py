@@ -23,7 +23,8 @@ import torch
 
 from kdcache.data.corpus import resolve_corpus
 from kdcache.data.demo_corpus import build_demo_corpus
-from kdcache.data.pixels import Crop, view_at, view_pixels
+from kdcache.data.pixels import Crop, view_pixels
+from kdcache.data.views import view_at
 from kdcache.data.walk import fail_on_skip, screened
 from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract

@@ -20,7 +20,8 @@ from PIL import Image
 
 from kdcache.data.corpus import DecodeOptions
 from kdcache.data.demo_corpus import photo_images
-from kdcache.data.pixels import Crop, decoded, replay_view, view_at, view_pixels
+from kdcache.data.pixels import Crop, decoded, replay_view, view_pixels
+from kdcache.data.views import view_at
 from kdcache.data.walk import RawSample, record_to
 from kdcache.store.meta import ViewPolicy
 

@@ -20,7 +20,8 @@ import torch
 
 from kdcache.data.corpus import resolve_corpus
 from kdcache.data.demo_corpus import build_demo_corpus
-from kdcache.data.pixels import WHOLE_IMAGE, Crop, view_pixels
+from kdcache.data.pixels import Crop, view_pixels
+from kdcache.data.views import WHOLE_IMAGE
 from kdcache.data.walk import label_classes, record_to, screened
 from kdcache.eval.head_fidelity import fidelity
 from kdcache.eval.model_features import random_init_student, spec_model

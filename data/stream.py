@@ -41,8 +41,8 @@ from kdcache.store.reads import BlockBuffers
 from .corpus import Corpus, DecodeOptions
 from .partition import (VIEW_CHOICES, EpochOrder, Ranges, Sample, ShardRows, current_worker, pick_view, split_epoch,
                         samples_per_image)
-from .pixels import (Crop, ShardPlaces, StoredView, folder_files, read_rows, sub_view, view_at,
-                     view_pixels, walked_places)
+from .pixels import Crop, ShardPlaces, StoredView, folder_files, read_rows, view_pixels, walked_places
+from .views import sub_view, view_at
 from .walk import AlignError, RawSample, Skip
 
 VIEW_SOURCES = ("stored", "fresh", "eval")  # the store's boxes (replayed), a fresh view of the policy, the eval view

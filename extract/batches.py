@@ -25,7 +25,8 @@ from torch.utils.data import IterableDataset
 
 from kdcache.data.corpus import Corpus, CorpusShard, DecodeOptions
 from kdcache.data.partition import current_worker, worker_share
-from kdcache.data.pixels import Crop, ViewPixels, sample_views, view_pixels
+from kdcache.data.pixels import Crop, ViewPixels, view_pixels
+from kdcache.data.views import sample_views
 from kdcache.data.walk import align, changed_since_extraction, record_to, screened, skip_handler
 from kdcache.store import Store, ViewPolicy
 from kdcache.store.lease import leases_for

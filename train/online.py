@@ -4,7 +4,7 @@ The baseline every cached run is measured against, and the fallback for users wh
 features. Same student, heads, losses, normalisation and sample order as a cached run (the
 stream and split of ``data.stream``); only the source of the targets differs. In epoch ``e`` a
 sample takes a fresh view, index ``e + 1`` of the store's view sequence
-(``data.pixels.view_at``: RandomResizedCrop + flip seeded by ``(seed, key, index)``), cropped
+(``data.views.view_at``: RandomResizedCrop + flip seeded by ``(seed, key, index)``), cropped
 at the student's input and at each teacher's, and the teachers run in the main process on the
 training device. An online run of E epochs therefore sees exactly the views that a store
 extracted with ``--views E+1 --seed SEED`` holds and that a cached run with ``--view-choice

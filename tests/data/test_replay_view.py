@@ -8,7 +8,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from kdcache.data.pixels import replay_view, view_box
+from kdcache.data.pixels import replay_view
+from kdcache.data.views import view_box
 
 
 def _expected(image, view, size, interpolation):

@@ -13,7 +13,7 @@ from kdcache.extract.options import ExtractError, ExtractOptions
 
 from kdcache.extract.run import extract
 from kdcache.data import pixels as pixels_mod
-from kdcache.data.pixels import sample_views
+from kdcache.data.views import sample_views
 from kdcache.store import Store
 from kdcache.store.dtypes import bf16_bits_to_float32
 

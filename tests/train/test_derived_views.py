@@ -15,7 +15,7 @@ import zarr
 from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode
 
-from kdcache.data.pixels import sub_view
+from kdcache.data.views import sub_view
 from kdcache.extract.options import ExtractOptions
 from kdcache.extract.run import extract
 from kdcache.store import Store

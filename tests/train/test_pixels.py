@@ -140,7 +140,7 @@ def test_stored_views_are_decoded_into_their_batch_as_plain_simplejpeg_and_torch
 def test_sub_views_colour_jitter_and_every_view_work_on_stored_pixels(stores):
     from torchvision.transforms import v2
 
-    from kdcache.data.pixels import sub_view
+    from kdcache.data.views import sub_view
     from kdcache.data.stream import _sample_seed
     s = Store.open(stores["jpeg"])
     boxes = {k: s.views(n)[i] for n in s.complete_shards() for i, k in enumerate(s.keys(n).tolist())}
